@@ -1,0 +1,221 @@
+"""Async client for the aggregator: join, watch, resumable download and upload."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+import common
+from common.aio import iterate_in_thread
+from common.backoff import backoff_delays
+from common.chunks import MAX_CHUNK_BYTES, iter_file_chunks, sha256_file, validate_chunk_bytes
+from common.errors import DataLoss, InvalidArgument
+from common.grpc_options import UNARY_DEADLINE_S, channel_options, upload_deadline_s
+from common.tls import TlsFiles, channel_credentials
+from protos.cloudfed.v1 import federation_pb2 as pb
+from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+"""Status codes after which a transfer is resumed rather than given up."""
+
+
+class IncompleteTransfer(Exception):
+    """A stream ended cleanly before all bytes arrived; resume it."""
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a failed call is worth retrying."""
+    if isinstance(exc, IncompleteTransfer):
+        return True
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in RETRYABLE
+
+
+class AggregatorClient:
+    """One mTLS channel to the aggregator."""
+
+    def __init__(
+        self,
+        target: str,
+        tls: TlsFiles,
+        server_name: str = "",
+        chunk_bytes: int = MAX_CHUNK_BYTES,
+        attempts: int = 8,
+    ) -> None:
+        self.chunk_bytes = validate_chunk_bytes(chunk_bytes, "chunk_bytes")
+        self.attempts = attempts
+        self.channel = grpc.aio.secure_channel(
+            target, channel_credentials(tls), options=channel_options(server_name or None)
+        )
+        self.stub = pb_grpc.FederationServiceStub(self.channel)
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self.channel.close(None)
+
+    async def __aenter__(self) -> AggregatorClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def join(
+        self, num_examples: int, device: pb.DeviceInfo | None = None, codecs: tuple[str, ...] = ("identity",)
+    ) -> pb.JoinResponse:
+        """Announce this agent and get the federation's settings."""
+        request = pb.JoinRequest(
+            software_version=common.__version__,
+            supported_codecs=codecs,
+            device=device,
+            num_examples=num_examples,
+        )
+        response: pb.JoinResponse = await self.stub.Join(request, timeout=UNARY_DEADLINE_S)
+        return response
+
+    async def watch_rounds(self) -> AsyncIterator[pb.RoundEvent]:
+        """Round events until the stream ends or fails."""
+        call = self.stub.WatchRounds(pb.WatchRoundsRequest())
+        async for response in call:
+            yield response.event
+
+    async def report_eval(self, version: int, loss: float, tokens: int) -> None:
+        """Report a local evaluation of a global version."""
+        await self.stub.ReportEval(
+            pb.ReportEvalRequest(global_version=version, eval_loss=loss, eval_tokens=tokens),
+            timeout=UNARY_DEADLINE_S,
+        )
+
+    async def upload_status(self, upload_id: str) -> pb.GetUploadStatusResponse | None:
+        """Where an upload stands, or None if the aggregator never saw it."""
+        try:
+            response: pb.GetUploadStatusResponse = await self.stub.GetUploadStatus(
+                pb.GetUploadStatusRequest(upload_id=upload_id), timeout=UNARY_DEADLINE_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return response
+
+    async def _upload_messages(
+        self, path: Path, header: pb.UploadHeader, start: int
+    ) -> AsyncIterator[pb.UploadUpdateRequest]:
+        yield pb.UploadUpdateRequest(header=header)
+        chunks = iter_file_chunks(path, self.chunk_bytes, start)
+        async for offset, data in iterate_in_thread(chunks):
+            yield pb.UploadUpdateRequest(chunk=pb.Chunk(offset=offset, data=data))
+
+    async def upload(self, path: Path, header: pb.UploadHeader) -> pb.UploadUpdateResponse:
+        """Upload a payload file, resuming from the committed offset after failures.
+
+        ``header`` needs round_id, upload_id, codec, layout_digest, base_version
+        and weight; total_bytes and sha256 are filled from the file.
+        """
+        header = _complete_header(path, header)
+        delays = backoff_delays()
+        for attempt in range(1, self.attempts + 1):
+            try:
+                status = await self.upload_status(header.upload_id)
+                start = status.committed_bytes if status else 0
+                if status and status.digest_verified:
+                    return pb.UploadUpdateResponse(
+                        upload_id=header.upload_id, committed_bytes=start, digest_verified=True
+                    )
+                receipt: pb.UploadUpdateResponse = await self.stub.UploadUpdate(
+                    self._upload_messages(path, header, start),
+                    timeout=upload_deadline_s(header.total_bytes - start),
+                )
+                if receipt.digest_verified:
+                    return receipt
+                log.warning(
+                    "upload %s stopped at %d of %d bytes; resuming",
+                    header.upload_id,
+                    receipt.committed_bytes,
+                    header.total_bytes,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if not is_retryable(exc) or attempt == self.attempts:
+                    raise
+                log.warning(
+                    "upload %s attempt %d failed (%s); resuming", header.upload_id, attempt, exc.code().name
+                )
+            await asyncio.sleep(next(delays))
+        raise InvalidArgument(f"upload {header.upload_id} did not complete in {self.attempts} attempts")
+
+    async def download_model(self, dest: Path, version: int = 0) -> pb.ModelHeader:
+        """Download a global version (0: latest) to ``dest``, resuming after broken streams."""
+        part = dest.with_name(dest.name + ".part")
+        if version == 0:
+            part.unlink(missing_ok=True)  # a leftover of unknown version
+        pinned = [version]
+        delays = backoff_delays()
+        for attempt in range(1, self.attempts + 1):
+            start = part.stat().st_size if part.exists() else 0
+            try:
+                header = await self._download_once(part, pinned, start)
+            except (grpc.aio.AioRpcError, IncompleteTransfer) as exc:
+                if not is_retryable(exc) or attempt == self.attempts:
+                    raise
+                log.warning("download attempt %d failed (%s); resuming", attempt, exc)
+                await asyncio.sleep(next(delays))
+                continue
+            except DataLoss:
+                part.unlink(missing_ok=True)
+                raise
+            part.replace(dest)
+            return header
+        raise AssertionError("unreachable")
+
+    async def _download_once(self, part: Path, pinned: list[int], start: int) -> pb.ModelHeader:
+        version = pinned[0]
+        call = self.stub.DownloadModel(
+            pb.DownloadModelRequest(version=version, offset=start),
+            timeout=upload_deadline_s(64 * MAX_CHUNK_BYTES),
+        )
+        header: pb.ModelHeader | None = None
+        hasher = sha256_file(part, start) if start else hashlib.sha256()
+        offset = start
+        f = await asyncio.to_thread(open, part, "ab")
+        with f:
+            await asyncio.to_thread(f.truncate, start)
+            async for msg in call:
+                if msg.WhichOneof("message") == "header":
+                    header = msg.header
+                    if version and header.version != version:
+                        raise InvalidArgument(f"asked for version {version}, got {header.version}")
+                    pinned[0] = header.version
+                    continue
+                if header is None or msg.chunk.offset != offset:
+                    raise InvalidArgument("download stream out of order")
+                await asyncio.to_thread(f.write, msg.chunk.data)
+                hasher.update(msg.chunk.data)
+                offset += len(msg.chunk.data)
+        if header is None or offset != header.total_bytes:
+            total = header.total_bytes if header else "?"
+            raise IncompleteTransfer(f"download ended at {offset} of {total} bytes")
+        if hasher.digest() != header.sha256:
+            raise DataLoss(f"downloaded version {header.version} does not match its sha256")
+        return header
+
+
+def _complete_header(path: Path, header: pb.UploadHeader) -> pb.UploadHeader:
+    out = pb.UploadHeader()
+    out.CopyFrom(header)
+    out.total_bytes = path.stat().st_size
+    out.sha256 = sha256_file(path).digest()
+    return out

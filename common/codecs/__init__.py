@@ -1,0 +1,1 @@
+"""Update codecs. Only ``identity`` exists so far; see common/codecs/identity.py."""

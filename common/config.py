@@ -1,0 +1,312 @@
+"""Configuration: frozen dataclasses loaded from TOML, overridden by env vars.
+
+Every field is documented where it is declared. A value at ``a.b.c`` in TOML
+(``[a.b] c = ...``) is overridden by the env var ``<PREFIX>_A_B_C``. Errors
+name the field: ``tls.cert: file not found: /x.pem``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from common.chunks import MAX_CHUNK_BYTES, validate_chunk_bytes
+from common.errors import CloudfedError, ConfigError
+from common.identity import IdentityError, SpiffeId
+from common.tls import TlsFiles
+
+T = TypeVar("T")
+KNOWN_CODECS = ("identity",)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """mTLS material."""
+
+    cert: Path = Path("tls/cert.pem")
+    """PEM certificate of this daemon."""
+    key: Path = Path("tls/key.pem")
+    """PEM private key of this daemon (mode 0600)."""
+    ca: Path = Path("tls/ca.pem")
+    """PEM CA certificate that signs the federation's certificates."""
+
+    def files(self, base: Path | None = None) -> TlsFiles:
+        """TlsFiles with relative paths resolved against ``base``."""
+        root = base or Path()
+        return TlsFiles(root / self.cert, root / self.key, root / self.ca)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Streaming limits enforced by the aggregator."""
+
+    max_chunk_bytes: int = MAX_CHUNK_BYTES
+    """Largest chunk payload accepted (4 KiB .. 1 MiB)."""
+    max_update_bytes: int = 4 * 1024**3
+    """Largest whole update accepted, in bytes."""
+
+
+@dataclass(frozen=True)
+class RoundsConfig:
+    """How the aggregator runs rounds."""
+
+    min_agents: int = 2
+    """Agents that must be connected before a round starts."""
+    max_agents: int = 1000
+    """Most agents taking part in one round."""
+    upload_deadline_s: float = 1800.0
+    """Seconds agents have to train and upload once a round starts."""
+    min_uploads: int = 0
+    """Uploads needed to aggregate after the deadline (0: min_agents)."""
+    retry_delay_s: float = 5.0
+    """Pause before retrying an abandoned round."""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """What the federation trains; sent to agents in Join."""
+
+    federation_id: str = "cloudfed"
+    """Name of the federation."""
+    model_id: str = ""
+    """Base model: hub id or a path each agent resolves locally."""
+    codec: str = "identity"
+    """Update codec."""
+    lora_rank: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 16.0
+    """LoRA alpha."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Module names the adapter wraps."""
+    local_steps: int = 10
+    """Local optimiser steps per round."""
+    learning_rate: float = 1e-3
+    """Local learning rate."""
+    batch_size: int = 4
+    """Local batch size."""
+    sequence_length: int = 128
+    """Tokens per training example."""
+    seed: int = 0
+    """Base seed for shuffling and codec randomness."""
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """The aggregator daemon."""
+
+    listen: str = "0.0.0.0:7443"
+    """host:port of the mTLS federation API."""
+    health_listen: str = "0.0.0.0:7080"
+    """host:port of the plaintext gRPC health service for probes ('' disables)."""
+    state_dir: Path = Path("/var/lib/cloudfed")
+    """Where uploads, checkpoints and the database live."""
+    trust_domain: str = "cloudfed.local"
+    """SPIFFE trust domain of the agents."""
+    allowed_agents: tuple[str, ...] = ()
+    """SPIFFE id patterns allowed to join (fnmatch); empty allows the whole trust domain."""
+    enable_reflection: bool = False
+    """Serve gRPC reflection on the health port."""
+    enable_channelz: bool = False
+    """Serve channelz on the health port."""
+    max_connection_age_s: float = 3600.0
+    """Recycle connections after this long (picks up rotated certificates)."""
+    log_level: str = "INFO"
+    """Python logging level."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """mTLS material."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """Streaming limits."""
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    """Round policy."""
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    """What is trained."""
+
+    def validate(self) -> AggregatorConfig:
+        """Check cross-field rules; raise ConfigError naming the field."""
+        _check_hostport(self.listen, "listen")
+        if self.health_listen:
+            _check_hostport(self.health_listen, "health_listen")
+        try:
+            SpiffeId.validate_trust_domain(self.trust_domain)
+        except IdentityError as exc:
+            raise ConfigError(f"trust_domain: {exc}") from exc
+        for pattern in self.allowed_agents:
+            if not pattern.startswith(f"spiffe://{self.trust_domain}/"):
+                raise ConfigError(f"allowed_agents: {pattern!r} is not in trust domain {self.trust_domain}")
+        try:
+            validate_chunk_bytes(self.limits.max_chunk_bytes, "limits.max_chunk_bytes")
+        except CloudfedError as exc:
+            raise ConfigError(str(exc)) from exc
+        if self.limits.max_update_bytes <= 0:
+            raise ConfigError("limits.max_update_bytes must be positive")
+        r = self.rounds
+        if r.min_agents < 1:
+            raise ConfigError("rounds.min_agents must be at least 1")
+        if r.max_agents < r.min_agents:
+            raise ConfigError(
+                f"rounds.min_agents ({r.min_agents}) exceeds rounds.max_agents ({r.max_agents})"
+            )
+        exact_ids = not any(c in p for p in self.allowed_agents for c in "*?[")
+        if self.allowed_agents and exact_ids and r.min_agents > len(self.allowed_agents):
+            n = len(self.allowed_agents)
+            raise ConfigError(f"rounds.min_agents ({r.min_agents}) exceeds the {n} allowed agents")
+        if r.upload_deadline_s <= 0:
+            raise ConfigError("rounds.upload_deadline_s must be positive")
+        if self.federation.codec not in KNOWN_CODECS:
+            raise ConfigError(
+                f"federation.codec: unknown codec {self.federation.codec!r}; known: {KNOWN_CODECS}"
+            )
+        self.tls.files().check("tls")
+        return self
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The agent daemon."""
+
+    aggregator: str = "localhost:7443"
+    """host:port of the aggregator's mTLS API."""
+    server_name: str = ""
+    """TLS name to expect in the aggregator's certificate when dialing by IP ('' = host)."""
+    state_dir: Path = Path("/var/lib/cloudfed-agent")
+    """Where downloads, pending uploads and codec state live."""
+    chunk_bytes: int = MAX_CHUNK_BYTES
+    """Chunk size for uploads (4 KiB .. 1 MiB, at most the aggregator's limit)."""
+    log_level: str = "INFO"
+    """Python logging level."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """mTLS material."""
+
+    def validate(self) -> AgentConfig:
+        """Check the agent config; raise ConfigError naming the field."""
+        _check_hostport(self.aggregator, "aggregator")
+        try:
+            validate_chunk_bytes(self.chunk_bytes, "chunk_bytes")
+        except CloudfedError as exc:
+            raise ConfigError(str(exc)) from exc
+        self.tls.files().check("tls")
+        return self
+
+
+def _check_hostport(value: str, name: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name}: expected host:port, got {value!r}")
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    """Coerce a TOML or env value to the field type ``tp``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name}: expected a table")
+        return _build(tp, value, name + ".")  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _convert(value, args[0], name)
+    if origin is tuple:
+        (item,) = typing.get_args(tp)[:1]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name}: expected a list")
+        return tuple(_convert(v, item, name) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    try:
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if tp is Path:
+            return Path(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
+    raise ConfigError(f"{name}: unsupported type {tp}")
+
+
+def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown setting")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _env_overrides(
+    cls: type, env: Mapping[str, str], prefix: str, path: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = (*path, f.name)
+        if dataclasses.is_dataclass(tp):
+            sub = _env_overrides(tp, env, prefix, key)  # type: ignore[arg-type]
+            if sub:
+                out[f.name] = sub
+            continue
+        var = prefix + "_" + "_".join(key).upper()
+        if var in env:
+            out[f.name] = env[var]
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load(
+    cls: type[T], path: Path | None, env: Mapping[str, str] | None = None, env_prefix: str = "CLOUDFED"
+) -> T:
+    """Load ``cls`` from a TOML file (optional) with env overrides; paths resolve against the file."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    data = _merge(data, _env_overrides(cls, os.environ if env is None else env, env_prefix))
+    config = _build(cls, data)
+    if path is not None:
+        config = _resolve_paths(config, Path(path).resolve().parent)
+    return config
+
+
+def _resolve_paths(obj: T, base: Path) -> T:
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if isinstance(value, Path) and not value.is_absolute():
+            changes[f.name] = base / value
+        elif dataclasses.is_dataclass(value):
+            changes[f.name] = _resolve_paths(value, base)
+    return dataclasses.replace(obj, **changes) if changes else obj  # type: ignore[type-var]

@@ -1,0 +1,131 @@
+"""Global model versions as safetensors checkpoints with JSON manifests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.chunks import sha256_file
+from common.errors import NotFound
+from common.layout import ParamLayout
+
+_NAME = re.compile(r"^v(\d{8})\.safetensors$")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a version is and where it came from."""
+
+    version: int
+    parent: int | None
+    layout_digest: str
+    sha256: str
+    size_bytes: int
+    participants: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class CheckpointStore:
+    """A directory of ``vNNNNNNNN.safetensors`` files, each with a ``.json`` manifest.
+
+    A version exists once its manifest is written; files are written to a temp
+    name, fsynced and renamed, so a crash never leaves a half version visible.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, version: int) -> Path:
+        """The checkpoint file of a version."""
+        return self.root / f"v{version:08d}.safetensors"
+
+    def _manifest_path(self, version: int) -> Path:
+        return self.root / f"v{version:08d}.json"
+
+    def versions(self) -> list[int]:
+        """Committed versions, ascending."""
+        found = []
+        for p in self.root.iterdir():
+            m = _NAME.match(p.name)
+            if m and self._manifest_path(int(m[1])).exists():
+                found.append(int(m[1]))
+        return sorted(found)
+
+    def latest(self) -> int | None:
+        """The newest committed version, or None."""
+        v = self.versions()
+        return v[-1] if v else None
+
+    def manifest(self, version: int) -> Manifest:
+        """The manifest of a committed version."""
+        try:
+            return Manifest(**json.loads(self._manifest_path(version).read_text()))
+        except FileNotFoundError:
+            raise NotFound(f"no global version {version}") from None
+
+    def load(self, version: int) -> dict[str, torch.Tensor]:
+        """Tensors of a committed version."""
+        self.manifest(version)
+        return load_file(self.path(version))
+
+    def save(
+        self,
+        version: int,
+        tensors: Mapping[str, torch.Tensor],
+        parent: int | None,
+        participants: list[str] | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> Manifest:
+        """Write a new version atomically and return its manifest."""
+        if self._manifest_path(version).exists():
+            raise FileExistsError(f"version {version} already committed")
+        layout = ParamLayout.from_tensors(tensors)
+        final = self.path(version)
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
+        os.close(fd)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"version": str(version)})
+        _fsync(Path(tmp))
+        os.replace(tmp, final)
+        manifest = Manifest(
+            version=version,
+            parent=parent,
+            layout_digest=layout.digest,
+            sha256=sha256_file(final).hexdigest(),
+            size_bytes=final.stat().st_size,
+            participants=participants or [],
+            metrics=metrics or {},
+        )
+        _atomic_write(self._manifest_path(version), json.dumps(asdict(manifest), indent=2).encode())
+        return manifest
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,263 @@
+"""The round coordinator: who takes part, which phase, when to aggregate.
+
+Plain asyncio, no gRPC: the servicer translates its states into RoundEvents.
+Rounds so far run the identity codec without masking; state is in memory and
+global versions are on disk (the durable SQLite store comes with the rounds issue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from common.codecs import identity
+from common.config import RoundsConfig
+from common.errors import FailedPrecondition, InvalidArgument
+from common.identity import SpiffeId
+from common.layout import ParamLayout
+from server.accumulator import SumAccumulator
+from server.checkpoints import CheckpointStore
+from server.spool import UploadMeta, UploadSpool
+
+log = logging.getLogger(__name__)
+
+
+class Phase(enum.IntEnum):
+    """Round phases; values equal the wire enum cloudfed.v1.RoundPhase."""
+
+    WAITING = 1
+    ADVERTISE_KEYS = 2
+    SHARE_KEYS = 3
+    UPLOAD = 4
+    UNMASK = 5
+    AGGREGATE = 6
+    COMPLETED = 7
+    ABANDONED = 8
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """A snapshot of the current round."""
+
+    round_id: int
+    phase: Phase
+    global_version: int
+    participants: frozenset[str] = frozenset()
+    deadline: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class AgentInfo:
+    """What an agent said when it joined."""
+
+    num_examples: int
+    software_version: str
+    joined_at: float = field(default_factory=time.time)
+
+
+class RoundCoordinator:
+    """Runs rounds over the agents currently watching, one at a time."""
+
+    def __init__(
+        self,
+        config: RoundsConfig,
+        store: CheckpointStore,
+        spool: UploadSpool,
+        codec: str = identity.NAME,
+    ) -> None:
+        latest = store.latest()
+        if latest is None:
+            raise FailedPrecondition(f"no global version in {store.root}; seed version 0 first")
+        self.config = config
+        self.store = store
+        self.spool = spool
+        self.codec = codec
+        self.layout = ParamLayout.from_tensors(store.load(latest))
+        self.agents: dict[str, AgentInfo] = {}
+        self.evals: dict[str, tuple[int, float]] = {}
+        self._watchers: dict[str, int] = {}
+        self._state = RoundState(round_id=0, phase=Phase.WAITING, global_version=latest)
+        self._seq = 0
+        self._changed = asyncio.Condition()
+        self._uploaded: dict[str, float] = {}
+        self._acc: SumAccumulator | None = None
+        self._all_in = asyncio.Event()
+
+    @property
+    def state(self) -> RoundState:
+        """The current round."""
+        return self._state
+
+    @property
+    def expected_payload_bytes(self) -> int:
+        """Size of one encoded update."""
+        return identity.payload_bytes(self.layout.numel)
+
+    async def _publish(self, state: RoundState) -> None:
+        self._state = state
+        async with self._changed:
+            self._seq += 1
+            self._changed.notify_all()
+        log.info(
+            "round %d: %s (version %d)%s",
+            state.round_id,
+            state.phase.name,
+            state.global_version,
+            f": {state.reason}" if state.reason else "",
+        )
+
+    def join(self, peer: SpiffeId, info: AgentInfo) -> None:
+        """Record an agent's announcement."""
+        self.agents[peer.uri] = info
+
+    def record_eval(self, peer: SpiffeId, version: int, loss: float) -> None:
+        """Record an agent's evaluation of a global version."""
+        self.evals[peer.uri] = (version, loss)
+
+    async def watch(self, peer: SpiffeId) -> AsyncIterator[RoundState]:
+        """The current state, then every change, while the caller listens."""
+        self._watchers[peer.uri] = self._watchers.get(peer.uri, 0) + 1
+        async with self._changed:
+            self._changed.notify_all()
+        try:
+            seen = -1
+            while True:
+                async with self._changed:
+                    while self._seq == seen:
+                        await self._changed.wait()
+                    seen, state = self._seq, self._state
+                yield state
+        finally:
+            self._watchers[peer.uri] -= 1
+            if not self._watchers[peer.uri]:
+                del self._watchers[peer.uri]
+
+    @property
+    def connected(self) -> list[str]:
+        """Agents with an open watch stream that have joined."""
+        return sorted(uri for uri in self._watchers if uri in self.agents)
+
+    def check_upload(self, peer: SpiffeId, meta: UploadMeta) -> None:
+        """Raise unless ``peer`` may upload ``meta`` into the current round."""
+        s = self._state
+        if meta.round_id != s.round_id or s.phase is not Phase.UPLOAD:
+            raise FailedPrecondition(
+                f"round {meta.round_id} is not accepting uploads (current round {s.round_id}, {s.phase.name})"
+            )
+        if peer.uri not in s.participants:
+            raise FailedPrecondition(f"{peer} is not a participant of round {s.round_id}")
+        if peer.uri in self._uploaded:
+            raise FailedPrecondition(f"{peer} already uploaded for round {s.round_id}")
+        if meta.codec != self.codec:
+            raise InvalidArgument(f"codec {meta.codec!r} does not match the round's codec {self.codec!r}")
+        if meta.layout_digest != self.layout.digest:
+            raise InvalidArgument("layout digest does not match the federation's parameter layout")
+        if meta.base_version != s.global_version:
+            raise FailedPrecondition(
+                f"update trained from version {meta.base_version}, round is at {s.global_version}"
+            )
+        if meta.total_bytes != self.expected_payload_bytes:
+            raise InvalidArgument(
+                f"update of {meta.total_bytes} bytes, expected {self.expected_payload_bytes}"
+            )
+
+    async def commit_upload(self, peer: SpiffeId, meta: UploadMeta, path: Path) -> None:
+        """Add a verified upload to the round's running sum."""
+        self.check_upload(peer, meta)
+        assert self._acc is not None
+        await asyncio.to_thread(self._acc.add_file, path)
+        self._uploaded[peer.uri] = meta.weight
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        log.info(
+            "round %d: update from %s added (%d/%d)",
+            meta.round_id,
+            peer,
+            len(self._uploaded),
+            len(self._state.participants),
+        )
+        if set(self._uploaded) >= self._state.participants:
+            self._all_in.set()
+
+    async def run(self, stop: asyncio.Event | None = None, max_rounds: int | None = None) -> None:
+        """Run rounds until ``stop`` is set or ``max_rounds`` completed."""
+        stop = stop or asyncio.Event()
+        completed = 0
+        round_id = self._state.global_version
+        await self._publish(self._state)
+        while not stop.is_set() and (max_rounds is None or completed < max_rounds):
+            if not await self._wait_for_agents(stop):
+                break
+            round_id += 1
+            if await self._run_round(round_id):
+                completed += 1
+            else:
+                await _sleep_or_stop(stop, self.config.retry_delay_s)
+
+    async def _wait_for_agents(self, stop: asyncio.Event) -> bool:
+        while len(self.connected) < self.config.min_agents:
+            if stop.is_set():
+                return False
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout=0.5)
+        return True
+
+    async def _run_round(self, round_id: int) -> bool:
+        base = self._state.global_version
+        participants = frozenset(self.connected[: self.config.max_agents])
+        self._uploaded = {}
+        self._all_in = asyncio.Event()
+        self._acc = SumAccumulator(self.layout.numel + 1)
+        self.spool.purge()
+        deadline = time.time() + self.config.upload_deadline_s
+        await self._publish(RoundState(round_id, Phase.UPLOAD, base, participants, deadline))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_in.wait(), timeout=self.config.upload_deadline_s)
+        needed = self.config.min_uploads or self.config.min_agents
+        uploaded = sorted(self._uploaded)
+        if len(uploaded) < needed:
+            reason = f"{len(uploaded)} of {len(participants)} uploads by the deadline, {needed} needed"
+            await self._publish(replace(self._state, phase=Phase.ABANDONED, reason=reason))
+            return False
+        dropped = sorted(participants - set(uploaded))
+        if dropped:
+            log.warning("round %d: dropped stragglers %s", round_id, dropped)
+        await self._publish(replace(self._state, phase=Phase.AGGREGATE))
+        acc, self._acc = self._acc, None
+        try:
+            manifest_version = await asyncio.to_thread(self._aggregate, acc, base, uploaded)
+        except InvalidArgument as exc:
+            await self._publish(replace(self._state, phase=Phase.ABANDONED, reason=str(exc)))
+            return False
+        await self._publish(replace(self._state, phase=Phase.COMPLETED, global_version=manifest_version))
+        return True
+
+    def _aggregate(self, acc: SumAccumulator, base: int, participants: list[str]) -> int:
+        mean, weight = identity.decode_sum(acc.total)
+        if not np.all(np.isfinite(mean)):
+            raise InvalidArgument("aggregate is not finite")
+        current = self.layout.flatten(self.store.load(base))
+        new = self.layout.unflatten(current + mean)
+        version = base + 1
+        self.store.save(
+            version,
+            new,
+            parent=base,
+            participants=participants,
+            metrics={"total_weight": weight, "update_norm": float(np.linalg.norm(mean))},
+        )
+        return version
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

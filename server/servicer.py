@@ -1,0 +1,148 @@
+"""FederationService: thin gRPC adapter over the coordinator, spool and store."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from google.protobuf import timestamp_pb2
+
+from common.aio import iterate_in_thread
+from common.chunks import iter_file_chunks
+from common.config import AggregatorConfig
+from common.errors import InvalidArgument
+from common.grpc_wrap import Context
+from common.identity import require_peer
+from protos.cloudfed.v1 import federation_pb2 as pb
+from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
+from server.rounds import AgentInfo, RoundCoordinator, RoundState
+from server.spool import UploadSpool
+from server.uploads import receive_upload
+
+log = logging.getLogger(__name__)
+
+
+def settings_of(config: AggregatorConfig, rounds: RoundCoordinator) -> pb.FederationSettings:
+    """The federation settings sent in JoinResponse."""
+    f = config.federation
+    layout = pb.ParamLayout(
+        params=[
+            pb.ParamSpec(
+                name=e.name,
+                shape=e.shape,
+                dtype=pb.ElementType.Value(f"ELEMENT_TYPE_{e.dtype.upper()}"),
+                offset=e.offset,
+            )
+            for e in rounds.layout.entries
+        ],
+        digest=rounds.layout.digest,
+    )
+    return pb.FederationSettings(
+        federation_id=f.federation_id,
+        model_id=f.model_id,
+        layout=layout,
+        codec=pb.CodecSpec(name=rounds.codec),
+        secagg=pb.SecAggSettings(enabled=False),
+        chunk_limits=pb.ChunkLimits(
+            max_chunk_bytes=config.limits.max_chunk_bytes, max_update_bytes=config.limits.max_update_bytes
+        ),
+        lora=pb.LoraSettings(
+            rank=f.lora_rank, alpha=f.lora_alpha, target_modules=f.target_modules, dropout=f.lora_dropout
+        ),
+        training=pb.TrainingSettings(
+            local_steps=f.local_steps,
+            learning_rate=f.learning_rate,
+            batch_size=f.batch_size,
+            sequence_length=f.sequence_length,
+            seed=f.seed,
+        ),
+    )
+
+
+def event_of(state: RoundState, agent_uri: str) -> pb.RoundEvent:
+    """A round state as the watching agent sees it."""
+    deadline = timestamp_pb2.Timestamp()
+    if state.deadline:
+        deadline.FromNanoseconds(int(state.deadline * 1e9))
+    return pb.RoundEvent(
+        round_id=state.round_id,
+        phase=pb.RoundPhase.ValueType(int(state.phase)),
+        global_version=state.global_version,
+        participant=agent_uri in state.participants,
+        phase_deadline=deadline if state.deadline else None,
+        reason=state.reason,
+    )
+
+
+class FederationServicer(pb_grpc.FederationServiceServicer):
+    """Each handler reads the caller from the auth interceptor and delegates."""
+
+    def __init__(self, config: AggregatorConfig, rounds: RoundCoordinator, spool: UploadSpool) -> None:
+        self._config = config
+        self._rounds = rounds
+        self._spool = spool
+
+    async def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:
+        peer = require_peer()
+        self._rounds.join(peer, AgentInfo(request.num_examples, request.software_version))
+        log.info(
+            "%s joined (software %s, %d examples, %s x%d)",
+            peer,
+            request.software_version,
+            request.num_examples,
+            request.device.accelerator or "?",
+            request.device.device_count,
+        )
+        return pb.JoinResponse(
+            agent_id=peer.uri,
+            settings=settings_of(self._config, self._rounds),
+            global_version=self._rounds.state.global_version,
+        )
+
+    async def WatchRounds(
+        self, request: pb.WatchRoundsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchRoundsResponse]:
+        peer = require_peer()
+        async for state in self._rounds.watch(peer):
+            yield pb.WatchRoundsResponse(event=event_of(state, peer.uri))
+
+    async def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: Context
+    ) -> AsyncIterator[pb.DownloadModelResponse]:
+        require_peer()
+        store = self._rounds.store
+        version = request.version or self._rounds.state.global_version
+        manifest = store.manifest(version)
+        if request.offset > manifest.size_bytes:
+            raise InvalidArgument(f"offset {request.offset} is past the end ({manifest.size_bytes} bytes)")
+        yield pb.DownloadModelResponse(
+            header=pb.ModelHeader(
+                version=version,
+                total_bytes=manifest.size_bytes,
+                sha256=bytes.fromhex(manifest.sha256),
+                layout_digest=manifest.layout_digest,
+                format="safetensors",
+            )
+        )
+        chunks = iter_file_chunks(store.path(version), self._config.limits.max_chunk_bytes, request.offset)
+        async for offset, data in iterate_in_thread(chunks):
+            yield pb.DownloadModelResponse(chunk=pb.Chunk(offset=offset, data=data))
+
+    async def UploadUpdate(
+        self, request_iterator: AsyncIterator[pb.UploadUpdateRequest], context: Context
+    ) -> pb.UploadUpdateResponse:
+        return await receive_upload(require_peer(), request_iterator, self._spool, self._rounds)
+
+    async def GetUploadStatus(
+        self, request: pb.GetUploadStatusRequest, context: Context
+    ) -> pb.GetUploadStatusResponse:
+        committed, verified = self._spool.status(require_peer(), request.upload_id)
+        return pb.GetUploadStatusResponse(
+            upload_id=request.upload_id, committed_bytes=committed, digest_verified=verified
+        )
+
+    async def ReportEval(self, request: pb.ReportEvalRequest, context: Context) -> pb.ReportEvalResponse:
+        peer = require_peer()
+        self._rounds.record_eval(peer, request.global_version, request.eval_loss)
+        log.info("%s: eval loss %.4f at version %d", peer, request.eval_loss, request.global_version)
+        return pb.ReportEvalResponse()

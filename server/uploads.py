@@ -1,0 +1,67 @@
+"""Receive one upload stream into the spool and hand it to the round."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from common.errors import DataLoss, InvalidArgument, ResourceExhausted
+from common.identity import SpiffeId
+from protos.cloudfed.v1 import federation_pb2 as pb
+from server.rounds import RoundCoordinator
+from server.spool import UploadMeta, UploadSpool
+
+log = logging.getLogger(__name__)
+
+
+def meta_of(agent: SpiffeId, header: pb.UploadHeader) -> UploadMeta:
+    """The spool's view of an upload header."""
+    return UploadMeta(
+        agent=agent.uri,
+        round_id=header.round_id,
+        upload_id=header.upload_id,
+        codec=header.codec.name,
+        layout_digest=header.layout_digest,
+        total_bytes=header.total_bytes,
+        sha256=header.sha256.hex(),
+        base_version=header.base_version,
+        weight=header.weight,
+    )
+
+
+async def receive_upload(
+    agent: SpiffeId,
+    messages: AsyncIterator[pb.UploadUpdateRequest],
+    spool: UploadSpool,
+    rounds: RoundCoordinator,
+) -> pb.UploadUpdateResponse:
+    """Validate and spool one stream; commit to the round once complete.
+
+    Protocol violations discard the upload (no trace in the round); a broken
+    connection keeps the committed prefix for resuming.
+    """
+    first = await anext(messages, None)
+    if first is None or first.WhichOneof("message") != "header":
+        raise InvalidArgument("the first message of an upload must be a header")
+    meta = meta_of(agent, first.header)
+    rounds.check_upload(agent, meta)
+    writer = spool.open(agent, meta)
+    try:
+        try:
+            async for msg in messages:
+                if msg.WhichOneof("message") != "chunk":
+                    raise InvalidArgument("only chunks may follow the header")
+                await asyncio.to_thread(writer.write, msg.chunk.offset, msg.chunk.data)
+            verified = await asyncio.to_thread(writer.finish)
+        finally:
+            writer.close()
+    except (InvalidArgument, ResourceExhausted, DataLoss):
+        spool.discard(agent, meta.upload_id)
+        raise
+    committed = writer.committed
+    if verified:
+        await rounds.commit_upload(agent, meta, writer.path)
+    return pb.UploadUpdateResponse(
+        upload_id=meta.upload_id, committed_bytes=committed, digest_verified=verified
+    )
