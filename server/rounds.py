@@ -28,6 +28,8 @@ from server.checkpoints import CheckpointStore
 from server.spool import UploadMeta, UploadSpool
 
 log = logging.getLogger(__name__)
+WATCH_QUEUE = 64
+"""Events buffered per watcher before the oldest is dropped."""
 
 
 class Phase(enum.IntEnum):
@@ -86,7 +88,7 @@ class RoundCoordinator:
         self.evals: dict[str, tuple[int, float]] = {}
         self._watchers: dict[str, int] = {}
         self._state = RoundState(round_id=0, phase=Phase.WAITING, global_version=latest)
-        self._seq = 0
+        self._subscribers: set[asyncio.Queue[RoundState]] = set()
         self._changed = asyncio.Condition()
         self._uploaded: dict[str, float] = {}
         self._acc: SumAccumulator | None = None
@@ -104,9 +106,10 @@ class RoundCoordinator:
 
     async def _publish(self, state: RoundState) -> None:
         self._state = state
-        async with self._changed:
-            self._seq += 1
-            self._changed.notify_all()
+        for queue in self._subscribers:
+            if queue.full():  # a stuck watcher loses its oldest event, never blocks the round
+                queue.get_nowait()
+            queue.put_nowait(state)
         log.info(
             "round %d: %s (version %d)%s",
             state.round_id,
@@ -115,9 +118,14 @@ class RoundCoordinator:
             f": {state.reason}" if state.reason else "",
         )
 
-    def join(self, peer: SpiffeId, info: AgentInfo) -> None:
+    async def _membership_changed(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def join(self, peer: SpiffeId, info: AgentInfo) -> None:
         """Record an agent's announcement."""
         self.agents[peer.uri] = info
+        await self._membership_changed()
 
     def record_eval(self, peer: SpiffeId, version: int, loss: float) -> None:
         """Record an agent's evaluation of a global version."""
@@ -125,18 +133,16 @@ class RoundCoordinator:
 
     async def watch(self, peer: SpiffeId) -> AsyncIterator[RoundState]:
         """The current state, then every change, while the caller listens."""
+        queue: asyncio.Queue[RoundState] = asyncio.Queue(maxsize=WATCH_QUEUE)
+        queue.put_nowait(self._state)
+        self._subscribers.add(queue)
         self._watchers[peer.uri] = self._watchers.get(peer.uri, 0) + 1
-        async with self._changed:
-            self._changed.notify_all()
+        await self._membership_changed()
         try:
-            seen = -1
             while True:
-                async with self._changed:
-                    while self._seq == seen:
-                        await self._changed.wait()
-                    seen, state = self._seq, self._state
-                yield state
+                yield await queue.get()
         finally:
+            self._subscribers.discard(queue)
             self._watchers[peer.uri] -= 1
             if not self._watchers[peer.uri]:
                 del self._watchers[peer.uri]

@@ -84,7 +84,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
 
     async def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:
         peer = require_peer()
-        self._rounds.join(peer, AgentInfo(request.num_examples, request.software_version))
+        await self._rounds.join(peer, AgentInfo(request.num_examples, request.software_version))
         log.info(
             "%s joined (software %s, %d examples, %s x%d)",
             peer,

@@ -87,14 +87,20 @@ class UploadSpool:
             raise InvalidArgument(f"upload_id must match {_UPLOAD_ID.pattern}")
         return self.root / f"{agent.cloud}.{agent.name}" / upload_id
 
-    def open(self, agent: SpiffeId, meta: UploadMeta) -> SpoolWriter:
-        """Open (or resume) an upload; the header must match the original on resume."""
+    def check_limits(self, meta: UploadMeta) -> None:
+        """Raise unless the declared size and id are acceptable."""
         if meta.total_bytes <= 0:
             raise InvalidArgument("total_bytes must be positive")
         if meta.total_bytes > self.max_update_bytes:
             raise ResourceExhausted(
                 f"update of {meta.total_bytes} bytes exceeds the limit of {self.max_update_bytes}"
             )
+        if not _UPLOAD_ID.match(meta.upload_id):
+            raise InvalidArgument(f"upload_id must match {_UPLOAD_ID.pattern}")
+
+    def open(self, agent: SpiffeId, meta: UploadMeta) -> SpoolWriter:
+        """Open (or resume) an upload; the header must match the original on resume."""
+        self.check_limits(meta)
         base = self._base(agent, meta.upload_id)
         meta_path = base.with_suffix(".json")
         if meta_path.exists():

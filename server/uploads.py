@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from common.errors import DataLoss, InvalidArgument, ResourceExhausted
+from common.errors import CloudfedError, DataLoss, InvalidArgument, ResourceExhausted
 from common.identity import SpiffeId
 from protos.cloudfed.v1 import federation_pb2 as pb
 from server.rounds import RoundCoordinator
@@ -45,6 +45,7 @@ async def receive_upload(
     if first is None or first.WhichOneof("message") != "header":
         raise InvalidArgument("the first message of an upload must be a header")
     meta = meta_of(agent, first.header)
+    spool.check_limits(meta)
     rounds.check_upload(agent, meta)
     writer = spool.open(agent, meta)
     try:
@@ -61,7 +62,11 @@ async def receive_upload(
         raise
     committed = writer.committed
     if verified:
-        await rounds.commit_upload(agent, meta, writer.path)
+        try:
+            await rounds.commit_upload(agent, meta, writer.path)
+        except CloudfedError:
+            spool.discard(agent, meta.upload_id)  # rejected content (NaN, round moved on) leaves no trace
+            raise
     return pb.UploadUpdateResponse(
         upload_id=meta.upload_id, committed_bytes=committed, digest_verified=verified
     )

@@ -1,0 +1,81 @@
+"""cloudfed-aggregator: run the aggregator daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from common.config import AggregatorConfig, load
+from common.errors import CloudfedError
+from common.logs import setup_logging
+
+log = logging.getLogger("cloudfed.aggregator")
+
+
+def seed(config: AggregatorConfig, init_from: Path | None) -> None:
+    """Make sure a global version exists: seed version 0 from a safetensors file if the store is empty."""
+    from safetensors.torch import load_file
+
+    from server.checkpoints import CheckpointStore
+
+    store = CheckpointStore(config.state_dir / "checkpoints")
+    if store.latest() is not None:
+        if init_from:
+            log.info("state already holds version %d; ignoring --init-from", store.latest())
+        return
+    if init_from is None:
+        raise CloudfedError(f"no global version in {store.root}: pass --init-from ADAPTER.safetensors")
+    if not init_from.is_file():
+        raise CloudfedError(f"--init-from: file not found: {init_from}")
+    store.save(0, load_file(init_from), parent=None, metrics={"seeded_from": str(init_from)})
+
+
+async def serve(config: AggregatorConfig) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP re-reads the TLS certificates."""
+    from server.app import build_aggregator
+
+    agg = build_aggregator(config)
+    await agg.start()
+    log.info("federation API on %s (port %d), health on %s", config.listen, agg.port, config.health_listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, agg.credentials.reload)
+    rounds = asyncio.create_task(agg.rounds.run(stop))
+    await stop.wait()
+    log.info("shutting down")
+    await agg.stop(grace=10)
+    rounds.cancel()
+    await asyncio.gather(rounds, return_exceptions=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    p = argparse.ArgumentParser(prog="cloudfed-aggregator", description=__doc__)
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("CLOUDFED_CONFIG"),
+        help="TOML config (or $CLOUDFED_CONFIG); env vars CLOUDFED_<FIELD> override it",
+    )
+    p.add_argument("--init-from", type=Path, help="seed version 0 from this adapter if the state is empty")
+    args = p.parse_args(argv)
+    try:
+        config = load(AggregatorConfig, args.config).validate()
+        setup_logging(config.log_level)
+        seed(config, args.init_from)
+        asyncio.run(serve(config))
+    except CloudfedError as exc:
+        print(f"cloudfed-aggregator: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

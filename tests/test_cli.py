@@ -1,0 +1,157 @@
+"""The command-line tools and the aggregator daemon as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from agent.client import AggregatorClient
+from common.tls import TlsFiles
+from tests.daemons import free_port, run_cli, start, stop, wait_serving
+
+DOMAIN = "cli.test"
+
+
+@pytest.fixture
+def pki_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "pki"
+    assert run_cli("common.pki_cli", "--dir", str(d), "init", "--trust-domain", DOMAIN).returncode == 0
+    r = run_cli("common.pki_cli", "--dir", str(d), "server", "--dns", "localhost", "--ip", "127.0.0.1")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("common.pki_cli", "--dir", str(d), "agent", "--cloud", "gcp", "--name", "a1")
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def test_pki_cli_issues_and_lists(pki_dir: Path) -> None:
+    listing = run_cli("common.pki_cli", "--dir", str(pki_dir), "list")
+    assert listing.returncode == 0
+    lines = listing.stdout.splitlines()
+    assert lines[1].startswith("ca ")
+    assert any(f"spiffe://{DOMAIN}/cloud/gcp/agent/a1" in line and "valid" in line for line in lines)
+    assert any("DNS" not in line and "localhost,127.0.0.1" in line for line in lines)
+    assert (pki_dir / "gcp-a1-key.pem").stat().st_mode & 0o777 == 0o600
+    again = run_cli("common.pki_cli", "--dir", str(pki_dir), "init", "--trust-domain", DOMAIN)
+    assert again.returncode == 2
+    assert "exists" in again.stderr
+    bad = run_cli("common.pki_cli", "--dir", str(pki_dir), "agent", "--cloud", "a/b", "--name", "x")
+    assert bad.returncode == 2
+
+
+def write_config(tmp: Path, pki_dir: Path, **extra: str) -> Path:
+    port, health = free_port(), free_port()
+    body = {
+        "listen": f'"127.0.0.1:{port}"',
+        "health_listen": f'"127.0.0.1:{health}"',
+        "state_dir": f'"{tmp / "state"}"',
+        "trust_domain": f'"{DOMAIN}"',
+        **extra,
+    }
+    text = "\n".join(f"{k} = {v}" for k, v in body.items())
+    text += f'\n[tls]\ncert = "{pki_dir}/aggregator.pem"\nkey = "{pki_dir}/aggregator-key.pem"\n'
+    text += f'ca = "{pki_dir}/ca.pem"\n'
+    text += "[rounds]\nmin_agents = 1\n"
+    path = tmp / "aggregator.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda t: t.replace("aggregator.pem", "missing.pem"), "tls.cert: file not found"),
+        (lambda t: t + '[federation]\ncodec = "zip"\n', "federation.codec: unknown codec 'zip'"),
+        (
+            lambda t: t.replace("min_agents = 1", "min_agents = 3").replace(
+                f'trust_domain = "{DOMAIN}"',
+                f'trust_domain = "{DOMAIN}"\nallowed_agents = ["spiffe://{DOMAIN}/cloud/gcp/agent/a1"]',
+            ),
+            "rounds.min_agents (3) exceeds the 1 allowed agents",
+        ),
+        (lambda t: t.replace("min_agents = 1", "min_agents = 'two'"), "rounds.min_agents: expected int"),
+        (lambda t: t + "bogus = 1\n", "rounds.bogus: unknown setting"),
+        (lambda t: t + "[[[", "invalid TOML"),
+    ],
+)
+def test_config_errors_exit_nonzero_with_one_clear_line(
+    tmp_path: Path, pki_dir: Path, mutate, message
+) -> None:
+    path = write_config(tmp_path, pki_dir)
+    path.write_text(mutate(path.read_text()))
+    r = run_cli("server.cli", "--config", str(path))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert message in lines[0]
+
+
+def test_env_var_overrides_the_file(tmp_path: Path, pki_dir: Path) -> None:
+    path = write_config(tmp_path, pki_dir)
+    r = run_cli("server.cli", "--config", str(path), env={"CLOUDFED_FEDERATION_CODEC": "nope"})
+    assert r.returncode == 2
+    assert "unknown codec 'nope'" in r.stderr
+
+
+def adapter_file(tmp: Path) -> Path:
+    path = tmp / "init.safetensors"
+    save_file({"w.lora_A": torch.zeros(4, 8), "w.lora_B": torch.zeros(8, 4)}, path)
+    return path
+
+
+async def _join(port: int, files: TlsFiles) -> grpc.StatusCode:
+    async with AggregatorClient(f"127.0.0.1:{port}", files, server_name="localhost", attempts=1) as c:
+        try:
+            await c.join(num_examples=1)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_daemon_serves_reloads_rotated_certificates_and_stops_on_sigterm(
+    tmp_path: Path, pki_dir: Path
+) -> None:
+    config = write_config(tmp_path, pki_dir)
+    text = config.read_text()
+    port = int(text.split('listen = "127.0.0.1:')[1].split('"')[0])
+    health = int(text.split('health_listen = "127.0.0.1:')[1].split('"')[0])
+    missing = run_cli("server.cli", "--config", str(config))
+    assert missing.returncode == 2
+    assert "--init-from" in missing.stderr
+    proc = start(
+        "server.cli",
+        "--config",
+        str(config),
+        "--init-from",
+        str(adapter_file(tmp_path)),
+        log=tmp_path / "agg.log",
+    )
+    try:
+        wait_serving(health)
+        old_agent = TlsFiles(pki_dir / "gcp-a1.pem", pki_dir / "gcp-a1-key.pem", pki_dir / "ca.pem")
+        assert asyncio.run(_join(port, old_agent)) == grpc.StatusCode.OK
+        # Rotate to a brand-new CA in place (as a Secret update would), then SIGHUP.
+        new = tmp_path / "pki2"
+        assert run_cli("common.pki_cli", "--dir", str(new), "init", "--trust-domain", DOMAIN).returncode == 0
+        assert run_cli("common.pki_cli", "--dir", str(new), "server", "--dns", "localhost").returncode == 0
+        assert (
+            run_cli("common.pki_cli", "--dir", str(new), "agent", "--cloud", "gcp", "--name", "a1").returncode
+            == 0
+        )
+        for name in ("aggregator.pem", "aggregator-key.pem", "ca.pem"):
+            (pki_dir / name).write_bytes((new / name).read_bytes())
+        proc.send_signal(signal.SIGHUP)
+        new_agent = TlsFiles(new / "gcp-a1.pem", new / "gcp-a1-key.pem", new / "ca.pem")
+        assert asyncio.run(_join(port, new_agent)) == grpc.StatusCode.OK
+        # The old agent's certificate is from the retired CA: refused at the handshake now.
+        assert asyncio.run(_join(port, old_agent)) == grpc.StatusCode.UNAVAILABLE
+        assert proc.poll() is None
+    finally:
+        code = stop(proc)
+    assert code == 0, (tmp_path / "agg.log").read_text()
+    assert "shutting down" in (tmp_path / "agg.log").read_text()
