@@ -7,8 +7,7 @@ these functions. Memory is bounded by one chunk; nothing buffers a whole stream.
 from __future__ import annotations
 
 import hashlib
-import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -63,17 +62,30 @@ class ChunkReceiver:
     next chunk must start exactly at the committed offset.
     """
 
-    def __init__(self, path: Path, total_bytes: int, sha256: bytes, max_chunk_bytes: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        total_bytes: int,
+        sha256: bytes,
+        max_chunk_bytes: int,
+        validate: Callable[[bytes], None] | None = None,
+    ) -> None:
         if len(sha256) != DIGEST_BYTES:
             raise InvalidArgument(f"sha256 must be {DIGEST_BYTES} bytes, got {len(sha256)}")
         self.path = path
         self.total_bytes = total_bytes
         self.expected = sha256
         self.max_chunk_bytes = max_chunk_bytes
+        self._validate = validate
         committed = path.stat().st_size if path.exists() else 0
         if committed > total_bytes:
             raise InvalidArgument(f"committed {committed} bytes exceed the declared total {total_bytes}")
-        self._hash = sha256_file(path) if committed else hashlib.sha256()
+        self._hash = hashlib.sha256()
+        if committed:  # a resumed stream: re-read the committed prefix once
+            for _, block in iter_file_chunks(path, MAX_CHUNK_BYTES):
+                self._hash.update(block)
+                if validate is not None:
+                    validate(block)
         self.committed = committed
         self._file: BinaryIO = open(path, "ab")  # noqa: SIM115 - closed in close()
 
@@ -89,6 +101,8 @@ class ChunkReceiver:
             raise InvalidArgument(
                 f"chunk ends at {offset + len(data)}, past the declared total {self.total_bytes}"
             )
+        if self._validate is not None:
+            self._validate(data)
         self._file.write(data)
         self._file.flush()
         self._hash.update(data)
@@ -101,11 +115,14 @@ class ChunkReceiver:
         return self.committed == self.total_bytes
 
     def verify(self) -> None:
-        """fsync and check the digest of a complete stream; raise DataLoss on mismatch."""
+        """Check the digest of a complete stream; raise DataLoss on mismatch.
+
+        No fsync: a committed prefix survives a process crash in the page cache,
+        and a machine crash restarts the round in flight anyway.
+        """
         if not self.complete:
             raise InvalidArgument(f"stream incomplete: {self.committed} of {self.total_bytes} bytes")
         self._file.flush()
-        os.fsync(self._file.fileno())
         if self._hash.digest() != self.expected:
             raise DataLoss(
                 f"sha256 mismatch: got {self._hash.hexdigest()}, header said {self.expected.hex()}"

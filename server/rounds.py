@@ -12,7 +12,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -91,6 +91,8 @@ class RoundCoordinator:
         self._subscribers: set[asyncio.Queue[RoundState]] = set()
         self._changed = asyncio.Condition()
         self._uploaded: dict[str, float] = {}
+        self._added: set[str] = set()
+        self._pending: set[asyncio.Task[None]] = set()
         self._acc: SumAccumulator | None = None
         self._all_in = asyncio.Event()
 
@@ -176,21 +178,38 @@ class RoundCoordinator:
                 f"update of {meta.total_bytes} bytes, expected {self.expected_payload_bytes}"
             )
 
+    def payload_validator(self) -> Callable[[bytes], None]:
+        """A per-upload check run on every streamed byte (finite float32 values)."""
+        return identity.FiniteChecker()
+
     async def commit_upload(self, peer: SpiffeId, meta: UploadMeta, path: Path) -> None:
-        """Add a verified upload to the round's running sum."""
+        """Accept a verified upload; it is added to the round's sum in the background, in order."""
         self.check_upload(peer, meta)
-        assert self._acc is not None
-        await asyncio.to_thread(self._acc.add_file, path)
+        acc = self._acc
+        assert acc is not None
         self._uploaded[peer.uri] = meta.weight
-        await asyncio.to_thread(path.unlink, missing_ok=True)
+        task = asyncio.create_task(self._accumulate(acc, peer, meta, path))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _accumulate(self, acc: SumAccumulator, peer: SpiffeId, meta: UploadMeta, path: Path) -> None:
+        try:
+            await asyncio.to_thread(acc.add_file, path)
+        except Exception:
+            log.exception("round %d: could not add the update from %s; dropping it", meta.round_id, peer)
+            self._uploaded.pop(peer.uri, None)
+            return
+        finally:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+        self._added.add(peer.uri)
         log.info(
             "round %d: update from %s added (%d/%d)",
             meta.round_id,
             peer,
-            len(self._uploaded),
+            len(self._added),
             len(self._state.participants),
         )
-        if set(self._uploaded) >= self._state.participants:
+        if self._added >= self._state.participants:
             self._all_in.set()
 
     async def run(self, stop: asyncio.Event | None = None, max_rounds: int | None = None) -> None:
@@ -220,7 +239,7 @@ class RoundCoordinator:
     async def _run_round(self, round_id: int) -> bool:
         base = self._state.global_version
         participants = frozenset(self.connected[: self.config.max_agents])
-        self._uploaded = {}
+        self._uploaded, self._added = {}, set()
         self._all_in = asyncio.Event()
         self._acc = SumAccumulator(self.layout.numel + 1)
         self.spool.purge()
@@ -228,8 +247,10 @@ class RoundCoordinator:
         await self._publish(RoundState(round_id, Phase.UPLOAD, base, participants, deadline))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._all_in.wait(), timeout=self.config.upload_deadline_s)
+        if self._pending:  # uploads verified before the deadline still count
+            await asyncio.gather(*self._pending)
         needed = self.config.min_uploads or self.config.min_agents
-        uploaded = sorted(self._uploaded)
+        uploaded = sorted(self._added)
         if len(uploaded) < needed:
             reason = f"{len(uploaded)} of {len(participants)} uploads by the deadline, {needed} needed"
             await self._publish(replace(self._state, phase=Phase.ABANDONED, reason=reason))

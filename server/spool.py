@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,13 +41,21 @@ class SpoolWriter:
     """One open upload stream; closes on exit and keeps the committed prefix."""
 
     def __init__(
-        self, spool: UploadSpool, key: tuple[str, str], meta: UploadMeta, base: Path, max_chunk: int
-    ):
+        self,
+        spool: UploadSpool,
+        key: tuple[str, str],
+        meta: UploadMeta,
+        base: Path,
+        max_chunk: int,
+        validate: Callable[[bytes], None] | None,
+    ) -> None:
         self.meta = meta
         self.path = base.with_suffix(".part")
         self._done = base.with_suffix(".done")
         self._spool, self._key = spool, key
-        self.receiver = ChunkReceiver(self.path, meta.total_bytes, bytes.fromhex(meta.sha256), max_chunk)
+        self.receiver = ChunkReceiver(
+            self.path, meta.total_bytes, bytes.fromhex(meta.sha256), max_chunk, validate
+        )
 
     @property
     def committed(self) -> int:
@@ -98,8 +107,13 @@ class UploadSpool:
         if not _UPLOAD_ID.match(meta.upload_id):
             raise InvalidArgument(f"upload_id must match {_UPLOAD_ID.pattern}")
 
-    def open(self, agent: SpiffeId, meta: UploadMeta) -> SpoolWriter:
-        """Open (or resume) an upload; the header must match the original on resume."""
+    def open(
+        self, agent: SpiffeId, meta: UploadMeta, validate: Callable[[bytes], None] | None = None
+    ) -> SpoolWriter:
+        """Open (or resume) an upload; the header must match the original on resume.
+
+        ``validate`` sees every byte of the payload in order and raises to reject it.
+        """
         self.check_limits(meta)
         base = self._base(agent, meta.upload_id)
         meta_path = base.with_suffix(".json")
@@ -116,7 +130,7 @@ class UploadSpool:
             base.parent.mkdir(parents=True, exist_ok=True)
             if not meta_path.exists():
                 meta_path.write_text(json.dumps(asdict(meta)))
-            return SpoolWriter(self, key, meta, base, self.max_chunk_bytes)
+            return SpoolWriter(self, key, meta, base, self.max_chunk_bytes, validate)
         except BaseException:
             self._release(key)
             raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -47,14 +46,16 @@ async def receive_upload(
     meta = meta_of(agent, first.header)
     spool.check_limits(meta)
     rounds.check_upload(agent, meta)
-    writer = spool.open(agent, meta)
+    writer = spool.open(agent, meta, rounds.payload_validator())
     try:
         try:
             async for msg in messages:
                 if msg.WhichOneof("message") != "chunk":
                     raise InvalidArgument("only chunks may follow the header")
-                await asyncio.to_thread(writer.write, msg.chunk.offset, msg.chunk.data)
-            verified = await asyncio.to_thread(writer.finish)
+                # Inline, not to_thread: validating, hashing and writing 1 MiB takes ~1 ms, less than a
+                # thread hand-off costs; measured 355 vs 277 MB/s median (bench/transport.py, 2 cores).
+                writer.write(msg.chunk.offset, msg.chunk.data)
+            verified = writer.finish()
         finally:
             writer.close()
     except (InvalidArgument, ResourceExhausted, DataLoss):

@@ -38,3 +38,18 @@ def decode_sum(total: np.ndarray) -> tuple[np.ndarray, float]:
     if not weight > 0:
         raise InvalidArgument(f"summed weight must be positive, got {weight}")
     return (total[:-1] / weight).astype(np.float32), weight
+
+
+class FiniteChecker:
+    """Checks streamed payload bytes for NaN/inf float32 values, across chunk boundaries."""
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def __call__(self, data: bytes) -> None:
+        """Raise InvalidArgument if the float32 values completed by ``data`` are not all finite."""
+        buf = self._carry + data if self._carry else data
+        whole = len(buf) - len(buf) % WIRE_DTYPE.itemsize
+        self._carry = bytes(buf[whole:])
+        if not np.all(np.isfinite(np.frombuffer(buf, dtype=WIRE_DTYPE, count=whole // WIRE_DTYPE.itemsize))):
+            raise InvalidArgument("update contains NaN or infinite values")
