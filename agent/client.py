@@ -83,10 +83,8 @@ class AggregatorClient:
             device=device,
             num_examples=num_examples,
         )
-        # wait_for_ready: an aggregator that is (re)starting is waited for, up to the deadline.
-        response: pb.JoinResponse = await self.stub.Join(
-            request, timeout=UNARY_DEADLINE_S, wait_for_ready=True
-        )
+        # Fails fast (no wait_for_ready): a bad certificate must surface at once, not as a deadline.
+        response: pb.JoinResponse = await self.stub.Join(request, timeout=UNARY_DEADLINE_S)
         return response
 
     async def watch_rounds(self) -> AsyncIterator[pb.RoundEvent]:
@@ -122,6 +120,17 @@ class AggregatorClient:
         for offset, data in chunks:  # page-cache reads of 1 MiB: cheaper inline than via a thread
             yield pb.UploadUpdateRequest(chunk=pb.Chunk(offset=offset, data=data))
 
+    async def _probe_header(self, header: pb.UploadHeader) -> pb.UploadUpdateResponse:
+        """Send the header alone: the server's verdict on it, with no chunk write to race."""
+
+        async def only_header() -> AsyncIterator[pb.UploadUpdateRequest]:
+            yield pb.UploadUpdateRequest(header=header)
+
+        receipt: pb.UploadUpdateResponse = await self.stub.UploadUpdate(
+            only_header(), timeout=UNARY_DEADLINE_S
+        )
+        return receipt
+
     async def upload(self, path: Path, header: pb.UploadHeader) -> pb.UploadUpdateResponse:
         """Upload a payload file, resuming from the committed offset after failures.
 
@@ -138,10 +147,15 @@ class AggregatorClient:
                     return pb.UploadUpdateResponse(
                         upload_id=header.upload_id, committed_bytes=start, digest_verified=True
                     )
-                receipt: pb.UploadUpdateResponse = await self.stub.UploadUpdate(
-                    self._upload_messages(path, header, start),
-                    timeout=upload_deadline_s(header.total_bytes - start),
-                )
+                try:
+                    receipt: pb.UploadUpdateResponse = await self.stub.UploadUpdate(
+                        self._upload_messages(path, header, start),
+                        timeout=upload_deadline_s(header.total_bytes - start),
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    if not _status_lost_to_late_write(exc):
+                        raise
+                    receipt = await self._probe_header(header)  # raises the server's real status
                 if receipt.digest_verified:
                     return receipt
                 log.warning(
@@ -212,6 +226,11 @@ class AggregatorClient:
         if hasher.digest() != header.sha256:
             raise DataLoss(f"downloaded version {header.version} does not match its sha256")
         return header
+
+
+def _status_lost_to_late_write(exc: grpc.aio.AioRpcError) -> bool:
+    """grpc aio reports INTERNAL when a write races the server ending the call (grpc/grpc#36066)."""
+    return exc.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (exc.details() or "")
 
 
 def _complete_header(path: Path, header: pb.UploadHeader) -> pb.UploadHeader:

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from agent.client import AggregatorClient
 from common.codecs import identity
+from common.health import wait_serving
 from common.identity import SpiffeId
 from common.layout import ParamLayout
 from common.pki import PkiDir, issue_agent, issue_server
@@ -112,7 +113,7 @@ async def federate(addr: str, pki: PkiDir, rounds: int, work: Path) -> list[tupl
     report: asyncio.Queue[tuple[str, int, float]] = asyncio.Queue()
     agents = [asyncio.create_task(run_agent(addr, pki, c, n, e, rounds, work, report)) for c, n, e in AGENTS]
     by_version: dict[int, dict[str, float]] = {}
-    history = []
+    history: list[tuple[int, float]] = []
     weights = {c: e for c, _, e in AGENTS}
     while len(history) < rounds:
         cloud, version, loss = await asyncio.wait_for(report.get(), timeout=120)
@@ -157,7 +158,7 @@ def main() -> int:
     )
     print(f"  aggregator pid {agg.pid} on 127.0.0.1:{port} (log: {root / 'aggregator.log'})")
     try:
-        time.sleep(0.5)
+        wait_serving(f"127.0.0.1:{health}", timeout=60)
         start = time.monotonic()
         history = asyncio.run(federate(f"127.0.0.1:{port}", pki, args.rounds, root / "agents"))
         layout = ParamLayout.from_tensors(load_file(init))

@@ -6,11 +6,9 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from common import health
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,18 +47,8 @@ def start(module: str, *args: str, log: Path, env: dict[str, str] | None = None)
 
 
 def wait_serving(port: int, timeout: float = 60) -> None:
-    """Block until the health service on ``port`` says SERVING."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing SERVING on port {port} after {timeout}s")
+    """Block until the health service on 127.0.0.1:``port`` says SERVING."""
+    health.wait_serving(f"127.0.0.1:{port}", timeout)
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 
@@ -12,7 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from common.codecs import identity
+from common.grpc_options import channel_options
+from common.tls import TlsFiles
 from protos.cloudfed.v1 import federation_pb2 as pb
+from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
 from tests.agentsim import Watcher, upload_header, write_payload
 from tests.conftest import small_adapter
 from tests.netproxy import CuttingProxy
@@ -93,19 +97,26 @@ async def test_download_cut_mid_stream_resumes(start_aggregator, tmp_path: Path)
 class Malformed:
     """Raw stream builders for one agent in an open round."""
 
-    def __init__(self, client, event: pb.RoundEvent, digest: str) -> None:
-        self.client, self.event, self.digest = client, event, digest
+    def __init__(self, target: str, files: TlsFiles, event: pb.RoundEvent, digest: str) -> None:
+        self.target, self.files, self.event, self.digest = target, files, event, digest
 
     async def send(self, messages: list[pb.UploadUpdateRequest]) -> grpc.StatusCode:
-        async def gen():
-            for m in messages:
-                yield m
+        """Send a raw stream with the sync client, which keeps the server's status when the server
+        ends the call early (the aio client may report INTERNAL instead: grpc/grpc#36066)."""
 
-        try:
-            await self.client.stub.UploadUpdate(gen(), timeout=30)
-        except grpc.aio.AioRpcError as exc:
-            return exc.code()
-        return grpc.StatusCode.OK
+        def call() -> grpc.StatusCode:
+            files = self.files
+            creds = grpc.ssl_channel_credentials(
+                files.ca.read_bytes(), files.key.read_bytes(), files.cert.read_bytes()
+            )
+            with grpc.secure_channel(self.target, creds, options=channel_options("localhost")) as ch:
+                try:
+                    pb_grpc.FederationServiceStub(ch).UploadUpdate(iter(messages), timeout=30)
+                except grpc.RpcError as exc:
+                    return exc.code()  # type: ignore[no-any-return, attr-defined]
+            return grpc.StatusCode.OK
+
+        return await asyncio.to_thread(call)
 
     def header(self, data: bytes, **kw: object) -> pb.UploadUpdateRequest:
         fields: dict[str, object] = {"total_bytes": len(data), "sha256": hashlib.sha256(data).digest()}
@@ -132,7 +143,7 @@ async def test_malformed_streams_get_their_status_and_leave_no_trace(
         join = await client.join(num_examples=1)
         watcher = Watcher(client)
         event = await watcher.until(UPLOAD)
-        m = Malformed(client, event, join.settings.layout.digest)
+        m = Malformed(run.target, run.pki.agent("m"), event, join.settings.layout.digest)
         C = grpc.StatusCode
         cases: dict[str, tuple[list[pb.UploadUpdateRequest], grpc.StatusCode]] = {}
         cases["first message not a header"] = (m.chunks(good), C.INVALID_ARGUMENT)
@@ -199,3 +210,47 @@ async def test_uploads_of_awkward_sizes_roundtrip(size: int, tmp_path: Path) -> 
     rx.verify()
     rx.close()
     assert (tmp_path / "dst").read_bytes() == data
+
+
+async def test_client_upload_of_a_rejected_header_raises_the_servers_status(
+    start_aggregator, tmp_path: Path
+) -> None:
+    run = await start_aggregator(adapter_of_payload_size(32 * MiB))  # writes still in flight at the reject
+    payload = write_payload(tmp_path / "u.bin", np.ones(run.agg.rounds.layout.numel, np.float32), 1.0)
+    async with run.client("late") as client:
+        join = await client.join(num_examples=1)
+        watcher = Watcher(client)
+        event = await watcher.until(UPLOAD)
+        codes = []
+        for _ in range(6):
+            header = upload_header(event, join.settings.layout.digest, 1.0, round_id=event.round_id + 1)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.upload(payload, header)
+            codes.append(err.value.code())
+        await watcher.close()
+    assert codes == [grpc.StatusCode.FAILED_PRECONDITION] * 6
+
+
+async def test_header_probe_recovers_the_verdict_without_racing_writes(
+    start_aggregator, tmp_path: Path
+) -> None:
+    """The path upload() takes when grpc aio loses the status to a late write (grpc/grpc#36066)."""
+    run = await start_aggregator(adapter_of_payload_size(4 * MiB))
+    payload = write_payload(tmp_path / "u.bin", np.ones(run.agg.rounds.layout.numel, np.float32), 1.0)
+    digest = hashlib.sha256(payload.read_bytes()).digest()
+    async with run.client("probe") as client:
+        join = await client.join(num_examples=1)
+        watcher = Watcher(client)
+        event = await watcher.until(UPLOAD)
+        fields = {"total_bytes": payload.stat().st_size, "sha256": digest}
+        bad = upload_header(event, join.settings.layout.digest, 1.0, round_id=event.round_id + 1, **fields)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client._probe_header(bad)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        good = upload_header(event, join.settings.layout.digest, 1.0, **fields)
+        receipt = await client._probe_header(good)
+        assert receipt.committed_bytes == 0
+        assert not receipt.digest_verified
+        # ... and the upload then proceeds from there.
+        assert (await client.upload(payload, good)).digest_verified
+        await watcher.close()

@@ -1,0 +1,58 @@
+"""Configuration loading: the shipped example, env overrides, errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import AgentConfig, AggregatorConfig, load
+from common.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "deploy" / "config" / "aggregator.example.toml"
+
+
+def test_shipped_example_loads_and_validates_except_for_its_certificate_paths() -> None:
+    config = load(AggregatorConfig, EXAMPLE, env={})
+    assert config.rounds.min_agents == 3
+    assert config.federation.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+    with pytest.raises(ConfigError, match=r"^tls\.cert: file not found"):
+        config.validate()
+
+
+def test_env_overrides_nested_fields_and_lists() -> None:
+    env = {
+        "CLOUDFED_ROUNDS_MIN_AGENTS": "2",
+        "CLOUDFED_ALLOWED_AGENTS": "spiffe://t/a, spiffe://t/b",
+        "CLOUDFED_ENABLE_REFLECTION": "yes",
+    }
+    config = load(AggregatorConfig, EXAMPLE, env=env)
+    assert config.rounds.min_agents == 2
+    assert config.allowed_agents == ("spiffe://t/a", "spiffe://t/b")
+    assert config.enable_reflection is True
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CLOUDFED_ROUNDS_MIN_AGENTS": "1.5"}, "rounds.min_agents: expected int"),
+        ({"CLOUDFED_ENABLE_CHANNELZ": "maybe"}, "enable_channelz: expected true or false"),
+        ({"CLOUDFED_LIMITS_MAX_CHUNK_BYTES": str(2 * 1024 * 1024)}, "limits.max_chunk_bytes must be between"),
+        ({"CLOUDFED_LISTEN": "nohost"}, "listen: expected host:port"),
+        ({"CLOUDFED_TRUST_DOMAIN": "Bad_Domain"}, "trust_domain: bad trust domain"),
+    ],
+)
+def test_bad_values_name_their_field(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(AggregatorConfig, EXAMPLE, env=env).validate()
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('aggregator = "agg.example:7443"\nstate_dir = "state"\n[tls]\ncert = "t/a.pem"\n')
+    config = load(AgentConfig, path, env={})
+    assert config.state_dir == tmp_path / "state"
+    assert config.tls.cert == tmp_path / "t" / "a.pem"
+    with pytest.raises(ConfigError, match="config file not found"):
+        load(AgentConfig, tmp_path / "missing.toml", env={})
