@@ -13,8 +13,11 @@ BUF    := $(BUF_DIR)/node_modules/.bin/buf
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall when pyproject.toml changes or the interpreter was (re)created.
+$(STAMP): pyproject.toml $(PY)
 	$(PIP) install -q --upgrade pip
 	# CPU build from the local wheel store; an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0

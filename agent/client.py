@@ -14,7 +14,7 @@ import common
 from common.backoff import backoff_delays
 from common.chunks import MAX_CHUNK_BYTES, iter_file_chunks, sha256_file, validate_chunk_bytes
 from common.errors import DataLoss, InvalidArgument
-from common.grpc_options import UNARY_DEADLINE_S, channel_options, upload_deadline_s
+from common.grpc_options import DOWNLOAD_DEADLINE_S, UNARY_DEADLINE_S, channel_options, upload_deadline_s
 from common.tls import TlsFiles, channel_credentials
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
@@ -85,6 +85,10 @@ class AggregatorClient:
         )
         # Fails fast (no wait_for_ready): a bad certificate must surface at once, not as a deadline.
         response: pb.JoinResponse = await self.stub.Join(request, timeout=UNARY_DEADLINE_S)
+        server_limit = response.settings.chunk_limits.max_chunk_bytes
+        if server_limit and server_limit < self.chunk_bytes:
+            log.info("using the aggregator's chunk limit of %d bytes", server_limit)
+            self.chunk_bytes = validate_chunk_bytes(server_limit, "aggregator's max_chunk_bytes")
         return response
 
     async def watch_rounds(self) -> AsyncIterator[pb.RoundEvent]:
@@ -200,8 +204,7 @@ class AggregatorClient:
     async def _download_once(self, part: Path, pinned: list[int], start: int) -> pb.ModelHeader:
         version = pinned[0]
         call = self.stub.DownloadModel(
-            pb.DownloadModelRequest(version=version, offset=start),
-            timeout=upload_deadline_s(64 * MAX_CHUNK_BYTES),
+            pb.DownloadModelRequest(version=version, offset=start), timeout=DOWNLOAD_DEADLINE_S
         )
         header: pb.ModelHeader | None = None
         hasher = sha256_file(part, start) if start else hashlib.sha256()

@@ -68,3 +68,6 @@ def upload_deadline_s(total_bytes: int, min_rate_bytes_s: float = 1 * MiB, base_
 
 UNARY_DEADLINE_S = 30.0
 """Deadline for small unary calls (join, status, report)."""
+
+DOWNLOAD_DEADLINE_S = 3600.0
+"""Deadline for one download call (the size is unknown until its header); resumes continue after it."""

@@ -155,3 +155,55 @@ def test_daemon_serves_reloads_rotated_certificates_and_stops_on_sigterm(
         code = stop(proc)
     assert code == 0, (tmp_path / "agg.log").read_text()
     assert "shutting down" in (tmp_path / "agg.log").read_text()
+
+
+def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_dir: Path) -> None:
+    config = write_config(tmp_path, pki_dir)
+    text = config.read_text()
+    port = int(text.split('listen = "127.0.0.1:')[1].split('"')[0])
+    health = int(text.split('health_listen = "127.0.0.1:')[1].split('"')[0])
+    proc = start(
+        "server.cli",
+        "--config",
+        str(config),
+        "--init-from",
+        str(adapter_file(tmp_path)),
+        log=tmp_path / "agg.log",
+    )
+    agent_toml = tmp_path / "agent.toml"
+    agent_toml.write_text(
+        f'aggregator = "127.0.0.1:{port}"\nserver_name = "localhost"\nstate_dir = "agent-state"\n'
+        f'[tls]\ncert = "{pki_dir}/gcp-a1.pem"\nkey = "{pki_dir}/gcp-a1-key.pem"\nca = "{pki_dir}/ca.pem"\n'
+    )
+    try:
+        wait_serving(health)
+        ok = run_cli("agent.cli", "--config", str(agent_toml), "check")
+        other = tmp_path / "other"
+        assert (
+            run_cli("common.pki_cli", "--dir", str(other), "init", "--trust-domain", DOMAIN).returncode == 0
+        )
+        assert (
+            run_cli(
+                "common.pki_cli", "--dir", str(other), "agent", "--cloud", "gcp", "--name", "a1"
+            ).returncode
+            == 0
+        )
+        bad = run_cli(
+            "agent.cli",
+            "--config",
+            str(agent_toml),
+            "check",
+            env={
+                "CLOUDFED_AGENT_TLS_CERT": str(other / "gcp-a1.pem"),
+                "CLOUDFED_AGENT_TLS_KEY": str(other / "gcp-a1-key.pem"),
+            },
+        )
+    finally:
+        stop(proc)
+    assert ok.returncode == 0, ok.stderr
+    assert f"spiffe://{DOMAIN}/cloud/gcp/agent/a1" in ok.stdout
+    assert "global version  0" in ok.stdout
+    assert "sha256 verified" in ok.stdout
+    assert (tmp_path / "agent-state" / "models" / "v00000000.safetensors").exists()
+    assert bad.returncode == 1
+    assert "UNAVAILABLE" in bad.stderr

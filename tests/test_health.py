@@ -51,3 +51,25 @@ async def test_plaintext_client_cannot_reach_the_mtls_port(start_aggregator) -> 
             await pb_grpc.FederationServiceStub(ch).Join(pb.JoinRequest(), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert run.agg.rounds.agents == {}
+
+
+async def test_reflection_is_served_on_the_health_port_when_enabled(pki, tmp_path) -> None:
+    import dataclasses
+
+    from server.app import build_aggregator
+    from tests.conftest import aggregator_config, seed_store, small_adapter
+
+    seed_store(tmp_path, small_adapter())
+    agg = build_aggregator(dataclasses.replace(aggregator_config(pki, tmp_path), enable_reflection=True))
+    await agg.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{agg.health_port}") as ch:
+            call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(timeout=5)
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            reply = await call.read()
+            await call.done_writing()
+    finally:
+        await agg.stop(0)
+    names = {s.name for s in reply.list_services_response.service}
+    assert "grpc.health.v1.Health" in names
+    assert SERVICE_NAME not in names  # the federation API is never on the plaintext port

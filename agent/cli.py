@@ -1,0 +1,78 @@
+"""cloudfed-agent: the agent's command line.
+
+``check`` is a preflight an operator runs in each cloud: it validates the
+config, connects to the aggregator with the agent's certificate, joins, prints
+what the aggregator sees and the federation's settings, and downloads and
+verifies the latest global adapter. (``run``, the training daemon, comes with
+the trainer.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import sys
+from pathlib import Path
+
+import grpc
+
+from common.config import AgentConfig, load
+from common.errors import CloudfedError
+from common.logs import setup_logging
+
+
+async def check(config: AgentConfig) -> int:
+    """Join and download the latest version; print what was learned."""
+    from agent.client import AggregatorClient
+
+    async with AggregatorClient(
+        config.aggregator, config.tls.files(), server_name=config.server_name, chunk_bytes=config.chunk_bytes
+    ) as client:
+        join = await client.join(num_examples=0)
+        s = join.settings
+        print(f"identity        {join.agent_id}")
+        print(f"federation      {s.federation_id} (model {s.model_id or '-'})")
+        print(f"codec           {s.codec.name}; secure aggregation {'on' if s.secagg.enabled else 'off'}")
+        numel = sum(math.prod(p.shape) for p in s.layout.params)
+        tensors, digest = len(s.layout.params), s.layout.digest[:16]
+        print(f"layout          {tensors} tensors, {numel} parameters, digest {digest}")
+        print(f"chunk limit     {s.chunk_limits.max_chunk_bytes} bytes")
+        models = config.state_dir / "models"
+        models.mkdir(parents=True, exist_ok=True)
+        header = await client.download_model(
+            models / f"v{join.global_version:08d}.safetensors", join.global_version
+        )
+        print(f"global version  {header.version}: {header.total_bytes} bytes, sha256 verified")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    p = argparse.ArgumentParser(
+        prog="cloudfed-agent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("CLOUDFED_AGENT_CONFIG"),
+        help="TOML config (or $CLOUDFED_AGENT_CONFIG); env vars CLOUDFED_AGENT_<FIELD> override it",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("check", help="connect, join and download the latest global version")
+    args = p.parse_args(argv)
+    try:
+        config = load(AgentConfig, args.config, env_prefix="CLOUDFED_AGENT").validate()
+        setup_logging(config.log_level)
+        return asyncio.run(check(config))
+    except CloudfedError as exc:
+        print(f"cloudfed-agent: {exc}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as exc:
+        print(f"cloudfed-agent: aggregator said {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
