@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml $(PY)
 	touch $(STAMP)
 
 demo: venv
-	$(PY) -m agent.smoke
+	$(PY) -m agent.demo
 
 test: venv
 	$(PY) -m pytest -q

@@ -3,8 +3,8 @@
 ``check`` is a preflight an operator runs in each cloud: it validates the
 config, connects to the aggregator with the agent's certificate, joins, prints
 what the aggregator sees and the federation's settings, and downloads and
-verifies the latest global adapter. (``run``, the training daemon, comes with
-the trainer.)
+verifies the latest global adapter. ``run`` is the daemon: it trains the shared
+LoRA adapter on local data every round and uploads the update.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -48,6 +49,19 @@ async def check(config: AgentConfig) -> int:
     return 0
 
 
+async def run(config: AgentConfig) -> int:
+    """Run the agent daemon until SIGTERM/SIGINT (or max_rounds)."""
+    from agent.daemon import Agent
+
+    agent = Agent(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await agent.run(stop)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     p = argparse.ArgumentParser(
@@ -61,11 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("check", help="connect, join and download the latest global version")
+    sub.add_parser("run", help="run the agent daemon: train and upload every round")
     args = p.parse_args(argv)
     try:
         config = load(AgentConfig, args.config, env_prefix="CLOUDFED_AGENT").validate()
         setup_logging(config.log_level)
-        return asyncio.run(check(config))
+        return asyncio.run(check(config) if args.cmd == "check" else run(config))
     except CloudfedError as exc:
         print(f"cloudfed-agent: {exc}", file=sys.stderr)
         return 2

@@ -181,6 +181,18 @@ class AgentConfig:
     """Where downloads, pending uploads and codec state live."""
     chunk_bytes: int = MAX_CHUNK_BYTES
     """Chunk size for uploads (4 KiB .. 1 MiB, at most the aggregator's limit)."""
+    data: Path = Path("data")
+    """Local training data: a .txt/.jsonl file or a directory of them (never leaves the cloud)."""
+    eval_fraction: float = 0.1
+    """Share of local documents held out for evaluation (split by a hash of each document)."""
+    model: str = ""
+    """Local path of the base model; '' uses the federation's model_id."""
+    device: str = "auto"
+    """Training device: 'auto', 'cpu', 'cuda' or 'cuda:N'."""
+    audit_dir: Path | None = None
+    """If set, every update this agent sends is also written here, unmasked, with its metadata."""
+    max_rounds: int = 0
+    """Stop after evaluating this many new global versions (0: run until stopped)."""
     log_level: str = "INFO"
     """Python logging level."""
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -193,6 +205,10 @@ class AgentConfig:
             validate_chunk_bytes(self.chunk_bytes, "chunk_bytes")
         except CloudfedError as exc:
             raise ConfigError(str(exc)) from exc
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+        if self.max_rounds < 0:
+            raise ConfigError("max_rounds must be >= 0")
         self.tls.files().check("tls")
         return self
 

@@ -38,9 +38,10 @@ class ParamLayout:
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> ParamLayout:
-        """Layout of a state dict, in its iteration order."""
+        """Layout of a state dict, sorted by name so that it never depends on dict or file order."""
         entries, offset = [], 0
-        for name, t in tensors.items():
+        for name in sorted(tensors):
+            t = tensors[name]
             dtype = str(t.dtype).removeprefix("torch.")
             if dtype not in _DTYPES:
                 raise InvalidArgument(f"parameter {name}: unsupported dtype {dtype}")

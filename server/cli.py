@@ -28,11 +28,19 @@ def seed(config: AggregatorConfig, init_from: Path | None) -> None:
         if init_from:
             log.info("state already holds version %d; ignoring --init-from", store.latest())
         return
-    if init_from is None:
-        raise CloudfedError(f"no global version in {store.root}: pass --init-from ADAPTER.safetensors")
-    if not init_from.is_file():
-        raise CloudfedError(f"--init-from: file not found: {init_from}")
-    store.save(0, load_file(init_from), parent=None, metrics={"seeded_from": str(init_from)})
+    if init_from is not None:
+        if not init_from.is_file():
+            raise CloudfedError(f"--init-from: file not found: {init_from}")
+        store.save(0, load_file(init_from), parent=None, metrics={"seeded_from": str(init_from)})
+        return
+    f = config.federation
+    if not f.model_id:
+        raise CloudfedError(f"no global version in {store.root}: set federation.model_id or pass --init-from")
+    from agent.trainer import LoraSpec, initial_adapter
+
+    log.info("seeding version 0 from %s (LoRA r=%d on %s)", f.model_id, f.lora_rank, list(f.target_modules))
+    lora = LoraSpec(f.lora_rank, f.lora_alpha, f.target_modules, f.lora_dropout)
+    store.save(0, initial_adapter(f.model_id, lora, f.seed), parent=None, metrics={"seeded_from": f.model_id})
 
 
 async def serve(config: AggregatorConfig) -> None:

@@ -1,0 +1,241 @@
+"""The agent daemon: join, follow rounds, train locally, upload, evaluate each new version."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from agent.client import AggregatorClient
+from agent.data import load_texts, pack, split
+from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device
+from common.backoff import backoff_delays
+from common.chunks import sha256_file
+from common.codecs import identity
+from common.config import AgentConfig
+from common.errors import ConfigError
+from common.layout import ParamLayout
+from protos.cloudfed.v1 import federation_pb2 as pb
+
+log = logging.getLogger(__name__)
+FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+"""Statuses no retry can fix: the operator must act."""
+KEEP_VERSIONS = 2
+
+
+@dataclass
+class Progress:
+    """What this agent did in this process's lifetime."""
+
+    rounds_trained: set[int] = field(default_factory=set)
+    versions_evaluated: dict[int, float] = field(default_factory=dict)
+
+
+class Agent:
+    """One agent: its data, its model, its connection loop."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        docs = load_texts(config.data)
+        self.train_docs, self.eval_docs = split(docs, config.eval_fraction)
+        self.state = config.state_dir
+        (self.state / "models").mkdir(parents=True, exist_ok=True)
+        (self.state / "uploads").mkdir(parents=True, exist_ok=True)
+        self.trainer: LoraTrainer | None = None
+        self.train_blocks = self.eval_blocks = torch.empty(0)
+        self.progress = Progress()
+        log.info(
+            "%d training and %d evaluation documents from %s",
+            len(self.train_docs),
+            len(self.eval_docs),
+            config.data,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stay in the federation until ``stop`` or ``max_rounds``; reconnect with backoff."""
+        delays = backoff_delays(initial_s=1.0, maximum_s=30.0)
+        while not stop.is_set():
+            try:
+                async with AggregatorClient(
+                    self.config.aggregator,
+                    self.config.tls.files(),
+                    server_name=self.config.server_name,
+                    chunk_bytes=self.config.chunk_bytes,
+                ) as client:
+                    if await self._session(client, stop):
+                        return
+                    delays = backoff_delays(initial_s=1.0, maximum_s=30.0)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in FATAL:
+                    raise
+                delay = next(delays)
+                log.warning(
+                    "aggregator unavailable (%s: %s); reconnecting in %.1fs",
+                    exc.code().name,
+                    exc.details(),
+                    delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+
+    async def _session(self, client: AggregatorClient, stop: asyncio.Event) -> bool:
+        """One connection's life; True once max_rounds is reached."""
+        join = await client.join(num_examples=len(self.train_docs), device=self._device_info())
+        settings = join.settings
+        log.info(
+            "joined %s as %s at global version %d", settings.federation_id, join.agent_id, join.global_version
+        )
+        await self._prepare(settings)
+        if join.global_version not in self.progress.versions_evaluated:
+            await self._evaluate(client, join.global_version)
+        async for event in client.watch_rounds():
+            if stop.is_set():
+                return True
+            if (
+                event.phase == pb.ROUND_PHASE_UPLOAD
+                and event.participant
+                and event.round_id not in self.progress.rounds_trained
+            ):
+                await self._take_part(client, settings, event)
+            elif (
+                event.phase == pb.ROUND_PHASE_COMPLETED
+                and event.global_version not in self.progress.versions_evaluated
+            ):
+                await self._evaluate(client, event.global_version)
+                done = len(self.progress.versions_evaluated) - 1
+                if self.config.max_rounds and done >= self.config.max_rounds:
+                    log.info("evaluated %d new versions; stopping (max_rounds)", done)
+                    return True
+            elif event.phase == pb.ROUND_PHASE_ABANDONED:
+                log.warning("round %d abandoned: %s", event.round_id, event.reason)
+        return False
+
+    def _device_info(self) -> pb.DeviceInfo:
+        device = pick_device(self.config.device)
+        info = pb.DeviceInfo(
+            accelerator=device.split(":")[0], device_count=1, torch_version=torch.__version__
+        )
+        if device.startswith("cuda"):
+            props = torch.cuda.get_device_properties(torch.device(device))
+            info.device_name, info.memory_bytes = props.name, props.total_memory
+        return info
+
+    async def _prepare(self, settings: pb.FederationSettings) -> None:
+        """Load the model and tokenize the data once; check the adapter layout matches the federation's."""
+        if self.trainer is None:
+            model = self.config.model or settings.model_id
+            if not model:
+                raise ConfigError("model: the federation names no model_id; set 'model' in the agent config")
+            lora = LoraSpec(
+                settings.lora.rank,
+                settings.lora.alpha,
+                tuple(settings.lora.target_modules),
+                settings.lora.dropout,
+            )
+            device = pick_device(self.config.device)
+            log.info(
+                "loading %s on %s with LoRA r=%d on %s", model, device, lora.rank, list(lora.target_modules)
+            )
+            self.trainer = await asyncio.to_thread(LoraTrainer, model, lora, device)
+            length = settings.training.sequence_length
+            self.train_blocks = pack(self.trainer.tokenizer, self.train_docs, length)
+            self.eval_blocks = pack(self.trainer.tokenizer, self.eval_docs, length)
+        digest = ParamLayout.from_tensors(self.trainer.adapter()).digest
+        if digest != settings.layout.digest:
+            raise ConfigError(
+                "the local model's adapter layout differs from the federation's "
+                "(another model, LoRA settings or peft version?)"
+            )
+
+    async def _global(self, client: AggregatorClient, version: int) -> dict[str, torch.Tensor]:
+        path = self.state / "models" / f"v{version:08d}.safetensors"
+        if not path.exists():
+            await client.download_model(path, version)
+            for old in sorted((self.state / "models").glob("v*.safetensors"))[:-KEEP_VERSIONS]:
+                old.unlink(missing_ok=True)
+        return load_file(path)
+
+    async def _take_part(
+        self, client: AggregatorClient, settings: pb.FederationSettings, event: pb.RoundEvent
+    ) -> None:
+        assert self.trainer is not None
+        base = await self._global(client, event.global_version)
+        await asyncio.to_thread(self.trainer.set_adapter, base)
+        t = settings.training
+        training = LocalTraining(t.local_steps, t.learning_rate, t.batch_size, t.sequence_length, t.seed)
+        began = time.monotonic()
+        delta, train_loss = await asyncio.to_thread(
+            self.trainer.train, self.train_blocks, training, event.round_id
+        )
+        layout = ParamLayout.from_tensors(base)
+        weight = float(len(self.train_docs))
+        payload = self.state / "uploads" / f"round-{event.round_id}.bin"
+        vector = layout.flatten(delta)
+        await asyncio.to_thread(payload.write_bytes, identity.encode(vector, weight))
+        header = pb.UploadHeader(
+            round_id=event.round_id,
+            upload_id=f"r{event.round_id}-{uuid.uuid4().hex[:16]}",
+            codec=pb.CodecSpec(name=identity.NAME),
+            layout_digest=layout.digest,
+            base_version=event.global_version,
+            weight=weight,
+            sha256=sha256_file(payload).digest(),
+        )
+        if self.config.audit_dir is not None:
+            self._audit(event, header, delta, train_loss)
+        receipt = await client.upload(payload, header)
+        payload.unlink(missing_ok=True)
+        self.progress.rounds_trained.add(event.round_id)
+        log.info(
+            "round %d: trained %d steps (loss %.4f) in %.1fs, uploaded %d bytes (update norm %.4g)",
+            event.round_id,
+            t.local_steps,
+            train_loss,
+            time.monotonic() - began,
+            receipt.committed_bytes,
+            float(np.linalg.norm(vector)),
+        )
+
+    def _audit(
+        self, event: pb.RoundEvent, header: pb.UploadHeader, delta: dict[str, torch.Tensor], train_loss: float
+    ) -> None:
+        """Write exactly what left the cloud this round: the update (unmasked) and its metadata."""
+        assert self.config.audit_dir is not None
+        audit = self.config.audit_dir
+        audit.mkdir(parents=True, exist_ok=True)
+        stem = audit / f"round-{event.round_id:06d}"
+        save_file(delta, str(stem) + ".safetensors")
+        meta = {
+            "round_id": event.round_id,
+            "base_version": event.global_version,
+            "upload_id": header.upload_id,
+            "codec": header.codec.name,
+            "layout_digest": header.layout_digest,
+            "weight": header.weight,
+            "payload_sha256": header.sha256.hex(),
+            "train_loss": train_loss,
+            "time": time.time(),
+        }
+        Path(str(stem) + ".json").write_text(json.dumps(meta, indent=2))
+
+    async def _evaluate(self, client: AggregatorClient, version: int) -> None:
+        assert self.trainer is not None
+        tensors = await self._global(client, version)
+        await asyncio.to_thread(self.trainer.set_adapter, tensors)
+        loss, tokens = await asyncio.to_thread(self.trainer.evaluate, self.eval_blocks)
+        self.progress.versions_evaluated[version] = loss
+        record = {"version": version, "eval_loss": loss, "tokens": tokens, "time": time.time()}
+        with open(self.state / "evals.jsonl", "a") as f:  # noqa: ASYNC230 - one short line
+            f.write(json.dumps(record) + "\n")
+        await client.report_eval(version, loss, tokens)
+        log.info("global version %d: eval loss %.4f on %d local tokens", version, loss, tokens)

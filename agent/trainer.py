@@ -1,0 +1,171 @@
+"""Local LoRA training with transformers + peft: load, set the global adapter, train, evaluate.
+
+The aggregator uses ``initial_adapter`` from here to seed version 0, so both
+sides build the adapter the same way and agree on its parameter layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The shared adapter's shape (sent by the aggregator in Join)."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """One round of local training (sent by the aggregator in Join)."""
+
+    steps: int
+    learning_rate: float
+    batch_size: int
+    sequence_length: int
+    seed: int = 0
+
+
+def _adapter_model(model_path: str, lora: LoraSpec, device: str) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft takes any number: scaling = alpha / r
+        target_modules=list(lora.target_modules),
+        lora_dropout=lora.dropout,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, config).to(device)
+
+
+def adapter_state(model: Any) -> dict[str, torch.Tensor]:
+    """The adapter's tensors as float32 CPU copies, in peft's order."""
+    from peft import get_peft_model_state_dict
+
+    return {
+        k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()
+    }
+
+
+def initial_adapter(model_path: str, lora: LoraSpec, seed: int) -> dict[str, torch.Tensor]:
+    """Version 0 of the global adapter: peft's initialisation (B = 0) under a fixed seed."""
+    torch.manual_seed(seed)
+    return adapter_state(_adapter_model(model_path, lora, "cpu"))
+
+
+def pick_device(requested: str = "auto") -> str:
+    """'cuda' when asked for or available under 'auto', else 'cpu'."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+class LoraTrainer:
+    """A causal LM with the federation's LoRA adapter, trained locally each round."""
+
+    def __init__(self, model_path: str, lora: LoraSpec, device: str = "cpu") -> None:
+        from transformers import AutoTokenizer
+
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = _adapter_model(model_path, lora, device)
+
+    def adapter(self) -> dict[str, torch.Tensor]:
+        """Current adapter tensors."""
+        return adapter_state(self.model)
+
+    def set_adapter(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load the global adapter; its names and shapes must match exactly."""
+        from peft import set_peft_model_state_dict
+
+        mine = self.adapter()
+        if set(mine) != set(tensors):
+            missing, extra = sorted(set(mine) - set(tensors)), sorted(set(tensors) - set(mine))
+            raise InvalidArgument(
+                f"global adapter does not match the local model: missing {missing[:3]}, "
+                f"unexpected {extra[:3]}"
+            )
+        for name, t in tensors.items():
+            if tuple(t.shape) != tuple(mine[name].shape):
+                raise InvalidArgument(f"{name}: shape {tuple(t.shape)} != local {tuple(mine[name].shape)}")
+        set_peft_model_state_dict(self.model, {k: v.to(self.device) for k, v in tensors.items()})
+
+    def train(
+        self, blocks: torch.Tensor, training: LocalTraining, round_id: int
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """Train ``training.steps`` steps from the current adapter; return (delta, mean train loss)."""
+        start = self.adapter()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(training.seed * 1_000_003 + round_id)
+        self.model.train()
+        losses = []
+        progress = _progress(training.steps, f"round {round_id} local training")
+        began = time.monotonic()
+        for step in range(training.steps):
+            idx = torch.randint(len(blocks), (min(training.batch_size, len(blocks)),), generator=generator)
+            batch = blocks[idx].to(self.device)
+            loss = self.model(input_ids=batch, labels=batch).loss
+            if not torch.isfinite(loss):
+                raise InvalidArgument(f"training diverged: loss {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            progress(step + 1, losses[-1], began)
+        end = self.adapter()
+        return {k: end[k] - start[k] for k in start}, sum(losses) / len(losses)
+
+    @torch.no_grad()
+    def evaluate(self, blocks: torch.Tensor, batch_size: int = 16) -> tuple[float, int]:
+        """Mean next-token cross-entropy over ``blocks`` and the number of predicted tokens."""
+        self.model.eval()
+        total, tokens = 0.0, 0
+        for i in range(0, len(blocks), batch_size):
+            batch = blocks[i : i + batch_size].to(self.device)
+            n = batch.numel() - batch.shape[0]  # labels are shifted inside the model
+            total += self.model(input_ids=batch, labels=batch).loss.item() * n
+            tokens += n
+        return total / tokens, tokens
+
+
+def _progress(total: int, label: str) -> Any:
+    """A tqdm bar on a terminal, else a log line every ~10% of the steps."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=label, leave=False)
+
+        def update_bar(step: int, loss: float, began: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if step == total:
+                bar.close()
+
+        return update_bar
+    every = max(1, math.ceil(total / 10))
+
+    def update_log(step: int, loss: float, began: float) -> None:
+        if step % every == 0 or step == total:
+            log.info("%s: step %d/%d loss %.4f (%.1fs)", label, step, total, loss, time.monotonic() - began)
+
+    return update_log

@@ -1,0 +1,60 @@
+"""The main job as real processes: aggregator + 3 agent daemons fine-tune a tiny LM together."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from agent.demo import CLOUDS, run_federation
+from common.layout import ParamLayout
+from server.checkpoints import CheckpointStore
+
+pytestmark = pytest.mark.slow
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, dict[str, float]]]:
+    root = tmp_path_factory.mktemp("federation")
+    table = run_federation(root, ROUNDS, show=False, timeout_s=400)
+    return root, table
+
+
+def test_three_agents_complete_rounds_and_the_global_loss_goes_down(federation) -> None:
+    root, table = federation
+    complete = sorted(v for v, losses in table.items() if set(losses) == set(CLOUDS))
+    assert complete[: ROUNDS + 1] == list(range(ROUNDS + 1)), (
+        table,
+        (root / "aggregator.log").read_text()[-2000:],
+    )
+    before = np.mean(list(table[0].values()))
+    after = np.mean(list(table[ROUNDS].values()))
+    assert after < before - 0.05, (before, after)
+    store = CheckpointStore(root / "aggregator-state" / "checkpoints")
+    assert store.versions()[: ROUNDS + 1] == list(range(ROUNDS + 1))
+    assert len(store.manifest(1).participants) == len(CLOUDS)
+
+
+def test_each_aggregate_is_the_weighted_mean_of_the_audited_updates(federation) -> None:
+    root, _ = federation
+    store = CheckpointStore(root / "aggregator-state" / "checkpoints")
+    audits: dict[int, list[tuple[dict, float]]] = {}
+    for meta_path in sorted(root.glob("*-agent-1/audit/round-*.json")):
+        meta = json.loads(meta_path.read_text())
+        delta = load_file(meta_path.with_suffix(".safetensors"))
+        audits.setdefault(meta["base_version"], []).append((delta, meta["weight"]))
+    assert set(range(ROUNDS)) <= set(audits)
+    for base in range(ROUNDS):
+        updates = audits[base]
+        assert len(updates) == len(CLOUDS)
+        assert len({w for _, w in updates}) == len(CLOUDS)  # distinct weights: a plain mean would fail
+        layout = ParamLayout.from_tensors(updates[0][0])
+        expected = sum(w * layout.flatten(d).astype(np.float64) for d, w in updates) / sum(
+            w for _, w in updates
+        )
+        step = layout.flatten(store.load(base + 1)).astype(np.float64) - layout.flatten(store.load(base))
+        np.testing.assert_allclose(step, expected, rtol=1e-4, atol=1e-6)
