@@ -8,8 +8,10 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -72,7 +74,7 @@ class Agent:
                     server_name=self.config.server_name,
                     chunk_bytes=self.config.chunk_bytes,
                 ) as client:
-                    if await self._session(client, stop):
+                    if await self._until_stopped(self._session(client, stop), stop):
                         return
                     delays = backoff_delays(initial_s=1.0, maximum_s=30.0)
             except grpc.aio.AioRpcError as exc:
@@ -87,6 +89,21 @@ class Agent:
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
+
+    @staticmethod
+    async def _until_stopped(work: Coroutine[Any, Any, bool], stop: asyncio.Event) -> bool:
+        """Run ``work``; cancel it as soon as ``stop`` is set (then True: we are done)."""
+        task = asyncio.ensure_future(work)
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            stopper.cancel()
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        log.info("stopped")
+        return True
 
     async def _session(self, client: AggregatorClient, stop: asyncio.Event) -> bool:
         """One connection's life; True once max_rounds is reached."""

@@ -97,6 +97,10 @@ class FederationConfig:
     """Tokens per training example."""
     seed: int = 0
     """Base seed for shuffling and codec randomness."""
+    server_optimizer: str = "fedavg"
+    """How the aggregator applies the mean update: 'fedavg' or 'fedadam' (Reddi et al. 2021)."""
+    server_lr: float = 1.0
+    """Server learning rate (1.0 is plain FedAvg; FedAdam wants ~0.01)."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,13 @@ class AggregatorConfig:
             raise ConfigError(f"rounds.min_agents ({r.min_agents}) exceeds the {n} allowed agents")
         if r.upload_deadline_s <= 0:
             raise ConfigError("rounds.upload_deadline_s must be positive")
+        if self.federation.server_optimizer not in ("fedavg", "fedadam"):
+            raise ConfigError(
+                f"federation.server_optimizer: unknown {self.federation.server_optimizer!r}; "
+                "known: fedavg, fedadam"
+            )
+        if not self.federation.server_lr > 0:
+            raise ConfigError("federation.server_lr must be positive")
         if self.federation.codec not in KNOWN_CODECS:
             raise ConfigError(
                 f"federation.codec: unknown codec {self.federation.codec!r}; known: {KNOWN_CODECS}"

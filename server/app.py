@@ -16,9 +16,11 @@ from common.tls import ReloadingServerCredentials
 from protos.cloudfed.v1 import federation_pb2, federation_pb2_grpc
 from server.auth import AccessPolicy, auth_interceptor
 from server.checkpoints import CheckpointStore
+from server.optimizer import make_optimizer
 from server.rounds import RoundCoordinator
 from server.servicer import FederationServicer
 from server.spool import UploadSpool
+from server.state import StateDB
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = federation_pb2.DESCRIPTOR.services_by_name["FederationService"].full_name
@@ -59,8 +61,14 @@ def build_aggregator(config: AggregatorConfig) -> Aggregator:
     """Create (not start) the servers; ports bound, 0 means any free port."""
     state = config.state_dir
     spool = UploadSpool(state / "uploads", config.limits.max_update_bytes, config.limits.max_chunk_bytes)
+    f = config.federation
     rounds = RoundCoordinator(
-        config.rounds, CheckpointStore(state / "checkpoints"), spool, config.federation.codec
+        config.rounds,
+        CheckpointStore(state / "checkpoints"),
+        spool,
+        StateDB(state / "cloudfed.db"),
+        make_optimizer(f.server_optimizer, f.server_lr, state / "optimizer"),
+        f.codec,
     )
     credentials = ReloadingServerCredentials(config.tls.files())
     server = grpc.aio.server(

@@ -63,6 +63,39 @@ async def serve(config: AggregatorConfig) -> None:
     await asyncio.gather(rounds, return_exceptions=True)
 
 
+def status(config: AggregatorConfig) -> int:
+    """Print the federation's state from the database (safe while the daemon runs)."""
+    import time
+
+    from server.state import StateDB
+
+    path = config.state_dir / "cloudfed.db"
+    if not path.exists():
+        raise CloudfedError(f"no state database at {path}; has the aggregator run yet?")
+    db = StateDB(path)
+    versions = db.versions()
+    print(f"state           {path}")
+    print(f"global version  {versions[-1][0] if versions else '-'} ({len(versions)} committed)")
+    print("\nrounds (newest first)")
+    print(f"  {'round':>5}  {'phase':<10} {'base':>4} {'new':>4}  {'uploads':>7}  {'seconds':>7}  reason")
+    for r in db.rounds(limit=10):
+        took = f"{(r.ended_at or time.time()) - r.started_at:7.1f}"
+        new = "-" if r.new_version is None else str(r.new_version)
+        print(
+            f"  {r.round_id:>5}  {r.phase:<10} {r.base_version:>4} {new:>4}  "
+            f"{r.uploaded:>3}/{r.participants:<3}  {took}  {r.reason or ''}"
+        )
+    evals = db.latest_evals()
+    print("\nagents")
+    for agent, seen, examples in db.agents():
+        ev = evals.get(agent)
+        last = f"eval loss {ev[1]:.4f} at v{ev[0]}" if ev else "no eval yet"
+        ago = time.time() - seen
+        print(f"  {agent}  examples {examples}, joined {ago:.0f}s ago, {last}")
+    db.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     p = argparse.ArgumentParser(prog="cloudfed-aggregator", description=__doc__)
@@ -73,9 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         help="TOML config (or $CLOUDFED_CONFIG); env vars CLOUDFED_<FIELD> override it",
     )
     p.add_argument("--init-from", type=Path, help="seed version 0 from this adapter if the state is empty")
+    p.add_argument(
+        "command",
+        nargs="?",
+        default="run",
+        choices=("run", "status"),
+        help="run the daemon (default) or print the federation's state",
+    )
     args = p.parse_args(argv)
     try:
         config = load(AggregatorConfig, args.config).validate()
+        if args.command == "status":
+            return status(config)
         setup_logging(config.log_level)
         seed(config, args.init_from)
         asyncio.run(serve(config))

@@ -24,8 +24,10 @@ from common.errors import FailedPrecondition, InvalidArgument
 from common.identity import SpiffeId
 from common.layout import ParamLayout
 from server.accumulator import SumAccumulator
-from server.checkpoints import CheckpointStore
+from server.checkpoints import CheckpointStore, Manifest
+from server.optimizer import FedAvg, ServerOptimizer
 from server.spool import UploadMeta, UploadSpool
+from server.state import StateDB
 
 log = logging.getLogger(__name__)
 WATCH_QUEUE = 64
@@ -74,6 +76,8 @@ class RoundCoordinator:
         config: RoundsConfig,
         store: CheckpointStore,
         spool: UploadSpool,
+        db: StateDB,
+        optimizer: ServerOptimizer | None = None,
         codec: str = identity.NAME,
     ) -> None:
         latest = store.latest()
@@ -82,7 +86,16 @@ class RoundCoordinator:
         self.config = config
         self.store = store
         self.spool = spool
+        self.db = db
+        self.optimizer = optimizer or FedAvg()
         self.codec = codec
+        for round_id in db.recover():
+            log.warning("round %d was in flight when the aggregator stopped; it is abandoned", round_id)
+        recorded = {v for v, *_ in db.versions()}
+        for version in store.versions():  # versions committed to disk but not yet to the database
+            if version not in recorded:
+                m = store.manifest(version)
+                db.version_committed(version, m.parent, None, m.sha256, len(m.participants))
         self.layout = ParamLayout.from_tensors(store.load(latest))
         self.agents: dict[str, AgentInfo] = {}
         self.evals: dict[str, tuple[int, float]] = {}
@@ -127,11 +140,13 @@ class RoundCoordinator:
     async def join(self, peer: SpiffeId, info: AgentInfo) -> None:
         """Record an agent's announcement."""
         self.agents[peer.uri] = info
+        self.db.agent_joined(peer.uri, peer.cloud, info.software_version, info.num_examples)
         await self._membership_changed()
 
-    def record_eval(self, peer: SpiffeId, version: int, loss: float) -> None:
+    def record_eval(self, peer: SpiffeId, version: int, loss: float, tokens: int = 0) -> None:
         """Record an agent's evaluation of a global version."""
         self.evals[peer.uri] = (version, loss)
+        self.db.eval_reported(peer.uri, version, loss, tokens)
 
     async def watch(self, peer: SpiffeId) -> AsyncIterator[RoundState]:
         """The current state, then every change, while the caller listens."""
@@ -202,6 +217,7 @@ class RoundCoordinator:
         finally:
             await asyncio.to_thread(path.unlink, missing_ok=True)
         self._added.add(peer.uri)
+        self.db.uploaded(meta.round_id, peer.uri, meta.total_bytes, meta.weight)
         log.info(
             "round %d: update from %s added (%d/%d)",
             meta.round_id,
@@ -216,7 +232,7 @@ class RoundCoordinator:
         """Run rounds until ``stop`` is set or ``max_rounds`` completed."""
         stop = stop or asyncio.Event()
         completed = 0
-        round_id = self._state.global_version
+        round_id = self.db.last_round_id()
         await self._publish(self._state)
         while not stop.is_set() and (max_rounds is None or completed < max_rounds):
             if not await self._wait_for_agents(stop):
@@ -244,6 +260,7 @@ class RoundCoordinator:
         self._acc = SumAccumulator(self.layout.numel + 1)
         self.spool.purge()
         deadline = time.time() + self.config.upload_deadline_s
+        self.db.round_started(round_id, base, deadline, sorted(participants))
         await self._publish(RoundState(round_id, Phase.UPLOAD, base, participants, deadline))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._all_in.wait(), timeout=self.config.upload_deadline_s)
@@ -253,36 +270,43 @@ class RoundCoordinator:
         uploaded = sorted(self._added)
         if len(uploaded) < needed:
             reason = f"{len(uploaded)} of {len(participants)} uploads by the deadline, {needed} needed"
+            self.db.round_ended(
+                round_id, Phase.ABANDONED.name, reason, dropped=sorted(participants - set(uploaded))
+            )
             await self._publish(replace(self._state, phase=Phase.ABANDONED, reason=reason))
             return False
         dropped = sorted(participants - set(uploaded))
         if dropped:
             log.warning("round %d: dropped stragglers %s", round_id, dropped)
+        self.db.phase(round_id, Phase.AGGREGATE.name)
         await self._publish(replace(self._state, phase=Phase.AGGREGATE))
         acc, self._acc = self._acc, None
         try:
-            manifest_version = await asyncio.to_thread(self._aggregate, acc, base, uploaded)
+            manifest = await asyncio.to_thread(self._aggregate, acc, base, uploaded)
         except InvalidArgument as exc:
+            self.db.round_ended(round_id, Phase.ABANDONED.name, str(exc), dropped=dropped)
             await self._publish(replace(self._state, phase=Phase.ABANDONED, reason=str(exc)))
             return False
-        await self._publish(replace(self._state, phase=Phase.COMPLETED, global_version=manifest_version))
+        self.db.version_committed(manifest.version, base, round_id, manifest.sha256, len(uploaded))
+        self.db.round_ended(round_id, Phase.COMPLETED.name, new_version=manifest.version, dropped=dropped)
+        await self._publish(replace(self._state, phase=Phase.COMPLETED, global_version=manifest.version))
         return True
 
-    def _aggregate(self, acc: SumAccumulator, base: int, participants: list[str]) -> int:
+    def _aggregate(self, acc: SumAccumulator, base: int, participants: list[str]) -> Manifest:
+        """Decode the sum, step the server optimizer, commit the next version; one unit of work."""
         mean, weight = identity.decode_sum(acc.total)
         if not np.all(np.isfinite(mean)):
             raise InvalidArgument("aggregate is not finite")
         current = self.layout.flatten(self.store.load(base))
-        new = self.layout.unflatten(current + mean)
         version = base + 1
-        self.store.save(
+        new = self.layout.unflatten(self.optimizer.step(current, mean, version))
+        return self.store.save(
             version,
             new,
             parent=base,
             participants=participants,
             metrics={"total_weight": weight, "update_norm": float(np.linalg.norm(mean))},
         )
-        return version
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -142,6 +142,6 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
 
     async def ReportEval(self, request: pb.ReportEvalRequest, context: Context) -> pb.ReportEvalResponse:
         peer = require_peer()
-        self._rounds.record_eval(peer, request.global_version, request.eval_loss)
+        self._rounds.record_eval(peer, request.global_version, request.eval_loss, request.eval_tokens)
         log.info("%s: eval loss %.4f at version %d", peer, request.eval_loss, request.global_version)
         return pb.ReportEvalResponse()

@@ -1,0 +1,214 @@
+"""The aggregator's durable state in SQLite (WAL): agents, rounds, participants, versions, evals.
+
+Global versions themselves are safetensors checkpoints (server/checkpoints.py);
+a version is committed once its manifest exists, and only then recorded here.
+On restart, rounds that were in flight are marked interrupted: a crash loses
+at most the round in flight and never half-applies one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    agent TEXT PRIMARY KEY, cloud TEXT NOT NULL, software_version TEXT, num_examples INTEGER,
+    joined_at REAL NOT NULL, last_seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY, base_version INTEGER NOT NULL, phase TEXT NOT NULL,
+    started_at REAL NOT NULL, deadline REAL, ended_at REAL, new_version INTEGER, reason TEXT
+);
+CREATE TABLE IF NOT EXISTS participants (
+    round_id INTEGER NOT NULL REFERENCES rounds(round_id), agent TEXT NOT NULL,
+    status TEXT NOT NULL, bytes INTEGER NOT NULL DEFAULT 0, weight REAL, updated_at REAL NOT NULL,
+    PRIMARY KEY (round_id, agent)
+);
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY, parent INTEGER, round_id INTEGER, created_at REAL NOT NULL,
+    sha256 TEXT NOT NULL, participants INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evals (
+    agent TEXT NOT NULL, version INTEGER NOT NULL, eval_loss REAL NOT NULL, tokens INTEGER,
+    reported_at REAL NOT NULL, PRIMARY KEY (agent, version)
+);
+"""
+OPEN_PHASES = ("ADVERTISE_KEYS", "SHARE_KEYS", "UPLOAD", "UNMASK", "AGGREGATE")
+_SELECT_OPEN = "SELECT round_id FROM rounds WHERE phase IN (?, ?, ?, ?, ?)"
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One row of the rounds table."""
+
+    round_id: int
+    base_version: int
+    phase: str
+    started_at: float
+    ended_at: float | None
+    new_version: int | None
+    reason: str | None
+    participants: int
+    uploaded: int
+
+
+class StateDB:
+    """Small synchronous SQLite store; every method is one short transaction."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a recorded version or outcome survives power loss
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._db.close()
+
+    def _tx(self, sql: str, *args: object) -> None:
+        with self._db:
+            self._db.execute(sql, args)
+
+    def recover(self) -> list[int]:
+        """Mark rounds left open by a crash as interrupted; return their ids."""
+        open_ids = [r[0] for r in self._db.execute(_SELECT_OPEN, OPEN_PHASES)]
+        with self._db:
+            for round_id in open_ids:
+                self._db.execute(
+                    "UPDATE rounds SET phase='ABANDONED', ended_at=?, reason=? WHERE round_id=?",
+                    (time.time(), "interrupted: the aggregator restarted during the round", round_id),
+                )
+        return open_ids
+
+    def last_round_id(self) -> int:
+        """Highest round id ever started (0 if none)."""
+        row = self._db.execute("SELECT MAX(round_id) FROM rounds").fetchone()
+        return int(row[0] or 0)
+
+    def agent_joined(self, agent: str, cloud: str, software_version: str, num_examples: int) -> None:
+        """Record a Join."""
+        now = time.time()
+        self._tx(
+            "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(agent) DO UPDATE SET "
+            "software_version=excluded.software_version, num_examples=excluded.num_examples, last_seen=?",
+            agent,
+            cloud,
+            software_version,
+            num_examples,
+            now,
+            now,
+            now,
+        )
+
+    def round_started(
+        self, round_id: int, base_version: int, deadline: float, participants: list[str]
+    ) -> None:
+        """Record a new round and its participants."""
+        now = time.time()
+        with self._db:
+            self._db.execute(
+                "INSERT INTO rounds (round_id, base_version, phase, started_at, deadline) "
+                "VALUES (?, ?, 'UPLOAD', ?, ?)",
+                (round_id, base_version, now, deadline),
+            )
+            self._db.executemany(
+                "INSERT INTO participants (round_id, agent, status, updated_at) VALUES (?, ?, 'selected', ?)",
+                [(round_id, a, now) for a in participants],
+            )
+
+    def phase(self, round_id: int, phase: str) -> None:
+        """Record a phase change."""
+        self._tx("UPDATE rounds SET phase=? WHERE round_id=?", phase, round_id)
+
+    def uploaded(self, round_id: int, agent: str, nbytes: int, weight: float) -> None:
+        """Record a participant's update as added to the round's sum."""
+        self._tx(
+            "UPDATE participants SET status='uploaded', bytes=?, weight=?, updated_at=? "
+            "WHERE round_id=? AND agent=?",
+            nbytes,
+            weight,
+            time.time(),
+            round_id,
+            agent,
+        )
+
+    def round_ended(
+        self,
+        round_id: int,
+        phase: str,
+        reason: str = "",
+        new_version: int | None = None,
+        dropped: Sequence[str] = (),
+    ) -> None:
+        """Record a round's outcome (COMPLETED or ABANDONED) and its dropped participants."""
+        now = time.time()
+        with self._db:
+            self._db.execute(
+                "UPDATE rounds SET phase=?, ended_at=?, reason=?, new_version=? WHERE round_id=?",
+                (phase, now, reason or None, new_version, round_id),
+            )
+            self._db.executemany(
+                "UPDATE participants SET status='dropped', updated_at=? WHERE round_id=? AND agent=?",
+                [(now, round_id, a) for a in dropped],
+            )
+
+    def version_committed(
+        self, version: int, parent: int | None, round_id: int | None, sha256: str, participants: int
+    ) -> None:
+        """Record a committed global version (after its checkpoint and manifest exist)."""
+        self._tx(
+            "INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?, ?)",
+            version,
+            parent,
+            round_id,
+            time.time(),
+            sha256,
+            participants,
+        )
+
+    def eval_reported(self, agent: str, version: int, loss: float, tokens: int) -> None:
+        """Record an agent's evaluation of a version."""
+        self._tx(
+            "INSERT OR REPLACE INTO evals VALUES (?, ?, ?, ?, ?)", agent, version, loss, tokens, time.time()
+        )
+
+    def rounds(self, limit: int = 20) -> list[RoundRow]:
+        """The latest rounds, newest first."""
+        rows = self._db.execute(
+            "SELECT r.round_id, r.base_version, r.phase, r.started_at, r.ended_at, r.new_version, r.reason, "
+            "COUNT(p.agent), SUM(p.status = 'uploaded') FROM rounds r LEFT JOIN participants p "
+            "ON p.round_id = r.round_id GROUP BY r.round_id ORDER BY r.round_id DESC LIMIT ?",
+            (limit,),
+        )
+        return [RoundRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], int(r[7]), int(r[8] or 0)) for r in rows]
+
+    def participant_status(self, round_id: int) -> dict[str, str]:
+        """{agent: status} for a round."""
+        return dict(self._db.execute("SELECT agent, status FROM participants WHERE round_id=?", (round_id,)))
+
+    def agents(self) -> list[tuple[str, float, int]]:
+        """(agent, last_seen, num_examples), by name."""
+        rows = self._db.execute("SELECT agent, last_seen, num_examples FROM agents ORDER BY agent")
+        return [(str(a), float(seen), int(n or 0)) for a, seen, n in rows]
+
+    def latest_evals(self) -> dict[str, tuple[int, float]]:
+        """{agent: (version, loss)} of each agent's newest evaluation."""
+        rows = self._db.execute(
+            "SELECT agent, version, eval_loss FROM evals e WHERE version = "
+            "(SELECT MAX(version) FROM evals WHERE agent = e.agent) ORDER BY agent"
+        )
+        return {agent: (version, loss) for agent, version, loss in rows}
+
+    def versions(self) -> list[tuple[int, int | None, int | None, int]]:
+        """(version, parent, round_id, participants), ascending."""
+        rows = self._db.execute(
+            "SELECT version, parent, round_id, participants FROM versions ORDER BY version"
+        )
+        return [(int(v), parent, round_id, int(n)) for v, parent, round_id, n in rows]

@@ -1,0 +1,63 @@
+"""Server optimizer and durable state, in-process with real files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.errors import ConfigError
+from server.optimizer import FedAdam, FedAvg, make_optimizer
+from server.state import StateDB
+
+
+def test_fedavg_applies_the_server_learning_rate() -> None:
+    x, d = np.ones(4, np.float32), np.arange(4, dtype=np.float32)
+    np.testing.assert_allclose(FedAvg(0.5).step(x, d, 1), x + 0.5 * d)
+
+
+def test_fedadam_matches_adam_and_resumes_its_moments_from_disk(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(16).astype(np.float32)
+    deltas = [rng.standard_normal(16).astype(np.float32) for _ in range(3)]
+    lr, b1, b2, tau = 0.05, 0.9, 0.99, 1e-3
+    m = v = np.zeros(16)
+    expected = x.astype(np.float64)
+    for d in deltas:
+        m = b1 * m + (1 - b1) * d
+        v = b2 * v + (1 - b2) * d * d
+        expected = expected + lr * m / (np.sqrt(v) + tau)
+    opt = FedAdam(tmp_path, lr, b1, b2, tau)
+    got = opt.step(x, deltas[0], version=1)
+    restarted = FedAdam(tmp_path, lr, b1, b2, tau)  # a new process: moments come from disk
+    got = restarted.step(got, deltas[1], version=2)
+    got = restarted.step(got, deltas[2], version=3)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"fedadam-v{v:08d}.safetensors" for v in (1, 2, 3)]
+
+
+def test_unknown_optimizer_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="server_optimizer"):
+        make_optimizer("sgd", 1.0, tmp_path)
+
+
+def test_rounds_in_flight_at_a_crash_are_marked_interrupted(tmp_path: Path) -> None:
+    db = StateDB(tmp_path / "s.db")
+    db.round_started(1, 0, 0.0, ["a", "b"])
+    db.uploaded(1, "a", 10, 2.0)
+    db.version_committed(1, 0, 1, "ab" * 32, 2)
+    db.round_ended(1, "COMPLETED", new_version=1, dropped=["b"])
+    db.round_started(2, 1, 0.0, ["a"])
+    db.close()  # the process dies here with round 2 open
+    reopened = StateDB(tmp_path / "s.db")
+    assert reopened.recover() == [2]
+    rounds = {r.round_id: r for r in reopened.rounds()}
+    assert rounds[1].phase == "COMPLETED"
+    assert rounds[1].uploaded == 1
+    assert rounds[1].participants == 2
+    assert rounds[2].phase == "ABANDONED"
+    assert "restarted" in (rounds[2].reason or "")
+    assert reopened.participant_status(1) == {"a": "uploaded", "b": "dropped"}
+    assert reopened.last_round_id() == 2
+    assert reopened.recover() == []
