@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 
+from agent.distributed import DistContext
 from common.config import AgentConfig, load
 from common.errors import CloudfedError
 from common.logs import setup_logging
@@ -49,17 +50,36 @@ async def check(config: AgentConfig) -> int:
     return 0
 
 
-async def run(config: AgentConfig) -> int:
-    """Run the agent daemon until SIGTERM/SIGINT (or max_rounds)."""
+async def run(config: AgentConfig, ctx: DistContext) -> int:
+    """Rank 0 (or the only process): the daemon until SIGTERM/SIGINT or max_rounds."""
     from agent.daemon import Agent
 
-    agent = Agent(config)
+    agent = Agent(config, ctx)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    await agent.run(stop)
+    try:
+        await agent.run(stop)
+    finally:
+        await asyncio.to_thread(agent.stop_followers)
     return 0
+
+
+def run_ranks(config: AgentConfig) -> int:
+    """Under torchrun, rank 0 runs the daemon and the other ranks follow it; else just the daemon."""
+    from agent.daemon import Worker
+    from agent.distributed import init_from_env, shutdown
+    from agent.trainer import pick_device
+
+    ctx = init_from_env(pick_device(config.device))
+    try:
+        if ctx.is_leader:
+            return asyncio.run(run(config, ctx))
+        Worker(config, ctx).follow()
+        return 0
+    finally:
+        shutdown(ctx)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(AgentConfig, args.config, env_prefix="CLOUDFED_AGENT").validate()
         setup_logging(config.log_level)
-        return asyncio.run(check(config) if args.cmd == "check" else run(config))
+        return asyncio.run(check(config)) if args.cmd == "check" else run_ranks(config)
     except CloudfedError as exc:
         print(f"cloudfed-agent: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from agent.client import AggregatorClient
 from agent.data import load_texts, pack, split
+from agent.distributed import DistContext
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device
 from common.backoff import backoff_delays
 from common.chunks import sha256_file
@@ -43,18 +44,70 @@ class Progress:
     versions_evaluated: dict[int, float] = field(default_factory=dict)
 
 
-class Agent:
-    """One agent: its data, its model, its connection loop."""
+class Worker:
+    """What every rank does: hold the model and its shard of the data, run commands from rank 0."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, ctx: DistContext) -> None:
         self.config = config
-        docs = load_texts(config.data)
-        self.train_docs, self.eval_docs = split(docs, config.eval_fraction)
+        self.ctx = ctx
+        self.train_docs, self.eval_docs = split(load_texts(config.data), config.eval_fraction)
+        self.trainer: LoraTrainer | None = None
+        self.train_blocks = self.eval_blocks = torch.empty(0)
+
+    def execute(self, command: dict[str, Any]) -> Any:
+        """Run one command (the same on every rank)."""
+        op = command["op"]
+        if op == "init":
+            if self.trainer is None:
+                device = self.ctx.device(pick_device(self.config.device))
+                self.trainer = LoraTrainer(command["model"], command["lora"], device, self.ctx)
+                length, rank, world = command["sequence_length"], self.ctx.rank, self.ctx.world_size
+                self.train_blocks = _shard(pack(self.trainer.tokenizer, self.train_docs, length), rank, world)
+                self.eval_blocks = _shard(pack(self.trainer.tokenizer, self.eval_docs, length), rank, world)
+            return ParamLayout.from_tensors(self.trainer.adapter()).digest
+        assert self.trainer is not None
+        if op == "train":
+            self.trainer.set_adapter(command["adapter"])
+            delta, loss = self.trainer.train(self.train_blocks, command["training"], command["round_id"])
+            log.info(
+                "rank %d/%d: round %d trained on %d local blocks (loss %.4f)",
+                self.ctx.rank,
+                self.ctx.world_size,
+                command["round_id"],
+                len(self.train_blocks),
+                loss,
+            )
+            return delta, loss
+        if op == "eval":
+            self.trainer.set_adapter(command["adapter"])
+            return self.trainer.evaluate(self.eval_blocks)
+        raise ValueError(f"unknown command {op!r}")
+
+    def follow(self) -> None:
+        """Ranks > 0: run rank 0's commands until it says stop."""
+        while (command := self.ctx.broadcast(None))["op"] != "stop":
+            self.execute(command)
+
+
+def _shard(blocks: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    shard = blocks[rank::world]
+    if len(shard) == 0:
+        raise ConfigError(f"data: {len(blocks)} token blocks cannot be shared by {world} ranks")
+    return shard
+
+
+class Agent:
+    """Rank 0: the connection loop, driving the Worker on every rank."""
+
+    def __init__(self, config: AgentConfig, ctx: DistContext | None = None) -> None:
+        self.config = config
+        self.ctx = ctx or DistContext()
+        self.worker = Worker(config, self.ctx)
+        self.train_docs = self.worker.train_docs
+        self.eval_docs = self.worker.eval_docs
         self.state = config.state_dir
         (self.state / "models").mkdir(parents=True, exist_ok=True)
         (self.state / "uploads").mkdir(parents=True, exist_ok=True)
-        self.trainer: LoraTrainer | None = None
-        self.train_blocks = self.eval_blocks = torch.empty(0)
         self.progress = Progress()
         log.info(
             "%d training and %d evaluation documents from %s",
@@ -62,6 +115,15 @@ class Agent:
             len(self.eval_docs),
             config.data,
         )
+
+    async def everywhere(self, **command: Any) -> Any:
+        """Broadcast a command to every rank and run it here too (off the event loop)."""
+        return await asyncio.to_thread(lambda: self.worker.execute(self.ctx.broadcast(command)))
+
+    def stop_followers(self) -> None:
+        """Release ranks > 0 (rank 0 is leaving)."""
+        if self.ctx.enabled:
+            self.ctx.broadcast({"op": "stop"})
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay in the federation until ``stop`` or ``max_rounds``; reconnect with backoff."""
@@ -140,7 +202,9 @@ class Agent:
     def _device_info(self) -> pb.DeviceInfo:
         device = pick_device(self.config.device)
         info = pb.DeviceInfo(
-            accelerator=device.split(":")[0], device_count=1, torch_version=torch.__version__
+            accelerator=device.split(":")[0],
+            device_count=self.ctx.world_size,
+            torch_version=torch.__version__,
         )
         if device.startswith("cuda"):
             props = torch.cuda.get_device_properties(torch.device(device))
@@ -148,26 +212,27 @@ class Agent:
         return info
 
     async def _prepare(self, settings: pb.FederationSettings) -> None:
-        """Load the model and tokenize the data once; check the adapter layout matches the federation's."""
-        if self.trainer is None:
-            model = self.config.model or settings.model_id
-            if not model:
-                raise ConfigError("model: the federation names no model_id; set 'model' in the agent config")
-            lora = LoraSpec(
-                settings.lora.rank,
-                settings.lora.alpha,
-                tuple(settings.lora.target_modules),
-                settings.lora.dropout,
-            )
-            device = pick_device(self.config.device)
+        """Load the model and tokenize the data once (every rank); check the adapter layout matches."""
+        model = self.config.model or settings.model_id
+        if not model:
+            raise ConfigError("model: the federation names no model_id; set 'model' in the agent config")
+        lora = LoraSpec(
+            settings.lora.rank,
+            settings.lora.alpha,
+            tuple(settings.lora.target_modules),
+            settings.lora.dropout,
+        )
+        if self.worker.trainer is None:
             log.info(
-                "loading %s on %s with LoRA r=%d on %s", model, device, lora.rank, list(lora.target_modules)
+                "loading %s with LoRA r=%d on %s (%d ranks)",
+                model,
+                lora.rank,
+                list(lora.target_modules),
+                self.ctx.world_size,
             )
-            self.trainer = await asyncio.to_thread(LoraTrainer, model, lora, device)
-            length = settings.training.sequence_length
-            self.train_blocks = pack(self.trainer.tokenizer, self.train_docs, length)
-            self.eval_blocks = pack(self.trainer.tokenizer, self.eval_docs, length)
-        digest = ParamLayout.from_tensors(self.trainer.adapter()).digest
+        digest = await self.everywhere(
+            op="init", model=model, lora=lora, sequence_length=settings.training.sequence_length
+        )
         if digest != settings.layout.digest:
             raise ConfigError(
                 "the local model's adapter layout differs from the federation's "
@@ -185,14 +250,12 @@ class Agent:
     async def _take_part(
         self, client: AggregatorClient, settings: pb.FederationSettings, event: pb.RoundEvent
     ) -> None:
-        assert self.trainer is not None
         base = await self._global(client, event.global_version)
-        await asyncio.to_thread(self.trainer.set_adapter, base)
         t = settings.training
         training = LocalTraining(t.local_steps, t.learning_rate, t.batch_size, t.sequence_length, t.seed)
         began = time.monotonic()
-        delta, train_loss = await asyncio.to_thread(
-            self.trainer.train, self.train_blocks, training, event.round_id
+        delta, train_loss = await self.everywhere(
+            op="train", adapter=base, training=training, round_id=event.round_id
         )
         layout = ParamLayout.from_tensors(base)
         weight = float(len(self.train_docs))
@@ -246,10 +309,8 @@ class Agent:
         Path(str(stem) + ".json").write_text(json.dumps(meta, indent=2))
 
     async def _evaluate(self, client: AggregatorClient, version: int) -> None:
-        assert self.trainer is not None
         tensors = await self._global(client, version)
-        await asyncio.to_thread(self.trainer.set_adapter, tensors)
-        loss, tokens = await asyncio.to_thread(self.trainer.evaluate, self.eval_blocks)
+        loss, tokens = await self.everywhere(op="eval", adapter=tensors)
         self.progress.versions_evaluated[version] = loss
         record = {"version": version, "eval_loss": loss, "tokens": tokens, "time": time.time()}
         with open(self.state / "evals.jsonl", "a") as f:  # noqa: ASYNC230 - one short line

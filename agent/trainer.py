@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from agent.distributed import DistContext
 from common.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,21 @@ def pick_device(requested: str = "auto") -> str:
 class LoraTrainer:
     """A causal LM with the federation's LoRA adapter, trained locally each round."""
 
-    def __init__(self, model_path: str, lora: LoraSpec, device: str = "cpu") -> None:
+    def __init__(
+        self, model_path: str, lora: LoraSpec, device: str = "cpu", ctx: DistContext | None = None
+    ) -> None:
         from transformers import AutoTokenizer
 
         self.device = device
+        self.ctx = ctx or DistContext()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = _adapter_model(model_path, lora, device)
+        self.ddp: Any = None
+        if self.ctx.enabled:  # every rank trains its shard; DDP all-reduces the LoRA gradients
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [torch.device(device).index] if device.startswith("cuda") else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
 
     def adapter(self) -> dict[str, torch.Tensor]:
         """Current adapter tensors."""
@@ -116,7 +126,10 @@ class LoraTrainer:
         start = self.adapter()
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=0.0)
-        generator = torch.Generator().manual_seed(training.seed * 1_000_003 + round_id)
+        generator = torch.Generator().manual_seed(
+            (training.seed * 1_000_003 + round_id) * 131 + self.ctx.rank
+        )
+        forward = self.ddp if self.ddp is not None else self.model
         self.model.train()
         losses = []
         progress = _progress(training.steps, f"round {round_id} local training")
@@ -124,7 +137,7 @@ class LoraTrainer:
         for step in range(training.steps):
             idx = torch.randint(len(blocks), (min(training.batch_size, len(blocks)),), generator=generator)
             batch = blocks[idx].to(self.device)
-            loss = self.model(input_ids=batch, labels=batch).loss
+            loss = forward(input_ids=batch, labels=batch).loss
             if not torch.isfinite(loss):
                 raise InvalidArgument(f"training diverged: loss {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -145,7 +158,8 @@ class LoraTrainer:
             n = batch.numel() - batch.shape[0]  # labels are shifted inside the model
             total += self.model(input_ids=batch, labels=batch).loss.item() * n
             tokens += n
-        return total / tokens, tokens
+        total, summed = self.ctx.all_sum([total, float(tokens)])
+        return total / summed, int(summed)
 
 
 def _progress(total: int, label: str) -> Any:
