@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", help="run the agent daemon: train and upload every round")
     args = p.parse_args(argv)
     try:
-        config = load(AgentConfig, args.config, env_prefix="CLOUDFED_AGENT").validate()
+        config = load(AgentConfig, args.config).validate()
         setup_logging(config.log_level)
         return asyncio.run(check(config)) if args.cmd == "check" else run_ranks(config)
     except CloudfedError as exc:

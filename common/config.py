@@ -15,7 +15,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from common.chunks import MAX_CHUNK_BYTES, validate_chunk_bytes
 from common.errors import CloudfedError, ConfigError
@@ -107,6 +107,8 @@ class FederationConfig:
 class AggregatorConfig:
     """The aggregator daemon."""
 
+    ENV_PREFIX: ClassVar[str] = "CLOUDFED"
+
     listen: str = "0.0.0.0:7443"
     """host:port of the mTLS federation API."""
     health_listen: str = "0.0.0.0:7080"
@@ -183,6 +185,8 @@ class AggregatorConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     """The agent daemon."""
+
+    ENV_PREFIX: ClassVar[str] = "CLOUDFED_AGENT"
 
     aggregator: str = "localhost:7443"
     """host:port of the aggregator's mTLS API."""
@@ -310,9 +314,13 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load(
-    cls: type[T], path: Path | None, env: Mapping[str, str] | None = None, env_prefix: str = "CLOUDFED"
+    cls: type[T], path: Path | None, env: Mapping[str, str] | None = None, env_prefix: str | None = None
 ) -> T:
-    """Load ``cls`` from a TOML file (optional) with env overrides; paths resolve against the file."""
+    """Load ``cls`` from a TOML file (optional) with env overrides; paths resolve against the file.
+
+    Env vars are ``<prefix>_<FIELD PATH>``, the prefix being ``cls.ENV_PREFIX`` unless given.
+    """
+    prefix: str = env_prefix or str(getattr(cls, "ENV_PREFIX", "CLOUDFED"))
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -321,7 +329,7 @@ def load(
             raise ConfigError(f"config file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    data = _merge(data, _env_overrides(cls, os.environ if env is None else env, env_prefix))
+    data = _merge(data, _env_overrides(cls, os.environ if env is None else env, prefix))
     config = _build(cls, data)
     if path is not None:
         config = _resolve_paths(config, Path(path).resolve().parent)

@@ -207,3 +207,20 @@ def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_d
     assert (tmp_path / "agent-state" / "models" / "v00000000.safetensors").exists()
     assert bad.returncode == 1
     assert "UNAVAILABLE" in bad.stderr
+
+
+def test_agent_config_errors_exit_with_one_clear_line(tmp_path: Path, pki_dir: Path) -> None:
+    agent_toml = tmp_path / "agent.toml"
+    agent_toml.write_text(
+        f'aggregator = "127.0.0.1:1"\ndata = "nowhere"\n[tls]\ncert = "{pki_dir}/missing.pem"\n'
+        f'key = "{pki_dir}/gcp-a1-key.pem"\nca = "{pki_dir}/ca.pem"\n'
+    )
+    r = run_cli("agent.cli", "--config", str(agent_toml), "run")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"cloudfed-agent: tls.cert: file not found: {pki_dir}/missing.pem"
+    ]
+    agent_toml.write_text(agent_toml.read_text().replace("missing.pem", "gcp-a1.pem"))
+    r = run_cli("agent.cli", "--config", str(agent_toml), "run")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("cloudfed-agent: data: no .txt or .jsonl files")

@@ -56,3 +56,15 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     assert config.tls.cert == tmp_path / "t" / "a.pem"
     with pytest.raises(ConfigError, match="config file not found"):
         load(AgentConfig, tmp_path / "missing.toml", env={})
+
+
+def test_shipped_agent_example_loads() -> None:
+    config = load(
+        AgentConfig, REPO / "deploy" / "config" / "agent.example.toml", env={"CLOUDFED_AGENT_DEVICE": "cpu"}
+    )
+    assert config.device == "cpu"
+    assert config.audit_dir is None
+    with pytest.raises(ConfigError, match=r"^tls\.cert: file not found"):
+        config.validate()
+    with pytest.raises(ConfigError, match="eval_fraction must be between 0 and 1"):
+        load(AgentConfig, None, env={"CLOUDFED_AGENT_EVAL_FRACTION": "1.5"}).validate()
