@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import math
 import os
 import signal
@@ -95,10 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("check", help="connect, join and download the latest global version")
-    sub.add_parser("run", help="run the agent daemon: train and upload every round")
+    run_cmd = sub.add_parser("run", help="run the agent daemon: train and upload every round")
+    run_cmd.add_argument("--audit-dir", type=Path, help="keep a copy of every update sent, with its metadata")
     args = p.parse_args(argv)
     try:
-        config = load(AgentConfig, args.config).validate()
+        config = load(AgentConfig, args.config)
+        if getattr(args, "audit_dir", None) is not None:
+            config = dataclasses.replace(config, audit_dir=args.audit_dir.resolve())
+        config = config.validate()
         setup_logging(config.log_level)
         return asyncio.run(check(config)) if args.cmd == "check" else run_ranks(config)
     except CloudfedError as exc:

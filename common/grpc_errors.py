@@ -25,9 +25,6 @@ STATUS_OF: dict[type[errors.CloudfedError], grpc.StatusCode] = {
     errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
-ERROR_OF: dict[grpc.StatusCode, type[errors.CloudfedError]] = {v: k for k, v in STATUS_OF.items()}
-ERROR_OF[grpc.StatusCode.FAILED_PRECONDITION] = errors.FailedPrecondition
-
 
 def status_of(exc: errors.CloudfedError) -> grpc.StatusCode:
     """The status code for a domain error (most specific class wins)."""

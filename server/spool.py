@@ -148,14 +148,6 @@ class UploadSpool:
         committed = part.stat().st_size if part.exists() else 0
         return committed, base.with_suffix(".done").exists()
 
-    def meta(self, agent: SpiffeId, upload_id: str) -> UploadMeta:
-        """The stored header of an upload."""
-        path = self._base(agent, upload_id).with_suffix(".json")
-        try:
-            return UploadMeta(**json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise NotFound(f"no upload {upload_id}") from None
-
     def discard(self, agent: SpiffeId, upload_id: str) -> None:
         """Forget an upload entirely (bad input leaves no trace)."""
         base = self._base(agent, upload_id)

@@ -36,6 +36,8 @@ def test_two_ranks_train_with_ddp_and_only_rank_0_joins(tmp_path: Path) -> None:
                 "--config",
                 str(agent),
                 "run",
+                "--audit-dir",
+                str(tmp_path / "audit-flag"),
             ],
             capture_output=True,
             text=True,
@@ -54,5 +56,12 @@ def test_two_ranks_train_with_ddp_and_only_rank_0_joins(tmp_path: Path) -> None:
     evals = [json.loads(line) for line in (agent.parent / "state" / "evals.jsonl").read_text().splitlines()]
     assert [e["version"] for e in evals] == [0, 1, 2]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    audited = sorted(p.name for p in (tmp_path / "audit-flag").iterdir())
+    assert audited == [
+        "round-000001.json",
+        "round-000001.safetensors",
+        "round-000002.json",
+        "round-000002.safetensors",
+    ]
     db = tmp_path / "aggregator-state" / "cloudfed.db"
     assert query(db, "SELECT agent FROM agents") == [("spiffe://demo.cloudfed/cloud/gcp/agent/agent-1",)]
