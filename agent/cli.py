@@ -56,6 +56,10 @@ async def run(config: AgentConfig, ctx: DistContext) -> int:
     from agent.daemon import Agent
 
     agent = Agent(config, ctx)
+    if config.metrics_listen:
+        from common.metrics import serve_metrics
+
+        serve_metrics(config.metrics_listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator
@@ -15,6 +16,8 @@ from common.backoff import backoff_delays
 from common.chunks import MAX_CHUNK_BYTES, iter_file_chunks, sha256_file, validate_chunk_bytes
 from common.errors import DataLoss, InvalidArgument
 from common.grpc_options import DOWNLOAD_DEADLINE_S, UNARY_DEADLINE_S, channel_options, upload_deadline_s
+from common.identity import IdentityError, SpiffeId
+from common.metrics import TRANSFER_BYTES, peer_labels
 from common.tls import TlsFiles, channel_credentials
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
@@ -57,6 +60,7 @@ class AggregatorClient:
         attempts: int = 8,
     ) -> None:
         self.chunk_bytes = validate_chunk_bytes(chunk_bytes, "chunk_bytes")
+        self.labels = {"cloud": "", "agent": ""}  # filled from the identity the aggregator reports
         self.attempts = attempts
         self.channel = grpc.aio.secure_channel(
             target, channel_credentials(tls), options=channel_options(server_name or None)
@@ -85,6 +89,8 @@ class AggregatorClient:
         )
         # Fails fast (no wait_for_ready): a bad certificate must surface at once, not as a deadline.
         response: pb.JoinResponse = await self.stub.Join(request, timeout=UNARY_DEADLINE_S)
+        with contextlib.suppress(IdentityError):
+            self.labels = peer_labels(SpiffeId.parse(response.agent_id))
         server_limit = response.settings.chunk_limits.max_chunk_bytes
         if server_limit and server_limit < self.chunk_bytes:
             log.info("using the aggregator's chunk limit of %d bytes", server_limit)
@@ -121,8 +127,10 @@ class AggregatorClient:
     ) -> AsyncIterator[pb.UploadUpdateRequest]:
         yield pb.UploadUpdateRequest(header=header)
         chunks = iter_file_chunks(path, self.chunk_bytes, start)
+        sent = TRANSFER_BYTES.labels(direction="sent", kind="update", **self.labels)
         for offset, data in chunks:  # page-cache reads of 1 MiB: cheaper inline than via a thread
             yield pb.UploadUpdateRequest(chunk=pb.Chunk(offset=offset, data=data))
+            sent.inc(len(data))  # handed to gRPC: re-sent bytes after a resume count again, as on the wire
 
     async def _probe_header(self, header: pb.UploadHeader) -> pb.UploadUpdateResponse:
         """Send the header alone: the server's verdict on it, with no chunk write to race."""
@@ -207,6 +215,7 @@ class AggregatorClient:
             pb.DownloadModelRequest(version=version, offset=start), timeout=DOWNLOAD_DEADLINE_S
         )
         header: pb.ModelHeader | None = None
+        received = TRANSFER_BYTES.labels(direction="received", kind="model", **self.labels)
         hasher = sha256_file(part, start) if start else hashlib.sha256()
         offset = start
         with open(part, "ab") as f:  # noqa: ASYNC230 - local file, chunk-sized writes (see server/uploads.py)
@@ -222,6 +231,7 @@ class AggregatorClient:
                     raise InvalidArgument("download stream out of order")
                 f.write(msg.chunk.data)
                 hasher.update(msg.chunk.data)
+                received.inc(len(msg.chunk.data))
                 offset += len(msg.chunk.data)
         if header is None or offset != header.total_bytes:
             total = header.total_bytes if header else "?"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -18,12 +19,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from agent import metrics
 from agent.client import AggregatorClient
 from agent.data import load_texts, pack, split
 from agent.distributed import DistContext
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device
 from common.backoff import backoff_delays
-from common.chunks import sha256_file
 from common.codecs import identity
 from common.config import AgentConfig
 from common.errors import ConfigError
@@ -242,7 +243,8 @@ class Agent:
     async def _global(self, client: AggregatorClient, version: int) -> dict[str, torch.Tensor]:
         path = self.state / "models" / f"v{version:08d}.safetensors"
         if not path.exists():
-            await client.download_model(path, version)
+            with metrics.PHASE_SECONDS.labels(phase="download").time():
+                await client.download_model(path, version)
             for old in sorted((self.state / "models").glob("v*.safetensors"))[:-KEEP_VERSIONS]:
                 old.unlink(missing_ok=True)
         return load_file(path)
@@ -254,14 +256,20 @@ class Agent:
         t = settings.training
         training = LocalTraining(t.local_steps, t.learning_rate, t.batch_size, t.sequence_length, t.seed)
         began = time.monotonic()
-        delta, train_loss = await self.everywhere(
-            op="train", adapter=base, training=training, round_id=event.round_id
-        )
-        layout = ParamLayout.from_tensors(base)
-        weight = float(len(self.train_docs))
-        payload = self.state / "uploads" / f"round-{event.round_id}.bin"
-        vector = layout.flatten(delta)
-        await asyncio.to_thread(payload.write_bytes, identity.encode(vector, weight))
+        with metrics.PHASE_SECONDS.labels(phase="train").time():
+            delta, train_loss = await self.everywhere(
+                op="train", adapter=base, training=training, round_id=event.round_id
+            )
+        with metrics.PHASE_SECONDS.labels(phase="encode").time():
+            layout = ParamLayout.from_tensors(base)
+            weight = float(len(self.train_docs))
+            payload = self.state / "uploads" / f"round-{event.round_id}.bin"
+            vector = layout.flatten(delta)
+            encoded = identity.encode(vector, weight)
+            await asyncio.to_thread(payload.write_bytes, encoded)
+        labels = client.labels
+        metrics.UPDATE_RAW_BYTES.labels(**labels).inc(vector.nbytes)
+        metrics.UPDATE_ENCODED_BYTES.labels(**labels).inc(len(encoded))
         header = pb.UploadHeader(
             round_id=event.round_id,
             upload_id=f"r{event.round_id}-{uuid.uuid4().hex[:16]}",
@@ -269,13 +277,18 @@ class Agent:
             layout_digest=layout.digest,
             base_version=event.global_version,
             weight=weight,
-            sha256=sha256_file(payload).digest(),
+            sha256=hashlib.sha256(encoded).digest(),
         )
         if self.config.audit_dir is not None:
             self._audit(event, header, delta, train_loss)
-        receipt = await client.upload(payload, header)
+        with metrics.PHASE_SECONDS.labels(phase="upload").time():
+            receipt = await client.upload(payload, header)
         payload.unlink(missing_ok=True)
         self.progress.rounds_trained.add(event.round_id)
+        metrics.ROUNDS_TRAINED.labels(**labels).inc()
+        metrics.EGRESS_COST.labels(cloud=labels["cloud"]).inc(
+            len(encoded) / 1e9 * self.config.egress_price_per_gb
+        )
         log.info(
             "round %d: trained %d steps (loss %.4f) in %.1fs, uploaded %d bytes (update norm %.4g)",
             event.round_id,
@@ -310,7 +323,8 @@ class Agent:
 
     async def _evaluate(self, client: AggregatorClient, version: int) -> None:
         tensors = await self._global(client, version)
-        loss, tokens = await self.everywhere(op="eval", adapter=tensors)
+        with metrics.PHASE_SECONDS.labels(phase="eval").time():
+            loss, tokens = await self.everywhere(op="eval", adapter=tensors)
         self.progress.versions_evaluated[version] = loss
         record = {"version": version, "eval_loss": loss, "tokens": tokens, "time": time.time()}
         with open(self.state / "evals.jsonl", "a") as f:  # noqa: ASYNC230 - one short line

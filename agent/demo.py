@@ -50,6 +50,7 @@ def prepare(root: Path, rounds: int) -> tuple[Path, list[Path], int]:
     (root / "aggregator.toml").write_text(f"""\
 listen = "127.0.0.1:{port}"
 health_listen = "127.0.0.1:{health}"
+metrics_listen = "127.0.0.1:{free_port()}"
 state_dir = "aggregator-state"
 trust_domain = "{TRUST_DOMAIN}"
 log_level = "WARNING"
@@ -88,6 +89,7 @@ data = "data.jsonl"
 device = "cpu"
 max_rounds = {rounds}
 audit_dir = "audit"
+metrics_listen = "127.0.0.1:{free_port()}"
 log_level = "WARNING"
 [tls]
 cert = "../pki/{name}.pem"

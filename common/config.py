@@ -125,6 +125,14 @@ class AggregatorConfig:
     """Serve channelz on the health port."""
     max_connection_age_s: float = 3600.0
     """Recycle connections after this long (picks up rotated certificates)."""
+    metrics_listen: str = "0.0.0.0:9464"
+    """host:port of the Prometheus /metrics endpoint ('' disables)."""
+    metrics_cert: Path | None = None
+    """Serve /metrics over TLS with this certificate (and metrics_key)."""
+    metrics_key: Path | None = None
+    """Private key for metrics_cert."""
+    metrics_client_ca: Path | None = None
+    """Require scrapers to present a certificate from this CA."""
     log_level: str = "INFO"
     """Python logging level."""
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -141,6 +149,8 @@ class AggregatorConfig:
         _check_hostport(self.listen, "listen")
         if self.health_listen:
             _check_hostport(self.health_listen, "health_listen")
+        if self.metrics_listen:
+            _check_hostport(self.metrics_listen, "metrics_listen")
         try:
             SpiffeId.validate_trust_domain(self.trust_domain)
         except IdentityError as exc:
@@ -208,6 +218,10 @@ class AgentConfig:
     """If set, every update this agent sends is also written here, unmasked, with its metadata."""
     max_rounds: int = 0
     """Stop after evaluating this many new global versions (0: run until stopped)."""
+    metrics_listen: str = "0.0.0.0:9465"
+    """host:port of the Prometheus /metrics endpoint ('' disables; rank 0 only under torchrun)."""
+    egress_price_per_gb: float = 0.0
+    """Price of one GB leaving this cloud, for the estimated egress cost metric."""
     log_level: str = "INFO"
     """Python logging level."""
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -224,6 +238,10 @@ class AgentConfig:
             raise ConfigError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
         if self.max_rounds < 0:
             raise ConfigError("max_rounds must be >= 0")
+        if self.metrics_listen:
+            _check_hostport(self.metrics_listen, "metrics_listen")
+        if self.egress_price_per_gb < 0:
+            raise ConfigError("egress_price_per_gb must be >= 0")
         self.tls.files().check("tls")
         return self
 

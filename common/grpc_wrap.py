@@ -1,11 +1,16 @@
-"""Wrap aio RPC method handlers so interceptors can run code around each call."""
+"""Wrap aio RPC method handlers so interceptors can run code around each call.
+
+An interceptor supplies ``around(context, method)``: an async context manager
+entered around the call. It may yield per-call hooks whose ``received()`` and
+``sent()`` are called for every request and response message.
+"""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import grpc
 
@@ -15,12 +20,30 @@ if TYPE_CHECKING:
     _InterceptorBase = grpc.aio.ServerInterceptor[Any, Any]
 else:
     _InterceptorBase = grpc.aio.ServerInterceptor
-Around = Callable[[Context, str], AbstractAsyncContextManager[None]]
+
+
+class CallHooks(Protocol):
+    """Per-call message observers."""
+
+    def received(self) -> None:
+        """One request message arrived."""
+
+    def sent(self) -> None:
+        """One response message left."""
+
+
+Around = Callable[[Context, str], AbstractAsyncContextManager["CallHooks | None"]]
 """Factory of an async context manager entered around one call: (context, method)."""
 
 
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
+
+
+async def _counted(requests: AsyncIterator[Any], hooks: CallHooks) -> AsyncIterator[Any]:
+    async for request in requests:
+        hooks.received()
+        yield request
 
 
 def wrap_handler(handler: Handler, method: str, around: Around) -> Handler:
@@ -33,24 +56,36 @@ def wrap_handler(handler: Handler, method: str, around: Around) -> Handler:
         uu: Callable[..., Any] = handler.unary_unary
 
         async def unary_unary(request: Any, context: Context) -> Any:
-            async with around(context, method):
-                return await _maybe_await(uu(request, context))
+            async with around(context, method) as hooks:
+                if hooks:
+                    hooks.received()
+                response = await _maybe_await(uu(request, context))
+                if hooks:
+                    hooks.sent()
+                return response
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
     if handler.stream_unary is not None:
         su: Callable[..., Any] = handler.stream_unary
 
         async def stream_unary(requests: Any, context: Context) -> Any:
-            async with around(context, method):
-                return await _maybe_await(su(requests, context))
+            async with around(context, method) as hooks:
+                response = await _maybe_await(su(_counted(requests, hooks) if hooks else requests, context))
+                if hooks:
+                    hooks.sent()
+                return response
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
     if handler.unary_stream is not None:
         us: Callable[..., Any] = handler.unary_stream
 
         async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            async with around(context, method):
+            async with around(context, method) as hooks:
+                if hooks:
+                    hooks.received()
                 async for item in us(request, context):
+                    if hooks:
+                        hooks.sent()
                     yield item
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
@@ -58,8 +93,10 @@ def wrap_handler(handler: Handler, method: str, around: Around) -> Handler:
     assert ss is not None
 
     async def stream_stream(requests: Any, context: Context) -> AsyncIterator[Any]:
-        async with around(context, method):
-            async for item in ss(requests, context):
+        async with around(context, method) as hooks:
+            async for item in ss(_counted(requests, hooks) if hooks else requests, context):
+                if hooks:
+                    hooks.sent()
                 yield item
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)

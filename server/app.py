@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from common.config import AggregatorConfig
 from common.grpc_errors import error_interceptor
 from common.grpc_options import server_options
+from common.metrics import grpc_metrics_interceptor, rpc_types_of
 from common.tls import ReloadingServerCredentials
 from protos.cloudfed.v1 import federation_pb2, federation_pb2_grpc
 from server.auth import AccessPolicy, auth_interceptor
@@ -73,6 +74,9 @@ def build_aggregator(config: AggregatorConfig) -> Aggregator:
     credentials = ReloadingServerCredentials(config.tls.files())
     server = grpc.aio.server(
         interceptors=[
+            grpc_metrics_interceptor(
+                rpc_types_of(federation_pb2.DESCRIPTOR.services_by_name["FederationService"])
+            ),
             auth_interceptor(AccessPolicy(config.trust_domain, config.allowed_agents)),
             error_interceptor(),
         ],

@@ -23,6 +23,8 @@ from common.config import RoundsConfig
 from common.errors import FailedPrecondition, InvalidArgument
 from common.identity import SpiffeId
 from common.layout import ParamLayout
+from common.metrics import peer_labels
+from server import metrics
 from server.accumulator import SumAccumulator
 from server.checkpoints import CheckpointStore, Manifest
 from server.optimizer import FedAvg, ServerOptimizer
@@ -91,6 +93,8 @@ class RoundCoordinator:
         self.codec = codec
         for round_id in db.recover():
             log.warning("round %d was in flight when the aggregator stopped; it is abandoned", round_id)
+            metrics.ROUNDS.labels(outcome="abandoned", reason="interrupted").inc()
+        metrics.GLOBAL_VERSION.set(latest)
         recorded = {v for v, *_ in db.versions()}
         for version in store.versions():  # versions committed to disk but not yet to the database
             if version not in recorded:
@@ -121,6 +125,10 @@ class RoundCoordinator:
 
     async def _publish(self, state: RoundState) -> None:
         self._state = state
+        metrics.ROUND.set(state.round_id)
+        metrics.GLOBAL_VERSION.set(state.global_version)
+        open_round = state.phase in (Phase.UPLOAD, Phase.AGGREGATE)
+        metrics.AGENTS.labels(state="participating").set(len(state.participants) if open_round else 0)
         for queue in self._subscribers:
             if queue.full():  # a stuck watcher loses its oldest event, never blocks the round
                 queue.get_nowait()
@@ -134,6 +142,7 @@ class RoundCoordinator:
         )
 
     async def _membership_changed(self) -> None:
+        metrics.AGENTS.labels(state="connected").set(len(self.connected))
         async with self._changed:
             self._changed.notify_all()
 
@@ -146,6 +155,8 @@ class RoundCoordinator:
     def record_eval(self, peer: SpiffeId, version: int, loss: float, tokens: int = 0) -> None:
         """Record an agent's evaluation of a global version."""
         self.evals[peer.uri] = (version, loss)
+        metrics.EVAL_LOSS.labels(**peer_labels(peer)).set(loss)
+        metrics.EVAL_VERSION.labels(**peer_labels(peer)).set(version)
         self.db.eval_reported(peer.uri, version, loss, tokens)
 
     async def watch(self, peer: SpiffeId) -> AsyncIterator[RoundState]:
@@ -262,10 +273,11 @@ class RoundCoordinator:
         deadline = time.time() + self.config.upload_deadline_s
         self.db.round_started(round_id, base, deadline, sorted(participants))
         await self._publish(RoundState(round_id, Phase.UPLOAD, base, participants, deadline))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._all_in.wait(), timeout=self.config.upload_deadline_s)
-        if self._pending:  # uploads verified before the deadline still count
-            await asyncio.gather(*self._pending)
+        with metrics.PHASE_SECONDS.labels(phase="upload").time():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_in.wait(), timeout=self.config.upload_deadline_s)
+            if self._pending:  # uploads verified before the deadline still count
+                await asyncio.gather(*self._pending)
         needed = self.config.min_uploads or self.config.min_agents
         uploaded = sorted(self._added)
         if len(uploaded) < needed:
@@ -273,22 +285,28 @@ class RoundCoordinator:
             self.db.round_ended(
                 round_id, Phase.ABANDONED.name, reason, dropped=sorted(participants - set(uploaded))
             )
+            metrics.ROUNDS.labels(outcome="abandoned", reason="too_few_uploads").inc()
             await self._publish(replace(self._state, phase=Phase.ABANDONED, reason=reason))
             return False
         dropped = sorted(participants - set(uploaded))
         if dropped:
             log.warning("round %d: dropped stragglers %s", round_id, dropped)
+            for uri in dropped:
+                metrics.DROPPED.labels(**peer_labels(SpiffeId.parse(uri))).inc()
         self.db.phase(round_id, Phase.AGGREGATE.name)
         await self._publish(replace(self._state, phase=Phase.AGGREGATE))
         acc, self._acc = self._acc, None
         try:
-            manifest = await asyncio.to_thread(self._aggregate, acc, base, uploaded)
+            with metrics.PHASE_SECONDS.labels(phase="aggregate").time():
+                manifest = await asyncio.to_thread(self._aggregate, acc, base, uploaded)
         except InvalidArgument as exc:
             self.db.round_ended(round_id, Phase.ABANDONED.name, str(exc), dropped=dropped)
+            metrics.ROUNDS.labels(outcome="abandoned", reason="invalid_aggregate").inc()
             await self._publish(replace(self._state, phase=Phase.ABANDONED, reason=str(exc)))
             return False
         self.db.version_committed(manifest.version, base, round_id, manifest.sha256, len(uploaded))
         self.db.round_ended(round_id, Phase.COMPLETED.name, new_version=manifest.version, dropped=dropped)
+        metrics.ROUNDS.labels(outcome="completed", reason="").inc()
         await self._publish(replace(self._state, phase=Phase.COMPLETED, global_version=manifest.version))
         return True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from google.protobuf import timestamp_pb2
@@ -12,6 +13,7 @@ from common.config import AggregatorConfig
 from common.errors import InvalidArgument
 from common.grpc_wrap import Context
 from common.identity import require_peer
+from common.metrics import TRANSFER_BYTES, TRANSFER_SECONDS, peer_labels
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
 from server.rounds import AgentInfo, RoundCoordinator, RoundState
@@ -108,7 +110,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
     async def DownloadModel(
         self, request: pb.DownloadModelRequest, context: Context
     ) -> AsyncIterator[pb.DownloadModelResponse]:
-        require_peer()
+        peer = require_peer()
         store = self._rounds.store
         version = request.version or self._rounds.state.global_version
         manifest = store.manifest(version)
@@ -124,8 +126,12 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             )
         )
         chunks = iter_file_chunks(store.path(version), self._config.limits.max_chunk_bytes, request.offset)
+        sent = TRANSFER_BYTES.labels(direction="sent", kind="model", **peer_labels(peer))
+        began = time.perf_counter()
         for offset, data in chunks:  # page-cache reads of 1 MiB: cheaper inline than via a thread
             yield pb.DownloadModelResponse(chunk=pb.Chunk(offset=offset, data=data))
+            sent.inc(len(data))
+        TRANSFER_SECONDS.labels(direction="sent", kind="model").observe(time.perf_counter() - began)
 
     async def UploadUpdate(
         self, request_iterator: AsyncIterator[pb.UploadUpdateRequest], context: Context

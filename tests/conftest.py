@@ -57,6 +57,7 @@ def aggregator_config(pki: Pki, state_dir: Path, **rounds: object) -> Aggregator
     return AggregatorConfig(
         listen="127.0.0.1:0",
         health_listen="127.0.0.1:0",
+        metrics_listen="",
         state_dir=state_dir,
         trust_domain=TRUST_DOMAIN,
         tls=TlsConfig(d.cert("aggregator"), d.key("aggregator"), d.ca_cert),

@@ -1,0 +1,26 @@
+"""The agent's metrics: time per round step, raw vs encoded update size, estimated egress cost."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from common.metrics import LATENCY_BUCKETS
+
+PHASE_SECONDS = Histogram(
+    "cloudfed_agent_phase_seconds",
+    "Time the agent spent in each step of a round.",
+    ["phase"],
+    buckets=LATENCY_BUCKETS,
+)
+UPDATE_RAW_BYTES = Counter(
+    "cloudfed_update_raw_bytes", "Update size before encoding (float32 parameters).", ["cloud", "agent"]
+)
+UPDATE_ENCODED_BYTES = Counter(
+    "cloudfed_update_encoded_bytes", "Update size after encoding, as uploaded.", ["cloud", "agent"]
+)
+EGRESS_COST = Counter(
+    "cloudfed_egress_cost_dollars", "Estimated cost of the bytes this agent sent out of its cloud.", ["cloud"]
+)
+ROUNDS_TRAINED = Counter(
+    "cloudfed_agent_rounds", "Rounds this agent trained and uploaded for.", ["cloud", "agent"]
+)

@@ -1,0 +1,162 @@
+"""Prometheus metrics: definitions shared by both daemons, the gRPC server interceptor, /metrics.
+
+Names follow Prometheus conventions (``cloudfed_`` prefix, base units, counters
+end in ``_total``); labels stay low-cardinality: cloud and agent name, never a
+round number or upload id. The gRPC metrics use the names community dashboards
+expect (``grpc_server_handled_total`` and friends). ``_created`` series are off.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from prometheus_client import Counter, Histogram, disable_created_metrics, start_http_server
+
+from common.grpc_wrap import AroundInterceptor, Context
+from common.identity import SpiffeId
+
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1200,
+    1800,
+)
+"""Milliseconds to tens of minutes: a chunk takes ms, a round phase can take half an hour."""
+
+TRANSFER_BYTES = Counter(
+    "cloudfed_transfer_bytes",
+    "Payload bytes moved between agents and the aggregator, by direction (as seen by this process) and kind.",
+    ["direction", "kind", "cloud", "agent"],
+)
+CHUNK_SECONDS = Histogram(
+    "cloudfed_chunk_seconds",
+    "Time to process one chunk (validate, hash, write / read).",
+    ["direction"],
+    buckets=LATENCY_BUCKETS,
+)
+TRANSFER_SECONDS = Histogram(
+    "cloudfed_transfer_seconds",
+    "Time of one whole upload or download call.",
+    ["direction", "kind"],
+    buckets=LATENCY_BUCKETS,
+)
+
+GRPC_STARTED = Counter(
+    "grpc_server_started", "RPCs started on the server.", ["grpc_type", "grpc_service", "grpc_method"]
+)
+GRPC_HANDLED = Counter(
+    "grpc_server_handled",
+    "RPCs completed on the server, by status code.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+)
+GRPC_MSG_RECEIVED = Counter(
+    "grpc_server_msg_received",
+    "Stream messages received by the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+)
+GRPC_MSG_SENT = Counter(
+    "grpc_server_msg_sent",
+    "Stream messages sent by the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+)
+GRPC_HANDLING = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from start to end of an RPC on the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+    buckets=LATENCY_BUCKETS,
+)
+
+
+def peer_labels(peer: SpiffeId) -> dict[str, str]:
+    """The cloud/agent labels of an agent."""
+    return {"cloud": peer.cloud, "agent": peer.name}
+
+
+@dataclass
+class _Counting:
+    received_counter: Counter
+    sent_counter: Counter
+
+    def received(self) -> None:
+        self.received_counter.inc()
+
+    def sent(self) -> None:
+        self.sent_counter.inc()
+
+
+def grpc_metrics_interceptor(rpc_types: dict[str, str]) -> AroundInterceptor:
+    """Server metrics for every call; ``rpc_types`` maps '/pkg.Service/Method' to its grpc_type."""
+
+    @asynccontextmanager
+    async def around(context: Context, method: str) -> AsyncIterator[_Counting]:
+        service, _, name = method.lstrip("/").rpartition("/")
+        labels = {"grpc_type": rpc_types.get(method, "unary"), "grpc_service": service, "grpc_method": name}
+        GRPC_STARTED.labels(**labels).inc()
+        began = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield _Counting(GRPC_MSG_RECEIVED.labels(**labels), GRPC_MSG_SENT.labels(**labels))
+        except BaseException:
+            code = (
+                context.code() or grpc.StatusCode.UNKNOWN
+            )  # set by context.abort(); else an unexpected error
+            raise
+        finally:
+            if code is grpc.StatusCode.OK and context.code() not in (None, grpc.StatusCode.OK):
+                code = context.code()
+            GRPC_HANDLING.labels(**labels).observe(time.perf_counter() - began)
+            GRPC_HANDLED.labels(**labels, grpc_code=code.name).inc()
+
+    return AroundInterceptor(around)
+
+
+def rpc_types_of(service_descriptor: object) -> dict[str, str]:
+    """'/pkg.Service/Method' -> unary | client_stream | server_stream | bidi_stream."""
+    types = {}
+    for m in service_descriptor.methods:  # type: ignore[attr-defined]
+        kind = {
+            (False, False): "unary",
+            (True, False): "client_stream",
+            (False, True): "server_stream",
+            (True, True): "bidi_stream",
+        }[(m.client_streaming, m.server_streaming)]
+        types[f"/{service_descriptor.full_name}/{m.name}"] = kind  # type: ignore[attr-defined]
+    return types
+
+
+def serve_metrics(
+    listen: str, cert: Path | None = None, key: Path | None = None, client_ca: Path | None = None
+) -> int:
+    """Serve /metrics on ``host:port`` (TLS, and client auth with ``client_ca``); return the bound port."""
+    host, _, port = listen.rpartition(":")
+    server, _thread = start_http_server(
+        int(port),
+        host.strip("[]"),
+        certfile=str(cert) if cert else None,
+        keyfile=str(key) if key else None,
+        client_cafile=str(client_ca) if client_ca else None,
+        client_auth_required=client_ca is not None,
+    )
+    return int(server.server_port)

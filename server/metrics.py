@@ -1,0 +1,29 @@
+"""The aggregator's federation metrics: rounds, versions, agents, phase latency, evals."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from common.metrics import LATENCY_BUCKETS
+
+ROUND = Gauge("cloudfed_round", "Id of the current (or last) round.")
+GLOBAL_VERSION = Gauge("cloudfed_global_version", "Latest committed global model version.")
+AGENTS = Gauge(
+    "cloudfed_agents", "Agents by state: connected (watching rounds) or participating now.", ["state"]
+)
+ROUNDS = Counter("cloudfed_rounds", "Rounds ended, by outcome and reason.", ["outcome", "reason"])
+DROPPED = Counter(
+    "cloudfed_stragglers_dropped", "Participants dropped at a round's deadline.", ["cloud", "agent"]
+)
+PHASE_SECONDS = Histogram(
+    "cloudfed_round_phase_seconds",
+    "Time the aggregator spent in each round phase.",
+    ["phase"],
+    buckets=LATENCY_BUCKETS,
+)
+EVAL_LOSS = Gauge(
+    "cloudfed_eval_loss", "Last eval loss of the global model an agent reported.", ["cloud", "agent"]
+)
+EVAL_VERSION = Gauge(
+    "cloudfed_eval_version", "Global version of that last reported eval loss.", ["cloud", "agent"]
+)
