@@ -14,14 +14,19 @@ from agent.demo import prepare
 from common.layout import ParamLayout
 from server.checkpoints import CheckpointStore
 from tests.daemons import start, stop, wait_serving
+from tests.promtool import promtool
 
 pytestmark = pytest.mark.slow
 
 
+RAW: dict[str, str] = {}
+
+
 def scrape(listen: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """{(sample name, labels): value} from a /metrics endpoint."""
+    """{(sample name, labels): value} from a /metrics endpoint (the text is kept in RAW)."""
     with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as reply:
         text = reply.read().decode()
+    RAW[listen] = text
     return {
         (s.name, frozenset(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
@@ -43,6 +48,7 @@ def test_byte_counters_match_what_was_sent_and_histograms_count_the_round(tmp_pa
     }
     procs = [start("server.cli", "--config", str(agg_config), log=tmp_path / "aggregator.log")]
     last: dict[str, dict] = {}
+    texts: dict[str, str] = {}
     try:
         wait_serving(health, timeout=120)
         procs += [
@@ -55,8 +61,9 @@ def test_byte_counters_match_what_was_sent_and_histograms_count_the_round(tmp_pa
                     samples = scrape(listen)
                 except OSError:
                     continue
-                if value(samples, "cloudfed_agent_rounds_total") >= 1:  # uploaded; this agent sends no more
-                    last.setdefault(cloud, samples)
+                if value(samples, "cloudfed_agent_rounds_total") >= 1 and cloud not in last:
+                    last[cloud] = samples  # uploaded; this agent sends no more updates
+                    texts[cloud] = RAW[listen]
             time.sleep(0.1)
         assert set(last) == set(agents), f"agents scraped after their upload: {sorted(last)}"
         store = CheckpointStore(tmp_path / "aggregator-state" / "checkpoints")
@@ -93,3 +100,6 @@ def test_byte_counters_match_what_was_sent_and_histograms_count_the_round(tmp_pa
     assert value(agg, "cloudfed_global_version") == 1
     assert value(agg, "cloudfed_eval_loss") > 0
     assert not any(name.endswith("_created") for name, _ in agg)
+    for name, text in [("aggregator", RAW[agg_listen]), *texts.items()]:
+        lint = promtool("check", "metrics", stdin=text)
+        assert lint.returncode == 0, (name, lint.stdout + lint.stderr)
