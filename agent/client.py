@@ -15,9 +15,10 @@ import common
 from common.backoff import backoff_delays
 from common.chunks import MAX_CHUNK_BYTES, iter_file_chunks, sha256_file, validate_chunk_bytes
 from common.errors import DataLoss, InvalidArgument
+from common.grpc_client_metrics import client_metrics_interceptors
 from common.grpc_options import DOWNLOAD_DEADLINE_S, UNARY_DEADLINE_S, channel_options, upload_deadline_s
 from common.identity import IdentityError, SpiffeId
-from common.metrics import TRANSFER_BYTES, peer_labels
+from common.metrics import TRANSFER_BYTES, peer_labels, rpc_types_of
 from common.tls import TlsFiles, channel_credentials
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
@@ -62,8 +63,12 @@ class AggregatorClient:
         self.chunk_bytes = validate_chunk_bytes(chunk_bytes, "chunk_bytes")
         self.labels = {"cloud": "", "agent": ""}  # filled from the identity the aggregator reports
         self.attempts = attempts
+        service = pb.DESCRIPTOR.services_by_name["FederationService"]
         self.channel = grpc.aio.secure_channel(
-            target, channel_credentials(tls), options=channel_options(server_name or None)
+            target,
+            channel_credentials(tls),
+            options=channel_options(server_name or None),
+            interceptors=client_metrics_interceptors(rpc_types_of(service)),
         )
         self.stub = pb_grpc.FederationServiceStub(self.channel)
 

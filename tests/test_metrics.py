@@ -88,6 +88,13 @@ def test_byte_counters_match_what_was_sent_and_histograms_count_the_round(tmp_pa
         assert got_model >= store.manifest(0).size_bytes
         assert value(samples, "cloudfed_agent_phase_seconds_count", phase="train") == 1
         assert value(samples, "cloudfed_agent_phase_seconds_count", phase="upload") == 1
+        # The agent's gRPC client metrics: one upload call, header + chunks sent; Join answered once.
+        chunks = -(-payload // (1024 * 1024))
+        assert value(samples, "grpc_client_handled_total", grpc_method="UploadUpdate", grpc_code="OK") == 1
+        assert value(samples, "grpc_client_msg_sent_total", grpc_method="UploadUpdate") == chunks + 1
+        assert value(samples, "grpc_client_msg_received_total", grpc_method="Join") == 1
+        assert value(samples, "grpc_client_msg_received_total", grpc_method="DownloadModel") >= 2
+        assert value(samples, "grpc_client_handling_seconds_count", grpc_method="GetUploadStatus") >= 1
     model_sent = value(agg, "cloudfed_transfer_bytes_total", direction="sent", kind="model")
     assert model_sent == sum(store.manifest(v).size_bytes for v in (0, 1)) * len(agents)
     assert value(agg, "grpc_server_handled_total", grpc_method="UploadUpdate", grpc_code="OK") == len(agents)
