@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml  # type: ignore[import-untyped]
 from prometheus_client import REGISTRY
 
@@ -93,3 +94,26 @@ def test_alert_rules_only_use_exported_metrics() -> None:
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
     for rule in rules["groups"][0]["rules"]:
         assert set(_METRIC.findall(rule["expr"])) <= exported, rule["alert"]
+
+
+def test_metrics_endpoint_over_tls_requires_a_client_certificate(pki) -> None:
+    import socket
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from common.metrics import serve_metrics
+
+    d = pki.dir
+    port = serve_metrics("127.0.0.1:0", d.cert("aggregator"), d.key("aggregator"), d.ca_cert)
+    url = f"https://127.0.0.1:{port}/metrics"
+    scraper = pki.agent("prometheus", cloud="ops")
+    with_cert = ssl.create_default_context(cafile=str(d.ca_cert))
+    with_cert.load_cert_chain(str(scraper.cert), str(scraper.key))
+    with urllib.request.urlopen(url, context=with_cert, timeout=5) as reply:
+        status, body = reply.status, reply.read()
+    assert status == 200
+    assert b"cloudfed_transfer_bytes" in body
+    without_cert = ssl.create_default_context(cafile=str(d.ca_cert))
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError, socket.error)):
+        urllib.request.urlopen(url, context=without_cert, timeout=5).read()
