@@ -25,10 +25,10 @@ else:
 class CallHooks(Protocol):
     """Per-call message observers."""
 
-    def received(self) -> None:
+    def received(self, message: Any) -> None:
         """One request message arrived."""
 
-    def sent(self) -> None:
+    def sent(self, message: Any) -> None:
         """One response message left."""
 
 
@@ -42,7 +42,7 @@ async def _maybe_await(value: Any) -> Any:
 
 async def _counted(requests: AsyncIterator[Any], hooks: CallHooks) -> AsyncIterator[Any]:
     async for request in requests:
-        hooks.received()
+        hooks.received(request)
         yield request
 
 
@@ -58,10 +58,10 @@ def wrap_handler(handler: Handler, method: str, around: Around) -> Handler:
         async def unary_unary(request: Any, context: Context) -> Any:
             async with around(context, method) as hooks:
                 if hooks:
-                    hooks.received()
+                    hooks.received(request)
                 response = await _maybe_await(uu(request, context))
                 if hooks:
-                    hooks.sent()
+                    hooks.sent(response)
                 return response
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
@@ -72,7 +72,7 @@ def wrap_handler(handler: Handler, method: str, around: Around) -> Handler:
             async with around(context, method) as hooks:
                 response = await _maybe_await(su(_counted(requests, hooks) if hooks else requests, context))
                 if hooks:
-                    hooks.sent()
+                    hooks.sent(response)
                 return response
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
@@ -82,10 +82,10 @@ def wrap_handler(handler: Handler, method: str, around: Around) -> Handler:
         async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
             async with around(context, method) as hooks:
                 if hooks:
-                    hooks.received()
+                    hooks.received(request)
                 async for item in us(request, context):
                     if hooks:
-                        hooks.sent()
+                        hooks.sent(item)
                     yield item
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
@@ -96,7 +96,7 @@ def wrap_handler(handler: Handler, method: str, around: Around) -> Handler:
         async with around(context, method) as hooks:
             async for item in ss(_counted(requests, hooks) if hooks else requests, context):
                 if hooks:
-                    hooks.sent()
+                    hooks.sent(item)
                 yield item
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)

@@ -13,12 +13,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from prometheus_client import Counter, Histogram, disable_created_metrics, start_http_server
 
+from common.errors import CloudfedError
 from common.grpc_wrap import AroundInterceptor, Context
 from common.identity import SpiffeId
+from common.tls import peer_spiffe_id
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -94,16 +97,39 @@ def peer_labels(peer: SpiffeId) -> dict[str, str]:
     return {"cloud": peer.cloud, "agent": peer.name}
 
 
+CONTROL_METHODS = frozenset({"Join", "WatchRounds", "GetUploadStatus", "ReportEval"})
+"""Methods whose messages are control traffic; update and model bytes are counted where they stream."""
+
+
 @dataclass
 class _Counting:
     received_counter: Counter
     sent_counter: Counter
+    control_in: Counter | None = None
+    control_out: Counter | None = None
 
-    def received(self) -> None:
+    def received(self, message: Any) -> None:
         self.received_counter.inc()
+        if self.control_in is not None:
+            self.control_in.inc(message.ByteSize())
 
-    def sent(self) -> None:
+    def sent(self, message: Any) -> None:
         self.sent_counter.inc()
+        if self.control_out is not None:
+            self.control_out.inc(message.ByteSize())
+
+
+def _control_counters(context: Context, method: str) -> tuple[Counter | None, Counter | None]:
+    if method not in CONTROL_METHODS:
+        return None, None
+    try:
+        labels = peer_labels(peer_spiffe_id(context.auth_context()))
+    except CloudfedError:  # the auth interceptor rejects the call; nothing to attribute
+        return None, None
+    return (
+        TRANSFER_BYTES.labels(direction="received", kind="control", **labels),
+        TRANSFER_BYTES.labels(direction="sent", kind="control", **labels),
+    )
 
 
 def grpc_metrics_interceptor(rpc_types: dict[str, str]) -> AroundInterceptor:
@@ -117,7 +143,10 @@ def grpc_metrics_interceptor(rpc_types: dict[str, str]) -> AroundInterceptor:
         began = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            yield _Counting(GRPC_MSG_RECEIVED.labels(**labels), GRPC_MSG_SENT.labels(**labels))
+            control_in, control_out = _control_counters(context, name)
+            yield _Counting(
+                GRPC_MSG_RECEIVED.labels(**labels), GRPC_MSG_SENT.labels(**labels), control_in, control_out
+            )
         except BaseException:
             code = (
                 context.code() or grpc.StatusCode.UNKNOWN

@@ -95,6 +95,12 @@ def test_byte_counters_match_what_was_sent_and_histograms_count_the_round(tmp_pa
         assert value(samples, "grpc_client_msg_received_total", grpc_method="Join") == 1
         assert value(samples, "grpc_client_msg_received_total", grpc_method="DownloadModel") >= 2
         assert value(samples, "grpc_client_handling_seconds_count", grpc_method="GetUploadStatus") >= 1
+    for cloud in agents:  # control traffic (Join, round events, reports) is attributed to each cloud
+        for direction in ("received", "sent"):
+            control = value(
+                agg, "cloudfed_transfer_bytes_total", direction=direction, kind="control", cloud=cloud
+            )
+            assert control > 0, (cloud, direction)
     model_sent = value(agg, "cloudfed_transfer_bytes_total", direction="sent", kind="model")
     assert model_sent == sum(store.manifest(v).size_bytes for v in (0, 1)) * len(agents)
     assert value(agg, "grpc_server_handled_total", grpc_method="UploadUpdate", grpc_code="OK") == len(agents)
