@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
+from common import sdnotify
 from common.config import AggregatorConfig, load
 from common.errors import CloudfedError
 from common.logs import setup_logging
@@ -61,13 +63,35 @@ async def serve(config: AggregatorConfig) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, agg.credentials.reload)
+
+    def reload() -> None:
+        sdnotify.reloading()
+        agg.credentials.reload()  # new handshakes use the re-read files; live connections stay
+        log.info("reload: certificates will be re-read at the next handshake")
+        sdnotify.notify("READY=1")
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     rounds = asyncio.create_task(agg.rounds.run(stop))
+    watchdog = asyncio.create_task(_watchdog(stop))
+    sdnotify.notify("READY=1", f"STATUS=serving on {config.listen}")
     await stop.wait()
     log.info("shutting down")
+    sdnotify.notify("STOPPING=1")
     await agg.stop(grace=10)
-    rounds.cancel()
-    await asyncio.gather(rounds, return_exceptions=True)
+    for task in (rounds, watchdog):
+        task.cancel()
+    await asyncio.gather(rounds, watchdog, return_exceptions=True)
+
+
+async def _watchdog(stop: asyncio.Event) -> None:
+    """WATCHDOG=1 at half of WatchdogSec while the event loop is alive."""
+    interval = sdnotify.watchdog_interval()
+    if interval is None:
+        return
+    while not stop.is_set():
+        sdnotify.notify("WATCHDOG=1")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
 
 
 def status(config: AggregatorConfig) -> int:
