@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 
 import common
 from common.backoff import backoff_delays
@@ -19,6 +20,7 @@ from common.grpc_client_metrics import client_metrics_interceptors
 from common.grpc_options import DOWNLOAD_DEADLINE_S, UNARY_DEADLINE_S, channel_options, upload_deadline_s
 from common.identity import IdentityError, SpiffeId
 from common.metrics import TRANSFER_BYTES, peer_labels, rpc_types_of
+from common.pki import spiffe_ids_of
 from common.tls import TlsFiles, channel_credentials
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
@@ -61,14 +63,14 @@ class AggregatorClient:
         attempts: int = 8,
     ) -> None:
         self.chunk_bytes = validate_chunk_bytes(chunk_bytes, "chunk_bytes")
-        self.labels = {"cloud": "", "agent": ""}  # filled from the identity the aggregator reports
+        self.labels = _own_labels(tls)  # shared with the metric interceptors; Join confirms it
         self.attempts = attempts
         service = pb.DESCRIPTOR.services_by_name["FederationService"]
         self.channel = grpc.aio.secure_channel(
             target,
             channel_credentials(tls),
             options=channel_options(server_name or None),
-            interceptors=client_metrics_interceptors(rpc_types_of(service)),
+            interceptors=client_metrics_interceptors(rpc_types_of(service), self.labels),
         )
         self.stub = pb_grpc.FederationServiceStub(self.channel)
 
@@ -95,7 +97,7 @@ class AggregatorClient:
         # Fails fast (no wait_for_ready): a bad certificate must surface at once, not as a deadline.
         response: pb.JoinResponse = await self.stub.Join(request, timeout=UNARY_DEADLINE_S)
         with contextlib.suppress(IdentityError):
-            self.labels = peer_labels(SpiffeId.parse(response.agent_id))
+            self.labels.update(peer_labels(SpiffeId.parse(response.agent_id)))  # shared with the interceptors
         server_limit = response.settings.chunk_limits.max_chunk_bytes
         if server_limit and server_limit < self.chunk_bytes:
             log.info("using the aggregator's chunk limit of %d bytes", server_limit)
@@ -244,6 +246,16 @@ class AggregatorClient:
         if hasher.digest() != header.sha256:
             raise DataLoss(f"downloaded version {header.version} does not match its sha256")
         return header
+
+
+def _own_labels(tls: TlsFiles) -> dict[str, str]:
+    """cloud/agent labels from the SPIFFE id in our own certificate (empty if it has none)."""
+    labels = {"cloud": "", "agent": ""}
+    with contextlib.suppress(OSError, ValueError):
+        ids = spiffe_ids_of(x509.load_pem_x509_certificate(Path(tls.cert).read_bytes()))
+        if len(ids) == 1:
+            labels.update(peer_labels(SpiffeId.parse(ids[0])))
+    return labels
 
 
 def _status_lost_to_late_write(exc: grpc.aio.AioRpcError) -> bool:

@@ -243,7 +243,7 @@ class Agent:
     async def _global(self, client: AggregatorClient, version: int) -> dict[str, torch.Tensor]:
         path = self.state / "models" / f"v{version:08d}.safetensors"
         if not path.exists():
-            with metrics.PHASE_SECONDS.labels(phase="download").time():
+            with metrics.step("download"):
                 await client.download_model(path, version)
             for old in sorted((self.state / "models").glob("v*.safetensors"))[:-KEEP_VERSIONS]:
                 old.unlink(missing_ok=True)
@@ -256,11 +256,11 @@ class Agent:
         t = settings.training
         training = LocalTraining(t.local_steps, t.learning_rate, t.batch_size, t.sequence_length, t.seed)
         began = time.monotonic()
-        with metrics.PHASE_SECONDS.labels(phase="train").time():
+        with metrics.step("train"):
             delta, train_loss = await self.everywhere(
                 op="train", adapter=base, training=training, round_id=event.round_id
             )
-        with metrics.PHASE_SECONDS.labels(phase="encode").time():
+        with metrics.step("encode"):
             layout = ParamLayout.from_tensors(base)
             weight = float(len(self.train_docs))
             payload = self.state / "uploads" / f"round-{event.round_id}.bin"
@@ -281,7 +281,7 @@ class Agent:
         )
         if self.config.audit_dir is not None:
             self._audit(event, header, delta, train_loss)
-        with metrics.PHASE_SECONDS.labels(phase="upload").time():
+        with metrics.step("upload"):
             receipt = await client.upload(payload, header)
         payload.unlink(missing_ok=True)
         self.progress.rounds_trained.add(event.round_id)
@@ -323,7 +323,7 @@ class Agent:
 
     async def _evaluate(self, client: AggregatorClient, version: int) -> None:
         tensors = await self._global(client, version)
-        with metrics.PHASE_SECONDS.labels(phase="eval").time():
+        with metrics.step("eval"):
             loss, tokens = await self.everywhere(op="eval", adapter=tensors)
         self.progress.versions_evaluated[version] = loss
         record = {"version": version, "eval_loss": loss, "tokens": tokens, "time": time.time()}

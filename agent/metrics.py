@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram
 
 from common.metrics import LATENCY_BUCKETS
 
@@ -24,3 +27,15 @@ EGRESS_COST = Counter(
 ROUNDS_TRAINED = Counter(
     "cloudfed_agent_rounds", "Rounds this agent trained and uploaded for.", ["cloud", "agent"]
 )
+STEP = Gauge("cloudfed_agent_step", "1 while the agent is in this step of a round, else 0.", ["phase"])
+
+
+@contextmanager
+def step(phase: str) -> Iterator[None]:
+    """Mark the agent as in ``phase`` and time it."""
+    STEP.labels(phase=phase).set(1)
+    try:
+        with PHASE_SECONDS.labels(phase=phase).time():
+            yield
+    finally:
+        STEP.labels(phase=phase).set(0)

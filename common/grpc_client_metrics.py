@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from prometheus_client import Counter, Histogram
 
-from common.metrics import LATENCY_BUCKETS
+from common.metrics import CONTROL_METHODS, LATENCY_BUCKETS, TRANSFER_BYTES
 
 _LABELS = ["grpc_type", "grpc_service", "grpc_method"]
 STARTED = Counter("grpc_client_started", "RPCs started by the client.", _LABELS)
@@ -40,9 +40,14 @@ else:
 class _ClientMetrics:
     """Counting and timing shared by the four interceptor shapes."""
 
-    def __init__(self, rpc_types: dict[str, str]) -> None:
+    def __init__(self, rpc_types: dict[str, str], peer: dict[str, str]) -> None:
         self._types = rpc_types
+        self._peer = peer  # {"cloud", "agent"} of this agent, filled in by the client after Join
         self._pending: set[asyncio.Task[None]] = set()
+
+    def _control(self, labels: dict[str, str], direction: str, message: Any) -> None:
+        if labels["grpc_method"] in CONTROL_METHODS:
+            TRANSFER_BYTES.labels(direction=direction, kind="control", **self._peer).inc(message.ByteSize())
 
     def _labels(self, details: grpc.aio.ClientCallDetails) -> dict[str, str]:
         method = details.method.decode() if isinstance(details.method, bytes) else str(details.method)
@@ -63,6 +68,7 @@ class _ClientMetrics:
             code = await call.code()
             if code == grpc.StatusCode.OK and unary_response:
                 MSG_RECEIVED.labels(**labels).inc()
+                self._control(labels, "received", await call)
             self._finish(labels, began, code)
 
         def done(call: Any) -> None:
@@ -77,10 +83,12 @@ class _ClientMetrics:
         if hasattr(requests, "__aiter__"):
             async for request in requests:
                 sent.inc()
+                self._control(labels, "sent", request)
                 yield request
         else:
             for request in requests:
                 sent.inc()
+                self._control(labels, "sent", request)
                 yield request
 
     async def _responses(self, call: Any, labels: dict[str, str], began: float) -> AsyncIterator[Any]:
@@ -89,6 +97,7 @@ class _ClientMetrics:
         try:
             async for response in call:
                 received.inc()
+                self._control(labels, "received", response)
                 yield response
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
@@ -105,6 +114,7 @@ class _UnaryUnary(_ClientMetrics, _UU):
         labels = self._labels(details)
         began = self._start(labels)
         MSG_SENT.labels(**labels).inc()
+        self._control(labels, "sent", request)
         call = await continuation(details, request)
         call.add_done_callback(self._on_done(labels, began, unary_response=True))
         return call
@@ -124,6 +134,7 @@ class _UnaryStream(_ClientMetrics, _US):
         labels = self._labels(details)
         began = self._start(labels)
         MSG_SENT.labels(**labels).inc()
+        self._control(labels, "sent", request)
         return self._responses(await continuation(details, request), labels, began)
 
 
@@ -135,6 +146,6 @@ class _StreamStream(_ClientMetrics, _SS):
         return self._responses(call, labels, began)
 
 
-def client_metrics_interceptors(rpc_types: dict[str, str]) -> list[Any]:
+def client_metrics_interceptors(rpc_types: dict[str, str], peer: dict[str, str]) -> list[Any]:
     """One interceptor per call shape (grpc.aio files each interceptor under one shape only)."""
-    return [cls(rpc_types) for cls in (_UnaryUnary, _StreamUnary, _UnaryStream, _StreamStream)]
+    return [cls(rpc_types, peer) for cls in (_UnaryUnary, _StreamUnary, _UnaryStream, _StreamStream)]
