@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import tomllib
 from pathlib import Path
 
 import grpc
@@ -98,6 +100,20 @@ def test_env_var_overrides_the_file(tmp_path: Path, pki_dir: Path) -> None:
     assert "unknown codec 'nope'" in r.stderr
 
 
+def ports_of(config: Path) -> tuple[int, int]:
+    """(federation port, health port) of a config written by write_config."""
+    data = tomllib.loads(config.read_text())
+    return int(data["listen"].rsplit(":", 1)[1]), int(data["health_listen"].rsplit(":", 1)[1])
+
+
+def start_aggregator_process(tmp: Path, config: Path, **env: str) -> subprocess.Popen[bytes]:
+    """The real aggregator daemon seeded from a small adapter, logging to tmp/agg.log."""
+    init = adapter_file(tmp)
+    return start(
+        "server.cli", "--config", str(config), "--init-from", str(init), log=tmp / "agg.log", env=env
+    )
+
+
 def adapter_file(tmp: Path) -> Path:
     path = tmp / "init.safetensors"
     save_file({"w.lora_A": torch.zeros(4, 8), "w.lora_B": torch.zeros(8, 4)}, path)
@@ -117,20 +133,11 @@ def test_daemon_serves_reloads_rotated_certificates_and_stops_on_sigterm(
     tmp_path: Path, pki_dir: Path
 ) -> None:
     config = write_config(tmp_path, pki_dir)
-    text = config.read_text()
-    port = int(text.split('listen = "127.0.0.1:')[1].split('"')[0])
-    health = int(text.split('health_listen = "127.0.0.1:')[1].split('"')[0])
+    port, health = ports_of(config)
     missing = run_cli("server.cli", "--config", str(config))
     assert missing.returncode == 2
     assert "--init-from" in missing.stderr
-    proc = start(
-        "server.cli",
-        "--config",
-        str(config),
-        "--init-from",
-        str(adapter_file(tmp_path)),
-        log=tmp_path / "agg.log",
-    )
+    proc = start_aggregator_process(tmp_path, config)
     try:
         wait_serving(health)
         old_agent = TlsFiles(pki_dir / "gcp-a1.pem", pki_dir / "gcp-a1-key.pem", pki_dir / "ca.pem")
@@ -159,17 +166,8 @@ def test_daemon_serves_reloads_rotated_certificates_and_stops_on_sigterm(
 
 def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_dir: Path) -> None:
     config = write_config(tmp_path, pki_dir)
-    text = config.read_text()
-    port = int(text.split('listen = "127.0.0.1:')[1].split('"')[0])
-    health = int(text.split('health_listen = "127.0.0.1:')[1].split('"')[0])
-    proc = start(
-        "server.cli",
-        "--config",
-        str(config),
-        "--init-from",
-        str(adapter_file(tmp_path)),
-        log=tmp_path / "agg.log",
-    )
+    port, health = ports_of(config)
+    proc = start_aggregator_process(tmp_path, config)
     agent_toml = tmp_path / "agent.toml"
     agent_toml.write_text(
         f'aggregator = "127.0.0.1:{port}"\nserver_name = "localhost"\nstate_dir = "agent-state"\n'

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import start, stop
-from tests.test_cli import adapter_file, pki_dir, write_config  # noqa: F401 - pki_dir is a fixture
+from tests.daemons import stop
+from tests.test_cli import pki_dir, start_aggregator_process, write_config  # noqa: F401 - pki_dir is a fixture
 
 UNIT = Path(__file__).resolve().parent.parent / "deploy" / "systemd" / "cloudfed-aggregator.service"
 
@@ -73,15 +73,7 @@ def test_daemon_reports_ready_watchdog_reload_and_stopping(tmp_path: Path, pki_d
     listener.bind(str(sock_path))
     listener.settimeout(60)
     config = write_config(tmp_path, pki_dir)
-    proc = start(
-        "server.cli",
-        "--config",
-        str(config),
-        "--init-from",
-        str(adapter_file(tmp_path)),
-        log=tmp_path / "agg.log",
-        env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"},
-    )
+    proc = start_aggregator_process(tmp_path, config, NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="400000")
 
     def next_message() -> str:
         return listener.recv(4096).decode()
