@@ -102,12 +102,11 @@ class RoundCoordinator:
                 db.version_committed(version, m.parent, None, m.sha256, len(m.participants))
         self.layout = ParamLayout.from_tensors(store.load(latest))
         self.agents: dict[str, AgentInfo] = {}
-        self.evals: dict[str, tuple[int, float]] = {}
         self._watchers: dict[str, int] = {}
         self._state = RoundState(round_id=0, phase=Phase.WAITING, global_version=latest)
         self._subscribers: set[asyncio.Queue[RoundState]] = set()
         self._changed = asyncio.Condition()
-        self._uploaded: dict[str, float] = {}
+        self._claimed: set[str] = set()  # uploaded (verified) this round, being or been added
         self._added: set[str] = set()
         self._pending: set[asyncio.Task[None]] = set()
         self._acc: SumAccumulator | None = None
@@ -154,7 +153,6 @@ class RoundCoordinator:
 
     def record_eval(self, peer: SpiffeId, version: int, loss: float, tokens: int = 0) -> None:
         """Record an agent's evaluation of a global version."""
-        self.evals[peer.uri] = (version, loss)
         metrics.EVAL_LOSS.labels(**peer_labels(peer)).set(loss)
         metrics.EVAL_VERSION.labels(**peer_labels(peer)).set(version)
         self.db.eval_reported(peer.uri, version, loss, tokens)
@@ -189,7 +187,7 @@ class RoundCoordinator:
             )
         if peer.uri not in s.participants:
             raise FailedPrecondition(f"{peer} is not a participant of round {s.round_id}")
-        if peer.uri in self._uploaded:
+        if peer.uri in self._claimed:
             raise FailedPrecondition(f"{peer} already uploaded for round {s.round_id}")
         if meta.codec != self.codec:
             raise InvalidArgument(f"codec {meta.codec!r} does not match the round's codec {self.codec!r}")
@@ -213,7 +211,7 @@ class RoundCoordinator:
         self.check_upload(peer, meta)
         acc = self._acc
         assert acc is not None
-        self._uploaded[peer.uri] = meta.weight
+        self._claimed.add(peer.uri)
         task = asyncio.create_task(self._accumulate(acc, peer, meta, path))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -223,7 +221,7 @@ class RoundCoordinator:
             await asyncio.to_thread(acc.add_file, path)
         except Exception:
             log.exception("round %d: could not add the update from %s; dropping it", meta.round_id, peer)
-            self._uploaded.pop(peer.uri, None)
+            self._claimed.discard(peer.uri)
             return
         finally:
             await asyncio.to_thread(path.unlink, missing_ok=True)
@@ -266,7 +264,7 @@ class RoundCoordinator:
     async def _run_round(self, round_id: int) -> bool:
         base = self._state.global_version
         participants = frozenset(self.connected[: self.config.max_agents])
-        self._uploaded, self._added = {}, set()
+        self._claimed, self._added = set(), set()
         self._all_in = asyncio.Event()
         self._acc = SumAccumulator(self.layout.numel + 1)
         self.spool.purge()

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 
 from google.protobuf import timestamp_pb2
 
-from common.chunks import iter_file_chunks
 from common.config import AggregatorConfig
-from common.errors import InvalidArgument
 from common.grpc_wrap import Context
 from common.identity import require_peer
-from common.metrics import TRANSFER_BYTES, TRANSFER_SECONDS, peer_labels
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
+from server.downloads import send_model
 from server.rounds import AgentInfo, RoundCoordinator, RoundState
 from server.spool import UploadSpool
 from server.uploads import receive_upload
@@ -110,28 +107,12 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
     async def DownloadModel(
         self, request: pb.DownloadModelRequest, context: Context
     ) -> AsyncIterator[pb.DownloadModelResponse]:
-        peer = require_peer()
-        store = self._rounds.store
         version = request.version or self._rounds.state.global_version
-        manifest = store.manifest(version)
-        if request.offset > manifest.size_bytes:
-            raise InvalidArgument(f"offset {request.offset} is past the end ({manifest.size_bytes} bytes)")
-        yield pb.DownloadModelResponse(
-            header=pb.ModelHeader(
-                version=version,
-                total_bytes=manifest.size_bytes,
-                sha256=bytes.fromhex(manifest.sha256),
-                layout_digest=manifest.layout_digest,
-                format="safetensors",
-            )
+        messages = send_model(
+            require_peer(), self._rounds.store, version, request.offset, self._config.limits.max_chunk_bytes
         )
-        chunks = iter_file_chunks(store.path(version), self._config.limits.max_chunk_bytes, request.offset)
-        sent = TRANSFER_BYTES.labels(direction="sent", kind="model", **peer_labels(peer))
-        began = time.perf_counter()
-        for offset, data in chunks:  # page-cache reads of 1 MiB: cheaper inline than via a thread
-            yield pb.DownloadModelResponse(chunk=pb.Chunk(offset=offset, data=data))
-            sent.inc(len(data))
-        TRANSFER_SECONDS.labels(direction="sent", kind="model").observe(time.perf_counter() - began)
+        async for message in messages:
+            yield message
 
     async def UploadUpdate(
         self, request_iterator: AsyncIterator[pb.UploadUpdateRequest], context: Context
