@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 
 from agent.distributed import DistContext
+from common import sdnotify
 from common.config import AgentConfig, load
 from common.errors import CloudfedError
 from common.logs import setup_logging
@@ -64,9 +65,14 @@ async def run(config: AgentConfig, ctx: DistContext) -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    watchdog = asyncio.create_task(sdnotify.watchdog_loop(stop))
+    sdnotify.notify("READY=1", f"STATUS=agent for {config.aggregator}")
     try:
         await agent.run(stop)
     finally:
+        sdnotify.notify("STOPPING=1")
+        stop.set()
+        await watchdog
         await asyncio.to_thread(agent.stop_followers)
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -32,3 +34,14 @@ def watchdog_interval() -> float | None:
     if not usec or (pid and int(pid) != os.getpid()):
         return None
     return int(usec) / 1e6 / 2
+
+
+async def watchdog_loop(stop: asyncio.Event) -> None:
+    """WATCHDOG=1 at half of WatchdogSec while the event loop is alive; returns at once without a watchdog."""
+    interval = watchdog_interval()
+    if interval is None:
+        return
+    while not stop.is_set():
+        notify("WATCHDOG=1")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)

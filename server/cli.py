@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -72,7 +71,7 @@ async def serve(config: AggregatorConfig) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     rounds = asyncio.create_task(agg.rounds.run(stop))
-    watchdog = asyncio.create_task(_watchdog(stop))
+    watchdog = asyncio.create_task(sdnotify.watchdog_loop(stop))
     sdnotify.notify("READY=1", f"STATUS=serving on {config.listen}")
     await stop.wait()
     log.info("shutting down")
@@ -81,17 +80,6 @@ async def serve(config: AggregatorConfig) -> None:
     for task in (rounds, watchdog):
         task.cancel()
     await asyncio.gather(rounds, watchdog, return_exceptions=True)
-
-
-async def _watchdog(stop: asyncio.Event) -> None:
-    """WATCHDOG=1 at half of WatchdogSec while the event loop is alive."""
-    interval = sdnotify.watchdog_interval()
-    if interval is None:
-        return
-    while not stop.is_set():
-        sdnotify.notify("WATCHDOG=1")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
 
 
 def status(config: AggregatorConfig) -> int:

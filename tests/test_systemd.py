@@ -1,4 +1,4 @@
-"""The shipped systemd unit: verify clean, exposure <= 2.0; the daemon speaks the notify protocol."""
+"""The shipped systemd units: verify clean, exposure <= 2.0; both daemons speak the notify protocol."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import stop
+from tests.daemons import free_port, start, stop
 from tests.test_cli import pki_dir, start_aggregator_process, write_config  # noqa: F401 - pki_dir is a fixture
 
-UNIT = Path(__file__).resolve().parent.parent / "deploy" / "systemd" / "cloudfed-aggregator.service"
+UNITS = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
+UNIT = UNITS / "cloudfed-aggregator.service"
+AGENT_UNIT = UNITS / "cloudfed-agent.service"
 
 
 def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
@@ -28,11 +30,12 @@ def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
 
 
-@pytest.fixture
-def installed_unit(tmp_path: Path) -> Path:
-    """The shipped unit with its install prefix pointed at this checkout's console scripts."""
-    path = tmp_path / UNIT.name
-    path.write_text(UNIT.read_text().replace("/opt/cloudfed/bin/", f"{Path(sys.executable).parent}/"))
+@pytest.fixture(params=[UNIT, AGENT_UNIT], ids=lambda p: p.stem)
+def installed_unit(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A shipped unit with its install prefix pointed at this checkout's console scripts."""
+    unit: Path = request.param
+    path = tmp_path / unit.name
+    path.write_text(unit.read_text().replace("/opt/cloudfed/bin/", f"{Path(sys.executable).parent}/"))
     return path
 
 
@@ -99,3 +102,60 @@ def test_daemon_reports_ready_watchdog_reload_and_stopping(tmp_path: Path, pki_d
         code = stop(proc)
         listener.close()
     assert code == 0, (tmp_path / "agg.log").read_text()[-2000:]
+
+
+def test_agent_unit_runs_as_its_own_user_with_credentials_and_only_gpu_devices() -> None:
+    text = AGENT_UNIT.read_text()
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "User=cloudfed-agent",
+        "LoadCredential=tls-key:",
+        "Environment=CLOUDFED_AGENT_TLS_KEY=%d/tls-key",
+        "StateDirectory=cloudfed-agent",
+        "DevicePolicy=closed",
+        "DeviceAllow=char-nvidia-uvm rw",
+        "CapabilityBoundingSet=\n",
+        "UMask=0077",
+    ):
+        assert line in text, line
+    sysusers = (UNITS / "cloudfed-agent.sysusers.conf").read_text()
+    assert re.search(r"^u cloudfed-agent ", sysusers, re.M)
+
+
+def test_agent_reports_ready_watchdog_and_stopping(tmp_path: Path, pki_dir: Path) -> None:  # noqa: F811
+    """The agent daemon is up (and pinging) while it retries an aggregator that is not there yet."""
+    sock_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(sock_path))
+    listener.settimeout(60)
+    (tmp_path / "data.txt").write_text("a local document\n\nanother one\n")
+    agent_toml = tmp_path / "agent.toml"
+    agent_toml.write_text(
+        f'data = "data.txt"\naggregator = "127.0.0.1:{free_port()}"\nserver_name = "localhost"\n'
+        'state_dir = "state"\nmetrics_listen = ""\n'
+        f'[tls]\ncert = "{pki_dir}/gcp-a1.pem"\nkey = "{pki_dir}/gcp-a1-key.pem"\nca = "{pki_dir}/ca.pem"\n'
+    )
+    proc = start(
+        "agent.cli",
+        "--config",
+        str(agent_toml),
+        "run",
+        log=tmp_path / "agent.log",
+        env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"},
+    )
+    try:
+        ready = listener.recv(4096).decode()
+        assert ready.splitlines()[0] == "READY=1"
+        assert listener.recv(4096).decode() == "WATCHDOG=1"
+        assert listener.recv(4096).decode() == "WATCHDOG=1"
+        proc.send_signal(signal.SIGTERM)
+        for _ in range(20):
+            if listener.recv(4096).decode() == "STOPPING=1":
+                break
+        else:
+            pytest.fail("no STOPPING=1 after SIGTERM")
+    finally:
+        code = stop(proc)
+        listener.close()
+    assert code == 0, (tmp_path / "agent.log").read_text()[-2000:]
