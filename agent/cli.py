@@ -65,6 +65,12 @@ async def run(config: AgentConfig, ctx: DistContext) -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    health = None
+    if config.health_listen:
+        from common.health import HealthPort
+
+        health = HealthPort(config.health_listen)
+        await health.start()
     watchdog = asyncio.create_task(sdnotify.watchdog_loop(stop))
     sdnotify.notify("READY=1", f"STATUS=agent for {config.aggregator}")
     try:
@@ -73,6 +79,8 @@ async def run(config: AgentConfig, ctx: DistContext) -> int:
         sdnotify.notify("STOPPING=1")
         stop.set()
         await watchdog
+        if health is not None:
+            await health.stop()
         await asyncio.to_thread(agent.stop_followers)
     return 0
 

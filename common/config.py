@@ -220,6 +220,8 @@ class AgentConfig:
     """Stop after evaluating this many new global versions (0: run until stopped)."""
     metrics_listen: str = "0.0.0.0:9465"
     """host:port of the Prometheus /metrics endpoint ('' disables; rank 0 only under torchrun)."""
+    health_listen: str = ""
+    """host:port of a plaintext gRPC health service for probes ('' disables; rank 0 only)."""
     egress_price_per_gb: float = 0.0
     """Price of one GB leaving this cloud, for the estimated egress cost metric."""
     log_level: str = "INFO"
@@ -240,6 +242,8 @@ class AgentConfig:
             raise ConfigError("max_rounds must be >= 0")
         if self.metrics_listen:
             _check_hostport(self.metrics_listen, "metrics_listen")
+        if self.health_listen:
+            _check_hostport(self.health_listen, "health_listen")
         if self.egress_price_per_gb < 0:
             raise ConfigError("egress_price_per_gb must be >= 0")
         self.tls.files().check("tls")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import free_port, start, stop
+from tests.daemons import free_port, start, stop, wait_serving
 from tests.test_cli import pki_dir, start_aggregator_process, write_config  # noqa: F401 - pki_dir is a fixture
 
 UNITS = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
@@ -123,17 +123,18 @@ def test_agent_unit_runs_as_its_own_user_with_credentials_and_only_gpu_devices()
     assert re.search(r"^u cloudfed-agent ", sysusers, re.M)
 
 
-def test_agent_reports_ready_watchdog_and_stopping(tmp_path: Path, pki_dir: Path) -> None:  # noqa: F811
-    """The agent daemon is up (and pinging) while it retries an aggregator that is not there yet."""
+def test_agent_reports_ready_watchdog_health_and_stopping(tmp_path: Path, pki_dir: Path) -> None:  # noqa: F811
+    """The agent daemon is up (pinging, health SERVING) while it retries an aggregator not there yet."""
     sock_path = tmp_path / "notify.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(sock_path))
     listener.settimeout(60)
+    health = free_port()
     (tmp_path / "data.txt").write_text("a local document\n\nanother one\n")
     agent_toml = tmp_path / "agent.toml"
     agent_toml.write_text(
         f'data = "data.txt"\naggregator = "127.0.0.1:{free_port()}"\nserver_name = "localhost"\n'
-        'state_dir = "state"\nmetrics_listen = ""\n'
+        f'state_dir = "state"\nmetrics_listen = ""\nhealth_listen = "127.0.0.1:{health}"\n'
         f'[tls]\ncert = "{pki_dir}/gcp-a1.pem"\nkey = "{pki_dir}/gcp-a1-key.pem"\nca = "{pki_dir}/ca.pem"\n'
     )
     proc = start(
@@ -149,6 +150,7 @@ def test_agent_reports_ready_watchdog_and_stopping(tmp_path: Path, pki_dir: Path
         assert ready.splitlines()[0] == "READY=1"
         assert listener.recv(4096).decode() == "WATCHDOG=1"
         assert listener.recv(4096).decode() == "WATCHDOG=1"
+        wait_serving(health)  # the probe port answers SERVING
         proc.send_signal(signal.SIGTERM)
         for _ in range(20):
             if listener.recv(4096).decode() == "STOPPING=1":
