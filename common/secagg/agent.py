@@ -1,0 +1,182 @@
+"""The agent's side of one secure-aggregation round: advertise, share, mask, unmask."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from common.errors import FailedPrecondition, InvalidArgument
+from common.secagg import shamir
+from common.secagg.graph import neighbours
+from common.secagg.keys import (
+    Advertisement,
+    KeyPair,
+    RosterError,
+    derive,
+    open_sealed,
+    seal,
+    sign_advertisement,
+    verify_advertisement,
+)
+from common.secagg.params import SecAggParams
+from common.secagg.prg import apply_mask
+
+log = logging.getLogger(__name__)
+
+SELF_SEED = 0  # kinds of share revealed at unmask
+MASK_KEY = 1
+
+
+def share_aad(round_id: int, sender: str, recipient: str) -> bytes:
+    """Binds an encrypted share to its round, sender and recipient."""
+    return (
+        b"cloudfed-secagg-share" + struct.pack(">Q", round_id) + sender.encode() + b"\0" + recipient.encode()
+    )
+
+
+def pair_mask_key(secret: bytes, round_id: int, a: str, b: str) -> bytes:
+    """The pairwise mask key of agents a and b (order-free)."""
+    low, high = sorted((a, b))
+    return derive(secret, "pair-mask", round_id, low, high)
+
+
+def self_mask_key(seed: bytes, round_id: int, agent: str) -> bytes:
+    """The self-mask key from an agent's seed b_u."""
+    return derive(seed, "self-mask", round_id, agent)
+
+
+def pair_sign(me: str, peer: str) -> int:
+    """+1 if ``me`` adds the pairwise mask, -1 if it subtracts it (so each pair cancels)."""
+    return 1 if me < peer else -1
+
+
+@dataclass
+class AgentRound:
+    """One agent in one round. Methods are called in phase order; each checks its inputs."""
+
+    round_id: int
+    agent_id: str
+    params: SecAggParams
+    ca: x509.Certificate
+    certificate_pem: bytes
+    signing_key: ec.EllipticCurvePrivateKey
+    graph_seed: bytes
+    cipher: KeyPair = field(default_factory=KeyPair.generate)
+    mask: KeyPair = field(default_factory=KeyPair.generate)
+    self_seed: bytes = field(default_factory=lambda: os.urandom(32))
+    roster: dict[str, Advertisement] = field(default_factory=dict)
+    points: dict[str, int] = field(default_factory=dict)
+    my_neighbours: frozenset[str] = frozenset()
+    held: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # sender -> (b share, sk share)
+    masked_with: frozenset[str] = frozenset()
+    unmasked: bool = False
+
+    def advertise(self) -> Advertisement:
+        """Phase 1: both public keys, signed with the certificate key."""
+        return sign_advertisement(
+            self.round_id, self.agent_id, self.cipher, self.mask, self.certificate_pem, self.signing_key
+        )
+
+    def share_keys(self, roster: Sequence[Advertisement], now: dt.datetime | None = None) -> dict[str, bytes]:
+        """Phase 2: verify every advertisement, then seal shares of b_u and s_sk_u for each neighbour."""
+        now = now or dt.datetime.now(dt.UTC)
+        by_id: dict[str, Advertisement] = {}
+        for adv in roster:
+            verify_advertisement(adv, self.ca, self.round_id, now)
+            if adv.agent_id in by_id:
+                raise RosterError(f"the roster lists {adv.agent_id} twice")
+            by_id[adv.agent_id] = adv
+        mine = by_id.get(self.agent_id)
+        if mine is None or (mine.cipher_public, mine.mask_public) != (self.cipher.public, self.mask.public):
+            raise RosterError("the roster does not carry this agent's own keys unchanged")
+        if len(by_id) < self.params.threshold:
+            raise RosterError(f"roster of {len(by_id)} agents is below the threshold {self.params.threshold}")
+        self.roster = by_id
+        ids = sorted(by_id)
+        self.points = {a: i + 1 for i, a in enumerate(ids)}
+        self.my_neighbours = neighbours(ids, self.params.neighbours, self.graph_seed)[self.agent_id]
+        holders = sorted(self.my_neighbours | {self.agent_id})
+        xs = [self.points[h] for h in holders]
+        b_shares = shamir.split(self.self_seed, self.params.threshold, xs)
+        sk_shares = shamir.split(self.mask.private_bytes(), self.params.threshold, xs)
+        sealed: dict[str, bytes] = {}
+        for holder in holders:
+            x = self.points[holder]
+            if holder == self.agent_id:
+                self.held[holder] = (b_shares[x], sk_shares[x])
+                continue
+            key = self._share_key(holder)
+            aad = share_aad(self.round_id, self.agent_id, holder)
+            sealed[holder] = seal(key, b_shares[x] + sk_shares[x], aad)
+        return sealed
+
+    def receive_shares(self, sealed: Mapping[str, bytes]) -> None:
+        """Phase 2 result: the shares neighbours sealed for this agent. Their senders are the peers
+        this agent masks with."""
+        for sender, blob in sealed.items():
+            if sender not in self.my_neighbours:
+                raise RosterError(f"{sender} sent shares but is not a neighbour")
+            plain = open_sealed(
+                self._share_key(sender), blob, share_aad(self.round_id, sender, self.agent_id)
+            )
+            if len(plain) != 2 * shamir.SHARE_BYTES:
+                raise RosterError(f"share from {sender} has the wrong size")
+            self.held[sender] = (plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :])
+        self.masked_with = frozenset(sealed)
+        if len(self.masked_with) + 1 < self.params.threshold:
+            raise FailedPrecondition(
+                f"only {len(self.masked_with)} neighbours shared keys; threshold {self.params.threshold}"
+            )
+
+    def mask_codes(self, codes: np.ndarray) -> np.ndarray:
+        """Phase 3: add the self mask and the pairwise masks to fixed-point codes, in place."""
+        apply_mask(codes, self_mask_key(self.self_seed, self.round_id, self.agent_id), +1)
+        for peer in sorted(self.masked_with):
+            secret = self.mask.agree(self.roster[peer].mask_public)
+            apply_mask(
+                codes,
+                pair_mask_key(secret, self.round_id, self.agent_id, peer),
+                pair_sign(self.agent_id, peer),
+            )
+        return codes
+
+    def unmask(self, survivors: Iterable[str], dropped: Iterable[str]) -> dict[str, tuple[int, bytes]]:
+        """Phase 4: self-seed shares of survivors, mask-key shares of dropped agents, never both for
+        one peer; refused if fewer than t survivors are listed."""
+        alive, gone = set(survivors), set(dropped)
+        both = alive & gone
+        if both:
+            raise InvalidArgument(f"unmask request names {sorted(both)} as both surviving and dropped")
+        if len(alive) < self.params.threshold:
+            raise InvalidArgument(
+                f"unmask request lists {len(alive)} survivors; threshold {self.params.threshold}"
+            )
+        if self.agent_id not in alive:
+            raise InvalidArgument("unmask request does not list this agent as a survivor")
+        if self.unmasked:
+            raise FailedPrecondition("this agent already answered an unmask request this round")
+        unknown = (alive | gone) - set(self.roster)
+        if unknown:
+            raise InvalidArgument(f"unmask request names agents outside the roster: {sorted(unknown)}")
+        self.unmasked = True
+        out: dict[str, tuple[int, bytes]] = {}
+        for peer, (b_share, sk_share) in self.held.items():
+            if peer in alive:
+                out[peer] = (SELF_SEED, b_share)
+            elif peer in gone:
+                out[peer] = (MASK_KEY, sk_share)
+        log.info("secagg round %d: revealed %d shares", self.round_id, len(out))
+        return out
+
+    def _share_key(self, peer: str) -> bytes:
+        secret = self.cipher.agree(self.roster[peer].cipher_public)
+        low, high = sorted((self.agent_id, peer))
+        return derive(secret, "share-encryption", self.round_id, low, high)

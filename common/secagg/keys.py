@@ -1,0 +1,147 @@
+"""Per-round keys: X25519 agreement through HKDF, advertisements signed with the agent's certificate
+key and verified against the federation CA, and AES-GCM encryption of shares between agents."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import struct
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from common.errors import PermissionDenied
+from common.pki import spiffe_ids_of
+
+RAW = serialization.Encoding.Raw
+RAW_PUBLIC = serialization.PublicFormat.Raw
+
+
+class RosterError(PermissionDenied):
+    """A key advertisement that does not verify: the agent refuses the round."""
+
+
+def _lp(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def derive(secret: bytes, purpose: str, round_id: int, *parties: str) -> bytes:
+    """32 bytes from ``secret`` for one purpose, round and (ordered) pair of parties."""
+    info = b"cloudfed-secagg-v1" + _lp(purpose.encode()) + struct.pack(">Q", round_id)
+    for party in parties:
+        info += _lp(party.encode())
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An ephemeral X25519 key pair."""
+
+    private: x25519.X25519PrivateKey
+    public: bytes
+
+    @classmethod
+    def generate(cls) -> KeyPair:
+        """A fresh key pair."""
+        private = x25519.X25519PrivateKey.generate()
+        return cls(private, private.public_key().public_bytes(RAW, RAW_PUBLIC))
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> KeyPair:
+        """Rebuild from the 32 raw private bytes (as recovered from Shamir shares)."""
+        private = x25519.X25519PrivateKey.from_private_bytes(raw)
+        return cls(private, private.public_key().public_bytes(RAW, RAW_PUBLIC))
+
+    def private_bytes(self) -> bytes:
+        """The 32 raw private bytes (to be secret-shared)."""
+        return self.private.private_bytes(RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+
+    def agree(self, peer_public: bytes) -> bytes:
+        """The raw X25519 shared secret with a peer."""
+        return self.private.exchange(x25519.X25519PublicKey.from_public_bytes(peer_public))
+
+
+@dataclass(frozen=True)
+class Advertisement:
+    """An agent's two public keys for one round, signed with its certificate's key."""
+
+    round_id: int
+    agent_id: str
+    cipher_public: bytes  # c_pk: encrypts shares between agents
+    mask_public: bytes  # s_pk: pairwise mask agreement
+    certificate_pem: bytes
+    signature: bytes
+
+    def signed_bytes(self) -> bytes:
+        """What the signature covers: round, identity, both keys."""
+        return signed_payload(self.round_id, self.agent_id, self.cipher_public, self.mask_public)
+
+
+def signed_payload(round_id: int, agent_id: str, cipher_public: bytes, mask_public: bytes) -> bytes:
+    """Canonical bytes of an advertisement."""
+    return (
+        b"cloudfed-secagg-advertisement-v1"
+        + struct.pack(">Q", round_id)
+        + _lp(agent_id.encode())
+        + _lp(cipher_public)
+        + _lp(mask_public)
+    )
+
+
+def sign_advertisement(
+    round_id: int,
+    agent_id: str,
+    cipher: KeyPair,
+    mask: KeyPair,
+    certificate_pem: bytes,
+    signing_key: ec.EllipticCurvePrivateKey,
+) -> Advertisement:
+    """Sign both public keys with the agent's certificate key (ECDSA P-256, SHA-256)."""
+    payload = signed_payload(round_id, agent_id, cipher.public, mask.public)
+    signature = signing_key.sign(payload, ec.ECDSA(hashes.SHA256()))
+    return Advertisement(round_id, agent_id, cipher.public, mask.public, certificate_pem, signature)
+
+
+def verify_advertisement(adv: Advertisement, ca: x509.Certificate, round_id: int, now: dt.datetime) -> None:
+    """Raise RosterError unless ``adv`` is for this round, from a CA-issued, valid certificate whose one
+    SPIFFE id is the advertised identity, and signed by that certificate's key."""
+    who = adv.agent_id or "<no id>"
+    if adv.round_id != round_id:
+        raise RosterError(f"advertisement of {who} is for round {adv.round_id}, not {round_id}")
+    if len(adv.cipher_public) != 32 or len(adv.mask_public) != 32:
+        raise RosterError(f"advertisement of {who} carries malformed public keys")
+    try:
+        cert = x509.load_pem_x509_certificate(adv.certificate_pem)
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise RosterError(f"certificate of {who} is not issued by the federation CA: {exc}") from exc
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise RosterError(f"certificate of {who} is not valid now")
+    if spiffe_ids_of(cert) != [adv.agent_id]:
+        raise RosterError(f"certificate of {who} names {spiffe_ids_of(cert)}, not the advertised identity")
+    public_key = cert.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise RosterError(f"certificate of {who} does not hold an EC key")
+    try:
+        public_key.verify(adv.signature, adv.signed_bytes(), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature as exc:
+        raise RosterError(f"signature on the advertisement of {who} does not verify") from exc
+
+
+def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """AES-256-GCM with a random nonce prepended."""
+    nonce = os.urandom(12)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def open_sealed(key: bytes, sealed: bytes, aad: bytes) -> bytes:
+    """Inverse of ``seal``; RosterError if the ciphertext was tampered with or misrouted."""
+    try:
+        return AESGCM(key).decrypt(sealed[:12], sealed[12:], aad)
+    except (InvalidTag, ValueError) as exc:
+        raise RosterError("an encrypted share does not authenticate") from exc

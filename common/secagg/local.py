@@ -1,0 +1,101 @@
+"""A whole secure-aggregation round in one process, with dropouts at any phase (tests, benchmarks)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.identity import SpiffeId
+from common.pki import Issued, create_ca, issue_agent
+from common.secagg.agent import AgentRound
+from common.secagg.params import SecAggParams
+from common.secagg.server import ServerRound
+
+PHASES = ("advertise", "share", "upload", "unmask")
+
+
+@dataclass
+class Federation:
+    """A CA and ``n`` agent certificates in one trust domain."""
+
+    ca: Issued
+    agents: dict[str, Issued]
+
+    @classmethod
+    def create(cls, n: int, trust_domain: str = "secagg.test") -> Federation:
+        """Fresh CA and agents ``spiffe://<td>/cloud/c<i>/agent/a<i>``."""
+        ca = create_ca("secagg test CA")
+        agents = {}
+        for i in range(n):
+            spiffe = SpiffeId(trust_domain, f"c{i:02d}", f"a{i:02d}")
+            agents[spiffe.uri] = issue_agent(ca, spiffe)
+        return cls(ca, agents)
+
+    def agent_round(self, agent_id: str, round_id: int, params: SecAggParams, seed: bytes) -> AgentRound:
+        """A fresh protocol state for one agent."""
+        issued = self.agents[agent_id]
+        return AgentRound(round_id, agent_id, params, self.ca.cert, issued.cert_pem(), issued.key, seed)
+
+
+@dataclass
+class RoundResult:
+    """The unmasked ring sum and who ended up in it."""
+
+    total: np.ndarray
+    survivors: list[str]
+    dropped: list[str]
+    agents: dict[str, AgentRound] = field(default_factory=dict)
+
+
+def run_round(
+    federation: Federation,
+    codes: Mapping[str, np.ndarray],
+    params: SecAggParams,
+    drop: Mapping[str, set[str]] | None = None,
+    round_id: int = 1,
+    seed: bytes = b"public-round-seed",
+    tamper: Callable[[list], None] | None = None,
+) -> RoundResult:
+    """Run advertise -> share -> masked upload -> unmask; ``drop[phase]`` agents vanish after that phase
+    (``advertise``: advertised then gone; ``share``: shared then gone; ``upload``: vanished mid-way
+    through sending; ``unmask``: uploaded but never answered)."""
+    drop = drop or {}
+    length = len(next(iter(codes.values())))
+    server = ServerRound(round_id, params, length, seed)
+    agents = {a: federation.agent_round(a, round_id, params, seed) for a in codes}
+    for agent in agents.values():
+        server.add_advertisement(agent.advertise())
+    roster = server.roster()
+    if tamper is not None:
+        tamper(roster)
+    alive = [a for a in agents if a not in drop.get("advertise", set())]
+    for a in alive:
+        server.add_shares(a, agents[a].share_keys(roster))
+    alive = [a for a in alive if a not in drop.get("share", set())]
+    server.start_sum()
+    for a in alive:
+        agents[a].receive_shares(server.shares_for(a))
+        masked = agents[a].mask_codes(codes[a].copy())
+        if a in drop.get("upload", set()):
+            continue  # a partial upload never reaches the sum (the spool holds it until complete)
+        server.add_masked(a, masked)
+        server.finish_upload(a)
+    survivors, dropped = server.unmask_request()
+    for a in survivors:
+        if a in drop.get("unmask", set()):
+            continue
+        server.add_reveal(a, agents[a].unmask(survivors, dropped))
+    return RoundResult(server.unmasked_sum().copy(), survivors, dropped, agents)
+
+
+def now() -> dt.datetime:
+    """UTC now (for verifying certificates)."""
+    return dt.datetime.now(dt.UTC)
+
+
+def ids_of(federation: Federation) -> Sequence[str]:
+    """Agent ids in a stable order."""
+    return sorted(federation.agents)

@@ -1,0 +1,162 @@
+"""The aggregator's side of one secure-aggregation round: relay keys and sealed shares, add masked
+codes into one running uint32 sum, and remove the masks from the sum after unmasking.
+
+It never holds an agent's unmasked update: masked inputs go straight into the sum, and only the
+sum is unmasked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.errors import Aborted, FailedPrecondition, InvalidArgument
+from common.secagg import shamir
+from common.secagg.agent import MASK_KEY, SELF_SEED, pair_mask_key, pair_sign, self_mask_key
+from common.secagg.graph import neighbours
+from common.secagg.keys import Advertisement, KeyPair
+from common.secagg.params import SecAggParams
+from common.secagg.prg import apply_mask
+from common.secagg.ring import RING_DTYPE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerRound:
+    """One round at the aggregator. ``length`` is the number of uint32 codes per agent."""
+
+    round_id: int
+    params: SecAggParams
+    length: int
+    graph_seed: bytes
+    advertisements: dict[str, Advertisement] = field(default_factory=dict)
+    sealed: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sender -> recipient -> blob
+    uploaded: set[str] = field(default_factory=set)
+    reveals: dict[str, dict[str, tuple[int, bytes]]] = field(default_factory=dict)
+    total: np.ndarray | None = None
+    graph: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    # Phase 1
+    def add_advertisement(self, adv: Advertisement) -> None:
+        """Keep an agent's advertisement (the servicer checked it came from that agent's connection)."""
+        if adv.round_id != self.round_id:
+            raise FailedPrecondition(f"advertisement for round {adv.round_id}, this is round {self.round_id}")
+        if adv.agent_id in self.advertisements:
+            raise FailedPrecondition(f"{adv.agent_id} already advertised keys this round")
+        self.advertisements[adv.agent_id] = adv
+
+    def roster(self) -> list[Advertisement]:
+        """Close phase 1: everyone who advertised, if at least t did."""
+        if len(self.advertisements) < self.params.threshold:
+            raise Aborted(
+                f"{len(self.advertisements)} agents advertised keys; threshold {self.params.threshold}"
+            )
+        ids = sorted(self.advertisements)
+        self.graph = neighbours(ids, self.params.neighbours, self.graph_seed)
+        return [self.advertisements[a] for a in ids]
+
+    # Phase 2
+    def add_shares(self, sender: str, sealed: Mapping[str, bytes]) -> None:
+        """Keep the sealed shares ``sender`` addressed to its neighbours (opaque to the aggregator)."""
+        if sender not in self.graph:
+            raise FailedPrecondition(f"{sender} is not in this round's roster")
+        if sender in self.sealed:
+            raise FailedPrecondition(f"{sender} already shared keys this round")
+        if set(sealed) != set(self.graph[sender]):
+            raise InvalidArgument(
+                f"{sender} must seal one share for each of its {len(self.graph[sender])} neighbours"
+            )
+        self.sealed[sender] = dict(sealed)
+
+    def shared(self) -> set[str]:
+        """U2: the agents whose shares arrived."""
+        return set(self.sealed)
+
+    def shares_for(self, recipient: str) -> dict[str, bytes]:
+        """Close phase 2 for one agent: the shares its neighbours in U2 sealed for it."""
+        if len(self.sealed) < self.params.threshold:
+            raise Aborted(f"{len(self.sealed)} agents shared keys; threshold {self.params.threshold}")
+        return {s: blobs[recipient] for s, blobs in self.sealed.items() if recipient in blobs}
+
+    # Phase 3
+    def start_sum(self) -> None:
+        """Allocate the running sum (touched now, not during the first upload)."""
+        self.total = np.zeros(self.length, dtype=RING_DTYPE)
+
+    def add_masked(self, sender: str, codes: np.ndarray, offset: int = 0) -> None:
+        """Add a slice of ``sender``'s masked codes at ``offset`` into the running sum (mod 2^32)."""
+        if sender not in self.sealed:
+            raise FailedPrecondition(f"{sender} did not share keys this round")
+        if self.total is None:
+            self.start_sum()
+        assert self.total is not None
+        if codes.dtype != RING_DTYPE or offset + codes.size > self.length:
+            raise InvalidArgument("masked input has the wrong type or length")
+        target = self.total[offset : offset + codes.size]
+        np.add(target, codes, out=target)
+
+    def finish_upload(self, sender: str) -> None:
+        """``sender``'s whole masked input is in the sum."""
+        self.uploaded.add(sender)
+
+    # Phase 4
+    def unmask_request(self) -> tuple[list[str], list[str]]:
+        """(survivors U3, dropped U2 minus U3) for every survivor to answer."""
+        if len(self.uploaded) < self.params.threshold:
+            raise Aborted(f"{len(self.uploaded)} masked inputs arrived; threshold {self.params.threshold}")
+        return sorted(self.uploaded), sorted(self.shared() - self.uploaded)
+
+    def add_reveal(self, sender: str, shares: Mapping[str, tuple[int, bytes]]) -> None:
+        """Keep a survivor's revealed shares, checking each is of the kind the request allows."""
+        if sender not in self.uploaded:
+            raise FailedPrecondition(f"{sender} is not a survivor of this round")
+        survivors, dropped = self.unmask_request()
+        for peer, (kind, _share) in shares.items():
+            if not ((kind == SELF_SEED and peer in survivors) or (kind == MASK_KEY and peer in dropped)):
+                raise InvalidArgument(f"{sender} revealed a share of the wrong kind for {peer}")
+        self.reveals[sender] = dict(shares)
+
+    def unmasked_sum(self) -> np.ndarray:
+        """Remove every mask from the running sum: self masks of survivors, pairwise masks between
+        survivors and dropped agents. Aborted if some secret has fewer than t shares."""
+        survivors, dropped = self.unmask_request()
+        if self.total is None:
+            raise FailedPrecondition("no masked input was added")
+        points = {a: i + 1 for i, a in enumerate(sorted(self.advertisements))}
+        total = self.total
+        for agent in survivors:
+            seed = self._reconstruct(agent, SELF_SEED, points)
+            apply_mask(total, self_mask_key(seed, self.round_id, agent), -1)
+        for gone in dropped:
+            mask_key = KeyPair.from_private_bytes(self._reconstruct(gone, MASK_KEY, points))
+            if mask_key.public != self.advertisements[gone].mask_public:
+                raise Aborted(f"shares of {gone}'s mask key do not match its advertised key")
+            for agent in survivors:
+                if gone in self.graph[agent] and agent in self.sealed.get(gone, {}):
+                    secret = mask_key.agree(self.advertisements[agent].mask_public)
+                    key = pair_mask_key(secret, self.round_id, agent, gone)
+                    apply_mask(total, key, -pair_sign(agent, gone))  # undo what ``agent`` added
+        log.info(
+            "secagg round %d: unmasked the sum of %d inputs (%d dropped after sharing)",
+            self.round_id,
+            len(survivors),
+            len(dropped),
+        )
+        return total
+
+    def _reconstruct(self, owner: str, kind: int, points: Mapping[str, int]) -> bytes:
+        shares = {
+            points[holder]: share
+            for holder, revealed in self.reveals.items()
+            for peer, (k, share) in revealed.items()
+            if peer == owner and k == kind
+        }
+        if len(shares) < self.params.threshold:
+            raise Aborted(
+                f"{len(shares)} shares of {owner}'s secret revealed; threshold {self.params.threshold}"
+            )
+        return shamir.reconstruct(shares, self.params.threshold)

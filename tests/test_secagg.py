@@ -1,0 +1,239 @@
+"""Secure aggregation core (common/secagg): exact sums, dropouts at every phase, forged keys, refusals."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.errors import Aborted, ConfigError, FailedPrecondition, InvalidArgument
+from common.identity import SpiffeId
+from common.pki import create_ca, issue_agent
+from common.secagg import shamir
+from common.secagg.graph import neighbours
+from common.secagg.keys import RosterError, sign_advertisement
+from common.secagg.local import Federation, run_round
+from common.secagg.params import SecAggParams
+from common.secagg.prg import apply_mask, expand
+from common.secagg.ring import FixedPoint, check_headroom
+
+N = 10
+LENGTH = 3000
+
+
+@pytest.fixture(scope="module")
+def federation() -> Federation:
+    return Federation.create(N)
+
+
+@pytest.fixture(scope="module")
+def codes(federation: Federation) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return {a: rng.integers(0, 1 << 16, LENGTH, dtype=np.uint32) for a in sorted(federation.agents)}
+
+
+def ring_sum(codes: dict[str, np.ndarray], agents: list[str]) -> np.ndarray:
+    total = np.zeros(LENGTH, dtype=np.uint32)
+    for a in agents:
+        total += codes[a]
+    return total
+
+
+FULL = SecAggParams(threshold=6, neighbours=0, clip=1.0, bits=16)
+SPARSE = SecAggParams(threshold=3, neighbours=4, clip=1.0, bits=16)
+
+
+@pytest.mark.parametrize("params", [FULL, SPARSE], ids=["full-graph", "k=4"])
+def test_unmasked_sum_is_exact_in_the_ring(
+    federation: Federation, codes: dict[str, np.ndarray], params: SecAggParams
+) -> None:
+    result = run_round(federation, codes, params.check(N))
+    assert result.dropped == []
+    np.testing.assert_array_equal(result.total, ring_sum(codes, sorted(codes)))
+
+
+@pytest.mark.parametrize("phase", ["advertise", "share", "upload", "unmask"])
+@pytest.mark.parametrize(("params", "tolerated"), [(FULL, 4), (SPARSE, 1)], ids=["full-graph", "k=4"])
+def test_dropouts_up_to_the_tolerated_number_at_every_phase(
+    federation: Federation, codes: dict[str, np.ndarray], phase: str, params: SecAggParams, tolerated: int
+) -> None:
+    ids = sorted(codes)
+    gone = set(ids[:tolerated]) if params is FULL else {ids[3]}
+    result = run_round(federation, codes, params, drop={phase: gone})
+    expected_in = [a for a in ids if a not in gone or phase == "unmask"]
+    assert result.survivors == expected_in
+    np.testing.assert_array_equal(result.total, ring_sum(codes, expected_in))
+
+
+def test_one_dropout_too_many_aborts_the_round(federation: Federation, codes: dict[str, np.ndarray]) -> None:
+    ids = sorted(codes)
+    # Full graph, t = 6 of 10: five agents gone after sharing leaves 5 uploads < t.
+    with pytest.raises(Aborted, match="threshold 6"):
+        run_round(federation, codes, FULL, drop={"share": set(ids[:5])})
+    # Survivors that do not answer the unmask request: too few shares to rebuild the self masks.
+    with pytest.raises(Aborted, match="shares of"):
+        run_round(federation, codes, FULL, drop={"unmask": set(ids[:5])})
+
+
+def test_sparse_graph_survives_drops_spread_across_neighbourhoods(
+    federation: Federation, codes: dict[str, np.ndarray]
+) -> None:
+    ids = sorted(codes)
+    graph = neighbours(ids, 4, b"public-round-seed")
+    first = ids[0]
+    far = next(a for a in ids if a != first and a not in graph[first])
+    result = run_round(federation, codes, SPARSE, drop={"upload": {first, far}})
+    np.testing.assert_array_equal(result.total, ring_sum(codes, result.survivors))
+
+
+def test_forged_or_unsigned_advertisement_is_rejected(
+    federation: Federation, codes: dict[str, np.ndarray]
+) -> None:
+    ids = sorted(codes)
+    victim = ids[4]
+
+    def substitute_key(roster: list) -> None:  # a curious aggregator swaps in its own mask key
+        i = next(i for i, adv in enumerate(roster) if adv.agent_id == victim)
+        roster[i] = dataclasses.replace(roster[i], mask_public=bytes(range(32)))
+
+    with pytest.raises(RosterError, match="signature"):
+        run_round(federation, codes, FULL, tamper=substitute_key)
+
+    def strip_signature(roster: list) -> None:
+        roster[0] = dataclasses.replace(roster[0], signature=b"")
+
+    with pytest.raises(RosterError, match="signature"):
+        run_round(federation, codes, FULL, tamper=strip_signature)
+
+    outsider_ca = create_ca("another CA")
+    outsider = issue_agent(outsider_ca, SpiffeId.parse(victim))
+
+    def foreign_certificate(roster: list) -> None:  # a well-signed advertisement from another CA
+        agent = federation.agent_round(victim, 1, FULL, b"s")
+        adv = sign_advertisement(1, victim, agent.cipher, agent.mask, outsider.cert_pem(), outsider.key)
+        roster[ids.index(victim)] = adv
+
+    with pytest.raises(RosterError, match="not issued by the federation CA"):
+        run_round(federation, codes, FULL, tamper=foreign_certificate)
+
+    def borrowed_identity(roster: list) -> None:  # agent 0's certificate used to claim agent 1's id
+        roster[1] = dataclasses.replace(roster[1], certificate_pem=roster[0].certificate_pem)
+
+    with pytest.raises(RosterError):
+        run_round(federation, codes, FULL, tamper=borrowed_identity)
+
+
+def test_unmask_request_naming_a_peer_alive_and_dropped_is_refused(
+    federation: Federation, codes: dict[str, np.ndarray]
+) -> None:
+    ids = sorted(codes)
+    agent = federation.agent_round(ids[0], 2, FULL, b"seed")
+    others = {a: federation.agent_round(a, 2, FULL, b"seed") for a in ids[1:]}
+    roster = [agent.advertise()] + [o.advertise() for o in others.values()]
+    agent.share_keys(roster)
+    with pytest.raises(InvalidArgument, match="both surviving and dropped"):
+        agent.unmask(ids, [ids[3]])
+    with pytest.raises(InvalidArgument, match="threshold"):
+        agent.unmask(ids[:5], ids[5:])
+    agent.unmask(ids[:6], ids[6:])  # a well-formed request is answered once
+    with pytest.raises(FailedPrecondition, match="already answered"):
+        agent.unmask(ids[:6], ids[6:])
+
+
+def test_single_masked_upload_looks_uniform(federation: Federation) -> None:
+    """Chi-square on byte values of one agent's masked input: an all-zero update, fully masked."""
+    ids = sorted(federation.agents)
+    length = 1 << 16
+    zeros = {a: np.zeros(length, dtype=np.uint32) for a in ids}
+    agents = {a: federation.agent_round(a, 9, FULL, b"seed") for a in ids}
+    roster = [agents[a].advertise() for a in ids]
+    sealed = {a: agents[a].share_keys(roster) for a in ids}
+    me = agents[ids[0]]
+    me.receive_shares({s: blobs[ids[0]] for s, blobs in sealed.items() if ids[0] in blobs})
+    masked = me.mask_codes(zeros[ids[0]].copy())
+    counts = np.bincount(masked.view(np.uint8), minlength=256)
+    expected = counts.sum() / 256
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    # 255 degrees of freedom: the 99.9th percentile is about 330.
+    assert chi2 < 330, chi2
+    # The same statistic on the unmasked input is enormous: the test can fail.
+    raw = np.bincount(zeros[ids[0]].view(np.uint8), minlength=256)
+    assert float(((raw - expected) ** 2 / expected).sum()) > 1e5
+
+
+@given(
+    secret=st.binary(min_size=32, max_size=32),
+    n=st.integers(min_value=2, max_value=12),
+    data=st.data(),
+)
+@settings(max_examples=40, deadline=None)
+def test_shamir_any_t_shares_recover_fewer_do_not(secret: bytes, n: int, data: st.DataObject) -> None:
+    t = data.draw(st.integers(min_value=1, max_value=n))
+    shares = shamir.split(secret, t, list(range(1, n + 1)))
+    chosen = data.draw(st.permutations(list(shares)))[:t]
+    assert shamir.reconstruct({x: shares[x] for x in chosen}, t) == secret
+    if t > 1:
+        fewer = {x: shares[x] for x in chosen[: t - 1]}
+        with pytest.raises(InvalidArgument):
+            shamir.reconstruct(fewer, t)
+        # t - 1 shares with a wrong guess for the last one interpolate to something else.
+        wrong = dict(fewer) | {chosen[-1]: (1).to_bytes(shamir.SHARE_BYTES, "big")}
+        with contextlib.suppress(InvalidArgument):  # or it falls outside 256 bits
+            assert shamir.reconstruct(wrong, t) != secret
+
+
+def test_mask_streams_are_deterministic_keyed_and_cancel() -> None:
+    a, b = expand(b"k" * 32, 100_000), expand(b"k" * 32, 100_000)
+    np.testing.assert_array_equal(a, b)
+    assert (expand(b"j" * 32, 100_000) != a).mean() > 0.99
+    buf = np.arange(300_000, dtype=np.uint32)
+    apply_mask(buf, b"x" * 32, +1)
+    assert (buf != np.arange(300_000, dtype=np.uint32)).mean() > 0.99
+    apply_mask(buf, b"x" * 32, -1)
+    np.testing.assert_array_equal(buf, np.arange(300_000, dtype=np.uint32))
+
+
+def test_fixed_point_is_unbiased_within_a_step_and_clips() -> None:
+    fp = FixedPoint(clip=0.5, bits=12)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-0.5, 0.5, 200_000).astype(np.float32)
+    decoded = fp.decode_sum(fp.encode(x, rng), 1)
+    assert np.max(np.abs(decoded - x)) <= fp.step + 1e-9
+    assert abs(float(np.mean(decoded - x))) < fp.step / 50  # stochastic rounding: no bias
+    many = np.stack([fp.encode(np.full(1, 0.123, np.float32), rng) for _ in range(4000)])
+    assert abs(fp.decode_sum(many.sum(0, dtype=np.uint32), 4000)[0] / 4000 - 0.123) < fp.step / 10
+    clipped = fp.decode_sum(fp.encode(np.array([9.0, -9.0], np.float32), rng), 1)
+    np.testing.assert_allclose(clipped, [0.5, -0.5])
+    with pytest.raises(InvalidArgument, match="NaN"):
+        fp.encode(np.array([np.nan], np.float32), rng)
+
+
+def test_headroom_and_parameter_checks_say_why() -> None:
+    check_headroom(16, 100)  # 16 + 7 + 1 = 24
+    check_headroom(24, 128)  # 24 + 7 + 1 = 32
+    with pytest.raises(ConfigError, match="headroom"):
+        check_headroom(24, 129)
+    with pytest.raises(ConfigError, match="above the number of agents"):
+        SecAggParams(threshold=11).check(10)
+    with pytest.raises(ConfigError, match="exceed half"):
+        SecAggParams(threshold=2, neighbours=4).check(10)
+    with pytest.raises(ConfigError, match="plus the agent itself"):
+        SecAggParams(threshold=6, neighbours=4).check(10)
+    SecAggParams(threshold=3, neighbours=4).check(10)
+
+
+@pytest.mark.parametrize(("n", "k"), [(10, 3), (10, 4), (9, 3), (25, 6), (7, 0)])
+def test_graph_is_regular_symmetric_and_seeded(n: int, k: int) -> None:
+    ids = [f"a{i}" for i in range(n)]
+    graph = neighbours(ids, k, b"seed-1")
+    want = n - 1 if k == 0 else (k + 1 if k % 2 and n % 2 else k)
+    for a, peers in graph.items():
+        assert a not in peers and len(peers) == want
+        assert all(a in graph[b] for b in peers)
+    assert neighbours(list(reversed(ids)), k, b"seed-1") == graph
+    if 0 < k < n - 1:
+        assert neighbours(ids, k, b"seed-2") != graph
