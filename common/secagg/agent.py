@@ -27,7 +27,7 @@ from common.secagg.keys import (
     verify_advertisement,
 )
 from common.secagg.params import SecAggParams
-from common.secagg.prg import apply_mask
+from common.secagg.prg import apply_masks
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +138,12 @@ class AgentRound:
 
     def mask_codes(self, codes: np.ndarray) -> np.ndarray:
         """Phase 3: add the self mask and the pairwise masks to fixed-point codes, in place."""
-        apply_mask(codes, self_mask_key(self.self_seed, self.round_id, self.agent_id), +1)
+        masks = [(self_mask_key(self.self_seed, self.round_id, self.agent_id), +1)]
         for peer in sorted(self.masked_with):
             secret = self.mask.agree(self.roster[peer].mask_public)
-            apply_mask(
-                codes,
-                pair_mask_key(secret, self.round_id, self.agent_id, peer),
-                pair_sign(self.agent_id, peer),
-            )
+            key = pair_mask_key(secret, self.round_id, self.agent_id, peer)
+            masks.append((key, pair_sign(self.agent_id, peer)))
+        apply_masks(codes, masks)
         return codes
 
     def unmask(self, survivors: Iterable[str], dropped: Iterable[str]) -> dict[str, tuple[int, bytes]]:

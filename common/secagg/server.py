@@ -19,7 +19,7 @@ from common.secagg.agent import MASK_KEY, SELF_SEED, pair_mask_key, pair_sign, s
 from common.secagg.graph import neighbours
 from common.secagg.keys import Advertisement, KeyPair
 from common.secagg.params import SecAggParams
-from common.secagg.prg import apply_mask
+from common.secagg.prg import apply_masks
 from common.secagg.ring import RING_DTYPE
 
 log = logging.getLogger(__name__)
@@ -128,9 +128,10 @@ class ServerRound:
             raise FailedPrecondition("no masked input was added")
         points = {a: i + 1 for i, a in enumerate(sorted(self.advertisements))}
         total = self.total
+        masks: list[tuple[bytes, int]] = []
         for agent in survivors:
             seed = self._reconstruct(agent, SELF_SEED, points)
-            apply_mask(total, self_mask_key(seed, self.round_id, agent), -1)
+            masks.append((self_mask_key(seed, self.round_id, agent), -1))
         for gone in dropped:
             mask_key = KeyPair.from_private_bytes(self._reconstruct(gone, MASK_KEY, points))
             if mask_key.public != self.advertisements[gone].mask_public:
@@ -139,7 +140,8 @@ class ServerRound:
                 if gone in self.graph[agent] and agent in self.sealed.get(gone, {}):
                     secret = mask_key.agree(self.advertisements[agent].mask_public)
                     key = pair_mask_key(secret, self.round_id, agent, gone)
-                    apply_mask(total, key, -pair_sign(agent, gone))  # undo what ``agent`` added
+                    masks.append((key, -pair_sign(agent, gone)))  # undo what ``agent`` added
+        apply_masks(total, masks)
         log.info(
             "secagg round %d: unmasked the sum of %d inputs (%d dropped after sharing)",
             self.round_id,
