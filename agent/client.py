@@ -117,6 +117,32 @@ class AggregatorClient:
             timeout=UNARY_DEADLINE_S,
         )
 
+    async def advertise_keys(self, advertisement: pb.KeyAdvertisement) -> None:
+        """Post this agent's signed round keys."""
+        await self.stub.AdvertiseKeys(
+            pb.AdvertiseKeysRequest(advertisement=advertisement), timeout=UNARY_DEADLINE_S
+        )
+
+    async def share_keys(self, round_id: int, shares: list[pb.SealedShare]) -> None:
+        """Post the sealed shares for this agent's neighbours."""
+        await self.stub.ShareKeys(
+            pb.ShareKeysRequest(round_id=round_id, shares=shares), timeout=UNARY_DEADLINE_S
+        )
+
+    async def secagg_state(self, round_id: int, phase: int, wait_s: float) -> pb.GetSecAggStateResponse:
+        """Wait (up to ``wait_s``) for the round to reach ``phase``; what this agent needs in it."""
+        response: pb.GetSecAggStateResponse = await self.stub.GetSecAggState(
+            pb.GetSecAggStateRequest(round_id=round_id, phase=phase),  # type: ignore[arg-type]
+            timeout=wait_s,
+        )
+        return response
+
+    async def reveal_shares(self, round_id: int, shares: list[pb.RevealedShare]) -> None:
+        """Answer the unmask request."""
+        await self.stub.RevealShares(
+            pb.RevealSharesRequest(round_id=round_id, shares=shares), timeout=UNARY_DEADLINE_S
+        )
+
     async def upload_status(self, upload_id: str) -> pb.GetUploadStatusResponse | None:
         """Where an upload stands, or None if the aggregator never saw it."""
         try:

@@ -23,11 +23,12 @@ from agent import metrics
 from agent.client import AggregatorClient
 from agent.data import load_texts, pack, split
 from agent.distributed import DistContext
+from agent.secure import SecureParticipation, Signer
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device
 from common.backoff import backoff_delays
 from common.codecs import identity
 from common.config import AgentConfig
-from common.errors import ConfigError
+from common.errors import CloudfedError, ConfigError
 from common.layout import ParamLayout
 from protos.cloudfed.v1 import federation_pb2 as pb
 
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 """Statuses no retry can fix: the operator must act."""
 KEEP_VERSIONS = 2
+SECAGG_WAIT_S = 4 * 3600.0
+"""Longest wait for a secure-aggregation phase (the aggregator's deadlines end phases sooner)."""
 
 
 @dataclass
@@ -181,12 +184,20 @@ class Agent:
         async for event in client.watch_rounds():
             if stop.is_set():
                 return True
+            starts = pb.ROUND_PHASE_ADVERTISE_KEYS if settings.secagg.enabled else pb.ROUND_PHASE_UPLOAD
             if (
-                event.phase == pb.ROUND_PHASE_UPLOAD
+                event.phase == starts
                 and event.participant
                 and event.round_id not in self.progress.rounds_trained
             ):
-                await self._take_part(client, settings, event)
+                try:
+                    await self._take_part(client, settings, event, join.agent_id)
+                except CloudfedError as exc:  # e.g. a roster that does not verify: sit this round out
+                    log.error("round %d: not taking part: %s", event.round_id, exc)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or not settings.secagg.enabled:
+                        raise
+                    log.warning("round %d: the aggregator ended our part: %s", event.round_id, exc.details())
             elif (
                 event.phase == pb.ROUND_PHASE_COMPLETED
                 and event.global_version not in self.progress.versions_evaluated
@@ -249,23 +260,52 @@ class Agent:
                 old.unlink(missing_ok=True)
         return load_file(path)
 
+    async def _train(
+        self, base: dict[str, torch.Tensor], training: LocalTraining, round_id: int
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        with metrics.step("train"):
+            result: tuple[dict[str, torch.Tensor], float] = await self.everywhere(
+                op="train", adapter=base, training=training, round_id=round_id
+            )
+        return result
+
     async def _take_part(
-        self, client: AggregatorClient, settings: pb.FederationSettings, event: pb.RoundEvent
+        self, client: AggregatorClient, settings: pb.FederationSettings, event: pb.RoundEvent, agent_id: str
     ) -> None:
         base = await self._global(client, event.global_version)
         t = settings.training
         training = LocalTraining(t.local_steps, t.learning_rate, t.batch_size, t.sequence_length, t.seed)
         began = time.monotonic()
-        with metrics.step("train"):
-            delta, train_loss = await self.everywhere(
-                op="train", adapter=base, training=training, round_id=event.round_id
-            )
+        if settings.secagg.enabled:  # round keys are single-use: a masked round is never retried
+            self.progress.rounds_trained.add(event.round_id)
+        training_task = asyncio.ensure_future(self._train(base, training, event.round_id))
+        secure = None
+        try:
+            if settings.secagg.enabled:  # key phases run while the model trains
+                secure = SecureParticipation(
+                    client,
+                    Signer.load(self.config.tls.files()),
+                    agent_id,
+                    settings.secagg,
+                    event.round_id,
+                    wait_s=SECAGG_WAIT_S,
+                )
+                await secure.keys()
+            delta, train_loss = await training_task
+        finally:
+            if not training_task.done():  # a key phase failed: let the ranks finish before leaving
+                with contextlib.suppress(Exception):
+                    await training_task
         with metrics.step("encode"):
             layout = ParamLayout.from_tensors(base)
-            weight = float(len(self.train_docs))
             payload = self.state / "uploads" / f"round-{event.round_id}.bin"
             vector = layout.flatten(delta)
-            encoded = identity.encode(vector, weight)
+            if secure is None:
+                weight = float(len(self.train_docs))
+                encoded = identity.encode(vector, weight)
+            else:
+                weight = secure.weight(len(self.train_docs))
+                encoded = await asyncio.to_thread(secure.mask, vector, weight)
             await asyncio.to_thread(payload.write_bytes, encoded)
         labels = client.labels
         metrics.UPDATE_RAW_BYTES.labels(**labels).inc(vector.nbytes)
@@ -298,6 +338,8 @@ class Agent:
             receipt.committed_bytes,
             float(np.linalg.norm(vector)),
         )
+        if secure is not None:
+            await secure.unmask()
 
     def _audit(
         self, event: pb.RoundEvent, header: pb.UploadHeader, delta: dict[str, torch.Tensor], train_loss: float

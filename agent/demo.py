@@ -39,8 +39,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def prepare(root: Path, rounds: int) -> tuple[Path, list[Path], int]:
-    """Write certificates, model, data and configs; return (aggregator config, agent configs, health port)."""
+def prepare(root: Path, rounds: int, secagg: bool = True) -> tuple[Path, list[Path], int]:
+    """Write certificates, model, data and configs; return (aggregator config, agent configs, health port).
+    With ``secagg`` the aggregator only ever sees the masked sum (24-bit fixed point, clip 0.5)."""
     pki = PkiDir(root / "pki")
     ca = pki.init("cloudfed demo CA", force=True)
     pki.save("aggregator", issue_server(ca, ["localhost"], ["127.0.0.1"]))
@@ -60,7 +61,13 @@ key = "pki/aggregator-key.pem"
 ca = "pki/ca.pem"
 [rounds]
 min_agents = {len(CLOUDS)}
+max_agents = 16
 upload_deadline_s = 300
+[secagg]
+enabled = {"true" if secagg else "false"}
+clip = 0.5
+bits = 24
+key_deadline_s = 30
 [federation]
 federation_id = "demo"
 model_id = "{root / "model"}"
@@ -115,10 +122,10 @@ def evals(agent_configs: list[Path]) -> dict[int, dict[str, float]]:
 
 
 def run_federation(
-    root: Path, rounds: int, show: bool = True, timeout_s: float = 600
+    root: Path, rounds: int, show: bool = True, timeout_s: float = 600, secagg: bool = True
 ) -> dict[int, dict[str, float]]:
     """Start the aggregator and agents, wait for ``rounds`` new versions, stop them; return the eval table."""
-    agg_config, agent_configs, health = prepare(root, rounds)
+    agg_config, agent_configs, health = prepare(root, rounds, secagg)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     logs = [open(root / "aggregator.log", "wb")]  # noqa: SIM115 - closed below
     procs = [
@@ -180,13 +187,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dir", type=Path, default=Path("demo-run"))
+    p.add_argument("--no-secagg", action="store_true", help="send plain updates (no secure aggregation)")
     args = p.parse_args()
     root = args.dir.resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     began = time.monotonic()
-    print(f"cloudfed demo in {root}: dev CA, tiny LM, {len(CLOUDS)} clouds with their own text")
-    table = run_federation(root, args.rounds)
+    masking = "plain updates" if args.no_secagg else "secure aggregation on"
+    print(f"cloudfed demo in {root}: dev CA, tiny LM, {len(CLOUDS)} clouds with their own text, {masking}")
+    table = run_federation(root, args.rounds, secagg=not args.no_secagg)
     complete = sorted(v for v, losses in table.items() if len(losses) == len(CLOUDS))
     if len(complete) < 2:
         print(f"FAILED: only {len(complete)} versions evaluated; see the logs in {root}")

@@ -20,6 +20,8 @@ from typing import Any, ClassVar, TypeVar
 from common.chunks import MAX_CHUNK_BYTES, validate_chunk_bytes
 from common.errors import CloudfedError, ConfigError
 from common.identity import IdentityError, SpiffeId
+from common.secagg.graph import check_parameters
+from common.secagg.ring import check_headroom
 from common.tls import TlsFiles
 
 T = TypeVar("T")
@@ -67,6 +69,28 @@ class RoundsConfig:
     """Uploads needed to aggregate after the deadline (0: min_agents)."""
     retry_delay_s: float = 5.0
     """Pause before retrying an abandoned round."""
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation: the aggregator learns only the sum of masked updates."""
+
+    enabled: bool = False
+    """Mask every update (the shipped deployment configs turn this on)."""
+    threshold: int = 0
+    """Shamir threshold t; 0 picks a majority of each neighbourhood (all agents, or k + 1)."""
+    neighbours: int = 0
+    """k of the random k-regular neighbour graph (SecAgg+); 0 = every agent masks with every other."""
+    clip: float = 0.1
+    """Clip bound of each weighted update coordinate before fixed-point encoding."""
+    bits: int = 20
+    """Fixed-point bits per coordinate; bits + ceil(log2 max_agents) + 1 must be <= 32."""
+    key_deadline_s: float = 60.0
+    """Seconds each key phase (advertise, share, unmask) waits for the agents."""
+
+
+LINEAR_CODECS = ("identity",)
+"""Codecs whose decoder is linear: the only ones usable with secure aggregation."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +167,8 @@ class AggregatorConfig:
     """Round policy."""
     federation: FederationConfig = field(default_factory=FederationConfig)
     """What is trained."""
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    """Secure aggregation."""
 
     def validate(self) -> AggregatorConfig:
         """Check cross-field rules; raise ConfigError naming the field."""
@@ -188,8 +214,43 @@ class AggregatorConfig:
             raise ConfigError(
                 f"federation.codec: unknown codec {self.federation.codec!r}; known: {KNOWN_CODECS}"
             )
+        self._validate_secagg()
         self.tls.files().check("tls")
         return self
+
+    def _validate_secagg(self) -> None:
+        sa, r = self.secagg, self.rounds
+        if not sa.enabled:
+            return
+        if self.federation.codec not in LINEAR_CODECS:
+            raise ConfigError(
+                f"secagg: codec {self.federation.codec!r} has a nonlinear decoder, which needs each agent's"
+                " update and so cannot work with masking; use a linear codec or disable secagg"
+            )
+        if r.min_agents < 2:
+            raise ConfigError("secagg: needs rounds.min_agents >= 2 (one agent's sum is its update)")
+        if sa.threshold and sa.threshold > r.min_agents:
+            raise ConfigError(
+                f"secagg.threshold ({sa.threshold}) is above rounds.min_agents ({r.min_agents}):"
+                " a round with the minimum number of agents could never unmask"
+            )
+        if sa.threshold == 1:
+            raise ConfigError("secagg.threshold must be at least 2 (1 would let anyone unmask alone)")
+        if sa.neighbours < 0:
+            raise ConfigError("secagg.neighbours must be >= 0")
+        if sa.neighbours and sa.threshold:
+            try:
+                check_parameters(max(r.min_agents, sa.neighbours + 1), sa.neighbours, sa.threshold)
+            except ConfigError as exc:
+                raise ConfigError(f"secagg: {exc}") from exc
+        if not sa.clip > 0:
+            raise ConfigError("secagg.clip must be positive")
+        try:
+            check_headroom(sa.bits, r.max_agents)
+        except ConfigError as exc:
+            raise ConfigError(f"secagg: {exc}") from exc
+        if sa.key_deadline_s <= 0:
+            raise ConfigError("secagg.key_deadline_s must be positive")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from prometheus_client import Counter, Histogram
 
-from common.metrics import CONTROL_METHODS, LATENCY_BUCKETS, TRANSFER_BYTES
+from common.metrics import LATENCY_BUCKETS, MESSAGE_KINDS, TRANSFER_BYTES
 
 _LABELS = ["grpc_type", "grpc_service", "grpc_method"]
 STARTED = Counter("grpc_client_started", "RPCs started by the client.", _LABELS)
@@ -46,8 +46,9 @@ class _ClientMetrics:
         self._pending: set[asyncio.Task[None]] = set()
 
     def _control(self, labels: dict[str, str], direction: str, message: Any) -> None:
-        if labels["grpc_method"] in CONTROL_METHODS:
-            TRANSFER_BYTES.labels(direction=direction, kind="control", **self._peer).inc(message.ByteSize())
+        kind = MESSAGE_KINDS.get(labels["grpc_method"])
+        if kind is not None:
+            TRANSFER_BYTES.labels(direction=direction, kind=kind, **self._peer).inc(message.ByteSize())
 
     def _labels(self, details: grpc.aio.ClientCallDetails) -> dict[str, str]:
         method = details.method.decode() if isinstance(details.method, bytes) else str(details.method)

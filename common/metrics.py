@@ -97,8 +97,18 @@ def peer_labels(peer: SpiffeId) -> dict[str, str]:
     return {"cloud": peer.cloud, "agent": peer.name}
 
 
-CONTROL_METHODS = frozenset({"Join", "WatchRounds", "GetUploadStatus", "ReportEval"})
-"""Methods whose messages are control traffic; update and model bytes are counted where they stream."""
+MESSAGE_KINDS = {
+    "Join": "control",
+    "WatchRounds": "control",
+    "GetUploadStatus": "control",
+    "ReportEval": "control",
+    "AdvertiseKeys": "keys",
+    "ShareKeys": "keys",
+    "GetSecAggState": "keys",
+    "RevealShares": "keys",
+}
+"""Methods whose whole messages are counted, by kind: control traffic and secure-aggregation keys.
+Update and model bytes are counted where they stream."""
 
 
 @dataclass
@@ -120,15 +130,16 @@ class _Counting:
 
 
 def _control_counters(context: Context, method: str) -> tuple[Counter | None, Counter | None]:
-    if method not in CONTROL_METHODS:
+    kind = MESSAGE_KINDS.get(method)
+    if kind is None:
         return None, None
     try:
         labels = peer_labels(peer_spiffe_id(context.auth_context()))
     except CloudfedError:  # the auth interceptor rejects the call; nothing to attribute
         return None, None
     return (
-        TRANSFER_BYTES.labels(direction="received", kind="control", **labels),
-        TRANSFER_BYTES.labels(direction="sent", kind="control", **labels),
+        TRANSFER_BYTES.labels(direction="received", kind=kind, **labels),
+        TRANSFER_BYTES.labels(direction="sent", kind=kind, **labels),
     )
 
 

@@ -70,6 +70,7 @@ def build_aggregator(config: AggregatorConfig) -> Aggregator:
         StateDB(state / "cloudfed.db"),
         make_optimizer(f.server_optimizer, f.server_lr, state / "optimizer"),
         f.codec,
+        config.secagg,
     )
     credentials = ReloadingServerCredentials(config.tls.files())
     server = grpc.aio.server(

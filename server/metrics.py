@@ -27,3 +27,7 @@ EVAL_LOSS = Gauge(
 EVAL_VERSION = Gauge(
     "cloudfed_eval_version", "Global version of that last reported eval loss.", ["cloud", "agent"]
 )
+SECAGG_DROPOUTS_RECOVERED = Counter(
+    "cloudfed_secagg_dropouts_recovered",
+    "Agents that shared keys but whose masked input never arrived, whose masks were removed from the sum.",
+)

@@ -1,8 +1,9 @@
 """The round coordinator: who takes part, which phase, when to aggregate.
 
 Plain asyncio, no gRPC: the servicer translates its states into RoundEvents.
-Rounds so far run the identity codec without masking; state is in memory and
-global versions are on disk (the durable SQLite store comes with the rounds issue).
+Without secure aggregation a round is UPLOAD -> AGGREGATE; with it, ADVERTISE_KEYS ->
+SHARE_KEYS -> UPLOAD (masked) -> UNMASK -> AGGREGATE, each key phase bounded by
+``secagg.key_deadline_s`` and aborted cleanly when fewer than t agents remain.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -19,11 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from common.codecs import identity
-from common.config import RoundsConfig
-from common.errors import FailedPrecondition, InvalidArgument
+from common.config import RoundsConfig, SecAggConfig
+from common.errors import Aborted, ConfigError, FailedPrecondition, InvalidArgument, PermissionDenied
 from common.identity import SpiffeId
 from common.layout import ParamLayout
 from common.metrics import peer_labels
+from common.secagg.keys import Advertisement
+from common.secagg.params import SecAggParams
+from common.secagg.ring import RING_DTYPE, FixedPoint
+from common.secagg.server import ServerRound
 from server import metrics
 from server.accumulator import SumAccumulator
 from server.checkpoints import CheckpointStore, Manifest
@@ -61,6 +68,20 @@ class RoundState:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class SecAggView:
+    """What one agent needs from the aggregator in a secure-aggregation phase."""
+
+    phase: Phase
+    roster: list[Advertisement]
+    graph_seed: bytes
+    threshold: int
+    weight_scale: float
+    shares: dict[str, bytes] = field(default_factory=dict)
+    survivors: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+
 @dataclass
 class AgentInfo:
     """What an agent said when it joined."""
@@ -81,6 +102,7 @@ class RoundCoordinator:
         db: StateDB,
         optimizer: ServerOptimizer | None = None,
         codec: str = identity.NAME,
+        secagg: SecAggConfig | None = None,
     ) -> None:
         latest = store.latest()
         if latest is None:
@@ -91,6 +113,7 @@ class RoundCoordinator:
         self.db = db
         self.optimizer = optimizer or FedAvg()
         self.codec = codec
+        self.secagg = secagg if secagg is not None and secagg.enabled else None
         for round_id in db.recover():
             log.warning("round %d was in flight when the aggregator stopped; it is abandoned", round_id)
             metrics.ROUNDS.labels(outcome="abandoned", reason="interrupted").inc()
@@ -111,6 +134,10 @@ class RoundCoordinator:
         self._pending: set[asyncio.Task[None]] = set()
         self._acc: SumAccumulator | None = None
         self._all_in = asyncio.Event()
+        self._secure: ServerRound | None = None
+        self._secure_lock = threading.Lock()  # the masked sum is added to from worker threads
+        self._weight_scale = 1.0
+        self._progress = asyncio.Condition()  # a key phase or the round state moved on
 
     @property
     def state(self) -> RoundState:
@@ -124,6 +151,8 @@ class RoundCoordinator:
 
     async def _publish(self, state: RoundState) -> None:
         self._state = state
+        async with self._progress:
+            self._progress.notify_all()
         metrics.ROUND.set(state.round_id)
         metrics.GLOBAL_VERSION.set(state.global_version)
         open_round = state.phase in (Phase.UPLOAD, Phase.AGGREGATE)
@@ -203,22 +232,31 @@ class RoundCoordinator:
             )
 
     def payload_validator(self) -> Callable[[bytes], None]:
-        """A per-upload check run on every streamed byte (finite float32 values)."""
+        """A per-upload check run on every streamed byte (finite float32 values; masked uint32 codes are
+        uniform, so anything goes there)."""
+        if self.secagg is not None:
+            return lambda _data: None
         return identity.FiniteChecker()
 
     async def commit_upload(self, peer: SpiffeId, meta: UploadMeta, path: Path) -> None:
         """Accept a verified upload; it is added to the round's sum in the background, in order."""
         self.check_upload(peer, meta)
         acc = self._acc
-        assert acc is not None
+        if acc is None and self._secure is None:
+            raise FailedPrecondition(f"round {meta.round_id} is not collecting updates")
         self._claimed.add(peer.uri)
         task = asyncio.create_task(self._accumulate(acc, peer, meta, path))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _accumulate(self, acc: SumAccumulator, peer: SpiffeId, meta: UploadMeta, path: Path) -> None:
+    async def _accumulate(
+        self, acc: SumAccumulator | None, peer: SpiffeId, meta: UploadMeta, path: Path
+    ) -> None:
         try:
-            await asyncio.to_thread(acc.add_file, path)
+            if self._secure is not None:
+                await asyncio.to_thread(self._add_masked_file, self._secure, peer.uri, path)
+            elif acc is not None:
+                await asyncio.to_thread(acc.add_file, path)
         except Exception:
             log.exception("round %d: could not add the update from %s; dropping it", meta.round_id, peer)
             self._claimed.discard(peer.uri)
@@ -236,6 +274,85 @@ class RoundCoordinator:
         )
         if self._added >= self._state.participants:
             self._all_in.set()
+        await self._moved_on()
+
+    def _add_masked_file(self, secure: ServerRound, sender: str, path: Path) -> None:
+        """Add a masked upload into the ring sum block by block (it is never unmasked on its own)."""
+        data = np.memmap(path, dtype=RING_DTYPE, mode="r")
+        if data.size != secure.length:
+            raise InvalidArgument(f"masked update of {data.size} codes, expected {secure.length}")
+        with self._secure_lock:
+            for start in range(0, data.size, 1 << 18):
+                secure.add_masked(sender, np.asarray(data[start : start + (1 << 18)]), start)
+            secure.finish_upload(sender)
+        del data
+
+    # Secure aggregation: the phases agents drive through the servicer.
+
+    def _secure_round(self, peer: SpiffeId, round_id: int, phase: Phase) -> ServerRound:
+        s, secure = self._state, self._secure
+        if secure is None or s.round_id != round_id or s.phase is not phase:
+            raise FailedPrecondition(
+                f"round {round_id} is not in {phase.name} (current round {s.round_id}, {s.phase.name})"
+            )
+        if peer.uri not in s.participants:
+            raise FailedPrecondition(f"{peer} is not a participant of round {round_id} in {phase.name}")
+        return secure
+
+    async def advertise_keys(self, peer: SpiffeId, adv: Advertisement) -> None:
+        """Phase 1: keep ``peer``'s signed keys (the identity inside must be the caller's own)."""
+        if adv.agent_id != peer.uri:
+            raise PermissionDenied(f"{peer} cannot advertise keys for {adv.agent_id}")
+        self._secure_round(peer, adv.round_id, Phase.ADVERTISE_KEYS).add_advertisement(adv)
+        await self._moved_on()
+
+    async def share_keys(self, peer: SpiffeId, round_id: int, sealed: dict[str, bytes]) -> None:
+        """Phase 2: relay ``peer``'s sealed shares (opaque here)."""
+        self._secure_round(peer, round_id, Phase.SHARE_KEYS).add_shares(peer.uri, sealed)
+        await self._moved_on()
+
+    async def reveal_shares(
+        self, peer: SpiffeId, round_id: int, shares: dict[str, tuple[int, bytes]]
+    ) -> None:
+        """Phase 4: a survivor's answer to the unmask request."""
+        self._secure_round(peer, round_id, Phase.UNMASK).add_reveal(peer.uri, shares)
+        await self._moved_on()
+
+    async def secagg_state(self, peer: SpiffeId, round_id: int, phase: Phase) -> SecAggView:
+        """Wait until round ``round_id`` reaches ``phase``, then what ``peer`` needs in it."""
+        async with self._progress:
+            await self._progress.wait_for(
+                lambda: (
+                    self._state.round_id > round_id
+                    or (self._state.round_id == round_id and self._state.phase >= phase)
+                )
+            )
+        s, secure = self._state, self._secure
+        if s.round_id != round_id or s.phase in (Phase.ABANDONED, Phase.COMPLETED) or secure is None:
+            raise FailedPrecondition(f"round {round_id} is over ({s.reason or s.phase.name})")
+        if peer.uri not in secure.advertisements:
+            raise FailedPrecondition(f"{peer} did not advertise keys in round {round_id}")
+        survivors, dropped = secure.unmask_request() if phase >= Phase.UNMASK else ([], [])
+        return SecAggView(
+            phase=s.phase,
+            roster=[secure.advertisements[a] for a in sorted(secure.advertisements)],
+            graph_seed=secure.graph_seed,
+            threshold=secure.params.threshold,
+            weight_scale=self._weight_scale,
+            shares=secure.shares_for(peer.uri) if phase >= Phase.UPLOAD else {},
+            survivors=survivors,
+            dropped=dropped,
+        )
+
+    async def _moved_on(self) -> None:
+        async with self._progress:
+            self._progress.notify_all()
+
+    async def _phase_until(self, done: Callable[[], bool], seconds: float) -> None:
+        """Wait until ``done()`` or ``seconds`` passed."""
+        async with self._progress:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait_for(done), seconds)
 
     async def run(self, stop: asyncio.Event | None = None, max_rounds: int | None = None) -> None:
         """Run rounds until ``stop`` is set or ``max_rounds`` completed."""
@@ -262,6 +379,8 @@ class RoundCoordinator:
         return True
 
     async def _run_round(self, round_id: int) -> bool:
+        if self.secagg is not None:
+            return await self._run_secure_round(round_id, self.secagg)
         base = self._state.global_version
         participants = frozenset(self.connected[: self.config.max_agents])
         self._claimed, self._added = set(), set()
@@ -296,7 +415,7 @@ class RoundCoordinator:
         acc, self._acc = self._acc, None
         try:
             with metrics.PHASE_SECONDS.labels(phase="aggregate").time():
-                manifest = await asyncio.to_thread(self._aggregate, acc, base, uploaded)
+                manifest = await asyncio.to_thread(self._aggregate_plain, acc, base, uploaded)
         except InvalidArgument as exc:
             self.db.round_ended(round_id, Phase.ABANDONED.name, str(exc), dropped=dropped)
             metrics.ROUNDS.labels(outcome="abandoned", reason="invalid_aggregate").inc()
@@ -308,9 +427,124 @@ class RoundCoordinator:
         await self._publish(replace(self._state, phase=Phase.COMPLETED, global_version=manifest.version))
         return True
 
-    def _aggregate(self, acc: SumAccumulator, base: int, participants: list[str]) -> Manifest:
-        """Decode the sum, step the server optimizer, commit the next version; one unit of work."""
+    async def _run_secure_round(self, round_id: int, sa: SecAggConfig) -> bool:
+        """advertise -> share -> masked upload -> unmask -> aggregate; abandoned below t at any phase."""
+        base = self._state.global_version
+        invited = frozenset(self.connected[: self.config.max_agents])
+        k = sa.neighbours
+        params = SecAggParams(sa.threshold or auto_threshold(len(invited), k), k, sa.clip, sa.bits)
+        secure = ServerRound(round_id, params, self.layout.numel + 1, os.urandom(16))
+        self._secure, self._acc = secure, None
+        self._claimed, self._added = set(), set()
+        self._all_in = asyncio.Event()
+        self._weight_scale = float(max(self.agents[a].num_examples for a in invited) or 1)
+        self.spool.purge()
+        self.db.round_started(round_id, base, time.time() + self.config.upload_deadline_s, sorted(invited))
+        try:
+            try:
+                params.check(len(invited))
+            except ConfigError as exc:
+                raise _Abandon(str(exc), "secagg_settings") from exc
+            total, uploaded, dropped = await self._secure_phases(round_id, base, invited, secure, sa)
+        except _Abandon as stop:
+            self._secure = None
+            self.db.round_ended(round_id, Phase.ABANDONED.name, stop.reason, dropped=sorted(invited))
+            metrics.ROUNDS.labels(outcome="abandoned", reason=stop.label).inc()
+            await self._publish(replace(self._state, phase=Phase.ABANDONED, reason=stop.reason))
+            return False
+        self.db.phase(round_id, Phase.AGGREGATE.name)
+        await self._publish(replace(self._state, phase=Phase.AGGREGATE, participants=frozenset(uploaded)))
+        try:
+            with metrics.PHASE_SECONDS.labels(phase="aggregate").time():
+                manifest = await asyncio.to_thread(
+                    self._aggregate_masked, total, params.fixed_point, base, uploaded
+                )
+        except InvalidArgument as exc:
+            self._secure = None
+            self.db.round_ended(round_id, Phase.ABANDONED.name, str(exc), dropped=dropped)
+            metrics.ROUNDS.labels(outcome="abandoned", reason="invalid_aggregate").inc()
+            await self._publish(replace(self._state, phase=Phase.ABANDONED, reason=str(exc)))
+            return False
+        self._secure = None
+        self.db.version_committed(manifest.version, base, round_id, manifest.sha256, len(uploaded))
+        self.db.round_ended(round_id, Phase.COMPLETED.name, new_version=manifest.version, dropped=dropped)
+        metrics.ROUNDS.labels(outcome="completed", reason="").inc()
+        await self._publish(replace(self._state, phase=Phase.COMPLETED, global_version=manifest.version))
+        return True
+
+    async def _secure_phases(
+        self, round_id: int, base: int, invited: frozenset[str], secure: ServerRound, sa: SecAggConfig
+    ) -> tuple[np.ndarray, list[str], list[str]]:
+        """The four key/masking phases; the unmasked ring sum, who is in it and who dropped."""
+        t = secure.params.threshold
+
+        async def phase(
+            name: Phase, members: frozenset[str], done: Callable[[], bool], seconds: float
+        ) -> None:
+            self.db.phase(round_id, name.name)
+            state = RoundState(round_id, name, base, members, time.time() + seconds)
+            await self._publish(state)
+            with metrics.PHASE_SECONDS.labels(phase=name.name.lower()).time():
+                await self._phase_until(done, seconds)
+
+        await phase(
+            Phase.ADVERTISE_KEYS, invited, lambda: set(secure.advertisements) >= invited, sa.key_deadline_s
+        )
+        try:
+            roster = frozenset(a.agent_id for a in secure.roster())
+        except Aborted as exc:
+            raise _Abandon(str(exc), "too_few_keys") from exc
+        await phase(Phase.SHARE_KEYS, roster, lambda: secure.shared() >= roster, sa.key_deadline_s)
+        shared = frozenset(secure.shared())
+        if len(shared) < t:
+            raise _Abandon(f"{len(shared)} agents shared keys, threshold {t}", "too_few_keys")
+        secure.start_sum()
+        await phase(Phase.UPLOAD, shared, self._all_in.is_set, self.config.upload_deadline_s)
+        if self._pending:
+            await asyncio.gather(*self._pending)
+        needed = max(t, self.config.min_uploads or self.config.min_agents)
+        uploaded = sorted(self._added)
+        if len(uploaded) < needed:
+            raise _Abandon(
+                f"{len(uploaded)} of {len(shared)} masked uploads, {needed} needed", "too_few_uploads"
+            )
+        survivors = frozenset(uploaded)
+        await phase(Phase.UNMASK, survivors, lambda: set(secure.reveals) >= survivors, sa.key_deadline_s)
+        try:
+            total = await asyncio.to_thread(secure.unmasked_sum)
+        except Aborted as exc:
+            raise _Abandon(str(exc), "unmask_failed") from exc
+        dropped = sorted(invited - survivors)
+        recovered = sorted(shared - survivors)
+        if recovered:
+            metrics.SECAGG_DROPOUTS_RECOVERED.inc(len(recovered))
+        for uri in dropped:
+            metrics.DROPPED.labels(**peer_labels(SpiffeId.parse(uri))).inc()
+        if dropped:
+            log.warning("round %d: dropped %s (masks of %d recovered)", round_id, dropped, len(recovered))
+        return total, uploaded, dropped
+
+    def _aggregate_masked(
+        self, total: np.ndarray, fp: FixedPoint, base: int, participants: list[str]
+    ) -> Manifest:
+        """Decode the unmasked ring sum (weights sent as w * clip in the last coordinate)."""
+        n = len(participants)
+        weight = float(fp.decode_sum(total[-1:], n)[0]) / fp.clip
+        if not weight > 0:
+            raise InvalidArgument(f"summed weight must be positive, got {weight}")
+        mean = np.empty(total.size - 1, dtype=np.float32)
+        codes = total[:-1]
+        for start in range(0, mean.size, 1 << 16):
+            block = slice(start, start + (1 << 16))
+            mean[block] = fp.decode_sum(codes[block], n) / weight
+        return self._aggregate(mean, weight, base, participants)
+
+    def _aggregate_plain(self, acc: SumAccumulator, base: int, participants: list[str]) -> Manifest:
         mean, weight = identity.decode_sum(acc.total)
+        return self._aggregate(mean, weight, base, participants)
+
+    def _aggregate(self, mean: np.ndarray, weight: float, base: int, participants: list[str]) -> Manifest:
+        """Step the server optimizer with the mean update and commit the next version."""
         if not np.all(np.isfinite(mean)):
             raise InvalidArgument("aggregate is not finite")
         current = self.layout.flatten(self.store.load(base))
@@ -328,3 +562,18 @@ class RoundCoordinator:
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+class _Abandon(Exception):
+    """Ends a secure round early with a reason and a metric label."""
+
+    def __init__(self, reason: str, label: str) -> None:
+        super().__init__(reason)
+        self.reason, self.label = reason, label
+
+
+def auto_threshold(agents: int, neighbours: int) -> int:
+    """A majority of each neighbourhood: n // 2 + 1 with the full graph, else k // 2 + 1."""
+    if neighbours <= 0 or neighbours >= agents - 1:
+        return agents // 2 + 1
+    return neighbours // 2 + 1

@@ -10,10 +10,17 @@ from google.protobuf import timestamp_pb2
 from common.config import AggregatorConfig
 from common.grpc_wrap import Context
 from common.identity import require_peer
+from common.secagg_pb import (
+    advertisement_from_pb,
+    advertisement_to_pb,
+    reveals_from_pb,
+    sealed_from_pb,
+    sealed_to_pb,
+)
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
 from server.downloads import send_model
-from server.rounds import AgentInfo, RoundCoordinator, RoundState
+from server.rounds import AgentInfo, Phase, RoundCoordinator, RoundState
 from server.spool import UploadSpool
 from server.uploads import receive_upload
 
@@ -40,7 +47,13 @@ def settings_of(config: AggregatorConfig, rounds: RoundCoordinator) -> pb.Federa
         model_id=f.model_id,
         layout=layout,
         codec=pb.CodecSpec(name=rounds.codec),
-        secagg=pb.SecAggSettings(enabled=False),
+        secagg=pb.SecAggSettings(
+            enabled=config.secagg.enabled,
+            threshold=config.secagg.threshold,
+            neighbours=config.secagg.neighbours,
+            clip=config.secagg.clip,
+            bits=config.secagg.bits,
+        ),
         chunk_limits=pb.ChunkLimits(
             max_chunk_bytes=config.limits.max_chunk_bytes, max_update_bytes=config.limits.max_update_bytes
         ),
@@ -132,3 +145,35 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         self._rounds.record_eval(peer, request.global_version, request.eval_loss, request.eval_tokens)
         log.info("%s: eval loss %.4f at version %d", peer, request.eval_loss, request.global_version)
         return pb.ReportEvalResponse()
+
+    async def AdvertiseKeys(
+        self, request: pb.AdvertiseKeysRequest, context: Context
+    ) -> pb.AdvertiseKeysResponse:
+        await self._rounds.advertise_keys(require_peer(), advertisement_from_pb(request.advertisement))
+        return pb.AdvertiseKeysResponse()
+
+    async def ShareKeys(self, request: pb.ShareKeysRequest, context: Context) -> pb.ShareKeysResponse:
+        await self._rounds.share_keys(require_peer(), request.round_id, sealed_from_pb(request.shares))
+        return pb.ShareKeysResponse()
+
+    async def GetSecAggState(
+        self, request: pb.GetSecAggStateRequest, context: Context
+    ) -> pb.GetSecAggStateResponse:
+        view = await self._rounds.secagg_state(require_peer(), request.round_id, Phase(request.phase))
+        return pb.GetSecAggStateResponse(
+            round_id=request.round_id,
+            phase=pb.RoundPhase.ValueType(int(view.phase)),
+            roster=[advertisement_to_pb(a) for a in view.roster],
+            graph_seed=view.graph_seed,
+            threshold=view.threshold,
+            weight_scale=view.weight_scale,
+            shares=sealed_to_pb(view.shares),
+            survivors=view.survivors,
+            dropped=view.dropped,
+        )
+
+    async def RevealShares(
+        self, request: pb.RevealSharesRequest, context: Context
+    ) -> pb.RevealSharesResponse:
+        await self._rounds.reveal_shares(require_peer(), request.round_id, reveals_from_pb(request.shares))
+        return pb.RevealSharesResponse()

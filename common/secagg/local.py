@@ -11,6 +11,7 @@ import numpy as np
 from common.identity import SpiffeId
 from common.pki import Issued, create_ca, issue_agent
 from common.secagg.agent import AgentRound
+from common.secagg.keys import Advertisement
 from common.secagg.params import SecAggParams
 from common.secagg.server import ServerRound
 
@@ -57,7 +58,7 @@ def run_round(
     drop: Mapping[str, set[str]] | None = None,
     round_id: int = 1,
     seed: bytes = b"public-round-seed",
-    tamper: Callable[[list], None] | None = None,
+    tamper: Callable[[list[Advertisement]], None] | None = None,
 ) -> RoundResult:
     """Run advertise -> share -> masked upload -> unmask; ``drop[phase]`` agents vanish after that phase
     (``advertise``: advertised then gone; ``share``: shared then gone; ``upload``: vanished mid-way

@@ -94,6 +94,28 @@ ROUND_PHASE_ABANDONED: RoundPhase.ValueType  # 8
 """The round ended without a new version (too few agents, deadline)."""
 Global___RoundPhase: _TypeAlias = RoundPhase  # noqa: Y015
 
+class _ShareKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ShareKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShareKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SHARE_KIND_UNSPECIFIED: _ShareKind.ValueType  # 0
+    SHARE_KIND_SELF_SEED: _ShareKind.ValueType  # 1
+    """Share of a survivor's self-mask seed."""
+    SHARE_KIND_MASK_KEY: _ShareKind.ValueType  # 2
+    """Share of a dropped agent's mask private key."""
+
+class ShareKind(_ShareKind, metaclass=_ShareKindEnumTypeWrapper):
+    """ShareKind says which secret a revealed share belongs to."""
+
+SHARE_KIND_UNSPECIFIED: ShareKind.ValueType  # 0
+SHARE_KIND_SELF_SEED: ShareKind.ValueType  # 1
+"""Share of a survivor's self-mask seed."""
+SHARE_KIND_MASK_KEY: ShareKind.ValueType  # 2
+"""Share of a dropped agent's mask private key."""
+Global___ShareKind: _TypeAlias = ShareKind  # noqa: Y015
+
 @_typing.final
 class DeviceInfo(_message.Message):
     """DeviceInfo describes the compute an agent trains on."""
@@ -913,3 +935,322 @@ class ReportEvalResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportEvalResponse: _TypeAlias = ReportEvalResponse  # noqa: Y015
+
+@_typing.final
+class KeyAdvertisement(_message.Message):
+    """KeyAdvertisement is an agent's two X25519 public keys for one round, signed
+    (ECDSA P-256, SHA-256) with the key of the certificate it carries.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.int
+    """Round the keys are for."""
+    agent_id: _builtins.str
+    """The agent's SPIFFE id; must be the only URI SAN of certificate_pem."""
+    cipher_public_key: _builtins.bytes
+    """X25519 public key for encrypting shares between agents."""
+    mask_public_key: _builtins.bytes
+    """X25519 public key for pairwise mask agreement."""
+    certificate_pem: _builtins.bytes
+    """The agent's certificate (PEM), checked against the federation CA by every peer."""
+    signature: _builtins.bytes
+    """Signature over round, identity and both keys."""
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.int = ...,
+        agent_id: _builtins.str = ...,
+        cipher_public_key: _builtins.bytes = ...,
+        mask_public_key: _builtins.bytes = ...,
+        certificate_pem: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "certificate_pem", b"certificate_pem", "cipher_public_key", b"cipher_public_key", "mask_public_key", b"mask_public_key", "round_id", b"round_id", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyAdvertisement: _TypeAlias = KeyAdvertisement  # noqa: Y015
+
+@_typing.final
+class AdvertiseKeysRequest(_message.Message):
+    """AdvertiseKeysRequest carries the caller's advertisement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADVERTISEMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def advertisement(self) -> Global___KeyAdvertisement:
+        """The advertisement; its agent_id must be the caller's identity."""
+
+    def __init__(
+        self,
+        *,
+        advertisement: Global___KeyAdvertisement | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["advertisement", b"advertisement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertisement", b"advertisement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdvertiseKeysRequest: _TypeAlias = AdvertiseKeysRequest  # noqa: Y015
+
+@_typing.final
+class AdvertiseKeysResponse(_message.Message):
+    """AdvertiseKeysResponse acknowledges an advertisement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdvertiseKeysResponse: _TypeAlias = AdvertiseKeysResponse  # noqa: Y015
+
+@_typing.final
+class SealedShare(_message.Message):
+    """SealedShare is a share encrypted between two agents (AES-256-GCM)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The recipient when sent, the sender when received."""
+    ciphertext: _builtins.bytes
+    """Nonce, ciphertext and tag."""
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        ciphertext: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "ciphertext", b"ciphertext"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealedShare: _TypeAlias = SealedShare  # noqa: Y015
+
+@_typing.final
+class ShareKeysRequest(_message.Message):
+    """ShareKeysRequest carries the caller's sealed shares."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.int
+    """Round the shares are for."""
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SealedShare]:
+        """One per neighbour."""
+
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.int = ...,
+        shares: _abc.Iterable[Global___SealedShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round_id", b"round_id", "shares", b"shares"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareKeysRequest: _TypeAlias = ShareKeysRequest  # noqa: Y015
+
+@_typing.final
+class ShareKeysResponse(_message.Message):
+    """ShareKeysResponse acknowledges the shares."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareKeysResponse: _TypeAlias = ShareKeysResponse  # noqa: Y015
+
+@_typing.final
+class GetSecAggStateRequest(_message.Message):
+    """GetSecAggStateRequest asks for the round's state once it reached a phase."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.int
+    """The round."""
+    phase: Global___RoundPhase.ValueType
+    """The phase to wait for: SHARE_KEYS (roster), UPLOAD (shares) or UNMASK (request)."""
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.int = ...,
+        phase: Global___RoundPhase.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["phase", b"phase", "round_id", b"round_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSecAggStateRequest: _TypeAlias = GetSecAggStateRequest  # noqa: Y015
+
+@_typing.final
+class GetSecAggStateResponse(_message.Message):
+    """GetSecAggStateResponse is what the caller needs in the phase it waited for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    ROSTER_FIELD_NUMBER: _builtins.int
+    GRAPH_SEED_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    WEIGHT_SCALE_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    SURVIVORS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.int
+    """The round."""
+    phase: Global___RoundPhase.ValueType
+    """The phase the round is in now."""
+    graph_seed: _builtins.bytes
+    """Public seed of the round's neighbour graph."""
+    threshold: _builtins.int
+    """Shamir threshold for this round."""
+    weight_scale: _builtins.float
+    """Weights are num_examples / weight_scale, so that they lie in (0, 1]."""
+    @_builtins.property
+    def roster(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyAdvertisement]:
+        """SHARE_KEYS and later: every advertisement, in agent id order."""
+
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SealedShare]:
+        """UPLOAD and later: the shares the caller's neighbours sealed for it."""
+
+    @_builtins.property
+    def survivors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """UNMASK: agents whose masked input is in the sum."""
+
+    @_builtins.property
+    def dropped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """UNMASK: agents that shared keys but whose input is not in the sum."""
+
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.int = ...,
+        phase: Global___RoundPhase.ValueType = ...,
+        roster: _abc.Iterable[Global___KeyAdvertisement] | None = ...,
+        graph_seed: _builtins.bytes = ...,
+        threshold: _builtins.int = ...,
+        weight_scale: _builtins.float = ...,
+        shares: _abc.Iterable[Global___SealedShare] | None = ...,
+        survivors: _abc.Iterable[_builtins.str] | None = ...,
+        dropped: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "graph_seed", b"graph_seed", "phase", b"phase", "roster", b"roster", "round_id", b"round_id", "shares", b"shares", "survivors", b"survivors", "threshold", b"threshold", "weight_scale", b"weight_scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSecAggStateResponse: _TypeAlias = GetSecAggStateResponse  # noqa: Y015
+
+@_typing.final
+class RevealedShare(_message.Message):
+    """RevealedShare is one decrypted share handed to the aggregator."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """Whose secret the share belongs to."""
+    kind: Global___ShareKind.ValueType
+    """Which secret."""
+    share: _builtins.bytes
+    """The share."""
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        kind: Global___ShareKind.ValueType = ...,
+        share: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "kind", b"kind", "share", b"share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevealedShare: _TypeAlias = RevealedShare  # noqa: Y015
+
+@_typing.final
+class RevealSharesRequest(_message.Message):
+    """RevealSharesRequest answers the unmask request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.int
+    """The round."""
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevealedShare]:
+        """Self-seed shares of survivors and mask-key shares of dropped agents."""
+
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.int = ...,
+        shares: _abc.Iterable[Global___RevealedShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round_id", b"round_id", "shares", b"shares"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevealSharesRequest: _TypeAlias = RevealSharesRequest  # noqa: Y015
+
+@_typing.final
+class RevealSharesResponse(_message.Message):
+    """RevealSharesResponse acknowledges the shares."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevealSharesResponse: _TypeAlias = RevealSharesResponse  # noqa: Y015

@@ -65,6 +65,26 @@ class FederationServiceStub:
                 request_serializer=cloudfed_dot_v1_dot_federation__pb2.ReportEvalRequest.SerializeToString,
                 response_deserializer=cloudfed_dot_v1_dot_federation__pb2.ReportEvalResponse.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/cloudfed.v1.FederationService/AdvertiseKeys',
+                request_serializer=cloudfed_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=cloudfed_dot_v1_dot_federation__pb2.AdvertiseKeysResponse.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/cloudfed.v1.FederationService/ShareKeys',
+                request_serializer=cloudfed_dot_v1_dot_federation__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=cloudfed_dot_v1_dot_federation__pb2.ShareKeysResponse.FromString,
+                _registered_method=True)
+        self.GetSecAggState = channel.unary_unary(
+                '/cloudfed.v1.FederationService/GetSecAggState',
+                request_serializer=cloudfed_dot_v1_dot_federation__pb2.GetSecAggStateRequest.SerializeToString,
+                response_deserializer=cloudfed_dot_v1_dot_federation__pb2.GetSecAggStateResponse.FromString,
+                _registered_method=True)
+        self.RevealShares = channel.unary_unary(
+                '/cloudfed.v1.FederationService/RevealShares',
+                request_serializer=cloudfed_dot_v1_dot_federation__pb2.RevealSharesRequest.SerializeToString,
+                response_deserializer=cloudfed_dot_v1_dot_federation__pb2.RevealSharesResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServiceServicer:
@@ -113,6 +133,34 @@ class FederationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """AdvertiseKeys posts the caller's signed ephemeral public keys for a round (secure aggregation).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """ShareKeys posts the caller's sealed secret shares, one per neighbour; the aggregator only relays them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSecAggState(self, request, context):
+        """GetSecAggState waits until a round reaches a phase and returns what the caller needs in it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevealShares(self, request, context):
+        """RevealShares answers the unmask request with the shares it allows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +193,26 @@ def add_FederationServiceServicer_to_server(servicer, server):
                     servicer.ReportEval,
                     request_deserializer=cloudfed_dot_v1_dot_federation__pb2.ReportEvalRequest.FromString,
                     response_serializer=cloudfed_dot_v1_dot_federation__pb2.ReportEvalResponse.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=cloudfed_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=cloudfed_dot_v1_dot_federation__pb2.AdvertiseKeysResponse.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=cloudfed_dot_v1_dot_federation__pb2.ShareKeysRequest.FromString,
+                    response_serializer=cloudfed_dot_v1_dot_federation__pb2.ShareKeysResponse.SerializeToString,
+            ),
+            'GetSecAggState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSecAggState,
+                    request_deserializer=cloudfed_dot_v1_dot_federation__pb2.GetSecAggStateRequest.FromString,
+                    response_serializer=cloudfed_dot_v1_dot_federation__pb2.GetSecAggStateResponse.SerializeToString,
+            ),
+            'RevealShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevealShares,
+                    request_deserializer=cloudfed_dot_v1_dot_federation__pb2.RevealSharesRequest.FromString,
+                    response_serializer=cloudfed_dot_v1_dot_federation__pb2.RevealSharesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +378,114 @@ class FederationService:
             '/cloudfed.v1.FederationService/ReportEval',
             cloudfed_dot_v1_dot_federation__pb2.ReportEvalRequest.SerializeToString,
             cloudfed_dot_v1_dot_federation__pb2.ReportEvalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudfed.v1.FederationService/AdvertiseKeys',
+            cloudfed_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.SerializeToString,
+            cloudfed_dot_v1_dot_federation__pb2.AdvertiseKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudfed.v1.FederationService/ShareKeys',
+            cloudfed_dot_v1_dot_federation__pb2.ShareKeysRequest.SerializeToString,
+            cloudfed_dot_v1_dot_federation__pb2.ShareKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSecAggState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudfed.v1.FederationService/GetSecAggState',
+            cloudfed_dot_v1_dot_federation__pb2.GetSecAggStateRequest.SerializeToString,
+            cloudfed_dot_v1_dot_federation__pb2.GetSecAggStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevealShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudfed.v1.FederationService/RevealShares',
+            cloudfed_dot_v1_dot_federation__pb2.RevealSharesRequest.SerializeToString,
+            cloudfed_dot_v1_dot_federation__pb2.RevealSharesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,14 @@ class FederationServiceStub:
     """GetUploadStatus tells how many bytes of an upload are committed, for resuming."""
     ReportEval: _grpc.UnaryUnaryMultiCallable[_federation_pb2.ReportEvalRequest, _federation_pb2.ReportEvalResponse]
     """ReportEval records an agent's local evaluation of a global version."""
+    AdvertiseKeys: _grpc.UnaryUnaryMultiCallable[_federation_pb2.AdvertiseKeysRequest, _federation_pb2.AdvertiseKeysResponse]
+    """AdvertiseKeys posts the caller's signed ephemeral public keys for a round (secure aggregation)."""
+    ShareKeys: _grpc.UnaryUnaryMultiCallable[_federation_pb2.ShareKeysRequest, _federation_pb2.ShareKeysResponse]
+    """ShareKeys posts the caller's sealed secret shares, one per neighbour; the aggregator only relays them."""
+    GetSecAggState: _grpc.UnaryUnaryMultiCallable[_federation_pb2.GetSecAggStateRequest, _federation_pb2.GetSecAggStateResponse]
+    """GetSecAggState waits until a round reaches a phase and returns what the caller needs in it."""
+    RevealShares: _grpc.UnaryUnaryMultiCallable[_federation_pb2.RevealSharesRequest, _federation_pb2.RevealSharesResponse]
+    """RevealShares answers the unmask request with the shares it allows."""
 
 @_typing.type_check_only
 class FederationServiceAsyncStub(FederationServiceStub):
@@ -68,6 +76,14 @@ class FederationServiceAsyncStub(FederationServiceStub):
     """GetUploadStatus tells how many bytes of an upload are committed, for resuming."""
     ReportEval: _aio.UnaryUnaryMultiCallable[_federation_pb2.ReportEvalRequest, _federation_pb2.ReportEvalResponse]  # type: ignore[assignment]
     """ReportEval records an agent's local evaluation of a global version."""
+    AdvertiseKeys: _aio.UnaryUnaryMultiCallable[_federation_pb2.AdvertiseKeysRequest, _federation_pb2.AdvertiseKeysResponse]  # type: ignore[assignment]
+    """AdvertiseKeys posts the caller's signed ephemeral public keys for a round (secure aggregation)."""
+    ShareKeys: _aio.UnaryUnaryMultiCallable[_federation_pb2.ShareKeysRequest, _federation_pb2.ShareKeysResponse]  # type: ignore[assignment]
+    """ShareKeys posts the caller's sealed secret shares, one per neighbour; the aggregator only relays them."""
+    GetSecAggState: _aio.UnaryUnaryMultiCallable[_federation_pb2.GetSecAggStateRequest, _federation_pb2.GetSecAggStateResponse]  # type: ignore[assignment]
+    """GetSecAggState waits until a round reaches a phase and returns what the caller needs in it."""
+    RevealShares: _aio.UnaryUnaryMultiCallable[_federation_pb2.RevealSharesRequest, _federation_pb2.RevealSharesResponse]  # type: ignore[assignment]
+    """RevealShares answers the unmask request with the shares it allows."""
 
 class FederationServiceServicer(metaclass=_abc_1.ABCMeta):
     """FederationService runs federated rounds between agents and the aggregator."""
@@ -119,5 +135,37 @@ class FederationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_federation_pb2.ReportEvalResponse, _abc.Awaitable[_federation_pb2.ReportEvalResponse]]:
         """ReportEval records an agent's local evaluation of a global version."""
+
+    @_abc_1.abstractmethod
+    def AdvertiseKeys(
+        self,
+        request: _federation_pb2.AdvertiseKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.AdvertiseKeysResponse, _abc.Awaitable[_federation_pb2.AdvertiseKeysResponse]]:
+        """AdvertiseKeys posts the caller's signed ephemeral public keys for a round (secure aggregation)."""
+
+    @_abc_1.abstractmethod
+    def ShareKeys(
+        self,
+        request: _federation_pb2.ShareKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.ShareKeysResponse, _abc.Awaitable[_federation_pb2.ShareKeysResponse]]:
+        """ShareKeys posts the caller's sealed secret shares, one per neighbour; the aggregator only relays them."""
+
+    @_abc_1.abstractmethod
+    def GetSecAggState(
+        self,
+        request: _federation_pb2.GetSecAggStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.GetSecAggStateResponse, _abc.Awaitable[_federation_pb2.GetSecAggStateResponse]]:
+        """GetSecAggState waits until a round reaches a phase and returns what the caller needs in it."""
+
+    @_abc_1.abstractmethod
+    def RevealShares(
+        self,
+        request: _federation_pb2.RevealSharesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.RevealSharesResponse, _abc.Awaitable[_federation_pb2.RevealSharesResponse]]:
+        """RevealShares answers the unmask request with the shares it allows."""
 
 def add_FederationServiceServicer_to_server(servicer: FederationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

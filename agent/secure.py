@@ -1,0 +1,123 @@
+"""An agent's part in a secure-aggregation round, around its local training: advertise signed keys,
+share secrets with its neighbours, mask the fixed-point update, answer the unmask request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from agent import metrics
+from agent.client import AggregatorClient
+from common.errors import ConfigError, FailedPrecondition
+from common.secagg.agent import AgentRound
+from common.secagg.params import SecAggParams
+from common.secagg.ring import FixedPoint
+from common.secagg_pb import (
+    advertisement_from_pb,
+    advertisement_to_pb,
+    reveals_to_pb,
+    sealed_from_pb,
+    sealed_to_pb,
+)
+from common.tls import TlsFiles
+from protos.cloudfed.v1 import federation_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Signer:
+    """This agent's certificate, its private key (signs advertisements) and the federation CA."""
+
+    certificate_pem: bytes
+    key: ec.EllipticCurvePrivateKey
+    ca: x509.Certificate
+
+    @classmethod
+    def load(cls, files: TlsFiles) -> Signer:
+        """Read the agent's mTLS files."""
+        cert, key_pem, ca = files.read()
+        key = load_pem_private_key(key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError("tls.key: secure aggregation signs with an EC (P-256) certificate key")
+        return cls(cert, key, x509.load_pem_x509_certificate(ca))
+
+
+class SecureParticipation:
+    """One round. ``keys()`` runs while the model trains; ``mask()`` then ``unmask()`` after."""
+
+    def __init__(
+        self,
+        client: AggregatorClient,
+        signer: Signer,
+        agent_id: str,
+        settings: pb.SecAggSettings,
+        round_id: int,
+        wait_s: float,
+    ) -> None:
+        self.client, self.round_id, self.wait_s = client, round_id, wait_s
+        self.settings = settings
+        params = SecAggParams(max(settings.threshold, 2), settings.neighbours, settings.clip, settings.bits)
+        self.protocol = AgentRound(
+            round_id, agent_id, params, signer.ca, signer.certificate_pem, signer.key, b""
+        )
+        self.weight_scale = 1.0
+
+    async def keys(self) -> None:
+        """Advertise, verify the roster and share; then receive the neighbours' shares (UPLOAD phase)."""
+        await self.client.advertise_keys(advertisement_to_pb(self.protocol.advertise()))
+        state = await self.client.secagg_state(self.round_id, pb.ROUND_PHASE_SHARE_KEYS, self.wait_s)
+        s = self.settings
+        self.protocol.params = SecAggParams(state.threshold, s.neighbours, s.clip, s.bits)
+        self.protocol.graph_seed = state.graph_seed
+        self.weight_scale = state.weight_scale or 1.0
+        roster = [advertisement_from_pb(a) for a in state.roster]
+        sealed = await asyncio.to_thread(self.protocol.share_keys, roster)  # RosterError: we refuse the round
+        await self.client.share_keys(self.round_id, sealed_to_pb(sealed))
+        state = await self.client.secagg_state(self.round_id, pb.ROUND_PHASE_UPLOAD, self.wait_s)
+        self.protocol.receive_shares(sealed_from_pb(state.shares))
+        log.info(
+            "round %d: keys verified for %d agents; masking with %d neighbours (threshold %d)",
+            self.round_id,
+            len(roster),
+            len(self.protocol.masked_with),
+            state.threshold,
+        )
+
+    def weight(self, num_examples: int) -> float:
+        """This agent's weight in (0, 1]: its examples over the round's largest count."""
+        return min(1.0, max(num_examples, 1) / self.weight_scale)
+
+    def mask(self, vector: np.ndarray, weight: float) -> bytes:
+        """``[w * delta, w * clip]`` in fixed point, masked: the bytes that leave the cloud."""
+        fp = FixedPoint(self.settings.clip, self.settings.bits)
+        payload = np.empty(vector.size + 1, dtype=np.float32)
+        np.multiply(vector, weight, out=payload[:-1], casting="same_kind")
+        payload[-1] = weight * fp.clip
+        clipped = float(np.mean(np.abs(payload[:-1]) > fp.clip))
+        if clipped > 0.01:
+            log.warning("round %d: %.1f%% of coordinates exceed secagg.clip", self.round_id, 100 * clipped)
+        with metrics.step("mask"):
+            codes = fp.encode(payload, np.random.default_rng())
+            self.protocol.mask_codes(codes)
+        return codes.tobytes()
+
+    async def unmask(self) -> None:
+        """Answer the unmask request if this agent's input is in the sum."""
+        state = await self.client.secagg_state(self.round_id, pb.ROUND_PHASE_UNMASK, self.wait_s)
+        if self.protocol.agent_id not in state.survivors:
+            raise FailedPrecondition(f"round {self.round_id}: our masked update did not make it into the sum")
+        reveals = self.protocol.unmask(list(state.survivors), list(state.dropped))
+        await self.client.reveal_shares(self.round_id, reveals_to_pb(reveals))
+        log.info(
+            "round %d: revealed shares for %d survivors and %d dropped agents",
+            self.round_id,
+            len(state.survivors),
+            len(state.dropped),
+        )

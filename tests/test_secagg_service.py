@@ -1,0 +1,125 @@
+"""Secure aggregation through the real aggregator and client over mTLS: phases, dropouts, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from agent.secure import SecureParticipation, Signer
+from common.config import SecAggConfig
+from common.errors import ConfigError
+from common.layout import ParamLayout
+from common.secagg.keys import sign_advertisement
+from common.secagg.local import Federation
+from common.secagg.params import SecAggParams
+from common.secagg_pb import advertisement_to_pb
+from protos.cloudfed.v1 import federation_pb2 as pb
+from tests.agentsim import Watcher, upload_header
+from tests.conftest import Pki, aggregator_config, small_adapter
+
+NUMEL = 1000
+SECAGG = SecAggConfig(enabled=True, clip=1.0, bits=20, key_deadline_s=5.0)
+
+
+def secure_config(pki: Pki, state: Path, **rounds: object):  # type: ignore[no-untyped-def]
+    base = aggregator_config(pki, state, **rounds)
+    return dataclasses.replace(base, secagg=SECAGG).validate()
+
+
+async def play_agent(
+    run, name: str, delta: np.ndarray, examples: int, tmp: Path, upload: bool = True
+) -> tuple[str, float]:  # type: ignore[no-untyped-def]
+    """One agent through the real client and the agent's SecureParticipation."""
+    files = run.pki.agent(name)
+    async with run.client(name) as client:
+        join = await client.join(num_examples=examples)
+        watcher = Watcher(client)
+        try:
+            event = await watcher.until(pb.ROUND_PHASE_ADVERTISE_KEYS)
+            assert event.participant
+            part = SecureParticipation(
+                client, Signer.load(files), join.agent_id, join.settings.secagg, event.round_id, 60
+            )
+            await part.keys()
+            weight = part.weight(examples)
+            if not upload:
+                return join.agent_id, weight  # shared keys, then vanished
+            payload = tmp / f"{name}.bin"
+            payload.write_bytes(part.mask(delta, weight))
+            digest = ParamLayout.from_tensors(small_adapter(NUMEL)).digest
+            header = upload_header(
+                event, digest, weight, sha256=hashlib.sha256(payload.read_bytes()).digest()
+            )
+            await client.upload(payload, header)
+            await part.unmask()
+            await watcher.until(pb.ROUND_PHASE_COMPLETED)
+            return join.agent_id, weight
+        finally:
+            await watcher.close()
+
+
+async def test_masked_round_over_grpc_recovers_a_dropout_and_yields_the_weighted_mean(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    run = await start_aggregator(
+        config=secure_config(pki, tmp_path / "agg0", min_agents=4, min_uploads=3, upload_deadline_s=8.0)
+    )
+    rng = np.random.default_rng(3)
+    deltas = {f"s{i}": (rng.standard_normal(NUMEL) * 0.05).astype(np.float32) for i in range(4)}
+    examples = {"s0": 100, "s1": 300, "s2": 50, "s3": 200}
+    results = await asyncio.gather(
+        *(play_agent(run, n, deltas[n], examples[n], tmp_path, upload=n != "s3") for n in deltas)
+    )
+    weights = {name: w for name, (_, w) in zip(deltas, results, strict=True)}
+    assert weights["s1"] == 1.0 and weights["s2"] == pytest.approx(50 / 300)  # scaled by the largest count
+    store = run.agg.rounds.store
+    layout = ParamLayout.from_tensors(store.load(0))
+    step = layout.flatten(store.load(1)).astype(np.float64) - layout.flatten(store.load(0))
+    survivors = ["s0", "s1", "s2"]
+    expected = sum(weights[n] * deltas[n].astype(np.float64) for n in survivors) / sum(
+        weights[n] for n in survivors
+    )
+    # Fixed point: 20 bits over [-1, 1], so each agent's coordinate is off by < 2e-6 before the division.
+    np.testing.assert_allclose(step, expected, atol=2e-5)
+    assert sorted(store.manifest(1).participants) == sorted(
+        r[0] for n, r in zip(deltas, results, strict=True) if n != "s3"
+    )
+    statuses = run.agg.rounds.db.participant_status(1)
+    assert sorted(statuses.values()) == ["dropped", "uploaded", "uploaded", "uploaded"]
+
+
+async def test_advertising_for_someone_else_or_out_of_phase_is_refused(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    run = await start_aggregator(config=secure_config(pki, tmp_path / "agg0", min_agents=2))
+    federation = Federation.create(1, trust_domain="test.cloudfed")
+    async with run.client("m1") as client:
+        join = await client.join(num_examples=10)
+        # No round is open yet (one agent of two): the phase is wrong.
+        own = federation.agent_round(next(iter(federation.agents)), 1, SecAggParams(threshold=2), b"")
+        adv = sign_advertisement(1, join.agent_id, own.cipher, own.mask, b"", own.signing_key)
+        with pytest.raises(grpc.aio.AioRpcError) as wrong_phase:
+            await client.advertise_keys(advertisement_to_pb(adv))
+        assert wrong_phase.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        other = dataclasses.replace(adv, agent_id="spiffe://test.cloudfed/cloud/aws/agent/someone-else")
+        with pytest.raises(grpc.aio.AioRpcError) as impersonation:
+            await client.advertise_keys(advertisement_to_pb(other))
+        assert impersonation.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_impossible_secagg_settings_are_refused_at_start(pki: Pki, tmp_path: Path) -> None:
+    base = aggregator_config(pki, tmp_path, min_agents=3)
+    with pytest.raises(ConfigError, match=r"above rounds\.min_agents"):
+        dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, threshold=4)).validate()
+    with pytest.raises(ConfigError, match="headroom"):
+        dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, bits=24)).validate()  # 1000 agents
+    with pytest.raises(ConfigError, match="exceed half"):
+        dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, neighbours=4, threshold=2)).validate()
+    with pytest.raises(ConfigError, match="min_agents >= 2"):
+        dataclasses.replace(aggregator_config(pki, tmp_path, min_agents=1), secagg=SECAGG).validate()
