@@ -53,6 +53,7 @@ buf-lint: $(BUF)
 
 bench: venv
 	$(PY) -m bench.transport
+	$(PY) -m bench.secagg
 
 ci: lint typecheck buf-lint proto-check test
 
