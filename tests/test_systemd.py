@@ -53,6 +53,15 @@ def test_unit_exposure_is_at_most_2(installed_unit: Path) -> None:
     assert level <= 2.0
 
 
+def terminate_and_expect_stopping(proc: subprocess.Popen[bytes], listener: socket.socket) -> None:
+    """SIGTERM, then STOPPING=1 within the next messages (watchdog pings may still arrive first)."""
+    proc.send_signal(signal.SIGTERM)
+    for _ in range(20):
+        if listener.recv(4096).decode() == "STOPPING=1":
+            return
+    pytest.fail("no STOPPING=1 after SIGTERM")
+
+
 def test_unit_uses_notify_credentials_state_dir_and_reload() -> None:
     text = UNIT.read_text()
     for line in (
@@ -92,12 +101,7 @@ def test_daemon_reports_ready_watchdog_reload_and_stopping(tmp_path: Path, pki_d
         reloading = next(m for m in messages if m.startswith("RELOADING=1"))
         assert "MONOTONIC_USEC=" in reloading
         assert "READY=1" in messages[messages.index(reloading) + 1 :]
-        proc.send_signal(signal.SIGTERM)
-        for _ in range(20):  # watchdog pings may still arrive first
-            if next_message() == "STOPPING=1":
-                break
-        else:
-            pytest.fail("no STOPPING=1 after SIGTERM")
+        terminate_and_expect_stopping(proc, listener)
     finally:
         code = stop(proc)
         listener.close()
@@ -151,12 +155,7 @@ def test_agent_reports_ready_watchdog_health_and_stopping(tmp_path: Path, pki_di
         assert listener.recv(4096).decode() == "WATCHDOG=1"
         assert listener.recv(4096).decode() == "WATCHDOG=1"
         wait_serving(health)  # the probe port answers SERVING
-        proc.send_signal(signal.SIGTERM)
-        for _ in range(20):
-            if listener.recv(4096).decode() == "STOPPING=1":
-                break
-        else:
-            pytest.fail("no STOPPING=1 after SIGTERM")
+        terminate_and_expect_stopping(proc, listener)
     finally:
         code = stop(proc)
         listener.close()
