@@ -1,0 +1,69 @@
+"""``quantize``: symmetric stochastic fixed point, 2-16 bits, with a shared clip bound. Linear.
+
+Codes are integers in [-L, L], L = 2^(bits-1) - 1, so code sums decode with one multiplication
+and no offset; stochastic rounding makes each code an unbiased estimate of the clipped value.
+On the wire the codes are bit-packed: ``bits`` bits per parameter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.codecs.base import Codec
+from common.errors import ConfigError, InvalidArgument
+
+BLOCK = 1 << 20
+
+
+class Quantize(Codec):
+    """Stochastic rounding to ``bits``-bit integer codes of ``clip / L`` steps."""
+
+    name = "quantize"
+    linear = True
+
+    def __init__(self, clip: float, bits: int, rng: np.random.Generator | None = None) -> None:
+        if not 2 <= bits <= 16:
+            raise ConfigError(f"quantize bits must be in 2..16, got {bits}")
+        if not clip > 0:
+            raise ConfigError(f"quantize clip must be positive, got {clip}")
+        self.clip, self.bits = float(clip), bits
+        self.levels = (1 << (bits - 1)) - 1
+        self.step = self.clip / self.levels
+        self.rng = rng or np.random.default_rng()
+
+    def encode(self, vector: np.ndarray) -> np.ndarray:
+        """int32 codes (clipped, stochastically rounded)."""
+        flat = vector.reshape(-1)
+        if not np.all(np.isfinite(flat)):
+            raise InvalidArgument("update contains NaN or infinite values")
+        out = np.empty(flat.size, dtype=np.int32)
+        for start in range(0, flat.size, BLOCK):
+            x = np.clip(flat[start : start + BLOCK].astype(np.float64), -self.clip, self.clip) / self.step
+            x += self.rng.random(x.size)
+            out[start : start + x.size] = np.floor(x)
+        np.clip(out, -self.levels, self.levels, out=out)
+        return out
+
+    def decode(self, payload: np.ndarray) -> np.ndarray:
+        """Codes (or a sum of codes) back to values."""
+        return (payload.astype(np.float64) * self.step).astype(np.float32)
+
+    def payload_bytes(self, numel: int) -> int:
+        """Bit-packed codes."""
+        return (numel * self.bits + 7) // 8
+
+    def pack(self, codes: np.ndarray) -> bytes:
+        """Codes as ``bits``-bit unsigned fields, little-endian bit order."""
+        unsigned = (codes.astype(np.int64) + self.levels).astype(np.uint32)
+        bits = ((unsigned[:, None] >> np.arange(self.bits, dtype=np.uint32)) & 1).astype(np.uint8)
+        return np.packbits(bits.reshape(-1), bitorder="little").tobytes()
+
+    def unpack(self, data: bytes, numel: int) -> np.ndarray:
+        """Inverse of ``pack``."""
+        if len(data) != self.payload_bytes(numel):
+            raise InvalidArgument(
+                f"quantized payload of {len(data)} bytes, expected {self.payload_bytes(numel)}"
+            )
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: numel * self.bits]
+        weights = 1 << np.arange(self.bits, dtype=np.int64)
+        return (bits.reshape(numel, self.bits).astype(np.int64) @ weights - self.levels).astype(np.int32)

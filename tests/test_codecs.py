@@ -1,0 +1,125 @@
+"""Codecs (common/codecs): linearity, error bounds, bit packing, error feedback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from common.codecs.feedback import ErrorFeedback
+from common.codecs.projection import Projection
+from common.codecs.quantize import Quantize
+from common.codecs.topk import TopK
+from common.errors import ConfigError, InvalidArgument
+
+values = st.floats(min_value=-2, max_value=2, width=32, allow_nan=False)
+
+
+@given(
+    updates=st.lists(arrays(np.float32, 300, elements=values), min_size=2, max_size=6),
+    bits=st.integers(min_value=2, max_value=16),
+)
+@settings(max_examples=30, deadline=None)
+def test_quantize_decode_of_summed_codes_is_the_sum_of_decodes(updates: list[np.ndarray], bits: int) -> None:
+    codec = Quantize(clip=1.0, bits=bits, rng=np.random.default_rng(0))
+    payloads = [codec.encode(u) for u in updates]
+    summed = np.sum(payloads, axis=0)
+    np.testing.assert_allclose(
+        codec.decode(summed), np.sum([codec.decode(p) for p in payloads], axis=0), atol=1e-5
+    )
+
+
+@given(updates=st.lists(arrays(np.float32, 700, elements=values), min_size=2, max_size=5))
+@settings(max_examples=30, deadline=None)
+def test_projection_decode_of_summed_payloads_is_the_sum_of_decodes(updates: list[np.ndarray]) -> None:
+    codec = Projection.seeded(700, ratio=8, seed=11, block=256)
+    summed = np.sum([codec.encode(u) for u in updates], axis=0)
+    np.testing.assert_allclose(
+        codec.decode(summed), np.sum([codec.decode(codec.encode(u)) for u in updates], axis=0), atol=1e-3
+    )
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_quantize_round_trip_within_one_step_and_unbiased(bits: int) -> None:
+    codec = Quantize(clip=0.5, bits=bits, rng=np.random.default_rng(1))
+    x = np.random.default_rng(2).uniform(-0.5, 0.5, 100_000).astype(np.float32)
+    decoded = codec.decode(codec.encode(x))
+    assert np.max(np.abs(decoded - x)) <= codec.step * (1 + 1e-6)
+    assert abs(float(np.mean(decoded - x))) < codec.step / 20
+    packed = codec.pack(codec.encode(x))
+    assert len(packed) == codec.payload_bytes(x.size) == (x.size * bits + 7) // 8
+    codes = codec.encode(x)
+    np.testing.assert_array_equal(codec.unpack(codec.pack(codes), x.size), codes)
+    with pytest.raises(InvalidArgument):
+        codec.unpack(packed[:-1], x.size)
+
+
+def test_projection_is_unbiased_and_shared_by_seed() -> None:
+    x = np.random.default_rng(3).standard_normal(4096).astype(np.float32)
+    estimates = [Projection.seeded(4096, ratio=4, seed=s, block=512) for s in range(200)]
+    mean = np.mean([c.decode(c.encode(x)) for c in estimates], axis=0)
+    one = estimates[0].decode(estimates[0].encode(x))
+    assert np.linalg.norm(mean - x) < 0.25 * np.linalg.norm(one - x)  # the error averages out: unbiased
+    same = Projection.seeded(4096, ratio=4, seed=0, block=512)
+    np.testing.assert_array_equal(same.encode(x), estimates[0].encode(x))
+    assert estimates[0].payload_bytes(4096) * 4 == 4 * 4096
+
+
+def test_topk_keeps_the_largest_entries_exactly() -> None:
+    x = np.random.default_rng(4).standard_normal(10_000).astype(np.float32)
+    codec = TopK(10_000, ratio=20)
+    payload = codec.encode(x)
+    assert payload.nbytes == codec.payload_bytes(10_000) and codec.ratio(10_000) == pytest.approx(
+        20, rel=0.01
+    )
+    decoded = codec.decode(payload)
+    kept = np.flatnonzero(decoded)
+    assert kept.size == codec.k
+    np.testing.assert_array_equal(decoded[kept], x[kept])
+    assert np.min(np.abs(x[kept])) >= np.max(np.abs(np.delete(x, kept)))
+    assert codec.linear is False
+    with pytest.raises(InvalidArgument):
+        codec.decode(payload[:-1])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda n: TopK(n, ratio=10), lambda n: Quantize(clip=0.05, bits=2, rng=np.random.default_rng(5))],
+    ids=["topk", "quantize-2bit"],
+)
+def test_error_feedback_drives_the_accumulated_error_of_a_constant_update_to_zero(
+    make, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    n = 2000
+    x = np.random.default_rng(6).uniform(-0.01, 0.01, n).astype(np.float32)
+    residual_file = tmp_path / "residual.npy"
+    feedback = ErrorFeedback(make(n), n, residual_file)
+    sent = np.zeros(n, dtype=np.float64)
+    errors = []
+    for rounds in range(1, 401):
+        if rounds == 200:  # a restart half-way: the residual comes back from disk
+            feedback = ErrorFeedback(make(n), n, residual_file)
+        sent += feedback.codec.decode(feedback.encode(x))
+        errors.append(np.linalg.norm(sent / rounds - x) / np.linalg.norm(x))
+    assert errors[-1] < 0.1 and errors[-1] < errors[9] / 5  # falls like 1 / rounds
+    without = make(n)
+    plain = np.mean([without.decode(without.encode(x)) for _ in range(20)], axis=0)
+    if isinstance(without, TopK):  # without feedback, top-k never sends most coordinates
+        assert np.linalg.norm(plain - x) / np.linalg.norm(x) > 0.5
+
+
+def test_bad_codec_settings_are_refused() -> None:
+    with pytest.raises(ConfigError):
+        Quantize(clip=1.0, bits=1)
+    with pytest.raises(ConfigError):
+        Quantize(clip=0.0, bits=8)
+    with pytest.raises(ConfigError):
+        TopK(100, ratio=0.5)
+    with pytest.raises(ConfigError):
+        Projection(100, np.zeros((4, 8), np.float32))
+    with pytest.raises(InvalidArgument, match="NaN"):
+        Quantize(clip=1.0, bits=8).encode(np.array([np.nan], np.float32))
