@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
+from google.protobuf import json_format
 from safetensors.torch import load_file, save_file
 
 from agent import metrics
@@ -26,7 +27,9 @@ from agent.distributed import DistContext
 from agent.secure import SecureParticipation, Signer
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device
 from common.backoff import backoff_delays
-from common.codecs import identity
+from common.codecs import registry
+from common.codecs.base import Codec
+from common.codecs.feedback import ErrorFeedback
 from common.config import AgentConfig
 from common.errors import CloudfedError, ConfigError
 from common.layout import ParamLayout
@@ -300,12 +303,22 @@ class Agent:
             layout = ParamLayout.from_tensors(base)
             payload = self.state / "uploads" / f"round-{event.round_id}.bin"
             vector = layout.flatten(delta)
+            codec = registry.make(
+                registry.settings_from(
+                    settings.codec.name,
+                    json_format.MessageToDict(settings.codec.params),
+                    settings.training.seed,
+                ),
+                vector.size,
+                event.round_id,
+            )
             if secure is None:
                 weight = float(len(self.train_docs))
-                encoded = identity.encode(vector, weight)
+                encoded = await asyncio.to_thread(self._encode_plain, codec, vector, weight)
             else:
                 weight = secure.weight(len(self.train_docs))
-                encoded = await asyncio.to_thread(secure.mask, vector, weight)
+                coords = vector if codec is None else await asyncio.to_thread(codec.encode, vector)
+                encoded = await asyncio.to_thread(secure.mask, coords, weight)
             await asyncio.to_thread(payload.write_bytes, encoded)
         labels = client.labels
         metrics.UPDATE_RAW_BYTES.labels(**labels).inc(vector.nbytes)
@@ -313,7 +326,7 @@ class Agent:
         header = pb.UploadHeader(
             round_id=event.round_id,
             upload_id=f"r{event.round_id}-{uuid.uuid4().hex[:16]}",
-            codec=pb.CodecSpec(name=identity.NAME),
+            codec=settings.codec,
             layout_digest=layout.digest,
             base_version=event.global_version,
             weight=weight,
@@ -340,6 +353,14 @@ class Agent:
         )
         if secure is not None:
             await secure.unmask()
+
+    def _encode_plain(self, codec: Codec | None, vector: np.ndarray, weight: float) -> bytes:
+        """A plain payload; biased codecs go through error feedback (residual kept in the state dir)."""
+        if codec is None or codec.name not in registry.BIASED:
+            return registry.encode_plain(codec, vector, weight)
+        residual = self.state / "codec" / f"residual-{codec.name}.npy"
+        payload = ErrorFeedback(codec, vector.size, residual).encode(vector)
+        return registry.encode_plain(codec, vector, weight, encoded=payload)
 
     def _audit(
         self, event: pb.RoundEvent, header: pb.UploadHeader, delta: dict[str, torch.Tensor], train_loss: float

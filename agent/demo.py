@@ -39,7 +39,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def prepare(root: Path, rounds: int, secagg: bool = True) -> tuple[Path, list[Path], int]:
+def prepare(
+    root: Path, rounds: int, secagg: bool = True, codec: str = "identity", codec_ratio: float = 16.0
+) -> tuple[Path, list[Path], int]:
     """Write certificates, model, data and configs; return (aggregator config, agent configs, health port).
     With ``secagg`` the aggregator only ever sees the masked sum (24-bit fixed point, clip 0.5)."""
     pki = PkiDir(root / "pki")
@@ -65,11 +67,13 @@ max_agents = 16
 upload_deadline_s = 300
 [secagg]
 enabled = {"true" if secagg else "false"}
-clip = 0.5
+clip = {2.0 if codec == "projection" else 0.5}
 bits = 24
 key_deadline_s = 30
 [federation]
 federation_id = "demo"
+codec = "{codec}"
+codec_ratio = {codec_ratio}
 model_id = "{root / "model"}"
 lora_rank = 8
 lora_alpha = 16
@@ -122,10 +126,16 @@ def evals(agent_configs: list[Path]) -> dict[int, dict[str, float]]:
 
 
 def run_federation(
-    root: Path, rounds: int, show: bool = True, timeout_s: float = 600, secagg: bool = True
+    root: Path,
+    rounds: int,
+    show: bool = True,
+    timeout_s: float = 600,
+    secagg: bool = True,
+    codec: str = "identity",
+    codec_ratio: float = 16.0,
 ) -> dict[int, dict[str, float]]:
     """Start the aggregator and agents, wait for ``rounds`` new versions, stop them; return the eval table."""
-    agg_config, agent_configs, health = prepare(root, rounds, secagg)
+    agg_config, agent_configs, health = prepare(root, rounds, secagg, codec, codec_ratio)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     logs = [open(root / "aggregator.log", "wb")]  # noqa: SIM115 - closed below
     procs = [

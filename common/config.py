@@ -25,7 +25,7 @@ from common.secagg.ring import check_headroom
 from common.tls import TlsFiles
 
 T = TypeVar("T")
-KNOWN_CODECS = ("identity",)
+KNOWN_CODECS = ("identity", "quantize", "projection", "topk")
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,8 @@ class SecAggConfig:
     """Seconds each key phase (advertise, share, unmask) waits for the agents."""
 
 
-LINEAR_CODECS = ("identity",)
-"""Codecs whose decoder is linear: the only ones usable with secure aggregation."""
+LINEAR_CODECS = ("identity", "quantize", "projection")
+"""Codecs whose decoder is linear: decode(sum) = sum of decodes."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,13 @@ class FederationConfig:
     model_id: str = ""
     """Base model: hub id or a path each agent resolves locally."""
     codec: str = "identity"
-    """Update codec."""
+    """Update codec: identity, quantize, projection or topk (see README, Compression)."""
+    codec_ratio: float = 16.0
+    """Compression ratio against float32 for projection and topk."""
+    codec_bits: int = 8
+    """Bits per parameter for quantize (2..16)."""
+    codec_clip: float = 0.1
+    """Clip bound of each update coordinate for quantize."""
     lora_rank: int = 8
     """LoRA rank."""
     lora_alpha: float = 16.0
@@ -214,6 +220,12 @@ class AggregatorConfig:
             raise ConfigError(
                 f"federation.codec: unknown codec {self.federation.codec!r}; known: {KNOWN_CODECS}"
             )
+        if not self.federation.codec_ratio >= 1:
+            raise ConfigError("federation.codec_ratio must be >= 1")
+        if not 2 <= self.federation.codec_bits <= 16:
+            raise ConfigError("federation.codec_bits must be in 2..16")
+        if not self.federation.codec_clip > 0:
+            raise ConfigError("federation.codec_clip must be positive")
         self._validate_secagg()
         self.tls.files().check("tls")
         return self
@@ -226,6 +238,11 @@ class AggregatorConfig:
             raise ConfigError(
                 f"secagg: codec {self.federation.codec!r} has a nonlinear decoder, which needs each agent's"
                 " update and so cannot work with masking; use a linear codec or disable secagg"
+            )
+        if self.federation.codec == "quantize":
+            raise ConfigError(
+                "secagg: codec 'quantize' would quantise twice; secure aggregation already sends"
+                " secagg.bits-bit fixed point, so use codec 'identity' (or 'projection') and set secagg.bits"
             )
         if r.min_agents < 2:
             raise ConfigError("secagg: needs rounds.min_agents >= 2 (one agent's sum is its update)")

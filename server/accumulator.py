@@ -34,3 +34,12 @@ class SumAccumulator:
                 np.add(self.total[block], data[block], out=self.total[block])
             self.count += 1
         del data
+
+    def add_vector(self, weighted: np.ndarray, weight: float) -> None:
+        """Add one decoded update ``weight * delta`` and its weight."""
+        if weighted.size != self.length - 1:
+            raise InvalidArgument(f"update of {weighted.size} values, expected {self.length - 1}")
+        with self._lock:
+            np.add(self.total[:-1], weighted, out=self.total[:-1])
+            self.total[-1] += weight
+            self.count += 1

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from common.codecs.registry import CodecSettings
 from common.config import AggregatorConfig
 from common.grpc_errors import error_interceptor
 from common.grpc_options import server_options
@@ -69,7 +70,7 @@ def build_aggregator(config: AggregatorConfig) -> Aggregator:
         spool,
         StateDB(state / "cloudfed.db"),
         make_optimizer(f.server_optimizer, f.server_lr, state / "optimizer"),
-        f.codec,
+        CodecSettings(f.codec, f.codec_ratio, f.codec_bits, f.codec_clip, f.seed),
         config.secagg,
     )
     credentials = ReloadingServerCredentials(config.tls.files())

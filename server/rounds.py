@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import os
 import threading
@@ -21,7 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.codecs import identity
+from common.codecs import identity, registry
+from common.codecs.base import Codec
+from common.codecs.projection import Projection
+from common.codecs.registry import CodecSettings
 from common.config import RoundsConfig, SecAggConfig
 from common.errors import Aborted, ConfigError, FailedPrecondition, InvalidArgument, PermissionDenied
 from common.identity import SpiffeId
@@ -101,7 +105,7 @@ class RoundCoordinator:
         spool: UploadSpool,
         db: StateDB,
         optimizer: ServerOptimizer | None = None,
-        codec: str = identity.NAME,
+        codec: CodecSettings | None = None,
         secagg: SecAggConfig | None = None,
     ) -> None:
         latest = store.latest()
@@ -112,7 +116,8 @@ class RoundCoordinator:
         self.spool = spool
         self.db = db
         self.optimizer = optimizer or FedAvg()
-        self.codec = codec
+        self.codec = codec or CodecSettings()
+        self._codec_params = json.dumps(self.codec.params(), sort_keys=True)
         self.secagg = secagg if secagg is not None and secagg.enabled else None
         for round_id in db.recover():
             log.warning("round %d was in flight when the aggregator stopped; it is abandoned", round_id)
@@ -134,6 +139,8 @@ class RoundCoordinator:
         self._pending: set[asyncio.Task[None]] = set()
         self._acc: SumAccumulator | None = None
         self._all_in = asyncio.Event()
+        self._round_codec: Codec | None = None
+        self._decoded: dict[str, tuple[np.ndarray, float]] = {}
         self._secure: ServerRound | None = None
         self._secure_lock = threading.Lock()  # the masked sum is added to from worker threads
         self._weight_scale = 1.0
@@ -146,8 +153,10 @@ class RoundCoordinator:
 
     @property
     def expected_payload_bytes(self) -> int:
-        """Size of one encoded update."""
-        return identity.payload_bytes(self.layout.numel)
+        """Size of one encoded update (a masked one: 4 bytes a coordinate)."""
+        if self.secagg is not None:
+            return 4 * registry.secure_length(self._round_codec, self.layout.numel)
+        return registry.payload_bytes(self._round_codec, self.layout.numel)
 
     async def _publish(self, state: RoundState) -> None:
         self._state = state
@@ -218,8 +227,14 @@ class RoundCoordinator:
             raise FailedPrecondition(f"{peer} is not a participant of round {s.round_id}")
         if peer.uri in self._claimed:
             raise FailedPrecondition(f"{peer} already uploaded for round {s.round_id}")
-        if meta.codec != self.codec:
-            raise InvalidArgument(f"codec {meta.codec!r} does not match the round's codec {self.codec!r}")
+        if meta.codec != self.codec.name:
+            raise InvalidArgument(
+                f"codec {meta.codec!r} does not match the round's codec {self.codec.name!r}"
+            )
+        if meta.codec_params != self._codec_params:
+            raise InvalidArgument(
+                f"codec parameters {meta.codec_params} do not match the round's {self._codec_params}"
+            )
         if meta.layout_digest != self.layout.digest:
             raise InvalidArgument("layout digest does not match the federation's parameter layout")
         if meta.base_version != s.global_version:
@@ -234,8 +249,8 @@ class RoundCoordinator:
     def payload_validator(self) -> Callable[[bytes], None]:
         """A per-upload check run on every streamed byte (finite float32 values; masked uint32 codes are
         uniform, so anything goes there)."""
-        if self.secagg is not None:
-            return lambda _data: None
+        if self.secagg is not None or self._round_codec is not None:
+            return lambda _data: None  # masked codes are uniform; other codecs are checked once decoded
         return identity.FiniteChecker()
 
     async def commit_upload(self, peer: SpiffeId, meta: UploadMeta, path: Path) -> None:
@@ -244,6 +259,11 @@ class RoundCoordinator:
         acc = self._acc
         if acc is None and self._secure is None:
             raise FailedPrecondition(f"round {meta.round_id} is not collecting updates")
+        if self._secure is None and self._round_codec is not None:  # refused now, with a status, if bad
+            data = await asyncio.to_thread(path.read_bytes)
+            self._decoded[peer.uri] = await asyncio.to_thread(
+                registry.decode_plain, self._round_codec, data, self.layout.numel
+            )
         self._claimed.add(peer.uri)
         task = asyncio.create_task(self._accumulate(acc, peer, meta, path))
         self._pending.add(task)
@@ -255,6 +275,9 @@ class RoundCoordinator:
         try:
             if self._secure is not None:
                 await asyncio.to_thread(self._add_masked_file, self._secure, peer.uri, path)
+            elif peer.uri in self._decoded and acc is not None:
+                weighted, weight = self._decoded.pop(peer.uri)
+                await asyncio.to_thread(acc.add_vector, weighted, weight)
             elif acc is not None:
                 await asyncio.to_thread(acc.add_file, path)
         except Exception:
@@ -385,6 +408,8 @@ class RoundCoordinator:
         participants = frozenset(self.connected[: self.config.max_agents])
         self._claimed, self._added = set(), set()
         self._all_in = asyncio.Event()
+        self._round_codec = registry.make(self.codec, self.layout.numel, round_id)
+        self._decoded = {}
         self._acc = SumAccumulator(self.layout.numel + 1)
         self.spool.purge()
         deadline = time.time() + self.config.upload_deadline_s
@@ -433,7 +458,9 @@ class RoundCoordinator:
         invited = frozenset(self.connected[: self.config.max_agents])
         k = sa.neighbours
         params = SecAggParams(sa.threshold or auto_threshold(len(invited), k), k, sa.clip, sa.bits)
-        secure = ServerRound(round_id, params, self.layout.numel + 1, os.urandom(16))
+        self._round_codec = registry.make(self.codec, self.layout.numel, round_id)
+        length = registry.secure_length(self._round_codec, self.layout.numel)
+        secure = ServerRound(round_id, params, length, os.urandom(16))
         self._secure, self._acc = secure, None
         self._claimed, self._added = set(), set()
         self._all_in = asyncio.Event()
@@ -537,6 +564,8 @@ class RoundCoordinator:
         for start in range(0, mean.size, 1 << 16):
             block = slice(start, start + (1 << 16))
             mean[block] = fp.decode_sum(codes[block], n) / weight
+        if isinstance(self._round_codec, Projection):  # linear: decoding the mean = the mean of decodes
+            mean = self._round_codec.decode(mean)
         return self._aggregate(mean, weight, base, participants)
 
     def _aggregate_plain(self, acc: SumAccumulator, base: int, participants: list[str]) -> Manifest:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from google.protobuf import timestamp_pb2
 
+from common.codecs.registry import CodecSettings
 from common.config import AggregatorConfig
 from common.grpc_wrap import Context
 from common.identity import require_peer
@@ -46,7 +47,7 @@ def settings_of(config: AggregatorConfig, rounds: RoundCoordinator) -> pb.Federa
         federation_id=f.federation_id,
         model_id=f.model_id,
         layout=layout,
-        codec=pb.CodecSpec(name=rounds.codec),
+        codec=codec_spec(rounds.codec),
         secagg=pb.SecAggSettings(
             enabled=config.secagg.enabled,
             threshold=config.secagg.threshold,
@@ -68,6 +69,13 @@ def settings_of(config: AggregatorConfig, rounds: RoundCoordinator) -> pb.Federa
             seed=f.seed,
         ),
     )
+
+
+def codec_spec(codec: CodecSettings) -> pb.CodecSpec:
+    """The codec and its parameters as sent with Join (agents echo them in every upload header)."""
+    spec = pb.CodecSpec(name=codec.name)
+    spec.params.update(codec.params())
+    return spec
 
 
 def event_of(state: RoundState, agent_uri: str) -> pb.RoundEvent:

@@ -35,6 +35,7 @@ class UploadMeta:
     sha256: str
     base_version: int
     weight: float
+    codec_params: str = ""
 
 
 class SpoolWriter:

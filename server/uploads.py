@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
+
+from google.protobuf import json_format
 
 from common.errors import CloudfedError, DataLoss, InvalidArgument, ResourceExhausted
 from common.identity import SpiffeId
@@ -28,7 +31,13 @@ def meta_of(agent: SpiffeId, header: pb.UploadHeader) -> UploadMeta:
         sha256=header.sha256.hex(),
         base_version=header.base_version,
         weight=header.weight,
+        codec_params=params_key(header.codec),
     )
+
+
+def params_key(spec: pb.CodecSpec) -> str:
+    """Codec parameters in one canonical string, to compare an upload with its round."""
+    return json.dumps(json_format.MessageToDict(spec.params), sort_keys=True)
 
 
 async def receive_upload(

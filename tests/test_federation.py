@@ -4,6 +4,7 @@ secure aggregation on (the demo's default): the aggregator only ever sees the ma
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,17 @@ def test_masked_rounds_match_the_same_rounds_unmasked(federation, tmp_path: Path
 
 def _table_at(root: Path, version: int) -> dict[str, float]:
     return evals(sorted(root.glob("*-agent-1/agent.toml")))[version]
+
+
+def test_projection_under_masking_cuts_uplink_bytes_and_the_loss_goes_down(tmp_path: Path) -> None:
+    """projection (ratio 4) -> fixed point -> masking, with the real daemons."""
+    table = run_federation(tmp_path, 2, show=False, timeout_s=300, codec="projection", codec_ratio=4)
+    assert {0, 1, 2} <= set(table), (tmp_path / "aggregator.log").read_text()[-2000:]
+    before, after = np.mean(list(table[0].values())), np.mean(list(table[2].values()))
+    assert after < before - 0.05, (before, after)
+    db = tmp_path / "aggregator-state" / "cloudfed.db"
+    with sqlite3.connect(db) as conn:
+        sizes = {b for (b,) in conn.execute("SELECT bytes FROM participants WHERE status = 'uploaded'")}
+    numel = ParamLayout.from_tensors(CheckpointStore(db.parent / "checkpoints").load(0)).numel
+    (masked,) = sizes
+    assert masked < 4 * (numel + 1) / 3.5  # about a quarter of the float32 update, weight included

@@ -123,3 +123,14 @@ def test_impossible_secagg_settings_are_refused_at_start(pki: Pki, tmp_path: Pat
         dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, neighbours=4, threshold=2)).validate()
     with pytest.raises(ConfigError, match="min_agents >= 2"):
         dataclasses.replace(aggregator_config(pki, tmp_path, min_agents=1), secagg=SECAGG).validate()
+
+
+@pytest.mark.parametrize(("codec", "why"), [("topk", "nonlinear decoder"), ("quantize", "quantise twice")])
+def test_codecs_that_cannot_be_masked_are_refused_at_start(
+    pki: Pki, tmp_path: Path, codec: str, why: str
+) -> None:
+    base = aggregator_config(pki, tmp_path, min_agents=3)
+    federation = dataclasses.replace(base.federation, codec=codec)
+    with pytest.raises(ConfigError, match=why):
+        dataclasses.replace(base, federation=federation, secagg=SECAGG).validate()
+    dataclasses.replace(base, federation=federation).validate()  # fine with a trusted aggregator

@@ -1,0 +1,130 @@
+"""From the federation's codec settings to a codec for one round, and the update payload framing.
+
+Without secure aggregation every agent's payload is decoded on its own at the aggregator:
+``[float32 weight][codec bytes of delta]``, so any codec works, linear or not. With secure
+aggregation only linear codecs fit: the agent sends ``[w * encode(delta), w * clip]`` through the
+fixed-point ring and the aggregator decodes the unmasked sum once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.codecs import identity
+from common.codecs.base import Codec
+from common.codecs.projection import Projection
+from common.codecs.quantize import Quantize
+from common.codecs.topk import TopK
+from common.errors import InvalidArgument
+
+KNOWN = ("identity", "quantize", "projection", "topk")
+SECURE = ("identity", "projection")
+"""Codecs usable under secure aggregation (linear, and not a second quantiser on top of the ring's)."""
+
+
+@dataclass(frozen=True)
+class CodecSettings:
+    """What the aggregator broadcasts: the codec, its compression ratio, bits and clip, a base seed."""
+
+    name: str = "identity"
+    ratio: float = 16.0
+    bits: int = 8
+    clip: float = 0.1
+    seed: int = 0
+
+    def params(self) -> dict[str, float]:
+        """The parameters that travel in CodecSpec.params (and must match in every upload)."""
+        if self.name == "identity":
+            return {}
+        if self.name == "quantize":
+            return {"bits": float(self.bits), "clip": self.clip}
+        return {"ratio": self.ratio}
+
+
+def settings_from(name: str, params: dict[str, float], seed: int) -> CodecSettings:
+    """Rebuild the settings from a CodecSpec's name and params (the agent's side)."""
+    defaults = CodecSettings()
+    return CodecSettings(
+        name,
+        float(params.get("ratio", defaults.ratio)),
+        int(params.get("bits", defaults.bits)),
+        float(params.get("clip", defaults.clip)),
+        seed,
+    )
+
+
+BIASED = ("topk",)
+"""Codecs whose error the agent keeps and adds back next round (error feedback)."""
+
+
+def round_seed(base: int, round_id: int) -> int:
+    """A fresh public seed per round (random projections must change between rounds)."""
+    digest = hashlib.sha256(struct.pack(">QQ", base & (2**64 - 1), round_id)).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def make(settings: CodecSettings, numel: int, round_id: int) -> Codec | None:
+    """The round's codec; None for ``identity`` (the float32 baseline handled by common.codecs.identity)."""
+    if settings.name == "identity":
+        return None
+    if settings.name == "quantize":
+        return Quantize(settings.clip, settings.bits)
+    if settings.name == "projection":
+        return Projection.seeded(numel, settings.ratio, round_seed(settings.seed, round_id))
+    if settings.name == "topk":
+        return TopK(numel, settings.ratio)
+    raise InvalidArgument(f"unknown codec {settings.name!r}")
+
+
+def payload_bytes(codec: Codec | None, numel: int) -> int:
+    """Size of one plain (unmasked) payload."""
+    return identity.payload_bytes(numel) if codec is None else 4 + codec.payload_bytes(numel)
+
+
+def encode_plain(
+    codec: Codec | None, delta: np.ndarray, weight: float, encoded: np.ndarray | None = None
+) -> bytes:
+    """A plain payload; ``encoded`` is ``codec.encode(delta)`` when the caller already has it."""
+    if codec is None:
+        return identity.encode(delta, weight)
+    if not (weight > 0 and np.isfinite(weight)):
+        raise InvalidArgument(f"weight must be positive and finite, got {weight}")
+    payload = codec.encode(delta) if encoded is None else encoded
+    body = codec.pack(payload) if isinstance(codec, Quantize) else payload.tobytes()
+    return struct.pack("<f", weight) + body
+
+
+def decode_plain(codec: Codec | None, data: bytes, numel: int) -> tuple[np.ndarray, float]:
+    """(weight * decoded delta, weight) from one plain payload; InvalidArgument if malformed."""
+    if len(data) != payload_bytes(codec, numel):
+        raise InvalidArgument(f"payload of {len(data)} bytes, expected {payload_bytes(codec, numel)}")
+    if codec is None:
+        vector = np.frombuffer(data, dtype=identity.WIRE_DTYPE)
+        return vector[:-1].astype(np.float32), float(vector[-1])
+    (weight,) = struct.unpack("<f", data[:4])
+    if not (weight > 0 and np.isfinite(weight)):
+        raise InvalidArgument(f"weight must be positive and finite, got {weight}")
+    body = data[4:]
+    if isinstance(codec, Quantize):
+        payload: np.ndarray = codec.unpack(body, numel)
+    elif isinstance(codec, TopK):
+        payload = np.frombuffer(body, dtype=np.uint8)
+    else:
+        payload = np.frombuffer(body, dtype=np.float32)
+    decoded = codec.decode(payload)
+    if not np.all(np.isfinite(decoded)):
+        raise InvalidArgument("update contains NaN or infinite values")
+    return decoded * np.float32(weight), float(weight)
+
+
+def secure_length(codec: Codec | None, numel: int) -> int:
+    """Coordinates a masked update carries: the (projected) update plus the weight."""
+    if codec is None:
+        return numel + 1
+    if not isinstance(codec, Projection):
+        raise InvalidArgument(f"codec {codec.name!r} cannot run under secure aggregation")
+    return int(codec.blocks * codec.dim) + 1
