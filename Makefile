@@ -54,6 +54,7 @@ buf-lint: $(BUF)
 bench: venv
 	$(PY) -m bench.transport
 	$(PY) -m bench.secagg
+	$(PY) -m bench.quality
 
 ci: lint typecheck buf-lint proto-check test
 

@@ -49,6 +49,8 @@ class RoundResult:
     survivors: list[str]
     dropped: list[str]
     agents: dict[str, AgentRound] = field(default_factory=dict)
+    key_bytes: dict[str, int] = field(default_factory=dict)
+    """Bytes each agent sent for keys: advertisement, sealed shares, revealed shares."""
 
 
 def run_round(
@@ -67,14 +69,21 @@ def run_round(
     length = len(next(iter(codes.values())))
     server = ServerRound(round_id, params, length, seed)
     agents = {a: federation.agent_round(a, round_id, params, seed) for a in codes}
-    for agent in agents.values():
-        server.add_advertisement(agent.advertise())
+    key_bytes = dict.fromkeys(agents, 0)
+    for a, agent in agents.items():
+        adv = agent.advertise()
+        key_bytes[a] += (
+            len(adv.certificate_pem) + len(adv.signature) + len(adv.cipher_public) + len(adv.mask_public)
+        )
+        server.add_advertisement(adv)
     roster = server.roster()
     if tamper is not None:
         tamper(roster)
     alive = [a for a in agents if a not in drop.get("advertise", set())]
     for a in alive:
-        server.add_shares(a, agents[a].share_keys(roster))
+        sealed = agents[a].share_keys(roster)
+        key_bytes[a] += sum(len(blob) for blob in sealed.values())
+        server.add_shares(a, sealed)
     alive = [a for a in alive if a not in drop.get("share", set())]
     server.start_sum()
     for a in alive:
@@ -88,8 +97,10 @@ def run_round(
     for a in survivors:
         if a in drop.get("unmask", set()):
             continue
-        server.add_reveal(a, agents[a].unmask(survivors, dropped))
-    return RoundResult(server.unmasked_sum().copy(), survivors, dropped, agents)
+        revealed = agents[a].unmask(survivors, dropped)
+        key_bytes[a] += sum(len(share) + 1 for _kind, share in revealed.values())
+        server.add_reveal(a, revealed)
+    return RoundResult(server.unmasked_sum().copy(), survivors, dropped, agents, key_bytes)
 
 
 def now() -> dt.datetime:

@@ -1,0 +1,305 @@
+"""Quality per uplink byte: every codec against the uncompressed baseline, same rounds and seeds.
+
+    python -m bench.quality [--rounds 8] [--seeds 3] [--steps 10]
+
+A tiny Llama and its tokenizer are built locally (nothing downloaded); four agents hold
+non-IID text (weather, cooking, football, and a weather+football mix, of different sizes).
+Each scheme runs the same FedAvg rounds from the same seeds with the real trainer (LoRA via
+peft) and the real codecs; schemes marked ``secagg`` go through the real secure-aggregation
+protocol (keys, shares, masks, unmasking) in process. Per scheme and seed: mean held-out eval
+loss per round, cumulative uplink bytes (updates plus, with secagg, key traffic), the bytes
+needed to reach the baseline's final loss + 0.1, and the cosine between the decoded aggregate
+and the true weighted mean of the agents' updates. Results: bench/results/quality.json,
+quality.png (eval loss vs cumulative uplink bytes) and quality.md (the README table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agent.data import pack, split
+from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, initial_adapter
+from common.codecs import registry
+from common.codecs.base import Codec
+from common.codecs.feedback import ErrorFeedback
+from common.codecs.projection import Projection
+from common.layout import ParamLayout
+from common.secagg.local import Federation, run_round
+from common.secagg.params import SecAggParams
+from common.secagg.ring import FixedPoint
+from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LORA = LoraSpec(8, 16.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+AGENTS = {"weather": 120, "cooking": 240, "football": 360, "mixed": 180}  # documents per agent
+SECAGG_CLIP, SECAGG_BITS = 2.0, 20
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One way of sending updates."""
+
+    label: str
+    codec: str = "identity"
+    ratio: float = 1.0
+    bits: int = 8
+    clip: float = 0.25
+    secagg: bool = False
+
+
+SCHEMES = (
+    Scheme("identity (float32)"),
+    Scheme("identity + secagg", secagg=True),
+    Scheme("quantize 8 bit", "quantize", bits=8),
+    Scheme("quantize 2 bit", "quantize", bits=2),
+    Scheme("topk 16x + EF", "topk", ratio=16),
+    Scheme("topk 32x + EF", "topk", ratio=32),
+    Scheme("projection 16x + secagg", "projection", ratio=16, secagg=True),
+    Scheme("projection 32x + secagg", "projection", ratio=32, secagg=True),
+)
+
+
+class World:
+    """Model, tokenizer and each agent's train/eval blocks, built once."""
+
+    def __init__(self, root: Path, sequence_length: int = 64) -> None:
+        public = [doc for domain in DOMAINS for doc in domain_corpus(domain, 100, seed=99)]
+        self.model = str(build_tiny_lm(root / "model", public))
+        self.trainer = LoraTrainer(self.model, LORA)
+        self.train: dict[str, torch.Tensor] = {}
+        self.eval: dict[str, torch.Tensor] = {}
+        for i, (name, documents) in enumerate(AGENTS.items()):
+            if name == "mixed":
+                docs = domain_corpus("weather", documents // 2, seed=5) + domain_corpus(
+                    "football", documents // 2, seed=6
+                )
+            else:
+                docs = domain_corpus(name, documents, seed=1 + i)
+            train_docs, eval_docs = split(docs, 0.15)
+            self.train[name] = pack(self.trainer.tokenizer, train_docs, sequence_length)
+            self.eval[name] = pack(self.trainer.tokenizer, eval_docs, sequence_length)
+        self.federation = Federation.create(len(AGENTS), trust_domain="bench.cloudfed")
+        self.ids = dict(zip(AGENTS, sorted(self.federation.agents), strict=True))
+
+    def eval_loss(self, adapter: dict[str, torch.Tensor]) -> float:
+        """Mean over agents of the held-out loss."""
+        self.trainer.set_adapter(adapter)
+        return float(np.mean([self.trainer.evaluate(blocks)[0] for blocks in self.eval.values()]))
+
+
+def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dict[str, list[float]]:
+    """One scheme, one seed: eval loss, cumulative uplink bytes and cosine per round."""
+    adapter = initial_adapter(world.model, LORA, seed)
+    layout = ParamLayout.from_tensors(adapter)
+    numel = layout.numel
+    training = LocalTraining(steps, 5e-3, 8, 64, seed)
+    settings = registry.CodecSettings(scheme.codec, scheme.ratio, scheme.bits, scheme.clip, seed)
+    residuals: dict[str, ErrorFeedback] = {}
+    losses, sent, cosines = [world.eval_loss(adapter)], [0.0], []
+    examples = {name: float(len(blocks)) for name, blocks in world.train.items()}
+    for round_id in range(1, rounds + 1):
+        deltas = {}
+        for name, blocks in world.train.items():
+            world.trainer.set_adapter(adapter)
+            delta, _ = world.trainer.train(blocks, training, round_id)
+            deltas[name] = layout.flatten(delta)
+        codec = registry.make(settings, numel, round_id)
+        true_mean = sum(examples[n] * deltas[n].astype(np.float64) for n in deltas) / sum(examples.values())
+        if scheme.secagg:
+            mean, nbytes = _secure_round(world, codec, deltas, examples, round_id)
+        else:
+            mean, nbytes = _plain_round(codec, deltas, examples, residuals)
+        cosines.append(float(mean @ true_mean / (np.linalg.norm(mean) * np.linalg.norm(true_mean) + 1e-30)))
+        flat = layout.flatten(adapter) + mean.astype(np.float32)
+        adapter = layout.unflatten(flat)
+        losses.append(world.eval_loss(adapter))
+        sent.append(sent[-1] + nbytes)
+    return {"eval_loss": losses, "uplink_bytes": sent, "cosine": cosines}
+
+
+def _plain_round(
+    codec: Codec | None,
+    deltas: dict[str, np.ndarray],
+    examples: dict[str, float],
+    residuals: dict[str, ErrorFeedback],
+) -> tuple[np.ndarray, int]:
+    total = np.zeros(next(iter(deltas.values())).size, dtype=np.float64)
+    weight_sum, nbytes = 0.0, 0
+    for name, delta in deltas.items():
+        encoded = None
+        if codec is not None and codec.name in registry.BIASED:
+            feedback = residuals.setdefault(name, ErrorFeedback(codec, delta.size))
+            feedback.codec = codec
+            encoded = feedback.encode(delta)
+        payload = registry.encode_plain(codec, delta, examples[name], encoded=encoded)
+        nbytes += len(payload)
+        weighted, weight = registry.decode_plain(codec, payload, delta.size)
+        total += weighted
+        weight_sum += weight
+    return total / weight_sum, nbytes
+
+
+def _secure_round(
+    world: World,
+    codec: Codec | None,
+    deltas: dict[str, np.ndarray],
+    examples: dict[str, float],
+    round_id: int,
+) -> tuple[np.ndarray, int]:
+    fp = FixedPoint(SECAGG_CLIP, SECAGG_BITS)
+    scale = max(examples.values())
+    rng = np.random.default_rng(round_id)
+    codes = {}
+    for name, delta in deltas.items():
+        coords = delta if codec is None else codec.encode(delta)
+        w = examples[name] / scale
+        payload = np.empty(coords.size + 1, dtype=np.float32)
+        payload[:-1] = coords * w
+        payload[-1] = w * fp.clip
+        codes[world.ids[name]] = fp.encode(payload, rng)
+    params = SecAggParams(threshold=len(deltas) // 2 + 1, clip=SECAGG_CLIP, bits=SECAGG_BITS).check(
+        len(deltas)
+    )
+    result = run_round(world.federation, codes, params, round_id=round_id, seed=b"bench")
+    decoded = fp.decode_sum(result.total, len(codes))
+    mean = decoded[:-1] / (decoded[-1] / fp.clip)
+    if isinstance(codec, Projection):
+        mean = codec.decode(mean.astype(np.float32)).astype(np.float64)
+    nbytes = sum(4 * c.size for c in codes.values()) + sum(result.key_bytes.values())
+    return mean, nbytes
+
+
+def summarise(results: dict[str, list[dict[str, list[float]]]]) -> dict[str, dict[str, float | None]]:
+    """Medians over seeds, and the bytes to reach the baseline's final loss + 0.1."""
+    baseline = results[SCHEMES[0].label]
+    target = statistics.median(r["eval_loss"][-1] for r in baseline) + 0.1
+    base_bytes = statistics.median(r["uplink_bytes"][-1] for r in baseline)
+    out: dict[str, dict[str, float | None]] = {}
+    for label, runs in results.items():
+        reach = []
+        for r in runs:
+            hit = next(
+                (b for loss, b in zip(r["eval_loss"], r["uplink_bytes"], strict=True) if loss <= target), None
+            )
+            reach.append(hit)
+        reached = [b for b in reach if b is not None]
+        final = statistics.median(r["eval_loss"][-1] for r in runs)
+        total = statistics.median(r["uplink_bytes"][-1] for r in runs)
+        base_reach = statistics.median(
+            next(b for loss, b in zip(r["eval_loss"], r["uplink_bytes"], strict=True) if loss <= target)
+            for r in baseline
+        )
+        out[label] = {
+            "final_eval_loss": final,
+            "loss_gap_nats": final - statistics.median(r["eval_loss"][-1] for r in baseline),
+            "uplink_bytes": total,
+            "compression": base_bytes / total,
+            "bytes_to_target": statistics.median(reached) if len(reached) == len(reach) else None,
+            "bytes_saving_to_target": base_reach / statistics.median(reached)
+            if len(reached) == len(reach)
+            else None,
+            "cosine": statistics.median(float(np.mean(r["cosine"])) for r in runs),
+        }
+    return out
+
+
+def markdown(summary: dict[str, dict[str, float | None]], rounds: int, seeds: int) -> str:
+    """The README table."""
+    lines = [
+        f"| scheme | compression | final eval loss ({rounds} rounds) | gap (nats) "
+        "| uplink bytes to baseline + 0.1 | cosine to true mean |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, s in summary.items():
+        reach = (
+            "not reached"
+            if s["bytes_to_target"] is None
+            else f"{s['bytes_to_target'] / 1e6:.2f} MB ({s['bytes_saving_to_target']:.1f}x fewer)"
+        )
+        lines.append(
+            f"| {label} | {s['compression']:.1f}x | {s['final_eval_loss']:.3f} | {s['loss_gap_nats']:+.3f} "
+            f"| {reach} | {s['cosine']:.3f} |"
+        )
+    lines.append(f"\nMedians over {seeds} seeds; 4 agents with non-IID text; `python -m bench.quality`.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, list[dict[str, list[float]]]], path: Path) -> None:
+    """Eval loss against cumulative uplink bytes after each round, one line per scheme (medians)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, runs in results.items():
+        loss = np.median([r["eval_loss"] for r in runs], axis=0)
+        sent = np.median([r["uplink_bytes"] for r in runs], axis=0)
+        ax.plot(sent[1:] / 1e6, loss[1:], marker="o", markersize=3, label=label)  # from the first round
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative uplink (MB, all agents)")
+    ax.set_ylabel("mean held-out eval loss (nats)")
+    ax.set_title("cloudfed codecs: quality per uplink byte")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--replot", action="store_true", help="redraw quality.png from quality.json")
+    args = p.parse_args()
+    if args.replot:
+        plot(json.loads((RESULTS / "quality.json").read_text())["runs"], RESULTS / "quality.png")
+        return
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        world = World(Path(tmp))
+        results: dict[str, list[dict[str, list[float]]]] = {}
+        for scheme in SCHEMES:
+            results[scheme.label] = [
+                run(world, scheme, seed, args.rounds, args.steps) for seed in range(args.seeds)
+            ]
+            final = statistics.median(r["eval_loss"][-1] for r in results[scheme.label])
+            print(
+                f"{scheme.label:28s} final eval loss {final:.4f}  ({time.monotonic() - began:.0f}s)",
+                flush=True,
+            )
+    summary = summarise(results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quality.json").write_text(
+        json.dumps(
+            {
+                "rounds": args.rounds,
+                "seeds": args.seeds,
+                "steps": args.steps,
+                "summary": summary,
+                "runs": results,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    table = markdown(summary, args.rounds, args.seeds)
+    (RESULTS / "quality.md").write_text(table)
+    plot(results, RESULTS / "quality.png")
+    print(table)
+    print(f"saved {RESULTS}/quality.{{json,md,png}} in {time.monotonic() - began:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
