@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from common.codecs.countsketch import CountSketch
 from common.codecs.feedback import ErrorFeedback
 from common.codecs.projection import Projection
 from common.codecs.quantize import Quantize
@@ -123,3 +124,22 @@ def test_bad_codec_settings_are_refused() -> None:
         Projection(100, np.zeros((4, 8), np.float32))
     with pytest.raises(InvalidArgument, match="NaN"):
         Quantize(clip=1.0, bits=8).encode(np.array([np.nan], np.float32))
+
+
+@given(updates=st.lists(arrays(np.float32, 500, elements=values), min_size=2, max_size=5))
+@settings(max_examples=30, deadline=None)
+def test_countsketch_sketch_of_a_sum_is_the_sum_of_sketches(updates: list[np.ndarray]) -> None:
+    codec = CountSketch(500, ratio=4, seed=3)
+    summed = np.sum([codec.encode(u) for u in updates], axis=0)
+    np.testing.assert_allclose(summed, codec.encode(np.sum(updates, axis=0)), atol=1e-4)
+
+
+def test_countsketch_recovers_heavy_hitters() -> None:
+    x = np.random.default_rng(9).normal(0, 1e-3, 20_000).astype(np.float32)
+    heavy = np.random.default_rng(10).choice(20_000, 5, replace=False)
+    x[heavy] = 1.0
+    codec = CountSketch(20_000, ratio=20, seed=4)
+    assert codec.payload_bytes(20_000) == pytest.approx(4 * 20_000 / 20, rel=0.01)
+    estimate = codec.decode(codec.encode(x))
+    assert set(np.flatnonzero(np.abs(estimate) > 0.5)) == set(heavy)
+    np.testing.assert_allclose(estimate[heavy], 1.0, atol=0.05)

@@ -1,7 +1,8 @@
 """Update codecs behind one small interface (``base.Codec``).
 
-``identity`` is what the daemons send today. ``quantize`` and ``projection`` are linear (usable
+``identity``, ``quantize``, ``projection`` and ``topk`` are wired into the rounds (``registry``);
+``countsketch`` is not yet. ``quantize``, ``projection`` and ``countsketch`` are linear (usable
 under secure aggregation), ``topk`` is not; ``feedback.ErrorFeedback`` keeps what a biased codec
-dropped on the agent. Wiring these into the rounds, the count sketch and the autoencoder codecs
+dropped on the agent. The FetchSGD server loop, the eigenspace basis and the autoencoder codecs
 are the rest of issue 5.
 """
