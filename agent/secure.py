@@ -97,14 +97,11 @@ class SecureParticipation:
     def mask(self, vector: np.ndarray, weight: float) -> bytes:
         """``[w * delta, w * clip]`` in fixed point, masked: the bytes that leave the cloud."""
         fp = FixedPoint(self.settings.clip, self.settings.bits)
-        payload = np.empty(vector.size + 1, dtype=np.float32)
-        np.multiply(vector, weight, out=payload[:-1], casting="same_kind")
-        payload[-1] = weight * fp.clip
-        clipped = float(np.mean(np.abs(payload[:-1]) > fp.clip))
+        clipped = float(np.mean(np.abs(vector) > fp.clip / weight))
         if clipped > 0.01:
             log.warning("round %d: %.1f%% of coordinates exceed secagg.clip", self.round_id, 100 * clipped)
         with metrics.step("mask"):
-            codes = fp.encode(payload, np.random.default_rng())
+            codes = fp.encode_weighted(vector, weight, np.random.default_rng())
             self.protocol.mask_codes(codes)
         return codes.tobytes()
 

@@ -162,19 +162,13 @@ def _secure_round(
     codes = {}
     for name, delta in deltas.items():
         coords = delta if codec is None else codec.encode(delta)
-        w = examples[name] / scale
-        payload = np.empty(coords.size + 1, dtype=np.float32)
-        payload[:-1] = coords * w
-        payload[-1] = w * fp.clip
-        codes[world.ids[name]] = fp.encode(payload, rng)
+        codes[world.ids[name]] = fp.encode_weighted(coords, examples[name] / scale, rng)
     params = SecAggParams(threshold=len(deltas) // 2 + 1, clip=SECAGG_CLIP, bits=SECAGG_BITS).check(
         len(deltas)
     )
     result = run_round(world.federation, codes, params, round_id=round_id, seed=b"bench")
-    decoded = fp.decode_sum(result.total, len(codes))
-    mean = decoded[:-1] / (decoded[-1] / fp.clip)
-    if isinstance(codec, Projection):
-        mean = codec.decode(mean.astype(np.float32)).astype(np.float64)
+    mean32, _ = fp.decode_weighted_mean(result.total, len(codes))
+    mean = (codec.decode(mean32) if isinstance(codec, Projection) else mean32).astype(np.float64)
     nbytes = sum(4 * c.size for c in codes.values()) + sum(result.key_bytes.values())
     return mean, nbytes
 

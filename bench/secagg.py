@@ -69,10 +69,7 @@ def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int)
     codes_out = np.empty(params + 1, dtype=np.uint32)
 
     def quantise_and_mask() -> None:
-        weighted = np.empty(params + 1, dtype=np.float32)
-        np.multiply(delta, weight, out=weighted[:-1])
-        weighted[-1] = weight * fp.clip  # the weight coordinate, scaled into the clip range
-        fp.encode(weighted, rng, out=codes_out)
+        fp.encode_weighted(delta, weight, rng, out=codes_out)
         me.mask_codes(codes_out)
 
     mask_s = median_time(quantise_and_mask, repeats)
@@ -84,10 +81,7 @@ def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int)
             rounds, server = setup(10 + rep)
             masked = {}
             for a in ids[dropped:]:
-                weighted = np.empty(params + 1, dtype=np.float32)
-                np.multiply(delta, weight, out=weighted[:-1])
-                weighted[-1] = weight * fp.clip  # the weight coordinate, scaled into the clip range
-                masked[a] = rounds[a].mask_codes(fp.encode(weighted, rng))
+                masked[a] = rounds[a].mask_codes(fp.encode_weighted(delta, weight, rng))
             tracemalloc.start()
             server.start_sum()
             for a, m in masked.items():
@@ -100,7 +94,7 @@ def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int)
             for a, shares in reveals.items():
                 server.add_reveal(a, shares)
             total = server.unmasked_sum()
-            mean = decode_mean(total, fp, len(survivors))
+            mean, _ = fp.decode_weighted_mean(total, len(survivors))
             times.append(time.perf_counter() - t)
             peaks.append(tracemalloc.get_traced_memory()[1])
             tracemalloc.stop()
@@ -112,17 +106,6 @@ def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int)
         results[f"unmask_{dropped}_dropout_s"] = s
         results[f"peak_{dropped}_dropout_x_update"] = max(peaks) / ((params + 1) * 4)
     return results
-
-
-def decode_mean(total: np.ndarray, fp, contributors: int) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """Weighted mean from the unmasked ring sum, block by block into float32."""
-    weight = float(fp.decode_sum(total[-1:], contributors)[0]) / fp.clip
-    codes = total[:-1]
-    out = np.empty(codes.size, dtype=np.float32)
-    for start in range(0, out.size, 1 << 16):
-        block = slice(start, start + (1 << 16))
-        out[block] = fp.decode_sum(codes[block], contributors) / weight
-    return out
 
 
 def shamir_times(agents: int, threshold: int, repeats: int) -> dict[str, float]:

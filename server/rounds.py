@@ -36,7 +36,7 @@ from common.secagg.params import SecAggParams
 from common.secagg.ring import RING_DTYPE, FixedPoint
 from common.secagg.server import ServerRound
 from server import metrics
-from server.accumulator import SumAccumulator
+from server.accumulator import BLOCK_ELEMS, SumAccumulator
 from server.checkpoints import CheckpointStore, Manifest
 from server.optimizer import FedAvg, ServerOptimizer
 from server.spool import UploadMeta, UploadSpool
@@ -160,8 +160,7 @@ class RoundCoordinator:
 
     async def _publish(self, state: RoundState) -> None:
         self._state = state
-        async with self._progress:
-            self._progress.notify_all()
+        await self._moved_on()
         metrics.ROUND.set(state.round_id)
         metrics.GLOBAL_VERSION.set(state.global_version)
         open_round = state.phase in (Phase.UPLOAD, Phase.AGGREGATE)
@@ -305,8 +304,8 @@ class RoundCoordinator:
         if data.size != secure.length:
             raise InvalidArgument(f"masked update of {data.size} codes, expected {secure.length}")
         with self._secure_lock:
-            for start in range(0, data.size, 1 << 18):
-                secure.add_masked(sender, np.asarray(data[start : start + (1 << 18)]), start)
+            for start in range(0, data.size, BLOCK_ELEMS):
+                secure.add_masked(sender, np.asarray(data[start : start + BLOCK_ELEMS]), start)
             secure.finish_upload(sender)
         del data
 
@@ -422,35 +421,18 @@ class RoundCoordinator:
                 await asyncio.gather(*self._pending)
         needed = self.config.min_uploads or self.config.min_agents
         uploaded = sorted(self._added)
+        dropped = sorted(participants - set(uploaded))
         if len(uploaded) < needed:
             reason = f"{len(uploaded)} of {len(participants)} uploads by the deadline, {needed} needed"
-            self.db.round_ended(
-                round_id, Phase.ABANDONED.name, reason, dropped=sorted(participants - set(uploaded))
-            )
-            metrics.ROUNDS.labels(outcome="abandoned", reason="too_few_uploads").inc()
-            await self._publish(replace(self._state, phase=Phase.ABANDONED, reason=reason))
+            await self._abandon(round_id, reason, "too_few_uploads", dropped)
             return False
-        dropped = sorted(participants - set(uploaded))
         if dropped:
             log.warning("round %d: dropped stragglers %s", round_id, dropped)
-            for uri in dropped:
-                metrics.DROPPED.labels(**peer_labels(SpiffeId.parse(uri))).inc()
-        self.db.phase(round_id, Phase.AGGREGATE.name)
-        await self._publish(replace(self._state, phase=Phase.AGGREGATE))
         acc, self._acc = self._acc, None
-        try:
-            with metrics.PHASE_SECONDS.labels(phase="aggregate").time():
-                manifest = await asyncio.to_thread(self._aggregate_plain, acc, base, uploaded)
-        except InvalidArgument as exc:
-            self.db.round_ended(round_id, Phase.ABANDONED.name, str(exc), dropped=dropped)
-            metrics.ROUNDS.labels(outcome="abandoned", reason="invalid_aggregate").inc()
-            await self._publish(replace(self._state, phase=Phase.ABANDONED, reason=str(exc)))
-            return False
-        self.db.version_committed(manifest.version, base, round_id, manifest.sha256, len(uploaded))
-        self.db.round_ended(round_id, Phase.COMPLETED.name, new_version=manifest.version, dropped=dropped)
-        metrics.ROUNDS.labels(outcome="completed", reason="").inc()
-        await self._publish(replace(self._state, phase=Phase.COMPLETED, global_version=manifest.version))
-        return True
+        assert acc is not None
+        return await self._finish(
+            round_id, base, lambda: self._aggregate_plain(acc, base, uploaded), uploaded, dropped
+        )
 
     async def _run_secure_round(self, round_id: int, sa: SecAggConfig) -> bool:
         """advertise -> share -> masked upload -> unmask -> aggregate; abandoned below t at any phase."""
@@ -475,24 +457,49 @@ class RoundCoordinator:
             total, uploaded, dropped = await self._secure_phases(round_id, base, invited, secure, sa)
         except _Abandon as stop:
             self._secure = None
-            self.db.round_ended(round_id, Phase.ABANDONED.name, stop.reason, dropped=sorted(invited))
-            metrics.ROUNDS.labels(outcome="abandoned", reason=stop.label).inc()
-            await self._publish(replace(self._state, phase=Phase.ABANDONED, reason=stop.reason))
+            await self._abandon(round_id, stop.reason, stop.label, sorted(invited))
             return False
+        try:
+            return await self._finish(
+                round_id,
+                base,
+                lambda: self._aggregate_masked(total, params.fixed_point, base, uploaded),
+                uploaded,
+                dropped,
+                participants=frozenset(uploaded),
+            )
+        finally:
+            self._secure = None
+
+    async def _abandon(self, round_id: int, reason: str, label: str, dropped: list[str]) -> None:
+        """End the round without a new version, saying why."""
+        self.db.round_ended(round_id, Phase.ABANDONED.name, reason, dropped=dropped)
+        metrics.ROUNDS.labels(outcome="abandoned", reason=label).inc()
+        await self._publish(replace(self._state, phase=Phase.ABANDONED, reason=reason))
+
+    async def _finish(
+        self,
+        round_id: int,
+        base: int,
+        aggregate: Callable[[], Manifest],
+        uploaded: list[str],
+        dropped: list[str],
+        participants: frozenset[str] | None = None,
+    ) -> bool:
+        """AGGREGATE (``aggregate`` off the event loop), then commit the version or abandon the round."""
+        for uri in dropped:
+            metrics.DROPPED.labels(**peer_labels(SpiffeId.parse(uri))).inc()
         self.db.phase(round_id, Phase.AGGREGATE.name)
-        await self._publish(replace(self._state, phase=Phase.AGGREGATE, participants=frozenset(uploaded)))
+        aggregating = replace(self._state, phase=Phase.AGGREGATE)
+        await self._publish(
+            aggregating if participants is None else replace(aggregating, participants=participants)
+        )
         try:
             with metrics.PHASE_SECONDS.labels(phase="aggregate").time():
-                manifest = await asyncio.to_thread(
-                    self._aggregate_masked, total, params.fixed_point, base, uploaded
-                )
+                manifest = await asyncio.to_thread(aggregate)
         except InvalidArgument as exc:
-            self._secure = None
-            self.db.round_ended(round_id, Phase.ABANDONED.name, str(exc), dropped=dropped)
-            metrics.ROUNDS.labels(outcome="abandoned", reason="invalid_aggregate").inc()
-            await self._publish(replace(self._state, phase=Phase.ABANDONED, reason=str(exc)))
+            await self._abandon(round_id, str(exc), "invalid_aggregate", dropped)
             return False
-        self._secure = None
         self.db.version_committed(manifest.version, base, round_id, manifest.sha256, len(uploaded))
         self.db.round_ended(round_id, Phase.COMPLETED.name, new_version=manifest.version, dropped=dropped)
         metrics.ROUNDS.labels(outcome="completed", reason="").inc()
@@ -545,8 +552,6 @@ class RoundCoordinator:
         recovered = sorted(shared - survivors)
         if recovered:
             metrics.SECAGG_DROPOUTS_RECOVERED.inc(len(recovered))
-        for uri in dropped:
-            metrics.DROPPED.labels(**peer_labels(SpiffeId.parse(uri))).inc()
         if dropped:
             log.warning("round %d: dropped %s (masks of %d recovered)", round_id, dropped, len(recovered))
         return total, uploaded, dropped
@@ -554,17 +559,9 @@ class RoundCoordinator:
     def _aggregate_masked(
         self, total: np.ndarray, fp: FixedPoint, base: int, participants: list[str]
     ) -> Manifest:
-        """Decode the unmasked ring sum (weights sent as w * clip in the last coordinate)."""
-        n = len(participants)
-        weight = float(fp.decode_sum(total[-1:], n)[0]) / fp.clip
-        if not weight > 0:
-            raise InvalidArgument(f"summed weight must be positive, got {weight}")
-        mean = np.empty(total.size - 1, dtype=np.float32)
-        codes = total[:-1]
-        for start in range(0, mean.size, 1 << 16):
-            block = slice(start, start + (1 << 16))
-            mean[block] = fp.decode_sum(codes[block], n) / weight
-        if isinstance(self._round_codec, Projection):  # linear: decoding the mean = the mean of decodes
+        """Decode the unmasked ring sum; a projected sum is decoded once (the codec is linear)."""
+        mean, weight = fp.decode_weighted_mean(total, len(participants))
+        if isinstance(self._round_codec, Projection):
             mean = self._round_codec.decode(mean)
         return self._aggregate(mean, weight, base, participants)
 

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from agent.demo import free_port
 from common import health
 
+__all__ = ["free_port", "run_cli", "start", "stop", "wait_serving"]
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_cli(

@@ -31,6 +31,14 @@ class Codec(ABC):
     def payload_bytes(self, numel: int) -> int:
         """Bytes on the wire for an update of ``numel`` parameters."""
 
+    def to_bytes(self, payload: np.ndarray) -> bytes:
+        """The payload on the wire (its raw values unless the codec packs them)."""
+        return payload.tobytes()
+
+    def from_bytes(self, data: bytes, numel: int) -> np.ndarray:
+        """The payload from the wire (float32 values unless the codec packs them)."""
+        return np.frombuffer(data, dtype=np.float32)
+
     def ratio(self, numel: int) -> float:
         """Compression against float32."""
         return 4 * numel / self.payload_bytes(numel)

@@ -52,6 +52,14 @@ class Quantize(Codec):
         """Bit-packed codes."""
         return (numel * self.bits + 7) // 8
 
+    def to_bytes(self, payload: np.ndarray) -> bytes:
+        """Bit-packed codes."""
+        return self.pack(payload)
+
+    def from_bytes(self, data: bytes, numel: int) -> np.ndarray:
+        """Codes from their bit-packed form."""
+        return self.unpack(data, numel)
+
     def pack(self, codes: np.ndarray) -> bytes:
         """Codes as ``bits``-bit unsigned fields, little-endian bit order."""
         unsigned = (codes.astype(np.int64) + self.levels).astype(np.uint32)

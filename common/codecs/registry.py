@@ -94,8 +94,7 @@ def encode_plain(
     if not (weight > 0 and np.isfinite(weight)):
         raise InvalidArgument(f"weight must be positive and finite, got {weight}")
     payload = codec.encode(delta) if encoded is None else encoded
-    body = codec.pack(payload) if isinstance(codec, Quantize) else payload.tobytes()
-    return struct.pack("<f", weight) + body
+    return struct.pack("<f", weight) + codec.to_bytes(payload)
 
 
 def decode_plain(codec: Codec | None, data: bytes, numel: int) -> tuple[np.ndarray, float]:
@@ -108,14 +107,7 @@ def decode_plain(codec: Codec | None, data: bytes, numel: int) -> tuple[np.ndarr
     (weight,) = struct.unpack("<f", data[:4])
     if not (weight > 0 and np.isfinite(weight)):
         raise InvalidArgument(f"weight must be positive and finite, got {weight}")
-    body = data[4:]
-    if isinstance(codec, Quantize):
-        payload: np.ndarray = codec.unpack(body, numel)
-    elif isinstance(codec, TopK):
-        payload = np.frombuffer(body, dtype=np.uint8)
-    else:
-        payload = np.frombuffer(body, dtype=np.float32)
-    decoded = codec.decode(payload)
+    decoded = codec.decode(codec.from_bytes(data[4:], numel))
     if not np.all(np.isfinite(decoded)):
         raise InvalidArgument("update contains NaN or infinite values")
     return decoded * np.float32(weight), float(weight)

@@ -43,6 +43,10 @@ class TopK(Codec):
         out[idx] = raw[4 * self.k :].view(np.float32)
         return out
 
+    def from_bytes(self, data: bytes, numel: int) -> np.ndarray:
+        """The index and value bytes as they are."""
+        return np.frombuffer(data, dtype=np.uint8)
+
     def payload_bytes(self, numel: int) -> int:
         """8 bytes per kept entry."""
         return 8 * self.k

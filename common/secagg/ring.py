@@ -12,6 +12,7 @@ from common.errors import ConfigError, InvalidArgument
 RING_BITS = 32
 RING_DTYPE = np.dtype("<u4")
 BLOCK = 1 << 20  # elements per step: bounds the float64 temporaries
+DECODE_BLOCK = 1 << 16  # decode steps stay small: the aggregator's peak is the sum plus the mean
 
 
 def check_headroom(bits: int, agents: int) -> None:
@@ -68,6 +69,30 @@ class FixedPoint:
             np.minimum(x, self.levels, out=x)
             out[start : start + x.size] = x
         return out
+
+    def encode_weighted(
+        self, values: np.ndarray, weight: float, rng: np.random.Generator, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Codes of ``[weight * values, weight * clip]``: the update weighted before encoding, and the
+        weight (in (0, 1]) as one more coordinate, scaled into the clip range."""
+        if not 0 < weight <= 1:
+            raise InvalidArgument(f"a masked update's weight must be in (0, 1], got {weight}")
+        payload = np.empty(values.size + 1, dtype=np.float32)
+        np.multiply(values.reshape(-1), weight, out=payload[:-1], casting="same_kind")
+        payload[-1] = weight * self.clip
+        return self.encode(payload, rng, out)
+
+    def decode_weighted_mean(self, total: np.ndarray, contributors: int) -> tuple[np.ndarray, float]:
+        """(weighted mean as float32, summed weight) from the ring sum of ``encode_weighted`` codes."""
+        weight = float(self.decode_sum(total[-1:], contributors)[0]) / self.clip
+        if not weight > 0:
+            raise InvalidArgument(f"summed weight must be positive, got {weight}")
+        codes = total[:-1]
+        mean = np.empty(codes.size, dtype=np.float32)
+        for start in range(0, mean.size, DECODE_BLOCK):
+            block = slice(start, start + DECODE_BLOCK)
+            mean[block] = self.decode_sum(codes[block], contributors) / weight
+        return mean, weight
 
     def decode_sum(self, total: np.ndarray, contributors: int) -> np.ndarray:
         """The float64 sum of ``contributors`` decoded vectors from their summed codes."""
