@@ -312,12 +312,12 @@ class Agent:
                 vector.size,
                 event.round_id,
             )
+            coords = await asyncio.to_thread(self._encode_coords, codec, vector)
             if secure is None:
                 weight = float(len(self.train_docs))
-                encoded = await asyncio.to_thread(self._encode_plain, codec, vector, weight)
+                encoded = registry.encode_plain(codec, vector, weight, encoded=coords)
             else:
                 weight = secure.weight(len(self.train_docs))
-                coords = vector if codec is None else await asyncio.to_thread(codec.encode, vector)
                 encoded = await asyncio.to_thread(secure.mask, coords, weight)
             await asyncio.to_thread(payload.write_bytes, encoded)
         labels = client.labels
@@ -354,13 +354,15 @@ class Agent:
         if secure is not None:
             await secure.unmask()
 
-    def _encode_plain(self, codec: Codec | None, vector: np.ndarray, weight: float) -> bytes:
-        """A plain payload; biased codecs go through error feedback (residual kept in the state dir)."""
-        if codec is None or codec.name not in registry.BIASED:
-            return registry.encode_plain(codec, vector, weight)
+    def _encode_coords(self, codec: Codec | None, vector: np.ndarray) -> np.ndarray:
+        """The codec's coordinates of the update; biased codecs go through error feedback (the
+        residual is kept in the state dir, so it survives restarts)."""
+        if codec is None:
+            return vector
+        if not codec.biased:
+            return codec.encode(vector)
         residual = self.state / "codec" / f"residual-{codec.name}.npy"
-        payload = ErrorFeedback(codec, vector.size, residual).encode(vector)
-        return registry.encode_plain(codec, vector, weight, encoded=payload)
+        return ErrorFeedback(codec, vector.size, residual).encode(vector)
 
     def _audit(
         self, event: pb.RoundEvent, header: pb.UploadHeader, delta: dict[str, torch.Tensor], train_loss: float

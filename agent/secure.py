@@ -17,7 +17,7 @@ from agent.client import AggregatorClient
 from common.errors import ConfigError, FailedPrecondition
 from common.secagg.agent import AgentRound
 from common.secagg.params import SecAggParams
-from common.secagg.ring import FixedPoint
+from common.secagg.ring import RING_BITS
 from common.secagg_pb import (
     advertisement_from_pb,
     advertisement_to_pb,
@@ -63,18 +63,21 @@ class SecureParticipation:
     ) -> None:
         self.client, self.round_id, self.wait_s = client, round_id, wait_s
         self.settings = settings
-        params = SecAggParams(max(settings.threshold, 2), settings.neighbours, settings.clip, settings.bits)
+        params = self._params(max(settings.threshold, 2))
         self.protocol = AgentRound(
             round_id, agent_id, params, signer.ca, signer.certificate_pem, signer.key, b""
         )
         self.weight_scale = 1.0
 
+    def _params(self, threshold: int) -> SecAggParams:
+        s = self.settings
+        return SecAggParams(threshold, s.neighbours, s.clip, s.bits, s.ring_bits or RING_BITS)
+
     async def keys(self) -> None:
         """Advertise, verify the roster and share; then receive the neighbours' shares (UPLOAD phase)."""
         await self.client.advertise_keys(advertisement_to_pb(self.protocol.advertise()))
         state = await self.client.secagg_state(self.round_id, pb.ROUND_PHASE_SHARE_KEYS, self.wait_s)
-        s = self.settings
-        self.protocol.params = SecAggParams(state.threshold, s.neighbours, s.clip, s.bits)
+        self.protocol.params = self._params(state.threshold)
         self.protocol.graph_seed = state.graph_seed
         self.weight_scale = state.weight_scale or 1.0
         roster = [advertisement_from_pb(a) for a in state.roster]
@@ -96,14 +99,14 @@ class SecureParticipation:
 
     def mask(self, vector: np.ndarray, weight: float) -> bytes:
         """``[w * delta, w * clip]`` in fixed point, masked: the bytes that leave the cloud."""
-        fp = FixedPoint(self.settings.clip, self.settings.bits)
+        fp = self.protocol.params.fixed_point
         clipped = float(np.mean(np.abs(vector) > fp.clip / weight))
         if clipped > 0.01:
             log.warning("round %d: %.1f%% of coordinates exceed secagg.clip", self.round_id, 100 * clipped)
         with metrics.step("mask"):
             codes = fp.encode_weighted(vector, weight, np.random.default_rng())
             self.protocol.mask_codes(codes)
-        return codes.tobytes()
+            return fp.to_wire(codes)
 
     async def unmask(self) -> None:
         """Answer the unmask request if this agent's input is in the sum."""

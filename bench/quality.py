@@ -30,19 +30,19 @@ import torch
 from agent.data import pack, split
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, initial_adapter
 from common.codecs import registry
+from common.codecs.autoencoder import Autoencoder, BlockAutoencoder, train_autoencoder
 from common.codecs.base import Codec
+from common.codecs.eigen import Eigen, activation_covariances, eigen_bases
 from common.codecs.feedback import ErrorFeedback
-from common.codecs.projection import Projection
 from common.layout import ParamLayout
 from common.secagg.local import Federation, run_round
 from common.secagg.params import SecAggParams
-from common.secagg.ring import FixedPoint
+from common.secagg.ring import ring_bits
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LORA = LoraSpec(8, 16.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 AGENTS = {"weather": 120, "cooking": 240, "football": 360, "mixed": 180}  # documents per agent
-SECAGG_CLIP, SECAGG_BITS = 2.0, 20
 
 
 @dataclass(frozen=True)
@@ -55,17 +55,33 @@ class Scheme:
     bits: int = 8
     clip: float = 0.25
     secagg: bool = False
+    secagg_bits: int = 20
+    """Fixed-point bits under secure aggregation; the ring adds ceil(log2 agents) + 1 on the wire."""
+    secagg_clip: float = 2.0
 
 
 SCHEMES = (
     Scheme("identity (float32)"),
-    Scheme("identity + secagg", secagg=True),
+    Scheme("identity + secagg 20 bit", secagg=True),
+    Scheme("identity + secagg 8 bit", secagg=True, secagg_bits=8, secagg_clip=0.5),
+    Scheme("identity + secagg 4 bit", secagg=True, secagg_bits=4, secagg_clip=0.5),
     Scheme("quantize 8 bit", "quantize", bits=8),
     Scheme("quantize 2 bit", "quantize", bits=2),
     Scheme("topk 16x + EF", "topk", ratio=16),
     Scheme("topk 32x + EF", "topk", ratio=32),
-    Scheme("projection 16x + secagg", "projection", ratio=16, secagg=True),
-    Scheme("projection 32x + secagg", "projection", ratio=32, secagg=True),
+    Scheme("projection 4x + EF + secagg 8 bit", "projection", 4, secagg=True, secagg_bits=8, secagg_clip=0.5),
+    Scheme("projection 16x + EF + secagg 20 bit", "projection", ratio=16, secagg=True),
+    Scheme("eigen 4x + secagg 8 bit", "eigen", ratio=4, secagg=True, secagg_bits=8, secagg_clip=0.5),
+    Scheme("eigen 16x + secagg 20 bit", "eigen", ratio=16, secagg=True),
+    Scheme("autoencoder 16x (nonlinear decoder)", "autoencoder", ratio=16),
+    Scheme(
+        "autoencoder 16x linear decoder + secagg 8 bit",
+        "autoencoder",
+        16,
+        secagg=True,
+        secagg_bits=8,
+        secagg_clip=0.5,
+    ),
 )
 
 
@@ -89,6 +105,8 @@ class World:
             self.train[name] = pack(self.trainer.tokenizer, train_docs, sequence_length)
             self.eval[name] = pack(self.trainer.tokenizer, eval_docs, sequence_length)
         self.federation = Federation.create(len(AGENTS), trust_domain="bench.cloudfed")
+        calibration = pack(self.trainer.tokenizer, public, sequence_length)  # public text, known to all
+        self.covariances = activation_covariances(self.trainer.model, calibration)
         self.ids = dict(zip(AGENTS, sorted(self.federation.agents), strict=True))
 
     def eval_loss(self, adapter: dict[str, torch.Tensor]) -> float:
@@ -105,6 +123,7 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
     training = LocalTraining(steps, 5e-3, 8, 64, seed)
     settings = registry.CodecSettings(scheme.codec, scheme.ratio, scheme.bits, scheme.clip, seed)
     residuals: dict[str, ErrorFeedback] = {}
+    learned = Learned(scheme, seed) if scheme.codec.startswith("autoencoder") else None
     losses, sent, cosines = [world.eval_loss(adapter)], [0.0], []
     examples = {name: float(len(blocks)) for name, blocks in world.train.items()}
     for round_id in range(1, rounds + 1):
@@ -113,12 +132,20 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
             world.trainer.set_adapter(adapter)
             delta, _ = world.trainer.train(blocks, training, round_id)
             deltas[name] = layout.flatten(delta)
-        codec = registry.make(settings, numel, round_id)
-        true_mean = sum(examples[n] * deltas[n].astype(np.float64) for n in deltas) / sum(examples.values())
-        if scheme.secagg:
-            mean, nbytes = _secure_round(world, codec, deltas, examples, round_id)
+        if learned is not None:
+            codec = learned.codec(numel, round_id)
+        elif scheme.codec == "eigen":
+            codec = Eigen(layout, eigen_bases(layout, world.covariances, scheme.ratio))
         else:
-            mean, nbytes = _plain_round(codec, deltas, examples, residuals)
+            codec = registry.make(settings, numel, round_id)
+        true_mean = sum(examples[n] * deltas[n].astype(np.float64) for n in deltas) / sum(examples.values())
+        coords = {name: _coords(codec, delta, residuals, name) for name, delta in deltas.items()}
+        if scheme.secagg:
+            mean, nbytes = _secure_round(world, codec, coords, examples, round_id, scheme)
+        else:
+            mean, nbytes = _plain_round(codec, deltas, coords, examples)
+        if learned is not None and codec is None:  # a TGAP warm-up or FAF refresh round
+            learned.learn(list(coords.values()) if not scheme.secagg else [mean.astype(np.float32)])
         cosines.append(float(mean @ true_mean / (np.linalg.norm(mean) * np.linalg.norm(true_mean) + 1e-30)))
         flat = layout.flatten(adapter) + mean.astype(np.float32)
         adapter = layout.unflatten(flat)
@@ -127,21 +154,60 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
     return {"eval_loss": losses, "uplink_bytes": sent, "cosine": cosines}
 
 
+class Learned:
+    """The CG-FedLLM schedule: full updates in the first WARMUP rounds (TGAP pre-trains the
+    autoencoder on that window of snapshots), then encoded rounds, with a full refresh round every
+    REFRESH rounds whose snapshots fine-tune it (FAF). The aggregator sees per-agent updates when
+    trusted, only their mean under secure aggregation. Full rounds count in the uplink."""
+
+    WARMUP, REFRESH, WINDOW = 2, 3, 8
+    BLOCK, HIDDEN, TGAP_STEPS, FAF_STEPS = 64, 128, 400, 150
+
+    def __init__(self, scheme: Scheme, seed: int) -> None:
+        torch.manual_seed(seed)
+        code = max(1, round(self.BLOCK / scheme.ratio))
+        self.model = BlockAutoencoder(self.BLOCK, code, self.HIDDEN, linear_decoder=scheme.secagg)
+        self.snapshots: list[np.ndarray] = []
+        self.trained, self.seed = False, seed
+
+    def codec(self, numel: int, round_id: int) -> Codec | None:
+        """None in full rounds, else the autoencoder as trained so far."""
+        full = round_id <= self.WARMUP or (round_id - self.WARMUP) % self.REFRESH == 0
+        return None if full else Autoencoder(numel, self.model)
+
+    def learn(self, snapshots: list[np.ndarray]) -> None:
+        """Keep the round's snapshots; TGAP once the warm-up window is in, FAF after each refresh."""
+        self.snapshots = (self.snapshots + snapshots)[-self.WINDOW * len(snapshots) :]
+        if not self.trained and len(self.snapshots) < self.WARMUP * len(snapshots):
+            return
+        steps = self.FAF_STEPS if self.trained else self.TGAP_STEPS
+        train_autoencoder(self.model, self.snapshots, steps, self.seed)
+        self.trained = True
+
+
+def _coords(
+    codec: Codec | None, delta: np.ndarray, residuals: dict[str, ErrorFeedback], name: str
+) -> np.ndarray:
+    """What the agent sends before framing or masking; biased codecs through error feedback."""
+    if codec is None:
+        return delta
+    if not codec.biased:
+        return codec.encode(delta)
+    feedback = residuals.setdefault(name, ErrorFeedback(codec, delta.size))
+    feedback.codec = codec
+    return feedback.encode(delta)
+
+
 def _plain_round(
     codec: Codec | None,
     deltas: dict[str, np.ndarray],
+    coords: dict[str, np.ndarray],
     examples: dict[str, float],
-    residuals: dict[str, ErrorFeedback],
 ) -> tuple[np.ndarray, int]:
     total = np.zeros(next(iter(deltas.values())).size, dtype=np.float64)
     weight_sum, nbytes = 0.0, 0
     for name, delta in deltas.items():
-        encoded = None
-        if codec is not None and codec.name in registry.BIASED:
-            feedback = residuals.setdefault(name, ErrorFeedback(codec, delta.size))
-            feedback.codec = codec
-            encoded = feedback.encode(delta)
-        payload = registry.encode_plain(codec, delta, examples[name], encoded=encoded)
+        payload = registry.encode_plain(codec, delta, examples[name], encoded=coords[name])
         nbytes += len(payload)
         weighted, weight = registry.decode_plain(codec, payload, delta.size)
         total += weighted
@@ -152,24 +218,25 @@ def _plain_round(
 def _secure_round(
     world: World,
     codec: Codec | None,
-    deltas: dict[str, np.ndarray],
+    coords: dict[str, np.ndarray],
     examples: dict[str, float],
     round_id: int,
+    scheme: Scheme,
 ) -> tuple[np.ndarray, int]:
-    fp = FixedPoint(SECAGG_CLIP, SECAGG_BITS)
+    bits, clip = scheme.secagg_bits, scheme.secagg_clip
+    params = SecAggParams(len(coords) // 2 + 1, 0, clip, bits, ring_bits(bits, len(coords))).check(
+        len(coords)
+    )
+    fp = params.fixed_point
     scale = max(examples.values())
     rng = np.random.default_rng(round_id)
     codes = {}
-    for name, delta in deltas.items():
-        coords = delta if codec is None else codec.encode(delta)
-        codes[world.ids[name]] = fp.encode_weighted(coords, examples[name] / scale, rng)
-    params = SecAggParams(threshold=len(deltas) // 2 + 1, clip=SECAGG_CLIP, bits=SECAGG_BITS).check(
-        len(deltas)
-    )
+    for name, c in coords.items():
+        codes[world.ids[name]] = fp.encode_weighted(c, examples[name] / scale, rng)
     result = run_round(world.federation, codes, params, round_id=round_id, seed=b"bench")
     mean32, _ = fp.decode_weighted_mean(result.total, len(codes))
-    mean = (codec.decode(mean32) if isinstance(codec, Projection) else mean32).astype(np.float64)
-    nbytes = sum(4 * c.size for c in codes.values()) + sum(result.key_bytes.values())
+    mean = (mean32 if codec is None else codec.decode(mean32)).astype(np.float64)
+    nbytes = sum(result.upload_bytes.values()) + sum(result.key_bytes.values())
     return mean, nbytes
 
 
@@ -255,6 +322,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--replot", action="store_true", help="redraw quality.png from quality.json")
+    p.add_argument("--only", help="run only schemes whose label contains this (figures not saved)")
     args = p.parse_args()
     if args.replot:
         plot(json.loads((RESULTS / "quality.json").read_text())["runs"], RESULTS / "quality.png")
@@ -265,6 +333,8 @@ def main() -> None:
         world = World(Path(tmp))
         results: dict[str, list[dict[str, list[float]]]] = {}
         for scheme in SCHEMES:
+            if args.only and args.only not in scheme.label:
+                continue
             results[scheme.label] = [
                 run(world, scheme, seed, args.rounds, args.steps) for seed in range(args.seeds)
             ]
@@ -273,6 +343,8 @@ def main() -> None:
                 f"{scheme.label:28s} final eval loss {final:.4f}  ({time.monotonic() - began:.0f}s)",
                 flush=True,
             )
+    if args.only:
+        return
     summary = summarise(results)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(

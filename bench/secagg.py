@@ -27,6 +27,7 @@ import numpy as np
 from common.secagg import shamir
 from common.secagg.local import Federation
 from common.secagg.params import SecAggParams
+from common.secagg.ring import ring_bits
 from common.secagg.server import ServerRound
 
 RESULTS = Path(__file__).resolve().parent / "results" / "secagg.json"
@@ -45,7 +46,8 @@ def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int) -> dict[str, float]:
     fed = Federation.create(agents)
     ids = sorted(fed.agents)
-    sa = SecAggParams(threshold=threshold, neighbours=neighbours, clip=0.05, bits=16).check(agents)
+    width = ring_bits(16, agents)  # 16 + ceil(log2 agents) + 1 bits a coordinate on the wire
+    sa = SecAggParams(threshold, neighbours, clip=0.05, bits=16, ring_bits=width).check(agents)
     fp = sa.fixed_point
     rng = np.random.default_rng(0)
     delta = (rng.standard_normal(params) * 1e-2).astype(np.float32)
@@ -71,17 +73,39 @@ def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int)
     def quantise_and_mask() -> None:
         fp.encode_weighted(delta, weight, rng, out=codes_out)
         me.mask_codes(codes_out)
+        wire.append(fp.to_wire(codes_out))
 
+    wire: list[bytes] = []
     mask_s = median_time(quantise_and_mask, repeats)
+    sum_probe = ServerRound(99, sa, params + 1, seed)
+    sum_probe.sealed = {ids[0]: {}}
+    block = 1 << 18
 
-    results: dict[str, float] = {"mask_mps": params / mask_s / 1e6, "mask_s": mask_s}
+    def unpack_and_add() -> None:  # the aggregator's work per arriving upload, block by block
+        data = wire[-1]
+        for start in range(0, params + 1, block):
+            count = min(block, params + 1 - start)
+            first = start * width // 8
+            sum_probe.add_masked(
+                ids[0], fp.from_wire(data[first : first + fp.wire_bytes(count)], count), start
+            )
+
+    add_s = median_time(unpack_and_add, repeats)
+    results: dict[str, float] = {
+        "ring_bits": width,
+        "mask_mps": params / mask_s / 1e6,
+        "mask_s": mask_s,
+        "unpack_add_mps": params / add_s / 1e6,
+    }
     for dropped in (0, 1):
         times, peaks = [], []
         for rep in range(repeats):
             rounds, server = setup(10 + rep)
             masked = {}
             for a in ids[dropped:]:
-                masked[a] = rounds[a].mask_codes(fp.encode_weighted(delta, weight, rng))
+                masked[a] = fp.from_wire(
+                    fp.to_wire(rounds[a].mask_codes(fp.encode_weighted(delta, weight, rng))), params + 1
+                )
             tracemalloc.start()
             server.start_sum()
             for a, m in masked.items():
@@ -145,7 +169,9 @@ def main() -> None:
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     for name, r in (("full graph", full), ("k = 3", k3)):
         print(
-            f"{name:10s}  agent quantise+mask {r['mask_mps']:6.1f} M params/s   "
+            f"{name:10s}  ring {r['ring_bits']:.0f} bits  "
+            f"agent quantise+mask+pack {r['mask_mps']:6.1f} M params/s   "
+            f"aggregator unpack+add {r['unpack_add_mps']:6.1f}   "
             f"aggregator unmask+decode {r['unmask_0_dropout_mps']:6.1f} (0 dropped) "
             f"{r['unmask_1_dropout_mps']:6.1f} (1 dropped) M params/s   "
             f"peak {r['peak_1_dropout_x_update']:.2f}x update"

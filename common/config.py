@@ -21,7 +21,7 @@ from common.chunks import MAX_CHUNK_BYTES, validate_chunk_bytes
 from common.errors import CloudfedError, ConfigError
 from common.identity import IdentityError, SpiffeId
 from common.secagg.graph import check_parameters
-from common.secagg.ring import check_headroom
+from common.secagg.ring import check_headroom, ring_bits
 from common.tls import TlsFiles
 
 T = TypeVar("T")
@@ -87,6 +87,10 @@ class SecAggConfig:
     """Fixed-point bits per coordinate; bits + ceil(log2 max_agents) + 1 must be <= 32."""
     key_deadline_s: float = 60.0
     """Seconds each key phase (advertise, share, unmask) waits for the agents."""
+
+    def ring_bits(self, max_agents: int) -> int:
+        """Bits per masked coordinate on the wire: the least ring no sum of ``max_agents`` wraps."""
+        return ring_bits(self.bits, max_agents)
 
 
 LINEAR_CODECS = ("identity", "quantize", "projection")

@@ -33,7 +33,7 @@ from common.layout import ParamLayout
 from common.metrics import peer_labels
 from common.secagg.keys import Advertisement
 from common.secagg.params import SecAggParams
-from common.secagg.ring import RING_DTYPE, FixedPoint
+from common.secagg.ring import FixedPoint
 from common.secagg.server import ServerRound
 from server import metrics
 from server.accumulator import BLOCK_ELEMS, SumAccumulator
@@ -153,9 +153,11 @@ class RoundCoordinator:
 
     @property
     def expected_payload_bytes(self) -> int:
-        """Size of one encoded update (a masked one: 4 bytes a coordinate)."""
+        """Size of one encoded update (a masked one: ``ring_bits`` bits a coordinate)."""
         if self.secagg is not None:
-            return 4 * registry.secure_length(self._round_codec, self.layout.numel)
+            return self._secagg_params(self.secagg, 2).fixed_point.wire_bytes(
+                registry.secure_length(self._round_codec, self.layout.numel)
+            )
         return registry.payload_bytes(self._round_codec, self.layout.numel)
 
     async def _publish(self, state: RoundState) -> None:
@@ -300,12 +302,18 @@ class RoundCoordinator:
 
     def _add_masked_file(self, secure: ServerRound, sender: str, path: Path) -> None:
         """Add a masked upload into the ring sum block by block (it is never unmasked on its own)."""
-        data = np.memmap(path, dtype=RING_DTYPE, mode="r")
-        if data.size != secure.length:
-            raise InvalidArgument(f"masked update of {data.size} codes, expected {secure.length}")
+        fp = secure.params.fixed_point
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+        if data.size != fp.wire_bytes(secure.length):
+            raise InvalidArgument(
+                f"masked update of {data.size} bytes, expected {fp.wire_bytes(secure.length)}"
+            )
         with self._secure_lock:
-            for start in range(0, data.size, BLOCK_ELEMS):
-                secure.add_masked(sender, np.asarray(data[start : start + BLOCK_ELEMS]), start)
+            for start in range(0, secure.length, BLOCK_ELEMS):  # BLOCK_ELEMS codes end on a byte boundary
+                count = min(BLOCK_ELEMS, secure.length - start)
+                first = start * fp.ring_bits // 8
+                block = data[first : first + fp.wire_bytes(count)]
+                secure.add_masked(sender, fp.from_wire(np.asarray(block), count), start)
             secure.finish_upload(sender)
         del data
 
@@ -434,12 +442,18 @@ class RoundCoordinator:
             round_id, base, lambda: self._aggregate_plain(acc, base, uploaded), uploaded, dropped
         )
 
+    def _secagg_params(self, sa: SecAggConfig, auto: int) -> SecAggParams:
+        """The round's secure-aggregation parameters (``auto``: the threshold when not configured)."""
+        return SecAggParams(
+            sa.threshold or auto, sa.neighbours, sa.clip, sa.bits, sa.ring_bits(self.config.max_agents)
+        )
+
     async def _run_secure_round(self, round_id: int, sa: SecAggConfig) -> bool:
         """advertise -> share -> masked upload -> unmask -> aggregate; abandoned below t at any phase."""
         base = self._state.global_version
         invited = frozenset(self.connected[: self.config.max_agents])
         k = sa.neighbours
-        params = SecAggParams(sa.threshold or auto_threshold(len(invited), k), k, sa.clip, sa.bits)
+        params = self._secagg_params(sa, auto_threshold(len(invited), k))
         self._round_codec = registry.make(self.codec, self.layout.numel, round_id)
         length = registry.secure_length(self._round_codec, self.layout.numel)
         secure = ServerRound(round_id, params, length, os.urandom(16))

@@ -54,6 +54,7 @@ def settings_of(config: AggregatorConfig, rounds: RoundCoordinator) -> pb.Federa
             neighbours=config.secagg.neighbours,
             clip=config.secagg.clip,
             bits=config.secagg.bits,
+            ring_bits=config.secagg.ring_bits(config.rounds.max_agents),
         ),
         chunk_limits=pb.ChunkLimits(
             max_chunk_bytes=config.limits.max_chunk_bytes, max_update_bytes=config.limits.max_update_bytes

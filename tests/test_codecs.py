@@ -59,15 +59,33 @@ def test_quantize_round_trip_within_one_step_and_unbiased(bits: int) -> None:
         codec.unpack(packed[:-1], x.size)
 
 
-def test_projection_is_unbiased_and_shared_by_seed() -> None:
+def test_projection_is_an_orthogonal_projection_shared_by_seed() -> None:
     x = np.random.default_rng(3).standard_normal(4096).astype(np.float32)
-    estimates = [Projection.seeded(4096, ratio=4, seed=s, block=512) for s in range(200)]
-    mean = np.mean([c.decode(c.encode(x)) for c in estimates], axis=0)
-    one = estimates[0].decode(estimates[0].encode(x))
-    assert np.linalg.norm(mean - x) < 0.25 * np.linalg.norm(one - x)  # the error averages out: unbiased
+    codec = Projection.seeded(4096, ratio=4, seed=0, block=512)
+    np.testing.assert_allclose(codec.basis.T @ codec.basis, np.eye(128), atol=1e-5)  # orthonormal columns
+    once = codec.decode(codec.encode(x))
+    np.testing.assert_allclose(codec.decode(codec.encode(once)), once, atol=1e-4)  # idempotent
+    np.testing.assert_allclose(float(once @ (x - once)), 0.0, atol=1e-2)  # the error is orthogonal
+    assert 0.4 < np.linalg.norm(once) / np.linalg.norm(x) < 0.6  # keeps ~sqrt(1/4) of a generic vector
+    assert codec.biased
     same = Projection.seeded(4096, ratio=4, seed=0, block=512)
-    np.testing.assert_array_equal(same.encode(x), estimates[0].encode(x))
-    assert estimates[0].payload_bytes(4096) * 4 == 4 * 4096
+    np.testing.assert_array_equal(same.encode(x), codec.encode(x))
+    assert not np.array_equal(Projection.seeded(4096, ratio=4, seed=1, block=512).encode(x), codec.encode(x))
+    assert codec.payload_bytes(4096) * 4 == 4 * 4096
+
+
+def test_error_feedback_with_fresh_subspaces_sends_all_of_a_constant_update(tmp_path: Path) -> None:
+    n = 2048
+    x = np.random.default_rng(7).standard_normal(n).astype(np.float32)
+    feedback = ErrorFeedback(Projection.seeded(n, ratio=8, seed=0, block=256), n, tmp_path / "r.npy")
+    sent = np.zeros(n, dtype=np.float64)
+    errors = []
+    for rounds in range(1, 201):
+        feedback.codec = Projection.seeded(n, ratio=8, seed=rounds, block=256)  # the round's subspace
+        sent += feedback.codec.decode(feedback.encode(x))
+        errors.append(np.linalg.norm(sent / rounds - x) / np.linalg.norm(x))
+    assert errors[0] > 0.9  # one round keeps 1/8 of the energy
+    assert errors[-1] < 0.1 and errors[-1] < errors[9] / 5
 
 
 def test_topk_keeps_the_largest_entries_exactly() -> None:

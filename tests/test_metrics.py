@@ -11,7 +11,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.demo import prepare
+from common.bitpack import packed_bytes
 from common.layout import ParamLayout
+from common.secagg.ring import ring_bits
 from server.checkpoints import CheckpointStore
 from tests.daemons import start, stop, wait_serving
 from tests.promtool import promtool
@@ -43,7 +45,8 @@ def value(samples: dict, name: str, **labels: str) -> float:
 def test_byte_counters_match_what_was_sent_and_histograms_count_the_round(tmp_path: Path) -> None:
     rounds = 2  # agents stay up after their first upload, so each can be scraped at rest
     agg_config, agent_configs, health = prepare(tmp_path, rounds=rounds)
-    agg_listen = tomllib.loads(agg_config.read_text())["metrics_listen"]
+    agg_toml = tomllib.loads(agg_config.read_text())
+    agg_listen = agg_toml["metrics_listen"]
     agents = {
         c.parent.name.split("-")[0]: tomllib.loads(c.read_text())["metrics_listen"] for c in agent_configs
     }
@@ -75,7 +78,11 @@ def test_byte_counters_match_what_was_sent_and_histograms_count_the_round(tmp_pa
         for proc in procs:
             stop(proc)
     store = CheckpointStore(tmp_path / "aggregator-state" / "checkpoints")
-    payload = (ParamLayout.from_tensors(store.load(0)).numel + 1) * 4
+    numel = ParamLayout.from_tensors(store.load(0)).numel
+    assert agg_toml["secagg"]["enabled"]  # masked uploads: ring_bits a coordinate, weight included
+    width = ring_bits(agg_toml["secagg"]["bits"], agg_toml["rounds"]["max_agents"])
+    payload = packed_bytes(numel + 1, width)
+    assert payload < (numel + 1) * 4
     chunks = -(-payload // (1024 * 1024))
     for cloud, samples in last.items():
         uploads = value(samples, "cloudfed_agent_rounds_total")
@@ -86,7 +93,7 @@ def test_byte_counters_match_what_was_sent_and_histograms_count_the_round(tmp_pa
         )
         assert received == payload * rounds, (cloud, received, payload)
         assert value(samples, "cloudfed_update_encoded_bytes_total") == payload * uploads
-        assert value(samples, "cloudfed_update_raw_bytes_total") == (payload - 4) * uploads
+        assert value(samples, "cloudfed_update_raw_bytes_total") == numel * 4 * uploads
         assert (
             value(samples, "cloudfed_transfer_bytes_total", direction="received", kind="model")
             >= store.manifest(0).size_bytes

@@ -19,7 +19,7 @@ from common.secagg.keys import RosterError, sign_advertisement
 from common.secagg.local import Federation, run_round
 from common.secagg.params import SecAggParams
 from common.secagg.prg import apply_mask, expand
-from common.secagg.ring import FixedPoint, check_headroom
+from common.secagg.ring import FixedPoint, check_headroom, ring_bits
 
 N = 10
 LENGTH = 3000
@@ -67,6 +67,30 @@ def test_dropouts_up_to_the_tolerated_number_at_every_phase(
     expected_in = [a for a in ids if a not in gone or phase == "unmask"]
     assert result.survivors == expected_in
     np.testing.assert_array_equal(result.total, ring_sum(codes, expected_in))
+
+
+NARROW = dataclasses.replace(FULL, ring_bits=ring_bits(16, N))  # 16 + 4 + 1 = 21 bits a coordinate
+
+
+@pytest.mark.parametrize("phase", [None, "upload", "unmask"])
+def test_narrow_ring_sends_fewer_bits_and_still_sums_exactly(
+    federation: Federation, codes: dict[str, np.ndarray], phase: str | None
+) -> None:
+    ids = sorted(codes)
+    gone = set(ids[:2]) if phase else set()
+    result = run_round(federation, codes, NARROW.check(N), drop={phase: gone} if phase else None)
+    assert NARROW.ring_bits == 21
+    assert set(result.upload_bytes.values()) == {(LENGTH * 21 + 7) // 8}  # not 4 bytes a code
+    expected_in = [a for a in ids if a not in gone or phase == "unmask"]
+    mask = np.uint32((1 << 21) - 1)
+    np.testing.assert_array_equal(result.total & mask, ring_sum(codes, expected_in) & mask)
+    fp = NARROW.fixed_point  # decoding reads the sum mod 2^21
+    np.testing.assert_allclose(
+        fp.decode_sum(result.total, len(expected_in)),
+        fp.decode_sum(ring_sum(codes, expected_in), len(expected_in)),
+    )
+    with pytest.raises(ConfigError, match="can wrap"):
+        dataclasses.replace(FULL, ring_bits=20).check(N)
 
 
 def test_one_dropout_too_many_aborts_the_round(federation: Federation, codes: dict[str, np.ndarray]) -> None:
@@ -160,6 +184,10 @@ def test_single_masked_upload_looks_uniform(federation: Federation) -> None:
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     # 255 degrees of freedom: the 99.9th percentile is about 330.
     assert chi2 < 330, chi2
+    wire = np.frombuffer(NARROW.fixed_point.to_wire(masked), np.uint8)  # the low 21 bits, packed
+    counts = np.bincount(wire, minlength=256)
+    expected_wire = counts.sum() / 256
+    assert float(((counts - expected_wire) ** 2 / expected_wire).sum()) < 330
     # The same statistic on the unmasked input is enormous: the test can fail.
     raw = np.bincount(zeros[ids[0]].view(np.uint8), minlength=256)
     assert float(((raw - expected) ** 2 / expected).sum()) > 1e5

@@ -1,8 +1,9 @@
 """Update codecs behind one small interface (``base.Codec``).
 
-``identity``, ``quantize``, ``projection`` and ``topk`` are wired into the rounds (``registry``);
-``countsketch`` is not yet. ``quantize``, ``projection`` and ``countsketch`` are linear (usable
-under secure aggregation), ``topk`` is not; ``feedback.ErrorFeedback`` keeps what a biased codec
-dropped on the agent. The FetchSGD server loop, the eigenspace basis and the autoencoder codecs
-are the rest of issue 5.
+Wired into the rounds (``registry``): ``identity``, ``quantize``, ``projection`` (orthonormal
+per-round basis, error feedback) and ``topk`` (error feedback). In the library and the quality
+benchmark, not yet in the daemons: ``eigen`` (EoRA-style activation eigenspaces), ``autoencoder``
+(CG-FedLLM, TGAP/FAF, linear or MLP decoder) and ``countsketch`` (without the FetchSGD server
+loop). Linear codecs (decode of a sum = sum of decodes) run under secure aggregation;
+``feedback.ErrorFeedback`` keeps on the agent what a biased codec dropped.
 """

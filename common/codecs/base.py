@@ -18,6 +18,9 @@ class Codec(ABC):
 
     name: str
     linear: bool
+    biased: bool = False
+    """Whether decode(encode(x)) systematically loses part of x: the agent then keeps that part
+    (error feedback, ``common.codecs.feedback``) and sends it in later rounds."""
 
     @abstractmethod
     def encode(self, vector: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from common import bitpack
 from common.codecs.base import Codec
 from common.errors import ConfigError, InvalidArgument
 
@@ -50,7 +51,7 @@ class Quantize(Codec):
 
     def payload_bytes(self, numel: int) -> int:
         """Bit-packed codes."""
-        return (numel * self.bits + 7) // 8
+        return bitpack.packed_bytes(numel, self.bits)
 
     def to_bytes(self, payload: np.ndarray) -> bytes:
         """Bit-packed codes."""
@@ -61,10 +62,8 @@ class Quantize(Codec):
         return self.unpack(data, numel)
 
     def pack(self, codes: np.ndarray) -> bytes:
-        """Codes as ``bits``-bit unsigned fields, little-endian bit order."""
-        unsigned = (codes.astype(np.int64) + self.levels).astype(np.uint32)
-        bits = ((unsigned[:, None] >> np.arange(self.bits, dtype=np.uint32)) & 1).astype(np.uint8)
-        return np.packbits(bits.reshape(-1), bitorder="little").tobytes()
+        """Codes as ``bits``-bit unsigned fields (code + L), little-endian bit order."""
+        return bitpack.pack((codes.astype(np.int64) + self.levels).astype(np.uint32), self.bits)
 
     def unpack(self, data: bytes, numel: int) -> np.ndarray:
         """Inverse of ``pack``."""
@@ -72,6 +71,4 @@ class Quantize(Codec):
             raise InvalidArgument(
                 f"quantized payload of {len(data)} bytes, expected {self.payload_bytes(numel)}"
             )
-        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: numel * self.bits]
-        weights = 1 << np.arange(self.bits, dtype=np.int64)
-        return (bits.reshape(numel, self.bits).astype(np.int64) @ weights - self.levels).astype(np.int32)
+        return (bitpack.unpack(data, self.bits, numel).astype(np.int64) - self.levels).astype(np.int32)

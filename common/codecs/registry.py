@@ -57,10 +57,6 @@ def settings_from(name: str, params: dict[str, float], seed: int) -> CodecSettin
     )
 
 
-BIASED = ("topk",)
-"""Codecs whose error the agent keeps and adds back next round (error feedback)."""
-
-
 def round_seed(base: int, round_id: int) -> int:
     """A fresh public seed per round (random projections must change between rounds)."""
     digest = hashlib.sha256(struct.pack(">QQ", base & (2**64 - 1), round_id)).digest()

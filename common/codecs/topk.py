@@ -15,6 +15,7 @@ class TopK(Codec):
 
     name = "topk"
     linear = False
+    biased = True
 
     def __init__(self, numel: int, ratio: float) -> None:
         if not ratio >= 1:

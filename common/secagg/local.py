@@ -51,6 +51,8 @@ class RoundResult:
     agents: dict[str, AgentRound] = field(default_factory=dict)
     key_bytes: dict[str, int] = field(default_factory=dict)
     """Bytes each agent sent for keys: advertisement, sealed shares, revealed shares."""
+    upload_bytes: dict[str, int] = field(default_factory=dict)
+    """Bytes of each agent's masked update on the wire (``params.ring_bits`` a coordinate)."""
 
 
 def run_round(
@@ -86,12 +88,14 @@ def run_round(
         server.add_shares(a, sealed)
     alive = [a for a in alive if a not in drop.get("share", set())]
     server.start_sum()
+    fp, upload_bytes = params.fixed_point, {}
     for a in alive:
         agents[a].receive_shares(server.shares_for(a))
-        masked = agents[a].mask_codes(codes[a].copy())
+        wire = fp.to_wire(agents[a].mask_codes(codes[a].copy()))
+        upload_bytes[a] = len(wire)
         if a in drop.get("upload", set()):
             continue  # a partial upload never reaches the sum (the spool holds it until complete)
-        server.add_masked(a, masked)
+        server.add_masked(a, fp.from_wire(wire, length))
         server.finish_upload(a)
     survivors, dropped = server.unmask_request()
     for a in survivors:
@@ -100,7 +104,7 @@ def run_round(
         revealed = agents[a].unmask(survivors, dropped)
         key_bytes[a] += sum(len(share) + 1 for _kind, share in revealed.values())
         server.add_reveal(a, revealed)
-    return RoundResult(server.unmasked_sum().copy(), survivors, dropped, agents, key_bytes)
+    return RoundResult(server.unmasked_sum().copy(), survivors, dropped, agents, key_bytes, upload_bytes)
 
 
 def now() -> dt.datetime:

@@ -1,4 +1,10 @@
-"""Fixed point in Z_2^32: shared clip bound, stochastic rounding, a checked headroom rule."""
+"""Fixed point in Z_2^m (m <= 32): shared clip bound, stochastic rounding, a checked headroom rule.
+
+Arithmetic runs in uint32 (mod 2^32) everywhere; because 2^m divides 2^32, reducing a masked code
+mod 2^m keeps the masks uniform and the sums right. So only the low ``ring_bits`` bits of each
+masked code go on the wire, and the unmasked sum is read mod 2^m. ``ring_bits`` is the least
+width no sum can wrap: bits + ceil(log2 max_agents) + 1.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common import bitpack
 from common.errors import ConfigError, InvalidArgument
 
 RING_BITS = 32
@@ -15,13 +22,18 @@ BLOCK = 1 << 20  # elements per step: bounds the float64 temporaries
 DECODE_BLOCK = 1 << 16  # decode steps stay small: the aggregator's peak is the sum plus the mean
 
 
-def check_headroom(bits: int, agents: int) -> None:
-    """Refuse settings whose sum over ``agents`` could wrap: bits + ceil(log2 n) + 1 <= 32."""
+def ring_bits(bits: int, agents: int) -> int:
+    """Bits per masked coordinate so that a sum over ``agents`` cannot wrap."""
     if not 2 <= bits <= 30:
         raise ConfigError(f"secagg bits must be in 2..30, got {bits}")
     if agents < 1:
         raise ConfigError(f"secagg needs at least one agent, got {agents}")
-    need = bits + math.ceil(math.log2(agents)) + 1 if agents > 1 else bits + 1
+    return bits + math.ceil(math.log2(agents)) + 1 if agents > 1 else bits + 1
+
+
+def check_headroom(bits: int, agents: int) -> None:
+    """Refuse settings whose sum over ``agents`` could wrap: bits + ceil(log2 n) + 1 <= 32."""
+    need = ring_bits(bits, agents)
     if need > RING_BITS:
         raise ConfigError(
             f"secagg headroom: bits ({bits}) + ceil(log2 {agents} agents) + 1 = {need} > {RING_BITS};"
@@ -31,15 +43,33 @@ def check_headroom(bits: int, agents: int) -> None:
 
 @dataclass(frozen=True)
 class FixedPoint:
-    """Maps [-clip, clip] onto the integers 0 .. 2^bits - 1 (values outside are clipped)."""
+    """Maps [-clip, clip] onto the integers 0 .. 2^bits - 1 (values outside are clipped); sums live
+    in Z_2^ring_bits."""
 
     clip: float
     bits: int
+    ring_bits: int = RING_BITS
 
     def __post_init__(self) -> None:
         if not (self.clip > 0 and math.isfinite(self.clip)):
             raise ConfigError(f"secagg clip must be positive, got {self.clip}")
         check_headroom(self.bits, 1)
+        if not self.bits < self.ring_bits <= RING_BITS:
+            raise ConfigError(
+                f"secagg ring_bits must be in {self.bits + 1}..{RING_BITS}, got {self.ring_bits}"
+            )
+
+    def wire_bytes(self, count: int) -> int:
+        """Bytes of ``count`` masked codes on the wire."""
+        return bitpack.packed_bytes(count, self.ring_bits)
+
+    def to_wire(self, codes: np.ndarray) -> bytes:
+        """Masked codes (uint32) as sent: their low ``ring_bits`` bits, packed."""
+        return bitpack.pack(codes, self.ring_bits)
+
+    def from_wire(self, data: bytes | memoryview | np.ndarray, count: int) -> np.ndarray:
+        """Codes (uint32) from the wire; InvalidArgument if the size is wrong."""
+        return bitpack.unpack(data, self.ring_bits, count)
 
     @property
     def levels(self) -> int:
@@ -95,7 +125,9 @@ class FixedPoint:
         return mean, weight
 
     def decode_sum(self, total: np.ndarray, contributors: int) -> np.ndarray:
-        """The float64 sum of ``contributors`` decoded vectors from their summed codes."""
+        """The float64 sum of ``contributors`` decoded vectors from their summed codes (mod 2^ring_bits)."""
+        if self.ring_bits < RING_BITS:
+            total = total & np.uint32((1 << self.ring_bits) - 1)
         out = total.astype(np.float64)
         out *= self.step
         out -= contributors * self.clip

@@ -295,6 +295,7 @@ class SecAggSettings(_message.Message):
     NEIGHBOURS_FIELD_NUMBER: _builtins.int
     CLIP_FIELD_NUMBER: _builtins.int
     BITS_FIELD_NUMBER: _builtins.int
+    RING_BITS_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     """Whether updates are masked."""
     threshold: _builtins.int
@@ -305,6 +306,10 @@ class SecAggSettings(_message.Message):
     """Clip bound applied before fixed-point encoding."""
     bits: _builtins.int
     """Fixed-point bits per coordinate."""
+    ring_bits: _builtins.int
+    """Bits per masked coordinate on the wire: the ring Z_2^ring_bits, wide enough that no sum
+    over max_agents wraps (bits + ceil(log2 max_agents) + 1). 0 means 32.
+    """
     def __init__(
         self,
         *,
@@ -313,10 +318,11 @@ class SecAggSettings(_message.Message):
         neighbours: _builtins.int = ...,
         clip: _builtins.float = ...,
         bits: _builtins.int = ...,
+        ring_bits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip", b"clip", "enabled", b"enabled", "neighbours", b"neighbours", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip", b"clip", "enabled", b"enabled", "neighbours", b"neighbours", "ring_bits", b"ring_bits", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
