@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -220,15 +221,48 @@ class AggregatorClient:
 
     async def download_model(self, dest: Path, version: int = 0) -> pb.ModelHeader:
         """Download a global version (0: latest) to ``dest``, resuming after broken streams."""
-        part = dest.with_name(dest.name + ".part")
         if version == 0:
-            part.unlink(missing_ok=True)  # a leftover of unknown version
+            dest.with_name(dest.name + ".part").unlink(missing_ok=True)  # a leftover of unknown version
         pinned = [version]
+
+        def check(header: pb.ModelHeader) -> None:
+            if pinned[0] and header.version != pinned[0]:
+                raise InvalidArgument(f"asked for version {pinned[0]}, got {header.version}")
+            pinned[0] = header.version  # a resumed download continues the same version
+
+        def call(start: int) -> Any:
+            request = pb.DownloadModelRequest(version=pinned[0], offset=start)
+            return self.stub.DownloadModel(request, timeout=DOWNLOAD_DEADLINE_S)
+
+        header: pb.ModelHeader = await self._download_file(dest, call, check, "model")
+        return header
+
+    async def download_codec_state(self, sha256_hex: str, dest: Path) -> pb.CodecStateHeader:
+        """Download the codec state named by its sha256 to ``dest``, resuming after broken streams."""
+        digest = bytes.fromhex(sha256_hex)
+
+        def check(header: pb.CodecStateHeader) -> None:
+            if header.sha256 != digest:
+                raise InvalidArgument(f"asked for codec state {sha256_hex}, got {header.sha256.hex()}")
+
+        def call(start: int) -> Any:
+            request = pb.DownloadCodecStateRequest(sha256=digest, offset=start)
+            return self.stub.DownloadCodecState(request, timeout=DOWNLOAD_DEADLINE_S)
+
+        header: pb.CodecStateHeader = await self._download_file(dest, call, check, "control")
+        return header
+
+    async def _download_file(
+        self, dest: Path, call: Callable[[int], Any], check: Callable[[Any], None], kind: str
+    ) -> Any:
+        """A header-then-chunks download into ``dest`` (via ``dest.part``), resumed from the bytes
+        already there after retryable failures; the whole file's sha256 must match the header's."""
+        part = dest.with_name(dest.name + ".part")
         delays = backoff_delays()
         for attempt in range(1, self.attempts + 1):
             start = part.stat().st_size if part.exists() else 0
             try:
-                header = await self._download_once(part, pinned, start)
+                header = await self._receive_file(part, call(start), check, start, kind)
             except (grpc.aio.AioRpcError, IncompleteTransfer) as exc:
                 if not is_retryable(exc) or attempt == self.attempts:
                     raise
@@ -242,13 +276,11 @@ class AggregatorClient:
             return header
         raise AssertionError("unreachable")
 
-    async def _download_once(self, part: Path, pinned: list[int], start: int) -> pb.ModelHeader:
-        version = pinned[0]
-        call = self.stub.DownloadModel(
-            pb.DownloadModelRequest(version=version, offset=start), timeout=DOWNLOAD_DEADLINE_S
-        )
-        header: pb.ModelHeader | None = None
-        received = TRANSFER_BYTES.labels(direction="received", kind="model", **self.labels)
+    async def _receive_file(
+        self, part: Path, call: Any, check: Callable[[Any], None], start: int, kind: str
+    ) -> Any:
+        header: Any = None
+        received = TRANSFER_BYTES.labels(direction="received", kind=kind, **self.labels)
         hasher = sha256_file(part, start) if start else hashlib.sha256()
         offset = start
         with open(part, "ab") as f:  # noqa: ASYNC230 - local file, chunk-sized writes (see server/uploads.py)
@@ -256,9 +288,7 @@ class AggregatorClient:
             async for msg in call:
                 if msg.WhichOneof("message") == "header":
                     header = msg.header
-                    if version and header.version != version:
-                        raise InvalidArgument(f"asked for version {version}, got {header.version}")
-                    pinned[0] = header.version
+                    check(header)
                     continue
                 if header is None or msg.chunk.offset != offset:
                     raise InvalidArgument("download stream out of order")
@@ -270,7 +300,7 @@ class AggregatorClient:
             total = header.total_bytes if header else "?"
             raise IncompleteTransfer(f"download ended at {offset} of {total} bytes")
         if hasher.digest() != header.sha256:
-            raise DataLoss(f"downloaded version {header.version} does not match its sha256")
+            raise DataLoss(f"downloaded {part.name} does not match its sha256")
         return header
 
 

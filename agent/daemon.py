@@ -29,9 +29,11 @@ from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device
 from common.backoff import backoff_delays
 from common.codecs import registry
 from common.codecs.base import Codec
+from common.codecs.eigen import Eigen
 from common.codecs.feedback import ErrorFeedback
+from common.codecs.state import CodecState
 from common.config import AgentConfig
-from common.errors import CloudfedError, ConfigError
+from common.errors import CloudfedError, ConfigError, DataLoss
 from common.layout import ParamLayout
 from protos.cloudfed.v1 import federation_pb2 as pb
 
@@ -116,6 +118,7 @@ class Agent:
         (self.state / "models").mkdir(parents=True, exist_ok=True)
         (self.state / "uploads").mkdir(parents=True, exist_ok=True)
         self.progress = Progress()
+        self._shared: tuple[str, Codec] | None = None  # (state digest, codec built from that state)
         log.info(
             "%d training and %d evaluation documents from %s",
             len(self.train_docs),
@@ -303,15 +306,11 @@ class Agent:
             layout = ParamLayout.from_tensors(base)
             payload = self.state / "uploads" / f"round-{event.round_id}.bin"
             vector = layout.flatten(delta)
-            codec = registry.make(
-                registry.settings_from(
-                    settings.codec.name,
-                    json_format.MessageToDict(settings.codec.params),
-                    settings.training.seed,
-                ),
-                vector.size,
-                event.round_id,
+            codec_settings = registry.settings_from(
+                settings.codec.name, json_format.MessageToDict(settings.codec.params), settings.training.seed
             )
+            shared = await self._shared_codec(client, codec_settings, layout)
+            codec = registry.make(codec_settings, vector.size, event.round_id, shared)
             coords = await asyncio.to_thread(self._encode_coords, codec, vector)
             if secure is None:
                 weight = float(len(self.train_docs))
@@ -353,6 +352,29 @@ class Agent:
         )
         if secure is not None:
             await secure.unmask()
+
+    async def _shared_codec(
+        self, client: AggregatorClient, settings: registry.CodecSettings, layout: ParamLayout
+    ) -> Codec | None:
+        """The codec built from the aggregator's codec state (``eigen`` bases): downloaded once by
+        digest into the state dir, checked, and kept; None for codecs without state."""
+        if settings.name != "eigen":
+            return None
+        digest = settings.state_sha256
+        if self._shared is not None and self._shared[0] == digest:
+            return self._shared[1]
+        path = self.state / "codec" / f"state-{digest}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            await client.download_codec_state(digest, path)
+            log.info("codec state %s downloaded (%d bytes)", digest[:16], path.stat().st_size)
+        state = await asyncio.to_thread(CodecState.of, path)
+        if state.sha256 != digest:  # a file damaged on disk: fetched again next round
+            path.unlink()
+            raise DataLoss(f"codec state {path} does not match its digest {digest}")
+        codec = Eigen(layout, await asyncio.to_thread(state.tensors))
+        self._shared = (digest, codec)
+        return codec
 
     def _encode_coords(self, codec: Codec | None, vector: np.ndarray) -> np.ndarray:
         """The codec's coordinates of the update; biased codecs go through error feedback (the

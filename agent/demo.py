@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.config import AggregatorConfig, load
 from common.health import wait_serving
 from common.identity import SpiffeId
 from common.pki import PkiDir, issue_agent, issue_server
@@ -74,6 +75,7 @@ key_deadline_s = 30
 federation_id = "demo"
 codec = "{codec}"
 codec_ratio = {codec_ratio}
+{'codec_state = "eigen-bases.safetensors"' if codec == "eigen" else ""}
 model_id = "{root / "model"}"
 lora_rank = 8
 lora_alpha = 16
@@ -83,6 +85,18 @@ learning_rate = 0.005
 batch_size = 8
 sequence_length = 64
 """)
+    if codec == "eigen":  # the operator's step: bases from public text, served to agents by digest
+        from agent.eigen_bases import make_bases
+
+        (root / "calibration.txt").write_text("\n\n".join(public))
+        make_bases(
+            load(AggregatorConfig, root / "aggregator.toml"),
+            str(root / "model"),
+            root / "calibration.txt",
+            codec_ratio,
+            64,
+            root / "eigen-bases.safetensors",
+        )
     agents = []
     for cloud, domain in zip(CLOUDS, DOMAINS, strict=True):
         name = f"{cloud}-agent-1"

@@ -25,7 +25,7 @@ from common.secagg.ring import check_headroom, ring_bits
 from common.tls import TlsFiles
 
 T = TypeVar("T")
-KNOWN_CODECS = ("identity", "quantize", "projection", "topk")
+KNOWN_CODECS = ("identity", "quantize", "projection", "topk", "eigen")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class SecAggConfig:
         return ring_bits(self.bits, max_agents)
 
 
-LINEAR_CODECS = ("identity", "quantize", "projection")
+LINEAR_CODECS = ("identity", "quantize", "projection", "eigen")
 """Codecs whose decoder is linear: decode(sum) = sum of decodes."""
 
 
@@ -106,7 +106,9 @@ class FederationConfig:
     model_id: str = ""
     """Base model: hub id or a path each agent resolves locally."""
     codec: str = "identity"
-    """Update codec: identity, quantize, projection or topk (see README, Compression)."""
+    """Update codec: identity, quantize, projection, topk or eigen (see README, Compression)."""
+    codec_state: Path | None = None
+    """``eigen``: the bases file (``python -m agent.eigen_bases``); served to agents by digest."""
     codec_ratio: float = 16.0
     """Compression ratio against float32 for projection and topk."""
     codec_bits: int = 8
@@ -230,6 +232,12 @@ class AggregatorConfig:
             raise ConfigError("federation.codec_bits must be in 2..16")
         if not self.federation.codec_clip > 0:
             raise ConfigError("federation.codec_clip must be positive")
+        state = self.federation.codec_state
+        if self.federation.codec == "eigen" and (state is None or not state.is_file()):
+            raise ConfigError(
+                f"federation.codec_state: codec 'eigen' needs its bases file; {state} is not a file"
+                " (make one with python -m agent.eigen_bases)"
+            )
         self._validate_secagg()
         self.tls.files().check("tls")
         return self

@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.codecs.registry import CodecSettings
+from common.codecs.state import CodecState
 from common.config import AggregatorConfig
 from common.grpc_errors import error_interceptor
 from common.grpc_options import server_options
@@ -72,6 +73,7 @@ def build_aggregator(config: AggregatorConfig) -> Aggregator:
         make_optimizer(f.server_optimizer, f.server_lr, state / "optimizer"),
         CodecSettings(f.codec, f.codec_ratio, f.codec_bits, f.codec_clip, f.seed),
         config.secagg,
+        CodecState.of(f.codec_state) if f.codec == "eigen" and f.codec_state is not None else None,
     )
     credentials = ReloadingServerCredentials(config.tls.files())
     server = grpc.aio.server(

@@ -1,4 +1,4 @@
-"""Stream one global version to an agent: a header, then chunks from an offset."""
+"""Stream a global version or the codec state to an agent: a header, then chunks from an offset."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import time
 from collections.abc import AsyncIterator
 
 from common.chunks import iter_file_chunks
-from common.errors import InvalidArgument
+from common.codecs.state import CodecState
+from common.errors import InvalidArgument, NotFound
 from common.identity import SpiffeId
 from common.metrics import TRANSFER_BYTES, TRANSFER_SECONDS, peer_labels
 from protos.cloudfed.v1 import federation_pb2 as pb
@@ -36,3 +37,20 @@ async def send_model(
         yield pb.DownloadModelResponse(chunk=pb.Chunk(offset=chunk_offset, data=data))
         sent.inc(len(data))
     TRANSFER_SECONDS.labels(direction="sent", kind="model").observe(time.perf_counter() - began)
+
+
+async def send_codec_state(
+    agent: SpiffeId, state: CodecState | None, sha256: bytes, offset: int, chunk_bytes: int
+) -> AsyncIterator[pb.DownloadCodecStateResponse]:
+    """The codec state file named by ``sha256`` from byte ``offset``; NOT_FOUND for any other digest."""
+    if state is None or sha256.hex() != state.sha256:
+        raise NotFound(f"no codec state with sha256 {sha256.hex() or '(empty)'}")
+    if offset > state.size:
+        raise InvalidArgument(f"offset {offset} is past the end ({state.size} bytes)")
+    yield pb.DownloadCodecStateResponse(
+        header=pb.CodecStateHeader(total_bytes=state.size, sha256=sha256, format="safetensors")
+    )
+    sent = TRANSFER_BYTES.labels(direction="sent", kind="control", **peer_labels(agent))
+    for chunk_offset, data in iter_file_chunks(state.path, chunk_bytes, offset):
+        yield pb.DownloadCodecStateResponse(chunk=pb.Chunk(offset=chunk_offset, data=data))
+        sent.inc(len(data))

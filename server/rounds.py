@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import json
 import logging
@@ -24,8 +25,9 @@ import numpy as np
 
 from common.codecs import identity, registry
 from common.codecs.base import Codec
-from common.codecs.projection import Projection
+from common.codecs.eigen import Eigen
 from common.codecs.registry import CodecSettings
+from common.codecs.state import CodecState
 from common.config import RoundsConfig, SecAggConfig
 from common.errors import Aborted, ConfigError, FailedPrecondition, InvalidArgument, PermissionDenied
 from common.identity import SpiffeId
@@ -107,6 +109,7 @@ class RoundCoordinator:
         optimizer: ServerOptimizer | None = None,
         codec: CodecSettings | None = None,
         secagg: SecAggConfig | None = None,
+        codec_state: CodecState | None = None,
     ) -> None:
         latest = store.latest()
         if latest is None:
@@ -117,6 +120,9 @@ class RoundCoordinator:
         self.db = db
         self.optimizer = optimizer or FedAvg()
         self.codec = codec or CodecSettings()
+        self.codec_state = codec_state
+        if codec_state is not None:
+            self.codec = dataclasses.replace(self.codec, state_sha256=codec_state.sha256)
         self._codec_params = json.dumps(self.codec.params(), sort_keys=True)
         self.secagg = secagg if secagg is not None and secagg.enabled else None
         for round_id in db.recover():
@@ -129,6 +135,9 @@ class RoundCoordinator:
                 m = store.manifest(version)
                 db.version_committed(version, m.parent, None, m.sha256, len(m.participants))
         self.layout = ParamLayout.from_tensors(store.load(latest))
+        self._shared_codec: Codec | None = None
+        if codec_state is not None:  # bases checked against the layout now: a bad file fails at start
+            self._shared_codec = Eigen(self.layout, codec_state.tensors())
         self.agents: dict[str, AgentInfo] = {}
         self._watchers: dict[str, int] = {}
         self._state = RoundState(round_id=0, phase=Phase.WAITING, global_version=latest)
@@ -415,7 +424,7 @@ class RoundCoordinator:
         participants = frozenset(self.connected[: self.config.max_agents])
         self._claimed, self._added = set(), set()
         self._all_in = asyncio.Event()
-        self._round_codec = registry.make(self.codec, self.layout.numel, round_id)
+        self._round_codec = registry.make(self.codec, self.layout.numel, round_id, self._shared_codec)
         self._decoded = {}
         self._acc = SumAccumulator(self.layout.numel + 1)
         self.spool.purge()
@@ -454,7 +463,7 @@ class RoundCoordinator:
         invited = frozenset(self.connected[: self.config.max_agents])
         k = sa.neighbours
         params = self._secagg_params(sa, auto_threshold(len(invited), k))
-        self._round_codec = registry.make(self.codec, self.layout.numel, round_id)
+        self._round_codec = registry.make(self.codec, self.layout.numel, round_id, self._shared_codec)
         length = registry.secure_length(self._round_codec, self.layout.numel)
         secure = ServerRound(round_id, params, length, os.urandom(16))
         self._secure, self._acc = secure, None
@@ -573,9 +582,9 @@ class RoundCoordinator:
     def _aggregate_masked(
         self, total: np.ndarray, fp: FixedPoint, base: int, participants: list[str]
     ) -> Manifest:
-        """Decode the unmasked ring sum; a projected sum is decoded once (the codec is linear)."""
+        """Decode the unmasked ring sum; an encoded sum is decoded once (the codec is linear)."""
         mean, weight = fp.decode_weighted_mean(total, len(participants))
-        if isinstance(self._round_codec, Projection):
+        if self._round_codec is not None:
             mean = self._round_codec.decode(mean)
         return self._aggregate(mean, weight, base, participants)
 

@@ -20,7 +20,7 @@ from common.secagg_pb import (
 )
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
-from server.downloads import send_model
+from server.downloads import send_codec_state, send_model
 from server.rounds import AgentInfo, Phase, RoundCoordinator, RoundState
 from server.spool import UploadSpool
 from server.uploads import receive_upload
@@ -132,6 +132,19 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         version = request.version or self._rounds.state.global_version
         messages = send_model(
             require_peer(), self._rounds.store, version, request.offset, self._config.limits.max_chunk_bytes
+        )
+        async for message in messages:
+            yield message
+
+    async def DownloadCodecState(
+        self, request: pb.DownloadCodecStateRequest, context: Context
+    ) -> AsyncIterator[pb.DownloadCodecStateResponse]:
+        messages = send_codec_state(
+            require_peer(),
+            self._rounds.codec_state,
+            request.sha256,
+            request.offset,
+            self._config.limits.max_chunk_bytes,
         )
         async for message in messages:
             yield message

@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from agent.demo import CLOUDS, evals, run_federation
+from common.codecs.state import CodecState
 from common.layout import ParamLayout
 from server.checkpoints import CheckpointStore
 
@@ -90,9 +91,29 @@ def test_projection_under_masking_cuts_uplink_bytes_and_the_loss_goes_down(tmp_p
     assert {0, 1, 2} <= set(table), (tmp_path / "aggregator.log").read_text()[-2000:]
     before, after = np.mean(list(table[0].values())), np.mean(list(table[2].values()))
     assert after < before - 0.05, (before, after)
-    db = tmp_path / "aggregator-state" / "cloudfed.db"
+    masked, numel = _upload_size(tmp_path)
+    assert masked < 4 * (numel + 1) / 3.5  # about a quarter of the float32 update, weight included
+
+
+def test_eigen_bases_are_served_by_digest_and_masked_rounds_train(tmp_path: Path) -> None:
+    """eigen (EoRA bases from public text, ratio 4) -> fixed point -> masking, with the real daemons:
+    every agent fetches the aggregator's bases file by digest, and the loss goes down."""
+    table = run_federation(tmp_path, 2, show=False, timeout_s=300, codec="eigen", codec_ratio=4)
+    assert {0, 1, 2} <= set(table), (tmp_path / "aggregator.log").read_text()[-2000:]
+    before, after = np.mean(list(table[0].values())), np.mean(list(table[2].values()))
+    assert after < before - 0.05, (before, after)
+    digest = CodecState.of(tmp_path / "eigen-bases.safetensors").sha256
+    for agent_dir in tmp_path.glob("*-agent-1"):
+        fetched = agent_dir / "state" / "codec" / f"state-{digest}.safetensors"
+        assert CodecState.of(fetched).sha256 == digest, agent_dir.name
+    masked, numel = _upload_size(tmp_path)
+    assert masked < 4 * (numel + 1) / 3.5  # about a quarter of the float32 update, weight included
+
+
+def _upload_size(root: Path) -> tuple[int, int]:
+    """(bytes of every agent's upload, all the same size; adapter parameters) from the aggregator."""
+    db = root / "aggregator-state" / "cloudfed.db"
     with sqlite3.connect(db) as conn:
         sizes = {b for (b,) in conn.execute("SELECT bytes FROM participants WHERE status = 'uploaded'")}
-    numel = ParamLayout.from_tensors(CheckpointStore(db.parent / "checkpoints").load(0)).numel
-    (masked,) = sizes
-    assert masked < 4 * (numel + 1) / 3.5  # about a quarter of the float32 update, weight included
+    (size,) = sizes
+    return size, ParamLayout.from_tensors(CheckpointStore(db.parent / "checkpoints").load(0)).numel

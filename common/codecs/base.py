@@ -34,6 +34,10 @@ class Codec(ABC):
     def payload_bytes(self, numel: int) -> int:
         """Bytes on the wire for an update of ``numel`` parameters."""
 
+    def coordinates(self, numel: int) -> int:
+        """Values in ``encode``'s output for an update of ``numel`` parameters (linear codecs)."""
+        raise NotImplementedError(f"codec {self.name!r} has no fixed coordinate count")
+
     def to_bytes(self, payload: np.ndarray) -> bytes:
         """The payload on the wire (its raw values unless the codec packs them)."""
         return payload.tobytes()

@@ -172,6 +172,10 @@ class Eigen(Codec):
             out[entry.offset : entry.offset + entry.numel] = values.reshape(-1)
         return out
 
+    def coordinates(self, numel: int) -> int:
+        """Coordinates of all factors, plus the tensors passed through."""
+        return self.length
+
     def payload_bytes(self, numel: int) -> int:
         """float32 coordinates."""
         return 4 * self.length

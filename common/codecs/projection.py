@@ -64,6 +64,10 @@ class Projection(Codec):
         full = payload.reshape(self.blocks, self.dim).astype(np.float32) @ self.basis.T
         return full.reshape(-1)[: self.numel]
 
+    def coordinates(self, numel: int) -> int:
+        """blocks x dim."""
+        return int(self.blocks * self.dim)
+
     def payload_bytes(self, numel: int) -> int:
         """float32 coordinates."""
-        return int(4 * self.blocks * self.dim)
+        return 4 * self.coordinates(numel)

@@ -19,10 +19,10 @@ from common.codecs.base import Codec
 from common.codecs.projection import Projection
 from common.codecs.quantize import Quantize
 from common.codecs.topk import TopK
-from common.errors import InvalidArgument
+from common.errors import FailedPrecondition, InvalidArgument
 
-KNOWN = ("identity", "quantize", "projection", "topk")
-SECURE = ("identity", "projection")
+KNOWN = ("identity", "quantize", "projection", "topk", "eigen")
+SECURE = ("identity", "projection", "eigen")
 """Codecs usable under secure aggregation (linear, and not a second quantiser on top of the ring's)."""
 
 
@@ -35,25 +35,30 @@ class CodecSettings:
     bits: int = 8
     clip: float = 0.1
     seed: int = 0
+    state_sha256: str = ""
+    """Digest of the codec's shared state file (``eigen``: the bases), served by the aggregator."""
 
-    def params(self) -> dict[str, float]:
+    def params(self) -> dict[str, float | str]:
         """The parameters that travel in CodecSpec.params (and must match in every upload)."""
         if self.name == "identity":
             return {}
         if self.name == "quantize":
             return {"bits": float(self.bits), "clip": self.clip}
+        if self.name == "eigen":
+            return {"state_sha256": self.state_sha256}
         return {"ratio": self.ratio}
 
 
-def settings_from(name: str, params: dict[str, float], seed: int) -> CodecSettings:
+def settings_from(name: str, params: dict[str, object], seed: int) -> CodecSettings:
     """Rebuild the settings from a CodecSpec's name and params (the agent's side)."""
     defaults = CodecSettings()
     return CodecSettings(
         name,
-        float(params.get("ratio", defaults.ratio)),
-        int(params.get("bits", defaults.bits)),
-        float(params.get("clip", defaults.clip)),
+        float(params.get("ratio", defaults.ratio)),  # type: ignore[arg-type]
+        int(params.get("bits", defaults.bits)),  # type: ignore[call-overload]
+        float(params.get("clip", defaults.clip)),  # type: ignore[arg-type]
         seed,
+        str(params.get("state_sha256", "")),
     )
 
 
@@ -63,10 +68,15 @@ def round_seed(base: int, round_id: int) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def make(settings: CodecSettings, numel: int, round_id: int) -> Codec | None:
-    """The round's codec; None for ``identity`` (the float32 baseline handled by common.codecs.identity)."""
+def make(settings: CodecSettings, numel: int, round_id: int, shared: Codec | None = None) -> Codec | None:
+    """The round's codec; None for ``identity`` (the float32 baseline handled by common.codecs.identity).
+    ``shared``: the codec built from the state file, for codecs that have one (``eigen``)."""
     if settings.name == "identity":
         return None
+    if settings.name == "eigen":
+        if shared is None or shared.name != "eigen":
+            raise FailedPrecondition("codec 'eigen' needs its bases (the codec state) loaded first")
+        return shared
     if settings.name == "quantize":
         return Quantize(settings.clip, settings.bits)
     if settings.name == "projection":
@@ -113,6 +123,6 @@ def secure_length(codec: Codec | None, numel: int) -> int:
     """Coordinates a masked update carries: the (projected) update plus the weight."""
     if codec is None:
         return numel + 1
-    if not isinstance(codec, Projection):
+    if codec.name not in SECURE:
         raise InvalidArgument(f"codec {codec.name!r} cannot run under secure aggregation")
-    return int(codec.blocks * codec.dim) + 1
+    return codec.coordinates(numel) + 1

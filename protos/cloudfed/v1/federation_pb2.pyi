@@ -730,6 +730,94 @@ class DownloadModelResponse(_message.Message):
 Global___DownloadModelResponse: _TypeAlias = DownloadModelResponse  # noqa: Y015
 
 @_typing.final
+class DownloadCodecStateRequest(_message.Message):
+    """DownloadCodecStateRequest asks for the codec state whose sha256 the round's CodecSpec names."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.bytes
+    """sha256 of the state file (CodecSpec.params["state_sha256"], hex-decoded)."""
+    offset: _builtins.int
+    """Byte offset to start from, to resume a broken download."""
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadCodecStateRequest: _TypeAlias = DownloadCodecStateRequest  # noqa: Y015
+
+@_typing.final
+class CodecStateHeader(_message.Message):
+    """CodecStateHeader describes a codec state file."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    total_bytes: _builtins.int
+    """Size of the file in bytes."""
+    sha256: _builtins.bytes
+    """sha256 of the whole file."""
+    format: _builtins.str
+    """File format, "safetensors"."""
+    def __init__(
+        self,
+        *,
+        total_bytes: _builtins.int = ...,
+        sha256: _builtins.bytes = ...,
+        format: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "sha256", b"sha256", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CodecStateHeader: _TypeAlias = CodecStateHeader  # noqa: Y015
+
+@_typing.final
+class DownloadCodecStateResponse(_message.Message):
+    """DownloadCodecStateResponse is the header first, then chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___CodecStateHeader:
+        """Describes the state; sent first."""
+
+    @_builtins.property
+    def chunk(self) -> Global___Chunk:
+        """A slice of the state file."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___CodecStateHeader | None = ...,
+        chunk: Global___Chunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+
+Global___DownloadCodecStateResponse: _TypeAlias = DownloadCodecStateResponse  # noqa: Y015
+
+@_typing.final
 class UploadHeader(_message.Message):
     """UploadHeader describes an update before its chunks."""
 

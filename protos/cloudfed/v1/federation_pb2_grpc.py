@@ -85,6 +85,11 @@ class FederationServiceStub:
                 request_serializer=cloudfed_dot_v1_dot_federation__pb2.RevealSharesRequest.SerializeToString,
                 response_deserializer=cloudfed_dot_v1_dot_federation__pb2.RevealSharesResponse.FromString,
                 _registered_method=True)
+        self.DownloadCodecState = channel.unary_stream(
+                '/cloudfed.v1.FederationService/DownloadCodecState',
+                request_serializer=cloudfed_dot_v1_dot_federation__pb2.DownloadCodecStateRequest.SerializeToString,
+                response_deserializer=cloudfed_dot_v1_dot_federation__pb2.DownloadCodecStateResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServiceServicer:
@@ -161,6 +166,13 @@ class FederationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadCodecState(self, request, context):
+        """DownloadCodecState streams the codec's shared state (e.g. eigenspace bases) named by its digest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +225,11 @@ def add_FederationServiceServicer_to_server(servicer, server):
                     servicer.RevealShares,
                     request_deserializer=cloudfed_dot_v1_dot_federation__pb2.RevealSharesRequest.FromString,
                     response_serializer=cloudfed_dot_v1_dot_federation__pb2.RevealSharesResponse.SerializeToString,
+            ),
+            'DownloadCodecState': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadCodecState,
+                    request_deserializer=cloudfed_dot_v1_dot_federation__pb2.DownloadCodecStateRequest.FromString,
+                    response_serializer=cloudfed_dot_v1_dot_federation__pb2.DownloadCodecStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +503,33 @@ class FederationService:
             '/cloudfed.v1.FederationService/RevealShares',
             cloudfed_dot_v1_dot_federation__pb2.RevealSharesRequest.SerializeToString,
             cloudfed_dot_v1_dot_federation__pb2.RevealSharesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadCodecState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cloudfed.v1.FederationService/DownloadCodecState',
+            cloudfed_dot_v1_dot_federation__pb2.DownloadCodecStateRequest.SerializeToString,
+            cloudfed_dot_v1_dot_federation__pb2.DownloadCodecStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,6 +58,8 @@ class FederationServiceStub:
     """GetSecAggState waits until a round reaches a phase and returns what the caller needs in it."""
     RevealShares: _grpc.UnaryUnaryMultiCallable[_federation_pb2.RevealSharesRequest, _federation_pb2.RevealSharesResponse]
     """RevealShares answers the unmask request with the shares it allows."""
+    DownloadCodecState: _grpc.UnaryStreamMultiCallable[_federation_pb2.DownloadCodecStateRequest, _federation_pb2.DownloadCodecStateResponse]
+    """DownloadCodecState streams the codec's shared state (e.g. eigenspace bases) named by its digest."""
 
 @_typing.type_check_only
 class FederationServiceAsyncStub(FederationServiceStub):
@@ -84,6 +86,8 @@ class FederationServiceAsyncStub(FederationServiceStub):
     """GetSecAggState waits until a round reaches a phase and returns what the caller needs in it."""
     RevealShares: _aio.UnaryUnaryMultiCallable[_federation_pb2.RevealSharesRequest, _federation_pb2.RevealSharesResponse]  # type: ignore[assignment]
     """RevealShares answers the unmask request with the shares it allows."""
+    DownloadCodecState: _aio.UnaryStreamMultiCallable[_federation_pb2.DownloadCodecStateRequest, _federation_pb2.DownloadCodecStateResponse]  # type: ignore[assignment]
+    """DownloadCodecState streams the codec's shared state (e.g. eigenspace bases) named by its digest."""
 
 class FederationServiceServicer(metaclass=_abc_1.ABCMeta):
     """FederationService runs federated rounds between agents and the aggregator."""
@@ -167,5 +171,13 @@ class FederationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_federation_pb2.RevealSharesResponse, _abc.Awaitable[_federation_pb2.RevealSharesResponse]]:
         """RevealShares answers the unmask request with the shares it allows."""
+
+    @_abc_1.abstractmethod
+    def DownloadCodecState(
+        self,
+        request: _federation_pb2.DownloadCodecStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_federation_pb2.DownloadCodecStateResponse], _abc.AsyncIterator[_federation_pb2.DownloadCodecStateResponse]]:
+        """DownloadCodecState streams the codec's shared state (e.g. eigenspace bases) named by its digest."""
 
 def add_FederationServiceServicer_to_server(servicer: FederationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
