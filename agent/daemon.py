@@ -28,6 +28,7 @@ from agent.secure import SecureParticipation, Signer
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device
 from common.backoff import backoff_delays
 from common.codecs import registry
+from common.codecs.autoencoder import Autoencoder, load_autoencoder
 from common.codecs.base import Codec
 from common.codecs.eigen import Eigen
 from common.codecs.feedback import ErrorFeedback
@@ -306,8 +307,9 @@ class Agent:
             layout = ParamLayout.from_tensors(base)
             payload = self.state / "uploads" / f"round-{event.round_id}.bin"
             vector = layout.flatten(delta)
+            spec = event.codec if event.HasField("codec") else settings.codec  # the round's, e.g. full
             codec_settings = registry.settings_from(
-                settings.codec.name, json_format.MessageToDict(settings.codec.params), settings.training.seed
+                spec.name, json_format.MessageToDict(spec.params), settings.training.seed
             )
             shared = await self._shared_codec(client, codec_settings, layout)
             codec = registry.make(codec_settings, vector.size, event.round_id, shared)
@@ -325,7 +327,7 @@ class Agent:
         header = pb.UploadHeader(
             round_id=event.round_id,
             upload_id=f"r{event.round_id}-{uuid.uuid4().hex[:16]}",
-            codec=settings.codec,
+            codec=spec,
             layout_digest=layout.digest,
             base_version=event.global_version,
             weight=weight,
@@ -356,9 +358,10 @@ class Agent:
     async def _shared_codec(
         self, client: AggregatorClient, settings: registry.CodecSettings, layout: ParamLayout
     ) -> Codec | None:
-        """The codec built from the aggregator's codec state (``eigen`` bases): downloaded once by
-        digest into the state dir, checked, and kept; None for codecs without state."""
-        if settings.name != "eigen":
+        """The codec built from the aggregator's codec state (``eigen`` bases, the ``autoencoder``
+        network): downloaded once by digest into the state dir, checked, and kept; None for codecs
+        without state."""
+        if settings.name not in ("eigen", "autoencoder"):
             return None
         digest = settings.state_sha256
         if self._shared is not None and self._shared[0] == digest:
@@ -372,7 +375,11 @@ class Agent:
         if state.sha256 != digest:  # a file damaged on disk: fetched again next round
             path.unlink()
             raise DataLoss(f"codec state {path} does not match its digest {digest}")
-        codec = Eigen(layout, await asyncio.to_thread(state.tensors))
+        codec: Codec
+        if settings.name == "eigen":
+            codec = Eigen(layout, await asyncio.to_thread(state.tensors))
+        else:
+            codec = Autoencoder(layout.numel, await asyncio.to_thread(load_autoencoder, path))
         self._shared = (digest, codec)
         return codec
 

@@ -12,8 +12,10 @@ agent's held-out text as the rounds complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -34,8 +36,18 @@ DOCUMENTS = {"aws": 150, "gcp": 300, "azure": 450}
 
 
 def free_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as s:
+    """A port free on 127.0.0.1 a moment ago, picked below the kernel's ephemeral range: a port from
+    bind(0) can be handed to some outgoing connection before the daemon binds it; these cannot."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(min(20000, low // 2), low)
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
+    with socket.socket() as s:  # no luck below the range: take what the kernel gives
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -76,6 +88,8 @@ federation_id = "demo"
 codec = "{codec}"
 codec_ratio = {codec_ratio}
 {'codec_state = "eigen-bases.safetensors"' if codec == "eigen" else ""}
+{"autoencoder_warmup_rounds = 2" if codec == "autoencoder" else ""}
+{'autoencoder_decoder = "' + ("linear" if secagg else "mlp") + '"' if codec == "autoencoder" else ""}
 model_id = "{root / "model"}"
 lora_rank = 8
 lora_alpha = 16

@@ -30,7 +30,6 @@ import torch
 from agent.data import pack, split
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, initial_adapter
 from common.codecs import registry
-from common.codecs.autoencoder import Autoencoder, BlockAutoencoder, train_autoencoder
 from common.codecs.base import Codec
 from common.codecs.eigen import Eigen, activation_covariances, eigen_bases
 from common.codecs.feedback import ErrorFeedback
@@ -39,6 +38,7 @@ from common.secagg.local import Federation, run_round
 from common.secagg.params import SecAggParams
 from common.secagg.ring import ring_bits
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
+from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LORA = LoraSpec(8, 16.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
@@ -89,6 +89,7 @@ class World:
     """Model, tokenizer and each agent's train/eval blocks, built once."""
 
     def __init__(self, root: Path, sequence_length: int = 64) -> None:
+        self.root = root
         public = [doc for domain in DOMAINS for doc in domain_corpus(domain, 100, seed=99)]
         self.model = str(build_tiny_lm(root / "model", public))
         self.trainer = LoraTrainer(self.model, LORA)
@@ -123,7 +124,11 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
     training = LocalTraining(steps, 5e-3, 8, 64, seed)
     settings = registry.CodecSettings(scheme.codec, scheme.ratio, scheme.bits, scheme.clip, seed)
     residuals: dict[str, ErrorFeedback] = {}
-    learned = Learned(scheme, seed) if scheme.codec.startswith("autoencoder") else None
+    learned = (
+        Learned(scheme, seed, numel, world.root / f"ae-{scheme.label}-{seed}", len(world.train))
+        if scheme.codec == "autoencoder"
+        else None
+    )
     losses, sent, cosines = [world.eval_loss(adapter)], [0.0], []
     examples = {name: float(len(blocks)) for name, blocks in world.train.items()}
     for round_id in range(1, rounds + 1):
@@ -144,8 +149,8 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
             mean, nbytes = _secure_round(world, codec, coords, examples, round_id, scheme)
         else:
             mean, nbytes = _plain_round(codec, deltas, coords, examples)
-        if learned is not None and codec is None:  # a TGAP warm-up or FAF refresh round
-            learned.learn(list(coords.values()) if not scheme.secagg else [mean.astype(np.float32)])
+        if learned is not None:  # a full round feeds TGAP / FAF; an encoded one is counted
+            learned.learn([mean.astype(np.float32)] if scheme.secagg else list(coords.values()))
         cosines.append(float(mean @ true_mean / (np.linalg.norm(mean) * np.linalg.norm(true_mean) + 1e-30)))
         flat = layout.flatten(adapter) + mean.astype(np.float32)
         adapter = layout.unflatten(flat)
@@ -155,34 +160,27 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
 
 
 class Learned:
-    """The CG-FedLLM schedule: full updates in the first WARMUP rounds (TGAP pre-trains the
-    autoencoder on that window of snapshots), then encoded rounds, with a full refresh round every
-    REFRESH rounds whose snapshots fine-tune it (FAF). The aggregator sees per-agent updates when
-    trusted, only their mean under secure aggregation. Full rounds count in the uplink."""
+    """The aggregator's CG-FedLLM schedule (``server.autoencoder``): 2 full warm-up rounds for TGAP,
+    then encoded rounds with a full FAF refresh every 3. Trusted, it learns from each agent's
+    update; under secure aggregation only from the round mean (as the daemon does). Full rounds
+    count in the uplink."""
 
-    WARMUP, REFRESH, WINDOW = 2, 3, 8
-    BLOCK, HIDDEN, TGAP_STEPS, FAF_STEPS = 64, 128, 400, 150
-
-    def __init__(self, scheme: Scheme, seed: int) -> None:
+    def __init__(self, scheme: Scheme, seed: int, numel: int, root: Path, agents: int) -> None:
         torch.manual_seed(seed)
-        code = max(1, round(self.BLOCK / scheme.ratio))
-        self.model = BlockAutoencoder(self.BLOCK, code, self.HIDDEN, linear_decoder=scheme.secagg)
-        self.snapshots: list[np.ndarray] = []
-        self.trained, self.seed = False, seed
+        window = 8 * (1 if scheme.secagg else agents)
+        plan = AutoencoderPlan(scheme.ratio, linear=scheme.secagg, window=window, seed=seed)
+        self.schedule = AutoencoderSchedule(plan, numel, root)
+        self.base = registry.CodecSettings("autoencoder", ratio=scheme.ratio)
+        self.settings = self.base
 
     def codec(self, numel: int, round_id: int) -> Codec | None:
         """None in full rounds, else the autoencoder as trained so far."""
-        full = round_id <= self.WARMUP or (round_id - self.WARMUP) % self.REFRESH == 0
-        return None if full else Autoencoder(numel, self.model)
+        self.settings = self.schedule.settings(self.base)
+        return registry.make(self.settings, numel, round_id, self.schedule.codec)
 
-    def learn(self, snapshots: list[np.ndarray]) -> None:
-        """Keep the round's snapshots; TGAP once the warm-up window is in, FAF after each refresh."""
-        self.snapshots = (self.snapshots + snapshots)[-self.WINDOW * len(snapshots) :]
-        if not self.trained and len(self.snapshots) < self.WARMUP * len(snapshots):
-            return
-        steps = self.FAF_STEPS if self.trained else self.TGAP_STEPS
-        train_autoencoder(self.model, self.snapshots, steps, self.seed)
-        self.trained = True
+    def learn(self, updates: list[np.ndarray]) -> None:
+        """After the round: count it, or learn from its updates (TGAP, then FAF)."""
+        self.schedule.observe(self.settings, updates)
 
 
 def _coords(

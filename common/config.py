@@ -25,7 +25,7 @@ from common.secagg.ring import check_headroom, ring_bits
 from common.tls import TlsFiles
 
 T = TypeVar("T")
-KNOWN_CODECS = ("identity", "quantize", "projection", "topk", "eigen")
+KNOWN_CODECS = ("identity", "quantize", "projection", "topk", "eigen", "autoencoder")
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,16 @@ class FederationConfig:
     """Update codec: identity, quantize, projection, topk or eigen (see README, Compression)."""
     codec_state: Path | None = None
     """``eigen``: the bases file (``python -m agent.eigen_bases``); served to agents by digest."""
+    autoencoder_decoder: str = "linear"
+    """``autoencoder``: 'linear' (sums decode: works under secure aggregation) or 'mlp' (trusted only)."""
+    autoencoder_warmup_rounds: int = 2
+    """``autoencoder``: full rounds whose mean updates TGAP pre-trains on before encoding starts."""
+    autoencoder_refresh_every: int = 3
+    """``autoencoder``: after training, every n-th round is full again and FAF fine-tunes (0: never)."""
+    autoencoder_block: int = 64
+    """``autoencoder``: values per encoded block (codes per block: block / codec_ratio)."""
+    autoencoder_hidden: int = 128
+    """``autoencoder``: hidden width of the encoder (and of the MLP decoder)."""
     codec_ratio: float = 16.0
     """Compression ratio against float32 for projection and topk."""
     codec_bits: int = 8
@@ -238,15 +248,38 @@ class AggregatorConfig:
                 f"federation.codec_state: codec 'eigen' needs its bases file; {state} is not a file"
                 " (make one with python -m agent.eigen_bases)"
             )
+        self._validate_autoencoder()
         self._validate_secagg()
         self.tls.files().check("tls")
         return self
+
+    def _validate_autoencoder(self) -> None:
+        f = self.federation
+        if f.codec != "autoencoder":
+            return
+        if f.autoencoder_decoder not in ("linear", "mlp"):
+            raise ConfigError(
+                f"federation.autoencoder_decoder must be 'linear' or 'mlp', got {f.autoencoder_decoder!r}"
+            )
+        if f.autoencoder_warmup_rounds < 1 or f.autoencoder_refresh_every < 0:
+            raise ConfigError(
+                "federation.autoencoder_warmup_rounds must be >= 1 and autoencoder_refresh_every >= 0"
+            )
+        if not 1 <= f.codec_ratio <= f.autoencoder_block or f.autoencoder_hidden < 1:
+            raise ConfigError(
+                "federation.codec_ratio must be in 1..autoencoder_block, autoencoder_hidden >= 1"
+            )
+        if self.secagg.enabled and f.autoencoder_decoder != "linear":
+            raise ConfigError(
+                "secagg: autoencoder_decoder 'mlp' is nonlinear: it needs each agent's codes, which masking"
+                " hides; use autoencoder_decoder = 'linear' or disable secagg"
+            )
 
     def _validate_secagg(self) -> None:
         sa, r = self.secagg, self.rounds
         if not sa.enabled:
             return
-        if self.federation.codec not in LINEAR_CODECS:
+        if self.federation.codec not in (*LINEAR_CODECS, "autoencoder"):  # its decoder: checked above
             raise ConfigError(
                 f"secagg: codec {self.federation.codec!r} has a nonlinear decoder, which needs each agent's"
                 " update and so cannot work with masking; use a linear codec or disable secagg"

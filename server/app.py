@@ -11,13 +11,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.codecs.registry import CodecSettings
 from common.codecs.state import CodecState
-from common.config import AggregatorConfig
+from common.config import AggregatorConfig, FederationConfig
 from common.grpc_errors import error_interceptor
 from common.grpc_options import server_options
 from common.metrics import grpc_metrics_interceptor, rpc_types_of
 from common.tls import ReloadingServerCredentials
 from protos.cloudfed.v1 import federation_pb2, federation_pb2_grpc
 from server.auth import AccessPolicy, auth_interceptor
+from server.autoencoder import AutoencoderPlan
 from server.checkpoints import CheckpointStore
 from server.optimizer import make_optimizer
 from server.rounds import RoundCoordinator
@@ -60,6 +61,21 @@ class Aggregator:
             await self.health_server.stop(grace)
 
 
+def autoencoder_plan(f: FederationConfig) -> AutoencoderPlan | None:
+    """The autoencoder's shape and schedule, when the federation uses it."""
+    if f.codec != "autoencoder":
+        return None
+    return AutoencoderPlan(
+        f.codec_ratio,
+        f.autoencoder_block,
+        f.autoencoder_hidden,
+        f.autoencoder_decoder == "linear",
+        f.autoencoder_warmup_rounds,
+        f.autoencoder_refresh_every,
+        seed=f.seed,
+    )
+
+
 def build_aggregator(config: AggregatorConfig) -> Aggregator:
     """Create (not start) the servers; ports bound, 0 means any free port."""
     state = config.state_dir
@@ -74,6 +90,7 @@ def build_aggregator(config: AggregatorConfig) -> Aggregator:
         CodecSettings(f.codec, f.codec_ratio, f.codec_bits, f.codec_clip, f.seed),
         config.secagg,
         CodecState.of(f.codec_state) if f.codec == "eigen" and f.codec_state is not None else None,
+        autoencoder_plan(f),
     )
     credentials = ReloadingServerCredentials(config.tls.files())
     server = grpc.aio.server(

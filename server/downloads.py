@@ -42,7 +42,8 @@ async def send_model(
 async def send_codec_state(
     agent: SpiffeId, state: CodecState | None, sha256: bytes, offset: int, chunk_bytes: int
 ) -> AsyncIterator[pb.DownloadCodecStateResponse]:
-    """The codec state file named by ``sha256`` from byte ``offset``; NOT_FOUND for any other digest."""
+    """The codec state file named by ``sha256`` (``state``, looked up by the caller) from byte
+    ``offset``; NOT_FOUND when there is none by that digest."""
     if state is None or sha256.hex() != state.sha256:
         raise NotFound(f"no codec state with sha256 {sha256.hex() or '(empty)'}")
     if offset > state.size:

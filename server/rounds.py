@@ -39,6 +39,7 @@ from common.secagg.ring import FixedPoint
 from common.secagg.server import ServerRound
 from server import metrics
 from server.accumulator import BLOCK_ELEMS, SumAccumulator
+from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
 from server.checkpoints import CheckpointStore, Manifest
 from server.optimizer import FedAvg, ServerOptimizer
 from server.spool import UploadMeta, UploadSpool
@@ -72,6 +73,8 @@ class RoundState:
     participants: frozenset[str] = frozenset()
     deadline: float = 0.0
     reason: str = ""
+    codec: CodecSettings | None = None
+    """The codec this round's uploads use (None: the federation's, from Join)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class RoundCoordinator:
         codec: CodecSettings | None = None,
         secagg: SecAggConfig | None = None,
         codec_state: CodecState | None = None,
+        autoencoder: AutoencoderPlan | None = None,
     ) -> None:
         latest = store.latest()
         if latest is None:
@@ -120,10 +124,10 @@ class RoundCoordinator:
         self.db = db
         self.optimizer = optimizer or FedAvg()
         self.codec = codec or CodecSettings()
-        self.codec_state = codec_state
+        self.codec_state_file = codec_state
         if codec_state is not None:
             self.codec = dataclasses.replace(self.codec, state_sha256=codec_state.sha256)
-        self._codec_params = json.dumps(self.codec.params(), sort_keys=True)
+        self._round_settings = self.codec
         self.secagg = secagg if secagg is not None and secagg.enabled else None
         for round_id in db.recover():
             log.warning("round %d was in flight when the aggregator stopped; it is abandoned", round_id)
@@ -138,6 +142,11 @@ class RoundCoordinator:
         self._shared_codec: Codec | None = None
         if codec_state is not None:  # bases checked against the layout now: a bad file fails at start
             self._shared_codec = Eigen(self.layout, codec_state.tensors())
+        self._autoencoder = (
+            AutoencoderSchedule(autoencoder, self.layout.numel, store.root.parent / "codec")
+            if autoencoder is not None
+            else None
+        )
         self.agents: dict[str, AgentInfo] = {}
         self._watchers: dict[str, int] = {}
         self._state = RoundState(round_id=0, phase=Phase.WAITING, global_version=latest)
@@ -237,13 +246,12 @@ class RoundCoordinator:
             raise FailedPrecondition(f"{peer} is not a participant of round {s.round_id}")
         if peer.uri in self._claimed:
             raise FailedPrecondition(f"{peer} already uploaded for round {s.round_id}")
-        if meta.codec != self.codec.name:
+        expected = self._round_settings
+        if meta.codec != expected.name:
+            raise InvalidArgument(f"codec {meta.codec!r} does not match the round's codec {expected.name!r}")
+        if meta.codec_params != json.dumps(expected.params(), sort_keys=True):
             raise InvalidArgument(
-                f"codec {meta.codec!r} does not match the round's codec {self.codec.name!r}"
-            )
-        if meta.codec_params != self._codec_params:
-            raise InvalidArgument(
-                f"codec parameters {meta.codec_params} do not match the round's {self._codec_params}"
+                f"codec parameters {meta.codec_params} do not match the round's {expected.params()}"
             )
         if meta.layout_digest != self.layout.digest:
             raise InvalidArgument("layout digest does not match the federation's parameter layout")
@@ -424,13 +432,15 @@ class RoundCoordinator:
         participants = frozenset(self.connected[: self.config.max_agents])
         self._claimed, self._added = set(), set()
         self._all_in = asyncio.Event()
-        self._round_codec = registry.make(self.codec, self.layout.numel, round_id, self._shared_codec)
+        self._start_codec(round_id)
         self._decoded = {}
         self._acc = SumAccumulator(self.layout.numel + 1)
         self.spool.purge()
         deadline = time.time() + self.config.upload_deadline_s
         self.db.round_started(round_id, base, deadline, sorted(participants))
-        await self._publish(RoundState(round_id, Phase.UPLOAD, base, participants, deadline))
+        await self._publish(
+            RoundState(round_id, Phase.UPLOAD, base, participants, deadline, codec=self._round_settings)
+        )
         with metrics.PHASE_SECONDS.labels(phase="upload").time():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_in.wait(), timeout=self.config.upload_deadline_s)
@@ -463,7 +473,7 @@ class RoundCoordinator:
         invited = frozenset(self.connected[: self.config.max_agents])
         k = sa.neighbours
         params = self._secagg_params(sa, auto_threshold(len(invited), k))
-        self._round_codec = registry.make(self.codec, self.layout.numel, round_id, self._shared_codec)
+        self._start_codec(round_id)
         length = registry.secure_length(self._round_codec, self.layout.numel)
         secure = ServerRound(round_id, params, length, os.urandom(16))
         self._secure, self._acc = secure, None
@@ -539,7 +549,9 @@ class RoundCoordinator:
             name: Phase, members: frozenset[str], done: Callable[[], bool], seconds: float
         ) -> None:
             self.db.phase(round_id, name.name)
-            state = RoundState(round_id, name, base, members, time.time() + seconds)
+            state = RoundState(
+                round_id, name, base, members, time.time() + seconds, codec=self._round_settings
+            )
             await self._publish(state)
             with metrics.PHASE_SECONDS.labels(phase=name.name.lower()).time():
                 await self._phase_until(done, seconds)
@@ -592,10 +604,28 @@ class RoundCoordinator:
         mean, weight = identity.decode_sum(acc.total)
         return self._aggregate(mean, weight, base, participants)
 
+    def _start_codec(self, round_id: int) -> None:
+        """Fix this round's codec settings (the autoencoder's schedule may pick a full round) and codec."""
+        settings = self.codec if self._autoencoder is None else self._autoencoder.settings(self.codec)
+        shared = self._autoencoder.codec if self._autoencoder is not None else self._shared_codec
+        self._round_settings = settings
+        self._round_codec = registry.make(settings, self.layout.numel, round_id, shared)
+
+    def codec_state(self, sha256: str) -> CodecState | None:
+        """A codec state file agents may download, by digest (eigen bases, autoencoder networks)."""
+        if self._autoencoder is not None:
+            return self._autoencoder.state(sha256)
+        if self.codec_state_file is not None and self.codec_state_file.sha256 == sha256:
+            return self.codec_state_file
+        return None
+
     def _aggregate(self, mean: np.ndarray, weight: float, base: int, participants: list[str]) -> Manifest:
-        """Step the server optimizer with the mean update and commit the next version."""
+        """Step the server optimizer with the mean update and commit the next version; the
+        autoencoder's schedule learns from full rounds (TGAP, FAF) before the version is out."""
         if not np.all(np.isfinite(mean)):
             raise InvalidArgument("aggregate is not finite")
+        if self._autoencoder is not None:
+            self._autoencoder.observe(self._round_settings, [mean])
         current = self.layout.flatten(self.store.load(base))
         version = base + 1
         new = self.layout.unflatten(self.optimizer.step(current, mean, version))

@@ -91,6 +91,7 @@ def event_of(state: RoundState, agent_uri: str) -> pb.RoundEvent:
         participant=agent_uri in state.participants,
         phase_deadline=deadline if state.deadline else None,
         reason=state.reason,
+        codec=codec_spec(state.codec) if state.codec is not None else None,
     )
 
 
@@ -141,7 +142,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
     ) -> AsyncIterator[pb.DownloadCodecStateResponse]:
         messages = send_codec_state(
             require_peer(),
-            self._rounds.codec_state,
+            self._rounds.codec_state(request.sha256.hex()),
             request.sha256,
             request.offset,
             self._config.limits.max_chunk_bytes,

@@ -117,3 +117,42 @@ def _upload_size(root: Path) -> tuple[int, int]:
         sizes = {b for (b,) in conn.execute("SELECT bytes FROM participants WHERE status = 'uploaded'")}
     (size,) = sizes
     return size, ParamLayout.from_tensors(CheckpointStore(db.parent / "checkpoints").load(0)).numel
+
+
+def test_autoencoder_under_masking_warms_up_then_encodes_and_the_loss_goes_down(tmp_path: Path) -> None:
+    """CG-FedLLM with the real daemons: 2 full rounds (TGAP on their masked means), then rounds
+    encoded 8x with the linear decoder under masking; agents fetch the network by digest."""
+    table = run_federation(tmp_path, 4, show=False, timeout_s=400, codec="autoencoder", codec_ratio=8)
+    assert {0, 4} <= set(table), (tmp_path / "aggregator.log").read_text()[-2000:]
+    before, after = np.mean(list(table[0].values())), np.mean(list(table[4].values()))
+    assert after < before - 0.05, (before, after)
+    db = tmp_path / "aggregator-state" / "cloudfed.db"
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT round_id, bytes FROM participants WHERE status = 'uploaded'").fetchall()
+    by_round: dict[int, set[int]] = {}
+    for round_id, size in rows:
+        by_round.setdefault(round_id, set()).add(size)
+    sizes = [by_round[r].pop() for r in sorted(by_round)]
+    assert len(sizes) == 4 and sizes[0] == sizes[1] and sizes[2] == sizes[3], sizes
+    assert sizes[2] < sizes[0] / 6  # the encoded rounds: 8 values become 1 code
+    progress = json.loads((tmp_path / "aggregator-state" / "codec" / "progress.json").read_text())
+    assert progress["encoded_since"] == 2 and progress["state"].startswith("autoencoder-")
+    digest = progress["state"].removeprefix("autoencoder-").removesuffix(".safetensors")
+    for agent_dir in tmp_path.glob("*-agent-1"):
+        fetched = agent_dir / "state" / "codec" / f"state-{digest}.safetensors"
+        assert CodecState.of(fetched).sha256 == digest, agent_dir.name
+
+
+def test_autoencoder_with_the_mlp_decoder_in_plain_rounds(tmp_path: Path) -> None:
+    """The nonlinear decoder (trusted aggregator, no masking): each agent's codes decoded on their own."""
+    table = run_federation(
+        tmp_path, 3, show=False, timeout_s=400, secagg=False, codec="autoencoder", codec_ratio=8
+    )
+    assert {0, 3} <= set(table), (tmp_path / "aggregator.log").read_text()[-2000:]
+    assert np.mean(list(table[3].values())) < np.mean(list(table[0].values())) - 0.05
+    db = tmp_path / "aggregator-state" / "cloudfed.db"
+    with sqlite3.connect(db) as conn:
+        encoded = {b for (b,) in conn.execute("SELECT bytes FROM participants WHERE round_id = 3")}
+    numel = ParamLayout.from_tensors(CheckpointStore(db.parent / "checkpoints").load(0)).numel
+    (size,) = encoded
+    assert size == 4 + 4 * (-(-numel // 64) * 8 + 1)  # weight, then 8 codes a block of 64 and the scale

@@ -18,10 +18,14 @@ encoder's weights to the agents with the round; both ends agree on them by diges
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from common.codecs.base import Codec
@@ -35,7 +39,7 @@ class BlockAutoencoder(nn.Module):
 
     def __init__(self, block: int, code: int, hidden: int, linear_decoder: bool) -> None:
         super().__init__()
-        self.block, self.code, self.linear_decoder = block, code, linear_decoder
+        self.block, self.code, self.hidden, self.linear_decoder = block, code, hidden, linear_decoder
         self.encoder = nn.Sequential(nn.Linear(block, hidden), nn.GELU(), nn.Linear(hidden, code))
         self.decoder: nn.Module = (
             nn.Linear(code, block, bias=False)
@@ -46,6 +50,36 @@ class BlockAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.decoder(self.encoder(x))
         return out
+
+
+def save_autoencoder(model: BlockAutoencoder, path: Path) -> None:
+    """Weights and shape in one safetensors file (the codec state agents download), atomically."""
+    meta = {
+        "block": model.block,
+        "code": model.code,
+        "hidden": model.hidden,
+        "linear": int(model.linear_decoder),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def load_autoencoder(path: Path) -> BlockAutoencoder:
+    """The network saved by ``save_autoencoder``; ConfigError if the file is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        model = BlockAutoencoder(
+            int(meta["block"]), int(meta["code"]), int(meta["hidden"]), meta["linear"] == "1"
+        )
+        model.load_state_dict(tensors)
+    except (KeyError, ValueError, RuntimeError, OSError) as exc:
+        raise ConfigError(f"{path} is not a saved autoencoder: {exc}") from exc
+    model.eval()
+    return model
 
 
 def _blocks(vector: np.ndarray, block: int) -> np.ndarray:
@@ -125,6 +159,10 @@ class Autoencoder(Codec):
         decoded = self.model.decoder(codes.reshape(self.blocks, self.model.code)).numpy().reshape(-1)
         out: np.ndarray = (decoded[: self.numel] * np.float32(scale)).astype(np.float32)
         return out
+
+    def coordinates(self, numel: int) -> int:
+        """Codes of every block (and the scale, nonlinear variant)."""
+        return self.length
 
     def payload_bytes(self, numel: int) -> int:
         """float32 codes (and the scale)."""

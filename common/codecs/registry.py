@@ -21,9 +21,10 @@ from common.codecs.quantize import Quantize
 from common.codecs.topk import TopK
 from common.errors import FailedPrecondition, InvalidArgument
 
-KNOWN = ("identity", "quantize", "projection", "topk", "eigen")
-SECURE = ("identity", "projection", "eigen")
-"""Codecs usable under secure aggregation (linear, and not a second quantiser on top of the ring's)."""
+KNOWN = ("identity", "quantize", "projection", "topk", "eigen", "autoencoder")
+SECURE = ("identity", "projection", "eigen", "autoencoder")
+"""Codecs usable under secure aggregation (linear, and not a second quantiser on top of the ring's);
+the autoencoder only with its linear decoder (``Codec.linear``)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class CodecSettings:
             return {"bits": float(self.bits), "clip": self.clip}
         if self.name == "eigen":
             return {"state_sha256": self.state_sha256}
+        if self.name == "autoencoder":
+            return {"ratio": self.ratio, "state_sha256": self.state_sha256}
         return {"ratio": self.ratio}
 
 
@@ -73,9 +76,9 @@ def make(settings: CodecSettings, numel: int, round_id: int, shared: Codec | Non
     ``shared``: the codec built from the state file, for codecs that have one (``eigen``)."""
     if settings.name == "identity":
         return None
-    if settings.name == "eigen":
-        if shared is None or shared.name != "eigen":
-            raise FailedPrecondition("codec 'eigen' needs its bases (the codec state) loaded first")
+    if settings.name in ("eigen", "autoencoder"):
+        if shared is None or shared.name != settings.name:
+            raise FailedPrecondition(f"codec {settings.name!r} needs its state (bases, network) loaded first")
         return shared
     if settings.name == "quantize":
         return Quantize(settings.clip, settings.bits)
@@ -123,6 +126,6 @@ def secure_length(codec: Codec | None, numel: int) -> int:
     """Coordinates a masked update carries: the (projected) update plus the weight."""
     if codec is None:
         return numel + 1
-    if codec.name not in SECURE:
+    if codec.name not in SECURE or not codec.linear:
         raise InvalidArgument(f"codec {codec.name!r} cannot run under secure aggregation")
     return codec.coordinates(numel) + 1

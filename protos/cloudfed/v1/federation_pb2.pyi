@@ -551,6 +551,7 @@ class RoundEvent(_message.Message):
     PARTICIPANT_FIELD_NUMBER: _builtins.int
     PHASE_DEADLINE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CODEC_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     """Round number, increasing."""
     phase: Global___RoundPhase.ValueType
@@ -565,6 +566,12 @@ class RoundEvent(_message.Message):
     def phase_deadline(self) -> _timestamp_pb2.Timestamp:
         """When the current phase ends."""
 
+    @_builtins.property
+    def codec(self) -> Global___CodecSpec:
+        """The codec this round's uploads must use (it can differ from Join's, e.g. the
+        autoencoder's full warm-up and refresh rounds); unset means Join's codec.
+        """
+
     def __init__(
         self,
         *,
@@ -574,10 +581,11 @@ class RoundEvent(_message.Message):
         participant: _builtins.bool = ...,
         phase_deadline: _timestamp_pb2.Timestamp | None = ...,
         reason: _builtins.str = ...,
+        codec: Global___CodecSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["phase_deadline", b"phase_deadline"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "phase_deadline", b"phase_deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["global_version", b"global_version", "participant", b"participant", "phase", b"phase", "phase_deadline", b"phase_deadline", "reason", b"reason", "round_id", b"round_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "global_version", b"global_version", "participant", b"participant", "phase", b"phase", "phase_deadline", b"phase_deadline", "reason", b"reason", "round_id", b"round_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
