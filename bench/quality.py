@@ -58,6 +58,8 @@ class Scheme:
     secagg_bits: int = 20
     """Fixed-point bits under secure aggregation; the ring adds ceil(log2 agents) + 1 on the wire."""
     secagg_clip: float = 2.0
+    refresh: int = 3
+    """autoencoder: every n-th round after TGAP is a full FAF round."""
 
 
 SCHEMES = (
@@ -81,6 +83,15 @@ SCHEMES = (
         secagg=True,
         secagg_bits=8,
         secagg_clip=0.5,
+    ),
+    Scheme(
+        "autoencoder 16x linear + secagg 8 bit, refresh every 8",
+        "autoencoder",
+        16,
+        secagg=True,
+        secagg_bits=8,
+        secagg_clip=0.5,
+        refresh=8,
     ),
 )
 
@@ -168,7 +179,9 @@ class Learned:
     def __init__(self, scheme: Scheme, seed: int, numel: int, root: Path, agents: int) -> None:
         torch.manual_seed(seed)
         window = 8 * (1 if scheme.secagg else agents)
-        plan = AutoencoderPlan(scheme.ratio, linear=scheme.secagg, window=window, seed=seed)
+        plan = AutoencoderPlan(
+            scheme.ratio, linear=scheme.secagg, refresh=scheme.refresh, window=window, seed=seed
+        )
         self.schedule = AutoencoderSchedule(plan, numel, root)
         self.base = registry.CodecSettings("autoencoder", ratio=scheme.ratio)
         self.settings = self.base
@@ -320,10 +333,14 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--replot", action="store_true", help="redraw quality.png from quality.json")
-    p.add_argument("--only", help="run only schemes whose label contains this (figures not saved)")
+    p.add_argument(
+        "--only",
+        help="comma-separated label parts: run only matching schemes (and the baseline when saving)",
+    )
+    p.add_argument("--name", default="quality", help="results file stem (quality: the README table)")
     args = p.parse_args()
     if args.replot:
-        plot(json.loads((RESULTS / "quality.json").read_text())["runs"], RESULTS / "quality.png")
+        plot(json.loads((RESULTS / f"{args.name}.json").read_text())["runs"], RESULTS / f"{args.name}.png")
         return
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     began = time.monotonic()
@@ -331,7 +348,8 @@ def main() -> None:
         world = World(Path(tmp))
         results: dict[str, list[dict[str, list[float]]]] = {}
         for scheme in SCHEMES:
-            if args.only and args.only not in scheme.label:
+            wanted = scheme is SCHEMES[0] and args.name != "quality"
+            if args.only and not wanted and not any(part in scheme.label for part in args.only.split(",")):
                 continue
             results[scheme.label] = [
                 run(world, scheme, seed, args.rounds, args.steps) for seed in range(args.seeds)
@@ -341,11 +359,11 @@ def main() -> None:
                 f"{scheme.label:28s} final eval loss {final:.4f}  ({time.monotonic() - began:.0f}s)",
                 flush=True,
             )
-    if args.only:
-        return
+    if args.only and args.name == "quality":
+        return  # a partial run does not replace the README's table
     summary = summarise(results)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.json").write_text(
+    (RESULTS / f"{args.name}.json").write_text(
         json.dumps(
             {
                 "rounds": args.rounds,
@@ -359,10 +377,10 @@ def main() -> None:
         + "\n"
     )
     table = markdown(summary, args.rounds, args.seeds)
-    (RESULTS / "quality.md").write_text(table)
-    plot(results, RESULTS / "quality.png")
+    (RESULTS / f"{args.name}.md").write_text(table)
+    plot(results, RESULTS / f"{args.name}.png")
     print(table)
-    print(f"saved {RESULTS}/quality.{{json,md,png}} in {time.monotonic() - began:.0f}s")
+    print(f"saved {RESULTS}/{args.name}.{{json,md,png}} in {time.monotonic() - began:.0f}s")
 
 
 if __name__ == "__main__":
