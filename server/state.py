@@ -8,9 +8,11 @@ at most the round in flight and never half-applies one.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +65,7 @@ class StateDB:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a recorded version or outcome survives power loss
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -72,14 +75,28 @@ class StateDB:
         """Close the connection."""
         self._db.close()
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Statements that commit together. The connection autocommits each statement otherwise
+        (isolation_level=None), so ``with self._db`` alone would not make them atomic: a reader
+        (or a crash) could see a round ended without its dropped participants."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
     def _tx(self, sql: str, *args: object) -> None:
-        with self._db:
+        with self._transaction():
             self._db.execute(sql, args)
 
     def recover(self) -> list[int]:
         """Mark rounds left open by a crash as interrupted; return their ids."""
         open_ids = [r[0] for r in self._db.execute(_SELECT_OPEN, OPEN_PHASES)]
-        with self._db:
+        with self._transaction():
             for round_id in open_ids:
                 self._db.execute(
                     "UPDATE rounds SET phase='ABANDONED', ended_at=?, reason=? WHERE round_id=?",
@@ -112,7 +129,7 @@ class StateDB:
     ) -> None:
         """Record a new round and its participants."""
         now = time.time()
-        with self._db:
+        with self._transaction():
             self._db.execute(
                 "INSERT INTO rounds (round_id, base_version, phase, started_at, deadline) "
                 "VALUES (?, ?, 'UPLOAD', ?, ?)",
@@ -149,7 +166,7 @@ class StateDB:
     ) -> None:
         """Record a round's outcome (COMPLETED or ABANDONED) and its dropped participants."""
         now = time.time()
-        with self._db:
+        with self._transaction():
             self._db.execute(
                 "UPDATE rounds SET phase=?, ended_at=?, reason=?, new_version=? WHERE round_id=?",
                 (phase, now, reason or None, new_version, round_id),

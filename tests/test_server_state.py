@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,26 @@ def test_rounds_in_flight_at_a_crash_are_marked_interrupted(tmp_path: Path) -> N
     assert reopened.participant_status(1) == {"a": "uploaded", "b": "dropped"}
     assert reopened.last_round_id() == 2
     assert reopened.recover() == []
+
+
+def test_a_round_outcome_and_its_dropped_participants_commit_together(tmp_path: Path) -> None:
+    db = StateDB(tmp_path / "state.db")
+    db.round_started(1, 0, 0.0, ["a", "b"])
+    reader = sqlite3.connect(tmp_path / "state.db")  # another process looking, as `cloudfed status` does
+    with db._transaction():
+        db._db.execute("UPDATE rounds SET ended_at = 1.0 WHERE round_id = 1")
+        assert reader.execute("SELECT ended_at FROM rounds").fetchone() == (None,)  # not visible yet
+    assert reader.execute("SELECT ended_at FROM rounds").fetchone() == (1.0,)
+
+    def half_way_failure() -> None:
+        with db._transaction():
+            db._db.execute("UPDATE rounds SET phase = 'COMPLETED' WHERE round_id = 1")
+            db._db.execute(
+                "INSERT INTO participants (round_id, agent, status, updated_at) VALUES (1, 'a', 'x', 0)"
+            )
+
+    with pytest.raises(sqlite3.IntegrityError):  # a failure half-way rolls the whole transaction back
+        half_way_failure()
+    assert reader.execute("SELECT phase FROM rounds").fetchone() == ("UPLOAD",)
+    db.round_ended(1, "COMPLETED", new_version=1, dropped=["b"])
+    assert db.participant_status(1) == {"a": "selected", "b": "dropped"}
