@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 from collections.abc import Sequence
@@ -110,6 +111,12 @@ class AutoencoderSchedule:
         torch.manual_seed(self.plan.seed + len(snapshots))
         steps = self.plan.faf_steps if self.codec is not None else self.plan.tgap_steps
         error = train_autoencoder(model, [np.load(s) for s in snapshots], steps, self.plan.seed)
+        if not math.isfinite(error):  # never hand agents a broken network: keep the previous one
+            log.error("autoencoder training diverged (error %s); %s", error, self._fallback())
+            with self._lock:
+                self.encoded_since = 0
+                self._save_progress()
+            return
         tmp = self.root / "autoencoder.safetensors"
         save_autoencoder(model, tmp)
         state = CodecState.of(tmp)
@@ -125,6 +132,9 @@ class AutoencoderSchedule:
             error,
             state.sha256[:16],
         )
+
+    def _fallback(self) -> str:
+        return "rounds stay full" if self.codec is None else "encoding goes on with the previous network"
 
     def _code(self) -> int:
         return max(1, round(self.plan.block / self.plan.ratio))

@@ -620,22 +620,26 @@ class RoundCoordinator:
         return None
 
     def _aggregate(self, mean: np.ndarray, weight: float, base: int, participants: list[str]) -> Manifest:
-        """Step the server optimizer with the mean update and commit the next version; the
-        autoencoder's schedule learns from full rounds (TGAP, FAF) before the version is out."""
+        """Step the server optimizer with the mean update and commit the next version; then the
+        autoencoder's schedule learns from it (TGAP, FAF), before the round is announced complete."""
         if not np.all(np.isfinite(mean)):
             raise InvalidArgument("aggregate is not finite")
-        if self._autoencoder is not None:
-            self._autoencoder.observe(self._round_settings, [mean])
         current = self.layout.flatten(self.store.load(base))
         version = base + 1
         new = self.layout.unflatten(self.optimizer.step(current, mean, version))
-        return self.store.save(
+        manifest = self.store.save(
             version,
             new,
             parent=base,
             participants=participants,
             metrics={"total_weight": weight, "update_norm": float(np.linalg.norm(mean))},
         )
+        if self._autoencoder is not None:  # learning is best effort: the committed round stands
+            try:
+                self._autoencoder.observe(self._round_settings, [mean])
+            except Exception:
+                log.exception("autoencoder schedule could not learn from this round; it goes on as before")
+        return manifest
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -82,3 +82,22 @@ def test_bad_autoencoder_settings_are_refused(pki: Pki, tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="nonlinear"):
         dataclasses.replace(masked, rounds=dataclasses.replace(base.rounds, min_agents=3)).validate()
+
+
+def test_a_diverged_training_never_reaches_the_agents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    schedule = AutoencoderSchedule(dataclasses.replace(PLAN, warmup=1, refresh=2), NUMEL, tmp_path)
+    schedule.observe(schedule.settings(BASE), [mean_update(0)])  # TGAP: a working network
+    good = schedule.settings(BASE)
+    assert good.name == "autoencoder"
+    schedule.observe(good, [mean_update(1)])
+    refresh = schedule.settings(BASE)
+    assert refresh.name == "identity"
+    monkeypatch.setattr("server.autoencoder.train_autoencoder", lambda *a, **k: float("nan"))
+    schedule.observe(refresh, [mean_update(2)])  # FAF diverges
+    after = schedule.settings(BASE)
+    assert after.name == "autoencoder" and after.state_sha256 == good.state_sha256  # the previous network
+    fresh = AutoencoderSchedule(dataclasses.replace(PLAN, warmup=1), NUMEL, tmp_path / "fresh")
+    fresh.observe(fresh.settings(BASE), [mean_update(0)])  # TGAP diverges too: rounds stay full
+    assert fresh.settings(BASE).name == "identity" and fresh.codec is None
