@@ -53,10 +53,17 @@ def free_port() -> int:
 
 
 def prepare(
-    root: Path, rounds: int, secagg: bool = True, codec: str = "identity", codec_ratio: float = 16.0
+    root: Path,
+    rounds: int,
+    secagg: bool = True,
+    codec: str = "identity",
+    codec_ratio: float = 16.0,
+    secagg_bits: int = 24,
+    adaptive_clip: float = 0.0,
 ) -> tuple[Path, list[Path], int]:
     """Write certificates, model, data and configs; return (aggregator config, agent configs, health port).
-    With ``secagg`` the aggregator only ever sees the masked sum (24-bit fixed point, clip 0.5)."""
+    With ``secagg`` the aggregator only ever sees the masked sum (``secagg_bits``-bit fixed point,
+    clip 0.5, or bounds from the last aggregate with ``adaptive_clip``)."""
     pki = PkiDir(root / "pki")
     ca = pki.init("cloudfed demo CA", force=True)
     pki.save("aggregator", issue_server(ca, ["localhost"], ["127.0.0.1"]))
@@ -80,8 +87,9 @@ max_agents = 16
 upload_deadline_s = 300
 [secagg]
 enabled = {"true" if secagg else "false"}
-clip = {2.0 if codec == "projection" else 0.5}
-bits = 24
+clip = {2.0 if codec in ("projection", "countsketch") else 0.5}
+bits = {secagg_bits}
+adaptive_clip = {adaptive_clip}
 key_deadline_s = 30
 [federation]
 federation_id = "demo"
@@ -161,9 +169,13 @@ def run_federation(
     secagg: bool = True,
     codec: str = "identity",
     codec_ratio: float = 16.0,
+    secagg_bits: int = 24,
+    adaptive_clip: float = 0.0,
 ) -> dict[int, dict[str, float]]:
     """Start the aggregator and agents, wait for ``rounds`` new versions, stop them; return the eval table."""
-    agg_config, agent_configs, health = prepare(root, rounds, secagg, codec, codec_ratio)
+    agg_config, agent_configs, health = prepare(
+        root, rounds, secagg, codec, codec_ratio, secagg_bits, adaptive_clip
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     logs = [open(root / "aggregator.log", "wb")]  # noqa: SIM115 - closed below
     procs = [

@@ -16,6 +16,7 @@ from agent import metrics
 from agent.client import AggregatorClient
 from common.errors import ConfigError, FailedPrecondition
 from common.secagg.agent import AgentRound
+from common.secagg.clips import SegmentClips
 from common.secagg.params import SecAggParams
 from common.secagg.ring import RING_BITS
 from common.secagg_pb import (
@@ -68,10 +69,12 @@ class SecureParticipation:
             round_id, agent_id, params, signer.ca, signer.certificate_pem, signer.key, b""
         )
         self.weight_scale = 1.0
+        self.clips: SegmentClips | None = None
 
     def _params(self, threshold: int) -> SecAggParams:
         s = self.settings
-        return SecAggParams(threshold, s.neighbours, s.clip, s.bits, s.ring_bits or RING_BITS)
+        clip = 1.0 if s.adaptive_clip > 0 else s.clip  # adaptive: values go over their bounds
+        return SecAggParams(threshold, s.neighbours, clip, s.bits, s.ring_bits or RING_BITS)
 
     async def keys(self) -> None:
         """Advertise, verify the roster and share; then receive the neighbours' shares (UPLOAD phase)."""
@@ -80,6 +83,10 @@ class SecureParticipation:
         self.protocol.params = self._params(state.threshold)
         self.protocol.graph_seed = state.graph_seed
         self.weight_scale = state.weight_scale or 1.0
+        if self.settings.adaptive_clip > 0:
+            if not state.clip_segment:
+                raise FailedPrecondition(f"round {self.round_id}: adaptive clipping, but no clip bounds sent")
+            self.clips = SegmentClips(state.clip_segment, np.asarray(state.segment_clips, dtype=np.float32))
         roster = [advertisement_from_pb(a) for a in state.roster]
         sealed = await asyncio.to_thread(self.protocol.share_keys, roster)  # RosterError: we refuse the round
         await self.client.share_keys(self.round_id, sealed_to_pb(sealed))
@@ -100,9 +107,11 @@ class SecureParticipation:
     def mask(self, vector: np.ndarray, weight: float) -> bytes:
         """``[w * delta, w * clip]`` in fixed point, masked: the bytes that leave the cloud."""
         fp = self.protocol.params.fixed_point
+        if self.clips is not None:
+            vector = self.clips.scale_down(vector)  # InvalidArgument if the bounds do not fit
         clipped = float(np.mean(np.abs(vector) > fp.clip / weight))
         if clipped > 0.01:
-            log.warning("round %d: %.1f%% of coordinates exceed secagg.clip", self.round_id, 100 * clipped)
+            log.warning("round %d: %.1f%% of coordinates exceed their clip", self.round_id, 100 * clipped)
         with metrics.step("mask"):
             codes = fp.encode_weighted(vector, weight, np.random.default_rng())
             self.protocol.mask_codes(codes)

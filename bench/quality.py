@@ -31,14 +31,17 @@ from agent.data import pack, split
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, initial_adapter
 from common.codecs import registry
 from common.codecs.base import Codec
+from common.codecs.countsketch import CountSketch
 from common.codecs.eigen import Eigen, activation_covariances, eigen_bases
 from common.codecs.feedback import ErrorFeedback
 from common.layout import ParamLayout
+from common.secagg.clips import SegmentClips
 from common.secagg.local import Federation, run_round
 from common.secagg.params import SecAggParams
 from common.secagg.ring import ring_bits
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
+from server.fetchsgd import FetchSGD
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LORA = LoraSpec(8, 16.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
@@ -60,6 +63,12 @@ class Scheme:
     secagg_clip: float = 2.0
     refresh: int = 3
     """autoencoder: every n-th round after TGAP is a full FAF round."""
+    adaptive: float = 0.0
+    """secagg: clip each segment at this multiple of its RMS in the last aggregate (0: fixed clip)."""
+    segment: int = 1024
+    """secagg: coordinates per adaptive clip bound."""
+    topk: float = 0.1
+    """countsketch: FetchSGD's k as a fraction of the sketch's width."""
 
 
 SCHEMES = (
@@ -67,12 +76,34 @@ SCHEMES = (
     Scheme("identity + secagg 20 bit", secagg=True),
     Scheme("identity + secagg 8 bit", secagg=True, secagg_bits=8, secagg_clip=0.5),
     Scheme("identity + secagg 4 bit", secagg=True, secagg_bits=4, secagg_clip=0.5),
+    Scheme("identity + secagg 4 bit adaptive", secagg=True, secagg_bits=4, secagg_clip=0.5, adaptive=3.0),
+    Scheme("identity + secagg 3 bit adaptive", secagg=True, secagg_bits=3, secagg_clip=0.5, adaptive=3.0),
     Scheme("quantize 8 bit", "quantize", bits=8),
     Scheme("quantize 2 bit", "quantize", bits=2),
     Scheme("topk 16x + EF", "topk", ratio=16),
     Scheme("topk 32x + EF", "topk", ratio=32),
     Scheme("projection 4x + EF + secagg 8 bit", "projection", 4, secagg=True, secagg_bits=8, secagg_clip=0.5),
     Scheme("projection 16x + EF + secagg 20 bit", "projection", ratio=16, secagg=True),
+    Scheme(
+        "projection 4x + EF + secagg 4 bit adaptive",
+        "projection",
+        4,
+        secagg=True,
+        secagg_bits=4,
+        secagg_clip=0.5,
+        adaptive=3.0,
+    ),
+    Scheme("countsketch 4x + FetchSGD", "countsketch", 4),
+    Scheme(
+        "countsketch 2x + FetchSGD k=0.25 + secagg 8 bit adaptive",
+        "countsketch",
+        2,
+        secagg=True,
+        secagg_bits=8,
+        secagg_clip=0.5,
+        adaptive=3.0,
+        topk=0.25,
+    ),
     Scheme("eigen 4x + secagg 8 bit", "eigen", ratio=4, secagg=True, secagg_bits=8, secagg_clip=0.5),
     Scheme("eigen 16x + secagg 20 bit", "eigen", ratio=16, secagg=True),
     Scheme("autoencoder 16x (nonlinear decoder)", "autoencoder", ratio=16),
@@ -91,6 +122,25 @@ SCHEMES = (
         secagg=True,
         secagg_bits=8,
         secagg_clip=0.5,
+        refresh=8,
+    ),
+    Scheme(
+        "autoencoder 16x linear + secagg 4 bit adaptive",
+        "autoencoder",
+        16,
+        secagg=True,
+        secagg_bits=4,
+        secagg_clip=0.5,
+        adaptive=3.0,
+    ),
+    Scheme(
+        "autoencoder 16x linear + secagg 4 bit adaptive, refresh every 8",
+        "autoencoder",
+        16,
+        secagg=True,
+        secagg_bits=4,
+        secagg_clip=0.5,
+        adaptive=3.0,
         refresh=8,
     ),
 )
@@ -140,7 +190,14 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
         if scheme.codec == "autoencoder"
         else None
     )
+    fetchsgd = None
+    if scheme.codec == "countsketch":  # the aggregator's FetchSGD loop over the summed sketches
+        sketch = CountSketch(numel, scheme.ratio, seed)
+        fetchsgd = FetchSGD(
+            sketch, round(scheme.topk * sketch.cols), 0.9, world.root / f"fetchsgd-{scheme.label}-{seed}"
+        )
     losses, sent, cosines = [world.eval_loss(adapter)], [0.0], []
+    previous: np.ndarray | None = None  # the last round's aggregate (adaptive clip bounds)
     examples = {name: float(len(blocks)) for name, blocks in world.train.items()}
     for round_id in range(1, rounds + 1):
         deltas = {}
@@ -157,11 +214,17 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
         true_mean = sum(examples[n] * deltas[n].astype(np.float64) for n in deltas) / sum(examples.values())
         coords = {name: _coords(codec, delta, residuals, name) for name, delta in deltas.items()}
         if scheme.secagg:
-            mean, nbytes = _secure_round(world, codec, coords, examples, round_id, scheme)
+            mean, nbytes = _secure_round(world, codec, coords, examples, round_id, scheme, previous)
         else:
-            mean, nbytes = _plain_round(codec, deltas, coords, examples)
+            mean, nbytes = _plain_round(codec, deltas, coords, examples, summed=fetchsgd is not None)
+        kept = mean  # the next round's clip bounds: FetchSGD's mean sketch, else the mean update
+        if fetchsgd is not None:
+            mean = fetchsgd.step(mean, round_id).astype(np.float64)
+        elif codec is not None and scheme.secagg:  # linear: the sum decodes once
+            mean = kept = codec.decode(mean.astype(np.float32)).astype(np.float64)
         if learned is not None:  # a full round feeds TGAP / FAF; an encoded one is counted
             learned.learn([mean.astype(np.float32)] if scheme.secagg else list(coords.values()))
+        previous = kept.astype(np.float32)
         cosines.append(float(mean @ true_mean / (np.linalg.norm(mean) * np.linalg.norm(true_mean) + 1e-30)))
         flat = layout.flatten(adapter) + mean.astype(np.float32)
         adapter = layout.unflatten(flat)
@@ -214,14 +277,19 @@ def _plain_round(
     deltas: dict[str, np.ndarray],
     coords: dict[str, np.ndarray],
     examples: dict[str, float],
+    summed: bool = False,
 ) -> tuple[np.ndarray, int]:
-    total = np.zeros(next(iter(deltas.values())).size, dtype=np.float64)
+    """The weighted mean of the decoded payloads (``summed``: of the payloads, not decoded)."""
+    total: np.ndarray | float = 0.0
     weight_sum, nbytes = 0.0, 0
     for name, delta in deltas.items():
         payload = registry.encode_plain(codec, delta, examples[name], encoded=coords[name])
         nbytes += len(payload)
-        weighted, weight = registry.decode_plain(codec, payload, delta.size)
-        total += weighted
+        if summed and codec is not None:
+            weighted, weight = registry.weighted_payload(codec, payload, delta.size)
+        else:
+            weighted, weight = registry.decode_plain(codec, payload, delta.size)
+        total = total + weighted.astype(np.float64)
         weight_sum += weight
     return total / weight_sum, nbytes
 
@@ -233,8 +301,19 @@ def _secure_round(
     examples: dict[str, float],
     round_id: int,
     scheme: Scheme,
+    previous: np.ndarray | None,
 ) -> tuple[np.ndarray, int]:
-    bits, clip = scheme.secagg_bits, scheme.secagg_clip
+    """As the daemons do it (``server.rounds``): adaptive bounds from the last aggregate encoded with
+    this round's codec, the configured clip in the first round."""
+    bits, count = scheme.secagg_bits, next(iter(coords.values())).size
+    clips = None
+    if scheme.adaptive:
+        clips = SegmentClips.uniform(count, scheme.segment, scheme.secagg_clip)
+        if previous is not None:
+            same_space = codec is None or codec.name == "countsketch"  # FetchSGD keeps the sketch
+            prev = previous if same_space else codec.encode(previous)
+            clips = SegmentClips.from_aggregate(prev, scheme.segment, scheme.adaptive)
+    clip = 1.0 if clips is not None else scheme.secagg_clip
     params = SecAggParams(len(coords) // 2 + 1, 0, clip, bits, ring_bits(bits, len(coords))).check(
         len(coords)
     )
@@ -243,10 +322,13 @@ def _secure_round(
     rng = np.random.default_rng(round_id)
     codes = {}
     for name, c in coords.items():
-        codes[world.ids[name]] = fp.encode_weighted(c, examples[name] / scale, rng)
+        values = c if clips is None else clips.scale_down(c)
+        codes[world.ids[name]] = fp.encode_weighted(values, examples[name] / scale, rng)
     result = run_round(world.federation, codes, params, round_id=round_id, seed=b"bench")
     mean32, _ = fp.decode_weighted_mean(result.total, len(codes))
-    mean = (mean32 if codec is None else codec.decode(mean32)).astype(np.float64)
+    if clips is not None:
+        mean32 = clips.scale_up(mean32)
+    mean = mean32.astype(np.float64)  # in the codec's coordinates: decoded (once) by the caller
     nbytes = sum(result.upload_bytes.values()) + sum(result.key_bytes.values())
     return mean, nbytes
 

@@ -20,6 +20,7 @@ from protos.cloudfed.v1 import federation_pb2, federation_pb2_grpc
 from server.auth import AccessPolicy, auth_interceptor
 from server.autoencoder import AutoencoderPlan
 from server.checkpoints import CheckpointStore
+from server.fetchsgd import FetchSGDPlan
 from server.optimizer import make_optimizer
 from server.rounds import RoundCoordinator
 from server.servicer import FederationServicer
@@ -91,6 +92,7 @@ def build_aggregator(config: AggregatorConfig) -> Aggregator:
         config.secagg,
         CodecState.of(f.codec_state) if f.codec == "eigen" and f.codec_state is not None else None,
         autoencoder_plan(f),
+        FetchSGDPlan(f.fetchsgd_topk, f.fetchsgd_momentum),
     )
     credentials = ReloadingServerCredentials(config.tls.files())
     server = grpc.aio.server(

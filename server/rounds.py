@@ -25,6 +25,7 @@ import numpy as np
 
 from common.codecs import identity, registry
 from common.codecs.base import Codec
+from common.codecs.countsketch import CountSketch
 from common.codecs.eigen import Eigen
 from common.codecs.registry import CodecSettings
 from common.codecs.state import CodecState
@@ -33,14 +34,17 @@ from common.errors import Aborted, ConfigError, FailedPrecondition, InvalidArgum
 from common.identity import SpiffeId
 from common.layout import ParamLayout
 from common.metrics import peer_labels
+from common.secagg.clips import SegmentClips
 from common.secagg.keys import Advertisement
 from common.secagg.params import SecAggParams
 from common.secagg.ring import FixedPoint
 from common.secagg.server import ServerRound
 from server import metrics
 from server.accumulator import BLOCK_ELEMS, SumAccumulator
+from server.aggregates import AggregateStore
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
 from server.checkpoints import CheckpointStore, Manifest
+from server.fetchsgd import FetchSGD, FetchSGDPlan
 from server.optimizer import FedAvg, ServerOptimizer
 from server.spool import UploadMeta, UploadSpool
 from server.state import StateDB
@@ -89,6 +93,8 @@ class SecAggView:
     shares: dict[str, bytes] = field(default_factory=dict)
     survivors: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    clips: SegmentClips | None = None
+    """Adaptive clipping: the round's bound per segment of encoded coordinates."""
 
 
 @dataclass
@@ -114,6 +120,7 @@ class RoundCoordinator:
         secagg: SecAggConfig | None = None,
         codec_state: CodecState | None = None,
         autoencoder: AutoencoderPlan | None = None,
+        fetchsgd: FetchSGDPlan | None = None,
     ) -> None:
         latest = store.latest()
         if latest is None:
@@ -147,6 +154,20 @@ class RoundCoordinator:
             if autoencoder is not None
             else None
         )
+        self._fetchsgd = None
+        if self.codec.name == "countsketch":
+            plan, sketch = (
+                fetchsgd or FetchSGDPlan(),
+                CountSketch(self.layout.numel, self.codec.ratio, self.codec.seed),
+            )
+            k = max(1, round(plan.topk * sketch.cols))
+            self._fetchsgd = FetchSGD(sketch, k, plan.momentum, store.root.parent / "fetchsgd")
+        self._aggregates = (
+            AggregateStore(store.root.parent / "aggregates")
+            if self.secagg is not None and self.secagg.adaptive_clip > 0
+            else None
+        )
+        self._clips: SegmentClips | None = None
         self.agents: dict[str, AgentInfo] = {}
         self._watchers: dict[str, int] = {}
         self._state = RoundState(round_id=0, phase=Phase.WAITING, global_version=latest)
@@ -279,8 +300,9 @@ class RoundCoordinator:
             raise FailedPrecondition(f"round {meta.round_id} is not collecting updates")
         if self._secure is None and self._round_codec is not None:  # refused now, with a status, if bad
             data = await asyncio.to_thread(path.read_bytes)
+            decode = registry.weighted_payload if self._fetchsgd is not None else registry.decode_plain
             self._decoded[peer.uri] = await asyncio.to_thread(
-                registry.decode_plain, self._round_codec, data, self.layout.numel
+                decode, self._round_codec, data, self.layout.numel
             )
         self._claimed.add(peer.uri)
         task = asyncio.create_task(self._accumulate(acc, peer, meta, path))
@@ -389,6 +411,7 @@ class RoundCoordinator:
             shares=secure.shares_for(peer.uri) if phase >= Phase.UPLOAD else {},
             survivors=survivors,
             dropped=dropped,
+            clips=self._clips if phase == Phase.SHARE_KEYS else None,  # asked for once a round
         )
 
     async def _moved_on(self) -> None:
@@ -434,7 +457,10 @@ class RoundCoordinator:
         self._all_in = asyncio.Event()
         self._start_codec(round_id)
         self._decoded = {}
-        self._acc = SumAccumulator(self.layout.numel + 1)
+        summed = self.layout.numel  # FetchSGD: sketches are summed and the sum decoded once
+        if self._fetchsgd is not None and self._round_codec is not None:
+            summed = self._round_codec.coordinates(self.layout.numel)
+        self._acc = SumAccumulator(summed + 1)
         self.spool.purge()
         deadline = time.time() + self.config.upload_deadline_s
         self.db.round_started(round_id, base, deadline, sorted(participants))
@@ -463,9 +489,29 @@ class RoundCoordinator:
 
     def _secagg_params(self, sa: SecAggConfig, auto: int) -> SecAggParams:
         """The round's secure-aggregation parameters (``auto``: the threshold when not configured)."""
+        clip = 1.0 if sa.adaptive_clip > 0 else sa.clip  # adaptive: values come over their bounds
         return SecAggParams(
-            sa.threshold or auto, sa.neighbours, sa.clip, sa.bits, sa.ring_bits(self.config.max_agents)
+            sa.threshold or auto, sa.neighbours, clip, sa.bits, sa.ring_bits(self.config.max_agents)
         )
+
+    def _round_clips(self, sa: SecAggConfig, base: int, count: int) -> SegmentClips | None:
+        """Adaptive clipping: bounds from the aggregate that produced ``base``, encoded with this
+        round's codec (the fixed clip in the first round, or when that aggregate is gone); for
+        FetchSGD from the last mean sketch (its applied step is sparse, unlike the agents' sketches)."""
+        if self._aggregates is None:
+            return None
+        if self._fetchsgd is not None:  # the same sketch every round: its mean sketch is kept
+            previous = self._aggregates.load(base, count)
+            coords = previous
+        else:
+            previous = self._aggregates.load(base, self.layout.numel)
+            if previous is not None and self._round_codec is not None:
+                coords = self._round_codec.encode(previous)
+            else:
+                coords = previous
+        if coords is not None and np.any(coords):
+            return SegmentClips.from_aggregate(coords, sa.clip_segment, sa.adaptive_clip)
+        return SegmentClips.uniform(count, sa.clip_segment, sa.clip)
 
     async def _run_secure_round(self, round_id: int, sa: SecAggConfig) -> bool:
         """advertise -> share -> masked upload -> unmask -> aggregate; abandoned below t at any phase."""
@@ -475,6 +521,7 @@ class RoundCoordinator:
         params = self._secagg_params(sa, auto_threshold(len(invited), k))
         self._start_codec(round_id)
         length = registry.secure_length(self._round_codec, self.layout.numel)
+        clips = self._clips = await asyncio.to_thread(self._round_clips, sa, base, length - 1)
         secure = ServerRound(round_id, params, length, os.urandom(16))
         self._secure, self._acc = secure, None
         self._claimed, self._added = set(), set()
@@ -496,7 +543,7 @@ class RoundCoordinator:
             return await self._finish(
                 round_id,
                 base,
-                lambda: self._aggregate_masked(total, params.fixed_point, base, uploaded),
+                lambda: self._aggregate_masked(total, params.fixed_point, base, uploaded, clips),
                 uploaded,
                 dropped,
                 participants=frozenset(uploaded),
@@ -592,16 +639,31 @@ class RoundCoordinator:
         return total, uploaded, dropped
 
     def _aggregate_masked(
-        self, total: np.ndarray, fp: FixedPoint, base: int, participants: list[str]
+        self,
+        total: np.ndarray,
+        fp: FixedPoint,
+        base: int,
+        participants: list[str],
+        clips: SegmentClips | None,
     ) -> Manifest:
-        """Decode the unmasked ring sum; an encoded sum is decoded once (the codec is linear)."""
+        """Decode the unmasked ring sum (scaled back by the round's clip bounds); an encoded sum is
+        decoded once (the codec is linear)."""
         mean, weight = fp.decode_weighted_mean(total, len(participants))
-        if self._round_codec is not None:
-            mean = self._round_codec.decode(mean)
+        if clips is not None:
+            mean = clips.scale_up(mean)
+        kept = mean  # for the next round's clip bounds: FetchSGD's mean sketch, else the mean update
+        if self._fetchsgd is not None:
+            mean = self._fetchsgd.step(mean, base + 1)
+        elif self._round_codec is not None:
+            mean = kept = self._round_codec.decode(mean)
+        if self._aggregates is not None:  # before the commit: the next round's clips need it
+            self._aggregates.save(base + 1, kept)
         return self._aggregate(mean, weight, base, participants)
 
     def _aggregate_plain(self, acc: SumAccumulator, base: int, participants: list[str]) -> Manifest:
         mean, weight = identity.decode_sum(acc.total)
+        if self._fetchsgd is not None:  # the mean sketch; per-agent payloads were not decoded
+            mean = self._fetchsgd.step(mean, base + 1)
         return self._aggregate(mean, weight, base, participants)
 
     def _start_codec(self, round_id: int) -> None:

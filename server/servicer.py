@@ -55,6 +55,8 @@ def settings_of(config: AggregatorConfig, rounds: RoundCoordinator) -> pb.Federa
             clip=config.secagg.clip,
             bits=config.secagg.bits,
             ring_bits=config.secagg.ring_bits(config.rounds.max_agents),
+            adaptive_clip=config.secagg.adaptive_clip,
+            clip_segment=config.secagg.clip_segment,
         ),
         chunk_limits=pb.ChunkLimits(
             max_chunk_bytes=config.limits.max_chunk_bytes, max_update_bytes=config.limits.max_update_bytes
@@ -193,6 +195,8 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             shares=sealed_to_pb(view.shares),
             survivors=view.survivors,
             dropped=view.dropped,
+            clip_segment=view.clips.segment if view.clips is not None else 0,
+            segment_clips=view.clips.bounds.tolist() if view.clips is not None else [],
         )
 
     async def RevealShares(

@@ -68,3 +68,16 @@ def test_shipped_agent_example_loads() -> None:
         config.validate()
     with pytest.raises(ConfigError, match="eval_fraction must be between 0 and 1"):
         load(AgentConfig, None, env={"CLOUDFED_AGENT_EVAL_FRACTION": "1.5"}).validate()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CLOUDFED_SECAGG_ADAPTIVE_CLIP": "-1"}, r"secagg.adaptive_clip must be >= 0"),
+        ({"CLOUDFED_SECAGG_ADAPTIVE_CLIP": "nan"}, r"secagg.adaptive_clip must be >= 0"),
+        ({"CLOUDFED_SECAGG_CLIP_SEGMENT": "0"}, r"secagg.clip_segment must be >= 1"),
+    ],
+)
+def test_bad_adaptive_clip_settings_are_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(AggregatorConfig, EXAMPLE, env=env).validate()

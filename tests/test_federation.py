@@ -12,9 +12,11 @@ import pytest
 from safetensors.torch import load_file
 
 from agent.demo import CLOUDS, evals, run_federation
+from common.codecs.countsketch import CountSketch
 from common.codecs.state import CodecState
 from common.layout import ParamLayout
 from server.checkpoints import CheckpointStore
+from server.fetchsgd import FetchSGD
 
 pytestmark = pytest.mark.slow
 ROUNDS = 3
@@ -108,6 +110,97 @@ def test_eigen_bases_are_served_by_digest_and_masked_rounds_train(tmp_path: Path
         assert CodecState.of(fetched).sha256 == digest, agent_dir.name
     masked, numel = _upload_size(tmp_path)
     assert masked < 4 * (numel + 1) / 3.5  # about a quarter of the float32 update, weight included
+
+
+def test_adaptive_clip_bounds_from_the_last_aggregate_make_4_bit_masked_rounds_accurate(
+    tmp_path: Path,
+) -> None:
+    """secagg.bits = 4 with adaptive_clip = 3: the first round uses the fixed clip (0.5, far too wide
+    for 4 bits); every later round's bounds come from the aggregate before it, so its step is close
+    to the weighted mean of the agents' (audited) updates. 9 bits a coordinate on the wire."""
+    table = run_federation(tmp_path, 3, show=False, timeout_s=400, secagg_bits=4, adaptive_clip=3.0)
+    assert {0, 3} <= set(table), (tmp_path / "aggregator.log").read_text()[-2000:]
+    assert np.mean(list(table[3].values())) < np.mean(list(table[0].values())) - 0.05
+    store = CheckpointStore(tmp_path / "aggregator-state" / "checkpoints")
+    errors = []
+    for base in range(3):
+        updates = []
+        for meta_path in tmp_path.glob(f"*-agent-1/audit/round-{base + 1:06d}.json"):
+            meta = json.loads(meta_path.read_text())
+            updates.append((load_file(meta_path.with_suffix(".safetensors")), meta["weight"]))
+        assert len(updates) == len(CLOUDS), base
+        layout = ParamLayout.from_tensors(updates[0][0])
+        expected = sum(w * layout.flatten(d).astype(np.float64) for d, w in updates) / sum(
+            w for _, w in updates
+        )
+        step = layout.flatten(store.load(base + 1)).astype(np.float64) - layout.flatten(store.load(base))
+        errors.append(float(np.linalg.norm(step - expected) / np.linalg.norm(expected)))
+    assert max(errors[1:]) < 0.4 and max(errors[1:]) < errors[0] / 2, errors
+    masked, numel = _upload_size_of_round(tmp_path, 2)
+    assert masked == ((numel + 1) * 9 + 7) // 8  # 4 bits + log2(16 agents) + 1, packed
+    assert sorted(p.name for p in (tmp_path / "aggregator-state" / "aggregates").iterdir()) == [
+        "mean-v00000002.npy",
+        "mean-v00000003.npy",
+    ]
+
+
+@pytest.mark.parametrize("secagg", [True, False], ids=["masked", "plain"])
+def test_countsketch_rounds_go_through_fetchsgd(tmp_path: Path, secagg: bool) -> None:
+    """Agents send count sketches (ratio 4); the aggregator sums them (masked, or plain without
+    decoding each) and FetchSGD's loop turns the sum into k-sparse steps, state saved per version.
+    Each step is what FetchSGD makes of the sketched weighted mean of the audited updates."""
+    table = run_federation(
+        tmp_path, 3, show=False, timeout_s=400, secagg=secagg, codec="countsketch", codec_ratio=4
+    )
+    assert {0, 3} <= set(table), (tmp_path / "aggregator.log").read_text()[-2000:]
+    store = CheckpointStore(tmp_path / "aggregator-state" / "checkpoints")
+    layout = ParamLayout.from_tensors(store.load(0))
+    sketch = CountSketch(layout.numel, 4, 0)  # the demo's seed
+    k = round(0.1 * sketch.cols)
+    replay = FetchSGD(sketch, k, 0.0, tmp_path / "replay")
+    for version in (1, 2, 3):
+        step = layout.flatten(store.load(version)) - layout.flatten(store.load(version - 1))
+        assert 0 < np.count_nonzero(step) <= k, version
+        updates = _audited(tmp_path, version)
+        mean = sum(w * sketch.encode(layout.flatten(d)).astype(np.float64) for d, w in updates) / sum(
+            w for _, w in updates
+        )
+        expected = replay.step(mean, version)
+        chosen, replayed = set(np.flatnonzero(step)), set(np.flatnonzero(expected))
+        common = sorted(chosen & replayed)  # fixed point may swap a near-tie at the k-th place
+        assert len(common) > 0.9 * len(replayed), version
+        np.testing.assert_allclose(step[common], expected[common], atol=1e-4 * np.abs(expected).max())
+    assert sorted(p.name for p in (tmp_path / "aggregator-state" / "fetchsgd").iterdir()) == [
+        "fetchsgd-v00000002.safetensors",
+        "fetchsgd-v00000003.safetensors",
+    ]
+    size, _ = _upload_size_of_round(tmp_path, 3)
+    cells = sketch.coordinates(layout.numel)
+    assert size == (((cells + 1) * 29 + 7) // 8 if secagg else 4 + 4 * cells)  # masked: 24 + 4 + 1 bits
+
+
+def _audited(root: Path, version: int) -> list[tuple[dict, float]]:
+    """(update, weight) of every agent in the round that produced ``version``."""
+    updates = []
+    for meta_path in root.glob(f"*-agent-1/audit/round-{version:06d}.json"):
+        meta = json.loads(meta_path.read_text())
+        assert meta["base_version"] == version - 1
+        updates.append((load_file(meta_path.with_suffix(".safetensors")), meta["weight"]))
+    assert len(updates) == len(CLOUDS), version
+    return updates
+
+
+def _upload_size_of_round(root: Path, round_id: int) -> tuple[int, int]:
+    db = root / "aggregator-state" / "cloudfed.db"
+    with sqlite3.connect(db) as conn:
+        sizes = {
+            b
+            for (b,) in conn.execute(
+                "SELECT bytes FROM participants WHERE status = 'uploaded' AND round_id = ?", (round_id,)
+            )
+        }
+    (size,) = sizes
+    return size, ParamLayout.from_tensors(CheckpointStore(db.parent / "checkpoints").load(0)).numel
 
 
 def _upload_size(root: Path) -> tuple[int, int]:

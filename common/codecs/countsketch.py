@@ -1,18 +1,23 @@
 """``countsketch``: a count sketch with hashes shared by every agent (FetchSGD, Rothchild et al. 2020).
 Linear: the sketch of a sum is the sum of sketches, so it works under secure aggregation.
 
-Decoding here is the median-of-rows unsketch, good for heavy hitters. The FetchSGD server loop
-(momentum and error accumulation in sketch space, top-k of the unsketched error) is not here
-yet: a first version diverged on dense updates when it applied the sketch's estimates, so it
-needs FetchSGD's second pass that fetches exact values of the chosen coordinates.
+The hashes of each block of ``BLOCK`` coordinates are drawn from the federation's seed and the
+block's index when needed, so memory stays O(block) whatever the model size. ``decode`` is the
+median-of-rows unsketch, good for heavy hitters; the aggregator does not decode a round's sum
+directly but runs FetchSGD's loop over it (``server.fetchsgd``: momentum and error accumulation
+in sketch space, top-k of the unsketched error).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 
 from common.codecs.base import Codec
 from common.errors import ConfigError, InvalidArgument
+
+BLOCK = 1 << 18
 
 
 class CountSketch(Codec):
@@ -26,32 +31,46 @@ class CountSketch(Codec):
             raise ConfigError(f"countsketch ratio must be >= 1, got {ratio}")
         if rows < 1:
             raise ConfigError("countsketch needs at least one row")
-        self.numel, self.rows = numel, rows
+        self.numel, self.rows, self.seed = numel, rows, seed
         self.cols = max(1, round(numel / ratio / rows))
-        rng = np.random.default_rng(np.random.SeedSequence([seed, numel, rows, self.cols]))  # public hashes
-        self.buckets = rng.integers(0, self.cols, size=(rows, numel), dtype=np.int64)
-        self.signs = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=(rows, numel))
-        self._flat = self.buckets + (np.arange(rows)[:, None] * self.cols)
+
+    def _hashes(self) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+        """(block, flat cell index per row and coordinate, sign per row and coordinate), block by block."""
+        offsets = (np.arange(self.rows, dtype=np.int64) * self.cols)[:, None]
+        for index, start in enumerate(range(0, self.numel, BLOCK)):
+            size = min(BLOCK, self.numel - start)
+            key = [self.seed, self.numel, self.rows, self.cols, index]
+            rng = np.random.default_rng(np.random.SeedSequence(key))
+            cells = rng.integers(0, self.cols, size=(self.rows, size), dtype=np.int64) + offsets
+            signs = rng.integers(0, 2, size=(self.rows, size), dtype=np.int8).astype(np.float32) * 2 - 1
+            yield slice(start, start + size), cells, signs
 
     def encode(self, vector: np.ndarray) -> np.ndarray:
         """The sketch, flattened (rows * cols float32)."""
         flat = vector.reshape(-1).astype(np.float32)
         if flat.size != self.numel:
             raise InvalidArgument(f"{flat.size} values given; the codec was built for {self.numel}")
-        weights = (self.signs * flat).reshape(-1)
-        return np.bincount(self._flat.reshape(-1), weights=weights, minlength=self.rows * self.cols).astype(
-            np.float32
-        )
+        sketch = np.zeros(self.rows * self.cols, dtype=np.float64)
+        for block, cells, signs in self._hashes():
+            sketch += np.bincount(
+                cells.reshape(-1), weights=(signs * flat[block]).reshape(-1), minlength=sketch.size
+            )
+        return sketch.astype(np.float32)
 
     def decode(self, payload: np.ndarray) -> np.ndarray:
         """Median-of-rows estimate of every coordinate (unsketch)."""
         sketch = np.asarray(payload, dtype=np.float32).reshape(-1)
         if sketch.size != self.rows * self.cols:
             raise InvalidArgument(f"sketch of {sketch.size} values, expected {self.rows * self.cols}")
-        estimates = sketch[self._flat] * self.signs
-        median: np.ndarray = np.median(estimates, axis=0).astype(np.float32)
-        return median
+        out = np.empty(self.numel, dtype=np.float32)
+        for block, cells, signs in self._hashes():
+            out[block] = np.median(sketch[cells] * signs, axis=0)
+        return out
 
     def payload_bytes(self, numel: int) -> int:
         """float32 sketch cells."""
         return 4 * self.rows * self.cols
+
+    def coordinates(self, numel: int) -> int:
+        """Sketch cells."""
+        return self.rows * self.cols

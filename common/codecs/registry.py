@@ -16,13 +16,14 @@ import numpy as np
 
 from common.codecs import identity
 from common.codecs.base import Codec
+from common.codecs.countsketch import CountSketch
 from common.codecs.projection import Projection
 from common.codecs.quantize import Quantize
 from common.codecs.topk import TopK
 from common.errors import FailedPrecondition, InvalidArgument
 
-KNOWN = ("identity", "quantize", "projection", "topk", "eigen", "autoencoder")
-SECURE = ("identity", "projection", "eigen", "autoencoder")
+KNOWN = ("identity", "quantize", "projection", "topk", "eigen", "autoencoder", "countsketch")
+SECURE = ("identity", "projection", "eigen", "autoencoder", "countsketch")
 """Codecs usable under secure aggregation (linear, and not a second quantiser on top of the ring's);
 the autoencoder only with its linear decoder (``Codec.linear``)."""
 
@@ -86,6 +87,8 @@ def make(settings: CodecSettings, numel: int, round_id: int, shared: Codec | Non
         return Projection.seeded(numel, settings.ratio, round_seed(settings.seed, round_id))
     if settings.name == "topk":
         return TopK(numel, settings.ratio)
+    if settings.name == "countsketch":  # the same hashes every round: FetchSGD accumulates sketches
+        return CountSketch(numel, settings.ratio, settings.seed)
     raise InvalidArgument(f"unknown codec {settings.name!r}")
 
 
@@ -120,6 +123,20 @@ def decode_plain(codec: Codec | None, data: bytes, numel: int) -> tuple[np.ndarr
     if not np.all(np.isfinite(decoded)):
         raise InvalidArgument("update contains NaN or infinite values")
     return decoded * np.float32(weight), float(weight)
+
+
+def weighted_payload(codec: Codec, data: bytes, numel: int) -> tuple[np.ndarray, float]:
+    """(weight * payload, weight) from one plain payload, not decoded: for codecs whose round sum is
+    decoded once by a server loop (``countsketch``, FetchSGD). InvalidArgument if malformed."""
+    if len(data) != payload_bytes(codec, numel):
+        raise InvalidArgument(f"payload of {len(data)} bytes, expected {payload_bytes(codec, numel)}")
+    (weight,) = struct.unpack("<f", data[:4])
+    if not (weight > 0 and np.isfinite(weight)):
+        raise InvalidArgument(f"weight must be positive and finite, got {weight}")
+    payload = codec.from_bytes(data[4:], numel)
+    if not np.all(np.isfinite(payload)):
+        raise InvalidArgument("update contains NaN or infinite values")
+    return payload * np.float32(weight), float(weight)
 
 
 def secure_length(codec: Codec | None, numel: int) -> int:

@@ -296,6 +296,8 @@ class SecAggSettings(_message.Message):
     CLIP_FIELD_NUMBER: _builtins.int
     BITS_FIELD_NUMBER: _builtins.int
     RING_BITS_FIELD_NUMBER: _builtins.int
+    ADAPTIVE_CLIP_FIELD_NUMBER: _builtins.int
+    CLIP_SEGMENT_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     """Whether updates are masked."""
     threshold: _builtins.int
@@ -310,6 +312,13 @@ class SecAggSettings(_message.Message):
     """Bits per masked coordinate on the wire: the ring Z_2^ring_bits, wide enough that no sum
     over max_agents wraps (bits + ceil(log2 max_agents) + 1). 0 means 32.
     """
+    adaptive_clip: _builtins.float
+    """Adaptive clipping: each segment of clip_segment coordinates is clipped at this multiple
+    of its RMS in the previous round's aggregate; the bounds come with each round's
+    GetSecAggStateResponse and values are encoded over them (unit clip). 0: the fixed clip.
+    """
+    clip_segment: _builtins.int
+    """Coordinates per adaptive clip bound."""
     def __init__(
         self,
         *,
@@ -319,10 +328,12 @@ class SecAggSettings(_message.Message):
         clip: _builtins.float = ...,
         bits: _builtins.int = ...,
         ring_bits: _builtins.int = ...,
+        adaptive_clip: _builtins.float = ...,
+        clip_segment: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip", b"clip", "enabled", b"enabled", "neighbours", b"neighbours", "ring_bits", b"ring_bits", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptive_clip", b"adaptive_clip", "bits", b"bits", "clip", b"clip", "clip_segment", b"clip_segment", "enabled", b"enabled", "neighbours", b"neighbours", "ring_bits", b"ring_bits", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1235,6 +1246,8 @@ class GetSecAggStateResponse(_message.Message):
     SHARES_FIELD_NUMBER: _builtins.int
     SURVIVORS_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
+    CLIP_SEGMENT_FIELD_NUMBER: _builtins.int
+    SEGMENT_CLIPS_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     """The round."""
     phase: Global___RoundPhase.ValueType
@@ -1245,6 +1258,11 @@ class GetSecAggStateResponse(_message.Message):
     """Shamir threshold for this round."""
     weight_scale: _builtins.float
     """Weights are num_examples / weight_scale, so that they lie in (0, 1]."""
+    clip_segment: _builtins.int
+    """SHARE_KEYS, with adaptive clipping (SecAggSettings.adaptive_clip): coordinate i of the
+    encoded update is clipped at segment_clips[i / clip_segment] (the weight coordinate is not
+    included).
+    """
     @_builtins.property
     def roster(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyAdvertisement]:
         """SHARE_KEYS and later: every advertisement, in agent id order."""
@@ -1261,6 +1279,10 @@ class GetSecAggStateResponse(_message.Message):
     def dropped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """UNMASK: agents that shared keys but whose input is not in the sum."""
 
+    @_builtins.property
+    def segment_clips(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The round's clip bound of each segment."""
+
     def __init__(
         self,
         *,
@@ -1273,10 +1295,12 @@ class GetSecAggStateResponse(_message.Message):
         shares: _abc.Iterable[Global___SealedShare] | None = ...,
         survivors: _abc.Iterable[_builtins.str] | None = ...,
         dropped: _abc.Iterable[_builtins.str] | None = ...,
+        clip_segment: _builtins.int = ...,
+        segment_clips: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "graph_seed", b"graph_seed", "phase", b"phase", "roster", b"roster", "round_id", b"round_id", "shares", b"shares", "survivors", b"survivors", "threshold", b"threshold", "weight_scale", b"weight_scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_segment", b"clip_segment", "dropped", b"dropped", "graph_seed", b"graph_seed", "phase", b"phase", "roster", b"roster", "round_id", b"round_id", "segment_clips", b"segment_clips", "shares", b"shares", "survivors", b"survivors", "threshold", b"threshold", "weight_scale", b"weight_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
