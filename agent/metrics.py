@@ -27,6 +27,11 @@ EGRESS_COST = Counter(
 ROUNDS_TRAINED = Counter(
     "cloudfed_agent_rounds", "Rounds this agent trained and uploaded for.", ["cloud", "agent"]
 )
+CLIPPED_RATIO = Gauge(
+    "cloudfed_secagg_clipped_ratio",
+    "Fraction of coordinates of the last masked update beyond their clip bound (clipped before encoding).",
+    ["cloud", "agent"],
+)
 STEP = Gauge("cloudfed_agent_step", "1 while the agent is in this step of a round, else 0.", ["phase"])
 
 

@@ -110,6 +110,7 @@ class SecureParticipation:
         if self.clips is not None:
             vector = self.clips.scale_down(vector)  # InvalidArgument if the bounds do not fit
         clipped = float(np.mean(np.abs(vector) > fp.clip / weight))
+        metrics.CLIPPED_RATIO.labels(**self.client.labels).set(clipped)
         if clipped > 0.01:
             log.warning("round %d: %.1f%% of coordinates exceed their clip", self.round_id, 100 * clipped)
         with metrics.step("mask"):

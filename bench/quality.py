@@ -41,7 +41,7 @@ from common.secagg.params import SecAggParams
 from common.secagg.ring import ring_bits
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
-from server.fetchsgd import FetchSGD
+from server.fetchsgd import FetchSGD, FetchSGDPlan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LORA = LoraSpec(8, 16.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
@@ -194,7 +194,10 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
     if scheme.codec == "countsketch":  # the aggregator's FetchSGD loop over the summed sketches
         sketch = CountSketch(numel, scheme.ratio, seed)
         fetchsgd = FetchSGD(
-            sketch, round(scheme.topk * sketch.cols), 0.9, world.root / f"fetchsgd-{scheme.label}-{seed}"
+            sketch,
+            round(scheme.topk * sketch.cols),
+            FetchSGDPlan().momentum,
+            world.root / f"fetchsgd-{scheme.label}-{seed}",
         )
     losses, sent, cosines = [world.eval_loss(adapter)], [0.0], []
     previous: np.ndarray | None = None  # the last round's aggregate (adaptive clip bounds)

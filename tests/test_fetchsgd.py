@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.codecs import countsketch
+from common.codecs import countsketch, registry
 from common.codecs.countsketch import CountSketch
 from common.errors import ConfigError, InvalidArgument
 from server.fetchsgd import FetchSGD
@@ -92,3 +92,21 @@ def test_sketch_hashes_drawn_block_by_block_stay_linear_and_find_heavy_hitters(
     x[[10, 1500, 2999, 3999]] = [1.0, -2.0, 0.5, 3.0]  # one heavy coordinate in every block
     estimate = sketch.decode(sketch.encode(x))
     np.testing.assert_allclose(estimate[[10, 1500, 2999, 3999]], [1.0, -2.0, 0.5, 3.0], atol=1e-6)
+
+
+def test_plain_sketch_payloads_are_summed_undecoded_and_bad_ones_refused() -> None:
+    """Without masking the aggregator adds each agent's weighted sketch (FetchSGD decodes the sum)."""
+    sketch = CountSketch(NUMEL, ratio=4, seed=1)
+    x = _update(3)
+    weighted, weight = registry.weighted_payload(sketch, registry.encode_plain(sketch, x, 2.5), NUMEL)
+    assert weight == 2.5
+    np.testing.assert_allclose(weighted, 2.5 * sketch.encode(x), rtol=1e-6)
+    payload = bytearray(registry.encode_plain(sketch, x, 2.5))
+    with pytest.raises(InvalidArgument, match="expected"):
+        registry.weighted_payload(sketch, bytes(payload[:-4]), NUMEL)
+    payload[8:12] = np.float32(np.nan).tobytes()
+    with pytest.raises(InvalidArgument, match="NaN"):
+        registry.weighted_payload(sketch, bytes(payload), NUMEL)
+    payload[:4] = np.float32(-1).tobytes()
+    with pytest.raises(InvalidArgument, match="weight must be positive"):
+        registry.weighted_payload(sketch, bytes(payload), NUMEL)

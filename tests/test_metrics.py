@@ -94,6 +94,8 @@ def test_byte_counters_match_what_was_sent_and_histograms_count_the_round(tmp_pa
         assert received == payload * rounds, (cloud, received, payload)
         assert value(samples, "cloudfed_update_encoded_bytes_total") == payload * uploads
         assert value(samples, "cloudfed_update_raw_bytes_total") == numel * 4 * uploads
+        assert any(n == "cloudfed_secagg_clipped_ratio" for n, _ in samples)  # set by every masked upload
+        assert value(samples, "cloudfed_secagg_clipped_ratio") == 0.0  # the demo's clip spares all
         assert (
             value(samples, "cloudfed_transfer_bytes_total", direction="received", kind="model")
             >= store.manifest(0).size_bytes

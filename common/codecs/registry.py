@@ -116,13 +116,19 @@ def decode_plain(codec: Codec | None, data: bytes, numel: int) -> tuple[np.ndarr
     if codec is None:
         vector = np.frombuffer(data, dtype=identity.WIRE_DTYPE)
         return vector[:-1].astype(np.float32), float(vector[-1])
-    (weight,) = struct.unpack("<f", data[:4])
-    if not (weight > 0 and np.isfinite(weight)):
-        raise InvalidArgument(f"weight must be positive and finite, got {weight}")
+    weight = _weight(data)
     decoded = codec.decode(codec.from_bytes(data[4:], numel))
     if not np.all(np.isfinite(decoded)):
         raise InvalidArgument("update contains NaN or infinite values")
     return decoded * np.float32(weight), float(weight)
+
+
+def _weight(data: bytes) -> float:
+    """The float32 weight that leads a plain encoded payload; InvalidArgument unless positive."""
+    (weight,) = struct.unpack("<f", data[:4])
+    if not (weight > 0 and np.isfinite(weight)):
+        raise InvalidArgument(f"weight must be positive and finite, got {weight}")
+    return float(weight)
 
 
 def weighted_payload(codec: Codec, data: bytes, numel: int) -> tuple[np.ndarray, float]:
@@ -130,9 +136,7 @@ def weighted_payload(codec: Codec, data: bytes, numel: int) -> tuple[np.ndarray,
     decoded once by a server loop (``countsketch``, FetchSGD). InvalidArgument if malformed."""
     if len(data) != payload_bytes(codec, numel):
         raise InvalidArgument(f"payload of {len(data)} bytes, expected {payload_bytes(codec, numel)}")
-    (weight,) = struct.unpack("<f", data[:4])
-    if not (weight > 0 and np.isfinite(weight)):
-        raise InvalidArgument(f"weight must be positive and finite, got {weight}")
+    weight = _weight(data)
     payload = codec.from_bytes(data[4:], numel)
     if not np.all(np.isfinite(payload)):
         raise InvalidArgument("update contains NaN or infinite values")
