@@ -89,8 +89,16 @@ def federation(tmp_path: Path) -> Iterator[Callable[..., Federation]]:
         fed.stop_all()
 
 
+def _shipped_secagg(text: str) -> str:
+    """The shipped configs' masking: 8 bits with adaptive clip bounds from the last aggregate."""
+    assert "bits = 24\nadaptive_clip = 0.0\n" in text
+    return text.replace("bits = 24\nadaptive_clip = 0.0\n", "bits = 8\nadaptive_clip = 3.0\n")
+
+
 def test_aggregator_killed_mid_round_restarts_and_agents_carry_on(federation) -> None:
-    fed = federation()
+    """With the shipped masking (8 bits, adaptive clipping): the bounds after the restart come from
+    the last committed round's aggregate on disk."""
+    fed = federation(edit_aggregator=_shipped_secagg)
     fed.start_aggregator()
     fed.start_agents()
     wait_until("version 1", lambda: 1 in fed.versions())
@@ -114,6 +122,11 @@ def test_aggregator_killed_mid_round_restarts_and_agents_carry_on(federation) ->
     assert "restarted" in reason
     after = query(fed.db, "SELECT MIN(round_id) FROM rounds WHERE started_at > ?", killed_at)[0][0]
     assert after > in_flight
+    # Adaptive clipping kept its aggregates across the kill: the newest belongs to the newest version.
+    latest = max(fed.versions())
+    kept = sorted(p.name for p in (fed.root / "aggregator-state" / "aggregates").glob("mean-v*.npy"))
+    newest = int(kept[-1].removeprefix("mean-v").removesuffix(".npy"))
+    assert newest in (latest, latest + 1), (kept, latest)  # + 1: written just before its commit
     # Agents reconnected on their own: still the same processes.
     assert all(proc.poll() is None for proc in fed.agents.values())
     status = run_cli("server.cli", "--config", str(fed.agg_config), "status")
