@@ -90,8 +90,8 @@ class SecAggConfig:
     """Seconds each key phase (advertise, share, unmask) waits for the agents."""
     adaptive_clip: float = 0.0
     """Clip each segment of coordinates at this multiple of its RMS in the previous round's
-    aggregate (``clip`` in the first round); 0 keeps the one fixed ``clip``. With 3.0, 4 bits
-    lose nothing measurable where a fixed clip loses 0.2 nats (README, Compression)."""
+    aggregate (``clip`` in the first round); 0 keeps the one fixed ``clip``. 3.0 suits 3-8 bits,
+    2.0 suits 2 bits (fewer levels want a tighter clip); README, Compression, has the figures."""
     clip_segment: int = 1024
     """Coordinates per adaptive clip bound."""
 
