@@ -59,7 +59,7 @@ class Scheme:
     clip: float = 0.25
     secagg: bool = False
     secagg_bits: int = 20
-    """Fixed-point bits under secure aggregation; the ring adds ceil(log2 agents) + 1 on the wire."""
+    """Fixed-point bits under secure aggregation; the ring adds ceil(log2 agents) on the wire."""
     secagg_clip: float = 2.0
     refresh: int = 3
     """autoencoder: every n-th round after TGAP is a full FAF round."""

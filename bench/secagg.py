@@ -46,16 +46,17 @@ def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int) -> dict[str, float]:
     fed = Federation.create(agents)
     ids = sorted(fed.agents)
-    width = ring_bits(16, agents)  # 16 + ceil(log2 agents) + 1 bits a coordinate on the wire
+    width = ring_bits(16, agents)  # 16 + ceil(log2 agents) bits a coordinate on the wire
     sa = SecAggParams(threshold, neighbours, clip=0.05, bits=16, ring_bits=width).check(agents)
     fp = sa.fixed_point
+    length = fp.masked_length(params)  # the update's codes, then the weight's digits
     rng = np.random.default_rng(0)
     delta = (rng.standard_normal(params) * 1e-2).astype(np.float32)
     seed = b"bench-seed"
 
     def setup(round_id: int):  # type: ignore[no-untyped-def]
         rounds = {a: fed.agent_round(a, round_id, sa, seed) for a in ids}
-        server = ServerRound(round_id, sa, params + 1, seed)
+        server = ServerRound(round_id, sa, length, seed)
         for r in rounds.values():
             server.add_advertisement(r.advertise())
         roster = server.roster()
@@ -68,7 +69,7 @@ def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int)
     rounds, _ = setup(1)
     me = rounds[ids[0]]
     weight = 0.75
-    codes_out = np.empty(params + 1, dtype=np.uint32)
+    codes_out = np.empty(length, dtype=np.uint32)
 
     def quantise_and_mask() -> None:
         fp.encode_weighted(delta, weight, rng, out=codes_out)
@@ -77,14 +78,14 @@ def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int)
 
     wire: list[bytes] = []
     mask_s = median_time(quantise_and_mask, repeats)
-    sum_probe = ServerRound(99, sa, params + 1, seed)
+    sum_probe = ServerRound(99, sa, length, seed)
     sum_probe.sealed = {ids[0]: {}}
     block = 1 << 18
 
     def unpack_and_add() -> None:  # the aggregator's work per arriving upload, block by block
         data = wire[-1]
-        for start in range(0, params + 1, block):
-            count = min(block, params + 1 - start)
+        for start in range(0, length, block):
+            count = min(block, length - start)
             first = start * width // 8
             sum_probe.add_masked(
                 ids[0], fp.from_wire(data[first : first + fp.wire_bytes(count)], count), start
@@ -104,7 +105,7 @@ def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int)
             masked = {}
             for a in ids[dropped:]:
                 masked[a] = fp.from_wire(
-                    fp.to_wire(rounds[a].mask_codes(fp.encode_weighted(delta, weight, rng))), params + 1
+                    fp.to_wire(rounds[a].mask_codes(fp.encode_weighted(delta, weight, rng))), length
                 )
             tracemalloc.start()
             server.start_sum()
@@ -128,7 +129,7 @@ def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int)
         s = statistics.median(times)
         results[f"unmask_{dropped}_dropout_mps"] = params / s / 1e6
         results[f"unmask_{dropped}_dropout_s"] = s
-        results[f"peak_{dropped}_dropout_x_update"] = max(peaks) / ((params + 1) * 4)
+        results[f"peak_{dropped}_dropout_x_update"] = max(peaks) / (length * 4)
     return results
 
 

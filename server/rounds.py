@@ -194,8 +194,9 @@ class RoundCoordinator:
     def expected_payload_bytes(self) -> int:
         """Size of one encoded update (a masked one: ``ring_bits`` bits a coordinate)."""
         if self.secagg is not None:
-            return self._secagg_params(self.secagg, 2).fixed_point.wire_bytes(
-                registry.secure_length(self._round_codec, self.layout.numel)
+            fp = self._secagg_params(self.secagg, 2).fixed_point
+            return fp.wire_bytes(
+                fp.masked_length(registry.secure_coordinates(self._round_codec, self.layout.numel))
             )
         return registry.payload_bytes(self._round_codec, self.layout.numel)
 
@@ -520,8 +521,9 @@ class RoundCoordinator:
         k = sa.neighbours
         params = self._secagg_params(sa, auto_threshold(len(invited), k))
         self._start_codec(round_id)
-        length = registry.secure_length(self._round_codec, self.layout.numel)
-        clips = self._clips = await asyncio.to_thread(self._round_clips, sa, base, length - 1)
+        coordinates = registry.secure_coordinates(self._round_codec, self.layout.numel)
+        clips = self._clips = await asyncio.to_thread(self._round_clips, sa, base, coordinates)
+        length = params.fixed_point.masked_length(coordinates)
         secure = ServerRound(round_id, params, length, os.urandom(16))
         self._secure, self._acc = secure, None
         self._claimed, self._added = set(), set()

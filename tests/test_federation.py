@@ -94,7 +94,7 @@ def test_projection_under_masking_cuts_uplink_bytes_and_the_loss_goes_down(tmp_p
     before, after = np.mean(list(table[0].values())), np.mean(list(table[2].values()))
     assert after < before - 0.05, (before, after)
     masked, numel = _upload_size(tmp_path)
-    assert masked < 4 * (numel + 1) / 3.5  # about a quarter of the float32 update, weight included
+    assert masked < 4 * numel / 3.5  # about a quarter of the float32 update, weight included
 
 
 def test_eigen_bases_are_served_by_digest_and_masked_rounds_train(tmp_path: Path) -> None:
@@ -109,7 +109,7 @@ def test_eigen_bases_are_served_by_digest_and_masked_rounds_train(tmp_path: Path
         fetched = agent_dir / "state" / "codec" / f"state-{digest}.safetensors"
         assert CodecState.of(fetched).sha256 == digest, agent_dir.name
     masked, numel = _upload_size(tmp_path)
-    assert masked < 4 * (numel + 1) / 3.5  # about a quarter of the float32 update, weight included
+    assert masked < 4 * numel / 3.5  # about a quarter of the float32 update, weight included
 
 
 def test_adaptive_clip_bounds_from_the_last_aggregate_make_4_bit_masked_rounds_accurate(
@@ -117,7 +117,7 @@ def test_adaptive_clip_bounds_from_the_last_aggregate_make_4_bit_masked_rounds_a
 ) -> None:
     """secagg.bits = 4 with adaptive_clip = 3: the first round uses the fixed clip (0.5, far too wide
     for 4 bits); every later round's bounds come from the aggregate before it, so its step is close
-    to the weighted mean of the agents' (audited) updates. 9 bits a coordinate on the wire."""
+    to the weighted mean of the agents' (audited) updates. 8 bits a coordinate on the wire."""
     table = run_federation(tmp_path, 3, show=False, timeout_s=400, secagg_bits=4, adaptive_clip=3.0)
     assert {0, 3} <= set(table), (tmp_path / "aggregator.log").read_text()[-2000:]
     assert np.mean(list(table[3].values())) < np.mean(list(table[0].values())) - 0.05
@@ -137,7 +137,7 @@ def test_adaptive_clip_bounds_from_the_last_aggregate_make_4_bit_masked_rounds_a
         errors.append(float(np.linalg.norm(step - expected) / np.linalg.norm(expected)))
     assert max(errors[1:]) < 0.4 and max(errors[1:]) < errors[0] / 2, errors
     masked, numel = _upload_size_of_round(tmp_path, 2)
-    assert masked == ((numel + 1) * 9 + 7) // 8  # 4 bits + log2(16 agents) + 1, packed
+    assert masked == ((numel + 6) * 8 + 7) // 8  # 4 bits + log2(16 agents), packed; 6 weight digits
     assert sorted(p.name for p in (tmp_path / "aggregator-state" / "aggregates").iterdir()) == [
         "mean-v00000002.npy",
         "mean-v00000003.npy",
@@ -176,7 +176,7 @@ def test_countsketch_rounds_go_through_fetchsgd(tmp_path: Path, secagg: bool) ->
     ]
     size, _ = _upload_size_of_round(tmp_path, 3)
     cells = sketch.coordinates(layout.numel)
-    assert size == (((cells + 1) * 29 + 7) // 8 if secagg else 4 + 4 * cells)  # masked: 24 + 4 + 1 bits
+    assert size == (((cells + 1) * 28 + 7) // 8 if secagg else 4 + 4 * cells)  # masked: 24 + log2(16) bits
 
 
 def _audited(root: Path, version: int) -> list[tuple[dict, float]]:

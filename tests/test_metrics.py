@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.demo import prepare
 from common.bitpack import packed_bytes
 from common.layout import ParamLayout
-from common.secagg.ring import ring_bits
+from common.secagg.ring import FixedPoint, ring_bits
 from server.checkpoints import CheckpointStore
 from tests.daemons import start, stop, wait_serving
 from tests.promtool import promtool
@@ -80,9 +80,11 @@ def test_byte_counters_match_what_was_sent_and_histograms_count_the_round(tmp_pa
     store = CheckpointStore(tmp_path / "aggregator-state" / "checkpoints")
     numel = ParamLayout.from_tensors(store.load(0)).numel
     assert agg_toml["secagg"]["enabled"]  # masked uploads: ring_bits a coordinate, weight included
-    width = ring_bits(agg_toml["secagg"]["bits"], agg_toml["rounds"]["max_agents"])
-    payload = packed_bytes(numel + 1, width)
-    assert payload < (numel + 1) * 4
+    bits = agg_toml["secagg"]["bits"]
+    width = ring_bits(bits, agg_toml["rounds"]["max_agents"])
+    length = FixedPoint(1.0, bits, width).masked_length(numel)
+    payload = packed_bytes(length, width)
+    assert payload < numel * 4
     chunks = -(-payload // (1024 * 1024))
     for cloud, samples in last.items():
         uploads = value(samples, "cloudfed_agent_rounds_total")

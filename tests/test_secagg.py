@@ -37,7 +37,7 @@ def codes(federation: Federation) -> dict[str, np.ndarray]:
 
 
 def ring_sum(codes: dict[str, np.ndarray], agents: list[str]) -> np.ndarray:
-    total = np.zeros(LENGTH, dtype=np.uint32)
+    total = np.zeros(codes[agents[0]].size, dtype=np.uint32)
     for a in agents:
         total += codes[a]
     return total
@@ -69,7 +69,7 @@ def test_dropouts_up_to_the_tolerated_number_at_every_phase(
     np.testing.assert_array_equal(result.total, ring_sum(codes, expected_in))
 
 
-NARROW = dataclasses.replace(FULL, ring_bits=ring_bits(16, N))  # 16 + 4 + 1 = 21 bits a coordinate
+NARROW = dataclasses.replace(FULL, ring_bits=ring_bits(16, N))  # 16 + 4 = 20 bits a coordinate
 
 
 @pytest.mark.parametrize("phase", [None, "upload", "unmask"])
@@ -79,18 +79,35 @@ def test_narrow_ring_sends_fewer_bits_and_still_sums_exactly(
     ids = sorted(codes)
     gone = set(ids[:2]) if phase else set()
     result = run_round(federation, codes, NARROW.check(N), drop={phase: gone} if phase else None)
-    assert NARROW.ring_bits == 21
-    assert set(result.upload_bytes.values()) == {(LENGTH * 21 + 7) // 8}  # not 4 bytes a code
+    assert NARROW.ring_bits == 20
+    assert set(result.upload_bytes.values()) == {(LENGTH * 20 + 7) // 8}  # not 4 bytes a code
     expected_in = [a for a in ids if a not in gone or phase == "unmask"]
-    mask = np.uint32((1 << 21) - 1)
+    mask = np.uint32((1 << 20) - 1)
     np.testing.assert_array_equal(result.total & mask, ring_sum(codes, expected_in) & mask)
-    fp = NARROW.fixed_point  # decoding reads the sum mod 2^21
+    fp = NARROW.fixed_point  # decoding reads the sum mod 2^20
     np.testing.assert_allclose(
         fp.decode_sum(result.total, len(expected_in)),
         fp.decode_sum(ring_sum(codes, expected_in), len(expected_in)),
     )
     with pytest.raises(ConfigError, match="can wrap"):
-        dataclasses.replace(FULL, ring_bits=20).check(N)
+        dataclasses.replace(FULL, ring_bits=19).check(N)
+
+
+@pytest.mark.parametrize(("bits", "agents"), [(2, 4), (3, 5), (8, 8), (4, 9)])
+def test_ring_is_the_least_width_extreme_sums_do_not_wrap(bits: int, agents: int) -> None:
+    width = ring_bits(bits, agents)
+    assert width == bits + int(np.ceil(np.log2(agents)))
+    fed = Federation.create(agents)
+    params = SecAggParams(agents // 2 + 1, 0, 1.0, bits, width).check(agents)
+    fp, rng = params.fixed_point, np.random.default_rng(0)
+    values = np.array([1.0, -1.0, 0.0, 1.0], np.float32)  # every agent at both ends of the clip
+    codes = {a: fp.encode(values, rng) for a in sorted(fed.agents)}
+    assert all(int(c[0]) == fp.levels for c in codes.values())
+    result = run_round(fed, codes, params)
+    decoded = fp.decode_sum(result.total, agents)
+    np.testing.assert_allclose(decoded[[0, 1, 3]], [agents, -agents, agents], atol=1e-9)
+    narrower = FixedPoint(1.0, bits, width - 1)  # one bit less: the top sum wraps
+    assert narrower.decode_sum(ring_sum(codes, sorted(codes)), agents)[0] < agents - 1
 
 
 def test_one_dropout_too_many_aborts_the_round(federation: Federation, codes: dict[str, np.ndarray]) -> None:
@@ -240,8 +257,41 @@ def test_fixed_point_is_unbiased_within_a_step_and_clips() -> None:
         fp.encode(np.array([np.nan], np.float32), rng)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.integers(2, 30),
+    weights=st.lists(st.floats(1e-4, 1.0), min_size=1, max_size=9),
+)
+def test_summed_weight_is_exact_at_any_bits(bits: int, weights: list[float]) -> None:
+    """The weight travels as base-2^bits digits: its sum is exact to 2^-24 a contributor, even at
+    2 bits, where one stochastically rounded coordinate would be off by a third of its range."""
+    fp = FixedPoint(1.0, bits, ring_bits(bits, len(weights)))
+    rng = np.random.default_rng(bits)
+    total = np.zeros(fp.masked_length(3), dtype=np.uint32)
+    for w in weights:
+        codes = fp.encode_weighted(np.array([0.5, -0.25, 0.0], np.float32), w, rng)
+        assert codes.size == 3 + fp.weight_digits and int(codes.max()) <= fp.levels
+        total += codes
+    mean, weight = fp.decode_weighted_mean(total, len(weights))
+    assert abs(weight - sum(weights)) <= len(weights) * 2.0**-24
+    assert abs(float(mean[0]) * weight - 0.5 * sum(weights)) <= len(weights) * fp.step + 1e-6
+
+
+def test_weighted_codes_refuse_bad_weights_and_buffers() -> None:
+    fp = FixedPoint(1.0, 4, 6)
+    rng = np.random.default_rng(0)
+    with pytest.raises(InvalidArgument, match="weight must be in"):
+        fp.encode_weighted(np.zeros(4, np.float32), 0.0, rng)
+    with pytest.raises(InvalidArgument, match="expected 10"):
+        fp.encode_weighted(np.zeros(4, np.float32), 0.5, rng, out=np.empty(5, np.uint32))
+    with pytest.raises(InvalidArgument, match="no room for the weight"):
+        fp.decode_weighted_mean(np.zeros(3, np.uint32), 1)
+    with pytest.raises(InvalidArgument, match="must be positive"):
+        fp.decode_weighted_mean(np.zeros(8, np.uint32), 1)
+
+
 def test_headroom_and_parameter_checks_say_why() -> None:
-    check_headroom(16, 100)  # 16 + 7 + 1 = 24
+    check_headroom(16, 100)  # 16 + 7 + 1 = 24 (DESIGN's rule keeps one spare bit)
     check_headroom(24, 128)  # 24 + 7 + 1 = 32
     with pytest.raises(ConfigError, match="headroom"):
         check_headroom(24, 129)

@@ -143,10 +143,10 @@ def weighted_payload(codec: Codec, data: bytes, numel: int) -> tuple[np.ndarray,
     return payload * np.float32(weight), float(weight)
 
 
-def secure_length(codec: Codec | None, numel: int) -> int:
-    """Coordinates a masked update carries: the (projected) update plus the weight."""
+def secure_coordinates(codec: Codec | None, numel: int) -> int:
+    """Values a masked update carries before its weight: the update, or its linear encoding."""
     if codec is None:
-        return numel + 1
+        return numel
     if codec.name not in SECURE or not codec.linear:
         raise InvalidArgument(f"codec {codec.name!r} cannot run under secure aggregation")
-    return codec.coordinates(numel) + 1
+    return codec.coordinates(numel)

@@ -3,7 +3,8 @@
 Arithmetic runs in uint32 (mod 2^32) everywhere; because 2^m divides 2^32, reducing a masked code
 mod 2^m keeps the masks uniform and the sums right. So only the low ``ring_bits`` bits of each
 masked code go on the wire, and the unmasked sum is read mod 2^m. ``ring_bits`` is the least
-width no sum can wrap: bits + ceil(log2 max_agents) + 1.
+width no sum can wrap: codes lie in 0 .. 2^bits - 1, so a sum of n fits in bits + ceil(log2 n).
+The configuration check keeps DESIGN's rule, bits + ceil(log2 n) + 1 <= 32.
 """
 
 from __future__ import annotations
@@ -20,20 +21,22 @@ RING_BITS = 32
 RING_DTYPE = np.dtype("<u4")
 BLOCK = 1 << 20  # elements per step: bounds the float64 temporaries
 DECODE_BLOCK = 1 << 16  # decode steps stay small: the aggregator's peak is the sum plus the mean
+WEIGHT_BITS = 24  # precision of a masked update's weight, whatever the codes' bits
 
 
 def ring_bits(bits: int, agents: int) -> int:
-    """Bits per masked coordinate so that a sum over ``agents`` cannot wrap."""
+    """The least bits per masked coordinate in which a sum over ``agents`` cannot wrap: n codes of
+    at most 2^bits - 1 sum to less than 2^(bits + ceil(log2 n))."""
     if not 2 <= bits <= 30:
         raise ConfigError(f"secagg bits must be in 2..30, got {bits}")
     if agents < 1:
         raise ConfigError(f"secagg needs at least one agent, got {agents}")
-    return bits + math.ceil(math.log2(agents)) + 1 if agents > 1 else bits + 1
+    return bits + (agents - 1).bit_length()
 
 
 def check_headroom(bits: int, agents: int) -> None:
     """Refuse settings whose sum over ``agents`` could wrap: bits + ceil(log2 n) + 1 <= 32."""
-    need = ring_bits(bits, agents)
+    need = ring_bits(bits, agents) + 1
     if need > RING_BITS:
         raise ConfigError(
             f"secagg headroom: bits ({bits}) + ceil(log2 {agents} agents) + 1 = {need} > {RING_BITS};"
@@ -54,10 +57,8 @@ class FixedPoint:
         if not (self.clip > 0 and math.isfinite(self.clip)):
             raise ConfigError(f"secagg clip must be positive, got {self.clip}")
         check_headroom(self.bits, 1)
-        if not self.bits < self.ring_bits <= RING_BITS:
-            raise ConfigError(
-                f"secagg ring_bits must be in {self.bits + 1}..{RING_BITS}, got {self.ring_bits}"
-            )
+        if not self.bits <= self.ring_bits <= RING_BITS:
+            raise ConfigError(f"secagg ring_bits must be in {self.bits}..{RING_BITS}, got {self.ring_bits}")
 
     def wire_bytes(self, count: int) -> int:
         """Bytes of ``count`` masked codes on the wire."""
@@ -100,29 +101,53 @@ class FixedPoint:
             out[start : start + x.size] = x
         return out
 
+    @property
+    def weight_digits(self) -> int:
+        """Coordinates that carry an update's weight: the base-2^bits digits of a WEIGHT_BITS-bit
+        fixed-point number, so the summed weight is exact to 2^-WEIGHT_BITS even at 2 bits."""
+        return -(-WEIGHT_BITS // self.bits)
+
+    def masked_length(self, coordinates: int) -> int:
+        """Codes in a masked update of ``coordinates`` values: the values, then the weight's digits."""
+        return coordinates + self.weight_digits
+
     def encode_weighted(
         self, values: np.ndarray, weight: float, rng: np.random.Generator, out: np.ndarray | None = None
     ) -> np.ndarray:
-        """Codes of ``[weight * values, weight * clip]``: the update weighted before encoding, and the
-        weight (in (0, 1]) as one more coordinate, scaled into the clip range."""
+        """Codes of ``weight * values`` (stochastically rounded), then the weight (in (0, 1]) as
+        ``weight_digits`` digits; each digit lies in the codes' range, so digit sums cannot wrap."""
         if not 0 < weight <= 1:
             raise InvalidArgument(f"a masked update's weight must be in (0, 1], got {weight}")
-        payload = np.empty(values.size + 1, dtype=np.float32)
-        np.multiply(values.reshape(-1), weight, out=payload[:-1], casting="same_kind")
-        payload[-1] = weight * self.clip
-        return self.encode(payload, rng, out)
+        count = values.size
+        length = self.masked_length(count)
+        out = np.empty(length, dtype=RING_DTYPE) if out is None else out
+        if out.size != length:
+            raise InvalidArgument(f"{out.size} codes for {count} values, expected {length}")
+        weighted = np.multiply(values.reshape(-1), weight, dtype=np.float32)
+        self.encode(weighted, rng, out[:count])
+        integer = round(weight * self._weight_scale)
+        out[count:] = [(integer >> (self.bits * i)) & self.levels for i in range(self.weight_digits)]
+        return out
 
     def decode_weighted_mean(self, total: np.ndarray, contributors: int) -> tuple[np.ndarray, float]:
         """(weighted mean as float32, summed weight) from the ring sum of ``encode_weighted`` codes."""
-        weight = float(self.decode_sum(total[-1:], contributors)[0]) / self.clip
+        count = total.size - self.weight_digits
+        if count < 0:
+            raise InvalidArgument(f"a masked sum of {total.size} codes has no room for the weight")
+        digits = total[count:] & np.uint32((1 << self.ring_bits) - 1)
+        weight = sum(int(d) << (self.bits * i) for i, d in enumerate(digits)) / self._weight_scale
         if not weight > 0:
             raise InvalidArgument(f"summed weight must be positive, got {weight}")
-        codes = total[:-1]
-        mean = np.empty(codes.size, dtype=np.float32)
+        codes = total[:count]
+        mean = np.empty(count, dtype=np.float32)
         for start in range(0, mean.size, DECODE_BLOCK):
             block = slice(start, start + DECODE_BLOCK)
             mean[block] = self.decode_sum(codes[block], contributors) / weight
         return mean, weight
+
+    @property
+    def _weight_scale(self) -> int:
+        return (1 << (self.bits * self.weight_digits)) - 1
 
     def decode_sum(self, total: np.ndarray, contributors: int) -> np.ndarray:
         """The float64 sum of ``contributors`` decoded vectors from their summed codes (mod 2^ring_bits)."""

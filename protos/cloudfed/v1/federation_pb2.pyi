@@ -310,7 +310,8 @@ class SecAggSettings(_message.Message):
     """Fixed-point bits per coordinate."""
     ring_bits: _builtins.int
     """Bits per masked coordinate on the wire: the ring Z_2^ring_bits, wide enough that no sum
-    over max_agents wraps (bits + ceil(log2 max_agents) + 1). 0 means 32.
+    over max_agents wraps (bits + ceil(log2 max_agents)). 0 means 32. A masked update is
+    the weighted update's codes, then its weight as ceil(24 / bits) base-2^bits digits.
     """
     adaptive_clip: _builtins.float
     """Adaptive clipping: each segment of clip_segment coordinates is clipped at this multiple
@@ -1260,7 +1261,7 @@ class GetSecAggStateResponse(_message.Message):
     """Weights are num_examples / weight_scale, so that they lie in (0, 1]."""
     clip_segment: _builtins.int
     """SHARE_KEYS, with adaptive clipping (SecAggSettings.adaptive_clip): coordinate i of the
-    encoded update is clipped at segment_clips[i / clip_segment] (the weight coordinate is not
+    encoded update is clipped at segment_clips[i / clip_segment] (the weight's digits are not
     included).
     """
     @_builtins.property
