@@ -187,7 +187,7 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
     settings = registry.CodecSettings(scheme.codec, scheme.ratio, scheme.bits, scheme.clip, seed)
     residuals: dict[str, ErrorFeedback] = {}
     learned = (
-        Learned(scheme, seed, numel, world.root / f"ae-{scheme.label}-{seed}", len(world.train))
+        Learned(scheme, seed, numel, world.root / f"ae-{scheme.label}-{seed}")
         if scheme.codec == "autoencoder"
         else None
     )
@@ -243,12 +243,9 @@ class Learned:
     update; under secure aggregation only from the round mean (as the daemon does). Full rounds
     count in the uplink."""
 
-    def __init__(self, scheme: Scheme, seed: int, numel: int, root: Path, agents: int) -> None:
+    def __init__(self, scheme: Scheme, seed: int, numel: int, root: Path) -> None:
         torch.manual_seed(seed)
-        window = 8 * (1 if scheme.secagg else agents)
-        plan = AutoencoderPlan(
-            scheme.ratio, linear=scheme.secagg, refresh=scheme.refresh, window=window, seed=seed
-        )
+        plan = AutoencoderPlan(scheme.ratio, linear=scheme.secagg, refresh=scheme.refresh, seed=seed)
         self.schedule = AutoencoderSchedule(plan, numel, root)
         self.base = registry.CodecSettings("autoencoder", ratio=scheme.ratio)
         self.settings = self.base

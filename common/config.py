@@ -120,7 +120,8 @@ class FederationConfig:
     autoencoder_decoder: str = "linear"
     """``autoencoder``: 'linear' (sums decode: works under secure aggregation) or 'mlp' (trusted only)."""
     autoencoder_warmup_rounds: int = 2
-    """``autoencoder``: full rounds whose mean updates TGAP pre-trains on before encoding starts."""
+    """``autoencoder``: full rounds whose updates TGAP pre-trains on before encoding starts (each
+    agent's without secure aggregation, the round means with it)."""
     autoencoder_refresh_every: int = 3
     """``autoencoder``: after training, every n-th round is full again and FAF fine-tunes (0: never)."""
     autoencoder_block: int = 64

@@ -321,6 +321,8 @@ class RoundCoordinator:
                 await asyncio.to_thread(acc.add_vector, weighted, weight)
             elif acc is not None:
                 await asyncio.to_thread(acc.add_file, path)
+                if self._autoencoder is not None and self._round_codec is None:  # a full round
+                    await asyncio.to_thread(self._stage_for_autoencoder, peer, path)
         except Exception:
             log.exception("round %d: could not add the update from %s; dropping it", meta.round_id, peer)
             self._claimed.discard(peer.uri)
@@ -356,6 +358,16 @@ class RoundCoordinator:
                 secure.add_masked(sender, fp.from_wire(np.asarray(block), count), start)
             secure.finish_upload(sender)
         del data
+
+    def _stage_for_autoencoder(self, peer: SpiffeId, path: Path) -> None:
+        """A trusted full round: the autoencoder's schedule keeps this agent's own update (best
+        effort: the round does not depend on it)."""
+        assert self._autoencoder is not None
+        try:
+            payload = np.memmap(path, dtype=identity.WIRE_DTYPE, mode="r")
+            self._autoencoder.stage(payload[:-1], scale=1.0 / float(payload[-1]))
+        except Exception:
+            log.exception("could not keep %s's update for the autoencoder; it learns without it", peer)
 
     # Secure aggregation: the phases agents drive through the servicer.
 
@@ -457,6 +469,8 @@ class RoundCoordinator:
         self._claimed, self._added = set(), set()
         self._all_in = asyncio.Event()
         self._start_codec(round_id)
+        if self._autoencoder is not None:
+            self._autoencoder.discard_staged()
         self._decoded = {}
         summed = self.layout.numel  # FetchSGD: sketches are summed and the sum decoded once
         if self._fetchsgd is not None and self._round_codec is not None:

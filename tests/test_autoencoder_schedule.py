@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.codecs.autoencoder import load_autoencoder
+from common.codecs.autoencoder import _training_rows, load_autoencoder
 from common.codecs.registry import CodecSettings
 from common.config import AggregatorConfig
 from common.errors import ConfigError
@@ -17,6 +17,7 @@ from tests.conftest import Pki, aggregator_config
 
 NUMEL = 3000
 BASE = CodecSettings("autoencoder", ratio=8.0)
+IDENTITY_SETTINGS = CodecSettings("identity")
 PLAN = AutoencoderPlan(ratio=8.0, block=32, hidden=32, warmup=2, refresh=3, tgap_steps=60, faf_steps=20)
 
 
@@ -101,3 +102,56 @@ def test_a_diverged_training_never_reaches_the_agents(
     fresh = AutoencoderSchedule(dataclasses.replace(PLAN, warmup=1), NUMEL, tmp_path / "fresh")
     fresh.observe(fresh.settings(BASE), [mean_update(0)])  # TGAP diverges too: rounds stay full
     assert fresh.settings(BASE).name == "identity" and fresh.codec is None
+
+
+def test_a_trusted_aggregator_learns_from_each_agents_staged_update(tmp_path: Path) -> None:
+    """Plain rounds: each agent's update is staged as it arrives and becomes a snapshot when the
+    round commits; warm-up counts full rounds, not snapshots; an abandoned round's are dropped."""
+    plan = dataclasses.replace(PLAN, warmup=2, refresh=0, window=2)
+    schedule = AutoencoderSchedule(plan, NUMEL, tmp_path)
+    agents = 3
+    for r in range(2):
+        settings = schedule.settings(BASE)
+        assert settings.name == "identity"
+        for a in range(agents):  # weighted payloads, memory-mapped, scaled back by 1 / weight
+            np.save(tmp_path / "payload.npy", 0.5 * mean_update(10 * r + a))
+            schedule.stage(np.load(tmp_path / "payload.npy", mmap_mode="r"), scale=2.0)
+        if r == 0:
+            schedule.discard_staged()  # the round was abandoned: its updates never count
+            for a in range(agents):
+                schedule.stage(mean_update(10 * r + a))
+        schedule.observe(settings, [np.full(NUMEL, 99.0, np.float32)])  # the mean: unused here
+        assert not list((tmp_path / "staged").glob("*.npy"))
+        names = sorted(p.name for p in (tmp_path / "snapshots").glob("*.npy"))
+        assert names == [f"{i:08d}-{a:03d}.npy" for i in range(r + 1) for a in range(agents)]
+        if r == 0:
+            assert schedule.codec is None  # one full round of 3 agents is not 2 rounds of warm-up
+    np.testing.assert_allclose(
+        np.load(tmp_path / "snapshots" / "00000001-002.npy"), mean_update(12), rtol=1e-6
+    )
+    assert schedule.codec is not None and schedule.settings(BASE).name == "autoencoder"
+    encoded = schedule.settings(BASE)
+    schedule.stage(mean_update(50))  # stray: an encoded round never stages
+    schedule.observe(encoded, [])
+    assert not list((tmp_path / "staged").glob("*.npy"))
+    schedule.observe(IDENTITY_SETTINGS, [mean_update(60)])  # a third full round: the window keeps 2
+    rounds = {p.name.split("-")[0] for p in (tmp_path / "snapshots").glob("*.npy")}
+    assert rounds == {"00000001", "00000002"}
+
+
+def test_training_reads_a_bounded_sample_of_each_snapshot(tmp_path: Path) -> None:
+    block, rows = 16, 5000
+    vector = np.random.default_rng(0).standard_normal(block * rows - 3).astype(np.float32) * 3
+    np.save(tmp_path / "big.npy", vector)
+    mapped = np.load(tmp_path / "big.npy", mmap_mode="r")
+    drawn = _training_rows(mapped, block, 100, np.random.default_rng(1))
+    assert drawn.shape == (100, block)
+    rms = float(np.sqrt(np.mean(vector.astype(np.float64) ** 2)))
+    padded = np.zeros(block * rows, np.float32)
+    padded[: vector.size] = vector / rms
+    whole = padded.reshape(rows, block)
+    matches = [np.flatnonzero(np.all(np.isclose(whole, row, atol=1e-6), axis=1)) for row in drawn]
+    assert all(len(m) == 1 for m in matches)  # each drawn row is one real block, normalised
+    assert len({int(m[0]) for m in matches}) == 100  # drawn without replacement
+    small = _training_rows(vector[:160], block, 100, np.random.default_rng(1))
+    assert small.shape == (10, block)  # fewer blocks than the cap: all of them

@@ -249,3 +249,13 @@ def test_autoencoder_with_the_mlp_decoder_in_plain_rounds(tmp_path: Path) -> Non
     numel = ParamLayout.from_tensors(CheckpointStore(db.parent / "checkpoints").load(0)).numel
     (size,) = encoded
     assert size == 4 + 4 * (-(-numel // 64) * 8 + 1)  # weight, then 8 codes a block of 64 and the scale
+    # Trusted: TGAP learned from each agent's update of the 2 warm-up rounds, not from their means.
+    codec_dir = tmp_path / "aggregator-state" / "codec"
+    snapshots = sorted(p.name for p in (codec_dir / "snapshots").glob("*.npy"))
+    assert snapshots == [f"{r:08d}-{a:03d}.npy" for r in range(2) for a in range(len(CLOUDS))]
+    audited = sorted(
+        float(np.linalg.norm(ParamLayout.from_tensors(d).flatten(d))) for d, _ in _audited(tmp_path, 1)
+    )
+    first = snapshots[: len(CLOUDS)]
+    staged = sorted(float(np.linalg.norm(np.load(codec_dir / "snapshots" / n))) for n in first)
+    np.testing.assert_allclose(staged, audited, rtol=1e-5)

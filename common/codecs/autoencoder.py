@@ -93,14 +93,45 @@ def _rms(vector: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(vector, dtype=np.float64)))) or 1.0
 
 
+TRAINING_ROWS = 1 << 15
+"""Blocks drawn from each snapshot for training: memory stays bounded whatever the model's size
+(TGAP and FAF take 400 and 150 steps of 256 blocks)."""
+_CHUNK = 1 << 20
+
+
+def _training_rows(snapshot: np.ndarray, block: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """RMS-normalised blocks of ``snapshot`` (all of them, or ``cap`` drawn at random); reads a
+    memory-mapped snapshot chunk by chunk and only the drawn blocks."""
+    flat = snapshot.reshape(-1)
+    squares = sum(
+        float(np.square(flat[i : i + _CHUNK], dtype=np.float64).sum()) for i in range(0, flat.size, _CHUNK)
+    )
+    rms = float(np.sqrt(squares / max(flat.size, 1))) or 1.0
+    rows = -(-flat.size // block)
+    if rows <= cap:
+        return _blocks(np.asarray(flat, dtype=np.float32) / np.float32(rms), block)
+    picked = np.sort(rng.choice(rows, cap, replace=False))
+    index = picked[:, None] * block + np.arange(block)
+    inside = index < flat.size
+    out = np.zeros((cap, block), dtype=np.float32)
+    out[inside] = flat[index[inside]]
+    out /= np.float32(rms)
+    return out
+
+
 def train_autoencoder(
     model: BlockAutoencoder, snapshots: Sequence[np.ndarray], steps: int, seed: int, lr: float = 3e-3
 ) -> float:
     """Fit ``model`` to reconstruct the blocks of RMS-normalised ``snapshots`` (TGAP when it starts
-    from scratch, FAF when it continues a trained model); returns the final relative error."""
+    from scratch, FAF when it continues a trained model); returns the final relative error on the
+    blocks it trained on. Snapshots may be memory-mapped: at most TRAINING_ROWS blocks of each
+    are read."""
     if not snapshots:
         raise ConfigError("the autoencoder needs at least one update snapshot to train on")
-    data = torch.from_numpy(np.concatenate([_blocks(s / _rms(s), model.block) for s in snapshots]))
+    draw = np.random.default_rng(seed)
+    data = torch.from_numpy(
+        np.concatenate([_training_rows(s, model.block, TRAINING_ROWS, draw) for s in snapshots])
+    )
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
