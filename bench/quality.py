@@ -69,6 +69,8 @@ class Scheme:
     """secagg: coordinates per adaptive clip bound."""
     topk: float = 0.1
     """countsketch: FetchSGD's k as a fraction of the sketch's width."""
+    codec_segment: int = 0
+    """quantize: each agent's own bound per this many values (``clip`` x their RMS); 0: shared clip."""
 
 
 SCHEMES = (
@@ -81,6 +83,9 @@ SCHEMES = (
     Scheme("identity + secagg 2 bit adaptive x2", secagg=True, secagg_bits=2, secagg_clip=0.15, adaptive=2.0),
     Scheme("quantize 8 bit", "quantize", bits=8),
     Scheme("quantize 2 bit", "quantize", bits=2),
+    Scheme("quantize 4 bit per-1024 x3", "quantize", bits=4, clip=3.0, codec_segment=1024),
+    Scheme("quantize 3 bit per-1024 x3", "quantize", bits=3, clip=3.0, codec_segment=1024),
+    Scheme("quantize 2 bit per-1024 x1.5", "quantize", bits=2, clip=1.5, codec_segment=1024),
     Scheme("topk 16x + EF", "topk", ratio=16),
     Scheme("topk 32x + EF", "topk", ratio=32),
     Scheme("projection 4x + EF + secagg 8 bit", "projection", 4, secagg=True, secagg_bits=8, secagg_clip=0.5),
@@ -93,6 +98,15 @@ SCHEMES = (
         secagg_bits=4,
         secagg_clip=0.15,
         adaptive=3.0,
+    ),
+    Scheme(
+        "projection 2x + EF + secagg 2 bit adaptive x2",
+        "projection",
+        2,
+        secagg=True,
+        secagg_bits=2,
+        secagg_clip=0.15,
+        adaptive=2.0,
     ),
     Scheme("countsketch 4x + FetchSGD", "countsketch", 4),
     Scheme(
@@ -184,7 +198,9 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
     layout = ParamLayout.from_tensors(adapter)
     numel = layout.numel
     training = LocalTraining(steps, 5e-3, 8, 64, seed)
-    settings = registry.CodecSettings(scheme.codec, scheme.ratio, scheme.bits, scheme.clip, seed)
+    settings = registry.CodecSettings(
+        scheme.codec, scheme.ratio, scheme.bits, scheme.clip, seed, segment=scheme.codec_segment
+    )
     residuals: dict[str, ErrorFeedback] = {}
     learned = (
         Learned(scheme, seed, numel, world.root / f"ae-{scheme.label}-{seed}")

@@ -140,7 +140,12 @@ class FederationConfig:
     codec_bits: int = 8
     """Bits per parameter for quantize (2..16)."""
     codec_clip: float = 0.1
-    """Clip bound of each update coordinate for quantize."""
+    """Clip bound of each update coordinate for quantize (with ``codec_segment``: a multiple of
+    each segment's RMS, 2-3)."""
+    codec_segment: int = 0
+    """``quantize``: 0 = the one shared ``codec_clip`` (linear); n = each agent clips every n values
+    at ``codec_clip`` x their own RMS and sends the bounds (32 / n bits a value more); each payload
+    then decodes on its own, so secure aggregation is refused, as for topk."""
     lora_rank: int = 8
     """LoRA rank."""
     lora_alpha: float = 16.0
@@ -258,6 +263,8 @@ class AggregatorConfig:
             raise ConfigError("federation.codec_bits must be in 2..16")
         if not self.federation.codec_clip > 0:
             raise ConfigError("federation.codec_clip must be positive")
+        if self.federation.codec_segment < 0:
+            raise ConfigError("federation.codec_segment must be >= 0")
         state = self.federation.codec_state
         if self.federation.codec == "eigen" and (state is None or not state.is_file()):
             raise ConfigError(

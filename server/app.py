@@ -88,7 +88,7 @@ def build_aggregator(config: AggregatorConfig) -> Aggregator:
         spool,
         StateDB(state / "cloudfed.db"),
         make_optimizer(f.server_optimizer, f.server_lr, state / "optimizer"),
-        CodecSettings(f.codec, f.codec_ratio, f.codec_bits, f.codec_clip, f.seed),
+        CodecSettings(f.codec, f.codec_ratio, f.codec_bits, f.codec_clip, f.seed, segment=f.codec_segment),
         config.secagg,
         CodecState.of(f.codec_state) if f.codec == "eigen" and f.codec_state is not None else None,
         autoencoder_plan(f),

@@ -62,6 +62,8 @@ async def send(
     ("codec", "params", "tolerance"),
     [
         ("quantize", {"codec_bits": 12, "codec_clip": 4.0}, 4.0 / 2047),
+        # each agent's bound per 256 values (3 x RMS, about 1.7 here) travels in its payload
+        ("quantize", {"codec_bits": 12, "codec_clip": 3.0, "codec_segment": 256}, 3.0 * 0.65 / 2047),
         ("topk", {"codec_ratio": 4.0}, 1e-6),  # deterministic: the mean of the kept entries, exactly
         ("projection", {"codec_ratio": 1.0}, None),  # a square random basis: unbiased, not exact
     ],

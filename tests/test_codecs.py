@@ -59,6 +59,41 @@ def test_quantize_round_trip_within_one_step_and_unbiased(bits: int) -> None:
         codec.unpack(packed[:-1], x.size)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_segmented_quantize_scales_each_segment_by_its_own_rms(bits: int) -> None:
+    """Two parts a thousand times apart in scale: one shared clip leaves the small part a fraction
+    of one step; per-segment bounds keep both within one step of their own scale, unbiased."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.standard_normal(2048) * 1e-4, rng.standard_normal(2000) * 1e-1]).astype(
+        np.float32
+    )
+    codec = Quantize(clip=3.0, bits=bits, rng=np.random.default_rng(4), segment=256)
+    assert not codec.linear
+    payload = codec.encode(x)
+    data = codec.to_bytes(payload)
+    assert len(data) == codec.payload_bytes(x.size) == (x.size * bits + 7) // 8 + 4 * 16
+    decoded = codec.decode(codec.from_bytes(data, x.size))
+    small, large = slice(0, 2048), slice(2048, None)
+    for part in (small, large):  # each within a step (3 x its RMS over the levels) of its own scale
+        rel = np.linalg.norm(decoded[part] - x[part]) / np.linalg.norm(x[part])
+        assert rel < 3.0 / (1 << (bits - 1)) * 1.2, (part, rel)
+    if bits >= 4:  # a shared clip spends its steps on the large part: the small one is noise
+        shared = Quantize(clip=float(np.abs(x).max()), bits=bits, rng=np.random.default_rng(4))
+        shared_small = shared.decode(shared.encode(x))[small]
+        assert np.linalg.norm(shared_small - x[small]) > 5 * np.linalg.norm(decoded[small] - x[small])
+    runs = np.mean([codec.decode(codec.encode(x)) for _ in range(200)], axis=0)
+    inside = np.abs(x) < 2.5 * np.repeat(codec._split(payload)[1].bounds, 256)[: x.size] / 3.0
+    assert abs(float(np.mean((runs - x)[inside] / np.abs(x[inside]).mean()))) < 0.02  # unbiased inside
+    zeros = codec.decode(codec.encode(np.zeros(300, np.float32)))
+    np.testing.assert_array_equal(zeros, 0.0)
+    bad = bytearray(data)
+    bad[-4:] = np.array([np.inf], "<f4").tobytes()
+    with pytest.raises(InvalidArgument, match="positive and finite"):
+        codec.from_bytes(bytes(bad), x.size)
+    with pytest.raises(InvalidArgument, match="expected"):
+        codec.from_bytes(data[:-1], x.size)
+
+
 def test_projection_is_an_orthogonal_projection_shared_by_seed() -> None:
     x = np.random.default_rng(3).standard_normal(4096).astype(np.float32)
     codec = Projection.seeded(4096, ratio=4, seed=0, block=512)
@@ -136,6 +171,8 @@ def test_bad_codec_settings_are_refused() -> None:
         Quantize(clip=1.0, bits=1)
     with pytest.raises(ConfigError):
         Quantize(clip=0.0, bits=8)
+    with pytest.raises(ConfigError, match="segment"):
+        Quantize(clip=2.0, bits=4, segment=-1)
     with pytest.raises(ConfigError):
         TopK(100, ratio=0.5)
     with pytest.raises(ConfigError):

@@ -76,8 +76,9 @@ def test_shipped_agent_example_loads() -> None:
         ({"CLOUDFED_SECAGG_ADAPTIVE_CLIP": "-1"}, r"secagg.adaptive_clip must be >= 0"),
         ({"CLOUDFED_SECAGG_ADAPTIVE_CLIP": "nan"}, r"secagg.adaptive_clip must be >= 0"),
         ({"CLOUDFED_SECAGG_CLIP_SEGMENT": "0"}, r"secagg.clip_segment must be >= 1"),
+        ({"CLOUDFED_FEDERATION_CODEC_SEGMENT": "-1"}, r"federation.codec_segment must be >= 0"),
     ],
 )
-def test_bad_adaptive_clip_settings_are_refused(env: dict[str, str], message: str) -> None:
+def test_bad_clip_and_segment_settings_are_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load(AggregatorConfig, EXAMPLE, env=env).validate()

@@ -39,13 +39,15 @@ class CodecSettings:
     seed: int = 0
     state_sha256: str = ""
     """Digest of the codec's shared state file (``eigen``: the bases), served by the aggregator."""
+    segment: int = 0
+    """``quantize``: 0 = one shared clip; n = each agent's own bound per n values (``clip`` x RMS)."""
 
     def params(self) -> dict[str, float | str]:
         """The parameters that travel in CodecSpec.params (and must match in every upload)."""
         if self.name == "identity":
             return {}
         if self.name == "quantize":
-            return {"bits": float(self.bits), "clip": self.clip}
+            return {"bits": float(self.bits), "clip": self.clip, "segment": float(self.segment)}
         if self.name == "eigen":
             return {"state_sha256": self.state_sha256}
         if self.name == "autoencoder":
@@ -63,6 +65,7 @@ def settings_from(name: str, params: dict[str, object], seed: int) -> CodecSetti
         float(params.get("clip", defaults.clip)),  # type: ignore[arg-type]
         seed,
         str(params.get("state_sha256", "")),
+        int(params.get("segment", 0)),  # type: ignore[call-overload]
     )
 
 
@@ -82,7 +85,7 @@ def make(settings: CodecSettings, numel: int, round_id: int, shared: Codec | Non
             raise FailedPrecondition(f"codec {settings.name!r} needs its state (bases, network) loaded first")
         return shared
     if settings.name == "quantize":
-        return Quantize(settings.clip, settings.bits)
+        return Quantize(settings.clip, settings.bits, segment=settings.segment)
     if settings.name == "projection":
         return Projection.seeded(numel, settings.ratio, round_seed(settings.seed, round_id))
     if settings.name == "topk":
