@@ -16,13 +16,15 @@ from cryptography import x509
 import common
 from common.backoff import backoff_delays
 from common.chunks import MAX_CHUNK_BYTES, iter_file_chunks, sha256_file, validate_chunk_bytes
-from common.errors import DataLoss, InvalidArgument
+from common.codecs.registry import KNOWN as KNOWN_CODECS
+from common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from common.grpc_client_metrics import client_metrics_interceptors
 from common.grpc_options import DOWNLOAD_DEADLINE_S, UNARY_DEADLINE_S, channel_options, upload_deadline_s
 from common.identity import IdentityError, SpiffeId
 from common.metrics import TRANSFER_BYTES, peer_labels, rpc_types_of
 from common.pki import spiffe_ids_of
 from common.tls import TlsFiles, channel_credentials
+from common.wire import WIRE_REVISION, check_aggregator
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
 
@@ -86,17 +88,28 @@ class AggregatorClient:
         await self.close()
 
     async def join(
-        self, num_examples: int, device: pb.DeviceInfo | None = None, codecs: tuple[str, ...] = ("identity",)
+        self, num_examples: int, device: pb.DeviceInfo | None = None, codecs: tuple[str, ...] = KNOWN_CODECS
     ) -> pb.JoinResponse:
-        """Announce this agent and get the federation's settings."""
+        """Announce this agent and get the federation's settings.
+
+        Raises FailedPrecondition when the two sides cannot work together (another wire
+        revision, a codec this agent cannot encode): no retry fixes that.
+        """
         request = pb.JoinRequest(
             software_version=common.__version__,
             supported_codecs=codecs,
             device=device,
             num_examples=num_examples,
+            wire_revision=WIRE_REVISION,
         )
         # Fails fast (no wait_for_ready): a bad certificate must surface at once, not as a deadline.
-        response: pb.JoinResponse = await self.stub.Join(request, timeout=UNARY_DEADLINE_S)
+        try:
+            response: pb.JoinResponse = await self.stub.Join(request, timeout=UNARY_DEADLINE_S)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise FailedPrecondition(f"the aggregator refused to let us join: {exc.details()}") from exc
+            raise
+        check_aggregator(response.wire_revision)
         with contextlib.suppress(IdentityError):
             self.labels.update(peer_labels(SpiffeId.parse(response.agent_id)))  # shared with the interceptors
         server_limit = response.settings.chunk_limits.max_chunk_bytes

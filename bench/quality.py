@@ -34,6 +34,7 @@ from common.codecs.base import Codec
 from common.codecs.countsketch import CountSketch
 from common.codecs.eigen import Eigen, activation_covariances, eigen_bases
 from common.codecs.feedback import ErrorFeedback
+from common.codecs.quantize import Quantize
 from common.layout import ParamLayout
 from common.secagg.clips import SegmentClips
 from common.secagg.local import Federation, run_round
@@ -231,6 +232,8 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
             codec = Eigen(layout, eigen_bases(layout, world.covariances, scheme.ratio))
         else:
             codec = registry.make(settings, numel, round_id)
+        if isinstance(codec, Quantize):  # stochastic rounding repeats exactly from run to run
+            codec.rng = np.random.default_rng([seed, round_id])
         true_mean = sum(examples[n] * deltas[n].astype(np.float64) for n in deltas) / sum(examples.values())
         coords = {name: _coords(codec, delta, residuals, name) for name, delta in deltas.items()}
         if scheme.secagg:

@@ -18,6 +18,7 @@ from common.secagg_pb import (
     sealed_from_pb,
     sealed_to_pb,
 )
+from common.wire import WIRE_REVISION, check_joiner
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
 from server.downloads import send_codec_state, send_model
@@ -107,6 +108,9 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
 
     async def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:
         peer = require_peer()
+        check_joiner(
+            request.wire_revision, request.supported_codecs, self._rounds.codec.name, request.software_version
+        )
         await self._rounds.join(peer, AgentInfo(request.num_examples, request.software_version))
         log.info(
             "%s joined (software %s, %d examples, %s x%d)",
@@ -120,6 +124,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             agent_id=peer.uri,
             settings=settings_of(self._config, self._rounds),
             global_version=self._rounds.state.global_version,
+            wire_revision=WIRE_REVISION,
         )
 
     async def WatchRounds(

@@ -164,10 +164,16 @@ class JoinRequest(_message.Message):
     SUPPORTED_CODECS_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
+    WIRE_REVISION_FIELD_NUMBER: _builtins.int
     software_version: _builtins.str
     """cloudfed version of the agent software."""
     num_examples: _builtins.int
     """Number of local training examples; weights the agent in FedAvg."""
+    wire_revision: _builtins.int
+    """Revision of the wire formats the agent encodes (masked and encoded payload
+    layouts, codec parameters); the aggregator refuses any other with
+    FAILED_PRECONDITION. Unset (0) is an agent older than the field.
+    """
     @_builtins.property
     def supported_codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Codec names the agent can encode."""
@@ -183,10 +189,11 @@ class JoinRequest(_message.Message):
         supported_codecs: _abc.Iterable[_builtins.str] | None = ...,
         device: Global___DeviceInfo | None = ...,
         num_examples: _builtins.int = ...,
+        wire_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "num_examples", b"num_examples", "software_version", b"software_version", "supported_codecs", b"supported_codecs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "num_examples", b"num_examples", "software_version", b"software_version", "supported_codecs", b"supported_codecs", "wire_revision", b"wire_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -511,10 +518,15 @@ class JoinResponse(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     SETTINGS_FIELD_NUMBER: _builtins.int
     GLOBAL_VERSION_FIELD_NUMBER: _builtins.int
+    WIRE_REVISION_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The caller's identity as the aggregator read it from its certificate."""
     global_version: _builtins.int
     """Latest global version."""
+    wire_revision: _builtins.int
+    """Revision of the wire formats the aggregator decodes; the agent stops if
+    it differs from its own.
+    """
     @_builtins.property
     def settings(self) -> Global___FederationSettings:
         """Federation settings."""
@@ -525,10 +537,11 @@ class JoinResponse(_message.Message):
         agent_id: _builtins.str = ...,
         settings: Global___FederationSettings | None = ...,
         global_version: _builtins.int = ...,
+        wire_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "global_version", b"global_version", "settings", b"settings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "global_version", b"global_version", "settings", b"settings", "wire_revision", b"wire_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,54 @@
+"""Wire compatibility between an agent and the aggregator, checked at Join.
+
+``WIRE_REVISION`` names the layout of everything the two sides must encode
+and decode alike: encoded payloads, masked vectors, codec parameters. Bump it
+whenever one of them changes, so a mixed fleet is refused at Join with a clear
+message instead of at upload time as a size or digest error.
+
+Revisions:
+  1. (implicit; agents before the field send 0) masked weight as one
+     fixed-point coordinate, ring one bit wider than ``bits + ceil(log2 n)``.
+  2. masked weight as ``ceil(24 / bits)`` base-2^bits digits, ring exactly
+     ``bits + ceil(log2 n)`` bits; ``quantize`` with per-segment bounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from common.errors import FailedPrecondition
+
+WIRE_REVISION = 2
+
+
+def codecs_needed(codec: str) -> tuple[str, ...]:
+    """Codecs an agent must encode to take part in a federation running ``codec``."""
+    if codec == "autoencoder":  # warm-up and refresh rounds are full (identity)
+        return ("identity", "autoencoder")
+    return (codec,)
+
+
+def check_joiner(revision: int, supported_codecs: Iterable[str], codec: str, software: str) -> None:
+    """Raise FailedPrecondition unless an agent with these capabilities can take part."""
+    if revision != WIRE_REVISION:
+        told = f"wire revision {revision}" if revision else "no wire revision (older than 0.1.0 wire checks)"
+        raise FailedPrecondition(
+            f"the agent (software {software or '?'}) speaks {told}; this aggregator speaks "
+            f"wire revision {WIRE_REVISION}: run the same cloudfed release on both"
+        )
+    missing = [name for name in codecs_needed(codec) if name not in set(supported_codecs)]
+    if missing:
+        raise FailedPrecondition(
+            f"the federation's codec needs {', '.join(missing)}, which the agent "
+            f"(software {software or '?'}) cannot encode"
+        )
+
+
+def check_aggregator(revision: int) -> None:
+    """Raise FailedPrecondition unless the aggregator decodes this agent's wire revision."""
+    if revision != WIRE_REVISION:
+        told = f"wire revision {revision}" if revision else "no wire revision (an older release)"
+        raise FailedPrecondition(
+            f"the aggregator speaks {told}; this agent speaks wire revision {WIRE_REVISION}: "
+            "run the same cloudfed release on both"
+        )
