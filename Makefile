@@ -55,6 +55,7 @@ bench: venv
 	$(PY) -m bench.transport
 	$(PY) -m bench.secagg
 	$(PY) -m bench.quality
+	$(PY) -m bench.trainer
 
 ci: lint typecheck buf-lint proto-check test
 

@@ -25,7 +25,7 @@ from agent.client import AggregatorClient
 from agent.data import load_texts, pack, split
 from agent.distributed import DistContext
 from agent.secure import SecureParticipation, Signer
-from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device
+from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device, pick_dtype
 from common.backoff import backoff_delays
 from common.codecs import registry
 from common.codecs.autoencoder import Autoencoder, load_autoencoder
@@ -70,7 +70,9 @@ class Worker:
         if op == "init":
             if self.trainer is None:
                 device = self.ctx.device(pick_device(self.config.device))
-                self.trainer = LoraTrainer(command["model"], command["lora"], device, self.ctx)
+                dtype = pick_dtype(self.config.precision, device)
+                self.trainer = LoraTrainer(command["model"], command["lora"], device, self.ctx, dtype)
+                log.info("rank %d: training on %s, base weights %s", self.ctx.rank, device, dtype)
                 length, rank, world = command["sequence_length"], self.ctx.rank, self.ctx.world_size
                 self.train_blocks = _shard(pack(self.trainer.tokenizer, self.train_docs, length), rank, world)
                 self.eval_blocks = _shard(pack(self.trainer.tokenizer, self.eval_docs, length), rank, world)

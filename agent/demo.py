@@ -60,6 +60,7 @@ def prepare(
     codec_ratio: float = 16.0,
     secagg_bits: int = 24,
     adaptive_clip: float = 0.0,
+    device: str = "cpu",
 ) -> tuple[Path, list[Path], int]:
     """Write certificates, model, data and configs; return (aggregator config, agent configs, health port).
     With ``secagg`` the aggregator only ever sees the masked sum (``secagg_bits``-bit fixed point,
@@ -133,7 +134,7 @@ aggregator = "127.0.0.1:{port}"
 server_name = "localhost"
 state_dir = "state"
 data = "data.jsonl"
-device = "cpu"
+device = "{device}"
 max_rounds = {rounds}
 audit_dir = "audit"
 metrics_listen = "127.0.0.1:{free_port()}"
@@ -171,10 +172,11 @@ def run_federation(
     codec_ratio: float = 16.0,
     secagg_bits: int = 24,
     adaptive_clip: float = 0.0,
+    device: str = "cpu",
 ) -> dict[int, dict[str, float]]:
     """Start the aggregator and agents, wait for ``rounds`` new versions, stop them; return the eval table."""
     agg_config, agent_configs, health = prepare(
-        root, rounds, secagg, codec, codec_ratio, secagg_bits, adaptive_clip
+        root, rounds, secagg, codec, codec_ratio, secagg_bits, adaptive_clip, device
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     logs = [open(root / "aggregator.log", "wb")]  # noqa: SIM115 - closed below

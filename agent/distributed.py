@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from common.errors import ConfigError
+
 log = logging.getLogger(__name__)
 IDLE_TIMEOUT = dt.timedelta(hours=24)
 """Ranks > 0 wait in a broadcast while rank 0 waits for rounds; that can take hours."""
@@ -75,6 +77,11 @@ def init_from_env(device: str) -> DistContext:
     backend = "nccl" if device.startswith("cuda") else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"torchrun started local rank {local_rank}, but only {torch.cuda.device_count()} GPU(s) "
+                "are visible: --nproc_per_node must be at most the GPUs on the node"
+            )
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, timeout=IDLE_TIMEOUT)
     ctx = DistContext(dist.get_rank(), dist.get_world_size(), local_rank)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from agent.distributed import DistContext
-from common.errors import InvalidArgument
+from common.errors import ConfigError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,12 @@ class LocalTraining:
     seed: int = 0
 
 
-def _adapter_model(model_path: str, lora: LoraSpec, device: str) -> Any:
+def _adapter_model(model_path: str, lora: LoraSpec, device: str, dtype: torch.dtype = torch.float32) -> Any:
+    """The base model in ``dtype`` (frozen) with the LoRA adapter; peft keeps the adapter in float32."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft takes any number: scaling = alpha / r
@@ -55,7 +56,8 @@ def _adapter_model(model_path: str, lora: LoraSpec, device: str) -> Any:
         lora_dropout=lora.dropout,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, config).to(device)
+    # autocast_adapter_dtype: a bf16 base gets float32 LoRA weights (what the optimizer steps).
+    return get_peft_model(base, config, autocast_adapter_dtype=True).to(device)
 
 
 def adapter_state(model: Any) -> dict[str, torch.Tensor]:
@@ -74,24 +76,53 @@ def initial_adapter(model_path: str, lora: LoraSpec, seed: int) -> dict[str, tor
 
 
 def pick_device(requested: str = "auto") -> str:
-    """'cuda' when asked for or available under 'auto', else 'cpu'."""
+    """'cuda' when available under 'auto'; 'cuda'/'cuda:N' only if torch sees that device."""
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            cuda = torch.version.cuda
+            build = "a CPU-only build" if cuda is None else f"built for CUDA {cuda}"
+            raise ConfigError(
+                f"device: {requested!r} asked for, but torch {torch.__version__} ({build}) sees no GPU"
+            )
+        index, count = int(requested.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(f"device: {requested!r} asked for, but only {count} GPU(s) are visible")
     return requested
+
+
+def pick_dtype(precision: str, device: str) -> torch.dtype:
+    """The base model's dtype: 'auto' is bfloat16 on a GPU that supports it, else float32."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if (
+        precision == "auto"
+        and device.startswith("cuda")
+        and torch.cuda.is_bf16_supported(including_emulation=False)
+    ):
+        return torch.bfloat16
+    return torch.float32
 
 
 class LoraTrainer:
     """A causal LM with the federation's LoRA adapter, trained locally each round."""
 
     def __init__(
-        self, model_path: str, lora: LoraSpec, device: str = "cpu", ctx: DistContext | None = None
+        self,
+        model_path: str,
+        lora: LoraSpec,
+        device: str = "cpu",
+        ctx: DistContext | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         from transformers import AutoTokenizer
 
         self.device = device
+        self.dtype = dtype
         self.ctx = ctx or DistContext()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = _adapter_model(model_path, lora, device)
+        self.model = _adapter_model(model_path, lora, device, dtype)
         self.ddp: Any = None
         if self.ctx.enabled:  # every rank trains its shard; DDP all-reduces the LoRA gradients
             from torch.nn.parallel import DistributedDataParallel

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -376,6 +377,9 @@ class AgentConfig:
     """Local path of the base model; '' uses the federation's model_id."""
     device: str = "auto"
     """Training device: 'auto', 'cpu', 'cuda' or 'cuda:N'."""
+    precision: str = "auto"
+    """Base model weights: 'fp32', 'bf16', or 'auto' (bf16 on a GPU that supports it, else fp32).
+    The LoRA adapter, its optimizer and every update stay float32."""
     audit_dir: Path | None = None
     """If set, every update this agent sends is also written here, unmasked, with its metadata."""
     max_rounds: int = 0
@@ -408,6 +412,10 @@ class AgentConfig:
             _check_hostport(self.health_listen, "health_listen")
         if self.egress_price_per_gb < 0:
             raise ConfigError("egress_price_per_gb must be >= 0")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision: expected 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         self.tls.files().check("tls")
         return self
 

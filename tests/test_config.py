@@ -73,6 +73,22 @@ def test_shipped_agent_example_loads() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
+        ({"CLOUDFED_AGENT_DEVICE": "gpu"}, r"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+        ({"CLOUDFED_AGENT_DEVICE": "cuda:x"}, r"device: expected .* got 'cuda:x'"),
+        ({"CLOUDFED_AGENT_PRECISION": "fp16"}, r"precision: expected 'auto', 'fp32' or 'bf16', got 'fp16'"),
+    ],
+)
+def test_agent_device_and_precision_are_checked_before_the_tls_files(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(AgentConfig, None, env=env).validate()
+    assert load(AgentConfig, None, env={"CLOUDFED_AGENT_DEVICE": "cuda:1"}).device == "cuda:1"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
         ({"CLOUDFED_SECAGG_ADAPTIVE_CLIP": "-1"}, r"secagg.adaptive_clip must be >= 0"),
         ({"CLOUDFED_SECAGG_ADAPTIVE_CLIP": "nan"}, r"secagg.adaptive_clip must be >= 0"),
         ({"CLOUDFED_SECAGG_CLIP_SEGMENT": "0"}, r"secagg.clip_segment must be >= 1"),

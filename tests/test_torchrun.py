@@ -66,3 +66,34 @@ def test_two_ranks_train_with_ddp_and_only_rank_0_joins(tmp_path: Path) -> None:
     ]
     db = tmp_path / "aggregator-state" / "cloudfed.db"
     assert query(db, "SELECT agent FROM agents") == [("spiffe://demo.cloudfed/cloud/gcp/agent/agent-1",)]
+
+
+def test_more_ranks_than_gpus_stop_with_one_config_error(tmp_path: Path) -> None:
+    """device = "cuda" with more ranks than GPUs (none on CI machines): a config error, not a CUDA trace."""
+    import torch
+
+    _, agent_configs, _ = prepare(tmp_path, rounds=1, secagg=False, device="cuda")
+    gpus = torch.cuda.device_count()
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={gpus + 1}",
+            "-m",
+            "agent.cli",
+            "--config",
+            str(agent_configs[0]),
+            "run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log = run.stdout + run.stderr
+    assert run.returncode != 0, log[-3000:]
+    expected = "sees no GPU" if gpus == 0 else f"only {gpus} GPU(s) are visible: --nproc_per_node must be"
+    assert any(line.startswith("cloudfed-agent: ") and expected in line for line in log.splitlines()), log[
+        -3000:
+    ]
