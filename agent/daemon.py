@@ -71,8 +71,17 @@ class Worker:
             if self.trainer is None:
                 device = self.ctx.device(pick_device(self.config.device))
                 dtype = pick_dtype(self.config.precision, device)
-                self.trainer = LoraTrainer(command["model"], command["lora"], device, self.ctx, dtype)
-                log.info("rank %d: training on %s, base weights %s", self.ctx.rank, device, dtype)
+                checkpointing = self.config.activation_checkpointing
+                self.trainer = LoraTrainer(
+                    command["model"], command["lora"], device, self.ctx, dtype, checkpointing
+                )
+                log.info(
+                    "rank %d: training on %s, base weights %s%s",
+                    self.ctx.rank,
+                    device,
+                    dtype,
+                    ", activation checkpointing" if checkpointing else "",
+                )
                 length, rank, world = command["sequence_length"], self.ctx.rank, self.ctx.world_size
                 self.train_blocks = _shard(pack(self.trainer.tokenizer, self.train_docs, length), rank, world)
                 self.eval_blocks = _shard(pack(self.trainer.tokenizer, self.eval_docs, length), rank, world)

@@ -10,6 +10,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,12 +44,20 @@ class LocalTraining:
     seed: int = 0
 
 
-def _adapter_model(model_path: str, lora: LoraSpec, device: str, dtype: torch.dtype = torch.float32) -> Any:
+def _adapter_model(
+    model_path: str,
+    lora: LoraSpec,
+    device: str,
+    dtype: torch.dtype = torch.float32,
+    checkpointing: bool = False,
+) -> Any:
     """The base model in ``dtype`` (frozen) with the LoRA adapter; peft keeps the adapter in float32."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    if checkpointing:
+        _enable_checkpointing(base)
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft takes any number: scaling = alpha / r
@@ -57,7 +66,20 @@ def _adapter_model(model_path: str, lora: LoraSpec, device: str, dtype: torch.dt
         task_type="CAUSAL_LM",
     )
     # autocast_adapter_dtype: a bf16 base gets float32 LoRA weights (what the optimizer steps).
-    return get_peft_model(base, config, autocast_adapter_dtype=True).to(device)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = get_peft_model(base, config, autocast_adapter_dtype=True)
+    return model.to(device)
+
+
+def _enable_checkpointing(base: Any) -> None:
+    """Activation checkpointing per decoder layer (non-reentrant: gradients reach the LoRA weights)."""
+    kwargs = {"use_reentrant": False}
+    base.config.use_cache = False  # no KV cache in training; transformers warns if it is on
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def adapter_state(model: Any) -> dict[str, torch.Tensor]:
@@ -115,6 +137,7 @@ class LoraTrainer:
         device: str = "cpu",
         ctx: DistContext | None = None,
         dtype: torch.dtype = torch.float32,
+        checkpointing: bool = False,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -122,7 +145,7 @@ class LoraTrainer:
         self.dtype = dtype
         self.ctx = ctx or DistContext()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = _adapter_model(model_path, lora, device, dtype)
+        self.model = _adapter_model(model_path, lora, device, dtype, checkpointing)
         self.ddp: Any = None
         if self.ctx.enabled:  # every rank trains its shard; DDP all-reduces the LoRA gradients
             from torch.nn.parallel import DistributedDataParallel

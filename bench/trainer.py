@@ -1,14 +1,16 @@
-"""Local training throughput and memory: fp32 beside bf16 base weights, same model, same run.
+"""Local training throughput and memory: fp32 and bf16 base weights, with and without activation
+checkpointing, same model, same run.
 
-    python -m bench.trainer [--device auto] [--hidden 256] [--layers 4] [--steps 20]
+    python -m bench.trainer [--device auto] [--hidden 256] [--layers 4] [--steps 10] [--variants ...]
 
 Builds a Llama of the given size from a config (nothing downloaded), adds the
 federation's kind of LoRA adapter (rank 16 on every attention and MLP
 projection) and times ``LoraTrainer.train`` on random token blocks, once per
-precision, interleaved over ``--repeats``: tokens per second (medians),
-peak accelerator memory, and the cosine between the two precisions' updates
-from the same start (how much bf16 changes what an agent sends). Results go to
-bench/results/trainer-<device>-h<hidden>-l<layers>.json.
+variant (fp32 base, bf16 base, bf16 with activation checkpointing), interleaved
+over ``--repeats``: tokens per second (medians), peak accelerator memory (the
+variant's own weights plus what its training adds), and the cosine of each
+variant's update to the fp32 one from the same start (how much it changes what
+an agent sends). Results go to bench/results/trainer-<device>-h<hidden>-l<layers>.json.
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LORA = LoraSpec(16, 32.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+VARIANTS = {  # name: (base dtype, activation checkpointing)
+    "fp32": (torch.float32, False),
+    "bf16": (torch.bfloat16, False),
+    "bf16+ckpt": (torch.bfloat16, True),
+}
 
 
 def _flat(delta: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -46,9 +52,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--variants",
+        help=f"comma-separated of {', '.join(VARIANTS)} (default: all on a GPU, fp32,bf16 on a CPU)",
+    )
     args = p.parse_args()
     device = pick_device(args.device)
     cuda = device.startswith("cuda")
+    names = (args.variants or ("fp32,bf16,bf16+ckpt" if cuda else "fp32,bf16")).split(",")
+    if names[0] != "fp32" or not set(names) <= set(VARIANTS):
+        raise SystemExit(f"--variants: fp32 first, then any of {list(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
         texts = [doc for domain in DOMAINS for doc in domain_corpus(domain, 200, seed=0)]
         path = str(
@@ -63,7 +76,10 @@ def main() -> None:
             )
         )
         start = initial_adapter(path, LORA, seed=0)
-        trainers = {name: LoraTrainer(path, LORA, device, dtype=dtype) for name, dtype in PRECISIONS.items()}
+        trainers = {
+            name: LoraTrainer(path, LORA, device, dtype=VARIANTS[name][0], checkpointing=VARIANTS[name][1])
+            for name in names
+        }
         vocab = trainers["fp32"].model.config.vocab_size
         # Token 0 is the builder's pad/EOS, whose embedding row is zero (padding_idx): a block that
         # starts with it keeps an exactly zero hidden state, and at 16 layers the RMSNorm gradients
@@ -73,7 +89,7 @@ def main() -> None:
         )
         training = LocalTraining(args.steps, 1e-4, args.batch, args.sequence, seed=0)
         tokens = args.steps * args.batch * args.sequence
-        rates: dict[str, list[float]] = {name: [] for name in PRECISIONS}
+        rates: dict[str, list[float]] = {name: [] for name in names}
         peaks: dict[str, int] = {}
         deltas: dict[str, torch.Tensor] = {}
         for trainer in trainers.values():  # warm-up: kernels, allocator
@@ -85,19 +101,22 @@ def main() -> None:
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
+                    resident = torch.cuda.memory_allocated()  # every variant's weights
                 began = time.perf_counter()
                 delta, _ = trainer.train(blocks, training, round_id=1)
                 if cuda:
                     torch.cuda.synchronize()
                 rates[name].append(tokens / (time.perf_counter() - began))
-                if cuda:
-                    peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
+                if cuda:  # this variant's weights + what its training added on top
+                    own = sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values())
+                    peak = own + torch.cuda.max_memory_allocated() - resident
+                    peaks[name] = max(peaks.get(name, 0), peak)
                 if repeat == 0:
                     deltas[name] = _flat(delta)
         model = trainers["fp32"].model
         params = sum(p.numel() for p in model.parameters() if not p.requires_grad)
         adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    a, b = deltas["fp32"], deltas["bf16"]
+    base = deltas["fp32"]
     report = {
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
         "torch": torch.__version__,
@@ -107,19 +126,21 @@ def main() -> None:
         "tokens_per_s": {name: statistics.median(r) for name, r in rates.items()},
         "runs_tokens_per_s": rates,
         "peak_memory_bytes": peaks,
-        "bf16_speedup": statistics.median(rates["bf16"]) / statistics.median(rates["fp32"]),
-        "update_cosine_bf16_vs_fp32": float(a @ b / (a.norm() * b.norm())),
-        "update_norm_ratio_bf16_vs_fp32": float(b.norm() / a.norm()),
+        "speedup_vs_fp32": {n: statistics.median(rates[n]) / statistics.median(rates["fp32"]) for n in names},
+        "update_cosine_vs_fp32": {
+            n: float(deltas[n] @ base / (deltas[n].norm() * base.norm())) for n in names
+        },
+        "update_norm_ratio_vs_fp32": {n: float(deltas[n].norm() / base.norm()) for n in names},
     }
     print(f"{report['device']}: {params / 1e6:.1f}M base parameters, {adapter / 1e6:.2f}M LoRA")
-    for name in PRECISIONS:
+    for name in names:
         peak = f", peak {peaks[name] / 2**30:.2f} GiB" if peaks else ""
-        print(f"  {name}: {report['tokens_per_s'][name]:,.0f} tokens/s{peak}")
-    print(
-        f"  bf16 / fp32: {report['bf16_speedup']:.2f}x tokens/s; "
-        f"update cosine {report['update_cosine_bf16_vs_fp32']:.4f}, norm ratio "
-        f"{report['update_norm_ratio_bf16_vs_fp32']:.3f}"
-    )
+        print(
+            f"  {name:10s} {report['tokens_per_s'][name]:>9,.0f} tokens/s "
+            f"({report['speedup_vs_fp32'][name]:.2f}x fp32){peak}; update cosine to fp32 "
+            f"{report['update_cosine_vs_fp32'][name]:.4f}, "
+            f"norm ratio {report['update_norm_ratio_vs_fp32'][name]:.3f}"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"trainer-{'cuda' if cuda else 'cpu'}-h{args.hidden}-l{args.layers}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")

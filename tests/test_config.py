@@ -84,6 +84,11 @@ def test_agent_device_and_precision_are_checked_before_the_tls_files(
     with pytest.raises(ConfigError, match=message):
         load(AgentConfig, None, env=env).validate()
     assert load(AgentConfig, None, env={"CLOUDFED_AGENT_DEVICE": "cuda:1"}).device == "cuda:1"
+    assert load(
+        AgentConfig, None, env={"CLOUDFED_AGENT_ACTIVATION_CHECKPOINTING": "true"}
+    ).activation_checkpointing
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        load(AgentConfig, None, env={"CLOUDFED_AGENT_ACTIVATION_CHECKPOINTING": "maybe"})
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,12 @@ def test_two_ranks_train_with_ddp_and_only_rank_0_joins(tmp_path: Path) -> None:
             capture_output=True,
             text=True,
             timeout=300,
-            env={**os.environ, "CLOUDFED_AGENT_LOG_LEVEL": "INFO"},
+            # DDP with activation checkpointing (non-reentrant): gradients still reach every rank's LoRA.
+            env={
+                **os.environ,
+                "CLOUDFED_AGENT_LOG_LEVEL": "INFO",
+                "CLOUDFED_AGENT_ACTIVATION_CHECKPOINTING": "1",
+            },
         )
     finally:
         stop(aggregator)
@@ -51,6 +56,8 @@ def test_two_ranks_train_with_ddp_and_only_rank_0_joins(tmp_path: Path) -> None:
     assert run.returncode == 0, log[-3000:]
     assert "rank 0 of 2 (gloo)" in log
     assert "rank 1 of 2 (gloo)" in log
+    for rank in (0, 1):
+        assert f"rank {rank}: training on cpu, base weights torch.float32, activation checkpointing" in log
     for round_id in (1, 2):
         assert f"rank 0/2: round {round_id} trained" in log
         assert f"rank 1/2: round {round_id} trained" in log

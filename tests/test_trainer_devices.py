@@ -64,6 +64,38 @@ def test_bf16_base_trains_a_float32_adapter_close_to_the_fp32_run(model) -> None
     assert after < before - 0.05
 
 
+def _saved_for_backward(trainer: LoraTrainer, blocks: torch.Tensor) -> int:
+    """Bytes autograd holds from the forward pass until the backward pass (one batch)."""
+    held = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal held
+        held += t.numel() * t.element_size()
+        return t
+
+    trainer.model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = trainer.model(input_ids=blocks[:8], labels=blocks[:8]).loss
+    loss.backward()
+    trainer.model.zero_grad(set_to_none=True)
+    return held
+
+
+def test_activation_checkpointing_holds_less_and_sends_the_same_update(model) -> None:  # type: ignore[no-untyped-def]
+    path, train, _ = model
+    start = initial_adapter(path, LORA, seed=3)
+    plain = LoraTrainer(path, LORA)
+    checkpointed = LoraTrainer(path, LORA, checkpointing=True)
+    held_plain, held_checkpointed = (
+        _saved_for_backward(plain, train),
+        _saved_for_backward(checkpointed, train),
+    )
+    assert held_checkpointed < 0.5 * held_plain, (held_checkpointed, held_plain)
+    a, b = _round(plain, start, train), _round(checkpointed, start, train)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-7)
+
+
 def test_precision_and_device_choices() -> None:
     assert pick_dtype("fp32", "cuda") == torch.float32
     assert pick_dtype("bf16", "cpu") == torch.bfloat16
