@@ -54,6 +54,7 @@ buf-lint: $(BUF)
 bench: venv
 	$(PY) -m bench.transport
 	$(PY) -m bench.secagg
+	$(PY) -m bench.ring
 	$(PY) -m bench.quality
 	$(PY) -m bench.trainer
 

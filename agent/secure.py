@@ -71,16 +71,32 @@ class SecureParticipation:
         self.weight_scale = 1.0
         self.clips: SegmentClips | None = None
 
-    def _params(self, threshold: int) -> SecAggParams:
+    def _params(self, threshold: int, ring_bits: int = 0, max_code: int = 0) -> SecAggParams:
+        """The round's parameters; its ring and largest code come with the roster."""
         s = self.settings
         clip = 1.0 if s.adaptive_clip > 0 else s.clip  # adaptive: values go over their bounds
-        return SecAggParams(threshold, s.neighbours, clip, s.bits, s.ring_bits or RING_BITS)
+        return SecAggParams(threshold, s.neighbours, clip, s.bits, ring_bits or RING_BITS, max_code)
+
+    def _round_params(self, state: pb.GetSecAggStateResponse) -> SecAggParams:
+        """The round's parameters from the aggregator, checked against what Join allowed."""
+        widest = self.settings.ring_bits or RING_BITS
+        if not 0 < state.ring_bits <= widest:
+            raise FailedPrecondition(
+                f"round {self.round_id}: the aggregator set a {state.ring_bits}-bit ring; "
+                f"this federation allows 1..{widest}"
+            )
+        try:
+            params = self._params(state.threshold, state.ring_bits, state.max_code)
+            _ = params.fixed_point  # checks the code range against the ring
+            return params
+        except ConfigError as exc:
+            raise FailedPrecondition(f"round {self.round_id}: {exc}") from exc
 
     async def keys(self) -> None:
         """Advertise, verify the roster and share; then receive the neighbours' shares (UPLOAD phase)."""
         await self.client.advertise_keys(advertisement_to_pb(self.protocol.advertise()))
         state = await self.client.secagg_state(self.round_id, pb.ROUND_PHASE_SHARE_KEYS, self.wait_s)
-        self.protocol.params = self._params(state.threshold)
+        self.protocol.params = self._round_params(state)
         self.protocol.graph_seed = state.graph_seed
         self.weight_scale = state.weight_scale or 1.0
         if self.settings.adaptive_clip > 0:

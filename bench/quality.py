@@ -39,7 +39,6 @@ from common.layout import ParamLayout
 from common.secagg.clips import SegmentClips
 from common.secagg.local import Federation, run_round
 from common.secagg.params import SecAggParams
-from common.secagg.ring import ring_bits
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
 from server.fetchsgd import FetchSGD, FetchSGDPlan
@@ -334,9 +333,7 @@ def _secure_round(
             prev = previous if same_space else codec.encode(previous)
             clips = SegmentClips.from_aggregate(prev, scheme.segment, scheme.adaptive)
     clip = 1.0 if clips is not None else scheme.secagg_clip
-    params = SecAggParams(len(coords) // 2 + 1, 0, clip, bits, ring_bits(bits, len(coords))).check(
-        len(coords)
-    )
+    params = SecAggParams.for_round(len(coords) // 2 + 1, 0, clip, bits, len(coords)).check(len(coords))
     fp = params.fixed_point
     scale = max(examples.values())
     rng = np.random.default_rng(round_id)

@@ -27,7 +27,6 @@ import numpy as np
 from common.secagg import shamir
 from common.secagg.local import Federation
 from common.secagg.params import SecAggParams
-from common.secagg.ring import ring_bits
 from common.secagg.server import ServerRound
 
 RESULTS = Path(__file__).resolve().parent / "results" / "secagg.json"
@@ -46,8 +45,9 @@ def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int) -> dict[str, float]:
     fed = Federation.create(agents)
     ids = sorted(fed.agents)
-    width = ring_bits(16, agents)  # 16 + ceil(log2 agents) bits a coordinate on the wire
-    sa = SecAggParams(threshold, neighbours, clip=0.05, bits=16, ring_bits=width).check(agents)
+    # 16 + ceil(log2 agents) bits a coordinate on the wire, codes over the ring's full range
+    sa = SecAggParams.for_round(threshold, neighbours, 0.05, 16, agents).check(agents)
+    width = sa.ring_bits
     fp = sa.fixed_point
     length = fp.masked_length(params)  # the update's codes, then the weight's digits
     rng = np.random.default_rng(0)

@@ -97,7 +97,8 @@ class SecAggConfig:
     """Coordinates per adaptive clip bound."""
 
     def ring_bits(self, max_agents: int) -> int:
-        """Bits per masked coordinate on the wire: the least ring no sum of ``max_agents`` wraps."""
+        """The widest ring a round may use: the least no sum of ``max_agents`` codes wraps (each
+        round's own ring is sized for the agents it invites)."""
         return ring_bits(self.bits, max_agents)
 
 

@@ -10,6 +10,8 @@ Revisions:
      fixed-point coordinate, ring one bit wider than ``bits + ceil(log2 n)``.
   2. masked weight as ``ceil(24 / bits)`` base-2^bits digits, ring exactly
      ``bits + ceil(log2 n)`` bits; ``quantize`` with per-segment bounds.
+  3. each masked round's ring sized for its invited agents, not ``max_agents``, and codes over
+     its full range (0 .. floor((2^ring_bits - 1) / invited)), both sent with the roster.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Iterable
 
 from common.errors import FailedPrecondition
 
-WIRE_REVISION = 2
+WIRE_REVISION = 3
 
 
 def codecs_needed(codec: str) -> tuple[str, ...]:

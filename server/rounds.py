@@ -89,6 +89,8 @@ class SecAggView:
     roster: list[Advertisement]
     graph_seed: bytes
     threshold: int
+    ring_bits: int
+    max_code: int
     weight_scale: float
     shares: dict[str, bytes] = field(default_factory=dict)
     survivors: list[str] = field(default_factory=list)
@@ -192,9 +194,12 @@ class RoundCoordinator:
 
     @property
     def expected_payload_bytes(self) -> int:
-        """Size of one encoded update (a masked one: ``ring_bits`` bits a coordinate)."""
+        """Size of one encoded update (a masked one: the round's ``ring_bits`` a coordinate)."""
         if self.secagg is not None:
-            fp = self._secagg_params(self.secagg, 2).fixed_point
+            secure = self._secure
+            if secure is not None:
+                return secure.params.fixed_point.wire_bytes(secure.length)
+            fp = self._secagg_params(self.secagg, 2, self.config.max_agents).fixed_point
             return fp.wire_bytes(
                 fp.masked_length(registry.secure_coordinates(self._round_codec, self.layout.numel))
             )
@@ -420,6 +425,8 @@ class RoundCoordinator:
             roster=[secure.advertisements[a] for a in sorted(secure.advertisements)],
             graph_seed=secure.graph_seed,
             threshold=secure.params.threshold,
+            ring_bits=secure.params.ring_bits,
+            max_code=secure.params.fixed_point.levels,
             weight_scale=self._weight_scale,
             shares=secure.shares_for(peer.uri) if phase >= Phase.UPLOAD else {},
             survivors=survivors,
@@ -502,12 +509,11 @@ class RoundCoordinator:
             round_id, base, lambda: self._aggregate_plain(acc, base, uploaded), uploaded, dropped
         )
 
-    def _secagg_params(self, sa: SecAggConfig, auto: int) -> SecAggParams:
-        """The round's secure-aggregation parameters (``auto``: the threshold when not configured)."""
+    def _secagg_params(self, sa: SecAggConfig, auto: int, invited: int) -> SecAggParams:
+        """The round's secure-aggregation parameters (``auto``: the threshold when not configured);
+        the ring is sized for the ``invited`` agents, not for ``max_agents``."""
         clip = 1.0 if sa.adaptive_clip > 0 else sa.clip  # adaptive: values come over their bounds
-        return SecAggParams(
-            sa.threshold or auto, sa.neighbours, clip, sa.bits, sa.ring_bits(self.config.max_agents)
-        )
+        return SecAggParams.for_round(sa.threshold or auto, sa.neighbours, clip, sa.bits, invited)
 
     def _round_clips(self, sa: SecAggConfig, base: int, count: int) -> SegmentClips | None:
         """Adaptive clipping: bounds from the aggregate that produced ``base``, encoded with this
@@ -533,7 +539,7 @@ class RoundCoordinator:
         base = self._state.global_version
         invited = frozenset(self.connected[: self.config.max_agents])
         k = sa.neighbours
-        params = self._secagg_params(sa, auto_threshold(len(invited), k))
+        params = self._secagg_params(sa, auto_threshold(len(invited), k), len(invited))
         self._start_codec(round_id)
         coordinates = registry.secure_coordinates(self._round_codec, self.layout.numel)
         clips = self._clips = await asyncio.to_thread(self._round_clips, sa, base, coordinates)

@@ -196,6 +196,8 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             roster=[advertisement_to_pb(a) for a in view.roster],
             graph_seed=view.graph_seed,
             threshold=view.threshold,
+            ring_bits=view.ring_bits,
+            max_code=view.max_code,
             weight_scale=view.weight_scale,
             shares=sealed_to_pb(view.shares),
             survivors=view.survivors,

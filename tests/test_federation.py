@@ -117,7 +117,8 @@ def test_adaptive_clip_bounds_from_the_last_aggregate_make_4_bit_masked_rounds_a
 ) -> None:
     """secagg.bits = 4 with adaptive_clip = 3: the first round uses the fixed clip (0.5, far too wide
     for 4 bits); every later round's bounds come from the aggregate before it, so its step is close
-    to the weighted mean of the agents' (audited) updates. 8 bits a coordinate on the wire."""
+    to the weighted mean of the agents' (audited) updates. 6 bits a coordinate on the wire, codes
+    0 .. 21 (the ring's full range for 3 agents)."""
     table = run_federation(tmp_path, 3, show=False, timeout_s=400, secagg_bits=4, adaptive_clip=3.0)
     assert {0, 3} <= set(table), (tmp_path / "aggregator.log").read_text()[-2000:]
     assert np.mean(list(table[3].values())) < np.mean(list(table[0].values())) - 0.05
@@ -137,7 +138,8 @@ def test_adaptive_clip_bounds_from_the_last_aggregate_make_4_bit_masked_rounds_a
         errors.append(float(np.linalg.norm(step - expected) / np.linalg.norm(expected)))
     assert max(errors[1:]) < 0.4 and max(errors[1:]) < errors[0] / 2, errors
     masked, numel = _upload_size_of_round(tmp_path, 2)
-    assert masked == ((numel + 6) * 8 + 7) // 8  # 4 bits + log2(16 agents), packed; 6 weight digits
+    # 4 bits + ceil(log2 3 invited agents), not log2 of max_agents (16), packed; 6 weight digits
+    assert masked == ((numel + 6) * 6 + 7) // 8
     assert sorted(p.name for p in (tmp_path / "aggregator-state" / "aggregates").iterdir()) == [
         "mean-v00000002.npy",
         "mean-v00000003.npy",
@@ -176,7 +178,7 @@ def test_countsketch_rounds_go_through_fetchsgd(tmp_path: Path, secagg: bool) ->
     ]
     size, _ = _upload_size_of_round(tmp_path, 3)
     cells = sketch.coordinates(layout.numel)
-    assert size == (((cells + 1) * 28 + 7) // 8 if secagg else 4 + 4 * cells)  # masked: 24 + log2(16) bits
+    assert size == (((cells + 1) * 26 + 7) // 8 if secagg else 4 + 4 * cells)  # masked: 24 + log2(3 agents)
 
 
 def _audited(root: Path, version: int) -> list[tuple[dict, float]]:

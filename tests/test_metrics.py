@@ -81,7 +81,8 @@ def test_byte_counters_match_what_was_sent_and_histograms_count_the_round(tmp_pa
     numel = ParamLayout.from_tensors(store.load(0)).numel
     assert agg_toml["secagg"]["enabled"]  # masked uploads: ring_bits a coordinate, weight included
     bits = agg_toml["secagg"]["bits"]
-    width = ring_bits(bits, agg_toml["rounds"]["max_agents"])
+    width = ring_bits(bits, len(agents))  # the round's ring: sized for the agents it invited
+    assert width < ring_bits(bits, agg_toml["rounds"]["max_agents"])
     length = FixedPoint(1.0, bits, width).masked_length(numel)
     payload = packed_bytes(length, width)
     assert payload < numel * 4

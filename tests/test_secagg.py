@@ -93,21 +93,52 @@ def test_narrow_ring_sends_fewer_bits_and_still_sums_exactly(
         dataclasses.replace(FULL, ring_bits=19).check(N)
 
 
-@pytest.mark.parametrize(("bits", "agents"), [(2, 4), (3, 5), (8, 8), (4, 9)])
+@pytest.mark.parametrize(("bits", "agents"), [(2, 4), (3, 5), (8, 8), (4, 9), (2, 3)])
 def test_ring_is_the_least_width_extreme_sums_do_not_wrap(bits: int, agents: int) -> None:
     width = ring_bits(bits, agents)
     assert width == bits + int(np.ceil(np.log2(agents)))
     fed = Federation.create(agents)
-    params = SecAggParams(agents // 2 + 1, 0, 1.0, bits, width).check(agents)
+    params = SecAggParams.for_round(agents // 2 + 1, 0, 1.0, bits, agents).check(agents)
+    assert params.ring_bits == width
     fp, rng = params.fixed_point, np.random.default_rng(0)
+    # The codes fill the ring: one more level and the top sum of all agents would wrap.
+    assert agents * fp.levels < 2**width <= agents * (fp.levels + 1)
+    assert fp.levels >= 2**bits - 1
     values = np.array([1.0, -1.0, 0.0, 1.0], np.float32)  # every agent at both ends of the clip
     codes = {a: fp.encode(values, rng) for a in sorted(fed.agents)}
     assert all(int(c[0]) == fp.levels for c in codes.values())
     result = run_round(fed, codes, params)
     decoded = fp.decode_sum(result.total, agents)
     np.testing.assert_allclose(decoded[[0, 1, 3]], [agents, -agents, agents], atol=1e-9)
-    narrower = FixedPoint(1.0, bits, width - 1)  # one bit less: the top sum wraps
-    assert narrower.decode_sum(ring_sum(codes, sorted(codes)), agents)[0] < agents - 1
+    narrower = FixedPoint(1.0, bits, width - 1, min(fp.levels, 2 ** (width - 1) - 1))  # one bit less:
+    assert narrower.decode_sum(ring_sum(codes, sorted(codes)), agents)[0] < agents - 1  # the top wraps
+    with pytest.raises(ConfigError, match="can wrap"):  # a code range the ring cannot hold
+        dataclasses.replace(params, max_code=fp.levels + 1).check(agents)
+
+
+@pytest.mark.parametrize(
+    ("bits", "agents", "finer"), [(2, 3, 5 / 3), (2, 5, 2.0), (2, 10, 2.0), (8, 10, 1.6)]
+)
+def test_codes_over_the_whole_ring_round_finer_at_the_same_wire_size(
+    bits: int, agents: int, finer: float
+) -> None:
+    """Fleets that are not a power of two: the same ring carries more levels per agent, so the
+    decoded mean's rounding error shrinks by the ratio of the steps."""
+    fed = Federation.create(agents)
+    fixed = SecAggParams(agents // 2 + 1, 0, 1.0, bits, ring_bits(bits, agents)).check(agents)
+    full = SecAggParams.for_round(agents // 2 + 1, 0, 1.0, bits, agents).check(agents)
+    assert full.fixed_point.wire_bytes(4096) == fixed.fixed_point.wire_bytes(4096)
+    assert full.fixed_point.levels / fixed.fixed_point.levels == pytest.approx(finer, rel=0.01)
+    rng = np.random.default_rng(7)
+    values = {a: rng.uniform(-1, 1, 4096).astype(np.float32) for a in sorted(fed.agents)}
+    truth = np.mean(list(values.values()), axis=0)
+    errors = []
+    for params in (fixed, full):
+        fp = params.fixed_point
+        codes = {a: fp.encode(v, rng) for a, v in values.items()}
+        mean = fp.decode_sum(run_round(fed, codes, params).total, agents) / agents
+        errors.append(float(np.sqrt(np.mean((mean - truth) ** 2))))
+    assert errors[1] < errors[0] / finer * 1.15, errors
 
 
 def test_one_dropout_too_many_aborts_the_round(federation: Federation, codes: dict[str, np.ndarray]) -> None:
@@ -265,7 +296,7 @@ def test_fixed_point_is_unbiased_within_a_step_and_clips() -> None:
 def test_summed_weight_is_exact_at_any_bits(bits: int, weights: list[float]) -> None:
     """The weight travels as base-2^bits digits: its sum is exact to 2^-24 a contributor, even at
     2 bits, where one stochastically rounded coordinate would be off by a third of its range."""
-    fp = FixedPoint(1.0, bits, ring_bits(bits, len(weights)))
+    fp = SecAggParams.for_round(2, 0, 1.0, bits, len(weights)).fixed_point  # codes fill the ring
     rng = np.random.default_rng(bits)
     total = np.zeros(fp.masked_length(3), dtype=np.uint32)
     for w in weights:

@@ -13,11 +13,12 @@ import pytest
 
 from agent.secure import SecureParticipation, Signer
 from common.config import SecAggConfig
-from common.errors import ConfigError
+from common.errors import ConfigError, FailedPrecondition
 from common.layout import ParamLayout
 from common.secagg.keys import sign_advertisement
 from common.secagg.local import Federation
 from common.secagg.params import SecAggParams
+from common.secagg.ring import ring_bits
 from common.secagg_pb import advertisement_to_pb
 from protos.cloudfed.v1 import federation_pb2 as pb
 from tests.agentsim import Watcher, upload_header
@@ -33,9 +34,16 @@ def secure_config(pki: Pki, state: Path, **rounds: object):  # type: ignore[no-u
 
 
 async def play_agent(
-    run, name: str, delta: np.ndarray, examples: int, tmp: Path, upload: bool = True
+    run,
+    name: str,
+    delta: np.ndarray,
+    examples: int,
+    tmp: Path,
+    upload: bool = True,
+    rings: dict[str, tuple[int, int, int]] | None = None,
 ) -> tuple[str, float]:  # type: ignore[no-untyped-def]
-    """One agent through the real client and the agent's SecureParticipation."""
+    """One agent through the real client and the agent's SecureParticipation (``rings``: its
+    round's ring bits, largest code and Join's widest ring, by name)."""
     files = run.pki.agent(name)
     async with run.client(name) as client:
         join = await client.join(num_examples=examples)
@@ -47,6 +55,9 @@ async def play_agent(
                 client, Signer.load(files), join.agent_id, join.settings.secagg, event.round_id, 60
             )
             await part.keys()
+            if rings is not None:
+                fp = part.protocol.params.fixed_point
+                rings[name] = (fp.ring_bits, fp.levels, join.settings.secagg.ring_bits)
             weight = part.weight(examples)
             if not upload:
                 return join.agent_id, weight  # shared keys, then vanished
@@ -73,9 +84,14 @@ async def test_masked_round_over_grpc_recovers_a_dropout_and_yields_the_weighted
     rng = np.random.default_rng(3)
     deltas = {f"s{i}": (rng.standard_normal(NUMEL) * 0.05).astype(np.float32) for i in range(4)}
     examples = {"s0": 100, "s1": 300, "s2": 50, "s3": 200}
+    rings: dict[str, tuple[int, int, int]] = {}
     results = await asyncio.gather(
-        *(play_agent(run, n, deltas[n], examples[n], tmp_path, upload=n != "s3") for n in deltas)
+        *(play_agent(run, n, deltas[n], examples[n], tmp_path, n != "s3", rings) for n in deltas)
     )
+    # The round's ring is sized for its 4 invited agents (22 bits), not Join's max_agents bound,
+    # and the codes fill it; the aggregator took uploads of exactly that size.
+    widest = ring_bits(SECAGG.bits, run.agg.config.rounds.max_agents)
+    assert set(rings.values()) == {(22, (2**22 - 1) // 4, widest)} and widest > 22
     weights = {name: w for name, (_, w) in zip(deltas, results, strict=True)}
     assert weights["s1"] == 1.0 and weights["s2"] == pytest.approx(50 / 300)  # scaled by the largest count
     store = run.agg.rounds.store
@@ -134,3 +150,26 @@ def test_codecs_that_cannot_be_masked_are_refused_at_start(
     with pytest.raises(ConfigError, match=why):
         dataclasses.replace(base, federation=federation, secagg=SECAGG).validate()
     dataclasses.replace(base, federation=federation).validate()  # fine with a trusted aggregator
+
+
+@pytest.mark.parametrize(
+    ("ring", "top", "message"),
+    [(0, 0, "allows 1..22"), (23, 0, "allows 1..22"), (20, 2**20, "max_code must be in")],
+)
+def test_agent_refuses_a_round_ring_outside_what_join_allowed(
+    pki: Pki, ring: int, top: int, message: str
+) -> None:
+    settings = pb.SecAggSettings(enabled=True, threshold=2, clip=1.0, bits=20, ring_bits=22)
+    part = SecureParticipation(
+        None,  # type: ignore[arg-type]  # no RPC is made: only the round's parameters are checked
+        Signer.load(pki.agent("r1")),
+        "spiffe://test.cloudfed/cloud/aws/agent/r1",
+        settings,
+        7,
+        1.0,
+    )
+    state = pb.GetSecAggStateResponse(round_id=7, threshold=2, ring_bits=ring, max_code=top)
+    with pytest.raises(FailedPrecondition, match=message):
+        part._round_params(state)
+    good = part._round_params(pb.GetSecAggStateResponse(threshold=2, ring_bits=21, max_code=2**20))
+    assert (good.ring_bits, good.fixed_point.levels) == (21, 2**20)

@@ -23,8 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_joiner_needs_the_same_revision_and_every_codec_the_federation_uses() -> None:
     check_joiner(WIRE_REVISION, ["identity", "quantize"], "quantize", "0.1.0")
-    newer = WIRE_REVISION + 1
-    for revision, said in [(0, "no wire revision"), (newer, f"wire revision {newer}")]:
+    newer, older = WIRE_REVISION + 1, WIRE_REVISION - 1  # older: before per-round rings
+    for revision, said in [
+        (0, "no wire revision"),
+        (older, f"wire revision {older}"),
+        (newer, f"wire revision {newer}"),
+    ]:
         with pytest.raises(FailedPrecondition, match=said) as err:
             check_joiner(revision, ["quantize"], "quantize", "0.0.9")
         assert f"this aggregator speaks wire revision {WIRE_REVISION}" in str(err.value)

@@ -6,19 +6,27 @@ from dataclasses import dataclass
 
 from common.errors import ConfigError
 from common.secagg.graph import check_parameters
-from common.secagg.ring import RING_BITS, FixedPoint, check_headroom, ring_bits
+from common.secagg.ring import RING_BITS, FixedPoint, check_headroom, ring_bits, round_ring
 
 
 @dataclass(frozen=True)
 class SecAggParams:
-    """Threshold t, neighbours k (0 = everyone), the fixed-point clip and bits, and the ring width
-    on the wire (``ring.ring_bits(bits, max_agents)``; 32 when unset)."""
+    """Threshold t, neighbours k (0 = everyone), the fixed-point clip and bits, the ring width on
+    the wire and the largest code (``ring.round_ring(bits, invited agents)``; 32 bits and
+    2^bits - 1 when unset)."""
 
     threshold: int
     neighbours: int = 0
     clip: float = 1.0
     bits: int = 16
     ring_bits: int = RING_BITS
+    max_code: int = 0
+
+    @classmethod
+    def for_round(cls, threshold: int, neighbours: int, clip: float, bits: int, invited: int) -> SecAggParams:
+        """Parameters of a round with ``invited`` agents: the least ring, its codes' full range."""
+        ring, top = round_ring(bits, invited)
+        return cls(threshold, neighbours, clip, bits, ring, top)
 
     def check(self, agents: int) -> SecAggParams:
         """Refuse settings that cannot work for ``agents`` agents, saying why."""
@@ -28,14 +36,14 @@ class SecAggParams:
             raise ConfigError(f"secagg threshold {self.threshold} is above the number of agents ({agents})")
         check_parameters(agents, self.neighbours, self.threshold)
         check_headroom(self.bits, agents)
-        if self.ring_bits < ring_bits(self.bits, agents):
+        if self.ring_bits < ring_bits(self.bits, agents) or not self.fixed_point.contributors_fit(agents):
             raise ConfigError(
                 f"secagg ring of {self.ring_bits} bits can wrap with {agents} agents at {self.bits} bits"
+                f" (codes up to {self.fixed_point.levels})"
             )
-        _ = self.fixed_point  # validates ring_bits against bits
         return self
 
     @property
     def fixed_point(self) -> FixedPoint:
         """The shared quantiser."""
-        return FixedPoint(self.clip, self.bits, self.ring_bits)
+        return FixedPoint(self.clip, self.bits, self.ring_bits, self.max_code)

@@ -2,9 +2,11 @@
 
 Arithmetic runs in uint32 (mod 2^32) everywhere; because 2^m divides 2^32, reducing a masked code
 mod 2^m keeps the masks uniform and the sums right. So only the low ``ring_bits`` bits of each
-masked code go on the wire, and the unmasked sum is read mod 2^m. ``ring_bits`` is the least
-width no sum can wrap: codes lie in 0 .. 2^bits - 1, so a sum of n fits in bits + ceil(log2 n).
-The configuration check keeps DESIGN's rule, bits + ceil(log2 n) + 1 <= 32.
+masked code go on the wire, and the unmasked sum is read mod 2^m. A round's ring is the least
+width no sum of its n invited agents can wrap, bits + ceil(log2 n), and the codes use all of it:
+each agent's codes run 0 .. floor((2^m - 1) / n) (``max_code``), at least 2^bits - 1, so when n is
+not a power of two the same bytes carry finer steps. The configuration check keeps DESIGN's rule,
+bits + ceil(log2 max_agents) + 1 <= 32.
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ def ring_bits(bits: int, agents: int) -> int:
     return bits + (agents - 1).bit_length()
 
 
+def max_code(bits: int, ring: int, agents: int) -> int:
+    """The largest code each of ``agents`` may send so that their sum stays below 2^ring."""
+    return max((1 << bits) - 1, ((1 << ring) - 1) // max(agents, 1))
+
+
+def round_ring(bits: int, agents: int) -> tuple[int, int]:
+    """(ring_bits, max_code) of a round with ``agents`` invited agents."""
+    ring = ring_bits(bits, agents)
+    return ring, max_code(bits, ring, agents)
+
+
 def check_headroom(bits: int, agents: int) -> None:
     """Refuse settings whose sum over ``agents`` could wrap: bits + ceil(log2 n) + 1 <= 32."""
     need = ring_bits(bits, agents) + 1
@@ -46,12 +59,13 @@ def check_headroom(bits: int, agents: int) -> None:
 
 @dataclass(frozen=True)
 class FixedPoint:
-    """Maps [-clip, clip] onto the integers 0 .. 2^bits - 1 (values outside are clipped); sums live
-    in Z_2^ring_bits."""
+    """Maps [-clip, clip] onto the integers 0 .. ``levels`` (values outside are clipped); sums live
+    in Z_2^ring_bits. ``max_code`` 0 means 2^bits - 1; the weight's digits are base 2^bits always."""
 
     clip: float
     bits: int
     ring_bits: int = RING_BITS
+    max_code: int = 0
 
     def __post_init__(self) -> None:
         if not (self.clip > 0 and math.isfinite(self.clip)):
@@ -59,6 +73,15 @@ class FixedPoint:
         check_headroom(self.bits, 1)
         if not self.bits <= self.ring_bits <= RING_BITS:
             raise ConfigError(f"secagg ring_bits must be in {self.bits}..{RING_BITS}, got {self.ring_bits}")
+        if self.max_code and not (1 << self.bits) - 1 <= self.max_code < 1 << self.ring_bits:
+            raise ConfigError(
+                f"secagg max_code must be in {(1 << self.bits) - 1}..{(1 << self.ring_bits) - 1}, "
+                f"got {self.max_code}"
+            )
+
+    def contributors_fit(self, agents: int) -> bool:
+        """Whether a sum of ``agents`` codes stays below 2^ring_bits (cannot wrap)."""
+        return agents * self.levels < 1 << self.ring_bits
 
     def wire_bytes(self, count: int) -> int:
         """Bytes of ``count`` masked codes on the wire."""
@@ -74,8 +97,8 @@ class FixedPoint:
 
     @property
     def levels(self) -> int:
-        """The largest code, 2^bits - 1."""
-        return (1 << self.bits) - 1
+        """The largest code: ``max_code``, or 2^bits - 1."""
+        return self.max_code or (1 << self.bits) - 1
 
     @property
     def step(self) -> float:
@@ -115,7 +138,8 @@ class FixedPoint:
         self, values: np.ndarray, weight: float, rng: np.random.Generator, out: np.ndarray | None = None
     ) -> np.ndarray:
         """Codes of ``weight * values`` (stochastically rounded), then the weight (in (0, 1]) as
-        ``weight_digits`` digits; each digit lies in the codes' range, so digit sums cannot wrap."""
+        ``weight_digits`` digits; each digit is at most 2^bits - 1 <= ``levels``, so digit sums
+        cannot wrap."""
         if not 0 < weight <= 1:
             raise InvalidArgument(f"a masked update's weight must be in (0, 1], got {weight}")
         count = values.size
@@ -126,7 +150,8 @@ class FixedPoint:
         weighted = np.multiply(values.reshape(-1), weight, dtype=np.float32)
         self.encode(weighted, rng, out[:count])
         integer = round(weight * self._weight_scale)
-        out[count:] = [(integer >> (self.bits * i)) & self.levels for i in range(self.weight_digits)]
+        digit = (1 << self.bits) - 1
+        out[count:] = [(integer >> (self.bits * i)) & digit for i in range(self.weight_digits)]
         return out
 
     def decode_weighted_mean(self, total: np.ndarray, contributors: int) -> tuple[np.ndarray, float]:

@@ -316,9 +316,9 @@ class SecAggSettings(_message.Message):
     bits: _builtins.int
     """Fixed-point bits per coordinate."""
     ring_bits: _builtins.int
-    """Bits per masked coordinate on the wire: the ring Z_2^ring_bits, wide enough that no sum
-    over max_agents wraps (bits + ceil(log2 max_agents)). 0 means 32. A masked update is
-    the weighted update's codes, then its weight as ceil(24 / bits) base-2^bits digits.
+    """The widest ring a round may use, bits + ceil(log2 max_agents); each round's own ring (sized
+    for its invited agents) comes with GetSecAggStateResponse. A masked update is the weighted
+    update's codes, then its weight as ceil(24 / bits) base-2^bits digits, ring_bits each.
     """
     adaptive_clip: _builtins.float
     """Adaptive clipping: each segment of clip_segment coordinates is clipped at this multiple
@@ -1262,6 +1262,8 @@ class GetSecAggStateResponse(_message.Message):
     DROPPED_FIELD_NUMBER: _builtins.int
     CLIP_SEGMENT_FIELD_NUMBER: _builtins.int
     SEGMENT_CLIPS_FIELD_NUMBER: _builtins.int
+    RING_BITS_FIELD_NUMBER: _builtins.int
+    MAX_CODE_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     """The round."""
     phase: Global___RoundPhase.ValueType
@@ -1276,6 +1278,15 @@ class GetSecAggStateResponse(_message.Message):
     """SHARE_KEYS, with adaptive clipping (SecAggSettings.adaptive_clip): coordinate i of the
     encoded update is clipped at segment_clips[i / clip_segment] (the weight's digits are not
     included).
+    """
+    ring_bits: _builtins.int
+    """SHARE_KEYS: bits per masked coordinate in this round, the least ring no sum over the
+    round's invited agents can wrap (bits + ceil(log2 invited)); at most SecAggSettings.ring_bits.
+    """
+    max_code: _builtins.int
+    """SHARE_KEYS: the largest code an agent sends, floor((2^ring_bits - 1) / invited), at least
+    2^bits - 1: values in [-clip, clip] map onto 0 .. max_code (the weight's digits stay base
+    2^bits).
     """
     @_builtins.property
     def roster(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyAdvertisement]:
@@ -1311,10 +1322,12 @@ class GetSecAggStateResponse(_message.Message):
         dropped: _abc.Iterable[_builtins.str] | None = ...,
         clip_segment: _builtins.int = ...,
         segment_clips: _abc.Iterable[_builtins.float] | None = ...,
+        ring_bits: _builtins.int = ...,
+        max_code: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_segment", b"clip_segment", "dropped", b"dropped", "graph_seed", b"graph_seed", "phase", b"phase", "roster", b"roster", "round_id", b"round_id", "segment_clips", b"segment_clips", "shares", b"shares", "survivors", b"survivors", "threshold", b"threshold", "weight_scale", b"weight_scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_segment", b"clip_segment", "dropped", b"dropped", "graph_seed", b"graph_seed", "max_code", b"max_code", "phase", b"phase", "ring_bits", b"ring_bits", "roster", b"roster", "round_id", b"round_id", "segment_clips", b"segment_clips", "shares", b"shares", "survivors", b"survivors", "threshold", b"threshold", "weight_scale", b"weight_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
