@@ -4,6 +4,7 @@ share secrets with its neighbours, mask the fixed-point update, answer the unmas
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -94,7 +95,9 @@ class SecureParticipation:
 
     async def keys(self) -> None:
         """Advertise, verify the roster and share; then receive the neighbours' shares (UPLOAD phase)."""
-        await self.client.advertise_keys(advertisement_to_pb(self.protocol.advertise()))
+        # No certificate: the aggregator attaches the one our TLS session presented (peers verify it).
+        mine = dataclasses.replace(self.protocol.advertise(), certificate_pem=b"")
+        await self.client.advertise_keys(advertisement_to_pb(mine))
         state = await self.client.secagg_state(self.round_id, pb.ROUND_PHASE_SHARE_KEYS, self.wait_s)
         self.protocol.params = self._round_params(state)
         self.protocol.graph_seed = state.graph_seed

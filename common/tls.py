@@ -100,15 +100,20 @@ def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
+def peer_certificate_pem(auth_context: Mapping[str, Iterable[bytes]]) -> bytes:
+    """The caller's certificate (PEM) from a TLS auth context."""
+    pems = list(auth_context.get("x509_pem_cert", ()))
+    if not pems:
+        raise Unauthenticated("no client certificate")
+    return bytes(pems[0])
+
+
 def peer_spiffe_id(auth_context: Mapping[str, Iterable[bytes]]) -> SpiffeId:
     """The caller's SPIFFE id from a TLS auth context; exactly one must be present."""
     if list(auth_context.get("transport_security_type", ())) != [b"ssl"]:
         raise Unauthenticated("connection is not TLS")
-    pems = list(auth_context.get("x509_pem_cert", ()))
-    if not pems:
-        raise Unauthenticated("no client certificate")
     try:
-        cert = x509.load_pem_x509_certificate(pems[0])
+        cert = x509.load_pem_x509_certificate(peer_certificate_pem(auth_context))
     except ValueError as exc:
         raise Unauthenticated(f"unreadable client certificate: {exc}") from exc
     uris = spiffe_ids_of(cert)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -18,6 +19,7 @@ from common.secagg_pb import (
     sealed_from_pb,
     sealed_to_pb,
 )
+from common.tls import peer_certificate_pem
 from common.wire import WIRE_REVISION, check_joiner
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
@@ -179,7 +181,11 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
     async def AdvertiseKeys(
         self, request: pb.AdvertiseKeysRequest, context: Context
     ) -> pb.AdvertiseKeysResponse:
-        await self._rounds.advertise_keys(require_peer(), advertisement_from_pb(request.advertisement))
+        # The certificate peers verify is the one this connection was authenticated with: agents
+        # send none (it reached us in the TLS handshake), and one in the message is not trusted.
+        certificate = peer_certificate_pem(context.auth_context())
+        adv = dataclasses.replace(advertisement_from_pb(request.advertisement), certificate_pem=certificate)
+        await self._rounds.advertise_keys(require_peer(), adv)
         return pb.AdvertiseKeysResponse()
 
     async def ShareKeys(self, request: pb.ShareKeysRequest, context: Context) -> pb.ShareKeysResponse:

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import hashlib
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from cryptography import x509
 
+from agent.client import AggregatorClient
 from agent.secure import SecureParticipation, Signer
 from common.config import SecAggConfig
 from common.errors import ConfigError, FailedPrecondition
 from common.layout import ParamLayout
-from common.secagg.keys import sign_advertisement
+from common.secagg.agent import AgentRound
+from common.secagg.keys import sign_advertisement, verify_advertisement
 from common.secagg.local import Federation
 from common.secagg.params import SecAggParams
 from common.secagg.ring import ring_bits
-from common.secagg_pb import advertisement_to_pb
+from common.secagg_pb import advertisement_from_pb, advertisement_to_pb
 from protos.cloudfed.v1 import federation_pb2 as pb
 from tests.agentsim import Watcher, upload_header
 from tests.conftest import Pki, aggregator_config, small_adapter
@@ -173,3 +177,44 @@ def test_agent_refuses_a_round_ring_outside_what_join_allowed(
         part._round_params(state)
     good = part._round_params(pb.GetSecAggStateResponse(threshold=2, ring_bits=21, max_code=2**20))
     assert (good.ring_bits, good.fixed_point.levels) == (21, 2**20)
+
+
+async def test_roster_carries_the_certificate_of_each_tls_session_not_the_one_in_the_message(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    """Agents need not upload their certificate every round (it came with the TLS handshake); a
+    certificate put in the message, here each agent claiming the other's, is not what peers see."""
+    run = await start_aggregator(config=secure_config(pki, tmp_path / "agg0", min_agents=2))
+    names = ("c1", "c2")
+    files = {name: pki.agent(name) for name in names}  # issued once: the TLS sessions use these
+    own = {name: Signer.load(files[name]) for name in names}
+    connect = {name: AggregatorClient(run.target, files[name], server_name="localhost") for name in names}
+    async with connect["c1"] as c1, connect["c2"] as c2:
+        clients = dict(zip(names, (c1, c2), strict=True))
+        joins = {name: await clients[name].join(num_examples=10) for name in names}
+        watchers = [Watcher(c) for c in clients.values()]
+        try:
+            event = await watchers[0].until(pb.ROUND_PHASE_ADVERTISE_KEYS)
+            for name, other in zip(names, reversed(names), strict=True):
+                signer = own[name]
+                keys = AgentRound(
+                    event.round_id,
+                    joins[name].agent_id,
+                    SecAggParams(threshold=2),
+                    signer.ca,
+                    own[other].certificate_pem,  # the other agent's (valid, CA-issued) certificate
+                    signer.key,
+                    b"",
+                )
+                await clients[name].advertise_keys(advertisement_to_pb(keys.advertise()))
+            state = await c1.secagg_state(event.round_id, pb.ROUND_PHASE_SHARE_KEYS, 30)
+        finally:
+            for watcher in watchers:
+                await watcher.close()
+    roster = {adv.agent_id: adv for adv in map(advertisement_from_pb, state.roster)}
+    assert sorted(roster) == sorted(j.agent_id for j in joins.values())
+    for name in names:
+        adv = roster[joins[name].agent_id]
+        sent = x509.load_pem_x509_certificate(own[name].certificate_pem)
+        assert x509.load_pem_x509_certificate(adv.certificate_pem) == sent
+        verify_advertisement(adv, own[name].ca, event.round_id, dt.datetime.now(dt.UTC))

@@ -74,9 +74,8 @@ def run_round(
     key_bytes = dict.fromkeys(agents, 0)
     for a, agent in agents.items():
         adv = agent.advertise()
-        key_bytes[a] += (
-            len(adv.certificate_pem) + len(adv.signature) + len(adv.cipher_public) + len(adv.mask_public)
-        )
+        # The certificate is not counted: the aggregator takes it from the agent's TLS session.
+        key_bytes[a] += len(adv.agent_id) + len(adv.signature) + len(adv.cipher_public) + len(adv.mask_public)
         server.add_advertisement(adv)
     roster = server.roster()
     if tamper is not None:

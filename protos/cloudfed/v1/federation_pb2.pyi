@@ -1086,7 +1086,10 @@ class KeyAdvertisement(_message.Message):
     mask_public_key: _builtins.bytes
     """X25519 public key for pairwise mask agreement."""
     certificate_pem: _builtins.bytes
-    """The agent's certificate (PEM), checked against the federation CA by every peer."""
+    """The agent's certificate (PEM), checked against the federation CA by every peer. Agents
+    leave it empty in AdvertiseKeys: the aggregator sets it, in the roster, to the certificate
+    the agent's TLS session was authenticated with (a value sent in the message is ignored).
+    """
     signature: _builtins.bytes
     """Signature over round, identity and both keys."""
     def __init__(
