@@ -1,9 +1,10 @@
 """Quality per uplink byte: every codec against the uncompressed baseline, same rounds and seeds.
 
-    python -m bench.quality [--rounds 8] [--seeds 3] [--steps 10]
+    python -m bench.quality [--rounds 8] [--seeds 3] [--steps 10] [--agents 4]
 
 A tiny Llama and its tokenizer are built locally (nothing downloaded); four agents hold
-non-IID text (weather, cooking, football, and a weather+football mix, of different sizes).
+non-IID text (weather, cooking, football, and a weather+football mix, of different sizes);
+``--agents 3`` leaves the mix out, 5 and 6 add cooking+football and weather+cooking mixes.
 Each scheme runs the same FedAvg rounds from the same seeds with the real trainer (LoRA via
 peft) and the real codecs; schemes marked ``secagg`` go through the real secure-aggregation
 protocol (keys, shares, masks, unmasking) in process. Per scheme and seed: mean held-out eval
@@ -39,6 +40,7 @@ from common.layout import ParamLayout
 from common.secagg.clips import SegmentClips
 from common.secagg.local import Federation, run_round
 from common.secagg.params import SecAggParams
+from common.secagg.ring import ring_bits
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
 from server.fetchsgd import FetchSGD, FetchSGDPlan
@@ -46,6 +48,12 @@ from server.fetchsgd import FetchSGD, FetchSGDPlan
 RESULTS = Path(__file__).resolve().parent / "results"
 LORA = LoraSpec(8, 16.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 AGENTS = {"weather": 120, "cooking": 240, "football": 360, "mixed": 180}  # documents per agent
+MORE_AGENTS = {"kitchen-sport": 200, "almanac": 150}  # --agents 5, 6: further mixes
+MIXES = {
+    "mixed": (("weather", 5), ("football", 6)),
+    "kitchen-sport": (("cooking", 7), ("football", 8)),
+    "almanac": (("weather", 9), ("cooking", 10)),
+}
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,10 @@ class Scheme:
     """countsketch: FetchSGD's k as a fraction of the sketch's width."""
     codec_segment: int = 0
     """quantize: each agent's own bound per this many values (``clip`` x their RMS); 0: shared clip."""
+    fill_ring: bool = True
+    """secagg: codes over the whole ring (0 .. (2^m - 1) // n); False: 0 .. 2^bits - 1, as before."""
+    extra: bool = False
+    """Left out of the default run: only when ``--only`` names it."""
 
 
 SCHEMES = (
@@ -81,6 +93,15 @@ SCHEMES = (
     Scheme("identity + secagg 4 bit adaptive", secagg=True, secagg_bits=4, secagg_clip=0.15, adaptive=3.0),
     Scheme("identity + secagg 3 bit adaptive", secagg=True, secagg_bits=3, secagg_clip=0.15, adaptive=3.0),
     Scheme("identity + secagg 2 bit adaptive x2", secagg=True, secagg_bits=2, secagg_clip=0.15, adaptive=2.0),
+    Scheme(
+        "identity + secagg 2 bit adaptive x2, codes 0..3",
+        secagg=True,
+        secagg_bits=2,
+        secagg_clip=0.15,
+        adaptive=2.0,
+        fill_ring=False,
+        extra=True,
+    ),
     Scheme("quantize 8 bit", "quantize", bits=8),
     Scheme("quantize 2 bit", "quantize", bits=2),
     Scheme("quantize 4 bit per-1024 x3", "quantize", bits=4, clip=3.0, codec_segment=1024),
@@ -164,27 +185,30 @@ SCHEMES = (
 class World:
     """Model, tokenizer and each agent's train/eval blocks, built once."""
 
-    def __init__(self, root: Path, sequence_length: int = 64) -> None:
+    def __init__(self, root: Path, sequence_length: int = 64, agents: int = len(AGENTS)) -> None:
         self.root = root
+        self.agents = dict(list({**AGENTS, **MORE_AGENTS}.items())[:agents])
         public = [doc for domain in DOMAINS for doc in domain_corpus(domain, 100, seed=99)]
         self.model = str(build_tiny_lm(root / "model", public))
         self.trainer = LoraTrainer(self.model, LORA)
         self.train: dict[str, torch.Tensor] = {}
         self.eval: dict[str, torch.Tensor] = {}
-        for i, (name, documents) in enumerate(AGENTS.items()):
-            if name == "mixed":
-                docs = domain_corpus("weather", documents // 2, seed=5) + domain_corpus(
-                    "football", documents // 2, seed=6
-                )
+        for i, (name, documents) in enumerate(self.agents.items()):
+            if name in MIXES:
+                docs = [
+                    doc
+                    for domain, seed in MIXES[name]
+                    for doc in domain_corpus(domain, documents // 2, seed=seed)
+                ]
             else:
                 docs = domain_corpus(name, documents, seed=1 + i)
             train_docs, eval_docs = split(docs, 0.15)
             self.train[name] = pack(self.trainer.tokenizer, train_docs, sequence_length)
             self.eval[name] = pack(self.trainer.tokenizer, eval_docs, sequence_length)
-        self.federation = Federation.create(len(AGENTS), trust_domain="bench.cloudfed")
+        self.federation = Federation.create(len(self.agents), trust_domain="bench.cloudfed")
         calibration = pack(self.trainer.tokenizer, public, sequence_length)  # public text, known to all
         self.covariances = activation_covariances(self.trainer.model, calibration)
-        self.ids = dict(zip(AGENTS, sorted(self.federation.agents), strict=True))
+        self.ids = dict(zip(self.agents, sorted(self.federation.agents), strict=True))
 
     def eval_loss(self, adapter: dict[str, torch.Tensor]) -> float:
         """Mean over agents of the held-out loss."""
@@ -333,7 +357,11 @@ def _secure_round(
             prev = previous if same_space else codec.encode(previous)
             clips = SegmentClips.from_aggregate(prev, scheme.segment, scheme.adaptive)
     clip = 1.0 if clips is not None else scheme.secagg_clip
-    params = SecAggParams.for_round(len(coords) // 2 + 1, 0, clip, bits, len(coords)).check(len(coords))
+    n = len(coords)
+    if scheme.fill_ring:
+        params = SecAggParams.for_round(n // 2 + 1, 0, clip, bits, n).check(n)
+    else:
+        params = SecAggParams(n // 2 + 1, 0, clip, bits, ring_bits(bits, n)).check(n)
     fp = params.fixed_point
     scale = max(examples.values())
     rng = np.random.default_rng(round_id)
@@ -384,7 +412,7 @@ def summarise(results: dict[str, list[dict[str, list[float]]]]) -> dict[str, dic
     return out
 
 
-def markdown(summary: dict[str, dict[str, float | None]], rounds: int, seeds: int) -> str:
+def markdown(summary: dict[str, dict[str, float | None]], rounds: int, seeds: int, agents: int = 4) -> str:
     """The README table."""
     lines = [
         f"| scheme | compression | final eval loss ({rounds} rounds) | gap (nats) "
@@ -401,7 +429,9 @@ def markdown(summary: dict[str, dict[str, float | None]], rounds: int, seeds: in
             f"| {label} | {s['compression']:.1f}x | {s['final_eval_loss']:.3f} | {s['loss_gap_nats']:+.3f} "
             f"| {reach} | {s['cosine']:.3f} |"
         )
-    lines.append(f"\nMedians over {seeds} seeds; 4 agents with non-IID text; `python -m bench.quality`.")
+    lines.append(
+        f"\nMedians over {seeds} seeds; {agents} agents with non-IID text; `python -m bench.quality`."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -437,6 +467,7 @@ def main() -> None:
         help="comma-separated label parts: run only matching schemes (and the baseline when saving)",
     )
     p.add_argument("--name", default="quality", help="results file stem (quality: the README table)")
+    p.add_argument("--agents", type=int, default=len(AGENTS), choices=range(3, 7), help="fleet size")
     args = p.parse_args()
     if args.replot:
         plot(json.loads((RESULTS / f"{args.name}.json").read_text())["runs"], RESULTS / f"{args.name}.png")
@@ -444,11 +475,12 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     began = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        world = World(Path(tmp))
+        world = World(Path(tmp), agents=args.agents)
         results: dict[str, list[dict[str, list[float]]]] = {}
         for scheme in SCHEMES:
             wanted = scheme is SCHEMES[0] and args.name != "quality"
-            if args.only and not wanted and not any(part in scheme.label for part in args.only.split(",")):
+            named = bool(args.only) and any(part in scheme.label for part in args.only.split(","))
+            if (args.only and not wanted and not named) or (scheme.extra and not named):
                 continue
             results[scheme.label] = [
                 run(world, scheme, seed, args.rounds, args.steps) for seed in range(args.seeds)
@@ -468,6 +500,7 @@ def main() -> None:
                 "rounds": args.rounds,
                 "seeds": args.seeds,
                 "steps": args.steps,
+                "agents": args.agents,
                 "summary": summary,
                 "runs": results,
             },
@@ -475,7 +508,7 @@ def main() -> None:
         )
         + "\n"
     )
-    table = markdown(summary, args.rounds, args.seeds)
+    table = markdown(summary, args.rounds, args.seeds, args.agents)
     (RESULTS / f"{args.name}.md").write_text(table)
     plot(results, RESULTS / f"{args.name}.png")
     print(table)
