@@ -40,7 +40,6 @@ from common.layout import ParamLayout
 from common.secagg.clips import SegmentClips
 from common.secagg.local import Federation, run_round
 from common.secagg.params import SecAggParams
-from common.secagg.ring import ring_bits
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
 from server.fetchsgd import FetchSGD, FetchSGDPlan
@@ -358,10 +357,7 @@ def _secure_round(
             clips = SegmentClips.from_aggregate(prev, scheme.segment, scheme.adaptive)
     clip = 1.0 if clips is not None else scheme.secagg_clip
     n = len(coords)
-    if scheme.fill_ring:
-        params = SecAggParams.for_round(n // 2 + 1, 0, clip, bits, n).check(n)
-    else:
-        params = SecAggParams(n // 2 + 1, 0, clip, bits, ring_bits(bits, n)).check(n)
+    params = SecAggParams.for_round(n // 2 + 1, 0, clip, bits, n, scheme.fill_ring).check(n)
     fp = params.fixed_point
     scale = max(examples.values())
     rng = np.random.default_rng(round_id)

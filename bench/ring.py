@@ -44,7 +44,7 @@ def run(agents: int, bits: int, coordinates: int, max_agents: int) -> dict[str, 
     updates = rng.uniform(-1, 1, (agents, coordinates)).astype(np.float32)
     sizings = {
         "max_agents": SecAggParams(agents // 2 + 1, 0, 1.0, bits, ring_bits(bits, max_agents)),
-        "round": SecAggParams(agents // 2 + 1, 0, 1.0, bits, ring_bits(bits, agents)),
+        "round": SecAggParams.for_round(agents // 2 + 1, 0, 1.0, bits, agents, fill=False),
         "round_full": SecAggParams.for_round(agents // 2 + 1, 0, 1.0, bits, agents),
     }
     out: dict[str, float] = {}

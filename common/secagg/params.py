@@ -23,10 +23,13 @@ class SecAggParams:
     max_code: int = 0
 
     @classmethod
-    def for_round(cls, threshold: int, neighbours: int, clip: float, bits: int, invited: int) -> SecAggParams:
-        """Parameters of a round with ``invited`` agents: the least ring, its codes' full range."""
+    def for_round(
+        cls, threshold: int, neighbours: int, clip: float, bits: int, invited: int, fill: bool = True
+    ) -> SecAggParams:
+        """Parameters of a round with ``invited`` agents: the least ring and, with ``fill``, its
+        codes' full range (without: 0 .. 2^bits - 1, the layout before wire revision 3)."""
         ring, top = round_ring(bits, invited)
-        return cls(threshold, neighbours, clip, bits, ring, top)
+        return cls(threshold, neighbours, clip, bits, ring, top if fill else 0)
 
     def check(self, agents: int) -> SecAggParams:
         """Refuse settings that cannot work for ``agents`` agents, saying why."""

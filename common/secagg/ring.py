@@ -36,15 +36,11 @@ def ring_bits(bits: int, agents: int) -> int:
     return bits + (agents - 1).bit_length()
 
 
-def max_code(bits: int, ring: int, agents: int) -> int:
-    """The largest code each of ``agents`` may send so that their sum stays below 2^ring."""
-    return max((1 << bits) - 1, ((1 << ring) - 1) // max(agents, 1))
-
-
 def round_ring(bits: int, agents: int) -> tuple[int, int]:
-    """(ring_bits, max_code) of a round with ``agents`` invited agents."""
+    """(ring_bits, max_code) of a round with ``agents`` invited agents: the least ring, and the
+    largest code each may send so that their sum stays below 2^ring_bits (at least 2^bits - 1)."""
     ring = ring_bits(bits, agents)
-    return ring, max_code(bits, ring, agents)
+    return ring, max((1 << bits) - 1, ((1 << ring) - 1) // agents)
 
 
 def check_headroom(bits: int, agents: int) -> None:
