@@ -72,23 +72,42 @@ class SecureParticipation:
         self.weight_scale = 1.0
         self.clips: SegmentClips | None = None
 
-    def _params(self, threshold: int, ring_bits: int = 0, max_code: int = 0) -> SecAggParams:
-        """The round's parameters; its ring and largest code come with the roster."""
+    def _params(self, threshold: int, state: pb.GetSecAggStateResponse | None = None) -> SecAggParams:
+        """The round's parameters; its layout (ring, largest code, packing) comes with the roster."""
         s = self.settings
         clip = 1.0 if s.adaptive_clip > 0 else s.clip  # adaptive: values go over their bounds
-        return SecAggParams(threshold, s.neighbours, clip, s.bits, ring_bits or RING_BITS, max_code)
+        if state is None:
+            return SecAggParams(threshold, s.neighbours, clip, s.bits)
+        return SecAggParams(
+            threshold,
+            s.neighbours,
+            clip,
+            s.bits,
+            state.ring_bits,
+            state.max_code,
+            state.code_base,
+            state.codes_per_element or 1,
+        )
 
     def _round_params(self, state: pb.GetSecAggStateResponse) -> SecAggParams:
-        """The round's parameters from the aggregator, checked against what Join allowed."""
+        """The round's parameters from the aggregator, checked against what Join allowed: no
+        wider a code than Join's ring, no fewer levels, no sum of the roster able to wrap."""
         widest = self.settings.ring_bits or RING_BITS
-        if not 0 < state.ring_bits <= widest:
+        group = state.codes_per_element or 1
+        if not (0 < state.ring_bits <= RING_BITS and state.ring_bits <= widest * group):
             raise FailedPrecondition(
-                f"round {self.round_id}: the aggregator set a {state.ring_bits}-bit ring; "
-                f"this federation allows 1..{widest}"
+                f"round {self.round_id}: the aggregator set {state.ring_bits}-bit elements of {group}"
+                f" codes; this federation allows up to {widest} bits a code"
+            )
+        if self.settings.levels and state.max_code < self.settings.levels - 1:
+            raise FailedPrecondition(
+                f"round {self.round_id}: codes up to {state.max_code}, fewer than the federation's"
+                f" {self.settings.levels} levels"
             )
         try:
-            params = self._params(state.threshold, state.ring_bits, state.max_code)
-            _ = params.fixed_point  # checks the code range against the ring
+            params = self._params(state.threshold, state)
+            if not params.fixed_point.contributors_fit(len(state.roster)):  # also checks the layout
+                raise ConfigError(f"{len(state.roster)} agents' codes up to {state.max_code} can wrap")
             return params
         except ConfigError as exc:
             raise FailedPrecondition(f"round {self.round_id}: {exc}") from exc

@@ -80,6 +80,10 @@ class Scheme:
     """quantize: each agent's own bound per this many values (``clip`` x their RMS); 0: shared clip."""
     fill_ring: bool = True
     """secagg: codes over the whole ring (0 .. (2^m - 1) // n); False: 0 .. 2^bits - 1, as before."""
+    secagg_levels: int = 0
+    """secagg: code levels when not 2^bits (3: ternary)."""
+    pack: bool = True
+    """secagg: several codes a ring element (``ring.round_layout``); False: one, as before."""
     extra: bool = False
     """Left out of the default run: only when ``--only`` names it."""
 
@@ -92,6 +96,23 @@ SCHEMES = (
     Scheme("identity + secagg 4 bit adaptive", secagg=True, secagg_bits=4, secagg_clip=0.15, adaptive=3.0),
     Scheme("identity + secagg 3 bit adaptive", secagg=True, secagg_bits=3, secagg_clip=0.15, adaptive=3.0),
     Scheme("identity + secagg 2 bit adaptive x2", secagg=True, secagg_bits=2, secagg_clip=0.15, adaptive=2.0),
+    Scheme(
+        "identity + secagg 2 bit adaptive x2, one code an element",
+        secagg=True,
+        secagg_bits=2,
+        secagg_clip=0.15,
+        adaptive=2.0,
+        pack=False,
+        extra=True,
+    ),
+    Scheme(
+        "identity + secagg ternary adaptive x1.5",
+        secagg=True,
+        secagg_bits=1,
+        secagg_levels=3,
+        secagg_clip=0.12,
+        adaptive=1.5,
+    ),
     Scheme(
         "identity + secagg 2 bit adaptive x2, codes 0..3",
         secagg=True,
@@ -357,7 +378,9 @@ def _secure_round(
             clips = SegmentClips.from_aggregate(prev, scheme.segment, scheme.adaptive)
     clip = 1.0 if clips is not None else scheme.secagg_clip
     n = len(coords)
-    params = SecAggParams.for_round(n // 2 + 1, 0, clip, bits, n, scheme.fill_ring).check(n)
+    params = SecAggParams.for_round(
+        n // 2 + 1, 0, clip, bits, n, scheme.fill_ring, scheme.secagg_levels, scheme.pack
+    ).check(n)
     fp = params.fixed_point
     scale = max(examples.values())
     rng = np.random.default_rng(round_id)
@@ -366,7 +389,7 @@ def _secure_round(
         values = c if clips is None else clips.scale_down(c)
         codes[world.ids[name]] = fp.encode_weighted(values, examples[name] / scale, rng)
     result = run_round(world.federation, codes, params, round_id=round_id, seed=b"bench")
-    mean32, _ = fp.decode_weighted_mean(result.total, len(codes))
+    mean32, _ = fp.decode_weighted_mean(result.total, len(codes), count)
     if clips is not None:
         mean32 = clips.scale_up(mean32)
     mean = mean32.astype(np.float64)  # in the codec's coordinates: decoded (once) by the caller

@@ -1,14 +1,18 @@
-"""Masked bytes and rounding error per fleet size: the round's ring against max_agents' ring.
+"""Masked bytes and rounding error per fleet size: three ways to lay out a masked round.
 
     python -m bench.ring [--coordinates 200000] [--max-agents 1000]
 
-For each fleet size n and code width, three ways to size a masked round, side by side on the
-same random updates (uniform in the clip range, one per agent): the ring for ``max_agents``
-with codes 0 .. 2^bits - 1 (before wire revision 3), the ring for n with the same codes, and
-the ring for n with codes over all of it (``SecAggParams.for_round``, what the daemons run).
-Each reports bits per coordinate on the wire and the RMS error of the decoded mean against
-the true mean (masks cancel exactly in the ring, so they are left out here; tests/test_secagg.py
-checks that through the real protocol). Results go to bench/results/ring.json.
+For each fleet size n and code levels L (3, and 2^bits for 2, 4 and 8 bits), side by side on
+the same random updates (uniform in the clip range, one per agent):
+- ``max_agents``: one code an element in the ring for ``max_agents`` (before wire revision 3);
+- ``one_code``: one code an element in the least ring for the n invited agents, codes filling
+  it (wire revision 3);
+- ``packed``: several codes an element as base-(n * max_code + 1) digits (``ring.round_layout``,
+  wire revision 4, what the daemons run), the secure sum's bound log2(n (L - 1) + 1) within 1%.
+Each reports bits per coordinate on the wire, the codes' levels, and the RMS error of the decoded
+mean against the true mean (masks cancel exactly in the ring and packing changes no number, so
+both are left out here; tests/test_secagg.py checks them through the real protocol). Results go
+to bench/results/ring.json.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from common.secagg.params import SecAggParams
-from common.secagg.ring import ring_bits
+from common.secagg.ring import coordinate_bits, levels_bits
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ring.json"
 FLEETS = (3, 4, 5, 10, 20, 50)
-BITS = (2, 4, 8)
+LEVELS = (3, 4, 16, 256)  # ternary, then 2, 4 and 8 bits
 
 
 def mean_error(params: SecAggParams, updates: np.ndarray, rng: np.random.Generator) -> float:
@@ -38,23 +42,32 @@ def mean_error(params: SecAggParams, updates: np.ndarray, rng: np.random.Generat
     return float(np.sqrt(np.mean((mean - updates.mean(axis=0, dtype=np.float64)) ** 2)))
 
 
-def run(agents: int, bits: int, coordinates: int, max_agents: int) -> dict[str, float]:
-    """The three sizings for one fleet and code width."""
-    rng = np.random.default_rng([agents, bits])
+def run(agents: int, levels: int, coordinates: int, max_agents: int) -> dict[str, float]:
+    """The three layouts for one fleet and code range."""
+    rng = np.random.default_rng([agents, levels])
     updates = rng.uniform(-1, 1, (agents, coordinates)).astype(np.float32)
-    sizings = {
-        "max_agents": SecAggParams(agents // 2 + 1, 0, 1.0, bits, ring_bits(bits, max_agents)),
-        "round": SecAggParams.for_round(agents // 2 + 1, 0, 1.0, bits, agents, fill=False),
-        "round_full": SecAggParams.for_round(agents // 2 + 1, 0, 1.0, bits, agents),
+    t, bits = agents // 2 + 1, levels_bits(levels)
+    widest = coordinate_bits(levels, max_agents)
+    layouts = {
+        "max_agents": SecAggParams(t, 0, 1.0, bits, widest, levels - 1),
+        "one_code": SecAggParams.for_round(t, 0, 1.0, bits, agents, levels=levels, pack=False),
+        "packed": SecAggParams.for_round(t, 0, 1.0, bits, agents, levels=levels),
     }
-    out: dict[str, float] = {}
-    for name, params in sizings.items():
+    out: dict[str, float] = {"secure_sum_bound_bits": float(np.log2(agents * (levels - 1) + 1))}
+    for name, params in layouts.items():
         params.check(agents)
-        out[f"{name}_ring_bits"] = params.ring_bits
-        out[f"{name}_levels"] = params.fixed_point.levels + 1
+        fp = params.fixed_point
+        out[f"{name}_bits"] = fp.coordinate_bits
+        out[f"{name}_codes_per_element"] = fp.group
+        out[f"{name}_levels"] = fp.levels + 1
         out[f"{name}_rmse"] = mean_error(params, updates, rng)
-    out["bytes_saved_vs_max_agents"] = 1 - out["round_full_ring_bits"] / out["max_agents_ring_bits"]
-    out["rmse_ratio_full_vs_round"] = out["round_full_rmse"] / out["round_rmse"]
+    out["packed_bytes_vs_max_agents"] = out["packed_bits"] / out["max_agents_bits"]
+    out["packed_bytes_vs_one_code"] = out["packed_bits"] / out["one_code_bits"]
+    out["packed_rmse_vs_one_code"] = out["packed_rmse"] / out["one_code_rmse"]
+    # mean squared error per bit on the wire, packed against one code (lower: packed spends better)
+    out["packed_rmse2_bits_vs_one_code"] = (
+        out["packed_rmse_vs_one_code"] ** 2 * out["packed_bytes_vs_one_code"]
+    )
     return out
 
 
@@ -65,17 +78,16 @@ def main() -> None:
     args = p.parse_args()
     began = time.monotonic()
     rows = []
-    print(f"{'agents':>6} {'bits':>4} | {'ring bits':>17} | {'levels':>11} | {'RMSE ratio':>10}")
+    print(f"{'agents':>6} {'levels':>6} | bits a code: max_agents, one code, packed (bound) | levels | RMSE")
     for agents in FLEETS:
-        for bits in BITS:
-            r = run(agents, bits, args.coordinates, args.max_agents)
-            rows.append({"agents": agents, "bits": bits, **r})
+        for levels in LEVELS:
+            r = run(agents, levels, args.coordinates, args.max_agents)
+            rows.append({"agents": agents, "levels": levels, **r})
             print(
-                f"{agents:>6} {bits:>4} | "
-                f"{r['max_agents_ring_bits']:>4.0f} -> {r['round_full_ring_bits']:>2.0f} "
-                f"({100 * r['bytes_saved_vs_max_agents']:>3.0f}% less) | "
-                f"{r['round_levels']:>4.0f} -> {r['round_full_levels']:>4.0f} | "
-                f"{r['rmse_ratio_full_vs_round']:>10.2f}",
+                f"{agents:>6} {levels:>6} | {r['max_agents_bits']:>5.2f} {r['one_code_bits']:>5.2f} "
+                f"{r['packed_bits']:>5.2f} ({r['secure_sum_bound_bits']:.2f}) | "
+                f"{r['one_code_levels']:.0f} -> {r['packed_levels']:.0f} | "
+                f"{r['packed_rmse_vs_one_code']:.2f}x",
                 flush=True,
             )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from common.chunks import MAX_CHUNK_BYTES, validate_chunk_bytes
 from common.errors import CloudfedError, ConfigError
 from common.identity import IdentityError, SpiffeId
 from common.secagg.graph import check_parameters
-from common.secagg.ring import check_headroom, ring_bits
+from common.secagg.ring import check_headroom, coordinate_bits, levels_bits
 from common.tls import TlsFiles
 
 T = TypeVar("T")
@@ -86,20 +86,35 @@ class SecAggConfig:
     clip: float = 0.1
     """Clip bound of each weighted update coordinate before fixed-point encoding."""
     bits: int = 20
-    """Fixed-point bits per coordinate; bits + ceil(log2 max_agents) + 1 must be <= 32."""
+    """Fixed-point bits per coordinate (codes 0 .. 2^bits - 1); max_agents (2^bits - 1) must be
+    below 2^31."""
+    levels: int = 0
+    """Code levels per coordinate when not a power of two (3: ternary); 0 = 2^bits. Overrides bits.
+    A masked coordinate costs about log2(n (levels - 1) + 1) bits with n agents (codes packed)."""
     key_deadline_s: float = 60.0
     """Seconds each key phase (advertise, share, unmask) waits for the agents."""
     adaptive_clip: float = 0.0
     """Clip each segment of coordinates at this multiple of its RMS in the previous round's
     aggregate (``clip`` in the first round); 0 keeps the one fixed ``clip``. 3.0 suits 3-8 bits,
-    2.0 suits 2 bits (fewer levels want a tighter clip); README, Compression, has the figures."""
+    2.0 suits 2 bits, 1.5 ternary codes (fewer levels want a tighter clip); README, Compression,
+    has the figures."""
     clip_segment: int = 1024
     """Coordinates per adaptive clip bound."""
 
+    @property
+    def code_levels(self) -> int:
+        """Levels of each agent's codes: ``levels``, or 2^bits."""
+        return self.levels or 1 << self.bits
+
+    @property
+    def weight_bits(self) -> int:
+        """Bits of each digit of a masked update's weight: floor(log2 levels)."""
+        return levels_bits(self.code_levels)
+
     def ring_bits(self, max_agents: int) -> int:
-        """The widest ring a round may use: the least no sum of ``max_agents`` codes wraps (each
-        round's own ring is sized for the agents it invites)."""
-        return ring_bits(self.bits, max_agents)
+        """The most bits a masked coordinate may cost: the least one-code ring no sum of
+        ``max_agents`` codes wraps (each round's layout is sized for the agents it invites)."""
+        return coordinate_bits(self.code_levels, max_agents)
 
 
 LINEAR_CODECS = ("identity", "quantize", "projection", "eigen", "countsketch")
@@ -344,8 +359,12 @@ class AggregatorConfig:
                 raise ConfigError(f"secagg: {exc}") from exc
         if not sa.clip > 0:
             raise ConfigError("secagg.clip must be positive")
+        if not 1 <= sa.bits <= 30:
+            raise ConfigError(f"secagg.bits must be in 1..30, got {sa.bits}")
+        if sa.levels and not 2 <= sa.levels <= 1 << 30:
+            raise ConfigError(f"secagg.levels must be 0 (2^bits) or in 2..2^30, got {sa.levels}")
         try:
-            check_headroom(sa.bits, r.max_agents)
+            check_headroom(sa.code_levels, r.max_agents)
         except ConfigError as exc:
             raise ConfigError(f"secagg: {exc}") from exc
         if sa.key_deadline_s <= 0:

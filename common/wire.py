@@ -12,6 +12,8 @@ Revisions:
      ``bits + ceil(log2 n)`` bits; ``quantize`` with per-segment bounds.
   3. each masked round's ring sized for its invited agents, not ``max_agents``, and codes over
      its full range (0 .. floor((2^ring_bits - 1) / invited)), both sent with the roster.
+  4. masked codes packed several to a ring element as base-``code_base`` digits (sent with the
+     roster as ``code_base``, ``codes_per_element``); code levels need not be a power of two.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Iterable
 
 from common.errors import FailedPrecondition
 
-WIRE_REVISION = 3
+WIRE_REVISION = 4
 
 
 def codecs_needed(codec: str) -> tuple[str, ...]:

@@ -91,6 +91,8 @@ class SecAggView:
     threshold: int
     ring_bits: int
     max_code: int
+    code_base: int
+    group: int
     weight_scale: float
     shares: dict[str, bytes] = field(default_factory=dict)
     survivors: list[str] = field(default_factory=list)
@@ -194,7 +196,7 @@ class RoundCoordinator:
 
     @property
     def expected_payload_bytes(self) -> int:
-        """Size of one encoded update (a masked one: the round's ``ring_bits`` a coordinate)."""
+        """Size of one encoded update (a masked one: the round's ``ring_bits`` an element)."""
         if self.secagg is not None:
             secure = self._secure
             if secure is not None:
@@ -356,7 +358,7 @@ class RoundCoordinator:
                 f"masked update of {data.size} bytes, expected {fp.wire_bytes(secure.length)}"
             )
         with self._secure_lock:
-            for start in range(0, secure.length, BLOCK_ELEMS):  # BLOCK_ELEMS codes end on a byte boundary
+            for start in range(0, secure.length, BLOCK_ELEMS):  # BLOCK_ELEMS elements end on a byte boundary
                 count = min(BLOCK_ELEMS, secure.length - start)
                 first = start * fp.ring_bits // 8
                 block = data[first : first + fp.wire_bytes(count)]
@@ -427,6 +429,8 @@ class RoundCoordinator:
             threshold=secure.params.threshold,
             ring_bits=secure.params.ring_bits,
             max_code=secure.params.fixed_point.levels,
+            code_base=secure.params.code_base,
+            group=secure.params.group,
             weight_scale=self._weight_scale,
             shares=secure.shares_for(peer.uri) if phase >= Phase.UPLOAD else {},
             survivors=survivors,
@@ -513,7 +517,9 @@ class RoundCoordinator:
         """The round's secure-aggregation parameters (``auto``: the threshold when not configured);
         the ring is sized for the ``invited`` agents, not for ``max_agents``."""
         clip = 1.0 if sa.adaptive_clip > 0 else sa.clip  # adaptive: values come over their bounds
-        return SecAggParams.for_round(sa.threshold or auto, sa.neighbours, clip, sa.bits, invited)
+        return SecAggParams.for_round(
+            sa.threshold or auto, sa.neighbours, clip, sa.bits, invited, levels=sa.code_levels
+        )
 
     def _round_clips(self, sa: SecAggConfig, base: int, count: int) -> SegmentClips | None:
         """Adaptive clipping: bounds from the aggregate that produced ``base``, encoded with this
@@ -670,7 +676,8 @@ class RoundCoordinator:
     ) -> Manifest:
         """Decode the unmasked ring sum (scaled back by the round's clip bounds); an encoded sum is
         decoded once (the codec is linear)."""
-        mean, weight = fp.decode_weighted_mean(total, len(participants))
+        coordinates = registry.secure_coordinates(self._round_codec, self.layout.numel)
+        mean, weight = fp.decode_weighted_mean(total, len(participants), coordinates)
         if clips is not None:
             mean = clips.scale_up(mean)
         kept = mean  # for the next round's clip bounds: FetchSGD's mean sketch, else the mean update

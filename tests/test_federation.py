@@ -117,8 +117,8 @@ def test_adaptive_clip_bounds_from_the_last_aggregate_make_4_bit_masked_rounds_a
 ) -> None:
     """secagg.bits = 4 with adaptive_clip = 3: the first round uses the fixed clip (0.5, far too wide
     for 4 bits); every later round's bounds come from the aggregate before it, so its step is close
-    to the weighted mean of the agents' (audited) updates. 6 bits a coordinate on the wire, codes
-    0 .. 21 (the ring's full range for 3 agents)."""
+    to the weighted mean of the agents' (audited) updates. On the wire, 5 codes (0 .. 15) to a
+    28-bit element: 3 agents' sums take 46 values, log2(46) = 5.52 bits, 5.6 bits a code."""
     table = run_federation(tmp_path, 3, show=False, timeout_s=400, secagg_bits=4, adaptive_clip=3.0)
     assert {0, 3} <= set(table), (tmp_path / "aggregator.log").read_text()[-2000:]
     assert np.mean(list(table[3].values())) < np.mean(list(table[0].values())) - 0.05
@@ -138,8 +138,8 @@ def test_adaptive_clip_bounds_from_the_last_aggregate_make_4_bit_masked_rounds_a
         errors.append(float(np.linalg.norm(step - expected) / np.linalg.norm(expected)))
     assert max(errors[1:]) < 0.4 and max(errors[1:]) < errors[0] / 2, errors
     masked, numel = _upload_size_of_round(tmp_path, 2)
-    # 4 bits + ceil(log2 3 invited agents), not log2 of max_agents (16), packed; 6 weight digits
-    assert masked == ((numel + 6) * 6 + 7) // 8
+    # sized for 3 invited agents, not max_agents (16): 5 codes a 28-bit element; 6 weight digits
+    assert masked == (-(-(numel + 6) // 5) * 28 + 7) // 8
     assert sorted(p.name for p in (tmp_path / "aggregator-state" / "aggregates").iterdir()) == [
         "mean-v00000002.npy",
         "mean-v00000003.npy",

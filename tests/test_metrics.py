@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.demo import prepare
 from common.bitpack import packed_bytes
 from common.layout import ParamLayout
-from common.secagg.ring import FixedPoint, ring_bits
+from common.secagg.params import SecAggParams
+from common.secagg.ring import ring_bits
 from server.checkpoints import CheckpointStore
 from tests.daemons import start, stop, wait_serving
 from tests.promtool import promtool
@@ -81,10 +82,9 @@ def test_byte_counters_match_what_was_sent_and_histograms_count_the_round(tmp_pa
     numel = ParamLayout.from_tensors(store.load(0)).numel
     assert agg_toml["secagg"]["enabled"]  # masked uploads: ring_bits a coordinate, weight included
     bits = agg_toml["secagg"]["bits"]
-    width = ring_bits(bits, len(agents))  # the round's ring: sized for the agents it invited
-    assert width < ring_bits(bits, agg_toml["rounds"]["max_agents"])
-    length = FixedPoint(1.0, bits, width).masked_length(numel)
-    payload = packed_bytes(length, width)
+    fp = SecAggParams.for_round(2, 0, 1.0, bits, len(agents)).fixed_point  # sized for those invited
+    assert fp.coordinate_bits < ring_bits(bits, agg_toml["rounds"]["max_agents"])
+    payload = packed_bytes(fp.masked_length(numel), fp.ring_bits)
     assert payload < numel * 4
     chunks = -(-payload // (1024 * 1024))
     for cloud, samples in last.items():

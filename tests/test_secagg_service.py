@@ -44,10 +44,10 @@ async def play_agent(
     examples: int,
     tmp: Path,
     upload: bool = True,
-    rings: dict[str, tuple[int, int, int]] | None = None,
+    rings: dict[str, tuple[int, int, int, int]] | None = None,
 ) -> tuple[str, float]:  # type: ignore[no-untyped-def]
     """One agent through the real client and the agent's SecureParticipation (``rings``: its
-    round's ring bits, largest code and Join's widest ring, by name)."""
+    round's element bits, largest code, Join's widest code and codes an element, by name)."""
     files = run.pki.agent(name)
     async with run.client(name) as client:
         join = await client.join(num_examples=examples)
@@ -61,7 +61,7 @@ async def play_agent(
             await part.keys()
             if rings is not None:
                 fp = part.protocol.params.fixed_point
-                rings[name] = (fp.ring_bits, fp.levels, join.settings.secagg.ring_bits)
+                rings[name] = (fp.ring_bits, fp.levels, join.settings.secagg.ring_bits, fp.group)
             weight = part.weight(examples)
             if not upload:
                 return join.agent_id, weight  # shared keys, then vanished
@@ -88,14 +88,14 @@ async def test_masked_round_over_grpc_recovers_a_dropout_and_yields_the_weighted
     rng = np.random.default_rng(3)
     deltas = {f"s{i}": (rng.standard_normal(NUMEL) * 0.05).astype(np.float32) for i in range(4)}
     examples = {"s0": 100, "s1": 300, "s2": 50, "s3": 200}
-    rings: dict[str, tuple[int, int, int]] = {}
+    rings: dict[str, tuple[int, int, int, int]] = {}
     results = await asyncio.gather(
         *(play_agent(run, n, deltas[n], examples[n], tmp_path, n != "s3", rings) for n in deltas)
     )
     # The round's ring is sized for its 4 invited agents (22 bits), not Join's max_agents bound,
     # and the codes fill it; the aggregator took uploads of exactly that size.
     widest = ring_bits(SECAGG.bits, run.agg.config.rounds.max_agents)
-    assert set(rings.values()) == {(22, (2**22 - 1) // 4, widest)} and widest > 22
+    assert set(rings.values()) == {(22, (2**22 - 1) // 4, widest, 1)} and widest > 22
     weights = {name: w for name, (_, w) in zip(deltas, results, strict=True)}
     assert weights["s1"] == 1.0 and weights["s2"] == pytest.approx(50 / 300)  # scaled by the largest count
     store = run.agg.rounds.store
@@ -112,6 +112,41 @@ async def test_masked_round_over_grpc_recovers_a_dropout_and_yields_the_weighted
     )
     statuses = run.agg.rounds.db.participant_status(1)
     assert sorted(statuses.values()) == ["dropped", "uploaded", "uploaded", "uploaded"]
+
+
+async def test_ternary_codes_travel_packed_five_to_a_16_bit_element_and_decode_unbiased(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    """secagg.levels = 3 with 4 agents: their sums take 9 values, so the round packs 5 codes into
+    16 bits (3.2 a coordinate, log2 9 = 3.17) instead of 4 bits a code; the aggregator accepts
+    uploads of that size and the step is the weighted mean within ternary rounding's error."""
+    ternary = dataclasses.replace(SECAGG, clip=0.1, levels=3)
+    config = dataclasses.replace(
+        aggregator_config(pki, tmp_path / "agg0", min_agents=4, min_uploads=4, upload_deadline_s=8.0),
+        secagg=ternary,
+    ).validate()
+    run = await start_aggregator(config=config)
+    rng = np.random.default_rng(5)
+    deltas = {f"t{i}": (rng.standard_normal(NUMEL) * 0.03).astype(np.float32) for i in range(4)}
+    examples = {"t0": 100, "t1": 300, "t2": 50, "t3": 200}
+    rings: dict[str, tuple[int, int, int, int]] = {}
+    results = await asyncio.gather(
+        *(play_agent(run, n, deltas[n], examples[n], tmp_path, True, rings) for n in deltas)
+    )
+    widest = (2 * config.rounds.max_agents).bit_length()
+    assert set(rings.values()) == {(16, 2, widest, 5)}
+    weights = {name: w for name, (_, w) in zip(deltas, results, strict=True)}
+    store = run.agg.rounds.store
+    layout = ParamLayout.from_tensors(store.load(0))
+    step = layout.flatten(store.load(1)).astype(np.float64) - layout.flatten(store.load(0))
+    total = sum(weights.values())
+    expected = sum(weights[n] * deltas[n].astype(np.float64) for n in deltas) / total
+    # each agent's code of w * delta is off by at most one step (0.1), with variance <= 0.1^2 / 4
+    bound = np.sqrt(4 * 0.1**2 / 4) / total
+    error = step - expected
+    assert float(np.sqrt(np.mean(error**2))) < bound
+    assert abs(float(np.mean(error))) < 4 * bound / np.sqrt(NUMEL)  # stochastic rounding: unbiased
+    assert np.corrcoef(step, expected)[0, 1] > 0.5
 
 
 async def test_advertising_for_someone_else_or_out_of_phase_is_refused(
@@ -143,6 +178,18 @@ def test_impossible_secagg_settings_are_refused_at_start(pki: Pki, tmp_path: Pat
         dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, neighbours=4, threshold=2)).validate()
     with pytest.raises(ConfigError, match="min_agents >= 2"):
         dataclasses.replace(aggregator_config(pki, tmp_path, min_agents=1), secagg=SECAGG).validate()
+    for levels, why in (
+        (1, r"secagg\.levels must be"),
+        (2**31, r"secagg\.levels must be"),
+        (2**22, "headroom"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, levels=levels)).validate()
+    with pytest.raises(ConfigError, match=r"secagg\.bits must be in 1\.\.30"):
+        dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, bits=0)).validate()
+    ternary = dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, levels=3)).validate().secagg
+    assert (ternary.code_levels, ternary.weight_bits) == (3, 1)  # bits is ignored
+    assert ternary.ring_bits(base.rounds.max_agents) == (2 * base.rounds.max_agents).bit_length()
 
 
 @pytest.mark.parametrize(("codec", "why"), [("topk", "nonlinear decoder"), ("quantize", "quantise twice")])
@@ -157,13 +204,22 @@ def test_codecs_that_cannot_be_masked_are_refused_at_start(
 
 
 @pytest.mark.parametrize(
-    ("ring", "top", "message"),
-    [(0, 0, "allows 1..22"), (23, 0, "allows 1..22"), (20, 2**20, "max_code must be in")],
+    ("ring", "top", "base", "group", "roster", "message"),
+    [
+        (0, 0, 0, 0, 0, "allows up to 22 bits a code"),
+        (23, 0, 0, 0, 0, "allows up to 22 bits a code"),
+        (33, 2**20, 2**21, 2, 0, "allows up to 22 bits a code"),  # 16.5 a code, but no 33-bit element
+        (20, 2**20, 0, 0, 0, "do not fit a 20-bit ring"),
+        (21, 2**20, 0, 0, 2, "can wrap"),  # one agent's codes fit, two agents' sum wraps
+        (30, 2**20, 2**20 + 1, 2, 0, "do not fit a 30-bit element"),  # two digits need 41 bits
+        (32, 2**20, 2**20, 2, 0, "do not fit"),  # a digit must exceed the largest code
+        (21, 2**20 - 2, 0, 0, 0, "fewer than the federation's"),
+    ],
 )
-def test_agent_refuses_a_round_ring_outside_what_join_allowed(
-    pki: Pki, ring: int, top: int, message: str
+def test_agent_refuses_a_round_layout_outside_what_join_allowed(
+    pki: Pki, ring: int, top: int, base: int, group: int, roster: int, message: str
 ) -> None:
-    settings = pb.SecAggSettings(enabled=True, threshold=2, clip=1.0, bits=20, ring_bits=22)
+    settings = pb.SecAggSettings(enabled=True, threshold=2, clip=1.0, bits=20, ring_bits=22, levels=2**20)
     part = SecureParticipation(
         None,  # type: ignore[arg-type]  # no RPC is made: only the round's parameters are checked
         Signer.load(pki.agent("r1")),
@@ -172,11 +228,21 @@ def test_agent_refuses_a_round_ring_outside_what_join_allowed(
         7,
         1.0,
     )
-    state = pb.GetSecAggStateResponse(round_id=7, threshold=2, ring_bits=ring, max_code=top)
+    state = pb.GetSecAggStateResponse(
+        round_id=7, threshold=2, ring_bits=ring, max_code=top, code_base=base, codes_per_element=group
+    )
+    for _ in range(roster):
+        state.roster.add()
     with pytest.raises(FailedPrecondition, match=message):
         part._round_params(state)
     good = part._round_params(pb.GetSecAggStateResponse(threshold=2, ring_bits=21, max_code=2**20))
     assert (good.ring_bits, good.fixed_point.levels) == (21, 2**20)
+    part.settings = pb.SecAggSettings(enabled=True, threshold=2, clip=1.0, bits=1, ring_bits=4, levels=3)
+    ternary = pb.GetSecAggStateResponse(
+        threshold=2, ring_bits=16, max_code=2, code_base=9, codes_per_element=5
+    )
+    packed = part._round_params(ternary)  # 4 agents' ternary codes: 5 to 16 bits
+    assert (packed.group, packed.fixed_point.coordinate_bits, packed.fixed_point.levels) == (5, 3.2, 2)
 
 
 async def test_roster_carries_the_certificate_of_each_tls_session_not_the_one_in_the_message(

@@ -52,7 +52,7 @@ class RoundResult:
     key_bytes: dict[str, int] = field(default_factory=dict)
     """Bytes each agent sent for keys: advertisement, sealed shares, revealed shares."""
     upload_bytes: dict[str, int] = field(default_factory=dict)
-    """Bytes of each agent's masked update on the wire (``params.ring_bits`` a coordinate)."""
+    """Bytes of each agent's masked update on the wire (``params.ring_bits`` an element)."""
 
 
 def run_round(

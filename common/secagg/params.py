@@ -6,14 +6,15 @@ from dataclasses import dataclass
 
 from common.errors import ConfigError
 from common.secagg.graph import check_parameters
-from common.secagg.ring import RING_BITS, FixedPoint, check_headroom, ring_bits, round_ring
+from common.secagg.ring import RING_BITS, FixedPoint, check_headroom, levels_bits, ring_bits, round_layout
 
 
 @dataclass(frozen=True)
 class SecAggParams:
-    """Threshold t, neighbours k (0 = everyone), the fixed-point clip and bits, the ring width on
-    the wire and the largest code (``ring.round_ring(bits, invited agents)``; 32 bits and
-    2^bits - 1 when unset)."""
+    """Threshold t, neighbours k (0 = everyone), the fixed-point clip and bits (the weight's digit
+    width), and the round's layout in the ring (``ring.round_layout``): bits an element, the
+    largest code, and the codes packed into an element as base-``code_base`` digits (32 bits, codes
+    up to 2^bits - 1 and one code an element when unset)."""
 
     threshold: int
     neighbours: int = 0
@@ -21,15 +22,39 @@ class SecAggParams:
     bits: int = 16
     ring_bits: int = RING_BITS
     max_code: int = 0
+    code_base: int = 0
+    group: int = 1
 
     @classmethod
     def for_round(
-        cls, threshold: int, neighbours: int, clip: float, bits: int, invited: int, fill: bool = True
+        cls,
+        threshold: int,
+        neighbours: int,
+        clip: float,
+        bits: int,
+        invited: int,
+        fill: bool = True,
+        levels: int = 0,
+        pack: bool = True,
     ) -> SecAggParams:
-        """Parameters of a round with ``invited`` agents: the least ring and, with ``fill``, its
-        codes' full range (without: 0 .. 2^bits - 1, the layout before wire revision 3)."""
-        ring, top = round_ring(bits, invited)
-        return cls(threshold, neighbours, clip, bits, ring, top if fill else 0)
+        """Parameters of a round with ``invited`` agents sending codes of ``levels`` levels (0:
+        2^bits; otherwise bits is floor(log2 levels)): the cheapest layout (``pack``: several
+        codes an element) with codes filling it. Without ``fill``: codes 0 .. 2^bits - 1 in the
+        least one-code ring, the layout before wire revision 3."""
+        if not fill:
+            return cls(threshold, neighbours, clip, bits, ring_bits(bits, invited))
+        levels = levels or 1 << bits
+        layout = round_layout(levels, invited, pack)
+        return cls(
+            threshold,
+            neighbours,
+            clip,
+            levels_bits(levels),
+            layout.ring_bits,
+            layout.max_code,
+            layout.base,
+            layout.group,
+        )
 
     def check(self, agents: int) -> SecAggParams:
         """Refuse settings that cannot work for ``agents`` agents, saying why."""
@@ -38,15 +63,16 @@ class SecAggParams:
         if self.threshold > agents:
             raise ConfigError(f"secagg threshold {self.threshold} is above the number of agents ({agents})")
         check_parameters(agents, self.neighbours, self.threshold)
-        check_headroom(self.bits, agents)
-        if self.ring_bits < ring_bits(self.bits, agents) or not self.fixed_point.contributors_fit(agents):
+        fp = self.fixed_point
+        check_headroom(fp.levels + 1, agents)
+        if not fp.contributors_fit(agents):
             raise ConfigError(
-                f"secagg ring of {self.ring_bits} bits can wrap with {agents} agents at {self.bits} bits"
-                f" (codes up to {self.fixed_point.levels})"
+                f"secagg ring of {self.ring_bits} bits ({self.group} codes an element) can wrap with"
+                f" {agents} agents' codes up to {fp.levels}"
             )
         return self
 
     @property
     def fixed_point(self) -> FixedPoint:
         """The shared quantiser."""
-        return FixedPoint(self.clip, self.bits, self.ring_bits, self.max_code)
+        return FixedPoint(self.clip, self.bits, self.ring_bits, self.max_code, self.code_base, self.group)

@@ -305,6 +305,7 @@ class SecAggSettings(_message.Message):
     RING_BITS_FIELD_NUMBER: _builtins.int
     ADAPTIVE_CLIP_FIELD_NUMBER: _builtins.int
     CLIP_SEGMENT_FIELD_NUMBER: _builtins.int
+    LEVELS_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     """Whether updates are masked."""
     threshold: _builtins.int
@@ -314,11 +315,12 @@ class SecAggSettings(_message.Message):
     clip: _builtins.float
     """Clip bound applied before fixed-point encoding."""
     bits: _builtins.int
-    """Fixed-point bits per coordinate."""
+    """Bits of each digit of a masked update's weight, floor(log2 levels)."""
     ring_bits: _builtins.int
-    """The widest ring a round may use, bits + ceil(log2 max_agents); each round's own ring (sized
-    for its invited agents) comes with GetSecAggStateResponse. A masked update is the weighted
-    update's codes, then its weight as ceil(24 / bits) base-2^bits digits, ring_bits each.
+    """The most bits a masked coordinate may cost, ceil(log2(max_agents (levels - 1) + 1)); each
+    round's own layout (sized for its invited agents) comes with GetSecAggStateResponse. A masked
+    update is the weighted update's codes, then its weight as ceil(24 / bits) base-2^bits digits,
+    packed codes_per_element to a ring element.
     """
     adaptive_clip: _builtins.float
     """Adaptive clipping: each segment of clip_segment coordinates is clipped at this multiple
@@ -327,6 +329,8 @@ class SecAggSettings(_message.Message):
     """
     clip_segment: _builtins.int
     """Coordinates per adaptive clip bound."""
+    levels: _builtins.int
+    """Code levels of each agent's coordinate (2^bits unless configured otherwise, e.g. 3)."""
     def __init__(
         self,
         *,
@@ -338,10 +342,11 @@ class SecAggSettings(_message.Message):
         ring_bits: _builtins.int = ...,
         adaptive_clip: _builtins.float = ...,
         clip_segment: _builtins.int = ...,
+        levels: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptive_clip", b"adaptive_clip", "bits", b"bits", "clip", b"clip", "clip_segment", b"clip_segment", "enabled", b"enabled", "neighbours", b"neighbours", "ring_bits", b"ring_bits", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptive_clip", b"adaptive_clip", "bits", b"bits", "clip", b"clip", "clip_segment", b"clip_segment", "enabled", b"enabled", "levels", b"levels", "neighbours", b"neighbours", "ring_bits", b"ring_bits", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1267,6 +1272,8 @@ class GetSecAggStateResponse(_message.Message):
     SEGMENT_CLIPS_FIELD_NUMBER: _builtins.int
     RING_BITS_FIELD_NUMBER: _builtins.int
     MAX_CODE_FIELD_NUMBER: _builtins.int
+    CODE_BASE_FIELD_NUMBER: _builtins.int
+    CODES_PER_ELEMENT_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     """The round."""
     phase: Global___RoundPhase.ValueType
@@ -1283,14 +1290,19 @@ class GetSecAggStateResponse(_message.Message):
     included).
     """
     ring_bits: _builtins.int
-    """SHARE_KEYS: bits per masked coordinate in this round, the least ring no sum over the
-    round's invited agents can wrap (bits + ceil(log2 invited)); at most SecAggSettings.ring_bits.
+    """SHARE_KEYS: bits per masked ring element in this round; an element holds codes_per_element
+    codes, so a code costs ring_bits / codes_per_element bits, at most SecAggSettings.ring_bits.
     """
     max_code: _builtins.int
-    """SHARE_KEYS: the largest code an agent sends, floor((2^ring_bits - 1) / invited), at least
-    2^bits - 1: values in [-clip, clip] map onto 0 .. max_code (the weight's digits stay base
-    2^bits).
+    """SHARE_KEYS: the largest code an agent sends (at least SecAggSettings.levels - 1): values in
+    [-clip, clip] map onto 0 .. max_code (the weight's digits stay base 2^bits).
     """
+    code_base: _builtins.int
+    """SHARE_KEYS: with codes_per_element > 1, an element is sum_j code_j * code_base^j, and
+    code_base > invited * max_code, so summed codes never carry into the next digit.
+    """
+    codes_per_element: _builtins.int
+    """SHARE_KEYS: codes per ring element (0 or 1: one code an element)."""
     @_builtins.property
     def roster(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyAdvertisement]:
         """SHARE_KEYS and later: every advertisement, in agent id order."""
@@ -1327,10 +1339,12 @@ class GetSecAggStateResponse(_message.Message):
         segment_clips: _abc.Iterable[_builtins.float] | None = ...,
         ring_bits: _builtins.int = ...,
         max_code: _builtins.int = ...,
+        code_base: _builtins.int = ...,
+        codes_per_element: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_segment", b"clip_segment", "dropped", b"dropped", "graph_seed", b"graph_seed", "max_code", b"max_code", "phase", b"phase", "ring_bits", b"ring_bits", "roster", b"roster", "round_id", b"round_id", "segment_clips", b"segment_clips", "shares", b"shares", "survivors", b"survivors", "threshold", b"threshold", "weight_scale", b"weight_scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_segment", b"clip_segment", "code_base", b"code_base", "codes_per_element", b"codes_per_element", "dropped", b"dropped", "graph_seed", b"graph_seed", "max_code", b"max_code", "phase", b"phase", "ring_bits", b"ring_bits", "roster", b"roster", "round_id", b"round_id", "segment_clips", b"segment_clips", "shares", b"shares", "survivors", b"survivors", "threshold", b"threshold", "weight_scale", b"weight_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
