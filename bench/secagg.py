@@ -2,13 +2,15 @@
 
     python -m bench.secagg [--params 10000000] [--agents 10] [--repeats 3]
 
-For the full graph and k = 3 it times, per agent, quantise (clip, weight, stochastic rounding
-into Z_2^32) + mask (self mask and pairwise AES-256-CTR masks); and at the aggregator, the
-unmask (Shamir reconstruction, mask removal from the ring sum) + decode (fixed point back to
-float, divided by the summed weight) with 0 and 1 dropout. Shamir share/reconstruct times are
-per secret. Peak aggregator memory is traced (numpy reports to tracemalloc) from the empty sum
-to the decoded float32 mean, as a multiple of one update (4 bytes a parameter). Medians of
-``--repeats`` runs; results go to bench/results/secagg.json.
+For the full graph and k = 3 (and, with 4 agents, side by side: 2-bit codes one to a ring
+element, the same codes packed, ternary codes packed; ``ring.round_layout``) it times, per
+agent, quantise (clip, weight, stochastic rounding into Z_2^32) + mask (self mask and pairwise
+AES-256-CTR masks) + pack; and at the aggregator, the unmask (Shamir reconstruction, mask
+removal from the ring sum) + decode (fixed point back to float, divided by the summed weight)
+with 0 and 1 dropout. Shamir share/reconstruct times are per secret. Peak aggregator memory is
+traced (numpy reports to tracemalloc) from the empty sum to the decoded float32 mean, as a
+multiple of one float32 update (4 bytes a parameter). Medians of ``--repeats`` runs; results
+go to bench/results/secagg.json.
 """
 
 from __future__ import annotations
@@ -42,11 +44,21 @@ def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(times)
 
 
-def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int) -> dict[str, float]:
+def run(
+    params: int,
+    agents: int,
+    neighbours: int,
+    threshold: int,
+    repeats: int,
+    levels: int = 1 << 16,
+    pack: bool = True,
+) -> dict[str, float]:
     fed = Federation.create(agents)
     ids = sorted(fed.agents)
-    # 16 + ceil(log2 agents) bits a coordinate on the wire, codes over the ring's full range
-    sa = SecAggParams.for_round(threshold, neighbours, 0.05, 16, agents).check(agents)
+    # 16 bits: 16 + ceil(log2 agents) bits a coordinate, codes over the ring's full range;
+    # fewer levels: codes packed several to an element (``pack``), or one an element
+    sa = SecAggParams.for_round(threshold, neighbours, 0.05, 16, agents, levels=levels, pack=pack)
+    sa = sa.check(agents)
     width = sa.ring_bits
     fp = sa.fixed_point
     length = fp.masked_length(params)  # the update's codes, then the weight's digits
@@ -94,6 +106,7 @@ def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int)
     add_s = median_time(unpack_and_add, repeats)
     results: dict[str, float] = {
         "ring_bits": width,
+        "bits_a_coordinate": fp.coordinate_bits,
         "mask_mps": params / mask_s / 1e6,
         "mask_s": mask_s,
         "unpack_add_mps": params / add_s / 1e6,
@@ -119,7 +132,7 @@ def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int)
             for a, shares in reveals.items():
                 server.add_reveal(a, shares)
             total = server.unmasked_sum()
-            mean, _ = fp.decode_weighted_mean(total, len(survivors))
+            mean, _ = fp.decode_weighted_mean(total, len(survivors), params)
             times.append(time.perf_counter() - t)
             peaks.append(tracemalloc.get_traced_memory()[1])
             tracemalloc.stop()
@@ -129,7 +142,7 @@ def run(params: int, agents: int, neighbours: int, threshold: int, repeats: int)
         s = statistics.median(times)
         results[f"unmask_{dropped}_dropout_mps"] = params / s / 1e6
         results[f"unmask_{dropped}_dropout_s"] = s
-        results[f"peak_{dropped}_dropout_x_update"] = max(peaks) / (length * 4)
+        results[f"peak_{dropped}_dropout_x_update"] = max(peaks) / (params * 4)  # of float32
     return results
 
 
@@ -150,12 +163,18 @@ def main() -> None:
     args = p.parse_args()
     full = run(args.params, args.agents, 0, args.agents // 2 + 1, args.repeats)
     k3 = run(args.params, args.agents, 3, 3, args.repeats)
+    packing = {  # the same work side by side: 2-bit codes one an element and packed, ternary packed
+        "2bit_one_code": run(args.params, 4, 0, 3, args.repeats, levels=4, pack=False),
+        "2bit_packed": run(args.params, 4, 0, 3, args.repeats, levels=4),
+        "ternary_packed": run(args.params, 4, 0, 3, args.repeats, levels=3),
+    }
     report = {
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
         "params": args.params,
         "agents": args.agents,
         "full_graph": full,
         "k3": k3,
+        "packing_4_agents": packing,
         **shamir_times(args.agents, args.agents // 2 + 1, args.repeats),
         "targets": TARGETS,
     }
@@ -168,9 +187,10 @@ def main() -> None:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    for name, r in (("full graph", full), ("k = 3", k3)):
+    rows = [("full graph", full), ("k = 3", k3)] + [(f"4: {k}", r) for k, r in packing.items()]
+    for name, r in rows:
         print(
-            f"{name:10s}  ring {r['ring_bits']:.0f} bits  "
+            f"{name:10s}  {r['bits_a_coordinate']:.2f} bits a coordinate  "
             f"agent quantise+mask+pack {r['mask_mps']:6.1f} M params/s   "
             f"aggregator unpack+add {r['unpack_add_mps']:6.1f}   "
             f"aggregator unmask+decode {r['unmask_0_dropout_mps']:6.1f} (0 dropped) "
