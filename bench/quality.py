@@ -22,7 +22,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,9 @@ class Scheme:
     """Left out of the default run: only when ``--only`` names it."""
 
 
+TWO_BITS = Scheme(
+    "identity + secagg 2 bit adaptive x2", secagg=True, secagg_bits=2, secagg_clip=0.15, adaptive=2.0
+)
 SCHEMES = (
     Scheme("identity (float32)"),
     Scheme("identity + secagg 20 bit", secagg=True),
@@ -95,16 +98,8 @@ SCHEMES = (
     Scheme("identity + secagg 4 bit", secagg=True, secagg_bits=4, secagg_clip=0.5),
     Scheme("identity + secagg 4 bit adaptive", secagg=True, secagg_bits=4, secagg_clip=0.15, adaptive=3.0),
     Scheme("identity + secagg 3 bit adaptive", secagg=True, secagg_bits=3, secagg_clip=0.15, adaptive=3.0),
-    Scheme("identity + secagg 2 bit adaptive x2", secagg=True, secagg_bits=2, secagg_clip=0.15, adaptive=2.0),
-    Scheme(
-        "identity + secagg 2 bit adaptive x2, one code an element",
-        secagg=True,
-        secagg_bits=2,
-        secagg_clip=0.15,
-        adaptive=2.0,
-        pack=False,
-        extra=True,
-    ),
+    TWO_BITS,
+    replace(TWO_BITS, label=f"{TWO_BITS.label}, one code an element", pack=False, extra=True),
     Scheme(
         "identity + secagg ternary adaptive x1.5",
         secagg=True,
@@ -113,15 +108,7 @@ SCHEMES = (
         secagg_clip=0.12,
         adaptive=1.5,
     ),
-    Scheme(
-        "identity + secagg 2 bit adaptive x2, codes 0..3",
-        secagg=True,
-        secagg_bits=2,
-        secagg_clip=0.15,
-        adaptive=2.0,
-        fill_ring=False,
-        extra=True,
-    ),
+    replace(TWO_BITS, label=f"{TWO_BITS.label}, codes 0..3", fill_ring=False, extra=True),
     Scheme("quantize 8 bit", "quantize", bits=8),
     Scheme("quantize 2 bit", "quantize", bits=2),
     Scheme("quantize 4 bit per-1024 x3", "quantize", bits=4, clip=3.0, codec_segment=1024),

@@ -125,7 +125,8 @@ class FixedPoint:
     def __post_init__(self) -> None:
         if not (self.clip > 0 and math.isfinite(self.clip)):
             raise ConfigError(f"secagg clip must be positive, got {self.clip}")
-        ring_bits(self.bits, 1)  # bits in range
+        if not 1 <= self.bits <= 30:
+            raise ConfigError(f"secagg bits must be in 1..30, got {self.bits}")
         if not 1 <= self.ring_bits <= RING_BITS:
             raise ConfigError(f"secagg ring_bits must be in 1..{RING_BITS}, got {self.ring_bits}")
         if self.max_code and not (1 << self.bits) - 1 <= self.max_code < 1 << 31:
@@ -141,11 +142,6 @@ class FixedPoint:
             )
         if self.group == 1 and self.levels >= 1 << self.ring_bits:
             raise ConfigError(f"secagg codes up to {self.levels} do not fit a {self.ring_bits}-bit ring")
-
-    @classmethod
-    def from_layout(cls, clip: float, bits: int, layout: RingLayout) -> FixedPoint:
-        """The quantiser of a round laid out by ``round_layout``."""
-        return cls(clip, bits, layout.ring_bits, layout.max_code, layout.base, layout.group)
 
     def contributors_fit(self, agents: int) -> bool:
         """Whether a sum of ``agents`` codes cannot wrap its element or carry into the next digit."""
@@ -254,9 +250,11 @@ class FixedPoint:
 
     def _unpack(self, elements: np.ndarray) -> np.ndarray:
         """The digits (summed codes, uint32) of unmasked summed elements, ``group`` an element."""
+        if self.ring_bits < RING_BITS:
+            elements = elements & np.uint32((1 << self.ring_bits) - 1)
         if self.group == 1:
-            return elements & np.uint32((1 << self.ring_bits) - 1) if self.ring_bits < RING_BITS else elements
-        rest = (elements & np.uint32((1 << self.ring_bits) - 1)).astype(np.uint64)
+            return elements
+        rest = elements.astype(np.uint64)
         digits = np.empty((elements.size, self.group), dtype=RING_DTYPE)
         base = np.uint64(self.base)
         for j in range(self.group):
