@@ -152,7 +152,7 @@ class SecureParticipation:
         if clipped > 0.01:
             log.warning("round %d: %.1f%% of coordinates exceed their clip", self.round_id, 100 * clipped)
         with metrics.step("mask"):
-            codes = fp.encode_weighted(vector, weight, np.random.default_rng())
+            codes = fp.encode_weighted(vector, weight, self.protocol.rounding())
             self.protocol.mask_codes(codes)
             return fp.to_wire(codes)
 

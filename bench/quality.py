@@ -40,6 +40,7 @@ from common.layout import ParamLayout
 from common.secagg.clips import SegmentClips
 from common.secagg.local import Federation, run_round
 from common.secagg.params import SecAggParams
+from common.secagg.strata import StratifiedUniforms
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
 from server.fetchsgd import FetchSGD, FetchSGDPlan
@@ -84,12 +85,25 @@ class Scheme:
     """secagg: code levels when not 2^bits (3: ternary)."""
     pack: bool = True
     """secagg: several codes a ring element (``ring.round_layout``); False: one, as before."""
+    stratified: bool = True
+    """secagg: agents' dithers from shared strata (``strata``, as the agents do); False: independent."""
     extra: bool = False
     """Left out of the default run: only when ``--only`` names it."""
 
 
 TWO_BITS = Scheme(
     "identity + secagg 2 bit adaptive x2", secagg=True, secagg_bits=2, secagg_clip=0.15, adaptive=2.0
+)
+TERNARY = Scheme(
+    "identity + secagg ternary adaptive x2",
+    secagg=True,
+    secagg_bits=1,
+    secagg_levels=3,
+    secagg_clip=0.12,
+    adaptive=2.0,
+)
+BINARY = Scheme(
+    "identity + secagg 1 bit adaptive x1.25", secagg=True, secagg_bits=1, secagg_clip=0.12, adaptive=1.25
 )
 SCHEMES = (
     Scheme("identity (float32)"),
@@ -100,14 +114,16 @@ SCHEMES = (
     Scheme("identity + secagg 3 bit adaptive", secagg=True, secagg_bits=3, secagg_clip=0.15, adaptive=3.0),
     TWO_BITS,
     replace(TWO_BITS, label=f"{TWO_BITS.label}, one code an element", pack=False, extra=True),
-    Scheme(
-        "identity + secagg ternary adaptive x1.5",
-        secagg=True,
-        secagg_bits=1,
-        secagg_levels=3,
-        secagg_clip=0.12,
+    TERNARY,
+    replace(
+        TERNARY,
+        label="identity + secagg ternary adaptive x1.5, independent rounding",
         adaptive=1.5,
+        stratified=False,
+        extra=True,
     ),
+    BINARY,
+    replace(BINARY, label=f"{BINARY.label}, independent rounding", stratified=False),
     replace(TWO_BITS, label=f"{TWO_BITS.label}, codes 0..3", fill_ring=False, extra=True),
     Scheme("quantize 8 bit", "quantize", bits=8),
     Scheme("quantize 2 bit", "quantize", bits=2),
@@ -370,12 +386,17 @@ def _secure_round(
     ).check(n)
     fp = params.fixed_point
     scale = max(examples.values())
-    rng = np.random.default_rng(round_id)
-    codes = {}
-    for name, c in coords.items():
+    codes, seed, roster = {}, b"bench", list(world.ids.values())
+    for i, (name, c) in enumerate(coords.items()):
         values = c if clips is None else clips.scale_down(c)
+        private = np.random.default_rng([round_id, i])
+        rng = (
+            StratifiedUniforms.for_agent(seed, round_id, roster, world.ids[name], private)
+            if scheme.stratified
+            else private
+        )
         codes[world.ids[name]] = fp.encode_weighted(values, examples[name] / scale, rng)
-    result = run_round(world.federation, codes, params, round_id=round_id, seed=b"bench")
+    result = run_round(world.federation, codes, params, round_id=round_id, seed=seed)
     mean32, _ = fp.decode_weighted_mean(result.total, len(codes), count)
     if clips is not None:
         mean32 = clips.scale_up(mean32)

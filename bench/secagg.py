@@ -4,13 +4,14 @@
 
 For the full graph and k = 3 (and, with 4 agents, side by side: 2-bit codes one to a ring
 element, the same codes packed, ternary codes packed; ``ring.round_layout``) it times, per
-agent, quantise (clip, weight, stochastic rounding into Z_2^32) + mask (self mask and pairwise
-AES-256-CTR masks) + pack; and at the aggregator, the unmask (Shamir reconstruction, mask
-removal from the ring sum) + decode (fixed point back to float, divided by the summed weight)
-with 0 and 1 dropout. Shamir share/reconstruct times are per secret. Peak aggregator memory is
-traced (numpy reports to tracemalloc) from the empty sum to the decoded float32 mean, as a
-multiple of one float32 update (4 bytes a parameter). Medians of ``--repeats`` runs; results
-go to bench/results/secagg.json.
+agent, quantise (clip, weight, stochastic rounding into Z_2^32; codes of up to 8 bits with the
+agents' stratified dithers, ``strata``, and ternary also with independent ones) + mask
+(self mask and pairwise AES-256-CTR masks) + pack; and at the aggregator, the unmask (Shamir
+reconstruction, mask removal from the ring sum) + decode (fixed point back to float, divided by
+the summed weight) with 0 and 1 dropout. Shamir share/reconstruct times are per secret. Peak
+aggregator memory is traced (numpy reports to tracemalloc) from the empty sum to the decoded
+float32 mean, as a multiple of one float32 update (4 bytes a parameter). Medians of
+``--repeats`` runs; results go to bench/results/secagg.json.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from common.secagg import shamir
+from common.secagg.agent import AgentRound
 from common.secagg.local import Federation
 from common.secagg.params import SecAggParams
 from common.secagg.server import ServerRound
+from common.secagg.strata import Uniforms
 
 RESULTS = Path(__file__).resolve().parent / "results" / "secagg.json"
 TARGETS = {"mask_full_mps": 40.0, "mask_k3_mps": 70.0, "unmask_mps": 40.0, "peak_x_update": 3.0}
@@ -52,6 +55,7 @@ def run(
     repeats: int,
     levels: int = 1 << 16,
     pack: bool = True,
+    stratified: bool = True,
 ) -> dict[str, float]:
     fed = Federation.create(agents)
     ids = sorted(fed.agents)
@@ -83,8 +87,11 @@ def run(
     weight = 0.75
     codes_out = np.empty(length, dtype=np.uint32)
 
+    def dithers(agent: AgentRound) -> Uniforms:  # the agents' stratified dithers, or independent ones
+        return agent.rounding(rng) if stratified else rng
+
     def quantise_and_mask() -> None:
-        fp.encode_weighted(delta, weight, rng, out=codes_out)
+        fp.encode_weighted(delta, weight, dithers(me), out=codes_out)
         me.mask_codes(codes_out)
         wire.append(fp.to_wire(codes_out))
 
@@ -118,7 +125,8 @@ def run(
             masked = {}
             for a in ids[dropped:]:
                 masked[a] = fp.from_wire(
-                    fp.to_wire(rounds[a].mask_codes(fp.encode_weighted(delta, weight, rng))), length
+                    fp.to_wire(rounds[a].mask_codes(fp.encode_weighted(delta, weight, dithers(rounds[a])))),
+                    length,
                 )
             tracemalloc.start()
             server.start_sum()
@@ -167,6 +175,7 @@ def main() -> None:
         "2bit_one_code": run(args.params, 4, 0, 3, args.repeats, levels=4, pack=False),
         "2bit_packed": run(args.params, 4, 0, 3, args.repeats, levels=4),
         "ternary_packed": run(args.params, 4, 0, 3, args.repeats, levels=3),
+        "ternary_packed_independent": run(args.params, 4, 0, 3, args.repeats, levels=3, stratified=False),
     }
     report = {
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},

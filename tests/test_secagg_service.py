@@ -37,6 +37,12 @@ def secure_config(pki: Pki, state: Path, **rounds: object):  # type: ignore[no-u
     return dataclasses.replace(base, secagg=SECAGG).validate()
 
 
+def ternary_config(pki: Pki, state: Path):  # type: ignore[no-untyped-def]
+    """4 agents, all uploading, ternary codes clipped at 0.1 (code step 0.1)."""
+    base = aggregator_config(pki, state, min_agents=4, min_uploads=4, upload_deadline_s=8.0)
+    return dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, clip=0.1, levels=3)).validate()
+
+
 async def play_agent(
     run,
     name: str,
@@ -120,11 +126,7 @@ async def test_ternary_codes_travel_packed_five_to_a_16_bit_element_and_decode_u
     """secagg.levels = 3 with 4 agents: their sums take 9 values, so the round packs 5 codes into
     16 bits (3.2 a coordinate, log2 9 = 3.17) instead of 4 bits a code; the aggregator accepts
     uploads of that size and the step is the weighted mean within ternary rounding's error."""
-    ternary = dataclasses.replace(SECAGG, clip=0.1, levels=3)
-    config = dataclasses.replace(
-        aggregator_config(pki, tmp_path / "agg0", min_agents=4, min_uploads=4, upload_deadline_s=8.0),
-        secagg=ternary,
-    ).validate()
+    config = ternary_config(pki, tmp_path / "agg0")
     run = await start_aggregator(config=config)
     rng = np.random.default_rng(5)
     deltas = {f"t{i}": (rng.standard_normal(NUMEL) * 0.03).astype(np.float32) for i in range(4)}
@@ -147,6 +149,23 @@ async def test_ternary_codes_travel_packed_five_to_a_16_bit_element_and_decode_u
     assert float(np.sqrt(np.mean(error**2))) < bound
     assert abs(float(np.mean(error))) < 4 * bound / np.sqrt(NUMEL)  # stochastic rounding: unbiased
     assert np.corrcoef(step, expected)[0, 1] > 0.5
+
+
+async def test_agents_round_the_same_update_to_a_sum_within_one_code_step(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    """The agents stratify their dithers over the roster with the aggregator's round seed
+    (``strata``): four equal ternary updates sum to within one code step of the exact sum, so the
+    mean is off by less than a quarter step everywhere (independent dithers: up to two steps)."""
+    config = ternary_config(pki, tmp_path / "agg0")
+    run = await start_aggregator(config=config)
+    delta = np.random.default_rng(8).uniform(-0.1, 0.1, NUMEL).astype(np.float32)
+    await asyncio.gather(*(play_agent(run, f"e{i}", delta, 100, tmp_path) for i in range(4)))
+    store = run.agg.rounds.store
+    layout = ParamLayout.from_tensors(store.load(0))
+    step = layout.flatten(store.load(1)).astype(np.float64) - layout.flatten(store.load(0))
+    code_step = 2 * 0.1 / 2
+    assert float(np.max(np.abs(step - delta))) < code_step / 4 + 1e-6
 
 
 async def test_advertising_for_someone_else_or_out_of_phase_is_refused(

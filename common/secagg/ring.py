@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from common import bitpack
 from common.errors import ConfigError, InvalidArgument
+
+if TYPE_CHECKING:
+    from common.secagg.strata import Uniforms
 
 RING_BITS = 32
 RING_DTYPE = np.dtype("<u4")
@@ -174,10 +178,10 @@ class FixedPoint:
         """Value of one code step."""
         return 2 * self.clip / self.levels
 
-    def encode(
-        self, values: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Stochastically rounded codes (unbiased inside the clip range) as uint32, one a value."""
+    def encode(self, values: np.ndarray, rng: Uniforms, out: np.ndarray | None = None) -> np.ndarray:
+        """Stochastically rounded codes (unbiased inside the clip range) as uint32, one a value; the
+        dithers come from ``rng`` in coordinate order (``strata.StratifiedUniforms``: correlated
+        across the round's agents)."""
         flat = values.reshape(-1)
         if not np.all(np.isfinite(flat)):
             raise InvalidArgument("update contains NaN or infinite values")
@@ -205,7 +209,7 @@ class FixedPoint:
         return -(-(coordinates + self.weight_digits) // self.group)
 
     def encode_weighted(
-        self, values: np.ndarray, weight: float, rng: np.random.Generator, out: np.ndarray | None = None
+        self, values: np.ndarray, weight: float, rng: Uniforms, out: np.ndarray | None = None
     ) -> np.ndarray:
         """Elements holding the codes of ``weight * values`` (stochastically rounded), then the
         weight (in (0, 1]) as ``weight_digits`` digits; each digit is at most 2^bits - 1 <=
