@@ -86,7 +86,8 @@ class Scheme:
     pack: bool = True
     """secagg: several codes a ring element (``ring.round_layout``); False: one, as before."""
     stratified: bool = True
-    """secagg: agents' dithers from shared strata (``strata``, as the agents do); False: independent."""
+    """secagg: dithers from shared strata (``strata``), for any bits here; the agents stratify codes of
+    up to 8 bits (``STRATIFIED_MAX_CODE``), finer ones round independently. False: independent."""
     extra: bool = False
     """Left out of the default run: only when ``--only`` names it."""
 

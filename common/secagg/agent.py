@@ -148,11 +148,10 @@ class AgentRound:
         private = private or np.random.default_rng()
         if self.params.fixed_point.levels > STRATIFIED_MAX_CODE:
             return private
-        if not self.roster:
+        if not self.points:
             raise FailedPrecondition("no verified roster yet: the round's dithers need it")
-        return StratifiedUniforms.for_agent(
-            self.graph_seed, self.round_id, list(self.roster), self.agent_id, private
-        )
+        position = self.points[self.agent_id] - 1  # rank in the sorted roster, as Shamir's points
+        return StratifiedUniforms(self.graph_seed, self.round_id, position, len(self.points), private)
 
     def mask_codes(self, codes: np.ndarray) -> np.ndarray:
         """Phase 3: add the self mask and the pairwise masks to fixed-point codes, in place."""

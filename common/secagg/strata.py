@@ -54,6 +54,7 @@ class StratifiedUniforms:
         self._zeros = memoryview(bytes(4 * self.size * _STEP))
         self._scratch = bytearray(4 * self.size * _STEP + 15)  # update_into wants a block spare
         self._step = np.empty(_STEP, dtype=np.uint8)  # strata of the current step's coordinates
+        self._below = np.empty(_STEP, dtype=bool)  # scratch: one member's words below this agent's
         self._used = _STEP
         self._private = private
 
@@ -93,9 +94,8 @@ class StratifiedUniforms:
         m = self.size
         self._stream.update_into(self._zeros, self._scratch)
         words = np.frombuffer(self._scratch, dtype="<u4", count=m * _STEP).reshape(m, _STEP)
-        mine, rank = words[self.member], self._step
+        mine, rank, below = words[self.member], self._step, self._below
         rank[:] = 0
-        below = np.empty(_STEP, dtype=bool)
         for k in range(m):
             if k != self.member:
                 (np.less_equal if k < self.member else np.less)(words[k], mine, out=below)
