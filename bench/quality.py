@@ -37,6 +37,7 @@ from common.codecs.eigen import Eigen, activation_covariances, eigen_bases
 from common.codecs.feedback import ErrorFeedback
 from common.codecs.quantize import Quantize
 from common.layout import ParamLayout
+from common.secagg.agent import STRATIFIED_MAX_CODE
 from common.secagg.clips import SegmentClips
 from common.secagg.local import Federation, run_round
 from common.secagg.params import SecAggParams
@@ -86,8 +87,8 @@ class Scheme:
     pack: bool = True
     """secagg: several codes a ring element (``ring.round_layout``); False: one, as before."""
     stratified: bool = True
-    """secagg: dithers from shared strata (``strata``), for any bits here; the agents stratify codes of
-    up to 8 bits (``STRATIFIED_MAX_CODE``), finer ones round independently. False: independent."""
+    """secagg: dithers from shared strata (``strata``) for codes of up to 8 bits, as the agents do
+    (``STRATIFIED_MAX_CODE``; finer ones round independently). False: independent at any bits."""
     extra: bool = False
     """Left out of the default run: only when ``--only`` names it."""
 
@@ -393,7 +394,7 @@ def _secure_round(
         private = np.random.default_rng([round_id, i])
         rng = (
             StratifiedUniforms.for_agent(seed, round_id, roster, world.ids[name], private)
-            if scheme.stratified
+            if scheme.stratified and fp.levels <= STRATIFIED_MAX_CODE
             else private
         )
         codes[world.ids[name]] = fp.encode_weighted(values, examples[name] / scale, rng)

@@ -14,6 +14,8 @@ Revisions:
      its full range (0 .. floor((2^ring_bits - 1) / invited)), both sent with the roster.
   4. masked codes packed several to a ring element as base-``code_base`` digits (sent with the
      roster as ``code_base``, ``codes_per_element``); code levels need not be a power of two.
+  5. Shamir shares sized to their secrets (``shamir``): a 16-byte self-mask seed in 25-byte
+     shares, the 32-byte mask key in 41-byte ones (both were 66 bytes).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Iterable
 
 from common.errors import FailedPrecondition
 
-WIRE_REVISION = 4
+WIRE_REVISION = 5
 
 
 def codecs_needed(codec: str) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 
 import numpy as np
 import pytest
@@ -14,12 +15,14 @@ from common.errors import Aborted, ConfigError, FailedPrecondition, InvalidArgum
 from common.identity import SpiffeId
 from common.pki import create_ca, issue_agent
 from common.secagg import shamir
+from common.secagg.agent import MASK_KEY, SELF_SEED
 from common.secagg.graph import neighbours
 from common.secagg.keys import RosterError, sign_advertisement
 from common.secagg.local import Federation, run_round
 from common.secagg.params import SecAggParams
 from common.secagg.prg import apply_mask, expand
 from common.secagg.ring import FixedPoint, check_headroom, ring_bits
+from common.secagg.server import ServerRound
 
 N = 10
 LENGTH = 3000
@@ -282,6 +285,36 @@ def test_unmask_request_naming_a_peer_alive_and_dropped_is_refused(
         agent.unmask(ids[:6], ids[6:])
 
 
+def test_aggregator_refuses_revealed_shares_of_the_wrong_kind_or_size_and_keeps_none(
+    federation: Federation, codes: dict[str, np.ndarray]
+) -> None:
+    ids = sorted(codes)
+    params = FULL.check(N)
+    server = ServerRound(3, params, LENGTH, b"seed")
+    agents = {a: federation.agent_round(a, 3, params, b"seed") for a in ids}
+    for agent in agents.values():
+        server.add_advertisement(agent.advertise())
+    for a, agent in agents.items():
+        server.add_shares(a, agent.share_keys(server.roster()))
+    server.start_sum()
+    for a, agent in agents.items():
+        agent.receive_shares(server.shares_for(a))
+        server.add_masked(a, agent.mask_codes(codes[a].copy()))
+        server.finish_upload(a)
+    survivors, dropped = server.unmask_request()
+    revealed = {a: agents[a].unmask(survivors, dropped) for a in survivors}
+    first, (kind, share) = ids[0], revealed[ids[0]][ids[1]]
+    assert kind == SELF_SEED and len(share) == shamir.share_bytes(16)
+    with pytest.raises(InvalidArgument, match="of 26 bytes"):
+        server.add_reveal(first, revealed[first] | {ids[1]: (SELF_SEED, share + b"\0")})
+    with pytest.raises(InvalidArgument, match="wrong kind"):
+        server.add_reveal(first, revealed[first] | {ids[1]: (MASK_KEY, share)})
+    assert server.reveals == {}
+    for a in survivors:
+        server.add_reveal(a, revealed[a])
+    np.testing.assert_array_equal(server.unmasked_sum(), ring_sum(codes, ids))
+
+
 def test_single_masked_upload_looks_uniform(federation: Federation) -> None:
     """Chi-square on byte values of one agent's masked input: an all-zero update, fully masked."""
     ids = sorted(federation.agents)
@@ -308,24 +341,72 @@ def test_single_masked_upload_looks_uniform(federation: Federation) -> None:
 
 
 @given(
-    secret=st.binary(min_size=32, max_size=32),
+    size=st.sampled_from(sorted(shamir.PRIMES)),
     n=st.integers(min_value=2, max_value=12),
     data=st.data(),
 )
 @settings(max_examples=40, deadline=None)
-def test_shamir_any_t_shares_recover_fewer_do_not(secret: bytes, n: int, data: st.DataObject) -> None:
+def test_shamir_any_t_shares_recover_fewer_do_not(size: int, n: int, data: st.DataObject) -> None:
+    secret = data.draw(st.binary(min_size=size, max_size=size))
     t = data.draw(st.integers(min_value=1, max_value=n))
     shares = shamir.split(secret, t, list(range(1, n + 1)))
+    assert {len(s) for s in shares.values()} == {shamir.share_bytes(size)}
     chosen = data.draw(st.permutations(list(shares)))[:t]
-    assert shamir.reconstruct({x: shares[x] for x in chosen}, t) == secret
+    assert shamir.reconstruct({x: shares[x] for x in chosen}, t, size) == secret
     if t > 1:
         fewer = {x: shares[x] for x in chosen[: t - 1]}
         with pytest.raises(InvalidArgument):
-            shamir.reconstruct(fewer, t)
+            shamir.reconstruct(fewer, t, size)
         # t - 1 shares with a wrong guess for the last one interpolate to something else.
-        wrong = dict(fewer) | {chosen[-1]: (1).to_bytes(shamir.SHARE_BYTES, "big")}
-        with contextlib.suppress(InvalidArgument):  # or it falls outside 256 bits
-            assert shamir.reconstruct(wrong, t) != secret
+        wrong = dict(fewer) | {chosen[-1]: (1).to_bytes(shamir.share_bytes(size), "big")}
+        with contextlib.suppress(InvalidArgument):  # or it falls outside the secret's range
+            assert shamir.reconstruct(wrong, t, size) != secret
+
+
+def _probably_prime(n: int, rounds: int = 40) -> bool:
+    """Miller-Rabin with random bases (a composite passes with probability below 4^-rounds)."""
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    rng = random.Random(n)
+    for _ in range(rounds):
+        x = pow(rng.randrange(2, n - 1), d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def test_shamir_fields_are_the_largest_primes_of_their_share_size() -> None:
+    for size, prime in shamir.PRIMES.items():
+        top = 1 << (8 * shamir.share_bytes(size))
+        assert _probably_prime(prime)
+        assert not any(_probably_prime(c) for c in range(prime + 2, top, 2))
+        assert prime > 1 << (8 * size + 70)  # at least 70 bits of checksum headroom
+
+
+def test_shamir_detects_a_corrupted_share_and_refuses_wrong_sizes() -> None:
+    secret = bytes(range(16))
+    shares = shamir.split(secret, 3, [1, 2, 3])
+    caught = 0
+    for i in range(200):  # a random corruption of one share: the secret falls outside 16 bytes
+        bad = dict(shares) | {2: random.Random(i).randbytes(shamir.share_bytes(16))}
+        with contextlib.suppress(InvalidArgument):
+            shamir.reconstruct(bad, 3, 16)
+            continue
+        caught += 1
+    assert caught == 200
+    with pytest.raises(InvalidArgument, match="must be 25 bytes"):
+        shamir.reconstruct(dict(shares) | {3: shares[3] + b"\0"}, 3, 16)
+    with pytest.raises(InvalidArgument, match="must be 41 bytes"):
+        shamir.reconstruct(shares, 3, 32)  # a seed's shares read as a key's
+    with pytest.raises(ValueError, match="not 20"):
+        shamir.split(bytes(20), 2, [1, 2])
 
 
 def test_mask_streams_are_deterministic_keyed_and_cancel() -> None:

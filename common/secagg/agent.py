@@ -38,6 +38,9 @@ of their clip, too little to measure, and the strata's keystream would cost the 
 masking speed at 20 bits."""
 SELF_SEED = 0  # kinds of share revealed at unmask
 MASK_KEY = 1
+SECRET_BYTES = {SELF_SEED: 16, MASK_KEY: 32}
+"""Each kind's secret: a 128-bit self-mask seed (AES-128-level, as the X25519 pairwise secrets), an
+X25519 private key."""
 
 
 def share_aad(round_id: int, sender: str, recipient: str) -> bytes:
@@ -76,7 +79,7 @@ class AgentRound:
     graph_seed: bytes
     cipher: KeyPair = field(default_factory=KeyPair.generate)
     mask: KeyPair = field(default_factory=KeyPair.generate)
-    self_seed: bytes = field(default_factory=lambda: os.urandom(32))
+    self_seed: bytes = field(default_factory=lambda: os.urandom(SECRET_BYTES[SELF_SEED]))
     roster: dict[str, Advertisement] = field(default_factory=dict)
     points: dict[str, int] = field(default_factory=dict)
     my_neighbours: frozenset[str] = frozenset()
@@ -132,9 +135,10 @@ class AgentRound:
             plain = open_sealed(
                 self._share_key(sender), blob, share_aad(self.round_id, sender, self.agent_id)
             )
-            if len(plain) != 2 * shamir.SHARE_BYTES:
+            b_size = shamir.share_bytes(SECRET_BYTES[SELF_SEED])
+            if len(plain) != b_size + shamir.share_bytes(SECRET_BYTES[MASK_KEY]):
                 raise RosterError(f"share from {sender} has the wrong size")
-            self.held[sender] = (plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :])
+            self.held[sender] = (plain[:b_size], plain[b_size:])
         self.masked_with = frozenset(sealed)
         if len(self.masked_with) + 1 < self.params.threshold:
             raise FailedPrecondition(

@@ -15,7 +15,7 @@ import numpy as np
 
 from common.errors import Aborted, FailedPrecondition, InvalidArgument
 from common.secagg import shamir
-from common.secagg.agent import MASK_KEY, SELF_SEED, pair_mask_key, pair_sign, self_mask_key
+from common.secagg.agent import MASK_KEY, SECRET_BYTES, SELF_SEED, pair_mask_key, pair_sign, self_mask_key
 from common.secagg.graph import neighbours
 from common.secagg.keys import Advertisement, KeyPair
 from common.secagg.params import SecAggParams
@@ -115,9 +115,11 @@ class ServerRound:
         if sender not in self.uploaded:
             raise FailedPrecondition(f"{sender} is not a survivor of this round")
         survivors, dropped = self.unmask_request()
-        for peer, (kind, _share) in shares.items():
+        for peer, (kind, share) in shares.items():
             if not ((kind == SELF_SEED and peer in survivors) or (kind == MASK_KEY and peer in dropped)):
                 raise InvalidArgument(f"{sender} revealed a share of the wrong kind for {peer}")
+            if len(share) != shamir.share_bytes(SECRET_BYTES[kind]):
+                raise InvalidArgument(f"{sender} revealed a share of {len(share)} bytes for {peer}")
         self.reveals[sender] = dict(shares)
 
     def unmasked_sum(self) -> np.ndarray:
@@ -161,4 +163,4 @@ class ServerRound:
             raise Aborted(
                 f"{len(shares)} shares of {owner}'s secret revealed; threshold {self.params.threshold}"
             )
-        return shamir.reconstruct(shares, self.params.threshold)
+        return shamir.reconstruct(shares, self.params.threshold, SECRET_BYTES[kind])
