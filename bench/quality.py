@@ -37,11 +37,10 @@ from common.codecs.eigen import Eigen, activation_covariances, eigen_bases
 from common.codecs.feedback import ErrorFeedback
 from common.codecs.quantize import Quantize
 from common.layout import ParamLayout
-from common.secagg.agent import STRATIFIED_MAX_CODE
 from common.secagg.clips import SegmentClips
 from common.secagg.local import Federation, run_round
 from common.secagg.params import SecAggParams
-from common.secagg.strata import StratifiedUniforms
+from common.secagg.strata import StratifiedUniforms, stratifies
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
 from server.fetchsgd import FetchSGD, FetchSGDPlan
@@ -88,7 +87,7 @@ class Scheme:
     """secagg: several codes a ring element (``ring.round_layout``); False: one, as before."""
     stratified: bool = True
     """secagg: dithers from shared strata (``strata``) for codes of up to 8 bits, as the agents do
-    (``STRATIFIED_MAX_CODE``; finer ones round independently). False: independent at any bits."""
+    (``strata.stratifies``; finer ones round independently). False: independent at any bits."""
     extra: bool = False
     """Left out of the default run: only when ``--only`` names it."""
 
@@ -394,7 +393,7 @@ def _secure_round(
         private = np.random.default_rng([round_id, i])
         rng = (
             StratifiedUniforms.for_agent(seed, round_id, roster, world.ids[name], private)
-            if scheme.stratified and fp.levels <= STRATIFIED_MAX_CODE
+            if scheme.stratified and stratifies(fp.levels)
             else private
         )
         codes[world.ids[name]] = fp.encode_weighted(values, examples[name] / scale, rng)

@@ -28,14 +28,10 @@ from common.secagg.keys import (
 )
 from common.secagg.params import SecAggParams
 from common.secagg.prg import apply_masks
-from common.secagg.strata import StratifiedUniforms, Uniforms
+from common.secagg.strata import StratifiedUniforms, Uniforms, stratifies
 
 log = logging.getLogger(__name__)
 
-STRATIFIED_MAX_CODE = 255
-"""Codes of up to 8 bits round with stratified dithers. Finer codes' rounding error is below 1/256
-of their clip, too little to measure, and the strata's keystream would cost the agent a third of its
-masking speed at 20 bits."""
 SELF_SEED = 0  # kinds of share revealed at unmask
 MASK_KEY = 1
 SECRET_BYTES = {SELF_SEED: 16, MASK_KEY: 32}
@@ -129,14 +125,15 @@ class AgentRound:
     def receive_shares(self, sealed: Mapping[str, bytes]) -> None:
         """Phase 2 result: the shares neighbours sealed for this agent. Their senders are the peers
         this agent masks with."""
+        b_size = shamir.share_bytes(SECRET_BYTES[SELF_SEED])
+        both_size = b_size + shamir.share_bytes(SECRET_BYTES[MASK_KEY])
         for sender, blob in sealed.items():
             if sender not in self.my_neighbours:
                 raise RosterError(f"{sender} sent shares but is not a neighbour")
             plain = open_sealed(
                 self._share_key(sender), blob, share_aad(self.round_id, sender, self.agent_id)
             )
-            b_size = shamir.share_bytes(SECRET_BYTES[SELF_SEED])
-            if len(plain) != b_size + shamir.share_bytes(SECRET_BYTES[MASK_KEY]):
+            if len(plain) != both_size:
                 raise RosterError(f"share from {sender} has the wrong size")
             self.held[sender] = (plain[:b_size], plain[b_size:])
         self.masked_with = frozenset(sealed)
@@ -147,10 +144,10 @@ class AgentRound:
 
     def rounding(self, private: np.random.Generator | None = None) -> Uniforms:
         """Dithers for this round's fixed-point codes: stratified with the roster's other agents
-        (``strata``) for codes of up to ``STRATIFIED_MAX_CODE``, once the roster is verified
+        (``strata``) for codes of up to ``strata.STRATIFIED_MAX_CODE``, once the roster is verified
         (``share_keys``); finer codes round with ``private`` alone."""
         private = private or np.random.default_rng()
-        if self.params.fixed_point.levels > STRATIFIED_MAX_CODE:
+        if not stratifies(self.params.fixed_point.levels):
             return private
         if not self.points:
             raise FailedPrecondition("no verified roster yet: the round's dithers need it")
