@@ -18,6 +18,7 @@ from agent.client import AggregatorClient
 from common.errors import ConfigError, FailedPrecondition
 from common.secagg.agent import AgentRound
 from common.secagg.clips import SegmentClips
+from common.secagg.coverage import MIN_SENDERS
 from common.secagg.params import SecAggParams
 from common.secagg.ring import RING_BITS
 from common.secagg_pb import (
@@ -87,6 +88,7 @@ class SecureParticipation:
             state.max_code,
             state.code_base,
             state.codes_per_element or 1,
+            state.coverage,
         )
 
     def _round_params(self, state: pb.GetSecAggStateResponse) -> SecAggParams:
@@ -104,10 +106,21 @@ class SecureParticipation:
                 f"round {self.round_id}: codes up to {state.max_code}, fewer than the federation's"
                 f" {self.settings.levels} levels"
             )
+        if state.coverage != self.settings.coverage:  # fewer senders would tell the aggregator more
+            raise FailedPrecondition(
+                f"round {self.round_id}: {state.coverage or 'all'} agents an element, but this federation"
+                f" joined with {self.settings.coverage or 'all'}"
+            )
+        if state.coverage and (state.coverage < MIN_SENDERS or self.settings.neighbours):
+            raise FailedPrecondition(
+                f"round {self.round_id}: coverage {state.coverage} needs at least {MIN_SENDERS} senders"
+                " an element and the full neighbour graph"
+            )
         try:
             params = self._params(state.threshold, state)
-            if not params.fixed_point.contributors_fit(len(state.roster)):  # also checks the layout
-                raise ConfigError(f"{len(state.roster)} agents' codes up to {state.max_code} can wrap")
+            senders = params.senders(len(state.roster))
+            if not params.fixed_point.contributors_fit(senders):  # also checks the layout
+                raise ConfigError(f"{senders} agents' codes up to {state.max_code} can wrap")
             return params
         except ConfigError as exc:
             raise FailedPrecondition(f"round {self.round_id}: {exc}") from exc
@@ -152,9 +165,9 @@ class SecureParticipation:
         if clipped > 0.01:
             log.warning("round %d: %.1f%% of coordinates exceed their clip", self.round_id, 100 * clipped)
         with metrics.step("mask"):
-            codes = fp.encode_weighted(vector, weight, self.protocol.rounding())
-            self.protocol.mask_codes(codes)
-            return fp.to_wire(codes)
+            elements = fp.masked_length(vector.size)
+            codes = fp.encode_weighted(vector, weight, self.protocol.rounding(elements=elements))
+            return fp.to_wire(self.protocol.mask_codes(codes))
 
     async def unmask(self) -> None:
         """Answer the unmask request if this agent's input is in the sum."""

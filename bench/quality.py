@@ -22,6 +22,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,9 +38,11 @@ from common.codecs.eigen import Eigen, activation_covariances, eigen_bases
 from common.codecs.feedback import ErrorFeedback
 from common.codecs.quantize import Quantize
 from common.layout import ParamLayout
+from common.secagg.agent import AgentRound
 from common.secagg.clips import SegmentClips
-from common.secagg.local import Federation, run_round
+from common.secagg.local import Codes, Federation, run_round
 from common.secagg.params import SecAggParams
+from common.secagg.ring import FixedPoint
 from common.secagg.strata import StratifiedUniforms, stratifies
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
@@ -88,6 +91,8 @@ class Scheme:
     stratified: bool = True
     """secagg: dithers from shared strata (``strata``) for codes of up to 8 bits, as the agents do
     (``strata.stratifies``; finer ones round independently). False: independent at any bits."""
+    coverage: int = 0
+    """secagg: agents that send each element (``secagg.coverage``); 0: all."""
     extra: bool = False
     """Left out of the default run: only when ``--only`` names it."""
 
@@ -126,6 +131,32 @@ SCHEMES = (
     BINARY,
     replace(BINARY, label=f"{BINARY.label}, independent rounding", stratified=False),
     replace(TWO_BITS, label=f"{TWO_BITS.label}, codes 0..3", fill_ring=False, extra=True),
+    Scheme(
+        "identity + secagg 2 bit adaptive x1.25, 2 agents an element",
+        secagg=True,
+        secagg_bits=2,
+        secagg_clip=0.12,
+        adaptive=1.25,
+        coverage=2,
+    ),
+    Scheme(
+        "identity + secagg 5 levels adaptive x1.5, 2 agents an element",
+        secagg=True,
+        secagg_bits=2,
+        secagg_levels=5,
+        secagg_clip=0.12,
+        adaptive=1.5,
+        coverage=2,
+    ),
+    Scheme(
+        "identity + secagg ternary adaptive x2, 3 agents an element",
+        secagg=True,
+        secagg_bits=1,
+        secagg_levels=3,
+        secagg_clip=0.12,
+        adaptive=2.0,
+        coverage=3,
+    ),
     Scheme("quantize 8 bit", "quantize", bits=8),
     Scheme("quantize 2 bit", "quantize", bits=2),
     Scheme("quantize 4 bit per-1024 x3", "quantize", bits=4, clip=3.0, codec_segment=1024),
@@ -383,27 +414,49 @@ def _secure_round(
     clip = 1.0 if clips is not None else scheme.secagg_clip
     n = len(coords)
     params = SecAggParams.for_round(
-        n // 2 + 1, 0, clip, bits, n, scheme.fill_ring, scheme.secagg_levels, scheme.pack
+        n // 2 + 1, 0, clip, bits, n, scheme.fill_ring, scheme.secagg_levels, scheme.pack, scheme.coverage
     ).check(n)
     fp = params.fixed_point
     scale = max(examples.values())
-    codes, seed, roster = {}, b"bench", list(world.ids.values())
+    weights = {world.ids[name]: examples[name] / scale for name in coords}
+    codes: dict[str, Codes] = {}
+    seed, roster = b"bench", list(world.ids.values())
+    length = fp.masked_length(count)
     for i, (name, c) in enumerate(coords.items()):
         values = c if clips is None else clips.scale_down(c)
         private = np.random.default_rng([round_id, i])
+        agent = world.ids[name]
+        if scheme.coverage:  # its dithers need the round's senders: encoded once its shares arrived
+            codes[agent] = _covered_encoder(fp, values, weights[agent], private, length)
+            continue
         rng = (
-            StratifiedUniforms.for_agent(seed, round_id, roster, world.ids[name], private)
+            StratifiedUniforms.for_agent(seed, round_id, roster, agent, private)
             if scheme.stratified and stratifies(fp.levels)
             else private
         )
-        codes[world.ids[name]] = fp.encode_weighted(values, examples[name] / scale, rng)
-    result = run_round(world.federation, codes, params, round_id=round_id, seed=seed)
-    mean32, _ = fp.decode_weighted_mean(result.total, len(codes), count)
+        codes[agent] = fp.encode_weighted(values, weights[agent], rng)
+    result = run_round(world.federation, codes, params, round_id=round_id, seed=seed, length=length)
+    if scheme.coverage:
+        assert result.server is not None
+        mean32 = result.server.covered_mean(result.total, weights, count)
+    else:
+        mean32, _ = fp.decode_weighted_mean(result.total, len(codes), count)
     if clips is not None:
         mean32 = clips.scale_up(mean32)
     mean = mean32.astype(np.float64)  # in the codec's coordinates: decoded (once) by the caller
     nbytes = sum(result.upload_bytes.values()) + sum(result.key_bytes.values())
     return mean, nbytes
+
+
+def _covered_encoder(
+    fp: FixedPoint, values: np.ndarray, weight: float, private: np.random.Generator, length: int
+) -> Callable[[AgentRound], np.ndarray]:
+    """An agent's encoding with coverage, run once the protocol knows the round's senders."""
+
+    def encode(protocol: AgentRound) -> np.ndarray:
+        return fp.encode_weighted(values, weight, protocol.rounding(private, length))
+
+    return encode
 
 
 def summarise(results: dict[str, list[dict[str, list[float]]]]) -> dict[str, dict[str, float | None]]:

@@ -100,6 +100,12 @@ class SecAggConfig:
     has the figures."""
     clip_segment: int = 1024
     """Coordinates per adaptive clip bound."""
+    coverage: int = 0
+    """Agents that send each element of a masked update (at least 2; 0: every agent). Each agent
+    uploads about coverage / n of its elements, and each element's codes sum over ``coverage``
+    agents, a narrower ring: 2 of 4 agents at 2 bits cost 1.4 bits a coordinate instead of 3.7.
+    The aggregator then learns each element's sum over its senders, not over all agents (README,
+    Secure aggregation). Needs ``neighbours = 0``."""
 
     @property
     def code_levels(self) -> int:
@@ -113,8 +119,10 @@ class SecAggConfig:
 
     def ring_bits(self, max_agents: int) -> int:
         """The most bits a masked coordinate may cost: the least one-code ring no sum of
-        ``max_agents`` codes wraps (each round's layout is sized for the agents it invites)."""
-        return coordinate_bits(self.code_levels, max_agents)
+        ``max_agents`` codes wraps (each round's layout is sized for the agents it invites), or
+        of ``coverage`` codes."""
+        senders = min(self.coverage, max_agents) if self.coverage else max_agents
+        return coordinate_bits(self.code_levels, senders)
 
 
 LINEAR_CODECS = ("identity", "quantize", "projection", "eigen", "countsketch")
@@ -373,6 +381,15 @@ class AggregatorConfig:
             raise ConfigError(f"secagg.adaptive_clip must be >= 0 (0: fixed clip), got {sa.adaptive_clip}")
         if sa.clip_segment < 1:
             raise ConfigError(f"secagg.clip_segment must be >= 1, got {sa.clip_segment}")
+        if sa.coverage < 0 or sa.coverage == 1:
+            raise ConfigError(
+                f"secagg.coverage must be 0 (every agent) or at least 2, got {sa.coverage}"
+                " (one sender's sum would be its update)"
+            )
+        if sa.coverage and sa.neighbours:
+            raise ConfigError(
+                "secagg.coverage needs secagg.neighbours = 0: every pair of an element's senders masks it"
+            )
 
 
 @dataclass(frozen=True)

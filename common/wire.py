@@ -16,6 +16,8 @@ Revisions:
      roster as ``code_base``, ``codes_per_element``); code levels need not be a power of two.
   5. Shamir shares sized to their secrets (``shamir``): a 16-byte self-mask seed in 25-byte
      shares, the 32-byte mask key in 41-byte ones (both were 66 bytes).
+  6. ``secagg.coverage``: an agent may upload only the elements it sends (``coverage``), with
+     ``coverage`` sent at Join and with the roster; such updates carry no weight digits.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Iterable
 
 from common.errors import FailedPrecondition
 
-WIRE_REVISION = 5
+WIRE_REVISION = 6
 
 
 def codecs_needed(codec: str) -> tuple[str, ...]:

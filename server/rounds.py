@@ -37,7 +37,6 @@ from common.metrics import peer_labels
 from common.secagg.clips import SegmentClips
 from common.secagg.keys import Advertisement
 from common.secagg.params import SecAggParams
-from common.secagg.ring import FixedPoint
 from common.secagg.server import ServerRound
 from server import metrics
 from server.accumulator import BLOCK_ELEMS, SumAccumulator
@@ -94,6 +93,7 @@ class SecAggView:
     code_base: int
     group: int
     weight_scale: float
+    coverage: int = 0
     shares: dict[str, bytes] = field(default_factory=dict)
     survivors: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
@@ -194,13 +194,13 @@ class RoundCoordinator:
         """The current round."""
         return self._state
 
-    @property
-    def expected_payload_bytes(self) -> int:
-        """Size of one encoded update (a masked one: the round's ``ring_bits`` an element)."""
+    def expected_payload_bytes(self, sender: str) -> int:
+        """Size of ``sender``'s encoded update (a masked one: the round's ``ring_bits`` an element,
+        with coverage only the elements it sends)."""
         if self.secagg is not None:
             secure = self._secure
             if secure is not None:
-                return secure.params.fixed_point.wire_bytes(secure.length)
+                return secure.params.fixed_point.wire_bytes(secure.upload_length(sender))
             fp = self._secagg_params(self.secagg, 2, self.config.max_agents).fixed_point
             return fp.wire_bytes(
                 fp.masked_length(registry.secure_coordinates(self._round_codec, self.layout.numel))
@@ -288,10 +288,9 @@ class RoundCoordinator:
             raise FailedPrecondition(
                 f"update trained from version {meta.base_version}, round is at {s.global_version}"
             )
-        if meta.total_bytes != self.expected_payload_bytes:
-            raise InvalidArgument(
-                f"update of {meta.total_bytes} bytes, expected {self.expected_payload_bytes}"
-            )
+        expected_bytes = self.expected_payload_bytes(peer.uri)
+        if meta.total_bytes != expected_bytes:
+            raise InvalidArgument(f"update of {meta.total_bytes} bytes, expected {expected_bytes}")
 
     def payload_validator(self) -> Callable[[bytes], None]:
         """A per-upload check run on every streamed byte (finite float32 values; masked uint32 codes are
@@ -353,13 +352,12 @@ class RoundCoordinator:
         """Add a masked upload into the ring sum block by block (it is never unmasked on its own)."""
         fp = secure.params.fixed_point
         data = np.memmap(path, dtype=np.uint8, mode="r")
-        if data.size != fp.wire_bytes(secure.length):
-            raise InvalidArgument(
-                f"masked update of {data.size} bytes, expected {fp.wire_bytes(secure.length)}"
-            )
+        length = secure.upload_length(sender)
+        if data.size != fp.wire_bytes(length):
+            raise InvalidArgument(f"masked update of {data.size} bytes, expected {fp.wire_bytes(length)}")
         with self._secure_lock:
-            for start in range(0, secure.length, BLOCK_ELEMS):  # BLOCK_ELEMS elements end on a byte boundary
-                count = min(BLOCK_ELEMS, secure.length - start)
+            for start in range(0, length, BLOCK_ELEMS):  # BLOCK_ELEMS elements end on a byte boundary
+                count = min(BLOCK_ELEMS, length - start)
                 first = start * fp.ring_bits // 8
                 block = data[first : first + fp.wire_bytes(count)]
                 secure.add_masked(sender, fp.from_wire(np.asarray(block), count), start)
@@ -432,6 +430,7 @@ class RoundCoordinator:
             code_base=secure.params.code_base,
             group=secure.params.group,
             weight_scale=self._weight_scale,
+            coverage=secure.params.coverage,
             shares=secure.shares_for(peer.uri) if phase >= Phase.UPLOAD else {},
             survivors=survivors,
             dropped=dropped,
@@ -518,7 +517,13 @@ class RoundCoordinator:
         the ring is sized for the ``invited`` agents, not for ``max_agents``."""
         clip = 1.0 if sa.adaptive_clip > 0 else sa.clip  # adaptive: values come over their bounds
         return SecAggParams.for_round(
-            sa.threshold or auto, sa.neighbours, clip, sa.bits, invited, levels=sa.code_levels
+            sa.threshold or auto,
+            sa.neighbours,
+            clip,
+            sa.bits,
+            invited,
+            levels=sa.code_levels,
+            coverage=sa.coverage,
         )
 
     def _round_clips(self, sa: SecAggConfig, base: int, count: int) -> SegmentClips | None:
@@ -571,7 +576,7 @@ class RoundCoordinator:
             return await self._finish(
                 round_id,
                 base,
-                lambda: self._aggregate_masked(total, params.fixed_point, base, uploaded, clips),
+                lambda: self._aggregate_masked(total, secure, base, uploaded, clips),
                 uploaded,
                 dropped,
                 participants=frozenset(uploaded),
@@ -669,15 +674,22 @@ class RoundCoordinator:
     def _aggregate_masked(
         self,
         total: np.ndarray,
-        fp: FixedPoint,
+        secure: ServerRound,
         base: int,
         participants: list[str],
         clips: SegmentClips | None,
     ) -> Manifest:
         """Decode the unmasked ring sum (scaled back by the round's clip bounds); an encoded sum is
         decoded once (the codec is linear)."""
+        fp = secure.params.fixed_point
         coordinates = registry.secure_coordinates(self._round_codec, self.layout.numel)
-        mean, weight = fp.decode_weighted_mean(total, len(participants), coordinates)
+        if secure.coverage is not None:  # each element over its senders' weights (as the agents' own)
+            weights = {
+                a: min(1.0, max(self.agents[a].num_examples, 1) / self._weight_scale) for a in participants
+            }
+            mean, weight = secure.covered_mean(total, weights, coordinates), sum(weights.values())
+        else:
+            mean, weight = fp.decode_weighted_mean(total, len(participants), coordinates)
         if clips is not None:
             mean = clips.scale_up(mean)
         kept = mean  # for the next round's clip bounds: FetchSGD's mean sketch, else the mean update

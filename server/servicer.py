@@ -61,6 +61,7 @@ def settings_of(config: AggregatorConfig, rounds: RoundCoordinator) -> pb.Federa
             levels=config.secagg.code_levels,
             adaptive_clip=config.secagg.adaptive_clip,
             clip_segment=config.secagg.clip_segment,
+            coverage=config.secagg.coverage,
         ),
         chunk_limits=pb.ChunkLimits(
             max_chunk_bytes=config.limits.max_chunk_bytes, max_update_bytes=config.limits.max_update_bytes
@@ -207,6 +208,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             max_code=view.max_code,
             code_base=view.code_base,
             codes_per_element=view.group,
+            coverage=view.coverage,
             weight_scale=view.weight_scale,
             shares=sealed_to_pb(view.shares),
             survivors=view.survivors,

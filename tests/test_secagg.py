@@ -177,7 +177,7 @@ def test_packed_codes_cost_the_secure_sum_bound_and_sum_exactly_through_the_prot
     kept = [a for a in sorted(codes) if a != gone]
     assert result.survivors == kept
     assert set(result.upload_bytes.values()) == {fp.wire_bytes(len(elements[kept[0]]))}
-    sums = fp._unpack(result.total)[:count]
+    sums = fp.unpack(result.total)[:count]
     np.testing.assert_array_equal(sums, np.sum([codes[a] for a in kept], axis=0, dtype=np.uint32))
     decoded = fp.decode_sum(sums, len(kept))
     np.testing.assert_allclose(decoded[:43], [len(kept)] * 40 + [-len(kept)] * 3, atol=1e-9)

@@ -51,6 +51,7 @@ async def play_agent(
     tmp: Path,
     upload: bool = True,
     rings: dict[str, tuple[int, int, int, int]] | None = None,
+    protocols: dict[str, AgentRound] | None = None,
 ) -> tuple[str, float]:  # type: ignore[no-untyped-def]
     """One agent through the real client and the agent's SecureParticipation (``rings``: its
     round's element bits, largest code, Join's widest code and codes an element, by name)."""
@@ -69,6 +70,8 @@ async def play_agent(
                 fp = part.protocol.params.fixed_point
                 rings[name] = (fp.ring_bits, fp.levels, join.settings.secagg.ring_bits, fp.group)
             weight = part.weight(examples)
+            if protocols is not None:
+                protocols[name] = part.protocol
             if not upload:
                 return join.agent_id, weight  # shared keys, then vanished
             payload = tmp / f"{name}.bin"
@@ -151,6 +154,45 @@ async def test_ternary_codes_travel_packed_five_to_a_16_bit_element_and_decode_u
     assert np.corrcoef(step, expected)[0, 1] > 0.5
 
 
+async def test_coverage_sends_three_of_four_elements_and_survives_a_dropout(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    """secagg.coverage = 3 with 4 agents: each agent uploads only the elements it sends (about 3/4),
+    codes sum over 3 agents (a narrower ring than 4 agents'), an agent gone after sharing keys
+    leaves every element 2 senders, and the step is each element's senders' weighted mean."""
+    base = aggregator_config(pki, tmp_path / "agg0", min_agents=4, min_uploads=3, upload_deadline_s=8.0)
+    config = dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, coverage=3)).validate()
+    run = await start_aggregator(config=config)
+    rng = np.random.default_rng(9)
+    deltas = {f"c{i}": (rng.standard_normal(NUMEL) * 0.05).astype(np.float32) for i in range(4)}
+    examples = {"c0": 100, "c1": 300, "c2": 50, "c3": 200}
+    rings: dict[str, tuple[int, int, int, int]] = {}
+    protocols: dict[str, AgentRound] = {}
+    results = await asyncio.gather(
+        *(play_agent(run, n, deltas[n], examples[n], tmp_path, n != "c3", rings, protocols) for n in deltas)
+    )
+    ids = {n: r[0] for n, r in zip(deltas, results, strict=True)}
+    weights = {n: r[1] for n, r in zip(deltas, results, strict=True)}
+    assert {r[0] for r in rings.values()} == {ring_bits(SECAGG.bits, 3)}  # 3 codes a sum, not 4
+    coverage = protocols["c0"].covered
+    assert coverage is not None and coverage.members == sorted(ids.values())
+    senders = coverage.senders(0, coverage.elements)
+    assert np.all(senders.sum(axis=1) == 3)
+    for n in ("c0", "c1", "c2"):
+        assert abs(coverage.sent(ids[n]) / coverage.elements - 0.75) < 0.08
+    store = run.agg.rounds.store
+    layout = ParamLayout.from_tensors(store.load(0))
+    step = layout.flatten(store.load(1)).astype(np.float64) - layout.flatten(store.load(0))
+    num, den = np.zeros(NUMEL), np.zeros(NUMEL)
+    for n in ("c0", "c1", "c2"):  # c3's elements are summed over the two others that send them
+        sends = senders[: coverage.elements, coverage.position(ids[n])][:NUMEL]
+        num += np.where(sends, weights[n] * deltas[n], 0)
+        den += np.where(sends, weights[n], 0)
+    np.testing.assert_allclose(step, num / den, atol=2e-5)
+    statuses = run.agg.rounds.db.participant_status(1)
+    assert sorted(statuses.values()) == ["dropped", "uploaded", "uploaded", "uploaded"]
+
+
 async def test_agents_round_the_same_update_to_a_sum_within_one_code_step(
     start_aggregator, pki: Pki, tmp_path: Path
 ) -> None:
@@ -209,6 +251,13 @@ def test_impossible_secagg_settings_are_refused_at_start(pki: Pki, tmp_path: Pat
     ternary = dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, levels=3)).validate().secagg
     assert (ternary.code_levels, ternary.weight_bits) == (3, 1)  # bits is ignored
     assert ternary.ring_bits(base.rounds.max_agents) == (2 * base.rounds.max_agents).bit_length()
+    for coverage, why in ((1, "at least 2"), (-1, "at least 2")):
+        with pytest.raises(ConfigError, match=why):
+            dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, coverage=coverage)).validate()
+    with pytest.raises(ConfigError, match="neighbours = 0"):
+        dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, coverage=2, neighbours=2)).validate()
+    covered = dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, coverage=2)).validate().secagg
+    assert covered.ring_bits(base.rounds.max_agents) == ring_bits(SECAGG.bits, 2)  # sums of 2 codes
 
 
 @pytest.mark.parametrize(("codec", "why"), [("topk", "nonlinear decoder"), ("quantize", "quantise twice")])
@@ -262,6 +311,29 @@ def test_agent_refuses_a_round_layout_outside_what_join_allowed(
     )
     packed = part._round_params(ternary)  # 4 agents' ternary codes: 5 to 16 bits
     assert (packed.group, packed.fixed_point.coordinate_bits, packed.fixed_point.levels) == (5, 3.2, 2)
+    # coverage is the federation's: an aggregator cannot narrow a round's sums below what Join said
+    with pytest.raises(FailedPrecondition, match="joined with all"):
+        part._round_params(
+            pb.GetSecAggStateResponse(
+                threshold=2, ring_bits=16, max_code=2, code_base=9, codes_per_element=5, coverage=2
+            )
+        )
+    part.settings = pb.SecAggSettings(
+        enabled=True, threshold=2, clip=1.0, bits=1, ring_bits=4, levels=3, coverage=3
+    )
+    with pytest.raises(FailedPrecondition, match="2 agents an element, but this federation joined with 3"):
+        part._round_params(
+            pb.GetSecAggStateResponse(
+                threshold=2, ring_bits=16, max_code=2, code_base=9, codes_per_element=5, coverage=2
+            )
+        )
+    covered = pb.GetSecAggStateResponse(
+        threshold=2, ring_bits=13, max_code=2, code_base=7, codes_per_element=4, coverage=3
+    )
+    for _ in range(5):
+        covered.roster.add()
+    params = part._round_params(covered)  # 5 agents, 3 an element: 7 values a sum, 4 codes in 13 bits
+    assert (params.coverage, params.fixed_point.weight_digits, params.senders(5)) == (3, 0, 3)
 
 
 async def test_roster_carries_the_certificate_of_each_tls_session_not_the_one_in_the_message(

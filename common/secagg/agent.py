@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.errors import FailedPrecondition, InvalidArgument
 from common.secagg import shamir
+from common.secagg.coverage import Coverage, CoveredUniforms
 from common.secagg.graph import neighbours
 from common.secagg.keys import (
     Advertisement,
@@ -82,6 +83,7 @@ class AgentRound:
     held: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # sender -> (b share, sk share)
     masked_with: frozenset[str] = frozenset()
     unmasked: bool = False
+    covered: Coverage | None = None
 
     def advertise(self) -> Advertisement:
         """Phase 1: both public keys, signed with the certificate key."""
@@ -142,27 +144,56 @@ class AgentRound:
                 f"only {len(self.masked_with)} neighbours shared keys; threshold {self.params.threshold}"
             )
 
-    def rounding(self, private: np.random.Generator | None = None) -> Uniforms:
+    def rounding(self, private: np.random.Generator | None = None, elements: int = 0) -> Uniforms:
         """Dithers for this round's fixed-point codes: stratified with the roster's other agents
-        (``strata``) for codes of up to ``strata.STRATIFIED_MAX_CODE``, once the roster is verified
-        (``share_keys``); finer codes round with ``private`` alone."""
+        (``strata``; with coverage, with each element's senders) for codes of up to
+        ``strata.STRATIFIED_MAX_CODE``, once the roster is verified (``share_keys``; with coverage,
+        once the shares arrived, for an update of ``elements`` elements); finer codes round with
+        ``private`` alone."""
         private = private or np.random.default_rng()
         if not stratifies(self.params.fixed_point.levels):
             return private
+        if self.params.coverage:
+            return CoveredUniforms(self.coverage(elements), self.agent_id, self.params.group, private)
         if not self.points:
             raise FailedPrecondition("no verified roster yet: the round's dithers need it")
         position = self.points[self.agent_id] - 1  # rank in the sorted roster, as Shamir's points
         return StratifiedUniforms(self.graph_seed, self.round_id, position, len(self.points), private)
 
+    def coverage(self, elements: int) -> Coverage:
+        """Who sends which of the round's ``elements`` elements: this agent and the peers it masks
+        with (everyone who shared keys; coverage needs the full graph)."""
+        if not self.masked_with:
+            raise FailedPrecondition("no shares received yet: coverage needs the round's senders")
+        if self.covered is None or self.covered.elements != elements:
+            members = self.masked_with | {self.agent_id}
+            self.covered = Coverage(self.graph_seed, self.round_id, members, self.params.coverage, elements)
+        return self.covered
+
     def mask_codes(self, codes: np.ndarray) -> np.ndarray:
-        """Phase 3: add the self mask and the pairwise masks to fixed-point codes, in place."""
+        """Phase 3: add the self mask and the pairwise masks to fixed-point codes, in place, and
+        return what is uploaded: all of ``codes``, or with coverage the elements this agent sends
+        (each pairwise mask only where the peer sends too)."""
         masks = [(self_mask_key(self.self_seed, self.round_id, self.agent_id), +1)]
-        for peer in sorted(self.masked_with):
+        peers = sorted(self.masked_with)
+        for peer in peers:
             secret = self.mask.agree(self.roster[peer].mask_public)
             key = pair_mask_key(secret, self.round_id, self.agent_id, peer)
             masks.append((key, pair_sign(self.agent_id, peer)))
-        apply_masks(codes, masks)
-        return codes
+        if not self.params.coverage:
+            apply_masks(codes, masks)
+            return codes
+        coverage = self.coverage(codes.size)
+        columns = [None] + [[coverage.position(p)] for p in peers]
+        apply_masks(codes, masks, coverage.selector(columns))
+        mine = coverage.position(self.agent_id)
+        out = np.empty(coverage.sent(self.agent_id), dtype=codes.dtype)
+        done = 0
+        for start, stop in coverage.steps():
+            kept = codes[start:stop][coverage.senders(start, stop)[:, mine]]
+            out[done : done + kept.size] = kept
+            done += kept.size
+        return out
 
     def unmask(self, survivors: Iterable[str], dropped: Iterable[str]) -> dict[str, tuple[int, bytes]]:
         """Phase 4: self-seed shares of survivors, mask-key shares of dropped agents, never both for
@@ -182,6 +213,10 @@ class AgentRound:
         unknown = (alive | gone) - set(self.roster)
         if unknown:
             raise InvalidArgument(f"unmask request names agents outside the roster: {sorted(unknown)}")
+        if self.params.coverage:  # no element of this agent's may be left to fewer senders
+            if self.covered is None:
+                raise FailedPrecondition("this agent has not masked an update this round")
+            self.covered.check_survivors(self.agent_id, alive)
         self.unmasked = True
         out: dict[str, tuple[int, bytes]] = {}
         for peer, (b_share, sk_share) in self.held.items():

@@ -53,22 +53,30 @@ class RoundResult:
     """Bytes each agent sent for keys: advertisement, sealed shares, revealed shares."""
     upload_bytes: dict[str, int] = field(default_factory=dict)
     """Bytes of each agent's masked update on the wire (``params.ring_bits`` an element)."""
+    server: ServerRound | None = None
+    """The aggregator's state (with coverage, ``covered_mean`` decodes the sum)."""
+
+
+Codes = np.ndarray | Callable[[AgentRound], np.ndarray]
+"""An agent's encoded update, or how to encode it once its shares arrived (its dithers need them)."""
 
 
 def run_round(
     federation: Federation,
-    codes: Mapping[str, np.ndarray],
+    codes: Mapping[str, Codes],
     params: SecAggParams,
     drop: Mapping[str, set[str]] | None = None,
     round_id: int = 1,
     seed: bytes = b"public-round-seed",
     tamper: Callable[[list[Advertisement]], None] | None = None,
+    length: int = 0,
 ) -> RoundResult:
     """Run advertise -> share -> masked upload -> unmask; ``drop[phase]`` agents vanish after that phase
     (``advertise``: advertised then gone; ``share``: shared then gone; ``upload``: vanished mid-way
-    through sending; ``unmask``: uploaded but never answered)."""
+    through sending; ``unmask``: uploaded but never answered). ``length``: elements an update
+    (default: the first array's)."""
     drop = drop or {}
-    length = len(next(iter(codes.values())))
+    length = length or len(next(c for c in codes.values() if isinstance(c, np.ndarray)))
     server = ServerRound(round_id, params, length, seed)
     agents = {a: federation.agent_round(a, round_id, params, seed) for a in codes}
     key_bytes = dict.fromkeys(agents, 0)
@@ -90,11 +98,14 @@ def run_round(
     fp, upload_bytes = params.fixed_point, {}
     for a in alive:
         agents[a].receive_shares(server.shares_for(a))
-        wire = fp.to_wire(agents[a].mask_codes(codes[a].copy()))
+        mine = codes[a]
+        encoded = mine.copy() if isinstance(mine, np.ndarray) else mine(agents[a])
+        upload = agents[a].mask_codes(encoded)
+        wire = fp.to_wire(upload)
         upload_bytes[a] = len(wire)
         if a in drop.get("upload", set()):
             continue  # a partial upload never reaches the sum (the spool holds it until complete)
-        server.add_masked(a, fp.from_wire(wire, length))
+        server.add_masked(a, fp.from_wire(wire, upload.size))
         server.finish_upload(a)
     survivors, dropped = server.unmask_request()
     for a in survivors:
@@ -103,7 +114,8 @@ def run_round(
         revealed = agents[a].unmask(survivors, dropped)
         key_bytes[a] += sum(len(share) + 1 for _kind, share in revealed.values())
         server.add_reveal(a, revealed)
-    return RoundResult(server.unmasked_sum().copy(), survivors, dropped, agents, key_bytes, upload_bytes)
+    total = server.unmasked_sum().copy()
+    return RoundResult(total, survivors, dropped, agents, key_bytes, upload_bytes, server)
 
 
 def now() -> dt.datetime:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.errors import ConfigError
+from common.secagg.coverage import MIN_SENDERS
 from common.secagg.graph import check_parameters
 from common.secagg.ring import RING_BITS, FixedPoint, check_headroom, levels_bits, ring_bits, round_layout
 
@@ -24,6 +25,8 @@ class SecAggParams:
     max_code: int = 0
     code_base: int = 0
     group: int = 1
+    coverage: int = 0
+    """Agents that send each element (``coverage``); 0: every agent sends every element."""
 
     @classmethod
     def for_round(
@@ -36,15 +39,18 @@ class SecAggParams:
         fill: bool = True,
         levels: int = 0,
         pack: bool = True,
+        coverage: int = 0,
     ) -> SecAggParams:
         """Parameters of a round with ``invited`` agents sending codes of ``levels`` levels (0:
         2^bits; otherwise bits is floor(log2 levels)): the cheapest layout (``pack``: several
         codes an element) with codes filling it. Without ``fill``: codes 0 .. 2^bits - 1 in the
-        least one-code ring, the layout before wire revision 3."""
+        least one-code ring, the layout before wire revision 3. With ``coverage`` k, each element's
+        sum has min(k, invited) codes."""
+        senders = min(coverage, invited) if coverage else invited
         if not fill:
-            return cls(threshold, neighbours, clip, bits, ring_bits(bits, invited))
+            return cls(threshold, neighbours, clip, bits, ring_bits(bits, senders), coverage=coverage)
         levels = levels or 1 << bits
-        layout = round_layout(levels, invited, pack)
+        layout = round_layout(levels, senders, pack)
         return cls(
             threshold,
             neighbours,
@@ -54,6 +60,7 @@ class SecAggParams:
             layout.max_code,
             layout.base,
             layout.group,
+            coverage,
         )
 
     def check(self, agents: int) -> SecAggParams:
@@ -63,16 +70,33 @@ class SecAggParams:
         if self.threshold > agents:
             raise ConfigError(f"secagg threshold {self.threshold} is above the number of agents ({agents})")
         check_parameters(agents, self.neighbours, self.threshold)
+        if self.coverage:
+            if self.coverage < MIN_SENDERS:
+                raise ConfigError(
+                    f"secagg coverage must be at least {MIN_SENDERS} agents, got {self.coverage}"
+                )
+            if self.neighbours:
+                raise ConfigError(
+                    "secagg coverage needs the full graph (neighbours = 0): every pair of an"
+                    " element's senders must mask it"
+                )
+        senders = self.senders(agents)
         fp = self.fixed_point
-        check_headroom(fp.levels + 1, agents)
-        if not fp.contributors_fit(agents):
+        check_headroom(fp.levels + 1, senders)
+        if not fp.contributors_fit(senders):
             raise ConfigError(
                 f"secagg ring of {self.ring_bits} bits ({self.group} codes an element) can wrap with"
-                f" {agents} agents' codes up to {fp.levels}"
+                f" {senders} agents' codes up to {fp.levels}"
             )
         return self
+
+    def senders(self, agents: int) -> int:
+        """How many of ``agents`` agents send each element."""
+        return min(self.coverage, agents) if self.coverage else agents
 
     @property
     def fixed_point(self) -> FixedPoint:
         """The shared quantiser."""
-        return FixedPoint(self.clip, self.bits, self.ring_bits, self.max_code, self.code_base, self.group)
+        return FixedPoint(
+            self.clip, self.bits, self.ring_bits, self.max_code, self.code_base, self.group, not self.coverage
+        )

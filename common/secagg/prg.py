@@ -6,7 +6,7 @@ chunk is generated into one reused scratch buffer and added while the chunk is s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -18,8 +18,14 @@ _ZEROS = bytes(CHUNK_BYTES)
 _NONCE = bytes(16)  # every key is derived for one round and one purpose, so a fixed nonce is safe
 
 
-def apply_masks(buf: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
-    """``buf += sum(sign * AES-256-CTR(key))`` elementwise in Z_2^32, in place; signs are +1 or -1."""
+Where = Callable[[int, int], Sequence["np.ndarray | None"]]
+"""For elements start..stop, one boolean selector a mask (None: all): where each mask applies."""
+
+
+def apply_masks(buf: np.ndarray, masks: Sequence[tuple[bytes, int]], where: Where | None = None) -> None:
+    """``buf += sum(sign * AES-256-CTR(key))`` elementwise in Z_2^32, in place; signs are +1 or -1.
+    With ``where``, mask j is added only at the elements its selector marks (the keystream stays
+    indexed by element, so parties that select different elements still agree on each one)."""
     if buf.dtype != RING_DTYPE or not buf.flags.c_contiguous:
         raise ValueError("mask target must be a contiguous little-endian uint32 array")
     if any(len(key) != 32 for key, _ in masks):
@@ -31,8 +37,11 @@ def apply_masks(buf: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
     for start in range(0, buf.size, step):
         n = min(step, buf.size - start)
         target = buf[start : start + n]
-        for encryptor, sign in streams:
+        selected = where(start, start + n) if where is not None else [None] * len(streams)
+        for (encryptor, sign), chosen in zip(streams, selected, strict=True):
             encryptor.update_into(_ZEROS[: n * 4], scratch)
+            if chosen is not None:
+                np.multiply(stream[:n], chosen, out=stream[:n], casting="unsafe")
             if sign > 0:
                 np.add(target, stream[:n], out=target)
             else:

@@ -125,6 +125,8 @@ class FixedPoint:
     max_code: int = 0
     base: int = 0
     group: int = 1
+    weight_tail: bool = True
+    """Whether an update ends with its weight's digits (not with coverage: ``coverage``)."""
 
     def __post_init__(self) -> None:
         if not (self.clip > 0 and math.isfinite(self.clip)):
@@ -200,8 +202,9 @@ class FixedPoint:
     @property
     def weight_digits(self) -> int:
         """Coordinates that carry an update's weight: the base-2^bits digits of a WEIGHT_BITS-bit
-        fixed-point number, so the summed weight is exact to 2^-WEIGHT_BITS even at 1 bit."""
-        return -(-WEIGHT_BITS // self.bits)
+        fixed-point number, so the summed weight is exact to 2^-WEIGHT_BITS even at 1 bit. None
+        without a weight tail."""
+        return -(-WEIGHT_BITS // self.bits) if self.weight_tail else 0
 
     def masked_length(self, coordinates: int) -> int:
         """Elements in a masked update of ``coordinates`` values: the values' codes, then the
@@ -252,7 +255,7 @@ class FixedPoint:
             element += digits[:, j]
         return element.astype(RING_DTYPE)
 
-    def _unpack(self, elements: np.ndarray) -> np.ndarray:
+    def unpack(self, elements: np.ndarray) -> np.ndarray:
         """The digits (summed codes, uint32) of unmasked summed elements, ``group`` an element."""
         if self.ring_bits < RING_BITS:
             elements = elements & np.uint32((1 << self.ring_bits) - 1)
@@ -280,7 +283,7 @@ class FixedPoint:
             )
         # the weight's digits sit in the last elements: unpack just those first
         first = count // self.group
-        digits = self._unpack(total[first:])[count - first * self.group :][: self.weight_digits]
+        digits = self.unpack(total[first:])[count - first * self.group :][: self.weight_digits]
         weight = sum(int(d) << (self.bits * i) for i, d in enumerate(digits)) / self._weight_scale
         if not weight > 0:
             raise InvalidArgument(f"summed weight must be positive, got {weight}")
@@ -289,17 +292,18 @@ class FixedPoint:
         for start in range(0, count, span):
             stop = min(start + span, count)
             elements = total[start // self.group : -(-stop // self.group)]
-            sums = self._unpack(elements)[: stop - start]
+            sums = self.unpack(elements)[: stop - start]
             mean[start:stop] = self.decode_sum(sums, contributors) / weight
         return mean, weight
 
     @property
     def _weight_scale(self) -> int:
-        return (1 << (self.bits * self.weight_digits)) - 1
+        return max(1, (1 << (self.bits * self.weight_digits)) - 1)
 
-    def decode_sum(self, total: np.ndarray, contributors: int) -> np.ndarray:
-        """The float64 sum of ``contributors`` decoded vectors from their summed codes, one a
-        coordinate (unpacked; reduced mod 2^ring_bits when one code is an element)."""
+    def decode_sum(self, total: np.ndarray, contributors: int | np.ndarray) -> np.ndarray:
+        """The float64 sum of ``contributors`` (a count, or one a coordinate) decoded vectors from
+        their summed codes, one a coordinate (unpacked; reduced mod 2^ring_bits when one code is an
+        element)."""
         if self.group == 1 and self.ring_bits < RING_BITS:
             total = total & np.uint32((1 << self.ring_bits) - 1)
         out = total.astype(np.float64)

@@ -16,6 +16,7 @@ import numpy as np
 from common.errors import Aborted, FailedPrecondition, InvalidArgument
 from common.secagg import shamir
 from common.secagg.agent import MASK_KEY, SECRET_BYTES, SELF_SEED, pair_mask_key, pair_sign, self_mask_key
+from common.secagg.coverage import Coverage
 from common.secagg.graph import neighbours
 from common.secagg.keys import Advertisement, KeyPair
 from common.secagg.params import SecAggParams
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServerRound:
-    """One round at the aggregator. ``length`` is the number of uint32 codes per agent."""
+    """One round at the aggregator. ``length`` is the number of uint32 elements of an update (with
+    coverage, each agent uploads only the elements it sends: ``upload_length``)."""
 
     round_id: int
     params: SecAggParams
@@ -39,6 +41,7 @@ class ServerRound:
     reveals: dict[str, dict[str, tuple[int, bytes]]] = field(default_factory=dict)
     total: np.ndarray | None = None
     graph: dict[str, frozenset[str]] = field(default_factory=dict)
+    coverage: Coverage | None = None
 
     # Phase 1
     def add_advertisement(self, adv: Advertisement) -> None:
@@ -84,18 +87,35 @@ class ServerRound:
 
     # Phase 3
     def start_sum(self) -> None:
-        """Allocate the running sum (touched now, not during the first upload)."""
+        """Allocate the running sum (touched now, not during the first upload); with coverage, fix
+        who sends which element among the agents that shared keys."""
         self.total = np.zeros(self.length, dtype=RING_DTYPE)
+        if self.params.coverage:
+            k = self.params.coverage
+            self.coverage = Coverage(self.graph_seed, self.round_id, self.shared(), k, self.length)
+
+    def upload_length(self, sender: str) -> int:
+        """Elements in ``sender``'s masked upload."""
+        if self.params.coverage:
+            if self.coverage is None:
+                raise FailedPrecondition("uploads have not started")
+            return self.coverage.sent(sender)
+        return self.length
 
     def add_masked(self, sender: str, codes: np.ndarray, offset: int = 0) -> None:
-        """Add a slice of ``sender``'s masked codes at ``offset`` into the running sum (mod 2^32)."""
+        """Add a slice of ``sender``'s masked upload at ``offset`` into the running sum (mod 2^32);
+        with coverage, each uploaded element goes to the element it stands for."""
         if sender not in self.sealed:
             raise FailedPrecondition(f"{sender} did not share keys this round")
         if self.total is None:
             self.start_sum()
         assert self.total is not None
-        if codes.dtype != RING_DTYPE or offset + codes.size > self.length:
+        if codes.dtype != RING_DTYPE or offset + codes.size > self.upload_length(sender):
             raise InvalidArgument("masked input has the wrong type or length")
+        if self.coverage is not None:
+            where = self.coverage.positions(sender, offset, offset + codes.size)
+            self.total[where] += codes
+            return
         target = self.total[offset : offset + codes.size]
         np.add(target, codes, out=target)
 
@@ -131,9 +151,11 @@ class ServerRound:
         points = {a: i + 1 for i, a in enumerate(sorted(self.advertisements))}
         total = self.total
         masks: list[tuple[bytes, int]] = []
+        owners: list[list[str]] = []  # with coverage: whose elements each mask is on
         for agent in survivors:
             seed = self._reconstruct(agent, SELF_SEED, points)
             masks.append((self_mask_key(seed, self.round_id, agent), -1))
+            owners.append([agent])
         for gone in dropped:
             mask_key = KeyPair.from_private_bytes(self._reconstruct(gone, MASK_KEY, points))
             if mask_key.public != self.advertisements[gone].mask_public:
@@ -143,7 +165,12 @@ class ServerRound:
                     secret = mask_key.agree(self.advertisements[agent].mask_public)
                     key = pair_mask_key(secret, self.round_id, agent, gone)
                     masks.append((key, -pair_sign(agent, gone)))  # undo what ``agent`` added
-        apply_masks(total, masks)
+                    owners.append([agent, gone])
+        if self.coverage is None:
+            apply_masks(total, masks)
+        else:
+            columns = [[self.coverage.position(a) for a in who] for who in owners]
+            apply_masks(total, masks, self.coverage.selector(columns))
         log.info(
             "secagg round %d: unmasked the sum of %d inputs (%d dropped after sharing)",
             self.round_id,
@@ -151,6 +178,18 @@ class ServerRound:
             len(dropped),
         )
         return total
+
+    def covered_mean(self, total: np.ndarray, weights: Mapping[str, float], count: int) -> np.ndarray:
+        """With coverage, the weighted mean (float32, ``count`` values) of the survivors' updates
+        from the unmasked sum: each element's senders' sum over their summed ``weights``."""
+        if self.coverage is None:
+            raise FailedPrecondition("this round has no coverage")
+        fp = self.params.fixed_point
+        if fp.masked_length(count) != self.length:
+            raise InvalidArgument(f"a masked sum of {self.length} elements does not hold {count} values")
+        return self.coverage.mean(
+            lambda start, stop: fp.unpack(total[start:stop]), fp.decode_sum, weights, fp.group, count
+        )
 
     def _reconstruct(self, owner: str, kind: int, points: Mapping[str, int]) -> bytes:
         shares = {

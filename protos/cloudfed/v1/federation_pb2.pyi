@@ -306,6 +306,7 @@ class SecAggSettings(_message.Message):
     ADAPTIVE_CLIP_FIELD_NUMBER: _builtins.int
     CLIP_SEGMENT_FIELD_NUMBER: _builtins.int
     LEVELS_FIELD_NUMBER: _builtins.int
+    COVERAGE_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     """Whether updates are masked."""
     threshold: _builtins.int
@@ -331,6 +332,12 @@ class SecAggSettings(_message.Message):
     """Coordinates per adaptive clip bound."""
     levels: _builtins.int
     """Code levels of each agent's coordinate (2^bits unless configured otherwise, e.g. 3)."""
+    coverage: _builtins.int
+    """Agents that send each ring element of a masked update (at least 2; 0: every agent). The
+    aggregator learns each element's sum over its senders, drawn per element from the round's
+    seed among the agents that shared keys; an update then has no weight digits (the aggregator
+    weights each element by its senders' example counts from Join). Needs neighbours = 0.
+    """
     def __init__(
         self,
         *,
@@ -343,10 +350,11 @@ class SecAggSettings(_message.Message):
         adaptive_clip: _builtins.float = ...,
         clip_segment: _builtins.int = ...,
         levels: _builtins.int = ...,
+        coverage: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptive_clip", b"adaptive_clip", "bits", b"bits", "clip", b"clip", "clip_segment", b"clip_segment", "enabled", b"enabled", "levels", b"levels", "neighbours", b"neighbours", "ring_bits", b"ring_bits", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptive_clip", b"adaptive_clip", "bits", b"bits", "clip", b"clip", "clip_segment", b"clip_segment", "coverage", b"coverage", "enabled", b"enabled", "levels", b"levels", "neighbours", b"neighbours", "ring_bits", b"ring_bits", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1274,6 +1282,7 @@ class GetSecAggStateResponse(_message.Message):
     MAX_CODE_FIELD_NUMBER: _builtins.int
     CODE_BASE_FIELD_NUMBER: _builtins.int
     CODES_PER_ELEMENT_FIELD_NUMBER: _builtins.int
+    COVERAGE_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     """The round."""
     phase: Global___RoundPhase.ValueType
@@ -1303,6 +1312,10 @@ class GetSecAggStateResponse(_message.Message):
     """
     codes_per_element: _builtins.int
     """SHARE_KEYS: codes per ring element (0 or 1: one code an element)."""
+    coverage: _builtins.int
+    """SHARE_KEYS: agents that send each element (SecAggSettings.coverage; 0: all). With coverage,
+    code_base > coverage * max_code, and an agent uploads only the elements it sends.
+    """
     @_builtins.property
     def roster(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyAdvertisement]:
         """SHARE_KEYS and later: every advertisement, in agent id order."""
@@ -1341,10 +1354,11 @@ class GetSecAggStateResponse(_message.Message):
         max_code: _builtins.int = ...,
         code_base: _builtins.int = ...,
         codes_per_element: _builtins.int = ...,
+        coverage: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_segment", b"clip_segment", "code_base", b"code_base", "codes_per_element", b"codes_per_element", "dropped", b"dropped", "graph_seed", b"graph_seed", "max_code", b"max_code", "phase", b"phase", "ring_bits", b"ring_bits", "roster", b"roster", "round_id", b"round_id", "segment_clips", b"segment_clips", "shares", b"shares", "survivors", b"survivors", "threshold", b"threshold", "weight_scale", b"weight_scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_segment", b"clip_segment", "code_base", b"code_base", "codes_per_element", b"codes_per_element", "coverage", b"coverage", "dropped", b"dropped", "graph_seed", b"graph_seed", "max_code", b"max_code", "phase", b"phase", "ring_bits", b"ring_bits", "roster", b"roster", "round_id", b"round_id", "segment_clips", b"segment_clips", "shares", b"shares", "survivors", b"survivors", "threshold", b"threshold", "weight_scale", b"weight_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
