@@ -3,7 +3,8 @@
     python -m bench.secagg [--params 10000000] [--agents 10] [--repeats 3]
 
 For the full graph and k = 3 (and, with 4 agents, side by side: 2-bit codes one to a ring
-element, the same codes packed, ternary codes packed; ``ring.round_layout``) it times, per
+element, the same codes packed, ternary codes packed; ``ring.round_layout``; and sparse
+coverage, 3 or 2 of the 4 agents sending each element, ``coverage``) it times, per
 agent, quantise (clip, weight, stochastic rounding into Z_2^32; codes of up to 8 bits with the
 agents' stratified dithers, ``strata``, and ternary also with independent ones) + mask
 (self mask and pairwise AES-256-CTR masks) + pack; and at the aggregator, the unmask (Shamir
@@ -56,16 +57,20 @@ def run(
     levels: int = 1 << 16,
     pack: bool = True,
     stratified: bool = True,
+    coverage: int = 0,
+    dropouts: tuple[int, ...] = (0, 1),
 ) -> dict[str, float]:
     fed = Federation.create(agents)
     ids = sorted(fed.agents)
     # 16 bits: 16 + ceil(log2 agents) bits a coordinate, codes over the ring's full range;
     # fewer levels: codes packed several to an element (``pack``), or one an element
-    sa = SecAggParams.for_round(threshold, neighbours, 0.05, 16, agents, levels=levels, pack=pack)
+    sa = SecAggParams.for_round(
+        threshold, neighbours, 0.05, 16, agents, levels=levels, pack=pack, coverage=coverage
+    )
     sa = sa.check(agents)
     width = sa.ring_bits
     fp = sa.fixed_point
-    length = fp.masked_length(params)  # the update's codes, then the weight's digits
+    length = fp.masked_length(params)  # the update's codes, then the weight's digits (not with coverage)
     rng = np.random.default_rng(0)
     delta = (rng.standard_normal(params) * 1e-2).astype(np.float32)
     seed = b"bench-seed"
@@ -82,29 +87,28 @@ def run(
             rounds[a].receive_shares(server.shares_for(a))
         return rounds, server
 
-    rounds, _ = setup(1)
+    rounds, sum_probe = setup(1)
     me = rounds[ids[0]]
     weight = 0.75
     codes_out = np.empty(length, dtype=np.uint32)
 
     def dithers(agent: AgentRound) -> Uniforms:  # the agents' stratified dithers, or independent ones
-        return agent.rounding(rng) if stratified else rng
+        return agent.rounding(rng, length) if stratified else rng
 
     def quantise_and_mask() -> None:
         fp.encode_weighted(delta, weight, dithers(me), out=codes_out)
-        me.mask_codes(codes_out)
-        wire.append(fp.to_wire(codes_out))
+        wire.append(fp.to_wire(me.mask_codes(codes_out)))  # with coverage: the elements it sends
 
     wire: list[bytes] = []
     mask_s = median_time(quantise_and_mask, repeats)
-    sum_probe = ServerRound(99, sa, length, seed)
-    sum_probe.sealed = {ids[0]: {}}
+    sum_probe.start_sum()
+    sent = sum_probe.upload_length(ids[0])
     block = 1 << 18
 
     def unpack_and_add() -> None:  # the aggregator's work per arriving upload, block by block
         data = wire[-1]
-        for start in range(0, length, block):
-            count = min(block, length - start)
+        for start in range(0, sent, block):
+            count = min(block, sent - start)
             first = start * width // 8
             sum_probe.add_masked(
                 ids[0], fp.from_wire(data[first : first + fp.wire_bytes(count)], count), start
@@ -117,17 +121,16 @@ def run(
         "mask_mps": params / mask_s / 1e6,
         "mask_s": mask_s,
         "unpack_add_mps": params / add_s / 1e6,
+        "upload_bits_a_coordinate": fp.ring_bits * sent / params,
     }
-    for dropped in (0, 1):
+    for dropped in dropouts:
         times, peaks = [], []
         for rep in range(repeats):
             rounds, server = setup(10 + rep)
             masked = {}
             for a in ids[dropped:]:
-                masked[a] = fp.from_wire(
-                    fp.to_wire(rounds[a].mask_codes(fp.encode_weighted(delta, weight, dithers(rounds[a])))),
-                    length,
-                )
+                upload = rounds[a].mask_codes(fp.encode_weighted(delta, weight, dithers(rounds[a])))
+                masked[a] = fp.from_wire(fp.to_wire(upload), upload.size)
             tracemalloc.start()
             server.start_sum()
             for a, m in masked.items():
@@ -140,7 +143,10 @@ def run(
             for a, shares in reveals.items():
                 server.add_reveal(a, shares)
             total = server.unmasked_sum()
-            mean, _ = fp.decode_weighted_mean(total, len(survivors), params)
+            if coverage:
+                mean = server.covered_mean(total, dict.fromkeys(survivors, weight), params)
+            else:
+                mean, _ = fp.decode_weighted_mean(total, len(survivors), params)
             times.append(time.perf_counter() - t)
             peaks.append(tracemalloc.get_traced_memory()[1])
             tracemalloc.stop()
@@ -177,6 +183,9 @@ def main() -> None:
         "2bit_packed": run(args.params, 4, 0, 3, args.repeats, levels=4),
         "ternary_packed": run(args.params, 4, 0, 3, args.repeats, levels=3),
         "ternary_packed_independent": run(args.params, 4, 0, 3, args.repeats, levels=3, stratified=False),
+        # sparse coverage: 3 (or 2) of the 4 agents send each element
+        "2bit_coverage_3": run(args.params, 4, 0, 3, args.repeats, levels=4, coverage=3),
+        "5_levels_coverage_2": run(args.params, 4, 0, 3, args.repeats, levels=5, coverage=2, dropouts=(0,)),
     }
     report = {
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
@@ -199,13 +208,15 @@ def main() -> None:
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     rows = [("full graph", full), ("k = 3", k3)] + [(f"4: {k}", r) for k, r in packing.items()]
     for name, r in rows:
+        dropped = "unmask_1_dropout_mps" in r
+        one = f"{r['unmask_1_dropout_mps']:6.1f}" if dropped else "     -"
         print(
-            f"{name:10s}  {r['bits_a_coordinate']:.2f} bits a coordinate  "
+            f"{name:10s}  {r['upload_bits_a_coordinate']:.2f} bits a coordinate uploaded  "
             f"agent quantise+mask+pack {r['mask_mps']:6.1f} M params/s   "
             f"aggregator unpack+add {r['unpack_add_mps']:6.1f}   "
             f"aggregator unmask+decode {r['unmask_0_dropout_mps']:6.1f} (0 dropped) "
-            f"{r['unmask_1_dropout_mps']:6.1f} (1 dropped) M params/s   "
-            f"peak {r['peak_1_dropout_x_update']:.2f}x update"
+            f"{one} (1 dropped) M params/s   "
+            f"peak {r[f'peak_{int(dropped)}_dropout_x_update']:.2f}x update"
         )
     print(
         f"shamir split {report['shamir_split_ms']:.2f} ms,"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from common.errors import ConfigError, InvalidArgument
+from common.secagg import coverage
 from common.secagg.agent import AgentRound
 from common.secagg.coverage import STEP, Coverage, CoveredUniforms
 from common.secagg.local import Federation, run_round
@@ -78,6 +79,18 @@ def test_each_element_has_k_senders_each_agent_about_k_over_n() -> None:
     np.testing.assert_array_equal(pos, np.flatnonzero(senders[:, 2])[1000 : 1000 + STEP])
     with pytest.raises(InvalidArgument):
         cov.positions("m2", 0, cov.sent("m2") + 1)
+
+
+def test_ranks_by_pairwise_comparison_and_by_sorting_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small rosters rank by comparing words pairwise, large ones by sorting: the same ranks."""
+    for n in (2, 5, 12):
+        cov = Coverage(b"x", 2, [f"m{i:02d}" for i in range(n)], 2, 3000)
+        pairwise = cov.ranks(0, 3000)
+        with monkeypatch.context() as patch:
+            patch.setattr(coverage, "PAIRWISE_MAX", 0)
+            np.testing.assert_array_equal(cov.ranks(0, 3000), pairwise)
+    wide = Coverage(b"x", 2, [f"m{i:02d}" for i in range(40)], 5, 2000).ranks(0, 2000)
+    assert np.all(np.sort(wide, axis=1) == np.arange(40))
 
 
 @pytest.mark.parametrize("k", [2, 3])

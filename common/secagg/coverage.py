@@ -29,6 +29,7 @@ from common.secagg.prg import Where
 MIN_SENDERS = 2
 """No element's sum may have fewer senders: one sender's sum is its code."""
 STEP = 1 << 14  # elements a step: bounds the (step, members) scratch
+PAIRWISE_MAX = 12  # up to this many members, ranks by comparing words pairwise (else two sorts)
 _BELOW_ONE = float(np.nextafter(1.0, 0.0))
 
 
@@ -65,9 +66,17 @@ class Coverage:
         stream = Cipher(algorithms.AES(self._key), modes.CTR(counter)).encryptor()
         raw = stream.update(bytes(skip + count * n * 4))[skip:]
         words = np.frombuffer(raw, dtype="<u4").reshape(count, n)
-        order = np.argsort(words, axis=1, kind="stable")
-        ranks = np.empty((count, n), dtype=np.uint8)
-        np.put_along_axis(ranks, order, np.arange(n, dtype=np.uint8)[None, :], axis=1)
+        if n > PAIRWISE_MAX:
+            order = np.argsort(words, axis=1, kind="stable")
+            return np.argsort(order, axis=1, kind="stable").astype(np.uint8)
+        ranks = np.zeros((count, n), dtype=np.uint8)
+        below = np.empty(count, dtype=bool)
+        for i in range(n):  # rank of i: the words below it, ties to the lower position
+            mine, rank = words[:, i], ranks[:, i]
+            for j in range(n):
+                if j != i:
+                    (np.less_equal if j < i else np.less)(words[:, j], mine, out=below)
+                    rank += below
         return ranks
 
     def senders(self, start: int, stop: int) -> np.ndarray:
