@@ -18,9 +18,9 @@ from agent.client import AggregatorClient
 from common.errors import ConfigError, FailedPrecondition
 from common.secagg.agent import AgentRound
 from common.secagg.clips import SegmentClips
-from common.secagg.coverage import MIN_SENDERS
+from common.secagg.coverage import check_settings
 from common.secagg.params import SecAggParams
-from common.secagg.ring import RING_BITS
+from common.secagg.ring import RING_BITS, update_weight
 from common.secagg_pb import (
     advertisement_from_pb,
     advertisement_to_pb,
@@ -111,12 +111,8 @@ class SecureParticipation:
                 f"round {self.round_id}: {state.coverage or 'all'} agents an element, but this federation"
                 f" joined with {self.settings.coverage or 'all'}"
             )
-        if state.coverage and (state.coverage < MIN_SENDERS or self.settings.neighbours):
-            raise FailedPrecondition(
-                f"round {self.round_id}: coverage {state.coverage} needs at least {MIN_SENDERS} senders"
-                " an element and the full neighbour graph"
-            )
         try:
+            check_settings(state.coverage, self.settings.neighbours)
             params = self._params(state.threshold, state)
             senders = params.senders(len(state.roster))
             if not params.fixed_point.contributors_fit(senders):  # also checks the layout
@@ -153,7 +149,7 @@ class SecureParticipation:
 
     def weight(self, num_examples: int) -> float:
         """This agent's weight in (0, 1]: its examples over the round's largest count."""
-        return min(1.0, max(num_examples, 1) / self.weight_scale)
+        return update_weight(num_examples, self.weight_scale)
 
     def mask(self, vector: np.ndarray, weight: float) -> bytes:
         """``[w * delta, w * clip]`` in fixed point, masked: the bytes that leave the cloud."""

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 from common.chunks import MAX_CHUNK_BYTES, validate_chunk_bytes
 from common.errors import CloudfedError, ConfigError
 from common.identity import IdentityError, SpiffeId
+from common.secagg.coverage import check_settings, senders_of
 from common.secagg.graph import check_parameters
 from common.secagg.ring import check_headroom, coordinate_bits, levels_bits
 from common.tls import TlsFiles
@@ -121,8 +122,7 @@ class SecAggConfig:
         """The most bits a masked coordinate may cost: the least one-code ring no sum of
         ``max_agents`` codes wraps (each round's layout is sized for the agents it invites), or
         of ``coverage`` codes."""
-        senders = min(self.coverage, max_agents) if self.coverage else max_agents
-        return coordinate_bits(self.code_levels, senders)
+        return coordinate_bits(self.code_levels, senders_of(self.coverage, max_agents))
 
 
 LINEAR_CODECS = ("identity", "quantize", "projection", "eigen", "countsketch")
@@ -381,15 +381,7 @@ class AggregatorConfig:
             raise ConfigError(f"secagg.adaptive_clip must be >= 0 (0: fixed clip), got {sa.adaptive_clip}")
         if sa.clip_segment < 1:
             raise ConfigError(f"secagg.clip_segment must be >= 1, got {sa.clip_segment}")
-        if sa.coverage < 0 or sa.coverage == 1:
-            raise ConfigError(
-                f"secagg.coverage must be 0 (every agent) or at least 2, got {sa.coverage}"
-                " (one sender's sum would be its update)"
-            )
-        if sa.coverage and sa.neighbours:
-            raise ConfigError(
-                "secagg.coverage needs secagg.neighbours = 0: every pair of an element's senders masks it"
-            )
+        check_settings(sa.coverage, sa.neighbours)
 
 
 @dataclass(frozen=True)

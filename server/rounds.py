@@ -37,6 +37,7 @@ from common.metrics import peer_labels
 from common.secagg.clips import SegmentClips
 from common.secagg.keys import Advertisement
 from common.secagg.params import SecAggParams
+from common.secagg.ring import update_weight
 from common.secagg.server import ServerRound
 from server import metrics
 from server.accumulator import BLOCK_ELEMS, SumAccumulator
@@ -685,7 +686,7 @@ class RoundCoordinator:
         coordinates = registry.secure_coordinates(self._round_codec, self.layout.numel)
         if secure.coverage is not None:  # each element over its senders' weights (as the agents' own)
             weights = {
-                a: min(1.0, max(self.agents[a].num_examples, 1) / self._weight_scale) for a in participants
+                a: update_weight(self.agents[a].num_examples, self._weight_scale) for a in participants
             }
             mean, weight = secure.covered_mean(total, weights, coordinates), sum(weights.values())
         else:

@@ -186,14 +186,7 @@ class AgentRound:
         coverage = self.coverage(codes.size)
         columns = [None] + [[coverage.position(p)] for p in peers]
         apply_masks(codes, masks, coverage.selector(columns))
-        mine = coverage.position(self.agent_id)
-        out = np.empty(coverage.sent(self.agent_id), dtype=codes.dtype)
-        done = 0
-        for start, stop in coverage.steps():
-            kept = codes[start:stop][coverage.senders(start, stop)[:, mine]]
-            out[done : done + kept.size] = kept
-            done += kept.size
-        return out
+        return coverage.compact(codes, self.agent_id)
 
     def unmask(self, survivors: Iterable[str], dropped: Iterable[str]) -> dict[str, tuple[int, bytes]]:
         """Phase 4: self-seed shares of survivors, mask-key shares of dropped agents, never both for

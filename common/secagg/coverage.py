@@ -17,20 +17,40 @@ of the round's weighted mean; the aggregator knows every agent's example count f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from common.errors import InvalidArgument
+from common.errors import ConfigError, InvalidArgument
 from common.secagg.keys import derive
 from common.secagg.prg import Where
+from common.secagg.ring import FixedPoint
 
 MIN_SENDERS = 2
 """No element's sum may have fewer senders: one sender's sum is its code."""
 STEP = 1 << 14  # elements a step: bounds the (step, members) scratch
 PAIRWISE_MAX = 12  # up to this many members, ranks by comparing words pairwise (else two sorts)
 _BELOW_ONE = float(np.nextafter(1.0, 0.0))
+
+
+def senders_of(coverage: int, agents: int) -> int:
+    """How many of ``agents`` agents send each element with ``coverage`` (0: all of them)."""
+    return min(coverage, agents) if coverage else agents
+
+
+def check_settings(coverage: int, neighbours: int) -> None:
+    """ConfigError unless ``coverage`` is 0 or at least MIN_SENDERS, with the full graph."""
+    if coverage < 0 or 0 < coverage < MIN_SENDERS:
+        raise ConfigError(
+            f"secagg coverage must be 0 (every agent) or at least {MIN_SENDERS}, got {coverage}"
+            " (one sender's sum would be its update)"
+        )
+    if coverage and neighbours:
+        raise ConfigError(
+            "secagg coverage needs the full graph (neighbours = 0): every pair of an element's"
+            " senders must mask it"
+        )
 
 
 class Coverage:
@@ -119,6 +139,13 @@ class Coverage:
             step += 1
         return out
 
+    def compact(self, elements: np.ndarray, member: str) -> np.ndarray:
+        """The elements ``member`` sends, in order: its upload."""
+        column = self.position(member)
+        return np.concatenate(
+            [elements[a:b][self.senders(a, b)[:, column]] for a, b in self.steps()] or [elements[:0]]
+        )
+
     def selector(self, columns: Sequence[Sequence[int] | None]) -> Where:
         """For ``prg.apply_masks``: mask j adds only where every member at the positions
         ``columns[j]`` sends the element (None: everywhere)."""
@@ -143,18 +170,11 @@ class Coverage:
                     f" {MIN_SENDERS} agents"
                 )
 
-    def mean(
-        self,
-        sums: Callable[[int, int], np.ndarray],
-        decode: Callable[[np.ndarray, np.ndarray], np.ndarray],
-        weights: Mapping[str, float],
-        group: int,
-        count: int,
-    ) -> np.ndarray:
-        """The weighted mean (float32, ``count`` values): each element's decoded sum over the summed
-        weight of its senders among ``weights``' agents (the survivors); 0 where none survived.
-        ``sums(start, stop)`` unpacks elements to (stop - start) * group summed codes; ``decode``
-        maps summed codes and their sender counts to the sum of values."""
+    def mean(self, total: np.ndarray, fp: FixedPoint, weights: Mapping[str, float], count: int) -> np.ndarray:
+        """The weighted mean (float32, ``count`` values) from the unmasked sum ``total`` of ``fp``
+        elements: each element's decoded sum over the summed weight of its senders among
+        ``weights``' agents (the survivors); 0 where none survived."""
+        group = fp.group
         alive = np.zeros(len(self.members), dtype=bool)
         weight = np.zeros(len(self.members), dtype=np.float64)
         for agent, w in weights.items():
@@ -166,7 +186,7 @@ class Coverage:
             senders = np.repeat(sends.sum(axis=1), group)
             summed = np.repeat(sends @ weight, group)
             first, last = start * group, min(stop * group, count)
-            values = decode(sums(start, stop)[: last - first], senders[: last - first])
+            values = fp.decode_sum(fp.unpack(total[start:stop])[: last - first], senders[: last - first])
             np.divide(values, summed[: last - first], out=values, where=summed[: last - first] > 0)
             values[summed[: last - first] == 0] = 0.0
             out[first:last] = values

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.errors import ConfigError
-from common.secagg.coverage import MIN_SENDERS
+from common.secagg.coverage import check_settings, senders_of
 from common.secagg.graph import check_parameters
 from common.secagg.ring import RING_BITS, FixedPoint, check_headroom, levels_bits, ring_bits, round_layout
 
@@ -46,7 +46,7 @@ class SecAggParams:
         codes an element) with codes filling it. Without ``fill``: codes 0 .. 2^bits - 1 in the
         least one-code ring, the layout before wire revision 3. With ``coverage`` k, each element's
         sum has min(k, invited) codes."""
-        senders = min(coverage, invited) if coverage else invited
+        senders = senders_of(coverage, invited)
         if not fill:
             return cls(threshold, neighbours, clip, bits, ring_bits(bits, senders), coverage=coverage)
         levels = levels or 1 << bits
@@ -70,16 +70,7 @@ class SecAggParams:
         if self.threshold > agents:
             raise ConfigError(f"secagg threshold {self.threshold} is above the number of agents ({agents})")
         check_parameters(agents, self.neighbours, self.threshold)
-        if self.coverage:
-            if self.coverage < MIN_SENDERS:
-                raise ConfigError(
-                    f"secagg coverage must be at least {MIN_SENDERS} agents, got {self.coverage}"
-                )
-            if self.neighbours:
-                raise ConfigError(
-                    "secagg coverage needs the full graph (neighbours = 0): every pair of an"
-                    " element's senders must mask it"
-                )
+        check_settings(self.coverage, self.neighbours)
         senders = self.senders(agents)
         fp = self.fixed_point
         check_headroom(fp.levels + 1, senders)
@@ -92,7 +83,7 @@ class SecAggParams:
 
     def senders(self, agents: int) -> int:
         """How many of ``agents`` agents send each element."""
-        return min(self.coverage, agents) if self.coverage else agents
+        return senders_of(self.coverage, agents)
 
     @property
     def fixed_point(self) -> FixedPoint:

@@ -38,6 +38,12 @@ WEIGHT_BITS = 24  # precision of a masked update's weight, whatever the codes' b
 MAX_GROUP = 32  # codes packed into one element at most (a 2-level code with 1 agent: 32 bits)
 
 
+def update_weight(num_examples: int, scale: float) -> float:
+    """An agent's weight in (0, 1]: its examples over the round's largest count ``scale`` (the
+    agent encodes it; with coverage the aggregator weighs elements by it)."""
+    return min(1.0, max(num_examples, 1) / scale)
+
+
 def ring_bits(bits: int, agents: int) -> int:
     """Bits per masked coordinate, one code an element, in which a sum over ``agents`` of codes
     up to 2^bits - 1 cannot wrap: bits + ceil(log2 n)."""

@@ -187,9 +187,7 @@ class ServerRound:
         fp = self.params.fixed_point
         if fp.masked_length(count) != self.length:
             raise InvalidArgument(f"a masked sum of {self.length} elements does not hold {count} values")
-        return self.coverage.mean(
-            lambda start, stop: fp.unpack(total[start:stop]), fp.decode_sum, weights, fp.group, count
-        )
+        return self.coverage.mean(total, fp, weights, count)
 
     def _reconstruct(self, owner: str, kind: int, points: Mapping[str, int]) -> bytes:
         shares = {
