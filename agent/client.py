@@ -23,6 +23,7 @@ from common.grpc_options import DOWNLOAD_DEADLINE_S, UNARY_DEADLINE_S, channel_o
 from common.identity import IdentityError, SpiffeId
 from common.metrics import TRANSFER_BYTES, peer_labels, rpc_types_of
 from common.pki import spiffe_ids_of
+from common.secagg_pb import state_request
 from common.tls import TlsFiles, channel_credentials
 from common.wire import WIRE_REVISION, check_aggregator
 from protos.cloudfed.v1 import federation_pb2 as pb
@@ -131,31 +132,24 @@ class AggregatorClient:
             timeout=UNARY_DEADLINE_S,
         )
 
-    async def advertise_keys(self, advertisement: pb.KeyAdvertisement) -> None:
-        """Post this agent's signed round keys."""
-        await self.stub.AdvertiseKeys(
-            pb.AdvertiseKeysRequest(advertisement=advertisement), timeout=UNARY_DEADLINE_S
-        )
+    async def advertise_keys(self, request: pb.AdvertiseKeysRequest) -> None:
+        """Post this agent's signed round keys (``secagg_pb.advertise_request``)."""
+        await self.stub.AdvertiseKeys(request, timeout=UNARY_DEADLINE_S)
 
-    async def share_keys(self, round_id: int, shares: list[pb.SealedShare]) -> None:
-        """Post the sealed shares for this agent's neighbours."""
-        await self.stub.ShareKeys(
-            pb.ShareKeysRequest(round_id=round_id, shares=shares), timeout=UNARY_DEADLINE_S
-        )
+    async def share_keys(self, request: pb.ShareKeysRequest) -> None:
+        """Post the sealed shares for this agent's neighbours (``secagg_pb.share_request``)."""
+        await self.stub.ShareKeys(request, timeout=UNARY_DEADLINE_S)
 
     async def secagg_state(self, round_id: int, phase: int, wait_s: float) -> pb.GetSecAggStateResponse:
         """Wait (up to ``wait_s``) for the round to reach ``phase``; what this agent needs in it."""
         response: pb.GetSecAggStateResponse = await self.stub.GetSecAggState(
-            pb.GetSecAggStateRequest(round_id=round_id, phase=phase),  # type: ignore[arg-type]
-            timeout=wait_s,
+            state_request(round_id, phase), timeout=wait_s
         )
         return response
 
-    async def reveal_shares(self, round_id: int, shares: list[pb.RevealedShare]) -> None:
-        """Answer the unmask request."""
-        await self.stub.RevealShares(
-            pb.RevealSharesRequest(round_id=round_id, shares=shares), timeout=UNARY_DEADLINE_S
-        )
+    async def reveal_shares(self, request: pb.RevealSharesRequest) -> None:
+        """Answer the unmask request (``secagg_pb.reveal_request``)."""
+        await self.stub.RevealShares(request, timeout=UNARY_DEADLINE_S)
 
     async def upload_status(self, upload_id: str) -> pb.GetUploadStatusResponse | None:
         """Where an upload stands, or None if the aggregator never saw it."""

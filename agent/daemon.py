@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from agent.data import load_texts, pack, split
 from agent.distributed import DistContext
 from agent.secure import SecureParticipation, Signer
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device, pick_dtype
+from agent.uplink import upload_header
 from common.backoff import backoff_delays
 from common.codecs import registry
 from common.codecs.autoencoder import Autoencoder, load_autoencoder
@@ -335,15 +334,7 @@ class Agent:
         labels = client.labels
         metrics.UPDATE_RAW_BYTES.labels(**labels).inc(vector.nbytes)
         metrics.UPDATE_ENCODED_BYTES.labels(**labels).inc(len(encoded))
-        header = pb.UploadHeader(
-            round_id=event.round_id,
-            upload_id=f"r{event.round_id}-{uuid.uuid4().hex[:16]}",
-            codec=spec,
-            layout_digest=layout.digest,
-            base_version=event.global_version,
-            weight=weight,
-            sha256=hashlib.sha256(encoded).digest(),
-        )
+        header = upload_header(event.round_id, spec, layout.digest, event.global_version, weight, encoded)
         if self.config.audit_dir is not None:
             self._audit(event, header, delta, train_loss)
         with metrics.step("upload"):

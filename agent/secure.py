@@ -4,7 +4,6 @@ share secrets with its neighbours, mask the fixed-point update, answer the unmas
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -19,14 +18,15 @@ from common.errors import ConfigError, FailedPrecondition
 from common.secagg.agent import AgentRound
 from common.secagg.clips import SegmentClips
 from common.secagg.coverage import check_settings
+from common.secagg.keys import RosterError
 from common.secagg.params import SecAggParams
 from common.secagg.ring import RING_BITS, update_weight
 from common.secagg_pb import (
+    advertise_request,
     advertisement_from_pb,
-    advertisement_to_pb,
-    reveals_to_pb,
+    reveal_request,
     sealed_from_pb,
-    sealed_to_pb,
+    share_request,
 )
 from common.tls import TlsFiles
 from protos.cloudfed.v1 import federation_pb2 as pb
@@ -72,6 +72,8 @@ class SecureParticipation:
         )
         self.weight_scale = 1.0
         self.clips: SegmentClips | None = None
+        self.roster_ids: list[str] = []
+        """The round's agents in roster order (how shares name them on the wire)."""
 
     def _params(self, threshold: int, state: pb.GetSecAggStateResponse | None = None) -> SecAggParams:
         """The round's parameters; its layout (ring, largest code, packing) comes with the roster."""
@@ -123,9 +125,8 @@ class SecureParticipation:
 
     async def keys(self) -> None:
         """Advertise, verify the roster and share; then receive the neighbours' shares (UPLOAD phase)."""
-        # No certificate: the aggregator attaches the one our TLS session presented (peers verify it).
-        mine = dataclasses.replace(self.protocol.advertise(), certificate_pem=b"")
-        await self.client.advertise_keys(advertisement_to_pb(mine))
+        # No certificate or id: the aggregator attaches those of our TLS session (peers verify them).
+        await self.client.advertise_keys(advertise_request(self.protocol.advertise()))
         state = await self.client.secagg_state(self.round_id, pb.ROUND_PHASE_SHARE_KEYS, self.wait_s)
         self.protocol.params = self._round_params(state)
         self.protocol.graph_seed = state.graph_seed
@@ -135,10 +136,13 @@ class SecureParticipation:
                 raise FailedPrecondition(f"round {self.round_id}: adaptive clipping, but no clip bounds sent")
             self.clips = SegmentClips(state.clip_segment, np.asarray(state.segment_clips, dtype=np.float32))
         roster = [advertisement_from_pb(a) for a in state.roster]
+        self.roster_ids = [a.agent_id for a in roster]
+        if self.roster_ids != sorted(set(self.roster_ids)):  # shares name peers by position in it
+            raise RosterError(f"round {self.round_id}: the roster is not ordered by agent id")
         sealed = await asyncio.to_thread(self.protocol.share_keys, roster)  # RosterError: we refuse the round
-        await self.client.share_keys(self.round_id, sealed_to_pb(sealed))
+        await self.client.share_keys(share_request(self.round_id, sealed, self.roster_ids))
         state = await self.client.secagg_state(self.round_id, pb.ROUND_PHASE_UPLOAD, self.wait_s)
-        self.protocol.receive_shares(sealed_from_pb(state.shares))
+        self.protocol.receive_shares(sealed_from_pb(state.shares, self.roster_ids))
         log.info(
             "round %d: keys verified for %d agents; masking with %d neighbours (threshold %d)",
             self.round_id,
@@ -171,7 +175,7 @@ class SecureParticipation:
         if self.protocol.agent_id not in state.survivors:
             raise FailedPrecondition(f"round {self.round_id}: our masked update did not make it into the sum")
         reveals = self.protocol.unmask(list(state.survivors), list(state.dropped))
-        await self.client.reveal_shares(self.round_id, reveals_to_pb(reveals))
+        await self.client.reveal_shares(reveal_request(self.round_id, reveals, self.roster_ids))
         log.info(
             "round %d: revealed shares for %d survivors and %d dropped agents",
             self.round_id,

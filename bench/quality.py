@@ -31,6 +31,7 @@ import torch
 
 from agent.data import pack, split
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, initial_adapter
+from agent.uplink import evaluation_bytes, secagg_key_bytes, upload_bytes, upload_header
 from common.codecs import registry
 from common.codecs.base import Codec
 from common.codecs.countsketch import CountSketch
@@ -47,6 +48,7 @@ from common.secagg.strata import StratifiedUniforms, stratifies
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
 from server.fetchsgd import FetchSGD, FetchSGDPlan
+from server.servicer import codec_spec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LORA = LoraSpec(8, 16.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
@@ -315,9 +317,14 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
         true_mean = sum(examples[n] * deltas[n].astype(np.float64) for n in deltas) / sum(examples.values())
         coords = {name: _coords(codec, delta, residuals, name) for name, delta in deltas.items()}
         if scheme.secagg:
-            mean, nbytes = _secure_round(world, codec, coords, examples, round_id, scheme, previous)
+            mean, payloads, nbytes = _secure_round(world, codec, coords, examples, round_id, scheme, previous)
         else:
-            mean, nbytes = _plain_round(codec, deltas, coords, examples, summed=fetchsgd is not None)
+            mean, payloads = _plain_round(codec, deltas, coords, examples, summed=fetchsgd is not None)
+            nbytes = 0
+        spec = codec_spec(learned.settings if learned is not None else settings)  # echoed in the header
+        for size in payloads:  # as the daemon sends them: status probe, header, chunks
+            header = upload_header(round_id, spec, layout.digest, round_id - 1, 1.0, bytes(size))
+            nbytes += upload_bytes(header)
         kept = mean  # the next round's clip bounds: FetchSGD's mean sketch, else the mean update
         if fetchsgd is not None:
             mean = fetchsgd.step(mean, round_id).astype(np.float64)
@@ -330,6 +337,7 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
         flat = layout.flatten(adapter) + mean.astype(np.float32)
         adapter = layout.unflatten(flat)
         losses.append(world.eval_loss(adapter))
+        nbytes += sum(evaluation_bytes(round_id, losses[-1], b.numel()) for b in world.eval.values())
         sent.append(sent[-1] + nbytes)
     return {"eval_loss": losses, "uplink_bytes": sent, "cosine": cosines}
 
@@ -376,20 +384,21 @@ def _plain_round(
     coords: dict[str, np.ndarray],
     examples: dict[str, float],
     summed: bool = False,
-) -> tuple[np.ndarray, int]:
-    """The weighted mean of the decoded payloads (``summed``: of the payloads, not decoded)."""
+) -> tuple[np.ndarray, list[int]]:
+    """The weighted mean of the decoded payloads (``summed``: of the payloads, not decoded), and
+    the payloads' sizes."""
     total: np.ndarray | float = 0.0
-    weight_sum, nbytes = 0.0, 0
+    weight_sum, sizes = 0.0, []
     for name, delta in deltas.items():
         payload = registry.encode_plain(codec, delta, examples[name], encoded=coords[name])
-        nbytes += len(payload)
+        sizes.append(len(payload))
         if summed and codec is not None:
             weighted, weight = registry.weighted_payload(codec, payload, delta.size)
         else:
             weighted, weight = registry.decode_plain(codec, payload, delta.size)
         total = total + weighted.astype(np.float64)
         weight_sum += weight
-    return total / weight_sum, nbytes
+    return np.asarray(total) / weight_sum, sizes
 
 
 def _secure_round(
@@ -400,9 +409,10 @@ def _secure_round(
     round_id: int,
     scheme: Scheme,
     previous: np.ndarray | None,
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, list[int], int]:
     """As the daemons do it (``server.rounds``): adaptive bounds from the last aggregate encoded with
-    this round's codec, the configured clip in the first round."""
+    this round's codec, the configured clip in the first round. The mean, the masked payloads'
+    sizes and the round's key traffic in bytes."""
     bits, count = scheme.secagg_bits, next(iter(coords.values())).size
     clips = None
     if scheme.adaptive:
@@ -444,8 +454,11 @@ def _secure_round(
     if clips is not None:
         mean32 = clips.scale_up(mean32)
     mean = mean32.astype(np.float64)  # in the codec's coordinates: decoded (once) by the caller
-    nbytes = sum(result.upload_bytes.values()) + sum(result.key_bytes.values())
-    return mean, nbytes
+    keys = sum(
+        secagg_key_bytes(round_id, sent.advertisement, sent.sealed, sent.reveals, result.roster)
+        for sent in result.keys.values()
+    )
+    return mean, list(result.upload_bytes.values()), keys
 
 
 def _covered_encoder(

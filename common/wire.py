@@ -18,6 +18,8 @@ Revisions:
      shares, the 32-byte mask key in 41-byte ones (both were 66 bytes).
   6. ``secagg.coverage``: an agent may upload only the elements it sends (``coverage``), with
      ``coverage`` sent at Join and with the roster; such updates carry no weight digits.
+  7. sealed and revealed shares name their peer by roster position (``peer``), not SPIFFE id;
+     agents leave their id out of their key advertisement (the aggregator sets their session's).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Iterable
 
 from common.errors import FailedPrecondition
 
-WIRE_REVISION = 6
+WIRE_REVISION = 7
 
 
 def codecs_needed(codec: str) -> tuple[str, ...]:

@@ -394,6 +394,10 @@ class RoundCoordinator:
         self._secure_round(peer, adv.round_id, Phase.ADVERTISE_KEYS).add_advertisement(adv)
         await self._moved_on()
 
+    def roster_ids(self, peer: SpiffeId, round_id: int, phase: Phase) -> list[str]:
+        """The round's roster (agent ids in the order shares name them), for ``peer`` in ``phase``."""
+        return sorted(self._secure_round(peer, round_id, phase).advertisements)
+
     async def share_keys(self, peer: SpiffeId, round_id: int, sealed: dict[str, bytes]) -> None:
         """Phase 2: relay ``peer``'s sealed shares (opaque here)."""
         self._secure_round(peer, round_id, Phase.SHARE_KEYS).add_shares(peer.uri, sealed)

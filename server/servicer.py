@@ -185,13 +185,18 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
     ) -> pb.AdvertiseKeysResponse:
         # The certificate peers verify is the one this connection was authenticated with: agents
         # send none (it reached us in the TLS handshake), and one in the message is not trusted.
+        # Agents leave their id out too (it is their session's); one they do send must be it.
+        peer = require_peer()
         certificate = peer_certificate_pem(context.auth_context())
-        adv = dataclasses.replace(advertisement_from_pb(request.advertisement), certificate_pem=certificate)
-        await self._rounds.advertise_keys(require_peer(), adv)
+        adv = advertisement_from_pb(request.advertisement)
+        adv = dataclasses.replace(adv, agent_id=adv.agent_id or peer.uri, certificate_pem=certificate)
+        await self._rounds.advertise_keys(peer, adv)
         return pb.AdvertiseKeysResponse()
 
     async def ShareKeys(self, request: pb.ShareKeysRequest, context: Context) -> pb.ShareKeysResponse:
-        await self._rounds.share_keys(require_peer(), request.round_id, sealed_from_pb(request.shares))
+        peer = require_peer()
+        roster = self._rounds.roster_ids(peer, request.round_id, Phase.SHARE_KEYS)
+        await self._rounds.share_keys(peer, request.round_id, sealed_from_pb(request.shares, roster))
         return pb.ShareKeysResponse()
 
     async def GetSecAggState(
@@ -210,7 +215,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             codes_per_element=view.group,
             coverage=view.coverage,
             weight_scale=view.weight_scale,
-            shares=sealed_to_pb(view.shares),
+            shares=sealed_to_pb(view.shares, [a.agent_id for a in view.roster]),
             survivors=view.survivors,
             dropped=view.dropped,
             clip_segment=view.clips.segment if view.clips is not None else 0,
@@ -220,5 +225,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
     async def RevealShares(
         self, request: pb.RevealSharesRequest, context: Context
     ) -> pb.RevealSharesResponse:
-        await self._rounds.reveal_shares(require_peer(), request.round_id, reveals_from_pb(request.shares))
+        peer = require_peer()
+        roster = self._rounds.roster_ids(peer, request.round_id, Phase.UNMASK)
+        await self._rounds.reveal_shares(peer, request.round_id, reveals_from_pb(request.shares, roster))
         return pb.RevealSharesResponse()

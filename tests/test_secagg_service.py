@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import hashlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from cryptography import x509
+from google.protobuf.message import Message
+from prometheus_client import REGISTRY
 
+from agent import uplink
 from agent.client import AggregatorClient
 from agent.secure import SecureParticipation, Signer
 from common.config import SecAggConfig
@@ -23,9 +26,9 @@ from common.secagg.keys import sign_advertisement, verify_advertisement
 from common.secagg.local import Federation
 from common.secagg.params import SecAggParams
 from common.secagg.ring import ring_bits
-from common.secagg_pb import advertisement_from_pb, advertisement_to_pb
+from common.secagg_pb import advertisement_from_pb, advertisement_to_pb, reveals_from_pb, sealed_from_pb
 from protos.cloudfed.v1 import federation_pb2 as pb
-from tests.agentsim import Watcher, upload_header
+from tests.agentsim import Watcher
 from tests.conftest import Pki, aggregator_config, small_adapter
 
 NUMEL = 1000
@@ -52,11 +55,15 @@ async def play_agent(
     upload: bool = True,
     rings: dict[str, tuple[int, int, int, int]] | None = None,
     protocols: dict[str, AgentRound] | None = None,
+    sent: list[tuple[str, Message]] | None = None,
 ) -> tuple[str, float]:  # type: ignore[no-untyped-def]
     """One agent through the real client and the agent's SecureParticipation (``rings``: its
-    round's element bits, largest code, Join's widest code and codes an element, by name)."""
+    round's element bits, largest code, Join's widest code and codes an element, by name;
+    ``sent``: every request message it hands gRPC, with its method)."""
     files = run.pki.agent(name)
     async with run.client(name) as client:
+        if sent is not None:
+            client.stub = RecordingStub(client.stub, sent)  # type: ignore[assignment]
         join = await client.join(num_examples=examples)
         watcher = Watcher(client)
         try:
@@ -77,8 +84,13 @@ async def play_agent(
             payload = tmp / f"{name}.bin"
             payload.write_bytes(part.mask(delta, weight))
             digest = ParamLayout.from_tensors(small_adapter(NUMEL)).digest
-            header = upload_header(
-                event, digest, weight, sha256=hashlib.sha256(payload.read_bytes()).digest()
+            header = uplink.upload_header(
+                event.round_id,
+                join.settings.codec,
+                digest,
+                event.global_version,
+                weight,
+                payload.read_bytes(),
             )
             await client.upload(payload, header)
             await part.unmask()
@@ -86,6 +98,73 @@ async def play_agent(
             return join.agent_id, weight
         finally:
             await watcher.close()
+
+
+class RecordingStub:
+    """A client stub that notes each request message (streamed ones too) before gRPC sends it."""
+
+    def __init__(self, stub: object, sent: list[tuple[str, Message]]) -> None:
+        self._stub, self._sent = stub, sent
+
+    def __getattr__(self, method: str) -> Callable[..., object]:
+        call = getattr(self._stub, method)
+
+        def record(request: object, *args: object, **kwargs: object) -> object:
+            if isinstance(request, Message):
+                self._sent.append((method, request))
+                return call(request, *args, **kwargs)
+
+            async def tee() -> AsyncIterator[Message]:
+                async for message in request:  # type: ignore[attr-defined]
+                    self._sent.append((method, message))
+                    yield message
+
+            return call(tee(), *args, **kwargs)
+
+        return record
+
+
+async def test_uplink_accounting_is_what_the_agent_sends_and_the_aggregator_receives(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    """``agent.uplink`` (how bench.quality counts a round's uplink) sizes exactly the messages the
+    agent's client hands gRPC in a masked round (status probe, header and chunks of the upload,
+    whose payload the aggregator's transfer metric counts; advertisement, shares, phase waits)."""
+    run = await start_aggregator(config=secure_config(pki, tmp_path / "agg0", min_agents=3))
+    names = [f"acct{i}" for i in range(3)]
+    sent: dict[str, list[tuple[str, Message]]] = {name: [] for name in names}
+    rng = np.random.default_rng(5)
+    results = await asyncio.gather(
+        *(
+            play_agent(run, n, rng.uniform(-0.1, 0.1, NUMEL).astype(np.float32), 10, tmp_path, sent=sent[n])
+            for n in names
+        )
+    )
+    roster = sorted(agent_id for agent_id, _ in results)
+    key_methods = ("AdvertiseKeys", "ShareKeys", "GetSecAggState", "RevealShares")
+    for name in names:
+        keys = [m for method, m in sent[name] if method in key_methods]
+        first = {method: m for method, m in reversed(sent[name])}
+        advertise, share, reveal = first["AdvertiseKeys"], first["ShareKeys"], first["RevealShares"]
+        assert [method for method, _ in sent[name] if method == "GetSecAggState"] == ["GetSecAggState"] * 3
+        assert not advertise.advertisement.agent_id and not advertise.advertisement.certificate_pem
+        counted = uplink.secagg_key_bytes(
+            share.round_id,
+            advertisement_from_pb(advertise.advertisement),
+            sealed_from_pb(share.shares, roster),
+            reveals_from_pb(reveal.shares, roster),
+            roster,
+        )
+        assert counted == uplink.message_bytes(*keys) == sum(m.ByteSize() for m in keys) + 5 * len(keys)
+        labels = {"cloud": "aws", "agent": name}
+        upload = [m for method, m in sent[name] if method in ("GetUploadStatus", "UploadUpdate")]
+        header = upload[1].header
+        assert [m.WhichOneof("message") for m in upload[1:]] == ["header", "chunk"]
+        assert uplink.upload_bytes(header) == uplink.message_bytes(*upload)
+        chunks = REGISTRY.get_sample_value(
+            "cloudfed_transfer_bytes_total", {"direction": "received", "kind": "update", **labels}
+        )
+        assert chunks == header.total_bytes == len(upload[2].chunk.data)
 
 
 async def test_masked_round_over_grpc_recovers_a_dropout_and_yields_the_weighted_mean(
@@ -221,11 +300,11 @@ async def test_advertising_for_someone_else_or_out_of_phase_is_refused(
         own = federation.agent_round(next(iter(federation.agents)), 1, SecAggParams(threshold=2), b"")
         adv = sign_advertisement(1, join.agent_id, own.cipher, own.mask, b"", own.signing_key)
         with pytest.raises(grpc.aio.AioRpcError) as wrong_phase:
-            await client.advertise_keys(advertisement_to_pb(adv))
+            await client.advertise_keys(pb.AdvertiseKeysRequest(advertisement=advertisement_to_pb(adv)))
         assert wrong_phase.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         other = dataclasses.replace(adv, agent_id="spiffe://test.cloudfed/cloud/aws/agent/someone-else")
         with pytest.raises(grpc.aio.AioRpcError) as impersonation:
-            await client.advertise_keys(advertisement_to_pb(other))
+            await client.advertise_keys(pb.AdvertiseKeysRequest(advertisement=advertisement_to_pb(other)))
         assert impersonation.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -363,8 +442,20 @@ async def test_roster_carries_the_certificate_of_each_tls_session_not_the_one_in
                     signer.key,
                     b"",
                 )
-                await clients[name].advertise_keys(advertisement_to_pb(keys.advertise()))
+                await clients[name].advertise_keys(
+                    pb.AdvertiseKeysRequest(advertisement=advertisement_to_pb(keys.advertise()))
+                )
             state = await c1.secagg_state(event.round_id, pb.ROUND_PHASE_SHARE_KEYS, 30)
+            # Shares name peers by roster position: one past the roster, or one named twice, is refused.
+            for peers, why in (((1, 2), "roster position 2"), ((1, 1), "two sealed shares")):
+                bad = pb.ShareKeysRequest(
+                    round_id=event.round_id,
+                    shares=[pb.SealedShare(peer=p, ciphertext=b"x" * 94) for p in peers],
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await c1.share_keys(bad)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert why in str(refused.value.details())
         finally:
             for watcher in watchers:
                 await watcher.close()

@@ -49,12 +49,23 @@ class RoundResult:
     survivors: list[str]
     dropped: list[str]
     agents: dict[str, AgentRound] = field(default_factory=dict)
-    key_bytes: dict[str, int] = field(default_factory=dict)
-    """Bytes each agent sent for keys: advertisement, sealed shares, revealed shares."""
+    keys: dict[str, SentKeys] = field(default_factory=dict)
+    """What each agent sent for keys (``agent.uplink.secagg_key_bytes`` sizes it on the wire)."""
+    roster: list[str] = field(default_factory=list)
+    """Agent ids in roster order (how shares name their peers on the wire)."""
     upload_bytes: dict[str, int] = field(default_factory=dict)
     """Bytes of each agent's masked update on the wire (``params.ring_bits`` an element)."""
     server: ServerRound | None = None
     """The aggregator's state (with coverage, ``covered_mean`` decodes the sum)."""
+
+
+@dataclass
+class SentKeys:
+    """One agent's key traffic in a round: its advertisement, sealed shares and revealed shares."""
+
+    advertisement: Advertisement
+    sealed: dict[str, bytes] = field(default_factory=dict)
+    reveals: dict[str, tuple[int, bytes]] = field(default_factory=dict)
 
 
 Codes = np.ndarray | Callable[[AgentRound], np.ndarray]
@@ -79,11 +90,10 @@ def run_round(
     length = length or len(next(c for c in codes.values() if isinstance(c, np.ndarray)))
     server = ServerRound(round_id, params, length, seed)
     agents = {a: federation.agent_round(a, round_id, params, seed) for a in codes}
-    key_bytes = dict.fromkeys(agents, 0)
+    keys = {}
     for a, agent in agents.items():
         adv = agent.advertise()
-        # The certificate is not counted: the aggregator takes it from the agent's TLS session.
-        key_bytes[a] += len(adv.agent_id) + len(adv.signature) + len(adv.cipher_public) + len(adv.mask_public)
+        keys[a] = SentKeys(adv)
         server.add_advertisement(adv)
     roster = server.roster()
     if tamper is not None:
@@ -91,7 +101,7 @@ def run_round(
     alive = [a for a in agents if a not in drop.get("advertise", set())]
     for a in alive:
         sealed = agents[a].share_keys(roster)
-        key_bytes[a] += sum(len(blob) for blob in sealed.values())
+        keys[a].sealed = sealed
         server.add_shares(a, sealed)
     alive = [a for a in alive if a not in drop.get("share", set())]
     server.start_sum()
@@ -112,10 +122,11 @@ def run_round(
         if a in drop.get("unmask", set()):
             continue
         revealed = agents[a].unmask(survivors, dropped)
-        key_bytes[a] += sum(len(share) + 1 for _kind, share in revealed.values())
+        keys[a].reveals = revealed
         server.add_reveal(a, revealed)
     total = server.unmasked_sum().copy()
-    return RoundResult(total, survivors, dropped, agents, key_bytes, upload_bytes, server)
+    ids = [adv.agent_id for adv in roster]
+    return RoundResult(total, survivors, dropped, agents, keys, ids, upload_bytes, server)
 
 
 def now() -> dt.datetime:

@@ -1093,7 +1093,10 @@ class KeyAdvertisement(_message.Message):
     round_id: _builtins.int
     """Round the keys are for."""
     agent_id: _builtins.str
-    """The agent's SPIFFE id; must be the only URI SAN of certificate_pem."""
+    """The agent's SPIFFE id; must be the only URI SAN of certificate_pem. Agents leave it empty
+    in AdvertiseKeys: the aggregator sets it, in the roster, to the identity of the agent's TLS
+    session (a non-empty value must be that identity).
+    """
     cipher_public_key: _builtins.bytes
     """X25519 public key for encrypting shares between agents."""
     mask_public_key: _builtins.bytes
@@ -1132,7 +1135,7 @@ class AdvertiseKeysRequest(_message.Message):
     ADVERTISEMENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def advertisement(self) -> Global___KeyAdvertisement:
-        """The advertisement; its agent_id must be the caller's identity."""
+        """The advertisement; its agent_id empty (the caller's identity) or the caller's identity."""
 
     def __init__(
         self,
@@ -1170,21 +1173,23 @@ class SealedShare(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    AGENT_ID_FIELD_NUMBER: _builtins.int
     CIPHERTEXT_FIELD_NUMBER: _builtins.int
-    agent_id: _builtins.str
-    """The recipient when sent, the sender when received."""
+    PEER_FIELD_NUMBER: _builtins.int
     ciphertext: _builtins.bytes
     """Nonce, ciphertext and tag."""
+    peer: _builtins.int
+    """Position in the round's roster (GetSecAggStateResponse.roster, sorted by agent id) of the
+    recipient when sent, of the sender when received.
+    """
     def __init__(
         self,
         *,
-        agent_id: _builtins.str = ...,
         ciphertext: _builtins.bytes = ...,
+        peer: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "ciphertext", b"ciphertext"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "peer", b"peer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1370,11 +1375,11 @@ class RevealedShare(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    AGENT_ID_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     SHARE_FIELD_NUMBER: _builtins.int
-    agent_id: _builtins.str
-    """Whose secret the share belongs to."""
+    peer: _builtins.int
+    """Whose secret the share belongs to: a position in the round's roster."""
     kind: Global___ShareKind.ValueType
     """Which secret."""
     share: _builtins.bytes
@@ -1382,13 +1387,13 @@ class RevealedShare(_message.Message):
     def __init__(
         self,
         *,
-        agent_id: _builtins.str = ...,
+        peer: _builtins.int = ...,
         kind: Global___ShareKind.ValueType = ...,
         share: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "kind", b"kind", "share", b"share"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "peer", b"peer", "share", b"share"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
