@@ -150,6 +150,7 @@ SCHEMES = (
         adaptive=1.5,
         coverage=2,
     ),
+    replace(BINARY, label=f"{BINARY.label}, 2 agents an element", coverage=2, extra=True),
     Scheme(
         "identity + secagg ternary adaptive x2, 3 agents an element",
         secagg=True,
@@ -242,12 +243,14 @@ SCHEMES = (
 class World:
     """Model, tokenizer and each agent's train/eval blocks, built once."""
 
-    def __init__(self, root: Path, sequence_length: int = 64, agents: int = len(AGENTS)) -> None:
-        self.root = root
+    def __init__(
+        self, root: Path, sequence_length: int = 64, agents: int = len(AGENTS), lora: LoraSpec = LORA
+    ) -> None:
+        self.root, self.lora = root, lora
         self.agents = dict(list({**AGENTS, **MORE_AGENTS}.items())[:agents])
         public = [doc for domain in DOMAINS for doc in domain_corpus(domain, 100, seed=99)]
         self.model = str(build_tiny_lm(root / "model", public))
-        self.trainer = LoraTrainer(self.model, LORA)
+        self.trainer = LoraTrainer(self.model, lora)
         self.train: dict[str, torch.Tensor] = {}
         self.eval: dict[str, torch.Tensor] = {}
         for i, (name, documents) in enumerate(self.agents.items()):
@@ -275,7 +278,7 @@ class World:
 
 def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dict[str, list[float]]:
     """One scheme, one seed: eval loss, cumulative uplink bytes and cosine per round."""
-    adapter = initial_adapter(world.model, LORA, seed)
+    adapter = initial_adapter(world.model, world.lora, seed)
     layout = ParamLayout.from_tensors(adapter)
     numel = layout.numel
     training = LocalTraining(steps, 5e-3, 8, 64, seed)
@@ -506,7 +509,13 @@ def summarise(results: dict[str, list[dict[str, list[float]]]]) -> dict[str, dic
     return out
 
 
-def markdown(summary: dict[str, dict[str, float | None]], rounds: int, seeds: int, agents: int = 4) -> str:
+def markdown(
+    summary: dict[str, dict[str, float | None]],
+    rounds: int,
+    seeds: int,
+    agents: int = 4,
+    rank: int = LORA.rank,
+) -> str:
     """The README table."""
     lines = [
         f"| scheme | compression | final eval loss ({rounds} rounds) | gap (nats) "
@@ -524,7 +533,8 @@ def markdown(summary: dict[str, dict[str, float | None]], rounds: int, seeds: in
             f"| {reach} | {s['cosine']:.3f} |"
         )
     lines.append(
-        f"\nMedians over {seeds} seeds; {agents} agents with non-IID text; `python -m bench.quality`."
+        f"\nMedians over {seeds} seeds; {agents} agents with non-IID text; LoRA rank {rank}; "
+        "`python -m bench.quality`."
     )
     return "\n".join(lines) + "\n"
 
@@ -562,6 +572,7 @@ def main() -> None:
     )
     p.add_argument("--name", default="quality", help="results file stem (quality: the README table)")
     p.add_argument("--agents", type=int, default=len(AGENTS), choices=range(3, 7), help="fleet size")
+    p.add_argument("--rank", type=int, default=LORA.rank, help="LoRA rank (8: 16,384 adapter parameters)")
     args = p.parse_args()
     if args.replot:
         plot(json.loads((RESULTS / f"{args.name}.json").read_text())["runs"], RESULTS / f"{args.name}.png")
@@ -569,7 +580,7 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     began = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        world = World(Path(tmp), agents=args.agents)
+        world = World(Path(tmp), agents=args.agents, lora=replace(LORA, rank=args.rank))
         results: dict[str, list[dict[str, list[float]]]] = {}
         for scheme in SCHEMES:
             wanted = scheme is SCHEMES[0] and args.name != "quality"
@@ -595,6 +606,7 @@ def main() -> None:
                 "seeds": args.seeds,
                 "steps": args.steps,
                 "agents": args.agents,
+                "rank": args.rank,
                 "summary": summary,
                 "runs": results,
             },
@@ -602,7 +614,7 @@ def main() -> None:
         )
         + "\n"
     )
-    table = markdown(summary, args.rounds, args.seeds, args.agents)
+    table = markdown(summary, args.rounds, args.seeds, args.agents, args.rank)
     (RESULTS / f"{args.name}.md").write_text(table)
     plot(results, RESULTS / f"{args.name}.png")
     print(table)

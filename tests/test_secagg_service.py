@@ -22,7 +22,7 @@ from common.config import SecAggConfig
 from common.errors import ConfigError, FailedPrecondition
 from common.layout import ParamLayout
 from common.secagg.agent import AgentRound
-from common.secagg.keys import sign_advertisement, verify_advertisement
+from common.secagg.keys import RosterError, sign_advertisement, verify_advertisement
 from common.secagg.local import Federation
 from common.secagg.params import SecAggParams
 from common.secagg.ring import ring_bits
@@ -348,6 +348,37 @@ def test_codecs_that_cannot_be_masked_are_refused_at_start(
     with pytest.raises(ConfigError, match=why):
         dataclasses.replace(base, federation=federation, secagg=SECAGG).validate()
     dataclasses.replace(base, federation=federation).validate()  # fine with a trusted aggregator
+
+
+class ScriptedClient:
+    """Answers a SecureParticipation's waits with one roster; keeps what it was sent."""
+
+    def __init__(self, state: pb.GetSecAggStateResponse) -> None:
+        self.state, self.sent = state, []  # type: ignore[var-annotated]
+
+    async def advertise_keys(self, request: pb.AdvertiseKeysRequest) -> None:
+        self.sent.append(request)
+
+    async def share_keys(self, request: pb.ShareKeysRequest) -> None:
+        self.sent.append(request)
+
+    async def secagg_state(self, round_id: int, phase: int, wait_s: float) -> pb.GetSecAggStateResponse:
+        return self.state
+
+
+async def test_agent_refuses_a_roster_out_of_agent_id_order(pki: Pki) -> None:
+    """Shares name peers by roster position, so the roster must be the canonical one (sorted ids):
+    an agent given another order shares nothing."""
+    settings = pb.SecAggSettings(enabled=True, threshold=2, clip=1.0, bits=20, ring_bits=22, levels=2**20)
+    state = pb.GetSecAggStateResponse(round_id=7, threshold=2, ring_bits=21, max_code=(2**21 - 1) // 2)
+    for name in ("r3", "r2"):
+        state.roster.add(agent_id=f"spiffe://test.cloudfed/cloud/aws/agent/{name}")
+    client = ScriptedClient(state)
+    signer = Signer.load(pki.agent("r2"))
+    part = SecureParticipation(client, signer, "spiffe://test.cloudfed/cloud/aws/agent/r2", settings, 7, 1.0)  # type: ignore[arg-type]
+    with pytest.raises(RosterError, match="not ordered by agent id"):
+        await part.keys()
+    assert [type(m) for m in client.sent] == [pb.AdvertiseKeysRequest]  # advertised, shared nothing
 
 
 @pytest.mark.parametrize(
