@@ -35,7 +35,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check common server agent tests bench protos/generate.py
 
 typecheck: venv
-	$(VENV)/bin/mypy common server agent
+	$(VENV)/bin/mypy common server agent bench
 
 proto: venv
 	$(PY) -m protos.generate

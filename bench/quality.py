@@ -421,8 +421,8 @@ def _secure_round(
     if scheme.adaptive:
         clips = SegmentClips.uniform(count, scheme.segment, scheme.secagg_clip)
         if previous is not None:
-            same_space = codec is None or codec.name == "countsketch"  # FetchSGD keeps the sketch
-            prev = previous if same_space else codec.encode(previous)
+            # FetchSGD keeps the sketch: its aggregate is already in the codec's space
+            prev = previous if codec is None or codec.name == "countsketch" else codec.encode(previous)
             clips = SegmentClips.from_aggregate(prev, scheme.segment, scheme.adaptive)
     clip = 1.0 if clips is not None else scheme.secagg_clip
     n = len(coords)
