@@ -113,6 +113,14 @@ TERNARY = Scheme(
 BINARY = Scheme(
     "identity + secagg 1 bit adaptive x1.25", secagg=True, secagg_bits=1, secagg_clip=0.12, adaptive=1.25
 )
+COVERED = Scheme(
+    "identity + secagg 2 bit adaptive x1.25, 2 agents an element",
+    secagg=True,
+    secagg_bits=2,
+    secagg_clip=0.12,
+    adaptive=1.25,
+    coverage=2,
+)
 SCHEMES = (
     Scheme("identity (float32)"),
     Scheme("identity + secagg 20 bit", secagg=True),
@@ -133,22 +141,12 @@ SCHEMES = (
     BINARY,
     replace(BINARY, label=f"{BINARY.label}, independent rounding", stratified=False),
     replace(TWO_BITS, label=f"{TWO_BITS.label}, codes 0..3", fill_ring=False, extra=True),
-    Scheme(
-        "identity + secagg 2 bit adaptive x1.25, 2 agents an element",
-        secagg=True,
-        secagg_bits=2,
-        secagg_clip=0.12,
-        adaptive=1.25,
-        coverage=2,
-    ),
-    Scheme(
-        "identity + secagg 5 levels adaptive x1.5, 2 agents an element",
-        secagg=True,
-        secagg_bits=2,
+    COVERED,
+    replace(
+        COVERED,
+        label="identity + secagg 5 levels adaptive x1.5, 2 agents an element",
         secagg_levels=5,
-        secagg_clip=0.12,
         adaptive=1.5,
-        coverage=2,
     ),
     replace(BINARY, label=f"{BINARY.label}, 2 agents an element", coverage=2, extra=True),
     Scheme(
@@ -325,8 +323,9 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
             mean, payloads = _plain_round(codec, deltas, coords, examples, summed=fetchsgd is not None)
             nbytes = 0
         spec = codec_spec(learned.settings if learned is not None else settings)  # echoed in the header
+        header = upload_header(round_id, spec, layout.digest, round_id - 1, 1.0, b"")
         for size in payloads:  # as the daemon sends them: status probe, header, chunks
-            header = upload_header(round_id, spec, layout.digest, round_id - 1, 1.0, bytes(size))
+            header.total_bytes = size  # the digest is 32 bytes whatever the payload
             nbytes += upload_bytes(header)
         kept = mean  # the next round's clip bounds: FetchSGD's mean sketch, else the mean update
         if fetchsgd is not None:

@@ -388,7 +388,10 @@ class RoundCoordinator:
         return secure
 
     async def advertise_keys(self, peer: SpiffeId, adv: Advertisement) -> None:
-        """Phase 1: keep ``peer``'s signed keys (the identity inside must be the caller's own)."""
+        """Phase 1: keep ``peer``'s signed keys (the identity inside must be the caller's own; agents
+        leave it empty, and it is set to theirs)."""
+        if not adv.agent_id:
+            adv = replace(adv, agent_id=peer.uri)
         if adv.agent_id != peer.uri:
             raise PermissionDenied(f"{peer} cannot advertise keys for {adv.agent_id}")
         self._secure_round(peer, adv.round_id, Phase.ADVERTISE_KEYS).add_advertisement(adv)
@@ -396,7 +399,7 @@ class RoundCoordinator:
 
     def roster_ids(self, peer: SpiffeId, round_id: int, phase: Phase) -> list[str]:
         """The round's roster (agent ids in the order shares name them), for ``peer`` in ``phase``."""
-        return sorted(self._secure_round(peer, round_id, phase).advertisements)
+        return self._secure_round(peer, round_id, phase).roster_ids
 
     async def share_keys(self, peer: SpiffeId, round_id: int, sealed: dict[str, bytes]) -> None:
         """Phase 2: relay ``peer``'s sealed shares (opaque here)."""
@@ -427,7 +430,7 @@ class RoundCoordinator:
         survivors, dropped = secure.unmask_request() if phase >= Phase.UNMASK else ([], [])
         return SecAggView(
             phase=s.phase,
-            roster=[secure.advertisements[a] for a in sorted(secure.advertisements)],
+            roster=[secure.advertisements[a] for a in secure.roster_ids],
             graph_seed=secure.graph_seed,
             threshold=secure.params.threshold,
             ring_bits=secure.params.ring_bits,

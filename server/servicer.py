@@ -185,12 +185,9 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
     ) -> pb.AdvertiseKeysResponse:
         # The certificate peers verify is the one this connection was authenticated with: agents
         # send none (it reached us in the TLS handshake), and one in the message is not trusted.
-        # Agents leave their id out too (it is their session's); one they do send must be it.
-        peer = require_peer()
         certificate = peer_certificate_pem(context.auth_context())
-        adv = advertisement_from_pb(request.advertisement)
-        adv = dataclasses.replace(adv, agent_id=adv.agent_id or peer.uri, certificate_pem=certificate)
-        await self._rounds.advertise_keys(peer, adv)
+        adv = dataclasses.replace(advertisement_from_pb(request.advertisement), certificate_pem=certificate)
+        await self._rounds.advertise_keys(require_peer(), adv)
         return pb.AdvertiseKeysResponse()
 
     async def ShareKeys(self, request: pb.ShareKeysRequest, context: Context) -> pb.ShareKeysResponse:

@@ -52,13 +52,19 @@ class ServerRound:
             raise FailedPrecondition(f"{adv.agent_id} already advertised keys this round")
         self.advertisements[adv.agent_id] = adv
 
+    @property
+    def roster_ids(self) -> list[str]:
+        """Everyone who advertised, in roster order (sorted ids): Shamir points are positions + 1,
+        and shares on the wire name their peer by position."""
+        return sorted(self.advertisements)
+
     def roster(self) -> list[Advertisement]:
         """Close phase 1: everyone who advertised, if at least t did."""
         if len(self.advertisements) < self.params.threshold:
             raise Aborted(
                 f"{len(self.advertisements)} agents advertised keys; threshold {self.params.threshold}"
             )
-        ids = sorted(self.advertisements)
+        ids = self.roster_ids
         self.graph = neighbours(ids, self.params.neighbours, self.graph_seed)
         return [self.advertisements[a] for a in ids]
 
@@ -148,7 +154,7 @@ class ServerRound:
         survivors, dropped = self.unmask_request()
         if self.total is None:
             raise FailedPrecondition("no masked input was added")
-        points = {a: i + 1 for i, a in enumerate(sorted(self.advertisements))}
+        points = {a: i + 1 for i, a in enumerate(self.roster_ids)}
         total = self.total
         masks: list[tuple[bytes, int]] = []
         owners: list[list[str]] = []  # with coverage: whose elements each mask is on
