@@ -184,17 +184,21 @@ class AggregatorClient:
         )
         return receipt
 
-    async def upload(self, path: Path, header: pb.UploadHeader) -> pb.UploadUpdateResponse:
+    async def upload(
+        self, path: Path, header: pb.UploadHeader, *, new: bool = False
+    ) -> pb.UploadUpdateResponse:
         """Upload a payload file, resuming from the committed offset after failures.
 
-        ``header`` needs round_id, upload_id, codec, layout_digest, base_version
+        ``header`` needs round_id, upload_id, codec, layout_sha256, base_version
         and weight; total_bytes is filled from the file, and sha256 too unless set.
+        ``new``: the upload id was never sent, so the first attempt starts at byte 0
+        without asking where the upload stands (a round trip less); later ones ask.
         """
         header = _complete_header(path, header)
         delays = backoff_delays()
         for attempt in range(1, self.attempts + 1):
             try:
-                status = await self.upload_status(header.upload_id)
+                status = None if new and attempt == 1 else await self.upload_status(header.upload_id)
                 start = status.committed_bytes if status else 0
                 if status and status.digest_verified:
                     return pb.UploadUpdateResponse(

@@ -338,7 +338,7 @@ class Agent:
         if self.config.audit_dir is not None:
             self._audit(event, header, delta, train_loss)
         with metrics.step("upload"):
-            receipt = await client.upload(payload, header)
+            receipt = await client.upload(payload, header, new=True)  # a fresh upload id
         payload.unlink(missing_ok=True)
         self.progress.rounds_trained.add(event.round_id)
         metrics.ROUNDS_TRAINED.labels(**labels).inc()
@@ -409,7 +409,7 @@ class Agent:
             "base_version": event.global_version,
             "upload_id": header.upload_id,
             "codec": header.codec.name,
-            "layout_digest": header.layout_digest,
+            "layout_digest": header.layout_sha256.hex(),
             "weight": header.weight,
             "payload_sha256": header.sha256.hex(),
             "train_loss": train_loss,

@@ -35,7 +35,7 @@ def upload_header(
         round_id=round_id,
         upload_id=f"r{round_id}-{uuid.uuid4().hex[:16]}",
         codec=codec,
-        layout_digest=layout_digest,
+        layout_sha256=bytes.fromhex(layout_digest),
         base_version=base_version,
         weight=weight,
         total_bytes=len(payload),
@@ -44,11 +44,9 @@ def upload_header(
 
 
 def upload_bytes(header: pb.UploadHeader, chunk_bytes: int = MAX_CHUNK_BYTES) -> int:
-    """An upload that goes through at the first attempt: the status probe, the header and the
+    """A new upload that goes through at the first attempt (no status probe): the header and the
     chunks of ``header.total_bytes``."""
-    total = message_bytes(
-        pb.GetUploadStatusRequest(upload_id=header.upload_id), pb.UploadUpdateRequest(header=header)
-    )
+    total = message_bytes(pb.UploadUpdateRequest(header=header))
     for offset in range(0, header.total_bytes, chunk_bytes):
         size = min(chunk_bytes, header.total_bytes - offset)
         total += message_bytes(pb.UploadUpdateRequest(chunk=pb.Chunk(offset=offset, data=bytes(size))))

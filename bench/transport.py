@@ -165,7 +165,7 @@ async def interleaved(
                 round_id=event.round_id,
                 upload_id=uuid.uuid4().hex,
                 codec=pb.CodecSpec(name=identity.NAME),
-                layout_digest=join.settings.layout.digest,
+                layout_sha256=bytes.fromhex(join.settings.layout.digest),
                 base_version=event.global_version,
                 weight=1.0,
                 sha256=digest,

@@ -20,6 +20,9 @@ Revisions:
      ``coverage`` sent at Join and with the roster; such updates carry no weight digits.
   7. sealed and revealed shares name their peer by roster position (``peer``), not SPIFFE id;
      agents leave their id out of their key advertisement (the aggregator sets their session's).
+  8. upload headers carry the layout digest as 32 raw bytes (``layout_sha256``); advertisement
+     signatures are raw ECDSA r || s; shares are sealed with AES-256-GCM-SIV under a fixed nonce
+     (not sent).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import Iterable
 
 from common.errors import FailedPrecondition
 
-WIRE_REVISION = 7
+WIRE_REVISION = 8
 
 
 def codecs_needed(codec: str) -> tuple[str, ...]:

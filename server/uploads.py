@@ -26,7 +26,7 @@ def meta_of(agent: SpiffeId, header: pb.UploadHeader) -> UploadMeta:
         round_id=header.round_id,
         upload_id=header.upload_id,
         codec=header.codec.name,
-        layout_digest=header.layout_digest,
+        layout_digest=header.layout_sha256.hex(),
         total_bytes=header.total_bytes,
         sha256=header.sha256.hex(),
         base_version=header.base_version,

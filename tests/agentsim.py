@@ -64,7 +64,7 @@ def upload_header(event: pb.RoundEvent, layout_digest: str, weight: float, **kw:
         round_id=event.round_id,
         upload_id=uuid.uuid4().hex,
         codec=pb.CodecSpec(name=identity.NAME),
-        layout_digest=layout_digest,
+        layout_sha256=bytes.fromhex(layout_digest),
         base_version=event.global_version,
         weight=weight,
     )

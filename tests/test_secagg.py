@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import random
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,9 +17,9 @@ from common.errors import Aborted, ConfigError, FailedPrecondition, InvalidArgum
 from common.identity import SpiffeId
 from common.pki import create_ca, issue_agent
 from common.secagg import shamir
-from common.secagg.agent import MASK_KEY, SELF_SEED
+from common.secagg.agent import MASK_KEY, SELF_SEED, share_aad
 from common.secagg.graph import neighbours
-from common.secagg.keys import RosterError, sign_advertisement
+from common.secagg.keys import RosterError, open_sealed, sign_advertisement, verify_advertisement
 from common.secagg.local import Federation, run_round
 from common.secagg.params import SecAggParams
 from common.secagg.prg import apply_mask, expand
@@ -266,6 +268,44 @@ def test_forged_or_unsigned_advertisement_is_rejected(
 
     with pytest.raises(RosterError):
         run_round(federation, codes, FULL, tamper=borrowed_identity)
+
+
+def test_advertisement_signatures_are_raw_r_s_and_nothing_else_verifies(
+    federation: Federation, codes: dict[str, np.ndarray]
+) -> None:
+    ids = sorted(codes)
+    agent = federation.agent_round(ids[0], 1, FULL, b"s")
+    adv = agent.advertise()
+    assert len(adv.signature) == 64  # P-256: 32-byte r and s, no DER framing
+    r, s = int.from_bytes(adv.signature[:32], "big"), int.from_bytes(adv.signature[32:], "big")
+    der = encode_dss_signature(r, s)  # what cryptography signs: valid, in the wrong form
+    for signature in (der, adv.signature[:-1], adv.signature[32:] + adv.signature[:32]):
+        tampered = dataclasses.replace(adv, signature=signature)
+        with pytest.raises(RosterError, match="signature"):
+            verify_advertisement(tampered, federation.ca.cert, 1, dt.datetime.now(dt.UTC))
+    verify_advertisement(adv, federation.ca.cert, 1, dt.datetime.now(dt.UTC))
+
+
+def test_sealed_shares_open_only_unaltered_for_their_round_and_recipient(
+    federation: Federation, codes: dict[str, np.ndarray]
+) -> None:
+    ids = sorted(codes)
+    rounds = {a: federation.agent_round(a, 3, FULL, b"s") for a in ids}
+    roster = [r.advertise() for r in rounds.values()]
+    sealed = {a: r.share_keys(roster) for a, r in rounds.items()}
+    sender, recipient, other = ids[0], ids[1], ids[2]
+    blob = sealed[sender][recipient]
+    plain = shamir.share_bytes(16) + shamir.share_bytes(32)
+    assert len(blob) == plain + 16  # ciphertext and tag: the nonce is fixed, not sent
+    flipped = bytes([blob[0] ^ 1]) + blob[1:]
+    for bad in (flipped, blob[:-1], sealed[sender][other]):
+        with pytest.raises(RosterError, match="authenticate"):
+            rounds[recipient].receive_shares({sender: bad})
+    key = rounds[recipient]._share_key(sender)
+    with pytest.raises(RosterError, match="authenticate"):  # replayed into another round
+        open_sealed(key, blob, share_aad(4, sender, recipient))
+    rounds[recipient].receive_shares({s: sealed[s][recipient] for s in ids if s != recipient})
+    assert set(rounds[recipient].held) == set(ids)
 
 
 def test_unmask_request_naming_a_peer_alive_and_dropped_is_refused(

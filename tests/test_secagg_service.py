@@ -92,7 +92,7 @@ async def play_agent(
                 weight,
                 payload.read_bytes(),
             )
-            await client.upload(payload, header)
+            await client.upload(payload, header, new=True)
             await part.unmask()
             await watcher.until(pb.ROUND_PHASE_COMPLETED)
             return join.agent_id, weight
@@ -128,8 +128,9 @@ async def test_uplink_accounting_is_what_the_agent_sends_and_the_aggregator_rece
     start_aggregator, pki: Pki, tmp_path: Path
 ) -> None:
     """``agent.uplink`` (how bench.quality counts a round's uplink) sizes exactly the messages the
-    agent's client hands gRPC in a masked round (status probe, header and chunks of the upload,
-    whose payload the aggregator's transfer metric counts; advertisement, shares, phase waits)."""
+    agent's client hands gRPC in a masked round (header and chunks of a new upload, with no status
+    probe, whose payload the aggregator's transfer metric counts; advertisement, shares, phase
+    waits)."""
     run = await start_aggregator(config=secure_config(pki, tmp_path / "agg0", min_agents=3))
     names = [f"acct{i}" for i in range(3)]
     sent: dict[str, list[tuple[str, Message]]] = {name: [] for name in names}
@@ -158,13 +159,14 @@ async def test_uplink_accounting_is_what_the_agent_sends_and_the_aggregator_rece
         assert counted == uplink.message_bytes(*keys) == sum(m.ByteSize() for m in keys) + 5 * len(keys)
         labels = {"cloud": "aws", "agent": name}
         upload = [m for method, m in sent[name] if method in ("GetUploadStatus", "UploadUpdate")]
-        header = upload[1].header
-        assert [m.WhichOneof("message") for m in upload[1:]] == ["header", "chunk"]
+        assert [m.WhichOneof("message") for m in upload] == ["header", "chunk"]
+        header = upload[0].header
         assert uplink.upload_bytes(header) == uplink.message_bytes(*upload)
+        assert len(header.layout_sha256) == 32 and len(advertise.advertisement.signature) == 64
         chunks = REGISTRY.get_sample_value(
             "cloudfed_transfer_bytes_total", {"direction": "received", "kind": "update", **labels}
         )
-        assert chunks == header.total_bytes == len(upload[2].chunk.data)
+        assert chunks == header.total_bytes == len(upload[1].chunk.data)
 
 
 async def test_masked_round_over_grpc_recovers_a_dropout_and_yields_the_weighted_mean(

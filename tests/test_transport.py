@@ -64,7 +64,8 @@ async def test_upload_cut_mid_stream_resumes_from_committed_offset(start_aggrega
             watcher = Watcher(client)
             event = await watcher.until(UPLOAD)
             payload = write_payload(tmp_path / "u.bin", delta, weight=1.0)
-            receipt = await client.upload(payload, upload_header(event, join.settings.layout.digest, 1.0))
+            header = upload_header(event, join.settings.layout.digest, 1.0)
+            receipt = await client.upload(payload, header, new=True)  # no probe until the cut
             await watcher.until_version(1)
             await watcher.close()
     finally:

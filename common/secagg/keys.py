@@ -1,21 +1,21 @@
 """Per-round keys: X25519 agreement through HKDF, advertisements signed with the agent's certificate
-key and verified against the federation CA, and AES-GCM encryption of shares between agents."""
+key and verified against the federation CA, and AES-GCM-SIV encryption of shares between agents."""
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import struct
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from common.errors import PermissionDenied
+from common.errors import FailedPrecondition, PermissionDenied
 from common.pki import spiffe_ids_of
 
 RAW = serialization.Encoding.Raw
@@ -101,10 +101,17 @@ def sign_advertisement(
     certificate_pem: bytes,
     signing_key: ec.EllipticCurvePrivateKey,
 ) -> Advertisement:
-    """Sign both public keys with the agent's certificate key (ECDSA P-256, SHA-256)."""
+    """Sign both public keys with the agent's certificate key (ECDSA, SHA-256), as raw r || s."""
     payload = signed_payload(round_id, agent_id, cipher.public, mask.public)
-    signature = signing_key.sign(payload, ec.ECDSA(hashes.SHA256()))
+    r, s = decode_dss_signature(signing_key.sign(payload, ec.ECDSA(hashes.SHA256())))
+    size = _scalar_bytes(signing_key.curve)
+    signature = r.to_bytes(size, "big") + s.to_bytes(size, "big")
     return Advertisement(round_id, agent_id, cipher.public, mask.public, certificate_pem, signature)
+
+
+def _scalar_bytes(curve: ec.EllipticCurve) -> int:
+    """Bytes of one ECDSA signature half (r or s) on ``curve``: 32 on P-256."""
+    return (curve.key_size + 7) // 8
 
 
 def verify_advertisement(adv: Advertisement, ca: x509.Certificate, round_id: int, now: dt.datetime) -> None:
@@ -127,21 +134,42 @@ def verify_advertisement(adv: Advertisement, ca: x509.Certificate, round_id: int
     public_key = cert.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise RosterError(f"certificate of {who} does not hold an EC key")
+    size = _scalar_bytes(public_key.curve)
+    if len(adv.signature) != 2 * size:
+        raise RosterError(f"signature on the advertisement of {who} is not {2 * size} bytes (raw r || s)")
+    der = encode_dss_signature(
+        int.from_bytes(adv.signature[:size], "big"), int.from_bytes(adv.signature[size:], "big")
+    )
     try:
-        public_key.verify(adv.signature, adv.signed_bytes(), ec.ECDSA(hashes.SHA256()))
+        public_key.verify(der, adv.signed_bytes(), ec.ECDSA(hashes.SHA256()))
     except InvalidSignature as exc:
         raise RosterError(f"signature on the advertisement of {who} does not verify") from exc
 
 
+_SEAL_NONCE = bytes(12)
+"""Sealing keys are derived for one round and pair of agents, and AES-GCM-SIV resists nonce reuse
+(RFC 8452: a repeated nonce discloses only whether two plaintexts under one key are equal), so the
+nonce is fixed and not sent: 12 bytes less a share."""
+
+
+def _cipher(key: bytes) -> AESGCMSIV:
+    try:
+        return AESGCMSIV(key)
+    except UnsupportedAlgorithm as exc:  # cryptography built against OpenSSL < 3.2
+        raise FailedPrecondition(
+            "secure aggregation needs AES-GCM-SIV, which this cryptography build's OpenSSL lacks "
+            "(3.2 or newer has it; the cryptography wheels on PyPI ship one)"
+        ) from exc
+
+
 def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
-    """AES-256-GCM with a random nonce prepended."""
-    nonce = os.urandom(12)
-    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+    """AES-256-GCM-SIV ciphertext and tag (the nonce is fixed)."""
+    return _cipher(key).encrypt(_SEAL_NONCE, plaintext, aad)
 
 
 def open_sealed(key: bytes, sealed: bytes, aad: bytes) -> bytes:
     """Inverse of ``seal``; RosterError if the ciphertext was tampered with or misrouted."""
     try:
-        return AESGCM(key).decrypt(sealed[:12], sealed[12:], aad)
+        return _cipher(key).decrypt(_SEAL_NONCE, sealed, aad)
     except (InvalidTag, ValueError) as exc:
         raise RosterError("an encrypted share does not authenticate") from exc

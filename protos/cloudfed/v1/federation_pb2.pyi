@@ -872,17 +872,15 @@ class UploadHeader(_message.Message):
     ROUND_ID_FIELD_NUMBER: _builtins.int
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     CODEC_FIELD_NUMBER: _builtins.int
-    LAYOUT_DIGEST_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     BASE_VERSION_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
+    LAYOUT_SHA256_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     """Round the update belongs to."""
     upload_id: _builtins.str
     """Client-chosen id, stable across resumes of the same upload."""
-    layout_digest: _builtins.str
-    """Layout digest the update was flattened with."""
     total_bytes: _builtins.int
     """Size of the whole payload in bytes."""
     sha256: _builtins.bytes
@@ -891,6 +889,8 @@ class UploadHeader(_message.Message):
     """Global version the update was trained from."""
     weight: _builtins.float
     """Weight of this update (e.g. example count); informational under masking."""
+    layout_sha256: _builtins.bytes
+    """Layout the update was flattened with: the 32 bytes whose hex is the layout's digest."""
     @_builtins.property
     def codec(self) -> Global___CodecSpec:
         """Codec that encoded the payload."""
@@ -901,15 +901,15 @@ class UploadHeader(_message.Message):
         round_id: _builtins.int = ...,
         upload_id: _builtins.str = ...,
         codec: Global___CodecSpec | None = ...,
-        layout_digest: _builtins.str = ...,
         total_bytes: _builtins.int = ...,
         sha256: _builtins.bytes = ...,
         base_version: _builtins.int = ...,
         weight: _builtins.float = ...,
+        layout_sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "codec", b"codec", "layout_digest", b"layout_digest", "round_id", b"round_id", "sha256", b"sha256", "total_bytes", b"total_bytes", "upload_id", b"upload_id", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "codec", b"codec", "layout_sha256", b"layout_sha256", "round_id", b"round_id", "sha256", b"sha256", "total_bytes", b"total_bytes", "upload_id", b"upload_id", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
