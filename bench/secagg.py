@@ -4,7 +4,8 @@
 
 For the full graph and k = 3 (and, with 4 agents, side by side: 2-bit codes one to a ring
 element, the same codes packed, ternary codes packed; ``ring.round_layout``; and sparse
-coverage, 3 or 2 of the 4 agents sending each element, ``coverage``) it times, per
+coverage, 3 or 2 of the 4 agents sending each element, ``coverage``, 2 of 4 also with no rank
+table, ``coverage.TABLE_MAX_BYTES``) it times, per
 agent, quantise (clip, weight, stochastic rounding into Z_2^32; codes of up to 8 bits with the
 agents' stratified dithers, ``strata``, and ternary also with independent ones) + mask
 (self mask and pairwise AES-256-CTR masks) + pack; and at the aggregator, the unmask (Shamir
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+import common.secagg.coverage
 from common.secagg import shamir
 from common.secagg.agent import AgentRound
 from common.secagg.local import Federation
@@ -170,6 +172,17 @@ def shamir_times(agents: int, threshold: int, repeats: int) -> dict[str, float]:
     return {"shamir_split_ms": split_s * 1e3, "shamir_reconstruct_ms": rec_s * 1e3}
 
 
+def redrawn(params: int, repeats: int) -> dict[str, float]:
+    """The 2-of-4 coverage row with no rank table: every pass over the elements redraws their
+    senders from the keystream (what rounds past ``coverage.TABLE_MAX_BYTES`` do)."""
+    kept = common.secagg.coverage.TABLE_MAX_BYTES
+    common.secagg.coverage.TABLE_MAX_BYTES = 0
+    try:
+        return run(params, 4, 0, 3, repeats, levels=5, coverage=2, dropouts=(0,))
+    finally:
+        common.secagg.coverage.TABLE_MAX_BYTES = kept
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", type=int, default=10_000_000)
@@ -186,6 +199,7 @@ def main() -> None:
         # sparse coverage: 3 (or 2) of the 4 agents send each element
         "2bit_coverage_3": run(args.params, 4, 0, 3, args.repeats, levels=4, coverage=3),
         "5_levels_coverage_2": run(args.params, 4, 0, 3, args.repeats, levels=5, coverage=2, dropouts=(0,)),
+        "5_levels_coverage_2_redrawn": redrawn(args.params, args.repeats),
     }
     report = {
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},

@@ -93,6 +93,39 @@ def test_ranks_by_pairwise_comparison_and_by_sorting_agree(monkeypatch: pytest.M
     assert np.all(np.sort(wide, axis=1) == np.arange(40))
 
 
+def test_rank_table_is_the_keystreams_draw_and_rounds_past_its_budget_redraw_the_same(
+    federation: Federation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranks are drawn once into a read-only table when it fits TABLE_MAX_BYTES; past the budget
+    every pass redraws them: the same ranks, uploads, positions and masked sum either way."""
+    members = [f"m{i}" for i in range(5)]
+    kept = Coverage(b"t", 7, members, 2, 3 * STEP + 11)
+    ranks = kept.ranks(0, kept.elements)
+    with pytest.raises(ValueError, match="read-only"):
+        ranks[0, 0] = 9  # a caller cannot corrupt later passes
+    elements = np.arange(kept.elements, dtype=np.uint32)
+    params = _params(2)
+    values, weights = _updates(federation, 6)
+    with monkeypatch.context() as patch:
+        patch.setattr(coverage, "TABLE_MAX_BYTES", 1000)  # below both rounds here
+        drawn = Coverage(b"t", 7, members, 2, kept.elements)
+        np.testing.assert_array_equal(drawn.ranks(0, drawn.elements), ranks)
+        assert drawn._table is None
+        for m in members:
+            assert drawn.sent(m) == kept.sent(m)
+            np.testing.assert_array_equal(drawn.compact(elements, m), kept.compact(elements, m))
+            np.testing.assert_array_equal(drawn.positions(m, 5, STEP + 9), kept.positions(m, 5, STEP + 9))
+        encoders, encoded, length = _encoders(federation, params, values, weights)
+        result = run_round(federation, encoders, params, length=length, seed=b"budget")
+    cov = result.server.coverage if result.server is not None else None
+    assert cov is not None and cov._table is None
+    senders = Coverage(b"budget", 1, cov.members, 2, length).senders(0, length)  # a tabled draw
+    expected = np.zeros(length, np.uint32)
+    for a, codes in encoded.items():
+        expected += np.where(senders[:, cov.position(a)], codes, 0).astype(np.uint32)
+    np.testing.assert_array_equal(_ring(result.total, params), _ring(expected, params))
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_masked_sum_is_each_elements_senders_codes_exactly(federation: Federation, k: int) -> None:
     """Through the whole protocol, each element of the unmasked sum is the sum of the codes of the

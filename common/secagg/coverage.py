@@ -31,6 +31,9 @@ MIN_SENDERS = 2
 """No element's sum may have fewer senders: one sender's sum is its code."""
 STEP = 1 << 14  # elements a step: bounds the (step, members) scratch
 PAIRWISE_MAX = 12  # up to this many members, ranks by comparing words pairwise (else two sorts)
+TABLE_MAX_BYTES = 64 << 20
+"""The largest rank table (a byte per element and member) kept from the first pass over a round's
+elements; a larger round redraws each step's ranks whenever they are asked for (bounded memory)."""
 _BELOW_ONE = float(np.nextafter(1.0, 0.0))
 
 
@@ -65,6 +68,7 @@ class Coverage:
         self.elements = elements
         self._key = derive(seed, "coverage", round_id)
         self._prefix: np.ndarray | None = None  # (steps + 1, members): elements sent before each step
+        self._table: np.ndarray | None = None  # (elements, members) ranks, read-only, if it fits
 
     def position(self, member: str) -> int:
         """``member``'s place in the sorted members."""
@@ -74,9 +78,19 @@ class Coverage:
             raise InvalidArgument(f"{member} is not among the round's senders") from None
 
     def ranks(self, start: int, stop: int) -> np.ndarray:
-        """(stop - start, members) uint8: each element's random permutation of the members (rank of
-        a member's keystream word, ties to the lower position); element e's words are the e-th n of
-        the keystream, so any span can be drawn alone."""
+        """(stop - start, members) uint8, not to be written to: each element's random permutation of
+        the members (from the rank table when the round's fits TABLE_MAX_BYTES: drawn once, then
+        read by every pass)."""
+        self._counts()
+        if self._table is None:
+            return self._draw(start, stop)
+        if not 0 <= start <= stop <= self.elements:
+            raise InvalidArgument(f"elements {start}..{stop} outside 0..{self.elements}")
+        return self._table[start:stop]
+
+    def _draw(self, start: int, stop: int) -> np.ndarray:
+        """Ranks drawn from the keystream: a member's is the rank of its keystream word (ties to
+        the lower position); element e's words are the e-th n of it, so any span draws alone."""
         n, count = len(self.members), stop - start
         if not 0 <= start <= stop <= self.elements:
             raise InvalidArgument(f"elements {start}..{stop} outside 0..{self.elements}")
@@ -109,12 +123,23 @@ class Coverage:
             yield start, min(start + STEP, self.elements)
 
     def _counts(self) -> np.ndarray:
+        """Elements each member sends before each step; the first call draws every step once and
+        keeps the rank table if it fits."""
         if self._prefix is None:
-            per_step = [self.senders(a, b).sum(axis=0) for a, b in self.steps()]
+            shape = (self.elements, len(self.members))
+            table = np.empty(shape, np.uint8) if shape[0] * shape[1] <= TABLE_MAX_BYTES else None
+            per_step = []
+            for a, b in self.steps():
+                ranks = self._draw(a, b)
+                per_step.append((ranks < self.k).sum(axis=0))
+                if table is not None:
+                    table[a:b] = ranks
+            if table is not None:
+                table.flags.writeable = False  # ranks() hands out views of it
             prefix = np.zeros((len(per_step) + 1, len(self.members)), dtype=np.int64)
             if per_step:
                 np.cumsum(np.stack(per_step), axis=0, out=prefix[1:])
-            self._prefix = prefix
+            self._prefix, self._table = prefix, table
         return self._prefix
 
     def sent(self, member: str) -> int:
@@ -175,21 +200,21 @@ class Coverage:
         elements: each element's decoded sum over the summed weight of its senders among
         ``weights``' agents (the survivors); 0 where none survived."""
         group = fp.group
-        alive = np.zeros(len(self.members), dtype=bool)
+        alive = np.zeros(len(self.members), dtype=np.float64)
         weight = np.zeros(len(self.members), dtype=np.float64)
         for agent, w in weights.items():
-            alive[self.position(agent)] = True
+            alive[self.position(agent)] = 1.0
             weight[self.position(agent)] = w
         out = np.zeros(count, dtype=np.float32)
         for start, stop in self.steps():
-            sends = self.senders(start, stop) & alive[None, :]
-            senders = np.repeat(sends.sum(axis=1), group)
-            summed = np.repeat(sends @ weight, group)
+            sends = self.senders(start, stop).astype(np.float64)  # matrix-vector products beat bool sums
+            summed = sends @ weight  # weight is 0 where an agent dropped
+            scale = np.divide(1.0, summed, out=np.zeros_like(summed), where=summed > 0)  # 0: none left
+            codes = fp.unpack(total[start:stop]).reshape(stop - start, group)  # an element a row
+            values = fp.decode_sum(codes, (sends @ alive)[:, None])
+            values *= scale[:, None]
             first, last = start * group, min(stop * group, count)
-            values = fp.decode_sum(fp.unpack(total[start:stop])[: last - first], senders[: last - first])
-            np.divide(values, summed[: last - first], out=values, where=summed[: last - first] > 0)
-            values[summed[: last - first] == 0] = 0.0
-            out[first:last] = values
+            out[first:last] = values.reshape(-1)[: last - first]
         return out
 
 
