@@ -18,6 +18,7 @@ from common.errors import ConfigError, FailedPrecondition
 from common.secagg.agent import AgentRound
 from common.secagg.clips import SegmentClips
 from common.secagg.coverage import check_settings
+from common.secagg.graph import check_parameters
 from common.secagg.keys import RosterError
 from common.secagg.params import SecAggParams
 from common.secagg.ring import RING_BITS, update_weight
@@ -95,7 +96,8 @@ class SecureParticipation:
 
     def _round_params(self, state: pb.GetSecAggStateResponse) -> SecAggParams:
         """The round's parameters from the aggregator, checked against what Join allowed: no
-        wider a code than Join's ring, no fewer levels, no sum of the roster able to wrap."""
+        wider a code than Join's ring, no fewer levels, no sum of the roster able to wrap, a
+        threshold that is a majority of each agent's share holders."""
         widest = self.settings.ring_bits or RING_BITS
         group = state.codes_per_element or 1
         if not (0 < state.ring_bits <= RING_BITS and state.ring_bits <= widest * group):
@@ -119,6 +121,8 @@ class SecureParticipation:
             senders = params.senders(len(state.roster))
             if not params.fixed_point.contributors_fit(senders):  # also checks the layout
                 raise ConfigError(f"{senders} agents' codes up to {state.max_code} can wrap")
+            # no threshold under which the aggregator could collect both of an agent's secrets
+            check_parameters(len(state.roster), self.settings.neighbours, state.threshold)
             return params
         except ConfigError as exc:
             raise FailedPrecondition(f"round {self.round_id}: {exc}") from exc

@@ -767,7 +767,8 @@ class _Abandon(Exception):
 
 
 def auto_threshold(agents: int, neighbours: int) -> int:
-    """A majority of each neighbourhood: n // 2 + 1 with the full graph, else k // 2 + 1."""
+    """A majority of the agents holding each agent's shares: n // 2 + 1 with the full graph, else
+    (k + 1) // 2 + 1 (k neighbours and the agent itself)."""
     if neighbours <= 0 or neighbours >= agents - 1:
         return agents // 2 + 1
-    return neighbours // 2 + 1
+    return (neighbours + 1) // 2 + 1

@@ -9,6 +9,7 @@ import random
 
 import numpy as np
 import pytest
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,8 +17,8 @@ from hypothesis import strategies as st
 from common.errors import Aborted, ConfigError, FailedPrecondition, InvalidArgument
 from common.identity import SpiffeId
 from common.pki import create_ca, issue_agent
-from common.secagg import shamir
-from common.secagg.agent import MASK_KEY, SELF_SEED, share_aad
+from common.secagg import keys, shamir
+from common.secagg.agent import MASK_KEY, SELF_SEED, AgentRound, share_aad
 from common.secagg.graph import neighbours
 from common.secagg.keys import RosterError, open_sealed, sign_advertisement, verify_advertisement
 from common.secagg.local import Federation, run_round
@@ -308,6 +309,51 @@ def test_sealed_shares_open_only_unaltered_for_their_round_and_recipient(
     assert set(rounds[recipient].held) == set(ids)
 
 
+def test_sealing_without_aes_gcm_siv_fails_with_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cryptography build on an OpenSSL older than 3.2 has no AES-GCM-SIV: say so, not a bare
+    UnsupportedAlgorithm from deep inside a round."""
+
+    def unsupported(key: bytes) -> None:
+        raise UnsupportedAlgorithm("AES-GCM-SIV is not supported by this version of OpenSSL")
+
+    monkeypatch.setattr(keys, "AESGCMSIV", unsupported)
+    with pytest.raises(FailedPrecondition, match="OpenSSL"):
+        keys.seal(bytes(32), b"share", b"aad")
+
+
+def test_equivocating_aggregator_gets_both_secrets_only_below_a_majority_threshold(
+    federation: Federation,
+) -> None:
+    """Each holder reveals one kind of share for a peer, as the survivor list it is sent says. An
+    aggregator telling u and one holder that u survived and the two others that u dropped gets two
+    shares of u's self-mask seed and two of its mask key: both secrets (so u's update) at t = 2 of
+    4 holders, neither at t = 3. So thresholds must be a majority (check_parameters, and agents
+    check the round's)."""
+    u, v1, v2, v3 = sorted(federation.agents)[:4]
+
+    def equivocate(threshold: int) -> tuple[dict[int, bytes], dict[int, bytes], AgentRound]:
+        params = SecAggParams(threshold=threshold)  # unchecked, as a malicious aggregator would send
+        rounds = {a: federation.agent_round(a, 9, params, b"eq") for a in (u, v1, v2, v3)}
+        roster = [r.advertise() for r in rounds.values()]
+        sealed = {a: r.share_keys(roster) for a, r in rounds.items()}
+        for a, r in rounds.items():
+            r.receive_shares({s: sealed[s][a] for s in rounds if s != a})
+        seed = {rounds[x].points[x]: rounds[x].unmask([u, v1, v2, v3], [])[u][1] for x in (u, v1)}
+        key = {rounds[x].points[x]: rounds[x].unmask([v1, v2, v3], [u])[u][1] for x in (v2, v3)}
+        return seed, key, rounds[u]
+
+    seed, key, victim = equivocate(2)
+    assert shamir.reconstruct(seed, 2, 16) == victim.self_seed
+    assert shamir.reconstruct(key, 2, 32) == victim.mask.private_bytes()
+    with pytest.raises(ConfigError, match="must be a majority"):
+        SecAggParams(threshold=2).check(4)
+    seed, key, victim = equivocate(3)
+    for shares, size in ((seed, 16), (key, 32)):
+        with pytest.raises(InvalidArgument, match="3 needed"):
+            shamir.reconstruct(shares, 3, size)
+    SecAggParams(threshold=3).check(4)
+
+
 def test_unmask_request_naming_a_peer_alive_and_dropped_is_refused(
     federation: Federation, codes: dict[str, np.ndarray]
 ) -> None:
@@ -523,7 +569,7 @@ def test_headroom_and_parameter_checks_say_why() -> None:
         check_headroom(1, 4)
     with pytest.raises(ConfigError, match="above the number of agents"):
         SecAggParams(threshold=11).check(10)
-    with pytest.raises(ConfigError, match="exceed half"):
+    with pytest.raises(ConfigError, match="must be a majority"):
         SecAggParams(threshold=2, neighbours=4).check(10)
     with pytest.raises(ConfigError, match="plus the agent itself"):
         SecAggParams(threshold=6, neighbours=4).check(10)

@@ -23,7 +23,7 @@ def federation() -> Federation:
 
 
 def _params(k: int, agents: int = N, levels: int = 4) -> SecAggParams:
-    return SecAggParams.for_round(3, 0, 1.0, 2, agents, levels=levels, coverage=k).check(agents)
+    return SecAggParams.for_round(agents // 2 + 1, 0, 1.0, 2, agents, levels=levels, coverage=k).check(agents)
 
 
 def _encoders(

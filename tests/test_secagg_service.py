@@ -316,7 +316,7 @@ def test_impossible_secagg_settings_are_refused_at_start(pki: Pki, tmp_path: Pat
         dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, threshold=4)).validate()
     with pytest.raises(ConfigError, match="headroom"):
         dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, bits=24)).validate()  # 1000 agents
-    with pytest.raises(ConfigError, match="exceed half"):
+    with pytest.raises(ConfigError, match="must be a majority"):
         dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, neighbours=4, threshold=2)).validate()
     with pytest.raises(ConfigError, match="min_agents >= 2"):
         dataclasses.replace(aggregator_config(pki, tmp_path, min_agents=1), secagg=SECAGG).validate()
@@ -383,6 +383,18 @@ async def test_agent_refuses_a_roster_out_of_agent_id_order(pki: Pki) -> None:
     assert [type(m) for m in client.sent] == [pb.AdvertiseKeysRequest]  # advertised, shared nothing
 
 
+def offline_participation(pki: Pki, name: str, settings: pb.SecAggSettings) -> SecureParticipation:
+    """Agent ``name``'s part in round 7, with no client: for checks of the round's parameters."""
+    return SecureParticipation(
+        None,  # type: ignore[arg-type]  # no RPC is made
+        Signer.load(pki.agent(name)),
+        f"spiffe://test.cloudfed/cloud/aws/agent/{name}",
+        settings,
+        7,
+        1.0,
+    )
+
+
 @pytest.mark.parametrize(
     ("ring", "top", "base", "group", "roster", "message"),
     [
@@ -400,14 +412,7 @@ def test_agent_refuses_a_round_layout_outside_what_join_allowed(
     pki: Pki, ring: int, top: int, base: int, group: int, roster: int, message: str
 ) -> None:
     settings = pb.SecAggSettings(enabled=True, threshold=2, clip=1.0, bits=20, ring_bits=22, levels=2**20)
-    part = SecureParticipation(
-        None,  # type: ignore[arg-type]  # no RPC is made: only the round's parameters are checked
-        Signer.load(pki.agent("r1")),
-        "spiffe://test.cloudfed/cloud/aws/agent/r1",
-        settings,
-        7,
-        1.0,
-    )
+    part = offline_participation(pki, "r1", settings)
     state = pb.GetSecAggStateResponse(
         round_id=7, threshold=2, ring_bits=ring, max_code=top, code_base=base, codes_per_element=group
     )
@@ -415,12 +420,10 @@ def test_agent_refuses_a_round_layout_outside_what_join_allowed(
         state.roster.add()
     with pytest.raises(FailedPrecondition, match=message):
         part._round_params(state)
-    good = part._round_params(pb.GetSecAggStateResponse(threshold=2, ring_bits=21, max_code=2**20))
-    assert (good.ring_bits, good.fixed_point.levels) == (21, 2**20)
+    good = part._round_params(roster_of(3, threshold=2, ring_bits=22, max_code=2**20))
+    assert (good.ring_bits, good.fixed_point.levels) == (22, 2**20)
     part.settings = pb.SecAggSettings(enabled=True, threshold=2, clip=1.0, bits=1, ring_bits=4, levels=3)
-    ternary = pb.GetSecAggStateResponse(
-        threshold=2, ring_bits=16, max_code=2, code_base=9, codes_per_element=5
-    )
+    ternary = roster_of(4, threshold=3, ring_bits=16, max_code=2, code_base=9, codes_per_element=5)
     packed = part._round_params(ternary)  # 4 agents' ternary codes: 5 to 16 bits
     assert (packed.group, packed.fixed_point.coordinate_bits, packed.fixed_point.levels) == (5, 3.2, 2)
     # coverage is the federation's: an aggregator cannot narrow a round's sums below what Join said
@@ -439,13 +442,49 @@ def test_agent_refuses_a_round_layout_outside_what_join_allowed(
                 threshold=2, ring_bits=16, max_code=2, code_base=9, codes_per_element=5, coverage=2
             )
         )
-    covered = pb.GetSecAggStateResponse(
-        threshold=2, ring_bits=13, max_code=2, code_base=7, codes_per_element=4, coverage=3
+    covered = roster_of(
+        5, threshold=3, ring_bits=13, max_code=2, code_base=7, codes_per_element=4, coverage=3
     )
-    for _ in range(5):
-        covered.roster.add()
     params = part._round_params(covered)  # 5 agents, 3 an element: 7 values a sum, 4 codes in 13 bits
     assert (params.coverage, params.fixed_point.weight_digits, params.senders(5)) == (3, 0, 3)
+
+
+def roster_of(agents: int, **fields: int) -> pb.GetSecAggStateResponse:
+    """A SHARE_KEYS state with ``agents`` (blank) advertisements in its roster."""
+    state = pb.GetSecAggStateResponse(**fields)
+    for _ in range(agents):
+        state.roster.add()
+    return state
+
+
+@pytest.mark.parametrize(
+    ("agents", "neighbours", "threshold", "refused"),
+    [
+        (4, 0, 1, True),
+        (4, 0, 2, True),
+        (4, 0, 3, False),
+        (5, 0, 2, True),
+        (5, 0, 3, False),
+        (7, 3, 2, True),
+        (7, 3, 3, False),
+    ],
+)
+def test_agent_refuses_a_round_threshold_short_of_a_majority_of_its_share_holders(
+    pki: Pki, agents: int, neighbours: int, threshold: int, refused: bool
+) -> None:
+    """Each holder reveals one kind of share for a peer, as its survivor list says: with t at most
+    half of the k + 1 holders, an aggregator sending holders different lists would get t shares of
+    both of an agent's secrets. The round's threshold comes from the aggregator, so agents check it."""
+    settings = pb.SecAggSettings(
+        enabled=True, threshold=0, neighbours=neighbours, clip=1.0, bits=8, ring_bits=11, levels=256
+    )
+    part = offline_participation(pki, "t1", settings)
+    state = roster_of(agents, threshold=threshold, ring_bits=11, max_code=(2**11 - 1) // agents)
+    if refused:
+        with pytest.raises(FailedPrecondition, match="must be a majority"):
+            part._round_params(state)
+    else:
+        assert part._round_params(state).threshold == threshold
 
 
 async def test_roster_carries_the_certificate_of_each_tls_session_not_the_one_in_the_message(

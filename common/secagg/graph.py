@@ -9,12 +9,21 @@ from common.errors import ConfigError
 
 
 def check_parameters(agents: int, neighbours: int, threshold: int) -> None:
-    """Refuse graphs that cannot be secure or cannot recover: t > k/2 and t <= k + 1 (self included)."""
+    """Refuse graphs that cannot be secure or cannot recover: t a majority of the k + 1 agents that
+    hold each agent's shares (itself included), and t <= k + 1.
+
+    A majority because each holder reveals one kind of share for a peer, as the survivor list it
+    is sent says: an aggregator that tells some holders an agent dropped and the others that it
+    survived gets t shares of both its secrets (so its update) unless 2t > k + 1."""
     k = agents - 1 if neighbours == 0 or neighbours >= agents - 1 else neighbours
     if k < 1:
         raise ConfigError("secure aggregation needs at least 2 agents")
-    if threshold <= k / 2:
-        raise ConfigError(f"secagg threshold {threshold} must exceed half the neighbours ({k}/2)")
+    if 2 * threshold <= k + 1:
+        raise ConfigError(
+            f"secagg threshold {threshold} must be a majority of the {k + 1} agents holding each agent's"
+            f" shares (at least {(k + 1) // 2 + 1}): with fewer, an aggregator that gives holders"
+            " different survivor lists can collect both of an agent's secrets"
+        )
     if threshold > k + 1:
         raise ConfigError(f"secagg threshold {threshold} exceeds the {k} neighbours plus the agent itself")
 
