@@ -365,6 +365,13 @@ class AggregatorConfig:
                 check_parameters(max(r.min_agents, sa.neighbours + 1), sa.neighbours, sa.threshold)
             except ConfigError as exc:
                 raise ConfigError(f"secagg: {exc}") from exc
+        if sa.threshold and not sa.neighbours and 2 * sa.threshold <= r.max_agents:
+            raise ConfigError(
+                f"secagg.threshold ({sa.threshold}) with the full graph must be a majority of every"
+                f" round's agents, up to rounds.max_agents ({r.max_agents}): rounds of {2 * sa.threshold}"
+                " or more agents would be refused (below a majority an aggregator could collect both of"
+                " an agent's secrets); leave it 0 for a majority of each round"
+            )
         if not sa.clip > 0:
             raise ConfigError("secagg.clip must be positive")
         if not 1 <= sa.bits <= 30:

@@ -318,6 +318,10 @@ def test_impossible_secagg_settings_are_refused_at_start(pki: Pki, tmp_path: Pat
         dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, bits=24)).validate()  # 1000 agents
     with pytest.raises(ConfigError, match="must be a majority"):
         dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, neighbours=4, threshold=2)).validate()
+    with pytest.raises(ConfigError, match="must be a majority of every round's agents"):
+        dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, threshold=3)).validate()  # up to 16
+    few = dataclasses.replace(base, rounds=dataclasses.replace(base.rounds, max_agents=5))
+    dataclasses.replace(few, secagg=dataclasses.replace(SECAGG, threshold=3)).validate()  # 3 of 3 to 5
     with pytest.raises(ConfigError, match="min_agents >= 2"):
         dataclasses.replace(aggregator_config(pki, tmp_path, min_agents=1), secagg=SECAGG).validate()
     for levels, why in (
