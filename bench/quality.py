@@ -324,7 +324,7 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
             nbytes = 0
         spec = codec_spec(learned.settings if learned is not None else settings)  # echoed in the header
         header = upload_header(round_id, spec, layout.digest, round_id - 1, 1.0, b"")
-        for size in payloads:  # as the daemon sends them: status probe, header, chunks
+        for size in payloads:  # as the daemon sends a new upload: header, chunks
             header.total_bytes = size  # the digest is 32 bytes whatever the payload
             nbytes += upload_bytes(header)
         kept = mean  # the next round's clip bounds: FetchSGD's mean sketch, else the mean update

@@ -81,19 +81,16 @@ class Coverage:
         """(stop - start, members) uint8, not to be written to: each element's random permutation of
         the members (from the rank table when the round's fits TABLE_MAX_BYTES: drawn once, then
         read by every pass)."""
-        self._counts()
-        if self._table is None:
-            return self._draw(start, stop)
         if not 0 <= start <= stop <= self.elements:
             raise InvalidArgument(f"elements {start}..{stop} outside 0..{self.elements}")
-        return self._table[start:stop]
+        self._counts()
+        return self._draw(start, stop) if self._table is None else self._table[start:stop]
 
     def _draw(self, start: int, stop: int) -> np.ndarray:
         """Ranks drawn from the keystream: a member's is the rank of its keystream word (ties to
-        the lower position); element e's words are the e-th n of it, so any span draws alone."""
+        the lower position); element e's words are the e-th n of it, so any span (checked by the
+        caller) draws alone."""
         n, count = len(self.members), stop - start
-        if not 0 <= start <= stop <= self.elements:
-            raise InvalidArgument(f"elements {start}..{stop} outside 0..{self.elements}")
         offset = start * n * 4
         skip = offset % 16
         counter = (offset // 16).to_bytes(16, "big")
