@@ -30,6 +30,7 @@ from common.logs import setup_logging
 async def check(config: AgentConfig) -> int:
     """Join and download the latest version; print what was learned."""
     from agent.client import AggregatorClient
+    from agent.privacy import check_federation, describe
 
     async with AggregatorClient(
         config.aggregator, config.tls.files(), server_name=config.server_name, chunk_bytes=config.chunk_bytes
@@ -39,6 +40,7 @@ async def check(config: AgentConfig) -> int:
         print(f"identity        {join.agent_id}")
         print(f"federation      {s.federation_id} (model {s.model_id or '-'})")
         print(f"codec           {s.codec.name}; secure aggregation {'on' if s.secagg.enabled else 'off'}")
+        print(f"privacy         {describe(config.privacy, s)}")
         numel = sum(math.prod(p.shape) for p in s.layout.params)
         tensors, digest = len(s.layout.params), s.layout.digest[:16]
         print(f"layout          {tensors} tensors, {numel} parameters, digest {digest}")
@@ -49,6 +51,7 @@ async def check(config: AgentConfig) -> int:
             models / f"v{join.global_version:08d}.safetensors", join.global_version
         )
         print(f"global version  {header.version}: {header.total_bytes} bytes, sha256 verified")
+    check_federation(config.privacy, s)  # a refusal fails the preflight (exit 2), as `run` would
     return 0
 
 

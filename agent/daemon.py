@@ -22,6 +22,7 @@ from agent import metrics
 from agent.client import AggregatorClient
 from agent.data import load_texts, pack, split
 from agent.distributed import DistContext
+from agent.privacy import check_federation, describe
 from agent.secure import SecureParticipation, Signer
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device, pick_dtype
 from agent.uplink import upload_header
@@ -192,8 +193,13 @@ class Agent:
         """One connection's life; True once max_rounds is reached."""
         join = await client.join(num_examples=len(self.train_docs), device=self._device_info())
         settings = join.settings
+        check_federation(self.config.privacy, settings)  # PolicyRefused: nothing is sent, we exit
         log.info(
-            "joined %s as %s at global version %d", settings.federation_id, join.agent_id, join.global_version
+            "joined %s as %s at global version %d; %s",
+            settings.federation_id,
+            join.agent_id,
+            join.global_version,
+            describe(self.config.privacy, settings),
         )
         await self._prepare(settings)
         if join.global_version not in self.progress.versions_evaluated:
@@ -306,6 +312,7 @@ class Agent:
                     settings.secagg,
                     event.round_id,
                     wait_s=SECAGG_WAIT_S,
+                    policy=self.config.privacy,
                 )
                 await secure.keys()
             delta, train_loss = await training_task

@@ -143,6 +143,8 @@ log_level = "WARNING"
 cert = "../pki/{name}.pem"
 key = "../pki/{name}-key.pem"
 ca = "../pki/ca.pem"
+[privacy]
+require_masking = {"true" if secagg else "false"}
 """)
         agents.append(config)
     return root / "aggregator.toml", agents, health

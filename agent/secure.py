@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from agent import metrics
 from agent.client import AggregatorClient
-from common.errors import ConfigError, FailedPrecondition
+from common.config import PrivacyConfig
+from common.errors import ConfigError, FailedPrecondition, PolicyRefused
 from common.secagg.agent import AgentRound
 from common.secagg.clips import SegmentClips
 from common.secagg.coverage import check_settings
@@ -64,13 +65,16 @@ class SecureParticipation:
         settings: pb.SecAggSettings,
         round_id: int,
         wait_s: float,
+        policy: PrivacyConfig | None = None,
     ) -> None:
         self.client, self.round_id, self.wait_s = client, round_id, wait_s
         self.settings = settings
+        self.policy = policy or PrivacyConfig()
         params = self._params(max(settings.threshold, 2))
         self.protocol = AgentRound(
             round_id, agent_id, params, signer.ca, signer.certificate_pem, signer.key, b""
         )
+        self.protocol.min_sum = self.policy.min_agents_per_sum
         self.weight_scale = 1.0
         self.clips: SegmentClips | None = None
         self.roster_ids: list[str] = []
@@ -95,9 +99,10 @@ class SecureParticipation:
         )
 
     def _round_params(self, state: pb.GetSecAggStateResponse) -> SecAggParams:
-        """The round's parameters from the aggregator, checked against what Join allowed: no
-        wider a code than Join's ring, no fewer levels, no sum of the roster able to wrap, a
-        threshold that is a majority of each agent's share holders."""
+        """The round's parameters from the aggregator, checked against what Join allowed and this
+        agent's privacy policy: no wider a code than Join's ring, no fewer levels, no sum of the
+        roster able to wrap, no fewer agents than ``privacy.min_agents_per_sum``, a threshold above
+        half of each agent's share holders plus ``privacy.colluders``."""
         widest = self.settings.ring_bits or RING_BITS
         group = state.codes_per_element or 1
         if not (0 < state.ring_bits <= RING_BITS and state.ring_bits <= widest * group):
@@ -121,8 +126,15 @@ class SecureParticipation:
             senders = params.senders(len(state.roster))
             if not params.fixed_point.contributors_fit(senders):  # also checks the layout
                 raise ConfigError(f"{senders} agents' codes up to {state.max_code} can wrap")
-            # no threshold under which the aggregator could collect both of an agent's secrets
-            check_parameters(len(state.roster), self.settings.neighbours, state.threshold)
+            least = self.policy.min_agents_per_sum
+            if len(state.roster) < least:
+                raise PolicyRefused(
+                    f"round {self.round_id}: {len(state.roster)} agents, fewer than"
+                    f" privacy.min_agents_per_sum ({least}) whose sum the aggregator may learn"
+                )
+            # no threshold under which the aggregator (and colluders) could collect both our secrets
+            colluders = self.policy.colluders
+            check_parameters(len(state.roster), self.settings.neighbours, state.threshold, colluders)
             return params
         except ConfigError as exc:
             raise FailedPrecondition(f"round {self.round_id}: {exc}") from exc

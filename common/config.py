@@ -22,7 +22,7 @@ from typing import Any, ClassVar, TypeVar
 from common.chunks import MAX_CHUNK_BYTES, validate_chunk_bytes
 from common.errors import CloudfedError, ConfigError
 from common.identity import IdentityError, SpiffeId
-from common.secagg.coverage import check_settings, senders_of
+from common.secagg.coverage import MIN_SENDERS, check_settings, senders_of
 from common.secagg.graph import check_parameters
 from common.secagg.ring import check_headroom, coordinate_bits, levels_bits
 from common.tls import TlsFiles
@@ -81,7 +81,12 @@ class SecAggConfig:
     enabled: bool = False
     """Mask every update (the shipped deployment configs turn this on)."""
     threshold: int = 0
-    """Shamir threshold t; 0 picks a majority of each neighbourhood (all agents, or k + 1)."""
+    """Shamir threshold t; 0 picks the least safe one each round: more than half of each
+    neighbourhood (all agents, or k + 1) plus ``colluders``."""
+    colluders: int = 0
+    """Agents that may collude with the aggregator, whose thresholds must then satisfy
+    2t > k + 1 + colluders (each colluder reveals both kinds of share). At most rounds.min_agents - 2:
+    a sum over the colluders and one more agent is that agent's update."""
     neighbours: int = 0
     """k of the random k-regular neighbour graph (SecAgg+); 0 = every agent masks with every other."""
     clip: float = 0.1
@@ -360,17 +365,29 @@ class AggregatorConfig:
             raise ConfigError("secagg.threshold must be at least 2 (1 would let anyone unmask alone)")
         if sa.neighbours < 0:
             raise ConfigError("secagg.neighbours must be >= 0")
+        if not 0 <= sa.colluders <= r.min_agents - 2:
+            raise ConfigError(
+                f"secagg.colluders must be in 0..rounds.min_agents - 2 ({r.min_agents - 2}), got"
+                f" {sa.colluders}: a round's sum over the colluders and one more agent is that agent's update"
+            )
+        if sa.colluders and sa.coverage and sa.coverage < sa.colluders + 2:
+            raise ConfigError(
+                f"secagg.coverage ({sa.coverage}) must be at least secagg.colluders + 2: an element sent by"
+                " the colluders and one more agent is that agent's value"
+            )
         if sa.neighbours and sa.threshold:
             try:
-                check_parameters(max(r.min_agents, sa.neighbours + 1), sa.neighbours, sa.threshold)
+                agents = max(r.min_agents, sa.neighbours + 1)
+                check_parameters(agents, sa.neighbours, sa.threshold, sa.colluders)
             except ConfigError as exc:
                 raise ConfigError(f"secagg: {exc}") from exc
-        if sa.threshold and not sa.neighbours and 2 * sa.threshold <= r.max_agents:
+        if sa.threshold and not sa.neighbours and 2 * sa.threshold <= r.max_agents + sa.colluders:
+            against = f" plus secagg.colluders ({sa.colluders})" if sa.colluders else ""
             raise ConfigError(
-                f"secagg.threshold ({sa.threshold}) with the full graph must be a majority of every"
-                f" round's agents, up to rounds.max_agents ({r.max_agents}): rounds of {2 * sa.threshold}"
-                " or more agents would be refused (below a majority an aggregator could collect both of"
-                " an agent's secrets); leave it 0 for a majority of each round"
+                f"secagg.threshold ({sa.threshold}) with the full graph must be more than half of every"
+                f" round's agents, up to rounds.max_agents ({r.max_agents}){against}: larger rounds would"
+                " be refused (below that an aggregator could collect both of an agent's secrets); leave"
+                " it 0 for the least safe threshold of each round"
             )
         if not sa.clip > 0:
             raise ConfigError("secagg.clip must be positive")
@@ -389,6 +406,42 @@ class AggregatorConfig:
         if sa.clip_segment < 1:
             raise ConfigError(f"secagg.clip_segment must be >= 1, got {sa.clip_segment}")
         check_settings(sa.coverage, sa.neighbours)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """What this agent requires before any update leaves its cloud. Checked when it joins (a
+    federation that breaks it is refused and the daemon exits) and in every round (a round that
+    breaks it is sat out)."""
+
+    require_masking: bool = True
+    """Send only masked updates: refuse a federation without secure aggregation, whose aggregator
+    would see this cloud's update (false: trust the aggregator, e.g. for top-k or a nonlinear
+    autoencoder)."""
+    min_agents_per_sum: int = 2
+    """The fewest agents whose masked sum the aggregator may learn for any coordinate: refuse a
+    federation whose coverage is smaller, rounds with fewer agents, and unmask requests that would
+    leave fewer survivors (with coverage: senders of one of this agent's elements). Set it to the
+    fleet size to allow only the sum over every agent."""
+    colluders: int = 0
+    """Agents that may collude with the aggregator: refuse rounds whose threshold t does not satisfy
+    2t > k + 1 + colluders (k + 1 agents hold each agent's shares), under which the aggregator and
+    the colluders could collect both of this agent's secrets. At most min_agents_per_sum - 2."""
+
+    def validate(self) -> PrivacyConfig:
+        """ConfigError naming the field."""
+        if self.min_agents_per_sum < MIN_SENDERS:
+            raise ConfigError(
+                f"privacy.min_agents_per_sum must be at least {MIN_SENDERS}, got {self.min_agents_per_sum}"
+                " (one agent's sum is its update)"
+            )
+        if not 0 <= self.colluders <= self.min_agents_per_sum - 2:
+            raise ConfigError(
+                f"privacy.colluders must be in 0..privacy.min_agents_per_sum - 2"
+                f" ({self.min_agents_per_sum - 2}), got {self.colluders}: a sum over the colluders and"
+                " this agent would be this agent's update"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -433,6 +486,8 @@ class AgentConfig:
     """Python logging level."""
     tls: TlsConfig = field(default_factory=TlsConfig)
     """mTLS material."""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    """What must hold before this agent sends an update (secure aggregation, sums, colluders)."""
 
     def validate(self) -> AgentConfig:
         """Check the agent config; raise ConfigError naming the field."""
@@ -455,6 +510,7 @@ class AgentConfig:
             raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision: expected 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        self.privacy.validate()
         self.tls.files().check("tls")
         return self
 

@@ -45,3 +45,7 @@ class NotFound(CloudfedError):
 
 class ConfigError(CloudfedError):
     """A configuration value is missing or invalid; the message names the field."""
+
+
+class PolicyRefused(FailedPrecondition):
+    """The aggregator asked for something this agent's privacy policy forbids."""

@@ -35,6 +35,7 @@ from common.identity import SpiffeId
 from common.layout import ParamLayout
 from common.metrics import peer_labels
 from common.secagg.clips import SegmentClips
+from common.secagg.graph import majority
 from common.secagg.keys import Advertisement
 from common.secagg.params import SecAggParams
 from common.secagg.ring import update_weight
@@ -558,7 +559,7 @@ class RoundCoordinator:
         base = self._state.global_version
         invited = frozenset(self.connected[: self.config.max_agents])
         k = sa.neighbours
-        params = self._secagg_params(sa, auto_threshold(len(invited), k), len(invited))
+        params = self._secagg_params(sa, auto_threshold(len(invited), k, sa.colluders), len(invited))
         self._start_codec(round_id)
         coordinates = registry.secure_coordinates(self._round_codec, self.layout.numel)
         clips = self._clips = await asyncio.to_thread(self._round_clips, sa, base, coordinates)
@@ -572,7 +573,7 @@ class RoundCoordinator:
         self.db.round_started(round_id, base, time.time() + self.config.upload_deadline_s, sorted(invited))
         try:
             try:
-                params.check(len(invited))
+                params.check(len(invited), sa.colluders)
             except ConfigError as exc:
                 raise _Abandon(str(exc), "secagg_settings") from exc
             total, uploaded, dropped = await self._secure_phases(round_id, base, invited, secure, sa)
@@ -766,9 +767,9 @@ class _Abandon(Exception):
         self.reason, self.label = reason, label
 
 
-def auto_threshold(agents: int, neighbours: int) -> int:
-    """A majority of the agents holding each agent's shares: n // 2 + 1 with the full graph, else
-    (k + 1) // 2 + 1 (k neighbours and the agent itself)."""
-    if neighbours <= 0 or neighbours >= agents - 1:
-        return agents // 2 + 1
-    return (neighbours + 1) // 2 + 1
+def auto_threshold(agents: int, neighbours: int, colluders: int = 0) -> int:
+    """The least safe threshold (``graph.majority``): more than half of the agents holding each
+    agent's shares (all n with the full graph, else k neighbours and the agent itself) plus the
+    agents that may collude with the aggregator; at most the holders (then no dropout is tolerated)."""
+    holders = agents if neighbours <= 0 or neighbours >= agents - 1 else neighbours + 1
+    return min(majority(holders, colluders), holders)

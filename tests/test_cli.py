@@ -173,9 +173,16 @@ def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_d
         f'aggregator = "127.0.0.1:{port}"\nserver_name = "localhost"\nstate_dir = "agent-state"\n'
         f'[tls]\ncert = "{pki_dir}/gcp-a1.pem"\nkey = "{pki_dir}/gcp-a1-key.pem"\nca = "{pki_dir}/ca.pem"\n'
     )
+    (tmp_path / "data.txt").write_text("\n\n".join(f"document {i} of this cloud" for i in range(40)))
+    trusting = {"CLOUDFED_AGENT_PRIVACY_REQUIRE_MASKING": "false"}
     try:
         wait_serving(health)
-        ok = run_cli("agent.cli", "--config", str(agent_toml), "check")
+        # this aggregator runs without secure aggregation: refused by the default policy
+        refused = run_cli("agent.cli", "--config", str(agent_toml), "check")
+        daemon = run_cli(
+            "agent.cli", "--config", str(agent_toml), "run", env={"CLOUDFED_AGENT_DATA": "data.txt"}
+        )
+        ok = run_cli("agent.cli", "--config", str(agent_toml), "check", env=trusting)
         other = tmp_path / "other"
         assert (
             run_cli("common.pki_cli", "--dir", str(other), "init", "--trust-domain", DOMAIN).returncode == 0
@@ -194,10 +201,25 @@ def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_d
             env={
                 "CLOUDFED_AGENT_TLS_CERT": str(other / "gcp-a1.pem"),
                 "CLOUDFED_AGENT_TLS_KEY": str(other / "gcp-a1-key.pem"),
+                **trusting,
             },
         )
     finally:
         stop(proc)
+    for r in (refused, daemon):
+        assert r.returncode == 2, r.stderr
+        assert (
+            r.stderr.strip().splitlines()[-1].startswith("cloudfed-agent: federation 'cloudfed' runs without")
+        )
+        assert "privacy.require_masking" in r.stderr
+    assert (
+        "privacy         aggregator learns each agent's update (no secure aggregation); REFUSED"
+        in refused.stdout
+    )
+    assert "allowed by this agent's policy" in ok.stdout
+    assert not (tmp_path / "agent-state" / "uploads").exists() or not any(
+        (tmp_path / "agent-state" / "uploads").iterdir()
+    )
     assert ok.returncode == 0, ok.stderr
     assert f"spiffe://{DOMAIN}/cloud/gcp/agent/a1" in ok.stdout
     assert "global version  0" in ok.stdout

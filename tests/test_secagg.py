@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.errors import Aborted, ConfigError, FailedPrecondition, InvalidArgument
+from common.errors import Aborted, ConfigError, FailedPrecondition, InvalidArgument, PolicyRefused
 from common.identity import SpiffeId
 from common.pki import create_ca, issue_agent
 from common.secagg import keys, shamir
@@ -345,13 +345,64 @@ def test_equivocating_aggregator_gets_both_secrets_only_below_a_majority_thresho
     seed, key, victim = equivocate(2)
     assert shamir.reconstruct(seed, 2, 16) == victim.self_seed
     assert shamir.reconstruct(key, 2, 32) == victim.mask.private_bytes()
-    with pytest.raises(ConfigError, match="must be a majority"):
+    with pytest.raises(ConfigError, match="must be more than half"):
         SecAggParams(threshold=2).check(4)
     seed, key, victim = equivocate(3)
     for shares, size in ((seed, 16), (key, 32)):
         with pytest.raises(InvalidArgument, match="3 needed"):
             shamir.reconstruct(shares, 3, size)
     SecAggParams(threshold=3).check(4)
+
+
+@pytest.mark.parametrize(("threshold", "leaks"), [(3, True), (4, False)])
+def test_a_colluding_agent_needs_the_threshold_raised_by_one(
+    federation: Federation, threshold: int, leaks: bool
+) -> None:
+    """With 5 holders, t = 3 is safe against the aggregator alone, but a holder colluding with it
+    reveals both kinds of share for the victim u: u and v1 told that u survived and v2, v3 that it
+    dropped then give 3 shares of each secret. So check_parameters wants 2t > k + 1 + colluders
+    (t = 4), as agents with ``privacy.colluders = 1`` do."""
+    u, v1, v2, v3, colluder = sorted(federation.agents)[:5]
+    params = SecAggParams(threshold=threshold)  # as a malicious aggregator would send it
+    rounds = {a: federation.agent_round(a, 11, params, b"co") for a in (u, v1, v2, v3, colluder)}
+    roster = [r.advertise() for r in rounds.values()]
+    sealed = {a: r.share_keys(roster) for a, r in rounds.items()}
+    for a, r in rounds.items():
+        r.receive_shares({s: sealed[s][a] for s in rounds if s != a})
+    everyone = list(rounds)
+    seed = {rounds[x].points[x]: rounds[x].unmask(everyone, [])[u][1] for x in (u, v1)}
+    key = {rounds[x].points[x]: rounds[x].unmask([v1, v2, v3, colluder], [u])[u][1] for x in (v2, v3)}
+    b_share, sk_share = rounds[colluder].held[u]  # the colluder hands over both
+    seed[rounds[colluder].points[colluder]] = b_share
+    key[rounds[colluder].points[colluder]] = sk_share
+    victim = rounds[u]
+    if leaks:
+        assert shamir.reconstruct(seed, threshold, 16) == victim.self_seed
+        assert shamir.reconstruct(key, threshold, 32) == victim.mask.private_bytes()
+        SecAggParams(threshold=threshold).check(5)  # safe against the aggregator alone
+        with pytest.raises(ConfigError, match="and 1 colluding with the aggregator"):
+            SecAggParams(threshold=threshold).check(5, colluders=1)
+    else:
+        for shares, size in ((seed, 16), (key, 32)):
+            with pytest.raises(InvalidArgument, match=f"{threshold} needed"):
+                shamir.reconstruct(shares, threshold, size)
+        SecAggParams(threshold=threshold).check(5, colluders=1)
+
+
+def test_an_agent_refuses_to_unmask_a_sum_smaller_than_its_policy_allows(
+    federation: Federation, codes: dict[str, np.ndarray]
+) -> None:
+    """``privacy.min_agents_per_sum``: an unmask request leaving fewer survivors is refused, even
+    above the threshold, and nothing is revealed; a request it allows is answered."""
+    ids = sorted(codes)
+    agent = federation.agent_round(ids[0], 4, FULL, b"seed")
+    agent.min_sum = 8
+    others = [federation.agent_round(a, 4, FULL, b"seed").advertise() for a in ids[1:]]
+    agent.share_keys([agent.advertise(), *others])
+    with pytest.raises(PolicyRefused, match="no fewer than 8 agents"):
+        agent.unmask(ids[:7], ids[7:])  # 7 survivors: above t = 6, below the policy
+    assert not agent.unmasked
+    assert len(agent.unmask(ids[:8], ids[8:])) == 1  # its own self-seed share (it received none)
 
 
 def test_unmask_request_naming_a_peer_alive_and_dropped_is_refused(
@@ -569,7 +620,7 @@ def test_headroom_and_parameter_checks_say_why() -> None:
         check_headroom(1, 4)
     with pytest.raises(ConfigError, match="above the number of agents"):
         SecAggParams(threshold=11).check(10)
-    with pytest.raises(ConfigError, match="must be a majority"):
+    with pytest.raises(ConfigError, match="must be more than half"):
         SecAggParams(threshold=2, neighbours=4).check(10)
     with pytest.raises(ConfigError, match="plus the agent itself"):
         SecAggParams(threshold=6, neighbours=4).check(10)

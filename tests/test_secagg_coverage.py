@@ -206,6 +206,10 @@ def test_dropout_keeps_two_senders_or_the_agents_refuse(federation: Federation) 
     for a in result.survivors:
         expected += np.where(senders[:, cov.position(a)], encoded[a], 0).astype(np.uint32)
     np.testing.assert_array_equal(_ring(result.total, params), _ring(expected, params))
+    survivor = result.survivors[0]
+    cov.check_survivors(survivor, result.survivors)  # two senders left: the protocol's floor
+    with pytest.raises(InvalidArgument, match="fewer than 3 agents"):  # privacy.min_agents_per_sum = 3
+        cov.check_survivors(survivor, result.survivors, least=3)
     params = _params(2)
     encoders, _, length = _encoders(federation, params, values, weights)
     with pytest.raises(InvalidArgument, match="fewer than 2 agents"):

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from agent import uplink
 from agent.client import AggregatorClient
 from agent.secure import SecureParticipation, Signer
-from common.config import SecAggConfig
+from common.config import PrivacyConfig, SecAggConfig
 from common.errors import ConfigError, FailedPrecondition
 from common.layout import ParamLayout
 from common.secagg.agent import AgentRound
@@ -316,12 +316,21 @@ def test_impossible_secagg_settings_are_refused_at_start(pki: Pki, tmp_path: Pat
         dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, threshold=4)).validate()
     with pytest.raises(ConfigError, match="headroom"):
         dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, bits=24)).validate()  # 1000 agents
-    with pytest.raises(ConfigError, match="must be a majority"):
+    with pytest.raises(ConfigError, match="must be more than half"):
         dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, neighbours=4, threshold=2)).validate()
-    with pytest.raises(ConfigError, match="must be a majority of every round's agents"):
+    with pytest.raises(ConfigError, match="must be more than half of every round's agents"):
         dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, threshold=3)).validate()  # up to 16
     few = dataclasses.replace(base, rounds=dataclasses.replace(base.rounds, max_agents=5))
     dataclasses.replace(few, secagg=dataclasses.replace(SECAGG, threshold=3)).validate()  # 3 of 3 to 5
+    with pytest.raises(ConfigError, match=r"plus secagg\.colluders \(1\)"):  # 2 * 3 <= 5 + 1
+        dataclasses.replace(few, secagg=dataclasses.replace(SECAGG, threshold=3, colluders=1)).validate()
+    with pytest.raises(ConfigError, match=r"secagg\.colluders must be in 0\.\.rounds\.min_agents - 2 \(1\)"):
+        dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, colluders=2)).validate()
+    with pytest.raises(ConfigError, match=r"secagg\.coverage \(2\) must be at least secagg\.colluders \+ 2"):
+        dataclasses.replace(base, secagg=dataclasses.replace(SECAGG, coverage=2, colluders=1)).validate()
+    sparse = dataclasses.replace(SECAGG, neighbours=4, threshold=3, colluders=1)
+    with pytest.raises(ConfigError, match="and 1 colluding with the aggregator"):
+        dataclasses.replace(base, secagg=sparse).validate()
     with pytest.raises(ConfigError, match="min_agents >= 2"):
         dataclasses.replace(aggregator_config(pki, tmp_path, min_agents=1), secagg=SECAGG).validate()
     for levels, why in (
@@ -387,7 +396,9 @@ async def test_agent_refuses_a_roster_out_of_agent_id_order(pki: Pki) -> None:
     assert [type(m) for m in client.sent] == [pb.AdvertiseKeysRequest]  # advertised, shared nothing
 
 
-def offline_participation(pki: Pki, name: str, settings: pb.SecAggSettings) -> SecureParticipation:
+def offline_participation(
+    pki: Pki, name: str, settings: pb.SecAggSettings, policy: PrivacyConfig | None = None
+) -> SecureParticipation:
     """Agent ``name``'s part in round 7, with no client: for checks of the round's parameters."""
     return SecureParticipation(
         None,  # type: ignore[arg-type]  # no RPC is made
@@ -396,6 +407,7 @@ def offline_participation(pki: Pki, name: str, settings: pb.SecAggSettings) -> S
         settings,
         7,
         1.0,
+        policy,
     )
 
 
@@ -485,7 +497,36 @@ def test_agent_refuses_a_round_threshold_short_of_a_majority_of_its_share_holder
     part = offline_participation(pki, "t1", settings)
     state = roster_of(agents, threshold=threshold, ring_bits=11, max_code=(2**11 - 1) // agents)
     if refused:
-        with pytest.raises(FailedPrecondition, match="must be a majority"):
+        with pytest.raises(FailedPrecondition, match="must be more than half"):
+            part._round_params(state)
+    else:
+        assert part._round_params(state).threshold == threshold
+
+
+@pytest.mark.parametrize(
+    ("agents", "threshold", "colluders", "least", "message"),
+    [
+        (5, 3, 1, 3, "more than half of the 5 agents holding each agent's shares and 1 colluding"),
+        (5, 4, 1, 3, ""),
+        (4, 3, 1, 3, ""),  # 2t = 6 > 4 holders + 1 colluder
+        (6, 4, 2, 4, "at least 5"),
+        (3, 2, 0, 4, r"3 agents, fewer than privacy\.min_agents_per_sum \(4\)"),
+        (4, 3, 0, 4, ""),
+    ],
+)
+def test_agent_policy_sets_the_least_threshold_and_the_smallest_sum(
+    pki: Pki, agents: int, threshold: int, colluders: int, least: int, message: str
+) -> None:
+    """``privacy.colluders`` c: a round's threshold must satisfy 2t > n + c, else the aggregator and
+    the colluders could collect both of this agent's secrets; ``privacy.min_agents_per_sum``: a
+    round with fewer agents is refused before any key is shared."""
+    settings = pb.SecAggSettings(enabled=True, clip=1.0, bits=8, ring_bits=11, levels=256)
+    policy = PrivacyConfig(min_agents_per_sum=least, colluders=colluders).validate()
+    part = offline_participation(pki, "p1", settings, policy)
+    assert part.protocol.min_sum == least  # and unmask requests are held to it
+    state = roster_of(agents, threshold=threshold, ring_bits=11, max_code=(2**11 - 1) // agents)
+    if message:
+        with pytest.raises(FailedPrecondition, match=message):
             part._round_params(state)
     else:
         assert part._round_params(state).threshold == threshold

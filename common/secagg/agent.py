@@ -13,9 +13,9 @@ import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.errors import FailedPrecondition, InvalidArgument
+from common.errors import FailedPrecondition, InvalidArgument, PolicyRefused
 from common.secagg import shamir
-from common.secagg.coverage import Coverage, CoveredUniforms
+from common.secagg.coverage import MIN_SENDERS, Coverage, CoveredUniforms
 from common.secagg.graph import neighbours
 from common.secagg.keys import (
     Advertisement,
@@ -84,6 +84,10 @@ class AgentRound:
     masked_with: frozenset[str] = frozenset()
     unmasked: bool = False
     covered: Coverage | None = None
+    min_sum: int = MIN_SENDERS
+    """The fewest agents whose sum this agent lets the aggregator learn (``privacy.min_agents_per_sum``):
+    an unmask request leaving fewer survivors, or with coverage fewer senders of one of this
+    agent's elements, is refused."""
 
     def advertise(self) -> Advertisement:
         """Phase 1: both public keys, signed with the certificate key."""
@@ -206,10 +210,15 @@ class AgentRound:
         unknown = (alive | gone) - set(self.roster)
         if unknown:
             raise InvalidArgument(f"unmask request names agents outside the roster: {sorted(unknown)}")
+        if len(alive) < self.min_sum:
+            raise PolicyRefused(
+                f"unmask request lists {len(alive)} survivors; this agent's policy allows sums over no"
+                f" fewer than {self.min_sum} agents"
+            )
         if self.params.coverage:  # no element of this agent's may be left to fewer senders
             if self.covered is None:
                 raise FailedPrecondition("this agent has not masked an update this round")
-            self.covered.check_survivors(self.agent_id, alive)
+            self.covered.check_survivors(self.agent_id, alive, max(self.min_sum, MIN_SENDERS))
         self.unmasked = True
         out: dict[str, tuple[int, bytes]] = {}
         for peer, (b_share, sk_share) in self.held.items():

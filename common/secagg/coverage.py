@@ -178,18 +178,18 @@ class Coverage:
 
         return where
 
-    def check_survivors(self, member: str, survivors: Iterable[str]) -> None:
+    def check_survivors(self, member: str, survivors: Iterable[str], least: int = MIN_SENDERS) -> None:
         """InvalidArgument if some element ``member`` sends would be summed over fewer than
-        MIN_SENDERS of ``survivors``."""
+        ``least`` (at least MIN_SENDERS) of ``survivors``."""
+        least = max(least, MIN_SENDERS)
         alive = [self.position(m) for m in set(survivors) if m in self.members]
         mine = self.position(member)
         for start, stop in self.steps():
             sends = self.senders(start, stop)
             left = sends[:, alive].sum(axis=1)
-            if np.any(sends[:, mine] & (left < MIN_SENDERS)):
+            if np.any(sends[:, mine] & (left < least)):
                 raise InvalidArgument(
-                    f"unmask request would leave an element of {member} summed over fewer than"
-                    f" {MIN_SENDERS} agents"
+                    f"unmask request would leave an element of {member} summed over fewer than {least} agents"
                 )
 
     def mean(self, total: np.ndarray, fp: FixedPoint, weights: Mapping[str, float], count: int) -> np.ndarray:

@@ -8,24 +8,34 @@ from collections.abc import Sequence
 from common.errors import ConfigError
 
 
-def check_parameters(agents: int, neighbours: int, threshold: int) -> None:
-    """Refuse graphs that cannot be secure or cannot recover: t a majority of the k + 1 agents that
-    hold each agent's shares (itself included), and t <= k + 1.
+def check_parameters(agents: int, neighbours: int, threshold: int, colluders: int = 0) -> None:
+    """Refuse graphs that cannot be secure or cannot recover: t above half of the k + 1 agents that
+    hold each agent's shares (itself included) plus ``colluders``, and t <= k + 1.
 
-    A majority because each holder reveals one kind of share for a peer, as the survivor list it
-    is sent says: an aggregator that tells some holders an agent dropped and the others that it
-    survived gets t shares of both its secrets (so its update) unless 2t > k + 1."""
+    Each honest holder reveals one kind of share for a peer, as the survivor list it is sent says,
+    and an agent colluding with the aggregator reveals both: an aggregator that tells some honest
+    holders an agent dropped and the others that it survived gets t shares of both its secrets (so
+    its update) unless 2t > k + 1 + colluders (Bonawitz et al. 2017: t > (n + n_C) / 2)."""
     k = agents - 1 if neighbours == 0 or neighbours >= agents - 1 else neighbours
     if k < 1:
         raise ConfigError("secure aggregation needs at least 2 agents")
-    if 2 * threshold <= k + 1:
+    if colluders < 0:
+        raise ConfigError(f"secagg colluders must be >= 0, got {colluders}")
+    least = majority(k + 1, colluders)
+    if threshold < least:
+        against = f" and {colluders} colluding with the aggregator" if colluders else ""
         raise ConfigError(
-            f"secagg threshold {threshold} must be a majority of the {k + 1} agents holding each agent's"
-            f" shares (at least {(k + 1) // 2 + 1}): with fewer, an aggregator that gives holders"
+            f"secagg threshold {threshold} must be more than half of the {k + 1} agents holding each"
+            f" agent's shares{against} (at least {least}): with fewer, an aggregator that gives holders"
             " different survivor lists can collect both of an agent's secrets"
         )
     if threshold > k + 1:
         raise ConfigError(f"secagg threshold {threshold} exceeds the {k} neighbours plus the agent itself")
+
+
+def majority(holders: int, colluders: int = 0) -> int:
+    """The least safe threshold: more than half of ``holders`` plus ``colluders``."""
+    return (holders + colluders) // 2 + 1
 
 
 def neighbours(ids: Sequence[str], k: int, seed: bytes) -> dict[str, frozenset[str]]:

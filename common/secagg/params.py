@@ -63,13 +63,14 @@ class SecAggParams:
             coverage,
         )
 
-    def check(self, agents: int) -> SecAggParams:
-        """Refuse settings that cannot work for ``agents`` agents, saying why."""
+    def check(self, agents: int, colluders: int = 0) -> SecAggParams:
+        """Refuse settings that cannot work for ``agents`` agents, or are not safe against
+        ``colluders`` of them colluding with the aggregator, saying why."""
         if self.threshold < 2:
             raise ConfigError(f"secagg threshold must be at least 2, got {self.threshold}")
         if self.threshold > agents:
             raise ConfigError(f"secagg threshold {self.threshold} is above the number of agents ({agents})")
-        check_parameters(agents, self.neighbours, self.threshold)
+        check_parameters(agents, self.neighbours, self.threshold, colluders)
         check_settings(self.coverage, self.neighbours)
         senders = self.senders(agents)
         fp = self.fixed_point

@@ -1,0 +1,115 @@
+"""The agent's privacy policy: what it refuses at Join (the daemon sends nothing and exits), the
+config that states it, and the aggregator's threshold for colluders."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from agent.daemon import Agent
+from agent.privacy import check_federation, describe
+from common.config import AgentConfig, PrivacyConfig, SecAggConfig, TlsConfig, load
+from common.errors import ConfigError, PolicyRefused
+from common.secagg.graph import check_parameters
+from protos.cloudfed.v1 import federation_pb2 as pb
+from server.rounds import auto_threshold
+from tests.conftest import Pki, aggregator_config
+
+
+def settings(enabled: bool, coverage: int = 0) -> pb.FederationSettings:
+    return pb.FederationSettings(
+        federation_id="fed", secagg=pb.SecAggSettings(enabled=enabled, coverage=coverage)
+    )
+
+
+def test_masking_is_required_unless_the_operator_trusts_the_aggregator() -> None:
+    with pytest.raises(
+        PolicyRefused, match=r"'fed' runs without secure aggregation.*privacy\.require_masking"
+    ):
+        check_federation(PrivacyConfig(), settings(False))
+    check_federation(PrivacyConfig(require_masking=False), settings(False))
+    check_federation(PrivacyConfig(), settings(True))
+    assert "each agent's update" in describe(PrivacyConfig(), settings(False))
+    assert "REFUSED" in describe(PrivacyConfig(), settings(False))
+    assert describe(PrivacyConfig(), settings(True)).endswith("allowed by this agent's policy")
+
+
+def test_coverage_below_the_smallest_sum_allowed_is_refused() -> None:
+    """Sparse coverage (README, Secure aggregation) lets the aggregator learn each element's sum
+    over k agents: each agent's operator decides whether k is enough."""
+    covered = settings(True, coverage=2)
+    check_federation(PrivacyConfig(), covered)  # the protocol's own floor is 2
+    strict = PrivacyConfig(min_agents_per_sum=3)
+    with pytest.raises(PolicyRefused, match=r"over 2 agents .*privacy\.min_agents_per_sum \(3\)"):
+        check_federation(strict, covered)
+    check_federation(strict, settings(True, coverage=3))
+    check_federation(strict, settings(True))  # full sums: survivors are checked at unmask
+    assert "each element's sum over 2 agents; REFUSED" in describe(strict, covered)
+
+
+def test_privacy_config_is_loaded_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text("[privacy]\nmin_agents_per_sum = 4\ncolluders = 1\n")
+    loaded = load(AgentConfig, path, env={"CLOUDFED_AGENT_PRIVACY_REQUIRE_MASKING": "false"})
+    assert loaded.privacy == PrivacyConfig(require_masking=False, min_agents_per_sum=4, colluders=1)
+    assert loaded.privacy.validate() is loaded.privacy
+    assert load(AgentConfig, None, env={}).privacy == PrivacyConfig(True, 2, 0)  # private by default
+    with pytest.raises(ConfigError, match=r"privacy\.min_agents_per_sum must be at least 2"):
+        PrivacyConfig(min_agents_per_sum=1).validate()
+    with pytest.raises(
+        ConfigError, match=r"privacy\.colluders must be in 0\.\.privacy\.min_agents_per_sum - 2 \(1\)"
+    ):
+        PrivacyConfig(min_agents_per_sum=3, colluders=2).validate()
+    with pytest.raises(ConfigError, match=r"privacy\.colluders"):
+        dataclasses.replace(load(AgentConfig, None, env={}), privacy=PrivacyConfig(colluders=-1)).validate()
+
+
+@pytest.mark.parametrize(
+    ("agents", "neighbours", "colluders", "expected"),
+    [(4, 0, 0, 3), (5, 0, 0, 3), (5, 0, 1, 4), (4, 0, 1, 3), (10, 4, 0, 3), (10, 4, 1, 4), (7, 0, 3, 6)],
+)
+def test_auto_threshold_is_the_least_safe_against_the_colluders(
+    agents: int, neighbours: int, colluders: int, expected: int
+) -> None:
+    t = auto_threshold(agents, neighbours, colluders)
+    assert t == expected
+    check_parameters(agents, neighbours, t, colluders)
+    with pytest.raises(ConfigError, match="must be more than half"):
+        check_parameters(agents, neighbours, t - 1, colluders)
+
+
+async def test_agent_daemon_refuses_a_federation_without_masking_and_sends_nothing(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    """The real daemon against a real aggregator without secure aggregation: it joins (to read the
+    settings), refuses, and leaves before loading a model or training; the aggregator has no
+    upload and no round from it."""
+    run = await start_aggregator(min_agents=1)
+    data = tmp_path / "data.txt"
+    data.write_text("\n\n".join(f"private document {i} of this cloud" for i in range(40)))
+    files = pki.agent("strict")
+    config = AgentConfig(
+        aggregator=run.target,
+        server_name="localhost",
+        state_dir=tmp_path / "agent-state",
+        data=data,
+        metrics_listen="",
+        tls=TlsConfig(files.cert, files.key, files.ca),
+    ).validate()
+    agent = Agent(config)
+    with pytest.raises(PolicyRefused, match="runs without secure aggregation"):
+        await asyncio.wait_for(agent.run(asyncio.Event()), 60)
+    assert agent.worker.trainer is None and agent.progress.rounds_trained == set()
+    assert not any(run.agg.rounds.spool.root.rglob("*.bin"))
+    assert "strict" in " ".join(run.agg.rounds.agents)  # it did join: the refusal is the agent's
+
+
+def test_secagg_config_colluders_default_is_the_old_threshold(pki: Pki, tmp_path: Path) -> None:
+    """colluders = 0 keeps the thresholds of before; a deployment sets it to guard against more."""
+    assert SecAggConfig().colluders == 0
+    base = aggregator_config(pki, tmp_path, min_agents=4)
+    dataclasses.replace(base, secagg=SecAggConfig(enabled=True, colluders=2)).validate()
+    assert [auto_threshold(n, 0) for n in (2, 3, 4, 5, 6)] == [2, 2, 3, 3, 4]
