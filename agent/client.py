@@ -89,9 +89,13 @@ class AggregatorClient:
         await self.close()
 
     async def join(
-        self, num_examples: int, device: pb.DeviceInfo | None = None, codecs: tuple[str, ...] = KNOWN_CODECS
+        self,
+        num_examples: int,
+        device: pb.DeviceInfo | None = None,
+        codecs: tuple[str, ...] = KNOWN_CODECS,
+        privacy: pb.PrivacyPolicy | None = None,
     ) -> pb.JoinResponse:
-        """Announce this agent and get the federation's settings.
+        """Announce this agent (and its privacy policy) and get the federation's settings.
 
         Raises FailedPrecondition when the two sides cannot work together (another wire
         revision, a codec this agent cannot encode): no retry fixes that.
@@ -102,6 +106,7 @@ class AggregatorClient:
             device=device,
             num_examples=num_examples,
             wire_revision=WIRE_REVISION,
+            privacy=privacy,
         )
         # Fails fast (no wait_for_ready): a bad certificate must surface at once, not as a deadline.
         try:

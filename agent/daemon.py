@@ -22,7 +22,7 @@ from agent import metrics
 from agent.client import AggregatorClient
 from agent.data import load_texts, pack, split
 from agent.distributed import DistContext
-from agent.privacy import check_federation, describe
+from agent.privacy import announced, check_federation, describe
 from agent.secure import SecureParticipation, Signer
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device, pick_dtype
 from agent.uplink import upload_header
@@ -191,7 +191,11 @@ class Agent:
 
     async def _session(self, client: AggregatorClient, stop: asyncio.Event) -> bool:
         """One connection's life; True once max_rounds is reached."""
-        join = await client.join(num_examples=len(self.train_docs), device=self._device_info())
+        join = await client.join(
+            num_examples=len(self.train_docs),
+            device=self._device_info(),
+            privacy=announced(self.config.privacy),
+        )
         settings = join.settings
         check_federation(self.config.privacy, settings)  # PolicyRefused: nothing is sent, we exit
         log.info(

@@ -31,6 +31,15 @@ def check_federation(policy: PrivacyConfig, settings: pb.FederationSettings) -> 
         )
 
 
+def announced(policy: PrivacyConfig) -> pb.PrivacyPolicy:
+    """The policy as Join announces it (the aggregator sizes thresholds for its colluders)."""
+    return pb.PrivacyPolicy(
+        require_masking=policy.require_masking,
+        min_agents_per_sum=policy.min_agents_per_sum,
+        colluders=policy.colluders,
+    )
+
+
 def describe(policy: PrivacyConfig, settings: pb.FederationSettings) -> str:
     """One line for ``cloudfed-agent check``: what the aggregator may learn, and the verdict."""
     sa = settings.secagg

@@ -109,6 +109,9 @@ class AgentInfo:
 
     num_examples: int
     software_version: str
+    colluders: int = 0
+    """Agents that may collude with the aggregator, by the agent's privacy policy: its rounds'
+    threshold must allow for them."""
     joined_at: float = field(default_factory=time.time)
 
 
@@ -559,7 +562,8 @@ class RoundCoordinator:
         base = self._state.global_version
         invited = frozenset(self.connected[: self.config.max_agents])
         k = sa.neighbours
-        params = self._secagg_params(sa, auto_threshold(len(invited), k, sa.colluders), len(invited))
+        colluders = max([sa.colluders, *(self.agents[a].colluders for a in invited)])  # each agent's policy
+        params = self._secagg_params(sa, auto_threshold(len(invited), k, colluders), len(invited))
         self._start_codec(round_id)
         coordinates = registry.secure_coordinates(self._round_codec, self.layout.numel)
         clips = self._clips = await asyncio.to_thread(self._round_clips, sa, base, coordinates)
@@ -573,7 +577,7 @@ class RoundCoordinator:
         self.db.round_started(round_id, base, time.time() + self.config.upload_deadline_s, sorted(invited))
         try:
             try:
-                params.check(len(invited), sa.colluders)
+                params.check(len(invited), colluders)
             except ConfigError as exc:
                 raise _Abandon(str(exc), "secagg_settings") from exc
             total, uploaded, dropped = await self._secure_phases(round_id, base, invited, secure, sa)

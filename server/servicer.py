@@ -115,14 +115,19 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         check_joiner(
             request.wire_revision, request.supported_codecs, self._rounds.codec.name, request.software_version
         )
-        await self._rounds.join(peer, AgentInfo(request.num_examples, request.software_version))
+        policy = request.privacy
+        info = AgentInfo(request.num_examples, request.software_version, colluders=policy.colluders)
+        await self._rounds.join(peer, info)
         log.info(
-            "%s joined (software %s, %d examples, %s x%d)",
+            "%s joined (software %s, %d examples, %s x%d; masking %s, sums over >= %d, %d colluders)",
             peer,
             request.software_version,
             request.num_examples,
             request.device.accelerator or "?",
             request.device.device_count,
+            "required" if policy.require_masking else "not required",
+            policy.min_agents_per_sum or 2,
+            policy.colluders,
         )
         return pb.JoinResponse(
             agent_id=peer.uri,

@@ -98,13 +98,15 @@ async def test_agent_daemon_refuses_a_federation_without_masking_and_sends_nothi
         data=data,
         metrics_listen="",
         tls=TlsConfig(files.cert, files.key, files.ca),
+        privacy=PrivacyConfig(min_agents_per_sum=3, colluders=1),
     ).validate()
     agent = Agent(config)
     with pytest.raises(PolicyRefused, match="runs without secure aggregation"):
         await asyncio.wait_for(agent.run(asyncio.Event()), 60)
     assert agent.worker.trainer is None and agent.progress.rounds_trained == set()
     assert not any(run.agg.rounds.spool.root.rglob("*.bin"))
-    assert "strict" in " ".join(run.agg.rounds.agents)  # it did join: the refusal is the agent's
+    (joined,) = run.agg.rounds.agents.values()  # it did join, announcing its policy; the refusal is its own
+    assert joined.colluders == 1
 
 
 def test_secagg_config_colluders_default_is_the_old_threshold(pki: Pki, tmp_path: Path) -> None:

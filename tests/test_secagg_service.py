@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 
 from agent import uplink
 from agent.client import AggregatorClient
+from agent.privacy import announced
 from agent.secure import SecureParticipation, Signer
 from common.config import PrivacyConfig, SecAggConfig
 from common.errors import ConfigError, FailedPrecondition
@@ -56,6 +57,7 @@ async def play_agent(
     rings: dict[str, tuple[int, int, int, int]] | None = None,
     protocols: dict[str, AgentRound] | None = None,
     sent: list[tuple[str, Message]] | None = None,
+    privacy: PrivacyConfig | None = None,
 ) -> tuple[str, float]:  # type: ignore[no-untyped-def]
     """One agent through the real client and the agent's SecureParticipation (``rings``: its
     round's element bits, largest code, Join's widest code and codes an element, by name;
@@ -64,13 +66,14 @@ async def play_agent(
     async with run.client(name) as client:
         if sent is not None:
             client.stub = RecordingStub(client.stub, sent)  # type: ignore[assignment]
-        join = await client.join(num_examples=examples)
+        policy = None if privacy is None else announced(privacy)
+        join = await client.join(num_examples=examples, privacy=policy)
         watcher = Watcher(client)
         try:
             event = await watcher.until(pb.ROUND_PHASE_ADVERTISE_KEYS)
             assert event.participant
             part = SecureParticipation(
-                client, Signer.load(files), join.agent_id, join.settings.secagg, event.round_id, 60
+                client, Signer.load(files), join.agent_id, join.settings.secagg, event.round_id, 60, privacy
             )
             await part.keys()
             if rings is not None:
@@ -98,6 +101,38 @@ async def play_agent(
             return join.agent_id, weight
         finally:
             await watcher.close()
+
+
+async def test_aggregator_raises_the_threshold_for_an_agents_colluders(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    """One of 3 agents announces at Join that 1 agent may collude with the aggregator: the round's
+    threshold is 3 (2t > 3 + 1), not the 2 of a majority, so that agent takes part (it would sit
+    out a round at t = 2) and the masked round completes with everyone."""
+    run = await start_aggregator(config=secure_config(pki, tmp_path / "agg0", min_agents=3))
+    names = [f"col{i}" for i in range(3)]
+    wary = PrivacyConfig(min_agents_per_sum=3, colluders=1).validate()
+    protocols: dict[str, AgentRound] = {}
+    rng = np.random.default_rng(9)
+    results = await asyncio.gather(
+        *(
+            play_agent(
+                run,
+                n,
+                rng.uniform(-0.1, 0.1, NUMEL).astype(np.float32),
+                10,
+                tmp_path,
+                protocols=protocols,
+                privacy=wary if n == names[0] else None,
+            )
+            for n in names
+        )
+    )
+    assert len(results) == 3
+    assert {p.params.threshold for p in protocols.values()} == {3}
+    wary_id = next(a for a in run.agg.rounds.agents if a.endswith("/col0"))
+    assert run.agg.rounds.agents[wary_id].colluders == 1
+    assert run.agg.rounds.state.global_version == 1
 
 
 class RecordingStub:

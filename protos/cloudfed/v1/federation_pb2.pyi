@@ -165,6 +165,7 @@ class JoinRequest(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
     WIRE_REVISION_FIELD_NUMBER: _builtins.int
+    PRIVACY_FIELD_NUMBER: _builtins.int
     software_version: _builtins.str
     """cloudfed version of the agent software."""
     num_examples: _builtins.int
@@ -182,6 +183,13 @@ class JoinRequest(_message.Message):
     def device(self) -> Global___DeviceInfo:
         """The agent's compute."""
 
+    @_builtins.property
+    def privacy(self) -> Global___PrivacyPolicy:
+        """What the agent requires of the federation; unset for an agent older than
+        the field. The agent enforces it itself; the aggregator raises its round
+        thresholds to meet every invited agent's colluders.
+        """
+
     def __init__(
         self,
         *,
@@ -190,14 +198,45 @@ class JoinRequest(_message.Message):
         device: Global___DeviceInfo | None = ...,
         num_examples: _builtins.int = ...,
         wire_revision: _builtins.int = ...,
+        privacy: Global___PrivacyPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "privacy", b"privacy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "num_examples", b"num_examples", "software_version", b"software_version", "supported_codecs", b"supported_codecs", "wire_revision", b"wire_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "num_examples", b"num_examples", "privacy", b"privacy", "software_version", b"software_version", "supported_codecs", b"supported_codecs", "wire_revision", b"wire_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JoinRequest: _TypeAlias = JoinRequest  # noqa: Y015
+
+@_typing.final
+class PrivacyPolicy(_message.Message):
+    """PrivacyPolicy is an agent's [privacy] configuration, announced at Join."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUIRE_MASKING_FIELD_NUMBER: _builtins.int
+    MIN_AGENTS_PER_SUM_FIELD_NUMBER: _builtins.int
+    COLLUDERS_FIELD_NUMBER: _builtins.int
+    require_masking: _builtins.bool
+    """The agent sends only masked updates."""
+    min_agents_per_sum: _builtins.int
+    """The fewest agents whose sum the aggregator may learn for any coordinate."""
+    colluders: _builtins.int
+    """Agents that may collude with the aggregator: thresholds need 2t > k + 1 + colluders."""
+    def __init__(
+        self,
+        *,
+        require_masking: _builtins.bool = ...,
+        min_agents_per_sum: _builtins.int = ...,
+        colluders: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["colluders", b"colluders", "min_agents_per_sum", b"min_agents_per_sum", "require_masking", b"require_masking"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrivacyPolicy: _TypeAlias = PrivacyPolicy  # noqa: Y015
 
 @_typing.final
 class ParamSpec(_message.Message):
