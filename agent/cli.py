@@ -30,12 +30,12 @@ from common.logs import setup_logging
 async def check(config: AgentConfig) -> int:
     """Join and download the latest version; print what was learned."""
     from agent.client import AggregatorClient
-    from agent.privacy import check_federation, describe
+    from agent.privacy import announced, check_federation, describe
 
     async with AggregatorClient(
         config.aggregator, config.tls.files(), server_name=config.server_name, chunk_bytes=config.chunk_bytes
     ) as client:
-        join = await client.join(num_examples=0)
+        join = await client.join(num_examples=0, privacy=announced(config.privacy))  # checked there too
         s = join.settings
         print(f"identity        {join.agent_id}")
         print(f"federation      {s.federation_id} (model {s.model_id or '-'})")

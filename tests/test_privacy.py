@@ -1,5 +1,5 @@
-"""The agent's privacy policy: what it refuses at Join (the daemon sends nothing and exits), the
-config that states it, and the aggregator's threshold for colluders."""
+"""The agent's privacy policy: what it refuses at Join (the daemon sends nothing and exits), what
+the aggregator refuses at Join, the config that states it, and the threshold for colluders."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import pytest
 from agent.daemon import Agent
 from agent.privacy import check_federation, describe
 from common.config import AgentConfig, PrivacyConfig, SecAggConfig, TlsConfig, load
-from common.errors import ConfigError, PolicyRefused
+from common.errors import ConfigError, FailedPrecondition, PolicyRefused
 from common.secagg.graph import check_parameters
 from protos.cloudfed.v1 import federation_pb2 as pb
+from server import servicer
+from server.admission import check_agent_policy
 from server.rounds import auto_threshold
 from tests.conftest import Pki, aggregator_config
 
@@ -81,13 +83,8 @@ def test_auto_threshold_is_the_least_safe_against_the_colluders(
         check_parameters(agents, neighbours, t - 1, colluders)
 
 
-async def test_agent_daemon_refuses_a_federation_without_masking_and_sends_nothing(
-    start_aggregator, pki: Pki, tmp_path: Path
-) -> None:
-    """The real daemon against a real aggregator without secure aggregation: it joins (to read the
-    settings), refuses, and leaves before loading a model or training; the aggregator has no
-    upload and no round from it."""
-    run = await start_aggregator(min_agents=1)
+def wary_agent(run, pki: Pki, tmp_path: Path) -> Agent:  # type: ignore[no-untyped-def]
+    """The real agent daemon, with private data, requiring masking and naming 1 colluder."""
     data = tmp_path / "data.txt"
     data.write_text("\n\n".join(f"private document {i} of this cloud" for i in range(40)))
     files = pki.agent("strict")
@@ -100,13 +97,63 @@ async def test_agent_daemon_refuses_a_federation_without_masking_and_sends_nothi
         tls=TlsConfig(files.cert, files.key, files.ca),
         privacy=PrivacyConfig(min_agents_per_sum=3, colluders=1),
     ).validate()
-    agent = Agent(config)
+    return Agent(config)
+
+
+async def test_aggregator_refuses_at_join_an_agent_whose_policy_it_can_never_meet(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    """The agent announces its policy at Join; an aggregator without secure aggregation refuses it
+    with FAILED_PRECONDITION and the reason (in its log too), records no such agent, and the
+    daemon stops before loading a model."""
+    run = await start_aggregator(min_agents=1)
+    agent = wary_agent(run, pki, tmp_path)
+    with pytest.raises(FailedPrecondition, match=r"refused to let us join: .*privacy\.require_masking"):
+        await asyncio.wait_for(agent.run(asyncio.Event()), 60)
+    assert agent.worker.trainer is None and agent.progress.rounds_trained == set()
+    assert run.agg.rounds.agents == {}
+
+
+async def test_agent_daemon_refuses_an_aggregator_that_ignores_its_policy(
+    start_aggregator, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent does not rely on the aggregator's check: against one that skips it (as a
+    malicious or older one would), the daemon joins, reads the settings, refuses, and leaves
+    before loading a model or training; no upload reaches the aggregator."""
+    monkeypatch.setattr(servicer, "check_agent_policy", lambda policy, config: None)
+    run = await start_aggregator(min_agents=1)
+    agent = wary_agent(run, pki, tmp_path)
     with pytest.raises(PolicyRefused, match="runs without secure aggregation"):
         await asyncio.wait_for(agent.run(asyncio.Event()), 60)
     assert agent.worker.trainer is None and agent.progress.rounds_trained == set()
     assert not any(run.agg.rounds.spool.root.rglob("*.bin"))
-    (joined,) = run.agg.rounds.agents.values()  # it did join, announcing its policy; the refusal is its own
+    (joined,) = run.agg.rounds.agents.values()  # it joined, announcing its policy
     assert joined.colluders == 1
+
+
+@pytest.mark.parametrize(
+    ("secagg", "policy", "message"),
+    [
+        (SecAggConfig(), pb.PrivacyPolicy(require_masking=True), "runs without secure aggregation"),
+        (SecAggConfig(), pb.PrivacyPolicy(require_masking=False), ""),
+        (SecAggConfig(enabled=True, coverage=2), pb.PrivacyPolicy(min_agents_per_sum=3), r"over 2 agents"),
+        (SecAggConfig(enabled=True, coverage=3), pb.PrivacyPolicy(min_agents_per_sum=3), ""),
+        (SecAggConfig(enabled=True, threshold=3), pb.PrivacyPolicy(colluders=1), r"below the 4 that 5 share"),
+        (SecAggConfig(enabled=True, threshold=4), pb.PrivacyPolicy(colluders=1), ""),
+        (SecAggConfig(enabled=True, threshold=3, neighbours=4), pb.PrivacyPolicy(colluders=1), "below the 4"),
+        (SecAggConfig(enabled=True), pb.PrivacyPolicy(colluders=3, min_agents_per_sum=5), ""),  # auto: adapts
+    ],
+)
+def test_aggregator_admission_names_the_setting_that_breaks_a_policy(
+    pki: Pki, tmp_path: Path, secagg: SecAggConfig, policy: pb.PrivacyPolicy, message: str
+) -> None:
+    base = aggregator_config(pki, tmp_path, min_agents=5, max_agents=5)
+    config = dataclasses.replace(base, secagg=secagg)
+    if message:
+        with pytest.raises(PolicyRefused, match=message):
+            check_agent_policy(policy, config)
+    else:
+        check_agent_policy(policy, config)
 
 
 def test_secagg_config_colluders_default_is_the_old_threshold(pki: Pki, tmp_path: Path) -> None:
