@@ -25,6 +25,12 @@ def check_agent_policy(policy: pb.PrivacyPolicy, config: AggregatorConfig) -> No
                 " masking (privacy.require_masking)"
             )
         return
+    most = config.rounds.max_agents
+    if policy.min_agents_per_sum > most or policy.colluders > most - 2:
+        raise PolicyRefused(
+            f"the agent's privacy policy (sums over >= {policy.min_agents_per_sum} agents, {policy.colluders}"
+            f" colluders) needs more agents than this federation's rounds take (rounds.max_agents = {most})"
+        )
     if sa.coverage and sa.coverage < policy.min_agents_per_sum:
         raise PolicyRefused(
             f"federation {name!r} sums each element over {sa.coverage} agents (secagg.coverage), fewer"

@@ -538,6 +538,18 @@ class RoundCoordinator:
             coverage=sa.coverage,
         )
 
+    def _round_colluders(self, sa: SecAggConfig, invited: frozenset[str]) -> int:
+        """The colluders this round's threshold allows for: the configured ones, or the most any
+        invited agent's privacy policy names among those the round can meet (fewer than the share
+        holders; an agent asking more sits the round out by its own check, and does not take
+        every other agent's dropout tolerance, or the round, with it)."""
+        holders = share_holders(len(invited), sa.neighbours)
+        wanted = {a: self.agents[a].colluders for a in invited}
+        unmet = sorted(a for a, c in wanted.items() if c >= holders)
+        if unmet:
+            log.warning("%s name more colluders than %d share holders can outvote", unmet, holders)
+        return max([sa.colluders, *(c for c in wanted.values() if c < holders)])
+
     def _round_clips(self, sa: SecAggConfig, base: int, count: int) -> SegmentClips | None:
         """Adaptive clipping: bounds from the aggregate that produced ``base``, encoded with this
         round's codec (the fixed clip in the first round, or when that aggregate is gone); for
@@ -562,7 +574,7 @@ class RoundCoordinator:
         base = self._state.global_version
         invited = frozenset(self.connected[: self.config.max_agents])
         k = sa.neighbours
-        colluders = max([sa.colluders, *(self.agents[a].colluders for a in invited)])  # each agent's policy
+        colluders = self._round_colluders(sa, invited)
         params = self._secagg_params(sa, auto_threshold(len(invited), k, colluders), len(invited))
         self._start_codec(round_id)
         coordinates = registry.secure_coordinates(self._round_codec, self.layout.numel)
@@ -775,5 +787,10 @@ def auto_threshold(agents: int, neighbours: int, colluders: int = 0) -> int:
     """The least safe threshold (``graph.majority``): more than half of the agents holding each
     agent's shares (all n with the full graph, else k neighbours and the agent itself) plus the
     agents that may collude with the aggregator; at most the holders (then no dropout is tolerated)."""
-    holders = agents if neighbours <= 0 or neighbours >= agents - 1 else neighbours + 1
+    holders = share_holders(agents, neighbours)
     return min(majority(holders, colluders), holders)
+
+
+def share_holders(agents: int, neighbours: int) -> int:
+    """Agents holding each agent's shares: all n with the full graph, else k + 1."""
+    return agents if neighbours <= 0 or neighbours >= agents - 1 else neighbours + 1

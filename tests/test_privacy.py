@@ -17,7 +17,7 @@ from common.secagg.graph import check_parameters
 from protos.cloudfed.v1 import federation_pb2 as pb
 from server import servicer
 from server.admission import check_agent_policy
-from server.rounds import auto_threshold
+from server.rounds import AgentInfo, auto_threshold
 from tests.conftest import Pki, aggregator_config
 
 
@@ -142,6 +142,8 @@ async def test_agent_daemon_refuses_an_aggregator_that_ignores_its_policy(
         (SecAggConfig(enabled=True, threshold=4), pb.PrivacyPolicy(colluders=1), ""),
         (SecAggConfig(enabled=True, threshold=3, neighbours=4), pb.PrivacyPolicy(colluders=1), "below the 4"),
         (SecAggConfig(enabled=True), pb.PrivacyPolicy(colluders=3, min_agents_per_sum=5), ""),  # auto: adapts
+        (SecAggConfig(enabled=True), pb.PrivacyPolicy(min_agents_per_sum=6), r"max_agents = 5"),
+        (SecAggConfig(enabled=True), pb.PrivacyPolicy(colluders=4, min_agents_per_sum=5), "more agents"),
     ],
 )
 def test_aggregator_admission_names_the_setting_that_breaks_a_policy(
@@ -162,3 +164,22 @@ def test_secagg_config_colluders_default_is_the_old_threshold(pki: Pki, tmp_path
     base = aggregator_config(pki, tmp_path, min_agents=4)
     dataclasses.replace(base, secagg=SecAggConfig(enabled=True, colluders=2)).validate()
     assert [auto_threshold(n, 0) for n in (2, 3, 4, 5, 6)] == [2, 2, 3, 3, 4]
+
+
+async def test_round_threshold_allows_for_the_colluders_it_can_and_no_more(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    """An invited agent's colluders raise the round's threshold only while the share holders can
+    still outvote them: one naming more sits the round out by its own check, and neither the
+    other agents' dropout tolerance nor the round goes with it."""
+    rounds = (await start_aggregator()).agg.rounds  # nobody watches it, so no round starts
+    rounds.agents.update({f"a{i}": AgentInfo(10, "test") for i in range(5)})
+    invited = frozenset(rounds.agents)
+    sa = SecAggConfig(enabled=True)
+    assert rounds._round_colluders(sa, invited) == 0
+    rounds.agents["a1"] = AgentInfo(10, "test", colluders=2)
+    assert rounds._round_colluders(sa, invited) == 2  # t = (5 + 2) // 2 + 1 = 4
+    assert auto_threshold(5, 0, 2) == 4
+    rounds.agents["a2"] = AgentInfo(10, "test", colluders=5)  # 5 holders cannot outvote 5 colluders
+    assert rounds._round_colluders(sa, invited) == 2
+    assert rounds._round_colluders(dataclasses.replace(sa, colluders=3), invited) == 3
