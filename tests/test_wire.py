@@ -94,6 +94,7 @@ async def test_the_agent_stops_with_one_clear_line_at_an_aggregator_of_another_r
     config.write_text(
         f'aggregator = "{run.target}"\nserver_name = "localhost"\nstate_dir = "{tmp_path / "state"}"\n'
         f'[tls]\ncert = "{files.cert}"\nkey = "{files.key}"\nca = "{files.ca}"\n'
+        "[privacy]\nrequire_masking = false\n"  # a plain aggregator: only the revisions differ
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
