@@ -34,8 +34,9 @@ from common.codecs.eigen import Eigen
 from common.codecs.feedback import ErrorFeedback
 from common.codecs.state import CodecState
 from common.config import AgentConfig
-from common.errors import CloudfedError, ConfigError, DataLoss
+from common.errors import CloudfedError, ConfigError, DataLoss, PolicyRefused
 from common.layout import ParamLayout
+from common.secagg.keys import RosterError
 from protos.cloudfed.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,16 @@ class Worker:
         """Ranks > 0: run rank 0's commands until it says stop."""
         while (command := self.ctx.broadcast(None))["op"] != "stop":
             self.execute(command)
+
+
+def sat_out_reason(exc: CloudfedError) -> str:
+    """The ``reason`` label of a round this agent refused: its privacy policy, a roster that did
+    not verify, or any other protocol check."""
+    if isinstance(exc, PolicyRefused):
+        return "privacy_policy"
+    if isinstance(exc, RosterError):
+        return "roster"
+    return "protocol"
 
 
 def _shard(blocks: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -220,10 +231,12 @@ class Agent:
                 try:
                     await self._take_part(client, settings, event, join.agent_id)
                 except CloudfedError as exc:  # e.g. a roster that does not verify: sit this round out
+                    metrics.ROUNDS_SAT_OUT.labels(**client.labels, reason=sat_out_reason(exc)).inc()
                     log.error("round %d: not taking part: %s", event.round_id, exc)
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or not settings.secagg.enabled:
                         raise
+                    metrics.ROUNDS_SAT_OUT.labels(**client.labels, reason="aggregator").inc()
                     log.warning("round %d: the aggregator ended our part: %s", event.round_id, exc.details())
             elif (
                 event.phase == pb.ROUND_PHASE_COMPLETED

@@ -1,4 +1,5 @@
-"""The agent's metrics: time per round step, raw vs encoded update size, estimated egress cost."""
+"""The agent's metrics: time per round step, raw vs encoded update size, estimated egress cost, rounds
+sat out."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ EGRESS_COST = Counter(
 )
 ROUNDS_TRAINED = Counter(
     "cloudfed_agent_rounds", "Rounds this agent trained and uploaded for.", ["cloud", "agent"]
+)
+ROUNDS_SAT_OUT = Counter(
+    "cloudfed_agent_rounds_sat_out",
+    "Rounds this agent refused to take part in, by reason (privacy_policy, roster, protocol, aggregator).",
+    ["cloud", "agent", "reason"],
 )
 CLIPPED_RATIO = Gauge(
     "cloudfed_secagg_clipped_ratio",

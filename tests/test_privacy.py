@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from agent.daemon import Agent
+from agent.demo import prepare
 from agent.privacy import check_federation, describe
 from common.config import AgentConfig, PrivacyConfig, SecAggConfig, TlsConfig, load
 from common.errors import ConfigError, FailedPrecondition, PolicyRefused
@@ -19,6 +21,8 @@ from server import servicer
 from server.admission import check_agent_policy
 from server.rounds import AgentInfo, auto_threshold
 from tests.conftest import Pki, aggregator_config
+from tests.daemons import start, stop, wait_serving
+from tests.test_metrics import scrape, value
 
 
 def settings(enabled: bool, coverage: int = 0) -> pb.FederationSettings:
@@ -183,3 +187,34 @@ async def test_round_threshold_allows_for_the_colluders_it_can_and_no_more(
     rounds.agents["a2"] = AgentInfo(10, "test", colluders=5)  # 5 holders cannot outvote 5 colluders
     assert rounds._round_colluders(sa, invited) == 2
     assert rounds._round_colluders(dataclasses.replace(sa, colluders=3), invited) == 3
+
+
+def test_agent_sits_out_a_round_its_policy_refuses_and_counts_it(tmp_path: Path) -> None:
+    """The real daemons: 3 agents with masking, one of which lets the aggregator learn no sum over
+    fewer than 4 agents. It advertises keys, sees a 3-agent roster, refuses before sharing any, and
+    counts the round in cloudfed_agent_rounds_sat_out_total{reason="privacy_policy"}; the other two
+    complete the round without it, and its audit dir shows it sent no update."""
+    agg_config, agent_configs, health = prepare(tmp_path, rounds=1)
+    wary, *others = agent_configs
+    text = wary.read_text().replace("max_rounds = 1", "max_rounds = 0")  # stays up to be scraped
+    wary.write_text(text.replace("require_masking = true", "require_masking = true\nmin_agents_per_sum = 4"))
+    listen = tomllib.loads(wary.read_text())["metrics_listen"]
+    quick = {"CLOUDFED_ROUNDS_MIN_UPLOADS": "2", "CLOUDFED_SECAGG_KEY_DEADLINE_S": "3"}
+    procs = [start("server.cli", "--config", str(agg_config), log=tmp_path / "aggregator.log", env=quick)]
+    try:
+        wait_serving(health, timeout=120)
+        procs += [
+            start("agent.cli", "--config", str(c), "run", log=c.parent / "agent.log") for c in agent_configs
+        ]
+        for proc in procs[2:]:  # the others stop after evaluating the round's new version
+            assert proc.wait(240) == 0
+        samples = scrape(listen)
+    finally:
+        for proc in procs:
+            stop(proc)
+    assert value(samples, "cloudfed_agent_rounds_sat_out_total", reason="privacy_policy") >= 1
+    assert value(samples, "cloudfed_agent_rounds_total") == 0
+    log = (wary.parent / "agent.log").read_text()
+    assert "fewer than privacy.min_agents_per_sum (4)" in log
+    assert not list((wary.parent / "audit").glob("*.safetensors"))
+    assert all(len(list((c.parent / "audit").glob("*.safetensors"))) == 1 for c in others)
