@@ -16,19 +16,9 @@ from protos.cloudfed.v1 import federation_pb2 as pb
 def check_federation(policy: PrivacyConfig, settings: pb.FederationSettings) -> None:
     """PolicyRefused, naming the policy field, if this federation's settings break ``policy``."""
     sa = settings.secagg
-    if not sa.enabled:
-        if policy.require_masking:
-            raise PolicyRefused(
-                f"federation {settings.federation_id!r} runs without secure aggregation, so its"
-                " aggregator would see this cloud's updates; refused by privacy.require_masking (set it"
-                " to false only if you trust the aggregator)"
-            )
-        return
-    if sa.coverage and sa.coverage < policy.min_agents_per_sum:
-        raise PolicyRefused(
-            f"federation {settings.federation_id!r} sums each element over {sa.coverage} agents"
-            f" (secagg.coverage), fewer than privacy.min_agents_per_sum ({policy.min_agents_per_sum})"
-        )
+    why = policy.refusal(settings.federation_id, sa.enabled, sa.coverage)
+    if why is not None:
+        raise PolicyRefused(why)
 
 
 def announced(policy: PrivacyConfig) -> pb.PrivacyPolicy:

@@ -72,9 +72,15 @@ class SecureParticipation:
         self.policy = policy or PrivacyConfig()
         params = self._params(max(settings.threshold, 2))
         self.protocol = AgentRound(
-            round_id, agent_id, params, signer.ca, signer.certificate_pem, signer.key, b""
+            round_id,
+            agent_id,
+            params,
+            signer.ca,
+            signer.certificate_pem,
+            signer.key,
+            b"",
+            min_sum=self.policy.min_agents_per_sum,
         )
-        self.protocol.min_sum = self.policy.min_agents_per_sum
         self.weight_scale = 1.0
         self.clips: SegmentClips | None = None
         self.roster_ids: list[str] = []

@@ -428,6 +428,24 @@ class PrivacyConfig:
     2t > k + 1 + colluders (k + 1 agents hold each agent's shares), under which the aggregator and
     the colluders could collect both of this agent's secrets. At most min_agents_per_sum - 2."""
 
+    def refusal(self, federation: str, masked: bool, coverage: int) -> str | None:
+        """Why a federation (masked or not, ``coverage`` agents an element, 0: all) breaks this
+        policy, naming the fields; None if it does not. The agent and the aggregator both ask."""
+        if not masked:
+            if not self.require_masking:
+                return None
+            return (
+                f"federation {federation!r} runs without secure aggregation, so its aggregator would see"
+                " each agent's update; refused by privacy.require_masking (set it to false only to trust"
+                " the aggregator)"
+            )
+        if coverage and coverage < self.min_agents_per_sum:
+            return (
+                f"federation {federation!r} sums each element over {coverage} agents (secagg.coverage),"
+                f" fewer than privacy.min_agents_per_sum ({self.min_agents_per_sum})"
+            )
+        return None
+
     def validate(self) -> PrivacyConfig:
         """ConfigError naming the field."""
         if self.min_agents_per_sum < MIN_SENDERS:

@@ -8,22 +8,37 @@ the agent leaving silently or sitting every round out.
 
 from __future__ import annotations
 
-from common.config import AggregatorConfig
+import logging
+
+from common.config import AggregatorConfig, PrivacyConfig
 from common.errors import PolicyRefused
-from common.secagg.graph import majority
+from common.identity import SpiffeId
+from common.secagg.graph import majority, share_holders
 from protos.cloudfed.v1 import federation_pb2 as pb
 
+log = logging.getLogger(__name__)
 
-def check_agent_policy(policy: pb.PrivacyPolicy, config: AggregatorConfig) -> None:
-    """PolicyRefused, saying which setting breaks ``policy`` (nothing for an agent that announced
-    none: one older than the field)."""
-    sa, name = config.secagg, config.federation.federation_id
+
+def admit(peer: SpiffeId, announced: pb.PrivacyPolicy | None, config: AggregatorConfig) -> None:
+    """PolicyRefused (logged, naming the agent) if ``peer``'s announced policy breaks this
+    federation's settings; nothing for an agent that announced none (one older than the field)."""
+    if announced is None:
+        return
+    try:
+        check_agent_policy(announced, config)
+    except PolicyRefused as exc:
+        log.warning("%s refused at Join: %s", peer, exc)
+        raise
+
+
+def check_agent_policy(announced: pb.PrivacyPolicy, config: AggregatorConfig) -> None:
+    """PolicyRefused, saying which setting breaks the ``announced`` policy."""
+    sa = config.secagg
+    policy = PrivacyConfig(announced.require_masking, announced.min_agents_per_sum, announced.colluders)
+    why = policy.refusal(config.federation.federation_id, sa.enabled, sa.coverage)
+    if why is not None:
+        raise PolicyRefused(why)
     if not sa.enabled:
-        if policy.require_masking:
-            raise PolicyRefused(
-                f"federation {name!r} runs without secure aggregation, and the agent's policy requires"
-                " masking (privacy.require_masking)"
-            )
         return
     most = config.rounds.max_agents
     if policy.min_agents_per_sum > most or policy.colluders > most - 2:
@@ -31,13 +46,8 @@ def check_agent_policy(policy: pb.PrivacyPolicy, config: AggregatorConfig) -> No
             f"the agent's privacy policy (sums over >= {policy.min_agents_per_sum} agents, {policy.colluders}"
             f" colluders) needs more agents than this federation's rounds take (rounds.max_agents = {most})"
         )
-    if sa.coverage and sa.coverage < policy.min_agents_per_sum:
-        raise PolicyRefused(
-            f"federation {name!r} sums each element over {sa.coverage} agents (secagg.coverage), fewer"
-            f" than the agent's privacy.min_agents_per_sum ({policy.min_agents_per_sum})"
-        )
     if sa.threshold:  # a fixed threshold: every round would be refused (the automatic one adapts)
-        holders = sa.neighbours + 1 if sa.neighbours else config.rounds.max_agents
+        holders = share_holders(most, sa.neighbours)
         least = majority(holders, policy.colluders)
         if sa.threshold < least:
             raise PolicyRefused(

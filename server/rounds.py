@@ -35,7 +35,7 @@ from common.identity import SpiffeId
 from common.layout import ParamLayout
 from common.metrics import peer_labels
 from common.secagg.clips import SegmentClips
-from common.secagg.graph import majority
+from common.secagg.graph import majority, share_holders
 from common.secagg.keys import Advertisement
 from common.secagg.params import SecAggParams
 from common.secagg.ring import update_weight
@@ -789,8 +789,3 @@ def auto_threshold(agents: int, neighbours: int, colluders: int = 0) -> int:
     agents that may collude with the aggregator; at most the holders (then no dropout is tolerated)."""
     holders = share_holders(agents, neighbours)
     return min(majority(holders, colluders), holders)
-
-
-def share_holders(agents: int, neighbours: int) -> int:
-    """Agents holding each agent's shares: all n with the full graph, else k + 1."""
-    return agents if neighbours <= 0 or neighbours >= agents - 1 else neighbours + 1

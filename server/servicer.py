@@ -10,7 +10,6 @@ from google.protobuf import timestamp_pb2
 
 from common.codecs.registry import CodecSettings
 from common.config import AggregatorConfig
-from common.errors import PolicyRefused
 from common.grpc_wrap import Context
 from common.identity import require_peer
 from common.secagg_pb import (
@@ -24,7 +23,7 @@ from common.tls import peer_certificate_pem
 from common.wire import WIRE_REVISION, check_joiner
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
-from server.admission import check_agent_policy
+from server.admission import admit
 from server.downloads import send_codec_state, send_model
 from server.rounds import AgentInfo, Phase, RoundCoordinator, RoundState
 from server.spool import UploadSpool
@@ -118,12 +117,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             request.wire_revision, request.supported_codecs, self._rounds.codec.name, request.software_version
         )
         policy = request.privacy
-        if request.HasField("privacy"):
-            try:
-                check_agent_policy(policy, self._config)
-            except PolicyRefused as exc:
-                log.warning("%s refused at Join: %s", peer, exc)
-                raise
+        admit(peer, policy if request.HasField("privacy") else None, self._config)
         info = AgentInfo(request.num_examples, request.software_version, colluders=policy.colluders)
         await self._rounds.join(peer, info)
         log.info(

@@ -17,7 +17,7 @@ from common.config import AgentConfig, PrivacyConfig, SecAggConfig, TlsConfig, l
 from common.errors import ConfigError, FailedPrecondition, PolicyRefused
 from common.secagg.graph import check_parameters
 from protos.cloudfed.v1 import federation_pb2 as pb
-from server import servicer
+from server import admission
 from server.admission import check_agent_policy
 from server.rounds import AgentInfo, auto_threshold
 from tests.conftest import Pki, aggregator_config
@@ -124,7 +124,7 @@ async def test_agent_daemon_refuses_an_aggregator_that_ignores_its_policy(
     """The agent does not rely on the aggregator's check: against one that skips it (as a
     malicious or older one would), the daemon joins, reads the settings, refuses, and leaves
     before loading a model or training; no upload reaches the aggregator."""
-    monkeypatch.setattr(servicer, "check_agent_policy", lambda policy, config: None)
+    monkeypatch.setattr(admission, "check_agent_policy", lambda announced, config: None)
     run = await start_aggregator(min_agents=1)
     agent = wary_agent(run, pki, tmp_path)
     with pytest.raises(PolicyRefused, match="runs without secure aggregation"):

@@ -218,7 +218,7 @@ class AgentRound:
         if self.params.coverage:  # no element of this agent's may be left to fewer senders
             if self.covered is None:
                 raise FailedPrecondition("this agent has not masked an update this round")
-            self.covered.check_survivors(self.agent_id, alive, max(self.min_sum, MIN_SENDERS))
+            self.covered.check_survivors(self.agent_id, alive, self.min_sum)
         self.unmasked = True
         out: dict[str, tuple[int, bytes]] = {}
         for peer, (b_share, sk_share) in self.held.items():

@@ -16,7 +16,7 @@ def check_parameters(agents: int, neighbours: int, threshold: int, colluders: in
     and an agent colluding with the aggregator reveals both: an aggregator that tells some honest
     holders an agent dropped and the others that it survived gets t shares of both its secrets (so
     its update) unless 2t > k + 1 + colluders (Bonawitz et al. 2017: t > (n + n_C) / 2)."""
-    k = agents - 1 if neighbours == 0 or neighbours >= agents - 1 else neighbours
+    k = share_holders(agents, neighbours) - 1
     if k < 1:
         raise ConfigError("secure aggregation needs at least 2 agents")
     if colluders < 0:
@@ -31,6 +31,12 @@ def check_parameters(agents: int, neighbours: int, threshold: int, colluders: in
         )
     if threshold > k + 1:
         raise ConfigError(f"secagg threshold {threshold} exceeds the {k} neighbours plus the agent itself")
+
+
+def share_holders(agents: int, neighbours: int) -> int:
+    """Agents holding each agent's shares, itself included: all n with the full graph (``neighbours``
+    0 or >= n - 1), else k + 1."""
+    return agents if neighbours <= 0 or neighbours >= agents - 1 else neighbours + 1
 
 
 def majority(holders: int, colluders: int = 0) -> int:
