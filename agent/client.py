@@ -25,7 +25,7 @@ from common.metrics import TRANSFER_BYTES, peer_labels, rpc_types_of
 from common.pki import spiffe_ids_of
 from common.secagg_pb import state_request
 from common.tls import TlsFiles, channel_credentials
-from common.wire import WIRE_REVISION, check_aggregator
+from common.wire import MAX_DECLINE_DETAIL, WIRE_REVISION, check_aggregator
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
 
@@ -155,6 +155,15 @@ class AggregatorClient:
     async def reveal_shares(self, request: pb.RevealSharesRequest) -> None:
         """Answer the unmask request (``secagg_pb.reveal_request``)."""
         await self.stub.RevealShares(request, timeout=UNARY_DEADLINE_S)
+
+    async def decline_round(self, round_id: int, reason: int, detail: str) -> None:
+        """Tell the aggregator this agent sits round ``round_id`` out (``reason``: a
+        ``DeclineReason``), so that it stops waiting for us."""
+        said = detail.encode()[:MAX_DECLINE_DETAIL].decode(errors="ignore")  # no split character
+        request = pb.DeclineRoundRequest(
+            round_id=round_id, reason=pb.DeclineReason.ValueType(reason), detail=said
+        )
+        await self.stub.DeclineRound(request, timeout=UNARY_DEADLINE_S)
 
     async def upload_status(self, upload_id: str) -> pb.GetUploadStatusResponse | None:
         """Where an upload stands, or None if the aggregator never saw it."""

@@ -34,7 +34,7 @@ from common.codecs.eigen import Eigen
 from common.codecs.feedback import ErrorFeedback
 from common.codecs.state import CodecState
 from common.config import AgentConfig
-from common.errors import CloudfedError, ConfigError, DataLoss, PolicyRefused
+from common.errors import CloudfedError, ConfigError, DataLoss, PolicyRefused, TrainingFailed
 from common.layout import ParamLayout
 from common.secagg.keys import RosterError
 from protos.cloudfed.v1 import federation_pb2 as pb
@@ -118,7 +118,27 @@ def sat_out_reason(exc: CloudfedError) -> str:
         return "privacy_policy"
     if isinstance(exc, RosterError):
         return "roster"
+    if isinstance(exc, TrainingFailed):
+        return "training"
     return "protocol"
+
+
+DECLINE_REASONS = {
+    "privacy_policy": pb.DECLINE_REASON_PRIVACY_POLICY,
+    "roster": pb.DECLINE_REASON_ROSTER,
+    "protocol": pb.DECLINE_REASON_PROTOCOL,
+    "training": pb.DECLINE_REASON_TRAINING,
+}
+"""The wire reason of a round this agent declines, by ``sat_out_reason``."""
+
+
+async def _decline(client: AggregatorClient, round_id: int, reason: str, detail: str) -> None:
+    """Best effort: tell the aggregator we sit ``round_id`` out, so that it stops waiting for us
+    (an older aggregator, or a round that moved on, is logged and otherwise ignored)."""
+    try:
+        await client.decline_round(round_id, DECLINE_REASONS[reason], detail)
+    except grpc.aio.AioRpcError as exc:
+        log.info("round %d: could not decline: %s %s", round_id, exc.code().name, exc.details())
 
 
 def _shard(blocks: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -219,9 +239,14 @@ class Agent:
         await self._prepare(settings)
         if join.global_version not in self.progress.versions_evaluated:
             await self._evaluate(client, join.global_version)
+        not_invited = 0  # the last round we were left out of by our policy (counted once)
         async for event in client.watch_rounds():
             if stop.is_set():
                 return True
+            if event.not_invited and event.round_id != not_invited:
+                not_invited = event.round_id
+                metrics.ROUNDS_SAT_OUT.labels(**client.labels, reason="privacy_policy").inc()
+                log.warning("round %d: not invited: %s", event.round_id, event.not_invited)
             starts = pb.ROUND_PHASE_ADVERTISE_KEYS if settings.secagg.enabled else pb.ROUND_PHASE_UPLOAD
             if (
                 event.phase == starts
@@ -231,8 +256,10 @@ class Agent:
                 try:
                     await self._take_part(client, settings, event, join.agent_id)
                 except CloudfedError as exc:  # e.g. a roster that does not verify: sit this round out
-                    metrics.ROUNDS_SAT_OUT.labels(**client.labels, reason=sat_out_reason(exc)).inc()
+                    reason = sat_out_reason(exc)
+                    metrics.ROUNDS_SAT_OUT.labels(**client.labels, reason=reason).inc()
                     log.error("round %d: not taking part: %s", event.round_id, exc)
+                    await _decline(client, event.round_id, reason, str(exc))
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or not settings.secagg.enabled:
                         raise
@@ -332,7 +359,10 @@ class Agent:
                     policy=self.config.privacy,
                 )
                 await secure.keys()
-            delta, train_loss = await training_task
+            try:
+                delta, train_loss = await training_task
+            except CloudfedError as exc:  # e.g. the loss diverged
+                raise TrainingFailed(f"local training failed: {exc}") from exc
         finally:
             if not training_task.done():  # a key phase failed: let the ranks finish before leaving
                 with contextlib.suppress(Exception):

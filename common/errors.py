@@ -49,3 +49,8 @@ class ConfigError(CloudfedError):
 
 class PolicyRefused(FailedPrecondition):
     """The aggregator asked for something this agent's privacy policy forbids."""
+
+
+class TrainingFailed(Aborted):
+    """This round's local training or encoding failed (e.g. the loss diverged): the agent sits
+    the round out."""

@@ -106,6 +106,7 @@ MESSAGE_KINDS = {
     "ShareKeys": "keys",
     "GetSecAggState": "keys",
     "RevealShares": "keys",
+    "DeclineRound": "control",
 }
 """Methods whose whole messages are counted, by kind: control traffic and secure-aggregation keys.
 Update and model bytes are counted where they stream."""

@@ -33,6 +33,9 @@ from common.errors import FailedPrecondition
 
 WIRE_REVISION = 8
 
+MAX_DECLINE_DETAIL = 1024
+"""The longest ``DeclineRoundRequest.detail`` the aggregator takes, in UTF-8 bytes."""
+
 
 def codecs_needed(codec: str) -> tuple[str, ...]:
     """Codecs an agent must encode to take part in a federation running ``codec``."""

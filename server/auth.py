@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -59,6 +60,9 @@ def auth_interceptor(policy: AccessPolicy) -> AroundInterceptor:
         try:
             yield
         finally:
-            current_peer.reset(token)
+            # A stream closed by the server's shutdown runs this in another task's context,
+            # where there is nothing to reset (the handler's own context is gone with it).
+            with contextlib.suppress(ValueError):
+                current_peer.reset(token)
 
     return AroundInterceptor(around)

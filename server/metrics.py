@@ -15,6 +15,12 @@ ROUNDS = Counter("cloudfed_rounds", "Rounds ended, by outcome and reason.", ["ou
 DROPPED = Counter(
     "cloudfed_stragglers_dropped", "Participants dropped at a round's deadline.", ["cloud", "agent"]
 )
+DECLINED = Counter(
+    "cloudfed_rounds_declined",
+    "Rounds an agent sat out by its own account: declined (DeclineRound) or left uninvited by its"
+    " privacy policy, by reason.",
+    ["cloud", "agent", "reason"],
+)
 PHASE_SECONDS = Histogram(
     "cloudfed_round_phase_seconds",
     "Time the aggregator spent in each round phase.",

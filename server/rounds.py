@@ -17,7 +17,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from server.aggregates import AggregateStore
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
 from server.checkpoints import CheckpointStore, Manifest
 from server.fetchsgd import FetchSGD, FetchSGDPlan
+from server.invitations import AgentInfo, invite
 from server.optimizer import FedAvg, ServerOptimizer
 from server.spool import UploadMeta, UploadSpool
 from server.state import StateDB
@@ -68,6 +70,10 @@ class Phase(enum.IntEnum):
     ABANDONED = 8
 
 
+DECLINABLE = frozenset({Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.UPLOAD, Phase.UNMASK})
+"""Phases in which a participant may decline the round."""
+
+
 @dataclass(frozen=True)
 class RoundState:
     """A snapshot of the current round."""
@@ -80,6 +86,9 @@ class RoundState:
     reason: str = ""
     codec: CodecSettings | None = None
     """The codec this round's uploads use (None: the federation's, from Join)."""
+    left_out: Mapping[str, str] = field(default_factory=dict)
+    """Connected agents this round does not invite because it would break their privacy policy,
+    with why."""
 
 
 @dataclass(frozen=True)
@@ -101,18 +110,6 @@ class SecAggView:
     dropped: list[str] = field(default_factory=list)
     clips: SegmentClips | None = None
     """Adaptive clipping: the round's bound per segment of encoded coordinates."""
-
-
-@dataclass
-class AgentInfo:
-    """What an agent said when it joined."""
-
-    num_examples: int
-    software_version: str
-    colluders: int = 0
-    """Agents that may collude with the aggregator, by the agent's privacy policy: its rounds'
-    threshold must allow for them."""
-    joined_at: float = field(default_factory=time.time)
 
 
 class RoundCoordinator:
@@ -184,6 +181,8 @@ class RoundCoordinator:
         self._changed = asyncio.Condition()
         self._claimed: set[str] = set()  # uploaded (verified) this round, being or been added
         self._added: set[str] = set()
+        self._declined: dict[str, str] = {}  # sat this round out (DeclineRound), with the reason label
+        self._left_out: Mapping[str, str] = {}  # not invited by their own policy, with why
         self._pending: set[asyncio.Task[None]] = set()
         self._acc: SumAccumulator | None = None
         self._all_in = asyncio.Event()
@@ -280,6 +279,8 @@ class RoundCoordinator:
             raise FailedPrecondition(f"{peer} is not a participant of round {s.round_id}")
         if peer.uri in self._claimed:
             raise FailedPrecondition(f"{peer} already uploaded for round {s.round_id}")
+        if peer.uri in self._declined:
+            raise FailedPrecondition(f"{peer} declined round {s.round_id}")
         expected = self._round_settings
         if meta.codec != expected.name:
             raise InvalidArgument(f"codec {meta.codec!r} does not match the round's codec {expected.name!r}")
@@ -349,9 +350,13 @@ class RoundCoordinator:
             len(self._added),
             len(self._state.participants),
         )
-        if self._added >= self._state.participants:
-            self._all_in.set()
+        self._check_all_in()
         await self._moved_on()
+
+    def _check_all_in(self) -> None:
+        """Set ``_all_in`` once every upload participant has been added or has declined."""
+        if self._added | self._declined.keys() >= self._state.participants:
+            self._all_in.set()
 
     def _add_masked_file(self, secure: ServerRound, sender: str, path: Path) -> None:
         """Add a masked upload into the ring sum block by block (it is never unmasked on its own)."""
@@ -389,7 +394,32 @@ class RoundCoordinator:
             )
         if peer.uri not in s.participants:
             raise FailedPrecondition(f"{peer} is not a participant of round {round_id} in {phase.name}")
+        if peer.uri in self._declined:
+            raise FailedPrecondition(f"{peer} declined round {round_id}")
         return secure
+
+    async def decline(self, peer: SpiffeId, round_id: int, reason: str, detail: str) -> None:
+        """``peer`` sits round ``round_id`` out (``reason``: a metric label): the phase in progress,
+        and the rest of the round, no longer wait for it. Only a participant of the current phase
+        that has not uploaded may decline; an upload already taken stays in the sum."""
+        s = self._state
+        if s.round_id != round_id or s.phase not in DECLINABLE:
+            raise FailedPrecondition(
+                f"round {round_id} is not running (current round {s.round_id}, {s.phase.name})"
+            )
+        if peer.uri not in s.participants:
+            raise FailedPrecondition(f"{peer} is not a participant of round {round_id} in {s.phase.name}")
+        if peer.uri in self._claimed and s.phase is Phase.UPLOAD:
+            raise FailedPrecondition(f"{peer} already uploaded for round {round_id}; it stays in the sum")
+        if peer.uri in self._declined:
+            return  # a retried call
+        self._declined[peer.uri] = reason
+        self.db.declined(round_id, peer.uri)
+        metrics.DECLINED.labels(**peer_labels(peer), reason=reason).inc()
+        log.warning("round %d: %s declined in %s (%s): %s", round_id, peer, s.phase.name, reason, detail)
+        if s.phase is Phase.UPLOAD:
+            self._check_all_in()
+        await self._moved_on()
 
     async def advertise_keys(self, peer: SpiffeId, adv: Advertisement) -> None:
         """Phase 1: keep ``peer``'s signed keys (the identity inside must be the caller's own; agents
@@ -488,7 +518,7 @@ class RoundCoordinator:
             return await self._run_secure_round(round_id, self.secagg)
         base = self._state.global_version
         participants = frozenset(self.connected[: self.config.max_agents])
-        self._claimed, self._added = set(), set()
+        self._claimed, self._added, self._declined, self._left_out = set(), set(), {}, {}
         self._all_in = asyncio.Event()
         self._start_codec(round_id)
         if self._autoencoder is not None:
@@ -511,9 +541,9 @@ class RoundCoordinator:
                 await asyncio.gather(*self._pending)
         needed = self.config.min_uploads or self.config.min_agents
         uploaded = sorted(self._added)
-        dropped = sorted(participants - set(uploaded))
+        dropped = sorted(participants - set(uploaded) - self._declined.keys())
         if len(uploaded) < needed:
-            reason = f"{len(uploaded)} of {len(participants)} uploads by the deadline, {needed} needed"
+            reason = f"{len(uploaded)} of {len(participants)} uploads{self._declines_said()}, {needed} needed"
             await self._abandon(round_id, reason, "too_few_uploads", dropped)
             return False
         if dropped:
@@ -538,17 +568,19 @@ class RoundCoordinator:
             coverage=sa.coverage,
         )
 
-    def _round_colluders(self, sa: SecAggConfig, invited: frozenset[str]) -> int:
-        """The colluders this round's threshold allows for: the configured ones, or the most any
-        invited agent's privacy policy names among those the round can meet (fewer than the share
-        holders; an agent asking more sits the round out by its own check, and does not take
-        every other agent's dropout tolerance, or the round, with it)."""
-        holders = share_holders(len(invited), sa.neighbours)
-        wanted = {a: self.agents[a].colluders for a in invited}
-        unmet = sorted(a for a, c in wanted.items() if c >= holders)
-        if unmet:
-            log.warning("%s name more colluders than %d share holders can outvote", unmet, holders)
-        return max([sa.colluders, *(c for c in wanted.values() if c < holders)])
+    def _declines_said(self) -> str:
+        """ ", N declined" when agents declined the round, for its abandon reason."""
+        return f", {len(self._declined)} declined" if self._declined else ""
+
+    def _invite(self, sa: SecAggConfig) -> tuple[frozenset[str], int, Mapping[str, str]]:
+        """A masked round's invited agents, the colluders its threshold allows for (the configured
+        ones, or the most any invited agent's policy names) and the agents left out by theirs."""
+        invitation = invite(self.connected, self.config.max_agents, self.agents, sa.neighbours, sa.threshold)
+        for agent, why in invitation.left_out.items():
+            log.warning("round %d: not inviting %s: %s", self._state.round_id + 1, agent, why)
+            metrics.DECLINED.labels(**peer_labels(SpiffeId.parse(agent)), reason="privacy_policy").inc()
+        colluders = max([sa.colluders, *(self.agents[a].colluders for a in invitation.invited)])
+        return invitation.invited, colluders, invitation.left_out
 
     def _round_clips(self, sa: SecAggConfig, base: int, count: int) -> SegmentClips | None:
         """Adaptive clipping: bounds from the aggregate that produced ``base``, encoded with this
@@ -572,9 +604,17 @@ class RoundCoordinator:
     async def _run_secure_round(self, round_id: int, sa: SecAggConfig) -> bool:
         """advertise -> share -> masked upload -> unmask -> aggregate; abandoned below t at any phase."""
         base = self._state.global_version
-        invited = frozenset(self.connected[: self.config.max_agents])
+        invited, colluders, self._left_out = self._invite(sa)
+        needed = self.config.min_uploads or self.config.min_agents
+        if len(invited) < needed:  # the round could never complete: say why now
+            self.db.round_started(round_id, base, time.time(), sorted(invited))
+            reason = (
+                f"{len(invited)} agents can be invited ({len(self._left_out)} left out by their privacy"
+                f" policy), {needed} uploads needed"
+            )
+            await self._abandon(round_id, reason, "too_few_agents", [])
+            return False
         k = sa.neighbours
-        colluders = self._round_colluders(sa, invited)
         params = self._secagg_params(sa, auto_threshold(len(invited), k, colluders), len(invited))
         self._start_codec(round_id)
         coordinates = registry.secure_coordinates(self._round_codec, self.layout.numel)
@@ -582,7 +622,7 @@ class RoundCoordinator:
         length = params.fixed_point.masked_length(coordinates)
         secure = ServerRound(round_id, params, length, os.urandom(16))
         self._secure, self._acc = secure, None
-        self._claimed, self._added = set(), set()
+        self._claimed, self._added, self._declined = set(), set(), {}
         self._all_in = asyncio.Event()
         self._weight_scale = float(max(self.agents[a].num_examples for a in invited) or 1)
         self.spool.purge()
@@ -595,7 +635,7 @@ class RoundCoordinator:
             total, uploaded, dropped = await self._secure_phases(round_id, base, invited, secure, sa)
         except _Abandon as stop:
             self._secure = None
-            await self._abandon(round_id, stop.reason, stop.label, sorted(invited))
+            await self._abandon(round_id, stop.reason, stop.label, sorted(invited - self._declined.keys()))
             return False
         try:
             return await self._finish(
@@ -610,10 +650,13 @@ class RoundCoordinator:
             self._secure = None
 
     async def _abandon(self, round_id: int, reason: str, label: str, dropped: list[str]) -> None:
-        """End the round without a new version, saying why."""
+        """End the round without a new version, saying why (also before its first phase)."""
         self.db.round_ended(round_id, Phase.ABANDONED.name, reason, dropped=dropped)
         metrics.ROUNDS.labels(outcome="abandoned", reason=label).inc()
-        await self._publish(replace(self._state, phase=Phase.ABANDONED, reason=reason))
+        state = self._state
+        if state.round_id != round_id:  # abandoned before any phase was announced
+            state = RoundState(round_id, Phase.WAITING, state.global_version, left_out=self._left_out)
+        await self._publish(replace(state, phase=Phase.ABANDONED, reason=reason))
 
     async def _finish(
         self,
@@ -651,44 +694,53 @@ class RoundCoordinator:
         t = secure.params.threshold
 
         async def phase(
-            name: Phase, members: frozenset[str], done: Callable[[], bool], seconds: float
+            name: Phase, members: frozenset[str], answered: Callable[[], AbstractSet[str]], seconds: float
         ) -> None:
+            """Announce phase ``name`` to ``members`` and wait until each has answered (or
+            declined), or ``seconds`` passed."""
             self.db.phase(round_id, name.name)
             state = RoundState(
-                round_id, name, base, members, time.time() + seconds, codec=self._round_settings
+                round_id,
+                name,
+                base,
+                members,
+                time.time() + seconds,
+                codec=self._round_settings,
+                left_out=self._left_out,
             )
             await self._publish(state)
             with metrics.PHASE_SECONDS.labels(phase=name.name.lower()).time():
-                await self._phase_until(done, seconds)
+                await self._phase_until(lambda: answered() | self._declined.keys() >= members, seconds)
 
-        await phase(
-            Phase.ADVERTISE_KEYS, invited, lambda: set(secure.advertisements) >= invited, sa.key_deadline_s
-        )
+        await phase(Phase.ADVERTISE_KEYS, invited, lambda: set(secure.advertisements), sa.key_deadline_s)
         try:
             roster = frozenset(a.agent_id for a in secure.roster())
         except Aborted as exc:
             raise _Abandon(str(exc), "too_few_keys") from exc
-        await phase(Phase.SHARE_KEYS, roster, lambda: secure.shared() >= roster, sa.key_deadline_s)
+        await phase(Phase.SHARE_KEYS, roster, secure.shared, sa.key_deadline_s)
         shared = frozenset(secure.shared())
         if len(shared) < t:
-            raise _Abandon(f"{len(shared)} agents shared keys, threshold {t}", "too_few_keys")
+            raise _Abandon(
+                f"{len(shared)} agents shared keys{self._declines_said()}, threshold {t}", "too_few_keys"
+            )
         secure.start_sum()
-        await phase(Phase.UPLOAD, shared, self._all_in.is_set, self.config.upload_deadline_s)
+        await phase(Phase.UPLOAD, shared, lambda: self._added, self.config.upload_deadline_s)
         if self._pending:
             await asyncio.gather(*self._pending)
         needed = max(t, self.config.min_uploads or self.config.min_agents)
         uploaded = sorted(self._added)
         if len(uploaded) < needed:
             raise _Abandon(
-                f"{len(uploaded)} of {len(shared)} masked uploads, {needed} needed", "too_few_uploads"
+                f"{len(uploaded)} of {len(shared)} masked uploads{self._declines_said()}, {needed} needed",
+                "too_few_uploads",
             )
         survivors = frozenset(uploaded)
-        await phase(Phase.UNMASK, survivors, lambda: set(secure.reveals) >= survivors, sa.key_deadline_s)
+        await phase(Phase.UNMASK, survivors, lambda: set(secure.reveals), sa.key_deadline_s)
         try:
             total = await asyncio.to_thread(secure.unmasked_sum)
         except Aborted as exc:
             raise _Abandon(str(exc), "unmask_failed") from exc
-        dropped = sorted(invited - survivors)
+        dropped = sorted(invited - survivors - self._declined.keys())
         recovered = sorted(shared - survivors)
         if recovered:
             metrics.SECAGG_DROPOUTS_RECOVERED.inc(len(recovered))

@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2
 
 from common.codecs.registry import CodecSettings
 from common.config import AggregatorConfig
+from common.errors import InvalidArgument
 from common.grpc_wrap import Context
 from common.identity import require_peer
 from common.secagg_pb import (
@@ -20,12 +21,13 @@ from common.secagg_pb import (
     sealed_to_pb,
 )
 from common.tls import peer_certificate_pem
-from common.wire import WIRE_REVISION, check_joiner
+from common.wire import MAX_DECLINE_DETAIL, WIRE_REVISION, check_joiner
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
 from server.admission import admit
 from server.downloads import send_codec_state, send_model
-from server.rounds import AgentInfo, Phase, RoundCoordinator, RoundState
+from server.invitations import AgentInfo
+from server.rounds import Phase, RoundCoordinator, RoundState
 from server.spool import UploadSpool
 from server.uploads import receive_upload
 
@@ -100,7 +102,17 @@ def event_of(state: RoundState, agent_uri: str) -> pb.RoundEvent:
         phase_deadline=deadline if state.deadline else None,
         reason=state.reason,
         codec=codec_spec(state.codec) if state.codec is not None else None,
+        not_invited=state.left_out.get(agent_uri, ""),
     )
+
+
+DECLINE_LABELS = {
+    pb.DECLINE_REASON_PRIVACY_POLICY: "privacy_policy",
+    pb.DECLINE_REASON_ROSTER: "roster",
+    pb.DECLINE_REASON_PROTOCOL: "protocol",
+    pb.DECLINE_REASON_TRAINING: "training",
+}
+"""The ``reason`` label of cloudfed_rounds_declined_total, by wire reason."""
 
 
 class FederationServicer(pb_grpc.FederationServiceServicer):
@@ -118,7 +130,12 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         )
         policy = request.privacy
         admit(peer, policy if request.HasField("privacy") else None, self._config)
-        info = AgentInfo(request.num_examples, request.software_version, colluders=policy.colluders)
+        info = AgentInfo(
+            request.num_examples,
+            request.software_version,
+            colluders=policy.colluders,
+            min_agents_per_sum=policy.min_agents_per_sum,
+        )
         await self._rounds.join(peer, info)
         log.info(
             "%s joined (software %s, %d examples, %s x%d; masking %s, sums over >= %d, %d colluders)",
@@ -233,3 +250,12 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         roster = self._rounds.roster_ids(peer, request.round_id, Phase.UNMASK)
         await self._rounds.reveal_shares(peer, request.round_id, reveals_from_pb(request.shares, roster))
         return pb.RevealSharesResponse()
+
+    async def DeclineRound(
+        self, request: pb.DeclineRoundRequest, context: Context
+    ) -> pb.DeclineRoundResponse:
+        if len(request.detail.encode()) > MAX_DECLINE_DETAIL:
+            raise InvalidArgument(f"decline detail of over {MAX_DECLINE_DETAIL} bytes")
+        reason = DECLINE_LABELS.get(request.reason, "unspecified")
+        await self._rounds.decline(require_peer(), request.round_id, reason, request.detail)
+        return pb.DeclineRoundResponse()

@@ -144,6 +144,15 @@ class StateDB:
         """Record a phase change."""
         self._tx("UPDATE rounds SET phase=? WHERE round_id=?", phase, round_id)
 
+    def declined(self, round_id: int, agent: str) -> None:
+        """Record that a participant declined the round."""
+        self._tx(
+            "UPDATE participants SET status='declined', updated_at=? WHERE round_id=? AND agent=?",
+            time.time(),
+            round_id,
+            agent,
+        )
+
     def uploaded(self, round_id: int, agent: str, nbytes: int, weight: float) -> None:
         """Record a participant's update as added to the round's sum."""
         self._tx(

@@ -19,7 +19,8 @@ from common.secagg.graph import check_parameters
 from protos.cloudfed.v1 import federation_pb2 as pb
 from server import admission
 from server.admission import check_agent_policy
-from server.rounds import AgentInfo, auto_threshold
+from server.invitations import AgentInfo, Invitation, invite
+from server.rounds import auto_threshold
 from tests.conftest import Pki, aggregator_config
 from tests.daemons import start, stop, wait_serving
 from tests.test_metrics import scrape, value
@@ -170,30 +171,48 @@ def test_secagg_config_colluders_default_is_the_old_threshold(pki: Pki, tmp_path
     assert [auto_threshold(n, 0) for n in (2, 3, 4, 5, 6)] == [2, 2, 3, 3, 4]
 
 
-async def test_round_threshold_allows_for_the_colluders_it_can_and_no_more(
-    start_aggregator, pki: Pki, tmp_path: Path
-) -> None:
-    """An invited agent's colluders raise the round's threshold only while the share holders can
-    still outvote them: one naming more sits the round out by its own check, and neither the
-    other agents' dropout tolerance nor the round goes with it."""
-    rounds = (await start_aggregator()).agg.rounds  # nobody watches it, so no round starts
-    rounds.agents.update({f"a{i}": AgentInfo(10, "test") for i in range(5)})
-    invited = frozenset(rounds.agents)
-    sa = SecAggConfig(enabled=True)
-    assert rounds._round_colluders(sa, invited) == 0
-    rounds.agents["a1"] = AgentInfo(10, "test", colluders=2)
-    assert rounds._round_colluders(sa, invited) == 2  # t = (5 + 2) // 2 + 1 = 4
+def test_round_invites_only_agents_whose_policy_it_meets() -> None:
+    """An agent whose colluders the share holders cannot outvote, or whose smallest sum is more
+    agents than the round has, is left out with why (it would refuse the round, and be waited
+    for); leaving one out shrinks the round, which can leave out another; a left-out agent's
+    place goes to the next connected one."""
+    agents = {f"a{i}": AgentInfo(10, "test") for i in range(6)}
+    names = sorted(agents)
+    assert invite(names, 5, agents, 0) == Invitation(frozenset(names[:5]), {})
+    agents["a1"] = AgentInfo(10, "test", colluders=2)  # t = (5 + 2) // 2 + 1 = 4 <= 5 holders
+    assert invite(names, 5, agents, 0).invited == frozenset(names[:5])
     assert auto_threshold(5, 0, 2) == 4
-    rounds.agents["a2"] = AgentInfo(10, "test", colluders=5)  # 5 holders cannot outvote 5 colluders
-    assert rounds._round_colluders(sa, invited) == 2
-    assert rounds._round_colluders(dataclasses.replace(sa, colluders=3), invited) == 3
+    agents["a2"] = AgentInfo(10, "test", colluders=5)  # 5 holders cannot outvote 5 colluders
+    invitation = invite(names, 5, agents, 0)
+    assert invitation.invited == frozenset(names) - {"a2"}  # a5 takes its place
+    assert "privacy.colluders (5) needs a threshold of 6" in invitation.left_out["a2"]
+    agents["a3"] = AgentInfo(10, "test", min_agents_per_sum=5)
+    invitation = invite(names, 5, agents, 0)
+    assert invitation.invited == frozenset(names) - {"a2"}
+    agents["a4"] = AgentInfo(10, "test", min_agents_per_sum=5)
+    agents["a5"] = AgentInfo(10, "test", colluders=1)
+    agents["a0"] = AgentInfo(10, "test", min_agents_per_sum=5)
+    # A fixed t = 3 is no majority of 5 holders and a1's 2 colluders: a1 and a2 are out; of the 4
+    # left, a0, a3 and a4 want sums over 5; a5 (1 colluder) is left alone, a round the
+    # coordinator abandons at once as too small.
+    invitation = invite(names, 5, agents, 0, threshold=3)
+    assert set(invitation.left_out) == {"a0", "a1", "a2", "a3", "a4"}
+    assert "needs a threshold of 4, and 5 share holders allow at most 3" in invitation.left_out["a1"]
+    assert "min_agents_per_sum (5) is more than the 4 agents" in invitation.left_out["a0"]
+    assert invitation.invited == frozenset({"a5"})
+    # with 2 neighbours each agent's shares sit with 3 holders: 2 colluders are still outvoted
+    plain = {f"b{i}": AgentInfo(10, "test", colluders=2 if i == 0 else 0) for i in range(6)}
+    assert invite(sorted(plain), 6, plain, 2).invited == frozenset(plain)
+    plain["b0"] = AgentInfo(10, "test", colluders=3)
+    assert set(invite(sorted(plain), 6, plain, 2).left_out) == {"b0"}
 
 
 def test_agent_sits_out_a_round_its_policy_refuses_and_counts_it(tmp_path: Path) -> None:
     """The real daemons: 3 agents with masking, one of which lets the aggregator learn no sum over
-    fewer than 4 agents. It advertises keys, sees a 3-agent roster, refuses before sharing any, and
-    counts the round in cloudfed_agent_rounds_sat_out_total{reason="privacy_policy"}; the other two
-    complete the round without it, and its audit dir shows it sent no update."""
+    fewer than 4 agents. The aggregator, told so at Join, does not invite it to a 3-agent round
+    and says why in its round events; the agent logs that and counts the round in
+    cloudfed_agent_rounds_sat_out_total{reason="privacy_policy"}; the other two complete the round
+    without it, and its audit dir shows it sent no update."""
     agg_config, agent_configs, health = prepare(tmp_path, rounds=1)
     wary, *others = agent_configs
     text = wary.read_text().replace("max_rounds = 1", "max_rounds = 0")  # stays up to be scraped
@@ -215,6 +234,6 @@ def test_agent_sits_out_a_round_its_policy_refuses_and_counts_it(tmp_path: Path)
     assert value(samples, "cloudfed_agent_rounds_sat_out_total", reason="privacy_policy") >= 1
     assert value(samples, "cloudfed_agent_rounds_total") == 0
     log = (wary.parent / "agent.log").read_text()
-    assert "fewer than privacy.min_agents_per_sum (4)" in log
+    assert "not invited: its privacy.min_agents_per_sum (4) is more than the 3 agents" in log
     assert not list((wary.parent / "audit").glob("*.safetensors"))
     assert all(len(list((c.parent / "audit").glob("*.safetensors"))) == 1 for c in others)

@@ -116,6 +116,40 @@ SHARE_KIND_MASK_KEY: ShareKind.ValueType  # 2
 """Share of a dropped agent's mask private key."""
 Global___ShareKind: _TypeAlias = ShareKind  # noqa: Y015
 
+class _DeclineReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeclineReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DECLINE_REASON_UNSPECIFIED: _DeclineReason.ValueType  # 0
+    DECLINE_REASON_PRIVACY_POLICY: _DeclineReason.ValueType  # 1
+    """The round breaks the agent's privacy policy (too few agents in a sum, a threshold that
+    does not allow for the colluders it names).
+    """
+    DECLINE_REASON_ROSTER: _DeclineReason.ValueType  # 2
+    """The roster did not verify (a signature, a certificate, the order)."""
+    DECLINE_REASON_PROTOCOL: _DeclineReason.ValueType  # 3
+    """Another protocol check failed (the round's parameters, the unmask request)."""
+    DECLINE_REASON_TRAINING: _DeclineReason.ValueType  # 4
+    """Local training or encoding failed (e.g. the loss diverged)."""
+
+class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper):
+    """DeclineReason says why an agent sits a round out."""
+
+DECLINE_REASON_UNSPECIFIED: DeclineReason.ValueType  # 0
+DECLINE_REASON_PRIVACY_POLICY: DeclineReason.ValueType  # 1
+"""The round breaks the agent's privacy policy (too few agents in a sum, a threshold that
+does not allow for the colluders it names).
+"""
+DECLINE_REASON_ROSTER: DeclineReason.ValueType  # 2
+"""The roster did not verify (a signature, a certificate, the order)."""
+DECLINE_REASON_PROTOCOL: DeclineReason.ValueType  # 3
+"""Another protocol check failed (the round's parameters, the unmask request)."""
+DECLINE_REASON_TRAINING: DeclineReason.ValueType  # 4
+"""Local training or encoding failed (e.g. the loss diverged)."""
+Global___DeclineReason: _TypeAlias = DeclineReason  # noqa: Y015
+
 @_typing.final
 class DeviceInfo(_message.Message):
     """DeviceInfo describes the compute an agent trains on."""
@@ -629,6 +663,7 @@ class RoundEvent(_message.Message):
     PHASE_DEADLINE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     CODEC_FIELD_NUMBER: _builtins.int
+    NOT_INVITED_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     """Round number, increasing."""
     phase: Global___RoundPhase.ValueType
@@ -639,6 +674,10 @@ class RoundEvent(_message.Message):
     """Whether the watching agent takes part in this round."""
     reason: _builtins.str
     """Why a round was abandoned, empty otherwise."""
+    not_invited: _builtins.str
+    """Why the watching agent is not invited to this masked round although connected: the round
+    would break its announced privacy policy (JoinRequest.privacy). Empty otherwise.
+    """
     @_builtins.property
     def phase_deadline(self) -> _timestamp_pb2.Timestamp:
         """When the current phase ends."""
@@ -659,10 +698,11 @@ class RoundEvent(_message.Message):
         phase_deadline: _timestamp_pb2.Timestamp | None = ...,
         reason: _builtins.str = ...,
         codec: Global___CodecSpec | None = ...,
+        not_invited: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "phase_deadline", b"phase_deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "global_version", b"global_version", "participant", b"participant", "phase", b"phase", "phase_deadline", b"phase_deadline", "reason", b"reason", "round_id", b"round_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "global_version", b"global_version", "not_invited", b"not_invited", "participant", b"participant", "phase", b"phase", "phase_deadline", b"phase_deadline", "reason", b"reason", "round_id", b"round_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1482,3 +1522,52 @@ class RevealSharesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevealSharesResponse: _TypeAlias = RevealSharesResponse  # noqa: Y015
+
+@_typing.final
+class DeclineRoundRequest(_message.Message):
+    """DeclineRoundRequest sits the caller out of a round it was invited to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.int
+    """The round; it must be the current one, and the caller one of its participants that has
+    not uploaded yet.
+    """
+    reason: Global___DeclineReason.ValueType
+    """Why, in one word."""
+    detail: _builtins.str
+    """Why, in the agent's words (at most 1024 bytes), for the aggregator's log."""
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.int = ...,
+        reason: Global___DeclineReason.ValueType = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "reason", b"reason", "round_id", b"round_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclineRoundRequest: _TypeAlias = DeclineRoundRequest  # noqa: Y015
+
+@_typing.final
+class DeclineRoundResponse(_message.Message):
+    """DeclineRoundResponse acknowledges the decline: the round no longer waits for the caller."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclineRoundResponse: _TypeAlias = DeclineRoundResponse  # noqa: Y015

@@ -90,6 +90,11 @@ class FederationServiceStub:
                 request_serializer=cloudfed_dot_v1_dot_federation__pb2.DownloadCodecStateRequest.SerializeToString,
                 response_deserializer=cloudfed_dot_v1_dot_federation__pb2.DownloadCodecStateResponse.FromString,
                 _registered_method=True)
+        self.DeclineRound = channel.unary_unary(
+                '/cloudfed.v1.FederationService/DeclineRound',
+                request_serializer=cloudfed_dot_v1_dot_federation__pb2.DeclineRoundRequest.SerializeToString,
+                response_deserializer=cloudfed_dot_v1_dot_federation__pb2.DeclineRoundResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServiceServicer:
@@ -173,6 +178,14 @@ class FederationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeclineRound(self, request, context):
+        """DeclineRound tells the aggregator that the caller sits the current round out, and why, so
+        the round goes on without waiting for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +243,11 @@ def add_FederationServiceServicer_to_server(servicer, server):
                     servicer.DownloadCodecState,
                     request_deserializer=cloudfed_dot_v1_dot_federation__pb2.DownloadCodecStateRequest.FromString,
                     response_serializer=cloudfed_dot_v1_dot_federation__pb2.DownloadCodecStateResponse.SerializeToString,
+            ),
+            'DeclineRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineRound,
+                    request_deserializer=cloudfed_dot_v1_dot_federation__pb2.DeclineRoundRequest.FromString,
+                    response_serializer=cloudfed_dot_v1_dot_federation__pb2.DeclineRoundResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -530,6 +548,33 @@ class FederationService:
             '/cloudfed.v1.FederationService/DownloadCodecState',
             cloudfed_dot_v1_dot_federation__pb2.DownloadCodecStateRequest.SerializeToString,
             cloudfed_dot_v1_dot_federation__pb2.DownloadCodecStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudfed.v1.FederationService/DeclineRound',
+            cloudfed_dot_v1_dot_federation__pb2.DeclineRoundRequest.SerializeToString,
+            cloudfed_dot_v1_dot_federation__pb2.DeclineRoundResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,10 @@ class FederationServiceStub:
     """RevealShares answers the unmask request with the shares it allows."""
     DownloadCodecState: _grpc.UnaryStreamMultiCallable[_federation_pb2.DownloadCodecStateRequest, _federation_pb2.DownloadCodecStateResponse]
     """DownloadCodecState streams the codec's shared state (e.g. eigenspace bases) named by its digest."""
+    DeclineRound: _grpc.UnaryUnaryMultiCallable[_federation_pb2.DeclineRoundRequest, _federation_pb2.DeclineRoundResponse]
+    """DeclineRound tells the aggregator that the caller sits the current round out, and why, so
+    the round goes on without waiting for it.
+    """
 
 @_typing.type_check_only
 class FederationServiceAsyncStub(FederationServiceStub):
@@ -88,6 +92,10 @@ class FederationServiceAsyncStub(FederationServiceStub):
     """RevealShares answers the unmask request with the shares it allows."""
     DownloadCodecState: _aio.UnaryStreamMultiCallable[_federation_pb2.DownloadCodecStateRequest, _federation_pb2.DownloadCodecStateResponse]  # type: ignore[assignment]
     """DownloadCodecState streams the codec's shared state (e.g. eigenspace bases) named by its digest."""
+    DeclineRound: _aio.UnaryUnaryMultiCallable[_federation_pb2.DeclineRoundRequest, _federation_pb2.DeclineRoundResponse]  # type: ignore[assignment]
+    """DeclineRound tells the aggregator that the caller sits the current round out, and why, so
+    the round goes on without waiting for it.
+    """
 
 class FederationServiceServicer(metaclass=_abc_1.ABCMeta):
     """FederationService runs federated rounds between agents and the aggregator."""
@@ -179,5 +187,15 @@ class FederationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_federation_pb2.DownloadCodecStateResponse], _abc.AsyncIterator[_federation_pb2.DownloadCodecStateResponse]]:
         """DownloadCodecState streams the codec's shared state (e.g. eigenspace bases) named by its digest."""
+
+    @_abc_1.abstractmethod
+    def DeclineRound(
+        self,
+        request: _federation_pb2.DeclineRoundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.DeclineRoundResponse, _abc.Awaitable[_federation_pb2.DeclineRoundResponse]]:
+        """DeclineRound tells the aggregator that the caller sits the current round out, and why, so
+        the round goes on without waiting for it.
+        """
 
 def add_FederationServiceServicer_to_server(servicer: FederationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
