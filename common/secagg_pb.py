@@ -30,6 +30,7 @@ def advertisement_to_pb(adv: Advertisement) -> pb.KeyAdvertisement:
         mask_public_key=adv.mask_public,
         certificate_pem=adv.certificate_pem,
         signature=adv.signature,
+        self_seed_commitment=adv.seed_commitment,
     )
 
 
@@ -42,6 +43,7 @@ def advertisement_from_pb(msg: pb.KeyAdvertisement) -> Advertisement:
         msg.mask_public_key,
         msg.certificate_pem,
         msg.signature,
+        msg.self_seed_commitment,
     )
 
 

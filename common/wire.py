@@ -23,6 +23,8 @@ Revisions:
   8. upload headers carry the layout digest as 32 raw bytes (``layout_sha256``); advertisement
      signatures are raw ECDSA r || s; shares are sealed with AES-256-GCM-SIV under a fixed nonce
      (not sent).
+  9. key advertisements carry ``self_seed_commitment`` (SHA-256 of the self-mask seed, round
+     and identity), covered by their signature; agents refuse an advertisement without one.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collections.abc import Iterable
 
 from common.errors import FailedPrecondition
 
-WIRE_REVISION = 8
+WIRE_REVISION = 9
 
 MAX_DECLINE_DETAIL = 1024
 """The longest ``DeclineRoundRequest.detail`` the aggregator takes, in UTF-8 bytes."""

@@ -33,6 +33,12 @@ EVAL_LOSS = Gauge(
 EVAL_VERSION = Gauge(
     "cloudfed_eval_version", "Global version of that last reported eval loss.", ["cloud", "agent"]
 )
+SECAGG_WRONG_SHARES = Counter(
+    "cloudfed_secagg_wrong_shares",
+    "Revealed shares that did not give the secret their owner's signed advertisement names (left"
+    " out when t right ones remained), by the agent that revealed them.",
+    ["cloud", "agent"],
+)
 SECAGG_DROPOUTS_RECOVERED = Counter(
     "cloudfed_secagg_dropouts_recovered",
     "Agents that shared keys but whose masked input never arrived, whose masks were removed from the sum.",

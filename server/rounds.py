@@ -740,6 +740,10 @@ class RoundCoordinator:
             total = await asyncio.to_thread(secure.unmasked_sum)
         except Aborted as exc:
             raise _Abandon(str(exc), "unmask_failed") from exc
+        finally:
+            for holder, owners in secure.wrong_reveals.items():
+                log.warning("round %d: %s revealed wrong shares of %s", round_id, holder, sorted(owners))
+                metrics.SECAGG_WRONG_SHARES.labels(**peer_labels(SpiffeId.parse(holder))).inc(len(owners))
         dropped = sorted(invited - survivors - self._declined.keys())
         recovered = sorted(shared - survivors)
         if recovered:

@@ -86,7 +86,7 @@ def test_prometheus_config_and_alert_rules_pass_promtool() -> None:
     assert config.returncode == 0, config.stdout + config.stderr
     rules = promtool("check", "rules", str(DEPLOY / "prometheus" / "alerts.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 7 rules found" in rules.stdout
+    assert "SUCCESS: 8 rules found" in rules.stdout
 
 
 def test_alert_rules_only_use_exported_metrics() -> None:

@@ -247,6 +247,18 @@ def test_forged_or_unsigned_advertisement_is_rejected(
     with pytest.raises(RosterError, match="signature"):
         run_round(federation, codes, FULL, tamper=substitute_key)
 
+    def substitute_commitment(roster: list) -> None:  # so a seed of its choosing would pass
+        roster[2] = dataclasses.replace(roster[2], seed_commitment=bytes(32))
+
+    with pytest.raises(RosterError, match="signature"):
+        run_round(federation, codes, FULL, tamper=substitute_commitment)
+
+    def strip_commitment(roster: list) -> None:
+        roster[3] = dataclasses.replace(roster[3], seed_commitment=b"")
+
+    with pytest.raises(RosterError, match="no 32-byte seed commitment"):
+        run_round(federation, codes, FULL, tamper=strip_commitment)
+
     def strip_signature(roster: list) -> None:
         roster[0] = dataclasses.replace(roster[0], signature=b"")
 
@@ -258,7 +270,9 @@ def test_forged_or_unsigned_advertisement_is_rejected(
 
     def foreign_certificate(roster: list) -> None:  # a well-signed advertisement from another CA
         agent = federation.agent_round(victim, 1, FULL, b"s")
-        adv = sign_advertisement(1, victim, agent.cipher, agent.mask, outsider.cert_pem(), outsider.key)
+        adv = sign_advertisement(
+            1, victim, agent.cipher, agent.mask, outsider.cert_pem(), outsider.key, bytes(32)
+        )
         roster[ids.index(victim)] = adv
 
     with pytest.raises(RosterError, match="not issued by the federation CA"):
@@ -422,24 +436,35 @@ def test_unmask_request_naming_a_peer_alive_and_dropped_is_refused(
         agent.unmask(ids[:6], ids[6:])
 
 
-def test_aggregator_refuses_revealed_shares_of_the_wrong_kind_or_size_and_keeps_none(
-    federation: Federation, codes: dict[str, np.ndarray]
-) -> None:
+def _to_unmask(
+    federation: Federation, codes: dict[str, np.ndarray], gone: str = ""
+) -> tuple[ServerRound, list[str], dict[str, dict[str, tuple[int, bytes]]]]:
+    """A FULL round up to its unmask answers, ``gone`` (if named) having shared keys but never
+    uploaded: the aggregator, the survivors and what each of them reveals."""
     ids = sorted(codes)
     params = FULL.check(N)
-    server = ServerRound(3, params, LENGTH, b"seed")
-    agents = {a: federation.agent_round(a, 3, params, b"seed") for a in ids}
+    server = ServerRound(4, params, LENGTH, b"seed")
+    agents = {a: federation.agent_round(a, 4, params, b"seed") for a in ids}
     for agent in agents.values():
         server.add_advertisement(agent.advertise())
     for a, agent in agents.items():
         server.add_shares(a, agent.share_keys(server.roster()))
     server.start_sum()
     for a, agent in agents.items():
-        agent.receive_shares(server.shares_for(a))
-        server.add_masked(a, agent.mask_codes(codes[a].copy()))
-        server.finish_upload(a)
+        if a != gone:
+            agent.receive_shares(server.shares_for(a))
+            server.add_masked(a, agent.mask_codes(codes[a].copy()))
+            server.finish_upload(a)
     survivors, dropped = server.unmask_request()
-    revealed = {a: agents[a].unmask(survivors, dropped) for a in survivors}
+    assert dropped == ([gone] if gone else [])
+    return server, survivors, {a: agents[a].unmask(survivors, dropped) for a in survivors}
+
+
+def test_aggregator_refuses_revealed_shares_of_the_wrong_kind_or_size_and_keeps_none(
+    federation: Federation, codes: dict[str, np.ndarray]
+) -> None:
+    ids = sorted(codes)
+    server, survivors, revealed = _to_unmask(federation, codes)
     first, (kind, share) = ids[0], revealed[ids[0]][ids[1]]
     assert kind == SELF_SEED and len(share) == shamir.share_bytes(16)
     with pytest.raises(InvalidArgument, match="of 26 bytes"):
@@ -450,6 +475,78 @@ def test_aggregator_refuses_revealed_shares_of_the_wrong_kind_or_size_and_keeps_
     for a in survivors:
         server.add_reveal(a, revealed[a])
     np.testing.assert_array_equal(server.unmasked_sum(), ring_sum(codes, ids))
+
+
+def _shifting_share(share: bytes, holder: int, points: list[int]) -> bytes:
+    """A share that moves the secret interpolated from ``points`` (holder's among them) by +1:
+    in range, so only the owner's advertisement can tell it is wrong."""
+    prime = shamir.PRIMES[len(share) - shamir.CHECK_BYTES]
+    weight = 1
+    for x in points:
+        if x != holder:
+            weight = weight * -x * pow(holder - x, -1, prime) % prime
+    shifted = (int.from_bytes(share, "big") + pow(weight, -1, prime)) % prime
+    return shifted.to_bytes(len(share), "big")
+
+
+def test_a_wrong_share_is_found_and_left_out_and_its_holder_named(
+    federation: Federation, codes: dict[str, np.ndarray]
+) -> None:
+    """A holder reveals a share crafted so that the first t shares give the victim's self-mask
+    seed plus 1 (in range: Shamir's check bytes cannot see it), and a garbage share of a dropped
+    agent's mask key. The aggregator checks each secret against the owner's signed
+    advertisement (seed commitment, mask public key), recovers both from t right shares, names
+    the holder, and the sum is exact."""
+    ids = sorted(codes)
+    liar, victim, gone = ids[0], ids[1], ids[9]
+    server, survivors, revealed = _to_unmask(federation, codes, gone)
+    points = {a: i + 1 for i, a in enumerate(server.roster_ids)}
+    holders = sorted(points[a] for a in survivors if victim in revealed[a])
+    kind, share = revealed[liar][victim]
+    assert kind == SELF_SEED and points[liar] in holders[: FULL.threshold]
+    crafted = _shifting_share(share, points[liar], holders[: FULL.threshold])
+    kind, key_share = revealed[liar][gone]
+    assert kind == MASK_KEY
+    genuine = {points[a]: revealed[a][victim][1] for a in survivors if points[a] in holders[: FULL.threshold]}
+    right = shamir.reconstruct(genuine, FULL.threshold, 16)
+    wrong = shamir.reconstruct(genuine | {points[liar]: crafted}, FULL.threshold, 16)  # trusting the first t
+    assert int.from_bytes(wrong, "big") == int.from_bytes(right, "big") + 1
+    assert keys.seed_commitment(right, 4, victim) == server.advertisements[victim].seed_commitment
+    garbage = bytes(len(key_share) - 1) + b"\x01"
+    revealed[liar] = revealed[liar] | {victim: (SELF_SEED, crafted), gone: (MASK_KEY, garbage)}
+    for a in survivors:
+        server.add_reveal(a, revealed[a])
+    np.testing.assert_array_equal(server.unmasked_sum(), ring_sum(codes, survivors))
+    assert server.wrong_reveals == {liar: {victim, gone}}
+
+
+def test_aggregator_refuses_an_advertisement_without_a_seed_commitment(federation: Federation) -> None:
+    """Every peer would refuse such a roster: the aggregator refuses the advertisement instead."""
+    agent = federation.agent_round(sorted(federation.agents)[0], 5, FULL, b"s")
+    server = ServerRound(5, FULL.check(N), LENGTH, b"s")
+    with pytest.raises(InvalidArgument, match="seed commitment"):
+        server.add_advertisement(dataclasses.replace(agent.advertise(), seed_commitment=b""))
+    server.add_advertisement(agent.advertise())
+    assert list(server.advertisements) == [agent.agent_id]
+
+
+def test_too_few_right_shares_abort_the_round_naming_the_secret(
+    federation: Federation, codes: dict[str, np.ndarray]
+) -> None:
+    """With fewer than t right shares of a secret (here 5 of 9 holders lie about one seed, t = 6),
+    no set of t gives the advertised seed: the round is aborted, naming whose secret, instead of
+    unmasking a corrupted sum or failing with a bare interpolation error."""
+    ids = sorted(codes)
+    server, survivors, revealed = _to_unmask(federation, codes, ids[9])
+    victim = ids[1]
+    liars = [a for a in survivors if a != victim][:5]
+    for a in liars:
+        kind, share = revealed[a][victim]
+        revealed[a] = revealed[a] | {victim: (kind, bytes(len(share) - 1) + bytes([len(a)]))}
+    for a in survivors:
+        server.add_reveal(a, revealed[a])
+    with pytest.raises(Aborted, match=f"of {victim}'s self-mask seed give the one it advertised"):
+        server.unmasked_sum()
 
 
 def test_single_masked_upload_looks_uniform(federation: Federation) -> None:

@@ -24,6 +24,7 @@ from common.secagg.keys import (
     derive,
     open_sealed,
     seal,
+    seed_commitment,
     sign_advertisement,
     verify_advertisement,
 )
@@ -92,7 +93,13 @@ class AgentRound:
     def advertise(self) -> Advertisement:
         """Phase 1: both public keys, signed with the certificate key."""
         return sign_advertisement(
-            self.round_id, self.agent_id, self.cipher, self.mask, self.certificate_pem, self.signing_key
+            self.round_id,
+            self.agent_id,
+            self.cipher,
+            self.mask,
+            self.certificate_pem,
+            self.signing_key,
+            seed_commitment(self.self_seed, self.round_id, self.agent_id),
         )
 
     def share_keys(self, roster: Sequence[Advertisement], now: dt.datetime | None = None) -> dict[str, bytes]:

@@ -4,6 +4,7 @@ key and verified against the federation CA, and AES-GCM-SIV encryption of shares
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import struct
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from common.pki import spiffe_ids_of
 
 RAW = serialization.Encoding.Raw
 RAW_PUBLIC = serialization.PublicFormat.Raw
+COMMITMENT_BYTES = 32
+"""A self-mask seed commitment: SHA-256 of the seed, its round and owner."""
 
 
 class RosterError(PermissionDenied):
@@ -36,6 +39,13 @@ def derive(secret: bytes, purpose: str, round_id: int, *parties: str) -> bytes:
     for party in parties:
         info += _lp(party.encode())
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def seed_commitment(seed: bytes, round_id: int, agent_id: str) -> bytes:
+    """A binding, hiding commitment to a self-mask seed (128 random bits) for one round and agent:
+    the aggregator checks the seed it reconstructs from shares against it."""
+    payload = b"cloudfed-secagg-self-seed-v1" + struct.pack(">Q", round_id) + _lp(agent_id.encode())
+    return hashlib.sha256(payload + seed).digest()
 
 
 @dataclass(frozen=True)
@@ -76,20 +86,27 @@ class Advertisement:
     mask_public: bytes  # s_pk: pairwise mask agreement
     certificate_pem: bytes
     signature: bytes
+    seed_commitment: bytes = b""
+    """``seed_commitment`` of the agent's self-mask seed this round."""
 
     def signed_bytes(self) -> bytes:
-        """What the signature covers: round, identity, both keys."""
-        return signed_payload(self.round_id, self.agent_id, self.cipher_public, self.mask_public)
+        """What the signature covers: round, identity, both keys, the seed commitment."""
+        return signed_payload(
+            self.round_id, self.agent_id, self.cipher_public, self.mask_public, self.seed_commitment
+        )
 
 
-def signed_payload(round_id: int, agent_id: str, cipher_public: bytes, mask_public: bytes) -> bytes:
+def signed_payload(
+    round_id: int, agent_id: str, cipher_public: bytes, mask_public: bytes, commitment: bytes
+) -> bytes:
     """Canonical bytes of an advertisement."""
     return (
-        b"cloudfed-secagg-advertisement-v1"
+        b"cloudfed-secagg-advertisement-v2"
         + struct.pack(">Q", round_id)
         + _lp(agent_id.encode())
         + _lp(cipher_public)
         + _lp(mask_public)
+        + _lp(commitment)
     )
 
 
@@ -100,13 +117,17 @@ def sign_advertisement(
     mask: KeyPair,
     certificate_pem: bytes,
     signing_key: ec.EllipticCurvePrivateKey,
+    commitment: bytes = b"",
 ) -> Advertisement:
-    """Sign both public keys with the agent's certificate key (ECDSA, SHA-256), as raw r || s."""
-    payload = signed_payload(round_id, agent_id, cipher.public, mask.public)
+    """Sign both public keys and the self-mask seed ``commitment`` with the agent's certificate key
+    (ECDSA, SHA-256), as raw r || s."""
+    payload = signed_payload(round_id, agent_id, cipher.public, mask.public, commitment)
     r, s = decode_dss_signature(signing_key.sign(payload, ec.ECDSA(hashes.SHA256())))
     size = _scalar_bytes(signing_key.curve)
     signature = r.to_bytes(size, "big") + s.to_bytes(size, "big")
-    return Advertisement(round_id, agent_id, cipher.public, mask.public, certificate_pem, signature)
+    return Advertisement(
+        round_id, agent_id, cipher.public, mask.public, certificate_pem, signature, commitment
+    )
 
 
 def _scalar_bytes(curve: ec.EllipticCurve) -> int:
@@ -122,6 +143,8 @@ def verify_advertisement(adv: Advertisement, ca: x509.Certificate, round_id: int
         raise RosterError(f"advertisement of {who} is for round {adv.round_id}, not {round_id}")
     if len(adv.cipher_public) != 32 or len(adv.mask_public) != 32:
         raise RosterError(f"advertisement of {who} carries malformed public keys")
+    if len(adv.seed_commitment) != COMMITMENT_BYTES:
+        raise RosterError(f"advertisement of {who} carries no {COMMITMENT_BYTES}-byte seed commitment")
     try:
         cert = x509.load_pem_x509_certificate(adv.certificate_pem)
         cert.verify_directly_issued_by(ca)

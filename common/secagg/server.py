@@ -7,6 +7,8 @@ sum is unmasked.
 
 from __future__ import annotations
 
+import hmac
+import itertools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,12 +20,15 @@ from common.secagg import shamir
 from common.secagg.agent import MASK_KEY, SECRET_BYTES, SELF_SEED, pair_mask_key, pair_sign, self_mask_key
 from common.secagg.coverage import Coverage
 from common.secagg.graph import neighbours
-from common.secagg.keys import Advertisement, KeyPair
+from common.secagg.keys import COMMITMENT_BYTES, Advertisement, KeyPair, seed_commitment
 from common.secagg.params import SecAggParams
 from common.secagg.prg import apply_masks
 from common.secagg.ring import RING_DTYPE
 
 log = logging.getLogger(__name__)
+MAX_SUBSETS = 1024
+"""Most sets of t revealed shares tried for one secret before the round is given up."""
+SECRET_NAMES = {SELF_SEED: "self-mask seed", MASK_KEY: "mask key"}
 
 
 @dataclass
@@ -39,6 +44,8 @@ class ServerRound:
     sealed: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sender -> recipient -> blob
     uploaded: set[str] = field(default_factory=set)
     reveals: dict[str, dict[str, tuple[int, bytes]]] = field(default_factory=dict)
+    wrong_reveals: dict[str, set[str]] = field(default_factory=dict)
+    """Holders whose revealed share of some owner's secret was wrong (holder -> owners)."""
     total: np.ndarray | None = None
     graph: dict[str, frozenset[str]] = field(default_factory=dict)
     coverage: Coverage | None = None
@@ -50,6 +57,10 @@ class ServerRound:
             raise FailedPrecondition(f"advertisement for round {adv.round_id}, this is round {self.round_id}")
         if adv.agent_id in self.advertisements:
             raise FailedPrecondition(f"{adv.agent_id} already advertised keys this round")
+        if len(adv.seed_commitment) != COMMITMENT_BYTES:  # every peer would refuse the roster
+            raise InvalidArgument(
+                f"advertisement without a {COMMITMENT_BYTES}-byte self-mask seed commitment"
+            )
         self.advertisements[adv.agent_id] = adv
 
     @property
@@ -159,13 +170,11 @@ class ServerRound:
         masks: list[tuple[bytes, int]] = []
         owners: list[list[str]] = []  # with coverage: whose elements each mask is on
         for agent in survivors:
-            seed = self._reconstruct(agent, SELF_SEED, points)
+            seed = self._recover(agent, SELF_SEED, points)
             masks.append((self_mask_key(seed, self.round_id, agent), -1))
             owners.append([agent])
         for gone in dropped:
-            mask_key = KeyPair.from_private_bytes(self._reconstruct(gone, MASK_KEY, points))
-            if mask_key.public != self.advertisements[gone].mask_public:
-                raise Aborted(f"shares of {gone}'s mask key do not match its advertised key")
+            mask_key = KeyPair.from_private_bytes(self._recover(gone, MASK_KEY, points))
             for agent in survivors:
                 if gone in self.graph[agent] and agent in self.sealed.get(gone, {}):
                     secret = mask_key.agree(self.advertisements[agent].mask_public)
@@ -195,15 +204,55 @@ class ServerRound:
             raise InvalidArgument(f"a masked sum of {self.length} elements does not hold {count} values")
         return self.coverage.mean(total, fp, weights, count)
 
-    def _reconstruct(self, owner: str, kind: int, points: Mapping[str, int]) -> bytes:
+    def _recover(self, owner: str, kind: int, points: Mapping[str, int]) -> bytes:
+        """``owner``'s secret from t revealed shares that give the one its advertisement names (the
+        seed's commitment, the mask key's public key). A holder's wrong share is left out (and
+        named in ``wrong_reveals``) as long as t right ones were revealed; Aborted otherwise."""
+        holders = {points[h]: h for h in self.reveals}
         shares = {
             points[holder]: share
             for holder, revealed in self.reveals.items()
             for peer, (k, share) in revealed.items()
             if peer == owner and k == kind
         }
-        if len(shares) < self.params.threshold:
-            raise Aborted(
-                f"{len(shares)} shares of {owner}'s secret revealed; threshold {self.params.threshold}"
-            )
-        return shamir.reconstruct(shares, self.params.threshold, SECRET_BYTES[kind])
+        t, size, name = self.params.threshold, SECRET_BYTES[kind], SECRET_NAMES[kind]
+        if len(shares) < t:
+            raise Aborted(f"{len(shares)} shares of {owner}'s {name} revealed; threshold {t}")
+        for subset in itertools.islice(itertools.combinations(sorted(shares), t), MAX_SUBSETS):
+            secret = self._interpolate(shares, subset, size)
+            if secret is None or not self._advertised(owner, kind, secret):
+                continue
+            wrong = [
+                holders[x]
+                for x in shares
+                if x not in subset and self._interpolate(shares, (*subset[1:], x), size) != secret
+            ]
+            if wrong:
+                log.warning(
+                    "secagg round %d: %s revealed wrong shares of %s's %s; recovered from the others",
+                    self.round_id,
+                    wrong,
+                    owner,
+                    name,
+                )
+                for holder in wrong:
+                    self.wrong_reveals.setdefault(holder, set()).add(owner)
+            return secret
+        raise Aborted(
+            f"no {t} of the {len(shares)} revealed shares of {owner}'s {name} give the one it"
+            f" advertised: holders revealed wrong shares, or {owner} dealt inconsistent ones"
+        )
+
+    @staticmethod
+    def _interpolate(shares: Mapping[int, bytes], subset: tuple[int, ...], size: int) -> bytes | None:
+        try:
+            return shamir.reconstruct({x: shares[x] for x in subset}, len(subset), size)
+        except InvalidArgument:  # out of the secret's range: some share there is wrong
+            return None
+
+    def _advertised(self, owner: str, kind: int, secret: bytes) -> bool:
+        """Whether ``secret`` is the one ``owner``'s advertisement commits to."""
+        adv = self.advertisements[owner]
+        if kind == SELF_SEED:
+            return hmac.compare_digest(seed_commitment(secret, self.round_id, owner), adv.seed_commitment)
+        return KeyPair.from_private_bytes(secret).public == adv.mask_public

@@ -1169,6 +1169,7 @@ class KeyAdvertisement(_message.Message):
     MASK_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    SELF_SEED_COMMITMENT_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     """Round the keys are for."""
     agent_id: _builtins.str
@@ -1186,7 +1187,12 @@ class KeyAdvertisement(_message.Message):
     the agent's TLS session was authenticated with (a value sent in the message is ignored).
     """
     signature: _builtins.bytes
-    """Signature over round, identity and both keys."""
+    """Signature over round, identity, both keys and self_seed_commitment."""
+    self_seed_commitment: _builtins.bytes
+    """SHA-256 commitment to the agent's self-mask seed this round (with round and identity): the
+    aggregator checks the seed it reconstructs from revealed shares against it, so a wrong share
+    is found and left out instead of corrupting the sum.
+    """
     def __init__(
         self,
         *,
@@ -1196,10 +1202,11 @@ class KeyAdvertisement(_message.Message):
         mask_public_key: _builtins.bytes = ...,
         certificate_pem: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        self_seed_commitment: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "certificate_pem", b"certificate_pem", "cipher_public_key", b"cipher_public_key", "mask_public_key", b"mask_public_key", "round_id", b"round_id", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "certificate_pem", b"certificate_pem", "cipher_public_key", b"cipher_public_key", "mask_public_key", b"mask_public_key", "round_id", b"round_id", "self_seed_commitment", b"self_seed_commitment", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
