@@ -37,7 +37,7 @@ from common.layout import ParamLayout
 from common.metrics import peer_labels
 from common.secagg.clips import SegmentClips
 from common.secagg.graph import majority, share_holders
-from common.secagg.keys import Advertisement
+from common.secagg.keys import Advertisement, check_posted_advertisement
 from common.secagg.params import SecAggParams
 from common.secagg.ring import update_weight
 from common.secagg.server import ServerRound
@@ -421,14 +421,18 @@ class RoundCoordinator:
             self._check_all_in()
         await self._moved_on()
 
-    async def advertise_keys(self, peer: SpiffeId, adv: Advertisement) -> None:
+    async def advertise_keys(self, peer: SpiffeId, adv: Advertisement, ca_pem: bytes | None = None) -> None:
         """Phase 1: keep ``peer``'s signed keys (the identity inside must be the caller's own; agents
-        leave it empty, and it is set to theirs)."""
+        leave it empty, and it is set to theirs), checked as every peer will check them against
+        the federation CA (``ca_pem``), so that a bad one is refused alone."""
         if not adv.agent_id:
             adv = replace(adv, agent_id=peer.uri)
         if adv.agent_id != peer.uri:
             raise PermissionDenied(f"{peer} cannot advertise keys for {adv.agent_id}")
-        self._secure_round(peer, adv.round_id, Phase.ADVERTISE_KEYS).add_advertisement(adv)
+        secure = self._secure_round(peer, adv.round_id, Phase.ADVERTISE_KEYS)
+        if ca_pem is not None:
+            check_posted_advertisement(adv, ca_pem)
+        secure.add_advertisement(adv)
         await self._moved_on()
 
     def roster_ids(self, peer: SpiffeId, round_id: int, phase: Phase) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -211,7 +212,8 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         # send none (it reached us in the TLS handshake), and one in the message is not trusted.
         certificate = peer_certificate_pem(context.auth_context())
         adv = dataclasses.replace(advertisement_from_pb(request.advertisement), certificate_pem=certificate)
-        await self._rounds.advertise_keys(require_peer(), adv)
+        ca_pem = await asyncio.to_thread(self._config.tls.ca.read_bytes)  # as rotated on disk
+        await self._rounds.advertise_keys(require_peer(), adv, ca_pem)
         return pb.AdvertiseKeysResponse()
 
     async def ShareKeys(self, request: pb.ShareKeysRequest, context: Context) -> pb.ShareKeysResponse:

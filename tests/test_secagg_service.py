@@ -27,7 +27,13 @@ from common.secagg.keys import RosterError, sign_advertisement, verify_advertise
 from common.secagg.local import Federation
 from common.secagg.params import SecAggParams
 from common.secagg.ring import ring_bits
-from common.secagg_pb import advertisement_from_pb, advertisement_to_pb, reveals_from_pb, sealed_from_pb
+from common.secagg_pb import (
+    advertise_request,
+    advertisement_from_pb,
+    advertisement_to_pb,
+    reveals_from_pb,
+    sealed_from_pb,
+)
 from protos.cloudfed.v1 import federation_pb2 as pb
 from tests.agentsim import Watcher
 from tests.conftest import Pki, aggregator_config, small_adapter
@@ -618,3 +624,35 @@ async def test_roster_carries_the_certificate_of_each_tls_session_not_the_one_in
         sent = x509.load_pem_x509_certificate(own[name].certificate_pem)
         assert x509.load_pem_x509_certificate(adv.certificate_pem) == sent
         verify_advertisement(adv, own[name].ca, event.round_id, dt.datetime.now(dt.UTC))
+
+
+async def test_aggregator_refuses_an_advertisement_its_peers_would_refuse(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    """A forged advertisement (a key swapped after signing) would make every honest agent refuse
+    the roster, and so the round: the aggregator refuses it alone, with INVALID_ARGUMENT, keeps
+    nothing of it, and takes the agent's real one."""
+    run = await start_aggregator(config=secure_config(pki, tmp_path / "agg0", min_agents=2))
+    files = run.pki.agent("m1")  # the client reissues these: load the signer after it
+    async with run.client("m1") as client, run.client("m2") as other:
+        join = await client.join(num_examples=10)
+        await other.join(num_examples=10)
+        watchers = [Watcher(client), Watcher(other)]
+        try:
+            event = await watchers[0].until(pb.ROUND_PHASE_ADVERTISE_KEYS)
+            part = SecureParticipation(
+                client, Signer.load(files), join.agent_id, join.settings.secagg, event.round_id, 60
+            )
+            adv = part.protocol.advertise()
+            forged = dataclasses.replace(adv, mask_public=bytes(range(32)))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.advertise_keys(advertise_request(forged))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "does not verify" in (refused.value.details() or "")
+            secure = run.agg.rounds._secure
+            assert secure is not None and secure.advertisements == {}
+            await client.advertise_keys(advertise_request(adv))
+            assert list(secure.advertisements) == [join.agent_id]
+        finally:
+            for w in watchers:
+                await w.close()

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from common.errors import FailedPrecondition, PermissionDenied
+from common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from common.pki import spiffe_ids_of
 
 RAW = serialization.Encoding.Raw
@@ -133,6 +133,20 @@ def sign_advertisement(
 def _scalar_bytes(curve: ec.EllipticCurve) -> int:
     """Bytes of one ECDSA signature half (r or s) on ``curve``: 32 on P-256."""
     return (curve.key_size + 7) // 8
+
+
+def check_posted_advertisement(adv: Advertisement, ca_pem: bytes) -> None:
+    """At the aggregator, on AdvertiseKeys: InvalidArgument unless ``adv`` verifies as every peer
+    will verify it, so that one bad advertisement is refused alone instead of making every
+    honest agent refuse the roster (and the round)."""
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError as exc:
+        raise FailedPrecondition(f"the federation CA does not load: {exc}") from exc
+    try:
+        verify_advertisement(adv, ca, adv.round_id, dt.datetime.now(dt.UTC))
+    except RosterError as exc:
+        raise InvalidArgument(f"key advertisement refused: {exc}") from exc
 
 
 def verify_advertisement(adv: Advertisement, ca: x509.Certificate, round_id: int, now: dt.datetime) -> None:
