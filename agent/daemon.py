@@ -37,6 +37,7 @@ from common.config import AgentConfig
 from common.errors import CloudfedError, ConfigError, DataLoss, PolicyRefused, TrainingFailed
 from common.layout import ParamLayout
 from common.secagg.keys import RosterError
+from common.secagg_pb import DECLINE_REASONS
 from protos.cloudfed.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -121,15 +122,6 @@ def sat_out_reason(exc: CloudfedError) -> str:
     if isinstance(exc, TrainingFailed):
         return "training"
     return "protocol"
-
-
-DECLINE_REASONS = {
-    "privacy_policy": pb.DECLINE_REASON_PRIVACY_POLICY,
-    "roster": pb.DECLINE_REASON_ROSTER,
-    "protocol": pb.DECLINE_REASON_PROTOCOL,
-    "training": pb.DECLINE_REASON_TRAINING,
-}
-"""The wire reason of a round this agent declines, by ``sat_out_reason``."""
 
 
 async def _decline(client: AggregatorClient, round_id: int, reason: str, detail: str) -> None:

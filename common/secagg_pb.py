@@ -1,4 +1,5 @@
-"""Conversions between the secure-aggregation core's values and their wire messages.
+"""Conversions between the secure-aggregation core's values and their wire messages (and the
+reasons an agent declines a round).
 
 Shares name their peer by its position in the round's roster (the advertisements sorted by agent
 id, as ``GetSecAggStateResponse.roster`` lists them), not by its SPIFFE id: a few bytes instead of
@@ -17,6 +18,14 @@ from protos.cloudfed.v1 import federation_pb2 as pb
 
 KIND_TO_PB = {SELF_SEED: pb.SHARE_KIND_SELF_SEED, MASK_KEY: pb.SHARE_KIND_MASK_KEY}
 KIND_FROM_PB = {v: k for k, v in KIND_TO_PB.items()}
+DECLINE_REASONS = {
+    "privacy_policy": pb.DECLINE_REASON_PRIVACY_POLICY,
+    "roster": pb.DECLINE_REASON_ROSTER,
+    "protocol": pb.DECLINE_REASON_PROTOCOL,
+    "training": pb.DECLINE_REASON_TRAINING,
+}
+"""Why an agent sits a round out, on the wire, by the ``reason`` label both sides' metrics use."""
+
 STATE_WAITS = (pb.ROUND_PHASE_SHARE_KEYS, pb.ROUND_PHASE_UPLOAD, pb.ROUND_PHASE_UNMASK)
 """The phases an agent waits for (``GetSecAggState``) in each masked round."""
 

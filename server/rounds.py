@@ -41,6 +41,7 @@ from common.secagg.keys import Advertisement, check_posted_advertisement
 from common.secagg.params import SecAggParams
 from common.secagg.ring import update_weight
 from common.secagg.server import ServerRound
+from common.wire import MAX_DECLINE_DETAIL
 from server import metrics
 from server.accumulator import BLOCK_ELEMS, SumAccumulator
 from server.aggregates import AggregateStore
@@ -402,6 +403,8 @@ class RoundCoordinator:
         """``peer`` sits round ``round_id`` out (``reason``: a metric label): the phase in progress,
         and the rest of the round, no longer wait for it. Only a participant of the current phase
         that has not uploaded may decline; an upload already taken stays in the sum."""
+        if len(detail.encode()) > MAX_DECLINE_DETAIL:
+            raise InvalidArgument(f"decline detail of over {MAX_DECLINE_DETAIL} bytes")
         s = self._state
         if s.round_id != round_id or s.phase not in DECLINABLE:
             raise FailedPrecondition(
@@ -543,7 +546,7 @@ class RoundCoordinator:
                 await asyncio.wait_for(self._all_in.wait(), timeout=self.config.upload_deadline_s)
             if self._pending:  # uploads verified before the deadline still count
                 await asyncio.gather(*self._pending)
-        needed = self.config.min_uploads or self.config.min_agents
+        needed = self._uploads_needed
         uploaded = sorted(self._added)
         dropped = sorted(participants - set(uploaded) - self._declined.keys())
         if len(uploaded) < needed:
@@ -571,6 +574,11 @@ class RoundCoordinator:
             levels=sa.code_levels,
             coverage=sa.coverage,
         )
+
+    @property
+    def _uploads_needed(self) -> int:
+        """Uploads a round needs to complete (``min_uploads``, else ``min_agents``)."""
+        return self.config.min_uploads or self.config.min_agents
 
     def _declines_said(self) -> str:
         """ ", N declined" when agents declined the round, for its abandon reason."""
@@ -609,7 +617,7 @@ class RoundCoordinator:
         """advertise -> share -> masked upload -> unmask -> aggregate; abandoned below t at any phase."""
         base = self._state.global_version
         invited, colluders, self._left_out = self._invite(sa)
-        needed = self.config.min_uploads or self.config.min_agents
+        needed = self._uploads_needed
         if len(invited) < needed:  # the round could never complete: say why now
             self.db.round_started(round_id, base, time.time(), sorted(invited))
             reason = (
@@ -731,7 +739,7 @@ class RoundCoordinator:
         await phase(Phase.UPLOAD, shared, lambda: self._added, self.config.upload_deadline_s)
         if self._pending:
             await asyncio.gather(*self._pending)
-        needed = max(t, self.config.min_uploads or self.config.min_agents)
+        needed = max(t, self._uploads_needed)
         uploaded = sorted(self._added)
         if len(uploaded) < needed:
             raise _Abandon(

@@ -11,10 +11,10 @@ from google.protobuf import timestamp_pb2
 
 from common.codecs.registry import CodecSettings
 from common.config import AggregatorConfig
-from common.errors import InvalidArgument
 from common.grpc_wrap import Context
 from common.identity import require_peer
 from common.secagg_pb import (
+    DECLINE_REASONS,
     advertisement_from_pb,
     advertisement_to_pb,
     reveals_from_pb,
@@ -22,7 +22,7 @@ from common.secagg_pb import (
     sealed_to_pb,
 )
 from common.tls import peer_certificate_pem
-from common.wire import MAX_DECLINE_DETAIL, WIRE_REVISION, check_joiner
+from common.wire import WIRE_REVISION, check_joiner
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
 from server.admission import admit
@@ -107,12 +107,7 @@ def event_of(state: RoundState, agent_uri: str) -> pb.RoundEvent:
     )
 
 
-DECLINE_LABELS = {
-    pb.DECLINE_REASON_PRIVACY_POLICY: "privacy_policy",
-    pb.DECLINE_REASON_ROSTER: "roster",
-    pb.DECLINE_REASON_PROTOCOL: "protocol",
-    pb.DECLINE_REASON_TRAINING: "training",
-}
+DECLINE_LABELS = {wire: label for label, wire in DECLINE_REASONS.items()}
 """The ``reason`` label of cloudfed_rounds_declined_total, by wire reason."""
 
 
@@ -256,8 +251,6 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
     async def DeclineRound(
         self, request: pb.DeclineRoundRequest, context: Context
     ) -> pb.DeclineRoundResponse:
-        if len(request.detail.encode()) > MAX_DECLINE_DETAIL:
-            raise InvalidArgument(f"decline detail of over {MAX_DECLINE_DETAIL} bytes")
         reason = DECLINE_LABELS.get(request.reason, "unspecified")
         await self._rounds.decline(require_peer(), request.round_id, reason, request.detail)
         return pb.DeclineRoundResponse()
