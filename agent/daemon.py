@@ -107,9 +107,14 @@ class Worker:
         raise ValueError(f"unknown command {op!r}")
 
     def follow(self) -> None:
-        """Ranks > 0: run rank 0's commands until it says stop."""
+        """Ranks > 0: run rank 0's commands until it says stop. A failed training (the ranks decide
+        it together, so rank 0 failed too and sits the round out) leaves this rank waiting for
+        the next command; any other error ends it, and torchrun stops the job."""
         while (command := self.ctx.broadcast(None))["op"] != "stop":
-            self.execute(command)
+            try:
+                self.execute(command)
+            except TrainingFailed as exc:
+                log.warning("rank %d: %s", self.ctx.rank, exc)
 
 
 def sat_out_reason(exc: CloudfedError) -> str:

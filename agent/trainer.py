@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from agent.distributed import DistContext
-from common.errors import ConfigError, InvalidArgument
+from common.errors import ConfigError, InvalidArgument, TrainingFailed
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,12 @@ class LoraTrainer:
             idx = torch.randint(len(blocks), (min(training.batch_size, len(blocks)),), generator=generator)
             batch = blocks[idx].to(self.device)
             loss = forward(input_ids=batch, labels=batch).loss
-            if not torch.isfinite(loss):
-                raise InvalidArgument(f"training diverged: loss {loss.item()} at step {step}")
+            diverged = self._ranks_diverged(loss)
+            if diverged:
+                raise TrainingFailed(
+                    f"training diverged at step {step}: the loss is not finite on {diverged} of "
+                    f"{self.ctx.world_size} rank(s) (here {loss.item():.6g})"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -201,6 +205,11 @@ class LoraTrainer:
             progress(step + 1, losses[-1], began)
         end = self.adapter()
         return {k: end[k] - start[k] for k in start}, sum(losses) / len(losses)
+
+    def _ranks_diverged(self, loss: torch.Tensor) -> int:
+        """On how many ranks this step's loss is not finite, decided by all ranks together: a rank
+        that stopped alone would leave the others waiting in DDP's gradient all-reduce."""
+        return round(self.ctx.all_sum([0.0 if torch.isfinite(loss) else 1.0])[0])
 
     @torch.no_grad()
     def evaluate(self, blocks: torch.Tensor, batch_size: int = 16) -> tuple[float, int]:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,43 +18,55 @@ from tests.test_faults import query
 pytestmark = pytest.mark.slow
 
 
-def test_two_ranks_train_with_ddp_and_only_rank_0_joins(tmp_path: Path) -> None:
-    # One agent alone: secure aggregation needs at least two (the config refuses it), so plain updates.
+def _torchrun(module: str, agent: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``module`` as an agent CLI under torchrun with 2 CPU ranks; (exit status, output)."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            module,
+            "--config",
+            str(agent),
+            "run",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CLOUDFED_AGENT_LOG_LEVEL": "INFO", **(env or {})},
+    )
+    return run.returncode, run.stdout + run.stderr
+
+
+def _alone(tmp_path: Path) -> tuple[Path, list[Path], int]:
+    """The demo's files for an aggregator that runs rounds with one agent. Secure aggregation
+    needs at least two (the config refuses it), so plain updates."""
     agg_config, agent_configs, health = prepare(tmp_path, rounds=2, secagg=False)
     agg_config.write_text(agg_config.read_text().replace("min_agents = 3", "min_agents = 1"))
+    return agg_config, agent_configs, health
+
+
+def test_two_ranks_train_with_ddp_and_only_rank_0_joins(tmp_path: Path) -> None:
+    agg_config, agent_configs, health = _alone(tmp_path)
     aggregator = start("server.cli", "--config", str(agg_config), log=tmp_path / "aggregator.log")
     try:
         wait_serving(health, timeout=120)
         agent = agent_configs[1]  # gcp
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node=2",
-                "-m",
-                "agent.cli",
-                "--config",
-                str(agent),
-                "run",
-                "--audit-dir",
-                str(tmp_path / "audit-flag"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            # DDP with activation checkpointing (non-reentrant): gradients still reach every rank's LoRA.
-            env={
-                **os.environ,
-                "CLOUDFED_AGENT_LOG_LEVEL": "INFO",
-                "CLOUDFED_AGENT_ACTIVATION_CHECKPOINTING": "1",
-            },
+        # DDP with activation checkpointing (non-reentrant): gradients still reach every rank's LoRA.
+        code, log = _torchrun(
+            "agent.cli",
+            agent,
+            "--audit-dir",
+            str(tmp_path / "audit-flag"),
+            env={"CLOUDFED_AGENT_ACTIVATION_CHECKPOINTING": "1"},
         )
     finally:
         stop(aggregator)
-    log = run.stdout + run.stderr
-    assert run.returncode == 0, log[-3000:]
+    assert code == 0, log[-3000:]
     assert "rank 0 of 2 (gloo)" in log
     assert "rank 1 of 2 (gloo)" in log
     for rank in (0, 1):
@@ -103,4 +116,40 @@ def test_more_ranks_than_gpus_stop_with_one_config_error(tmp_path: Path) -> None
     expected = "sees no GPU" if gpus == 0 else f"only {gpus} GPU(s) are visible: --nproc_per_node must be"
     assert any(line.startswith("cloudfed-agent: ") and expected in line for line in log.splitlines()), log[
         -3000:
+    ]
+
+
+def test_a_loss_that_diverges_on_one_rank_makes_the_agent_decline_and_every_rank_go_on(
+    tmp_path: Path,
+) -> None:
+    """Under torchrun, rank 1's loss is NaN in round 1 while rank 0's is finite
+    (tests/torchrun_diverging_rank.py). The ranks decide together: the agent declines round 1
+    (the aggregator abandons it at once, not at its 300 s deadline), and both ranks train
+    round 2, which completes. A rank that stopped alone used to leave the other waiting in DDP's
+    all-reduce until torchrun took the whole agent down."""
+    agg_config, agent_configs, health = _alone(tmp_path)
+    aggregator = start("server.cli", "--config", str(agg_config), log=tmp_path / "aggregator.log")
+    try:
+        wait_serving(health, timeout=120)
+        agent = agent_configs[0]
+        began = time.monotonic()
+        code, log = _torchrun("tests.torchrun_diverging_rank", agent, env={"CLOUDFED_AGENT_MAX_ROUNDS": "1"})
+        took = time.monotonic() - began
+    finally:
+        stop(aggregator)
+    assert code == 0, log[-3000:]
+    assert took < 200, log[-3000:]
+    assert "training diverged at step 0: the loss is not finite on 1 of 2 rank(s)" in log
+    assert "round 1: not taking part: local training failed: training diverged" in log
+    assert "rank 1: training diverged at step 0" in log  # the follower went on to the next command
+    for rank in (0, 1):
+        assert f"rank {rank}/2: round 1 trained" not in log
+        assert f"rank {rank}/2: round 2 trained" in log
+    db = tmp_path / "aggregator-state" / "cloudfed.db"
+    rounds = query(db, "SELECT round_id, phase, reason FROM rounds WHERE round_id <= 2 ORDER BY round_id")
+    assert [(r, phase) for r, phase, _ in rounds] == [(1, "ABANDONED"), (2, "COMPLETED")]
+    assert "0 of 1 uploads, 1 declined" in rounds[0][2]
+    assert query(db, "SELECT round_id, status FROM participants WHERE round_id <= 2 ORDER BY round_id") == [
+        (1, "declined"),
+        (2, "uploaded"),
     ]
