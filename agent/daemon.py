@@ -138,6 +138,20 @@ async def _decline(client: AggregatorClient, round_id: int, reason: str, detail:
         log.info("round %d: could not decline: %s %s", round_id, exc.code().name, exc.details())
 
 
+async def _keys_while_training(keys: Coroutine[Any, Any, None], training: asyncio.Future[Any]) -> None:
+    """Run the key phases while the model trains. A training that fails first stops them: the
+    agent declines at once, before the roster closes or it shares keys where it can, so that
+    the round neither counts on it nor has its masks to recover."""
+    task = asyncio.ensure_future(keys)
+    await asyncio.wait({task, training}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done() and not training.cancelled() and training.exception() is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return  # the caller awaits the training and raises its error
+    await task
+
+
 def _shard(blocks: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     shard = blocks[rank::world]
     if len(shard) == 0:
@@ -355,7 +369,7 @@ class Agent:
                     wait_s=SECAGG_WAIT_S,
                     policy=self.config.privacy,
                 )
-                await secure.keys()
+                await _keys_while_training(secure.keys(), training_task)
             try:
                 delta, train_loss = await training_task
             except CloudfedError as exc:  # e.g. the loss diverged

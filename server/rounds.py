@@ -417,6 +417,8 @@ class RoundCoordinator:
         if peer.uri in self._declined:
             return  # a retried call
         self._declined[peer.uri] = reason
+        if s.phase is Phase.ADVERTISE_KEYS and self._secure is not None:
+            self._secure.withdraw(peer.uri)  # not in the roster: nobody shares with it
         self.db.declined(round_id, peer.uri)
         metrics.DECLINED.labels(**peer_labels(peer), reason=reason).inc()
         log.warning("round %d: %s declined in %s (%s): %s", round_id, peer, s.phase.name, reason, detail)
@@ -466,6 +468,8 @@ class RoundCoordinator:
         s, secure = self._state, self._secure
         if s.round_id != round_id or s.phase in (Phase.ABANDONED, Phase.COMPLETED) or secure is None:
             raise FailedPrecondition(f"round {round_id} is over ({s.reason or s.phase.name})")
+        if peer.uri in self._declined:
+            raise FailedPrecondition(f"{peer} declined round {round_id}")
         if peer.uri not in secure.advertisements:
             raise FailedPrecondition(f"{peer} did not advertise keys in round {round_id}")
         survivors, dropped = secure.unmask_request() if phase >= Phase.UNMASK else ([], [])

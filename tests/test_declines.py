@@ -21,6 +21,7 @@ from agent.privacy import announced
 from agent.secure import SecureParticipation, Signer
 from common.config import AgentConfig, AggregatorConfig, PrivacyConfig, load
 from common.errors import InvalidArgument
+from common.secagg.agent import AgentRound
 from common.secagg_pb import advertise_request, share_request
 from common.wire import MAX_DECLINE_DETAIL
 from protos.cloudfed.v1 import federation_pb2 as pb
@@ -150,6 +151,61 @@ async def test_masked_round_goes_on_without_an_agent_that_declines_after_adverti
     assert declined("roster", "s2") == before + 1
 
 
+async def test_an_agent_that_declines_before_the_roster_closes_is_left_out_of_it(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    """A masked round of 3: one agent advertises its keys and declines before the others have
+    advertised theirs (its training failed at once). The roster the other two receive names
+    only them, so nobody seals a share for the decliner or waits for its reveals, and the round
+    completes from their sum with no dropout to recover."""
+    config = secure_config(pki, tmp_path / "agg0", min_agents=3, min_uploads=2, upload_deadline_s=LONG_S)
+    config = dataclasses.replace(config, secagg=dataclasses.replace(config.secagg, key_deadline_s=LONG_S))
+    run = await start_aggregator(config=config)
+    rng = np.random.default_rng(6)
+    recovered = REGISTRY.get_sample_value("cloudfed_secagg_dropouts_recovered_total") or 0.0
+    declined_first = asyncio.Event()
+
+    async def decliner() -> None:
+        files = run.pki.agent("s2")  # the client reissues these: load the signer after it
+        async with run.client("s2") as client:
+            join = await client.join(num_examples=10)
+            watcher = Watcher(client)
+            try:
+                event = await watcher.until(pb.ROUND_PHASE_ADVERTISE_KEYS)
+                part = SecureParticipation(
+                    client, Signer.load(files), join.agent_id, join.settings.secagg, event.round_id, 60
+                )
+                await client.advertise_keys(advertise_request(part.protocol.advertise()))
+                await client.decline_round(event.round_id, pb.DECLINE_REASON_TRAINING, "loss diverged")
+                declined_first.set()
+                with pytest.raises(grpc.aio.AioRpcError) as late:
+                    await client.secagg_state(event.round_id, pb.ROUND_PHASE_SHARE_KEYS, 60)
+                assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "declined round 1" in (late.value.details() or "")
+                await watcher.until(pb.ROUND_PHASE_COMPLETED)
+            finally:
+                await watcher.close()
+
+    protocols: dict[str, AgentRound] = {}
+    deltas = {n: (rng.standard_normal(NUMEL) * 0.05).astype(np.float32) for n in ("s0", "s1")}
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            decliner(),
+            *(
+                play_agent(run, n, deltas[n], 10, tmp_path, protocols=protocols, ready=declined_first)
+                for n in deltas
+            ),
+        ),
+        120,
+    )
+    honest = sorted(agent for agent, _ in results[1:])
+    for name in deltas:
+        assert sorted(protocols[name].roster) == honest
+    assert sorted(run.agg.rounds.store.manifest(1).participants) == honest
+    assert sorted(run.agg.rounds.db.participant_status(1).values()) == ["declined", "uploaded", "uploaded"]
+    assert (REGISTRY.get_sample_value("cloudfed_secagg_dropouts_recovered_total") or 0.0) == recovered
+
+
 async def test_masked_round_leaves_out_an_agent_whose_smallest_sum_it_cannot_meet(
     start_aggregator, pki: Pki, tmp_path: Path
 ) -> None:
@@ -227,3 +283,47 @@ async def test_agent_daemon_declines_a_round_its_training_fails(
         "cloudfed_agent_rounds_sat_out_total", {"cloud": "aws", "agent": "agent-1", "reason": "training"}
     )
     assert (after or 0) == (before or 0) + 1
+
+
+async def test_masked_agent_whose_training_fails_declines_before_it_shares_keys(tmp_path: Path) -> None:
+    """Three real agent daemons and the real aggregator (the demo's tiny model, masked rounds, in
+    one process). One agent's training fails at once, while its key phases run: it stops them and
+    declines in the key phases, so the round completes from the other two with no dropout's
+    masks to recover (an agent that shared its keys first would have been one)."""
+    agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=True)
+    quiet = {"CLOUDFED_ROUNDS_MIN_UPLOADS": "2", "CLOUDFED_ROUNDS_RETRY_DELAY_S": str(LONG_S)}
+    agg_config = dataclasses.replace(load(AggregatorConfig, agg_path, env=quiet), metrics_listen="")
+    agents = [
+        Agent(dataclasses.replace(load(AgentConfig, path, env={}), metrics_listen="")) for path in agent_paths
+    ]
+
+    async def diverges(*_args: object, **_kw: object) -> None:
+        raise InvalidArgument("training diverged: loss nan at step 0")
+
+    agents[0]._train = diverges  # type: ignore[method-assign]
+    recovered = REGISTRY.get_sample_value("cloudfed_secagg_dropouts_recovered_total") or 0.0
+    seed(agg_config, None)
+    agg = build_aggregator(agg_config)
+    await agg.start()
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(agg.rounds.run(stop))]
+    try:
+        async with asyncio.timeout(120):
+            for agent in agents:  # one at a time: transformers cannot load models in parallel threads
+                tasks.append(asyncio.create_task(agent.run(stop)))
+                while agent.worker.trainer is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+            while agg.rounds.state.global_version < 1:
+                assert agg.rounds.state.phase is not Phase.ABANDONED, agg.rounds.state.reason
+                await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await agg.stop(0)
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+    statuses = agg.rounds.db.participant_status(1)
+    assert sorted(statuses.values()) == ["declined", "uploaded", "uploaded"]
+    assert [a for a, status in statuses.items() if status == "declined"] == [
+        "spiffe://demo.cloudfed/cloud/aws/agent/agent-1"
+    ]
+    assert len(agg.rounds.store.manifest(1).participants) == 2
+    assert (REGISTRY.get_sample_value("cloudfed_secagg_dropouts_recovered_total") or 0.0) == recovered

@@ -64,10 +64,12 @@ async def play_agent(
     protocols: dict[str, AgentRound] | None = None,
     sent: list[tuple[str, Message]] | None = None,
     privacy: PrivacyConfig | None = None,
+    ready: asyncio.Event | None = None,
 ) -> tuple[str, float]:  # type: ignore[no-untyped-def]
     """One agent through the real client and the agent's SecureParticipation (``rings``: its
     round's element bits, largest code, Join's widest code and codes an element, by name;
-    ``sent``: every request message it hands gRPC, with its method)."""
+    ``sent``: every request message it hands gRPC, with its method; ``ready``: set before it
+    advertises its keys)."""
     files = run.pki.agent(name)
     async with run.client(name) as client:
         if sent is not None:
@@ -81,6 +83,8 @@ async def play_agent(
             part = SecureParticipation(
                 client, Signer.load(files), join.agent_id, join.settings.secagg, event.round_id, 60, privacy
             )
+            if ready is not None:
+                await ready.wait()
             await part.keys()
             if rings is not None:
                 fp = part.protocol.params.fixed_point

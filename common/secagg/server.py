@@ -63,6 +63,13 @@ class ServerRound:
             )
         self.advertisements[adv.agent_id] = adv
 
+    def withdraw(self, agent_id: str) -> None:
+        """Drop ``agent_id``'s advertisement before the roster closes (it declined the round), so
+        that nobody seals shares for it or counts on its reveals."""
+        if self.graph:
+            raise FailedPrecondition(f"the roster of round {self.round_id} is closed")
+        self.advertisements.pop(agent_id, None)
+
     @property
     def roster_ids(self) -> list[str]:
         """Everyone who advertised, in roster order (sorted ids): Shamir points are positions + 1,
