@@ -35,9 +35,10 @@ EVAL_VERSION = Gauge(
 )
 SECAGG_WRONG_SHARES = Counter(
     "cloudfed_secagg_wrong_shares",
-    "Revealed shares that did not give the secret their owner's signed advertisement names (left"
-    " out when t right ones remained), by the agent that revealed them.",
-    ["cloud", "agent"],
+    "Revealed shares that disagree with their owner's signed advertisement (left out when t right"
+    " ones remained), counted for both parties: the holder that revealed one (role=revealed) and"
+    " the owner that dealt it (role=dealt). Shares are not verifiable, so either may be at fault.",
+    ["cloud", "agent", "role"],
 )
 SECAGG_DROPOUTS_RECOVERED = Counter(
     "cloudfed_secagg_dropouts_recovered",

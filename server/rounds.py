@@ -757,9 +757,7 @@ class RoundCoordinator:
         except Aborted as exc:
             raise _Abandon(str(exc), "unmask_failed") from exc
         finally:
-            for holder, owners in secure.wrong_reveals.items():
-                log.warning("round %d: %s revealed wrong shares of %s", round_id, holder, sorted(owners))
-                metrics.SECAGG_WRONG_SHARES.labels(**peer_labels(SpiffeId.parse(holder))).inc(len(owners))
+            self._count_wrong_shares(round_id, secure.wrong_reveals)
         dropped = sorted(invited - survivors - self._declined.keys())
         recovered = sorted(shared - survivors)
         if recovered:
@@ -767,6 +765,23 @@ class RoundCoordinator:
         if dropped:
             log.warning("round %d: dropped %s (masks of %d recovered)", round_id, dropped, len(recovered))
         return total, uploaded, dropped
+
+    @staticmethod
+    def _count_wrong_shares(round_id: int, wrong_reveals: Mapping[str, AbstractSet[str]]) -> None:
+        """Count each wrong share for its holder and its owner: the holder lied, or the owner dealt
+        it a share off its polynomial, and the aggregator cannot tell which."""
+        for holder, owners in wrong_reveals.items():
+            log.warning(
+                "round %d: shares revealed by %s of %s disagree with their owners' keys (it lied, or"
+                " they dealt it wrong ones)",
+                round_id,
+                holder,
+                sorted(owners),
+            )
+            labels = peer_labels(SpiffeId.parse(holder))
+            metrics.SECAGG_WRONG_SHARES.labels(**labels, role="revealed").inc(len(owners))
+            for owner in owners:
+                metrics.SECAGG_WRONG_SHARES.labels(**peer_labels(SpiffeId.parse(owner)), role="dealt").inc()
 
     def _aggregate_masked(
         self,

@@ -249,6 +249,47 @@ async def test_masked_round_over_grpc_recovers_a_dropout_and_yields_the_weighted
     assert sorted(statuses.values()) == ["dropped", "uploaded", "uploaded", "uploaded"]
 
 
+def wrong_shares(agent: str, role: str) -> float:
+    labels = {"cloud": "aws", "agent": agent, "role": role}
+    return REGISTRY.get_sample_value("cloudfed_secagg_wrong_shares_total", labels) or 0.0
+
+
+async def test_a_wrong_revealed_share_is_left_out_and_counted_for_holder_and_owner(
+    start_aggregator, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3 agents (t = 2), all upload; s0 reveals a corrupted share of s1's self-mask seed. The
+    aggregator rebuilds the seed from s1's and s2's shares, the step is the exact weighted mean,
+    and the dispute is counted for both parties, since the aggregator cannot tell a lying holder
+    from an owner that dealt it a wrong share: s0 as revealed, s1 as dealt."""
+    run = await start_aggregator(
+        config=secure_config(pki, tmp_path / "agg0", min_agents=3, min_uploads=3, upload_deadline_s=30.0)
+    )
+    honest_unmask = AgentRound.unmask
+
+    def lying_unmask(self: AgentRound, survivors, dropped):  # type: ignore[no-untyped-def]
+        out = honest_unmask(self, survivors, dropped)
+        if self.agent_id.endswith("/agent/s0"):
+            victim = next(a for a in out if a.endswith("/agent/s1"))
+            kind, share = out[victim]
+            out[victim] = (kind, share[:-1] + bytes([share[-1] ^ 0x5A]))
+        return out
+
+    monkeypatch.setattr(AgentRound, "unmask", lying_unmask)
+    before = {(a, r): wrong_shares(a, r) for a in ("s0", "s1", "s2") for r in ("revealed", "dealt")}
+    rng = np.random.default_rng(8)
+    deltas = {f"s{i}": (rng.standard_normal(NUMEL) * 0.05).astype(np.float32) for i in range(3)}
+    results = await asyncio.wait_for(
+        asyncio.gather(*(play_agent(run, n, deltas[n], 10, tmp_path) for n in deltas)), 120
+    )
+    store = run.agg.rounds.store
+    layout = ParamLayout.from_tensors(store.load(0))
+    step = layout.flatten(store.load(1)).astype(np.float64) - layout.flatten(store.load(0))
+    np.testing.assert_allclose(step, sum(d.astype(np.float64) for d in deltas.values()) / 3, atol=2e-5)
+    assert sorted(store.manifest(1).participants) == sorted(agent for agent, _ in results)
+    counted = {key: wrong_shares(*key) - value for key, value in before.items()}
+    assert counted == {key: float(key in (("s0", "revealed"), ("s1", "dealt"))) for key in before}
+
+
 async def test_ternary_codes_travel_packed_five_to_a_16_bit_element_and_decode_unbiased(
     start_aggregator, pki: Pki, tmp_path: Path
 ) -> None:
