@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -490,5 +491,10 @@ class Agent:
         record = {"version": version, "eval_loss": loss, "tokens": tokens, "time": time.time()}
         with open(self.state / "evals.jsonl", "a") as f:  # noqa: ASYNC230 - one short line
             f.write(json.dumps(record) + "\n")
+        if not math.isfinite(loss):  # the aggregator refuses it: say it here instead
+            log.error(
+                "global version %d: eval loss %s on this cloud's held-out text; not reported", version, loss
+            )
+            return
         await client.report_eval(version, loss, tokens)
         log.info("global version %d: eval loss %.4f on %d local tokens", version, loss, tokens)

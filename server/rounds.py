@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -31,7 +32,14 @@ from common.codecs.eigen import Eigen
 from common.codecs.registry import CodecSettings
 from common.codecs.state import CodecState
 from common.config import RoundsConfig, SecAggConfig
-from common.errors import Aborted, ConfigError, FailedPrecondition, InvalidArgument, PermissionDenied
+from common.errors import (
+    Aborted,
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from common.identity import SpiffeId
 from common.layout import ParamLayout
 from common.metrics import peer_labels
@@ -242,8 +250,15 @@ class RoundCoordinator:
         self.db.agent_joined(peer.uri, peer.cloud, info.software_version, info.num_examples)
         await self._membership_changed()
 
-    def record_eval(self, peer: SpiffeId, version: int, loss: float, tokens: int = 0) -> None:
-        """Record an agent's evaluation of a global version."""
+    def record_eval(self, peer: SpiffeId, version: int, loss: float, tokens: int) -> None:
+        """Record an agent's evaluation of a committed global version: INVALID_ARGUMENT for a loss
+        that is not a finite number >= 0 or no tokens, NOT_FOUND for a version not committed."""
+        if not (math.isfinite(loss) and loss >= 0):
+            raise InvalidArgument(f"eval_loss must be a finite number >= 0, not {loss}")
+        if tokens < 1:
+            raise InvalidArgument("eval_tokens must be at least 1")
+        if version > self._state.global_version:
+            raise NotFound(f"no global version {version} (the latest is {self._state.global_version})")
         metrics.EVAL_LOSS.labels(**peer_labels(peer)).set(loss)
         metrics.EVAL_VERSION.labels(**peer_labels(peer)).set(version)
         self.db.eval_reported(peer.uri, version, loss, tokens)

@@ -1,0 +1,89 @@
+"""Evaluations: ReportEval through the real aggregator over mTLS (kept in SQLite and the gauge,
+bad reports refused with a status and nothing stored), and what the agent daemon reports."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from agent.daemon import Agent, Worker
+from agent.demo import prepare
+from common.config import AgentConfig, AggregatorConfig, load
+from server.app import build_aggregator
+from server.cli import seed
+from tests.test_faults import query
+
+
+def gauge(agent: str) -> float | None:
+    return REGISTRY.get_sample_value("cloudfed_eval_loss", {"cloud": "aws", "agent": agent})
+
+
+async def test_reports_are_kept_and_bad_ones_refused_with_their_status(start_aggregator) -> None:
+    run = await start_aggregator(min_agents=3)
+    async with run.client("evaluator") as client:
+        join = await client.join(num_examples=10)
+        await client.report_eval(0, 5.25, 1000)
+        cases = {
+            "nan": (0, math.nan, 10, grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+            "inf": (0, math.inf, 10, grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+            "negative": (0, -0.5, 10, grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+            "no tokens": (0, 4.0, 0, grpc.StatusCode.INVALID_ARGUMENT, "tokens"),
+            "future version": (7, 4.0, 10, grpc.StatusCode.NOT_FOUND, "no global version 7"),
+        }
+        for name, (version, loss, tokens, code, words) in cases.items():
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.report_eval(version, loss, tokens)
+            assert refused.value.code() == code, name
+            assert words in (refused.value.details() or ""), name
+    db = run.agg.config.state_dir / "cloudfed.db"
+    assert query(db, "SELECT agent, version, eval_loss, tokens FROM evals") == [
+        (join.agent_id, 0, 5.25, 1000)
+    ]
+    assert gauge("evaluator") == 5.25
+
+
+async def test_agent_keeps_a_loss_that_is_not_finite_to_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real agent daemon against the real aggregator (the demo's tiny model, one process): the
+    global adapter evaluates to NaN on this cloud's text. The agent logs it and keeps it in its
+    own evals.jsonl, but sends nothing the aggregator would refuse, so it stays connected."""
+    agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
+    quiet = {"CLOUDFED_ROUNDS_MIN_AGENTS": "2"}  # no round starts: only the evaluation of version 0
+    agg_config = dataclasses.replace(load(AggregatorConfig, agg_path, env=quiet), metrics_listen="")
+    agent_config = dataclasses.replace(load(AgentConfig, agent_paths[0], env={}), metrics_listen="")
+    honest = Worker.execute
+
+    def broken_eval(self: Worker, command: dict[str, Any]) -> Any:
+        result = honest(self, command)
+        return (math.nan, result[1]) if command["op"] == "eval" else result
+
+    monkeypatch.setattr(Worker, "execute", broken_eval)
+    seed(agg_config, None)
+    agg = build_aggregator(agg_config)
+    await agg.start()
+    stop = asyncio.Event()
+    agent = Agent(agent_config)
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        async with asyncio.timeout(120):
+            while 0 not in agent.progress.versions_evaluated:  # noqa: ASYNC110 (a watch would count)
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # a refused report would have dropped the connection by now
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await agg.stop(0)
+    assert "global version 0: eval loss nan on this cloud's held-out text; not reported" in caplog.text
+    assert "aggregator unavailable" not in caplog.text
+    assert query(agg_config.state_dir / "cloudfed.db", "SELECT * FROM evals") == []
+    kept = json.loads((agent_config.state_dir / "evals.jsonl").read_text().splitlines()[0])
+    assert kept["version"] == 0 and math.isnan(kept["eval_loss"])
