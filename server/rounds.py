@@ -79,6 +79,11 @@ class Phase(enum.IntEnum):
     ABANDONED = 8
 
 
+SECAGG_VIEWS = frozenset({Phase.SHARE_KEYS, Phase.UPLOAD, Phase.UNMASK})
+"""Phases whose secure-aggregation state an agent may ask for (GetSecAggState)."""
+
+MAX_SQLITE_INT = 2**63 - 1
+
 DECLINABLE = frozenset({Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.UPLOAD, Phase.UNMASK})
 """Phases in which a participant may decline the round."""
 
@@ -255,8 +260,8 @@ class RoundCoordinator:
         that is not a finite number >= 0 or no tokens, NOT_FOUND for a version not committed."""
         if not (math.isfinite(loss) and loss >= 0):
             raise InvalidArgument(f"eval_loss must be a finite number >= 0, not {loss}")
-        if tokens < 1:
-            raise InvalidArgument("eval_tokens must be at least 1")
+        if not 1 <= tokens <= MAX_SQLITE_INT:
+            raise InvalidArgument(f"eval_tokens must be between 1 and {MAX_SQLITE_INT}, not {tokens}")
         if version > self._state.global_version:
             raise NotFound(f"no global version {version} (the latest is {self._state.global_version})")
         metrics.EVAL_LOSS.labels(**peer_labels(peer)).set(loss)
@@ -471,8 +476,16 @@ class RoundCoordinator:
         self._secure_round(peer, round_id, Phase.UNMASK).add_reveal(peer.uri, shares)
         await self._moved_on()
 
-    async def secagg_state(self, peer: SpiffeId, round_id: int, phase: Phase) -> SecAggView:
-        """Wait until round ``round_id`` reaches ``phase``, then what ``peer`` needs in it."""
+    async def secagg_state(self, peer: SpiffeId, round_id: int, phase: int) -> SecAggView:
+        """Wait until round ``round_id`` (the current one or an earlier) reaches ``phase`` (a wire
+        RoundPhase), then what ``peer`` needs in it."""
+        if phase not in SECAGG_VIEWS:
+            names = ", ".join(p.name for p in sorted(SECAGG_VIEWS))
+            raise InvalidArgument(f"no secure-aggregation state for phase {phase}; ask for one of {names}")
+        if round_id > self._state.round_id:
+            raise FailedPrecondition(
+                f"round {round_id} has not started (current round {self._state.round_id})"
+            )
         async with self._progress:
             await self._progress.wait_for(
                 lambda: (

@@ -220,7 +220,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
     async def GetSecAggState(
         self, request: pb.GetSecAggStateRequest, context: Context
     ) -> pb.GetSecAggStateResponse:
-        view = await self._rounds.secagg_state(require_peer(), request.round_id, Phase(request.phase))
+        view = await self._rounds.secagg_state(require_peer(), request.round_id, request.phase)
         return pb.GetSecAggStateResponse(
             round_id=request.round_id,
             phase=pb.RoundPhase.ValueType(int(view.phase)),
