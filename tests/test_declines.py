@@ -4,9 +4,11 @@ masked round leaves uninvited the agents whose announced privacy policy it would
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -41,6 +43,30 @@ def declined(reason: str, agent: str) -> float:
         "cloudfed_rounds_declined_total", {"cloud": "aws", "agent": agent, "reason": reason}
     )
     return value or 0.0
+
+
+def slow_masked_config(pki: Pki, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """3 agents, 2 uploads needed, phase deadlines no test here reaches."""
+    config = secure_config(pki, tmp_path / "agg0", min_agents=3, min_uploads=2, upload_deadline_s=LONG_S)
+    return dataclasses.replace(config, secagg=dataclasses.replace(config.secagg, key_deadline_s=LONG_S))
+
+
+@contextlib.asynccontextmanager
+async def advertised(run, name: str) -> AsyncIterator[tuple[AggregatorClient, Watcher, pb.RoundEvent]]:  # type: ignore[no-untyped-def]
+    """``name`` joins, waits for the key phase and advertises its real keys."""
+    files = run.pki.agent(name)  # the client reissues these: load the signer after it
+    async with run.client(name) as client:
+        join = await client.join(num_examples=10)
+        watcher = Watcher(client)
+        try:
+            event = await watcher.until(pb.ROUND_PHASE_ADVERTISE_KEYS)
+            part = SecureParticipation(
+                client, Signer.load(files), join.agent_id, join.settings.secagg, event.round_id, 60
+            )
+            await client.advertise_keys(advertise_request(part.protocol.advertise()))
+            yield client, watcher, event
+        finally:
+            await watcher.close()
 
 
 async def test_plain_round_stops_waiting_for_an_agent_that_declines(start_aggregator, tmp_path: Path) -> None:
@@ -104,39 +130,19 @@ async def test_masked_round_goes_on_without_an_agent_that_declines_after_adverti
     instead of sharing. The key phase ends as soon as the other two shared, the round completes
     with their sum long before any deadline, the decliner is recorded as declined (not dropped),
     and it can take no further part in the round."""
-    config = secure_config(pki, tmp_path / "agg0", min_agents=3, min_uploads=2, upload_deadline_s=LONG_S)
-    config = dataclasses.replace(config, secagg=dataclasses.replace(config.secagg, key_deadline_s=LONG_S))
-    run = await start_aggregator(config=config)
+    run = await start_aggregator(config=slow_masked_config(pki, tmp_path))
     rng = np.random.default_rng(5)
     before = declined("roster", "s2")
 
     async def decliner() -> None:
-        files = run.pki.agent("s2")  # the client reissues these: load the signer after it
-        async with run.client("s2") as client:
-            join = await client.join(num_examples=10)
-            watcher = Watcher(client)
-            try:
-                event = await watcher.until(pb.ROUND_PHASE_ADVERTISE_KEYS)
-                part = SecureParticipation(
-                    client,
-                    Signer.load(files),
-                    join.agent_id,
-                    join.settings.secagg,
-                    event.round_id,
-                    60,
-                )
-                await client.advertise_keys(advertise_request(part.protocol.advertise()))
-                state = await client.secagg_state(event.round_id, pb.ROUND_PHASE_SHARE_KEYS, 60)
-                await client.decline_round(
-                    event.round_id, pb.DECLINE_REASON_ROSTER, "a signature did not verify"
-                )
-                roster = [a.agent_id for a in state.roster]
-                with pytest.raises(grpc.aio.AioRpcError) as late:  # declined, or the phase is over
-                    await client.share_keys(share_request(event.round_id, {}, roster))
-                assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-                await watcher.until(pb.ROUND_PHASE_COMPLETED)
-            finally:
-                await watcher.close()
+        async with advertised(run, "s2") as (client, watcher, event):
+            state = await client.secagg_state(event.round_id, pb.ROUND_PHASE_SHARE_KEYS, 60)
+            await client.decline_round(event.round_id, pb.DECLINE_REASON_ROSTER, "a signature did not verify")
+            roster = [a.agent_id for a in state.roster]
+            with pytest.raises(grpc.aio.AioRpcError) as late:  # declined, or the phase is over
+                await client.share_keys(share_request(event.round_id, {}, roster))
+            assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            await watcher.until(pb.ROUND_PHASE_COMPLETED)
 
     began = time.monotonic()
     deltas = {n: (rng.standard_normal(NUMEL) * 0.05).astype(np.float32) for n in ("s0", "s1")}
@@ -158,33 +164,20 @@ async def test_an_agent_that_declines_before_the_roster_closes_is_left_out_of_it
     advertised theirs (its training failed at once). The roster the other two receive names
     only them, so nobody seals a share for the decliner or waits for its reveals, and the round
     completes from their sum with no dropout to recover."""
-    config = secure_config(pki, tmp_path / "agg0", min_agents=3, min_uploads=2, upload_deadline_s=LONG_S)
-    config = dataclasses.replace(config, secagg=dataclasses.replace(config.secagg, key_deadline_s=LONG_S))
-    run = await start_aggregator(config=config)
+    run = await start_aggregator(config=slow_masked_config(pki, tmp_path))
     rng = np.random.default_rng(6)
     recovered = REGISTRY.get_sample_value("cloudfed_secagg_dropouts_recovered_total") or 0.0
     declined_first = asyncio.Event()
 
     async def decliner() -> None:
-        files = run.pki.agent("s2")  # the client reissues these: load the signer after it
-        async with run.client("s2") as client:
-            join = await client.join(num_examples=10)
-            watcher = Watcher(client)
-            try:
-                event = await watcher.until(pb.ROUND_PHASE_ADVERTISE_KEYS)
-                part = SecureParticipation(
-                    client, Signer.load(files), join.agent_id, join.settings.secagg, event.round_id, 60
-                )
-                await client.advertise_keys(advertise_request(part.protocol.advertise()))
-                await client.decline_round(event.round_id, pb.DECLINE_REASON_TRAINING, "loss diverged")
-                declined_first.set()
-                with pytest.raises(grpc.aio.AioRpcError) as late:
-                    await client.secagg_state(event.round_id, pb.ROUND_PHASE_SHARE_KEYS, 60)
-                assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-                assert "declined round 1" in (late.value.details() or "")
-                await watcher.until(pb.ROUND_PHASE_COMPLETED)
-            finally:
-                await watcher.close()
+        async with advertised(run, "s2") as (client, watcher, event):
+            await client.decline_round(event.round_id, pb.DECLINE_REASON_TRAINING, "loss diverged")
+            declined_first.set()
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await client.secagg_state(event.round_id, pb.ROUND_PHASE_SHARE_KEYS, 60)
+            assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "declined round 1" in (late.value.details() or "")
+            await watcher.until(pb.ROUND_PHASE_COMPLETED)
 
     protocols: dict[str, AgentRound] = {}
     deltas = {n: (rng.standard_normal(NUMEL) * 0.05).astype(np.float32) for n in ("s0", "s1")}
