@@ -82,6 +82,7 @@ log_level = "WARNING"
 cert = "pki/aggregator.pem"
 key = "pki/aggregator-key.pem"
 ca = "pki/ca.pem"
+crl = "pki/crl.pem"
 [rounds]
 min_agents = {len(CLOUDS)}
 max_agents = 16

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 from common.chunks import MAX_CHUNK_BYTES, validate_chunk_bytes
 from common.errors import CloudfedError, ConfigError
 from common.identity import IdentityError, SpiffeId
+from common.revocation import RevocationError, RevocationList
 from common.secagg.coverage import MIN_SENDERS, check_settings, senders_of
 from common.secagg.graph import check_parameters
 from common.secagg.ring import check_headroom, coordinate_bits, levels_bits
@@ -46,6 +47,31 @@ class TlsConfig:
         """TlsFiles with relative paths resolved against ``base``."""
         root = base or Path()
         return TlsFiles(root / self.cert, root / self.key, root / self.ca)
+
+
+@dataclass(frozen=True)
+class AggregatorTlsConfig(TlsConfig):
+    """mTLS material of the aggregator, with the CA's revocation list."""
+
+    crl: Path | None = None
+    """PEM CRL(s) signed by the CA (``cloudfed-pki revoke`` writes one); certificates it lists are
+    refused on every call and their calls in flight end. Re-read when the file changes and on reload;
+    a bad new file is refused and the last good list stays in force."""
+    crl_poll_s: float = 10.0
+    """Seconds between checks of the CRL file for changes."""
+
+    def check_crl(self) -> None:
+        """Raise ConfigError if the CRL is set but missing, unreadable or not signed by the CA."""
+        if self.crl is None:
+            return
+        if not Path(self.crl).is_file():
+            raise ConfigError(f"tls.crl: file not found: {self.crl}")
+        if not self.crl_poll_s > 0:
+            raise ConfigError(f"tls.crl_poll_s must be positive, got {self.crl_poll_s}")
+        try:
+            RevocationList.load(self.crl, self.ca)
+        except RevocationError as exc:
+            raise ConfigError(f"tls.crl: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -232,8 +258,8 @@ class AggregatorConfig:
     """Require scrapers to present a certificate from this CA."""
     log_level: str = "INFO"
     """Python logging level."""
-    tls: TlsConfig = field(default_factory=TlsConfig)
-    """mTLS material."""
+    tls: AggregatorTlsConfig = field(default_factory=AggregatorTlsConfig)
+    """mTLS material and the CA's revocation list."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Streaming limits."""
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
@@ -305,6 +331,7 @@ class AggregatorConfig:
         self._validate_fetchsgd()
         self._validate_secagg()
         self.tls.files().check("tls")
+        self.tls.check_crl()
         return self
 
     def _validate_fetchsgd(self) -> None:

@@ -6,6 +6,11 @@ them to gRPC status codes, so cores stay free of gRPC.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.identity import SpiffeId
+
 
 class CloudfedError(Exception):
     """Base class of all errors a caller should see with a clear message."""
@@ -21,6 +26,14 @@ class DataLoss(CloudfedError):
 
 class Unauthenticated(CloudfedError):
     """The caller's identity is unknown or unreadable."""
+
+
+class CertificateRevoked(Unauthenticated):
+    """The caller's certificate is on the CA's revocation list."""
+
+    def __init__(self, peer: SpiffeId, message: str) -> None:
+        super().__init__(message)
+        self.peer = peer
 
 
 class PermissionDenied(CloudfedError):

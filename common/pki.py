@@ -6,6 +6,7 @@ A PKI directory holds ``ca.pem`` / ``ca-key.pem`` and one ``<name>.pem`` /
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -22,6 +23,18 @@ from common.identity import SpiffeId
 
 CA_DAYS = 3650
 LEAF_DAYS = 90
+CRL_DAYS = 30
+REVOCATION_REASONS = {
+    r.name: r
+    for r in (
+        x509.ReasonFlags.unspecified,
+        x509.ReasonFlags.key_compromise,
+        x509.ReasonFlags.affiliation_changed,
+        x509.ReasonFlags.superseded,
+        x509.ReasonFlags.cessation_of_operation,
+    )
+}
+"""Reasons ``cloudfed-pki revoke --reason`` accepts (the CRL carries their RFC 5280 names)."""
 _BACKDATE = dt.timedelta(minutes=5)
 
 
@@ -169,6 +182,34 @@ def spiffe_ids_of(cert: x509.Certificate) -> list[str]:
     return [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
 
 
+def build_crl(
+    ca: Issued, revoked: Sequence[x509.RevokedCertificate], number: int, days: float = CRL_DAYS
+) -> x509.CertificateRevocationList:
+    """A CRL of ``ca`` listing ``revoked``, valid for ``days``, with CRL number ``number``."""
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - _BACKDATE)
+        .next_update(now + dt.timedelta(days=days))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
+        )
+    )
+    for entry in revoked:
+        builder = builder.add_revoked_certificate(entry)
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def revoked_entry(serial: int, reason: x509.ReasonFlags | None = None) -> x509.RevokedCertificate:
+    """One CRL entry: ``serial`` revoked now, for ``reason``."""
+    builder = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(_now())
+    if reason is not None:
+        builder = builder.add_extension(x509.CRLReason(reason), critical=False)
+    return builder.build()
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` with mode 0600 from the first byte."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +242,11 @@ class PkiDir:
     def ca_key(self) -> Path:
         return self.root / "ca-key.pem"
 
+    @property
+    def crl(self) -> Path:
+        """The CA's certificate revocation list (PEM)."""
+        return self.root / "crl.pem"
+
     def cert(self, name: str) -> Path:
         """Certificate path of an issued name."""
         return self.root / f"{name}.pem"
@@ -218,6 +264,8 @@ class PkiDir:
         os.chmod(self.root, 0o700)
         write_private(self.ca_key, ca.key_pem())
         self.ca_cert.write_bytes(ca.cert_pem())
+        self.crl.unlink(missing_ok=True)  # a replaced CA's list no longer verifies
+        self.write_crl([])
         return ca
 
     def load_ca(self) -> Issued:
@@ -228,7 +276,7 @@ class PkiDir:
 
     def save(self, name: str, issued: Issued) -> tuple[Path, Path]:
         """Write an issued certificate and key under ``name``."""
-        if not name or "/" in name or name.startswith(".") or name in ("ca", "ca-key"):
+        if not name or "/" in name or name.startswith(".") or name in ("ca", "ca-key", "crl"):
             raise PkiError(f"bad certificate name {name!r}")
         write_private(self.key(name), issued.key_pem())
         self.cert(name).write_bytes(issued.cert_pem())
@@ -238,8 +286,39 @@ class PkiDir:
         """Every certificate in the directory, the CA first."""
         out = []
         for path in sorted(self.root.glob("*.pem")):
-            if path.name.endswith("-key.pem"):
+            if path.name.endswith("-key.pem") or path == self.crl:
                 continue
             out.append((path.stem, x509.load_pem_x509_certificate(path.read_bytes())))
         out.sort(key=lambda item: item[0] != "ca")
         return out
+
+    def revoked(self) -> Sequence[x509.RevokedCertificate]:
+        """The entries of the current CRL (none if there is no CRL yet)."""
+        if not self.crl.exists():
+            return []
+        crl = x509.load_pem_x509_crl(self.crl.read_bytes())
+        if not crl.is_signature_valid(self.load_ca().key.public_key()):
+            raise PkiError(f"{self.crl} is not signed by this directory's CA")
+        return list(crl)
+
+    def write_crl(self, revoked: Sequence[x509.RevokedCertificate], days: float = CRL_DAYS) -> Path:
+        """Sign and write a new CRL with ``revoked``; its number follows the current one's."""
+        number = 1
+        if self.crl.exists():
+            current = x509.load_pem_x509_crl(self.crl.read_bytes())
+            with contextlib.suppress(x509.ExtensionNotFound):
+                number = current.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+        crl = build_crl(self.load_ca(), revoked, number, days)
+        tmp = self.crl.with_suffix(".tmp")
+        tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        os.replace(tmp, self.crl)  # readers see the old list or the new one, never half
+        return self.crl
+
+    def revoke(self, serial: int, reason: x509.ReasonFlags | None = None, days: float = CRL_DAYS) -> bool:
+        """Add ``serial`` to the CRL (re-signed); False if it was already revoked."""
+        revoked = self.revoked()
+        if any(r.serial_number == serial for r in revoked):
+            self.write_crl(revoked, days)
+            return False
+        self.write_crl([*revoked, revoked_entry(serial, reason)], days)
+        return True

@@ -108,14 +108,18 @@ def peer_certificate_pem(auth_context: Mapping[str, Iterable[bytes]]) -> bytes:
     return bytes(pems[0])
 
 
-def peer_spiffe_id(auth_context: Mapping[str, Iterable[bytes]]) -> SpiffeId:
-    """The caller's SPIFFE id from a TLS auth context; exactly one must be present."""
+def peer_certificate(auth_context: Mapping[str, Iterable[bytes]]) -> x509.Certificate:
+    """The caller's parsed certificate from a TLS auth context."""
     if list(auth_context.get("transport_security_type", ())) != [b"ssl"]:
         raise Unauthenticated("connection is not TLS")
     try:
-        cert = x509.load_pem_x509_certificate(peer_certificate_pem(auth_context))
+        return x509.load_pem_x509_certificate(peer_certificate_pem(auth_context))
     except ValueError as exc:
         raise Unauthenticated(f"unreadable client certificate: {exc}") from exc
+
+
+def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
+    """The one SPIFFE id of a client certificate."""
     uris = spiffe_ids_of(cert)
     if len(uris) != 1:
         raise Unauthenticated(f"client certificate must carry exactly one SPIFFE id, found {len(uris)}")
@@ -123,3 +127,8 @@ def peer_spiffe_id(auth_context: Mapping[str, Iterable[bytes]]) -> SpiffeId:
         return SpiffeId.parse(uris[0])
     except IdentityError as exc:
         raise Unauthenticated(str(exc)) from exc
+
+
+def peer_spiffe_id(auth_context: Mapping[str, Iterable[bytes]]) -> SpiffeId:
+    """The caller's SPIFFE id from a TLS auth context; exactly one must be present."""
+    return spiffe_id_of(peer_certificate(auth_context))

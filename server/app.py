@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from server.autoencoder import AutoencoderPlan
 from server.checkpoints import CheckpointStore
 from server.fetchsgd import FetchSGDPlan
 from server.optimizer import make_optimizer
+from server.revocations import RevocationWatch
 from server.rounds import RoundCoordinator
 from server.servicer import FederationServicer
 from server.spool import UploadSpool
@@ -41,12 +43,17 @@ class Aggregator:
     server: grpc.aio.Server
     port: int
     credentials: ReloadingServerCredentials
+    access: AccessPolicy
     health_server: grpc.aio.Server | None
     health_port: int
     health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped in the stubs)
+    _crl_poll: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start both servers and mark the service SERVING."""
+        revocations = self.access.revocations
+        if revocations is not None:
+            self._crl_poll = asyncio.create_task(revocations.poll(self.config.tls.crl_poll_s))
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
@@ -60,6 +67,15 @@ class Aggregator:
         await self.server.stop(grace)
         if self.health_server is not None:
             await self.health_server.stop(grace)
+        if self._crl_poll is not None:
+            self._crl_poll.cancel()
+            await asyncio.gather(self._crl_poll, return_exceptions=True)
+
+    def reload(self) -> None:
+        """Re-read the certificates at the next handshake and the CRL now (SIGHUP)."""
+        self.credentials.reload()
+        if self.access.revocations is not None:
+            self.access.revocations.refresh(force=True)
 
 
 def autoencoder_plan(f: FederationConfig) -> AutoencoderPlan | None:
@@ -95,12 +111,15 @@ def build_aggregator(config: AggregatorConfig) -> Aggregator:
         FetchSGDPlan(f.fetchsgd_topk, f.fetchsgd_momentum),
     )
     credentials = ReloadingServerCredentials(config.tls.files())
+    tls = config.tls
+    revocations = RevocationWatch(tls.crl, tls.ca) if tls.crl is not None else None
+    access = AccessPolicy(config.trust_domain, config.allowed_agents, revocations, rounds.expel)
     server = grpc.aio.server(
         interceptors=[
             grpc_metrics_interceptor(
                 rpc_types_of(federation_pb2.DESCRIPTOR.services_by_name["FederationService"])
             ),
-            auth_interceptor(AccessPolicy(config.trust_domain, config.allowed_agents)),
+            auth_interceptor(access),
             error_interceptor(),
         ],
         options=server_options(config.max_connection_age_s),
@@ -128,5 +147,5 @@ def build_aggregator(config: AggregatorConfig) -> Aggregator:
             channelz.add_channelz_servicer(health_server)  # type: ignore[arg-type]
         health_port = health_server.add_insecure_port(config.health_listen)
     return Aggregator(
-        config, rounds, spool, server, port, credentials, health_server, health_port, health_servicer
+        config, rounds, spool, server, port, credentials, access, health_server, health_port, health_servicer
     )

@@ -45,7 +45,7 @@ def seed(config: AggregatorConfig, init_from: Path | None) -> None:
 
 
 async def serve(config: AggregatorConfig) -> None:
-    """Run until SIGTERM/SIGINT; SIGHUP re-reads the TLS certificates."""
+    """Run until SIGTERM/SIGINT; SIGHUP re-reads the TLS certificates and the CRL."""
     from server.app import build_aggregator
 
     agg = build_aggregator(config)
@@ -65,8 +65,8 @@ async def serve(config: AggregatorConfig) -> None:
 
     def reload() -> None:
         sdnotify.reloading()
-        agg.credentials.reload()  # new handshakes use the re-read files; live connections stay
-        log.info("reload: certificates will be re-read at the next handshake")
+        agg.reload()  # new handshakes use the re-read files; live connections stay unless revoked
+        log.info("reload: certificates will be re-read at the next handshake, the CRL was re-read")
         sdnotify.notify("READY=1")
 
     loop.add_signal_handler(signal.SIGHUP, reload)

@@ -1,4 +1,4 @@
-"""The aggregator's federation metrics: rounds, versions, agents, phase latency, evals."""
+"""The aggregator's federation metrics: rounds, versions, agents, phase latency, evals, revocation."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ DROPPED = Counter(
 DECLINED = Counter(
     "cloudfed_rounds_declined",
     "Rounds an agent sat out by its own account: declined (DeclineRound) or left uninvited by its"
-    " privacy policy, by reason.",
+    " privacy policy, by reason; reason=revoked: taken out because its certificate was revoked.",
     ["cloud", "agent", "reason"],
 )
 PHASE_SECONDS = Histogram(
@@ -43,4 +43,20 @@ SECAGG_WRONG_SHARES = Counter(
 SECAGG_DROPOUTS_RECOVERED = Counter(
     "cloudfed_secagg_dropouts_recovered",
     "Agents that shared keys but whose masked input never arrived, whose masks were removed from the sum.",
+)
+CRL_REVOKED = Gauge("cloudfed_crl_revoked_certificates", "Certificates the aggregator's current CRL revokes.")
+CRL_NEXT_UPDATE = Gauge(
+    "cloudfed_crl_next_update_timestamp_seconds",
+    "When the aggregator's current CRL says a newer one is due (unix time; alert before it passes).",
+)
+CRL_RELOAD_FAILURES = Counter(
+    "cloudfed_crl_reload_failures",
+    "CRL files that could not be taken (unreadable, not signed by the CA, older CRL number);"
+    " the aggregator keeps enforcing the last good list.",
+)
+REVOKED_CALLS = Counter(
+    "cloudfed_revoked_calls",
+    "Calls refused or ended because the caller's certificate is revoked, by when: at the call's"
+    " start (refused) or while it ran (ended, when a new CRL was taken).",
+    ["cloud", "agent", "when"],
 )

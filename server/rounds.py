@@ -446,6 +446,20 @@ class RoundCoordinator:
             self._check_all_in()
         await self._moved_on()
 
+    async def expel(self, peer: SpiffeId, detail: str) -> None:
+        """``peer`` may take no further part (its certificate was revoked): it sits the round in
+        progress out where it still can, so that round waits for it no longer. An upload already
+        taken stays in the sum, as with a decline."""
+        s = self._state
+        if s.phase not in DECLINABLE or peer.uri not in s.participants or peer.uri in self._declined:
+            return
+        if peer.uri in self._claimed and s.phase is Phase.UPLOAD:
+            log.warning("round %d: %s was revoked after its upload, which stays in the sum", s.round_id, peer)
+            return
+        await self.decline(
+            peer, s.round_id, "revoked", detail.encode()[:MAX_DECLINE_DETAIL].decode(errors="ignore")
+        )
+
     async def advertise_keys(self, peer: SpiffeId, adv: Advertisement, ca_pem: bytes | None = None) -> None:
         """Phase 1: keep ``peer``'s signed keys (the identity inside must be the caller's own; agents
         leave it empty, and it is set to theirs), checked as every peer will check them against

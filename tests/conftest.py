@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from agent.client import AggregatorClient
-from common.config import AggregatorConfig, FederationConfig, LimitsConfig, RoundsConfig, TlsConfig
+from common.config import (
+    AggregatorConfig,
+    AggregatorTlsConfig,
+    FederationConfig,
+    LimitsConfig,
+    RoundsConfig,
+)
 from common.identity import SpiffeId
 from common.pki import PkiDir, issue_agent, issue_server
 from common.tls import TlsFiles
@@ -60,7 +66,7 @@ def aggregator_config(pki: Pki, state_dir: Path, **rounds: object) -> Aggregator
         metrics_listen="",
         state_dir=state_dir,
         trust_domain=TRUST_DOMAIN,
-        tls=TlsConfig(d.cert("aggregator"), d.key("aggregator"), d.ca_cert),
+        tls=AggregatorTlsConfig(d.cert("aggregator"), d.key("aggregator"), d.ca_cert),
         limits=LimitsConfig(max_chunk_bytes=1024 * 1024, max_update_bytes=512 * 1024 * 1024),
         rounds=dataclasses.replace(
             RoundsConfig(min_agents=1, upload_deadline_s=60, retry_delay_s=0.2), **rounds

@@ -213,6 +213,13 @@ def test_configs_in_the_base_load_and_match_the_deployments(rendered: dict[str, 
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         assert mounts[str(config.state_dir)] == "state" and str(config.state_dir) == mount
         assert mounts[str(config.tls.cert.parent)] == "tls"
+        if config is aggregator:
+            assert aggregator.tls.crl is not None and mounts[str(aggregator.tls.crl.parent)] == "crl"
+            volumes = {
+                v["name"]: v
+                for v in find(docs, "Deployment", workload)["spec"]["template"]["spec"]["volumes"]
+            }
+            assert volumes["crl"]["configMap"]["name"] == "cloudfed-crl"
         ports = {p["containerPort"] for p in container["ports"]}
         assert int(config.health_listen.rsplit(":", 1)[1]) in ports
         assert int(config.metrics_listen.rsplit(":", 1)[1]) in ports
