@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime as dt
 import math
 import os
 import signal
@@ -31,6 +32,7 @@ async def check(config: AgentConfig) -> int:
     """Join and download the latest version; print what was learned."""
     from agent.client import AggregatorClient
     from agent.privacy import announced, check_federation, describe
+    from common.metrics import publish_validity
 
     async with AggregatorClient(
         config.aggregator, config.tls.files(), server_name=config.server_name, chunk_bytes=config.chunk_bytes
@@ -38,6 +40,12 @@ async def check(config: AgentConfig) -> int:
         join = await client.join(num_examples=0, privacy=announced(config.privacy))  # checked there too
         s = join.settings
         print(f"identity        {join.agent_id}")
+        validity = publish_validity(config.tls.files())
+        days = (validity.not_after - dt.datetime.now(dt.UTC)).total_seconds() / 86400
+        soon = validity.expiring()
+        print(f"certificate     valid until {validity.not_after:%Y-%m-%d %H:%M} UTC ({days:.0f} days)")
+        if soon is not None:
+            print(f"                WARNING: {soon}")
         print(f"federation      {s.federation_id} (model {s.model_id or '-'})")
         print(f"codec           {s.codec.name}; secure aggregation {'on' if s.secagg.enabled else 'off'}")
         print(f"privacy         {describe(config.privacy, s)}")

@@ -37,6 +37,7 @@ from common.codecs.state import CodecState
 from common.config import AgentConfig
 from common.errors import CloudfedError, ConfigError, DataLoss, PolicyRefused, TrainingFailed
 from common.layout import ParamLayout
+from common.metrics import publish_validity
 from common.secagg.keys import RosterError
 from common.secagg_pb import DECLINE_REASONS
 from protos.cloudfed.v1 import federation_pb2 as pb
@@ -194,10 +195,13 @@ class Agent:
         """Stay in the federation until ``stop`` or ``max_rounds``; reconnect with backoff."""
         delays = backoff_delays(initial_s=1.0, maximum_s=30.0)
         while not stop.is_set():
+            files = self.config.tls.files()
+            with contextlib.suppress(ConfigError):  # unreadable files: the client says so next
+                publish_validity(files)  # an expired certificate fails the handshake as UNAVAILABLE
             try:
                 async with AggregatorClient(
                     self.config.aggregator,
-                    self.config.tls.files(),
+                    files,
                     server_name=self.config.server_name,
                     chunk_bytes=self.config.chunk_bytes,
                 ) as client:

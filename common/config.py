@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from common.cert_validity import Validity
 from common.chunks import MAX_CHUNK_BYTES, validate_chunk_bytes
 from common.errors import CloudfedError, ConfigError
 from common.identity import IdentityError, SpiffeId
@@ -330,7 +331,7 @@ class AggregatorConfig:
         self._validate_autoencoder()
         self._validate_fetchsgd()
         self._validate_secagg()
-        self.tls.files().check("tls")
+        _check_tls(self.tls)
         self.tls.check_crl()
         return self
 
@@ -556,8 +557,17 @@ class AgentConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision: expected 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         self.privacy.validate()
-        self.tls.files().check("tls")
+        _check_tls(self.tls)
         return self
+
+
+def _check_tls(tls: TlsConfig) -> None:
+    """The TLS files exist, and the certificate and CA are valid now."""
+    files = tls.files()
+    files.check("tls")
+    problem = Validity.of(files).problem()
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def _check_hostport(value: str, name: str) -> None:

@@ -8,6 +8,7 @@ expect (``grpc_server_handled_total`` and friends). ``_created`` series are off.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from prometheus_client import Counter, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
+from common.cert_validity import Validity
 from common.errors import CloudfedError
 from common.grpc_wrap import AroundInterceptor, Context
 from common.identity import SpiffeId
-from common.tls import peer_spiffe_id
+from common.tls import TlsFiles, peer_spiffe_id
 
+log = logging.getLogger(__name__)
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LATENCY_BUCKETS = (
@@ -47,6 +50,28 @@ LATENCY_BUCKETS = (
     1800,
 )
 """Milliseconds to tens of minutes: a chunk takes ms, a round phase can take half an hour."""
+
+CERT_EXPIRY = Gauge(
+    "cloudfed_tls_certificate_expiry_timestamp_seconds",
+    "When this daemon's TLS certificate (role=cert) and the earliest-ending CA of its bundle (role=ca)"
+    " stop being valid (unix time); updated at start and whenever the files are read again.",
+    ["role"],
+)
+
+
+def publish_validity(files: TlsFiles) -> Validity:
+    """Read and export the end dates of this daemon's certificate and CA; log an error if either
+    cannot be used now (peers refuse the handshake) and a warning if either ends within 14 days."""
+    validity = Validity.of(files)
+    problem, soon = validity.problem(), validity.expiring()
+    if problem is not None:
+        log.error("%s: peers will refuse the TLS handshake", problem)
+    elif soon is not None:
+        log.warning("%s: renew it before then", soon)
+    CERT_EXPIRY.labels(role="cert").set(validity.not_after.timestamp())
+    CERT_EXPIRY.labels(role="ca").set(validity.ca_not_after.timestamp())
+    return validity
+
 
 TRANSFER_BYTES = Counter(
     "cloudfed_transfer_bytes",

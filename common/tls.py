@@ -53,16 +53,23 @@ class TlsFiles:
 class ReloadingServerCredentials:
     """Server credentials that pick up rotated certificate files at the next handshake."""
 
-    def __init__(self, files: TlsFiles) -> None:
+    def __init__(self, files: TlsFiles, on_load: Callable[[TlsFiles], object] | None = None) -> None:
         files.check()
         self._files = files
+        self._on_load = on_load
         self._lock = threading.Lock()
         self._seen = files.mtimes()
         self._forced = False
 
     def _config(self) -> grpc.ServerCertificateConfiguration:
         cert, key, ca = self._files.read()
-        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+        config = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+        if self._on_load is not None:
+            try:
+                self._on_load(self._files)
+            except Exception:  # an observer must never break the handshake
+                log.exception("certificate observer failed")
+        return config
 
     def reload(self) -> None:
         """Re-read the files at the next handshake even if mtimes did not change."""

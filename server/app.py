@@ -15,7 +15,7 @@ from common.codecs.state import CodecState
 from common.config import AggregatorConfig, FederationConfig
 from common.grpc_errors import error_interceptor
 from common.grpc_options import server_options
-from common.metrics import grpc_metrics_interceptor, rpc_types_of
+from common.metrics import grpc_metrics_interceptor, publish_validity, rpc_types_of
 from common.tls import ReloadingServerCredentials
 from protos.cloudfed.v1 import federation_pb2, federation_pb2_grpc
 from server.auth import AccessPolicy, auth_interceptor
@@ -110,7 +110,7 @@ def build_aggregator(config: AggregatorConfig) -> Aggregator:
         autoencoder_plan(f),
         FetchSGDPlan(f.fetchsgd_topk, f.fetchsgd_momentum),
     )
-    credentials = ReloadingServerCredentials(config.tls.files())
+    credentials = ReloadingServerCredentials(config.tls.files(), on_load=publish_validity)
     tls = config.tls
     revocations = RevocationWatch(tls.crl, tls.ca) if tls.crl is not None else None
     access = AccessPolicy(config.trust_domain, config.allowed_agents, revocations, rounds.expel)

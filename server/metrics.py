@@ -60,3 +60,9 @@ REVOKED_CALLS = Counter(
     " start (refused) or while it ran (ended, when a new CRL was taken).",
     ["cloud", "agent", "when"],
 )
+AGENT_CERT_EXPIRY = Gauge(
+    "cloudfed_agent_certificate_expiry_timestamp_seconds",
+    "When the certificate an agent last joined with stops being valid (unix time), as the aggregator saw"
+    " it at Join: one place to watch every cloud's certificates.",
+    ["cloud", "agent"],
+)

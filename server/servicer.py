@@ -13,6 +13,7 @@ from common.codecs.registry import CodecSettings
 from common.config import AggregatorConfig
 from common.grpc_wrap import Context
 from common.identity import require_peer
+from common.metrics import peer_labels
 from common.secagg_pb import (
     DECLINE_REASONS,
     advertisement_from_pb,
@@ -21,10 +22,11 @@ from common.secagg_pb import (
     sealed_from_pb,
     sealed_to_pb,
 )
-from common.tls import peer_certificate_pem
+from common.tls import peer_certificate, peer_certificate_pem
 from common.wire import WIRE_REVISION, check_joiner
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
+from server import metrics
 from server.admission import admit
 from server.downloads import send_codec_state, send_model
 from server.invitations import AgentInfo
@@ -133,6 +135,8 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             min_agents_per_sum=policy.min_agents_per_sum,
         )
         await self._rounds.join(peer, info)
+        certificate = peer_certificate(context.auth_context())
+        metrics.AGENT_CERT_EXPIRY.labels(**peer_labels(peer)).set(certificate.not_valid_after_utc.timestamp())
         log.info(
             "%s joined (software %s, %d examples, %s x%d; masking %s, sums over >= %d, %d colluders)",
             peer,

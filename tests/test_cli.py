@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import tomllib
@@ -212,6 +213,7 @@ def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_d
         assert last.startswith("cloudfed-agent: the aggregator refused to let us join: federation 'cloudfed'")
         assert "runs without secure aggregation" in last and "privacy.require_masking" in last
     assert "privacy         aggregator learns each agent's update (no secure aggregation)" in ok.stdout
+    assert re.search(r"certificate     valid until \d{4}-\d\d-\d\d \d\d:\d\d UTC \((89|90) days\)", ok.stdout)
     assert "allowed by this agent's policy" in ok.stdout
     assert not (tmp_path / "agent-state" / "uploads").exists() or not any(
         (tmp_path / "agent-state" / "uploads").iterdir()

@@ -86,7 +86,7 @@ def test_prometheus_config_and_alert_rules_pass_promtool() -> None:
     assert config.returncode == 0, config.stdout + config.stderr
     rules = promtool("check", "rules", str(DEPLOY / "prometheus" / "alerts.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 11 rules found" in rules.stdout
+    assert "SUCCESS: 13 rules found" in rules.stdout
 
 
 def test_alert_rules_only_use_exported_metrics() -> None:
@@ -96,10 +96,17 @@ def test_alert_rules_only_use_exported_metrics() -> None:
         assert set(_METRIC.findall(rule["expr"])) <= exported, rule["alert"]
 
 
-def test_the_revocation_alerts_fire_on_their_series(tmp_path: Path) -> None:
-    """promtool's rule unit tests: a CRL 2 days from its next update, a refused CRL file and a
-    revoked certificate still calling each fire their alert; a CRL 10 days out does not. The
-    annotations are left out of the copy: promtool would compare them word for word."""
+TLS_EXPIRY = "cloudfed_tls_certificate_expiry_timestamp_seconds"
+AGENT_EXPIRY = "cloudfed_agent_certificate_expiry_timestamp_seconds"
+RECEIVED = "cloudfed_transfer_bytes_total"
+
+
+def test_the_certificate_alerts_fire_on_their_series(tmp_path: Path) -> None:
+    """promtool's rule unit tests: a CRL 2 days from its next update, a refused CRL file, a revoked
+    certificate still calling, a daemon's certificate 5 days from its end and an active agent's
+    likewise each fire their alert; a CRL or certificate 20 days out, or an agent with nothing
+    received in a day, does not. The annotations are left out of the copy: promtool would compare
+    them word for word."""
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
     for rule in rules["groups"][0]["rules"]:
         rule.pop("annotations", None)
@@ -112,22 +119,38 @@ def test_the_revocation_alerts_fire_on_their_series(tmp_path: Path) -> None:
                 "interval": "1m",
                 "input_series": [
                     {
-                        "series": 'cloudfed_crl_next_update_timestamp_seconds{instance="a"}',
-                        "values": "172800x120",
-                    },
-                    {
-                        "series": 'cloudfed_crl_next_update_timestamp_seconds{instance="b"}',
-                        "values": "864000x120",
-                    },
-                    {"series": 'cloudfed_crl_reload_failures_total{instance="a"}', "values": "0 0 1 1 1"},
-                    {
-                        "series": 'cloudfed_revoked_calls_total{cloud="aws",agent="a1",when="refused"}',
-                        "values": "0 0 3 3 3",
-                    },
-                    {
-                        "series": 'cloudfed_revoked_calls_total{cloud="gcp",agent="a2",when="ended"}',
-                        "values": "0 0 1 1 1",
-                    },
+                        "series": name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}",
+                        "values": v,
+                    }
+                    for name, labels, v in (
+                        ("cloudfed_crl_next_update_timestamp_seconds", {"instance": "a"}, "172800x120"),
+                        ("cloudfed_crl_next_update_timestamp_seconds", {"instance": "b"}, "864000x120"),
+                        ("cloudfed_crl_reload_failures_total", {"instance": "a"}, "0 0 1 1 1"),
+                        (
+                            "cloudfed_revoked_calls_total",
+                            {"cloud": "aws", "agent": "a1", "when": "refused"},
+                            "0 0 3 3",
+                        ),
+                        (
+                            "cloudfed_revoked_calls_total",
+                            {"cloud": "gcp", "agent": "a2", "when": "ended"},
+                            "0 0 1 1",
+                        ),
+                        (TLS_EXPIRY, {"job": "j", "instance": "a", "role": "cert"}, "432000x120"),
+                        (TLS_EXPIRY, {"job": "j", "instance": "a", "role": "ca"}, "1728000x120"),
+                        (AGENT_EXPIRY, {"cloud": "aws", "agent": "a1"}, "432000x120"),
+                        (AGENT_EXPIRY, {"cloud": "gcp", "agent": "gone"}, "432000x120"),
+                        (
+                            RECEIVED,
+                            {"direction": "received", "kind": "update", "cloud": "aws", "agent": "a1"},
+                            "0+100x120",
+                        ),
+                        (
+                            RECEIVED,
+                            {"direction": "received", "kind": "update", "cloud": "gcp", "agent": "gone"},
+                            "5x120",
+                        ),
+                    )
                 ],
                 "alert_rule_test": [
                     {
@@ -136,6 +159,27 @@ def test_the_revocation_alerts_fire_on_their_series(tmp_path: Path) -> None:
                         "exp_alerts": [{"exp_labels": {"severity": "warning", "instance": "a"}}],
                     },
                     {"eval_time": "30m", "alertname": "CloudfedCrlExpiring", "exp_alerts": []},
+                    {
+                        "eval_time": "90m",
+                        "alertname": "CloudfedCertificateExpiring",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "warning",
+                                    "job": "j",
+                                    "instance": "a",
+                                    "role": "cert",
+                                }
+                            }
+                        ],
+                    },
+                    {
+                        "eval_time": "90m",
+                        "alertname": "CloudfedAgentCertificateExpiring",
+                        "exp_alerts": [
+                            {"exp_labels": {"severity": "warning", "cloud": "aws", "agent": "a1"}}
+                        ],
+                    },
                     {
                         "eval_time": "4m",
                         "alertname": "CloudfedCrlRefused",
