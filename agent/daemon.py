@@ -367,7 +367,7 @@ class Agent:
             if settings.secagg.enabled:  # key phases run while the model trains
                 secure = SecureParticipation(
                     client,
-                    Signer.load(self.config.tls.files()),
+                    Signer.load(self.config.tls.files(), self.config.tls.crl),
                     agent_id,
                     settings.secagg,
                     event.round_id,

@@ -144,6 +144,7 @@ log_level = "WARNING"
 cert = "../pki/{name}.pem"
 key = "../pki/{name}-key.pem"
 ca = "../pki/ca.pem"
+crl = "../pki/crl.pem"
 [privacy]
 require_masking = {"true" if secagg else "false"}
 """)

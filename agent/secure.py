@@ -4,8 +4,10 @@ share secrets with its neighbours, mask the fixed-point update, answer the unmas
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from cryptography import x509
@@ -16,6 +18,7 @@ from agent import metrics
 from agent.client import AggregatorClient
 from common.config import PrivacyConfig
 from common.errors import ConfigError, FailedPrecondition, PolicyRefused
+from common.revocation import RevocationError, RevocationList
 from common.secagg.agent import AgentRound
 from common.secagg.clips import SegmentClips
 from common.secagg.coverage import check_settings
@@ -38,20 +41,34 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Signer:
-    """This agent's certificate, its private key (signs advertisements) and the federation CA."""
+    """This agent's certificate, its private key (signs advertisements), the federation's CA bundle
+    and, with ``tls.crl``, the CA's revocation list that peers' certificates are checked against."""
 
     certificate_pem: bytes
     key: ec.EllipticCurvePrivateKey
-    ca: x509.Certificate
+    cas: tuple[x509.Certificate, ...]
+    revocations: RevocationList | None = None
 
     @classmethod
-    def load(cls, files: TlsFiles) -> Signer:
-        """Read the agent's mTLS files."""
+    def load(cls, files: TlsFiles, crl: Path | None = None) -> Signer:
+        """Read the agent's mTLS files (and the CRL, read afresh for each round)."""
         cert, key_pem, ca = files.read()
         key = load_pem_private_key(key_pem, password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigError("tls.key: secure aggregation signs with an EC (P-256) certificate key")
-        return cls(cert, key, x509.load_pem_x509_certificate(ca))
+        revocations = None
+        if crl is not None:
+            try:
+                revocations = RevocationList.load(crl, files.ca)
+            except RevocationError as exc:  # a roster this agent cannot check is a roster it refuses
+                raise RosterError(f"cannot check peers' certificates against tls.crl: {exc}") from exc
+            if revocations.stale(dt.datetime.now(dt.UTC)):
+                log.warning(
+                    "tls.crl %s passed its next update (%s); still checking peers against it",
+                    crl,
+                    revocations.next_update,
+                )
+        return cls(cert, key, tuple(x509.load_pem_x509_certificates(ca)), revocations)
 
 
 class SecureParticipation:
@@ -75,11 +92,12 @@ class SecureParticipation:
             round_id,
             agent_id,
             params,
-            signer.ca,
+            signer.cas,
             signer.certificate_pem,
             signer.key,
             b"",
             min_sum=self.policy.min_agents_per_sum,
+            revocations=signer.revocations,
         )
         self.weight_scale = 1.0
         self.clips: SegmentClips | None = None

@@ -42,24 +42,17 @@ class TlsConfig:
     key: Path = Path("tls/key.pem")
     """PEM private key of this daemon (mode 0600)."""
     ca: Path = Path("tls/ca.pem")
-    """PEM CA certificate that signs the federation's certificates."""
+    """PEM CA certificate(s) that sign the federation's certificates (a bundle during a CA rotation)."""
+    crl: Path | None = None
+    """PEM CRL(s) signed by the CA (``cloudfed-pki revoke`` writes one). The aggregator refuses the
+    certificates it lists on every call, ends their calls in flight and re-reads it when the file
+    changes and on reload, keeping the last good list when a new file is bad; an agent refuses a
+    secure-aggregation roster naming one (it reads the file at each round)."""
 
     def files(self, base: Path | None = None) -> TlsFiles:
         """TlsFiles with relative paths resolved against ``base``."""
         root = base or Path()
         return TlsFiles(root / self.cert, root / self.key, root / self.ca)
-
-
-@dataclass(frozen=True)
-class AggregatorTlsConfig(TlsConfig):
-    """mTLS material of the aggregator, with the CA's revocation list."""
-
-    crl: Path | None = None
-    """PEM CRL(s) signed by the CA (``cloudfed-pki revoke`` writes one); certificates it lists are
-    refused on every call and their calls in flight end. Re-read when the file changes and on reload;
-    a bad new file is refused and the last good list stays in force."""
-    crl_poll_s: float = 10.0
-    """Seconds between checks of the CRL file for changes."""
 
     def check_crl(self) -> None:
         """Raise ConfigError if the CRL is set but missing, unreadable or not signed by the CA."""
@@ -67,12 +60,24 @@ class AggregatorTlsConfig(TlsConfig):
             return
         if not Path(self.crl).is_file():
             raise ConfigError(f"tls.crl: file not found: {self.crl}")
-        if not self.crl_poll_s > 0:
-            raise ConfigError(f"tls.crl_poll_s must be positive, got {self.crl_poll_s}")
         try:
             RevocationList.load(self.crl, self.ca)
         except RevocationError as exc:
             raise ConfigError(f"tls.crl: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class AggregatorTlsConfig(TlsConfig):
+    """mTLS material of the aggregator, with how often it looks for a new CRL."""
+
+    crl_poll_s: float = 10.0
+    """Seconds between checks of the CRL file for changes."""
+
+    def check_crl(self) -> None:
+        """As TlsConfig.check_crl, and the poll interval is positive."""
+        super().check_crl()
+        if not self.crl_poll_s > 0:
+            raise ConfigError(f"tls.crl_poll_s must be positive, got {self.crl_poll_s}")
 
 
 @dataclass(frozen=True)
@@ -558,6 +563,7 @@ class AgentConfig:
             raise ConfigError(f"precision: expected 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         self.privacy.validate()
         _check_tls(self.tls)
+        self.tls.check_crl()
         return self
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -156,3 +157,22 @@ def test_pki_writes_private_keys_0600_and_one_spiffe_san(tmp_path: Path) -> None
     assert [n for n, _ in d.list()] == ["ca", "a"]
     with pytest.raises(Exception, match="exists"):
         d.init("ca")
+
+
+async def test_a_ca_bundle_admits_agents_of_either_ca(start_aggregator, pki: Pki, tmp_path: Path) -> None:
+    """A CA rotation without a flag day: the aggregator's tls.ca holds the old and the new CA, so
+    an agent already moved to the new CA and one not yet moved both get in."""
+    new_ca = create_ca("next CA")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(pki.dir.ca_cert.read_bytes() + new_ca.cert_pem())
+    config = aggregator_config(pki, tmp_path / "agg0")
+    run = await start_aggregator(
+        config=dataclasses.replace(config, tls=dataclasses.replace(config.tls, ca=bundle))
+    )
+    moved = _write(tmp_path, "moved", issue_agent(new_ca, SpiffeId(TRUST_DOMAIN, "gcp", "moved")), bundle)
+    assert await _join_code(run.target, moved) == grpc.StatusCode.OK
+    assert await _join_code(run.target, pki.agent("staying")) == grpc.StatusCode.OK
+    assert sorted(run.agg.rounds.agents) == [
+        f"spiffe://{TRUST_DOMAIN}/cloud/aws/agent/staying",
+        f"spiffe://{TRUST_DOMAIN}/cloud/gcp/agent/moved",
+    ]

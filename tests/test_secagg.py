@@ -9,14 +9,17 @@ import random
 
 import numpy as np
 import pytest
+from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.errors import Aborted, ConfigError, FailedPrecondition, InvalidArgument, PolicyRefused
 from common.identity import SpiffeId
-from common.pki import create_ca, issue_agent
+from common.pki import Issued, build_crl, create_ca, issue_agent, revoked_entry
+from common.revocation import RevocationList
 from common.secagg import keys, shamir
 from common.secagg.agent import MASK_KEY, SELF_SEED, AgentRound, share_aad
 from common.secagg.graph import neighbours
@@ -297,8 +300,8 @@ def test_advertisement_signatures_are_raw_r_s_and_nothing_else_verifies(
     for signature in (der, adv.signature[:-1], adv.signature[32:] + adv.signature[:32]):
         tampered = dataclasses.replace(adv, signature=signature)
         with pytest.raises(RosterError, match="signature"):
-            verify_advertisement(tampered, federation.ca.cert, 1, dt.datetime.now(dt.UTC))
-    verify_advertisement(adv, federation.ca.cert, 1, dt.datetime.now(dt.UTC))
+            verify_advertisement(tampered, (federation.ca.cert,), 1, dt.datetime.now(dt.UTC))
+    verify_advertisement(adv, (federation.ca.cert,), 1, dt.datetime.now(dt.UTC))
 
 
 def test_sealed_shares_open_only_unaltered_for_their_round_and_recipient(
@@ -735,3 +738,47 @@ def test_graph_is_regular_symmetric_and_seeded(n: int, k: int) -> None:
     assert neighbours(list(reversed(ids)), k, b"seed-1") == graph
     if 0 < k < n - 1:
         assert neighbours(ids, k, b"seed-2") != graph
+
+
+def test_advertisements_verify_against_every_ca_of_the_bundle_and_the_agents_crl(
+    federation: Federation, tmp_path
+) -> None:
+    """During a CA rotation the bundle holds both CAs: a peer issued by the new one verifies (at
+    the agent and in the aggregator's check) once the bundle has it; a peer the agent's CRL lists
+    is refused in the roster, naming serial and reason."""
+    old, new = federation.ca, create_ca("next CA")
+    me, peer = sorted(federation.agents)[:2]
+    moved = issue_agent(new, SpiffeId.parse(peer))
+    keys_of_peer = federation.agent_round(peer, 1, FULL, b"s")
+    adv = sign_advertisement(
+        1, peer, keys_of_peer.cipher, keys_of_peer.mask, moved.cert_pem(), moved.key, bytes(32)
+    )
+    now = dt.datetime.now(dt.UTC)
+    with pytest.raises(RosterError, match="not issued by the federation CA"):
+        verify_advertisement(adv, (old.cert,), 1, now)
+    verify_advertisement(adv, (old.cert, new.cert), 1, now)
+    keys.check_posted_advertisement(adv, old.cert_pem() + new.cert_pem())
+    with pytest.raises(InvalidArgument, match="not issued by the federation CA"):
+        keys.check_posted_advertisement(adv, old.cert_pem())
+
+    bundle, crl = tmp_path / "ca.pem", tmp_path / "crl.pem"
+    bundle.write_bytes(old.cert_pem() + new.cert_pem())
+
+    def write_crl(ca: Issued, serial: int) -> RevocationList:
+        entry = revoked_entry(serial, x509.ReasonFlags.key_compromise)
+        crl.write_bytes(build_crl(ca, [entry], 1).public_bytes(serialization.Encoding.PEM))
+        return RevocationList.load(crl, bundle)
+
+    revoked = write_crl(new, moved.cert.serial_number)
+    with pytest.raises(RosterError, match=rf"certificate of {peer} is revoked: serial .* \(keyCompromise\)"):
+        verify_advertisement(adv, (old.cert, new.cert), 1, now, revoked)
+    # The same serial revoked by the other CA is another certificate.
+    verify_advertisement(adv, (old.cert, new.cert), 1, now, write_crl(old, moved.cert.serial_number))
+
+    # In the protocol: an agent holding the CRL refuses the roster at its key-sharing step.
+    mine = federation.agent_round(me, 1, SecAggParams(threshold=2), b"s")
+    mine.cas, mine.revocations = (old.cert, new.cert), revoked
+    with pytest.raises(RosterError, match="is revoked"):
+        mine.share_keys([mine.advertise(), adv])
+    mine.revocations = None
+    assert mine.share_keys([mine.advertise(), adv])  # without it, the same roster is taken

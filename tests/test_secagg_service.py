@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from google.protobuf.message import Message
 from prometheus_client import REGISTRY
 
@@ -22,6 +23,7 @@ from agent.secure import SecureParticipation, Signer
 from common.config import PrivacyConfig, SecAggConfig
 from common.errors import ConfigError, FailedPrecondition
 from common.layout import ParamLayout
+from common.pki import build_crl, create_ca, revoked_entry
 from common.secagg.agent import AgentRound
 from common.secagg.keys import RosterError, sign_advertisement, verify_advertisement
 from common.secagg.local import Federation
@@ -640,7 +642,7 @@ async def test_roster_carries_the_certificate_of_each_tls_session_not_the_one_in
                     event.round_id,
                     joins[name].agent_id,
                     SecAggParams(threshold=2),
-                    signer.ca,
+                    signer.cas,
                     own[other].certificate_pem,  # the other agent's (valid, CA-issued) certificate
                     signer.key,
                     b"",
@@ -668,7 +670,7 @@ async def test_roster_carries_the_certificate_of_each_tls_session_not_the_one_in
         adv = roster[joins[name].agent_id]
         sent = x509.load_pem_x509_certificate(own[name].certificate_pem)
         assert x509.load_pem_x509_certificate(adv.certificate_pem) == sent
-        verify_advertisement(adv, own[name].ca, event.round_id, dt.datetime.now(dt.UTC))
+        verify_advertisement(adv, own[name].cas, event.round_id, dt.datetime.now(dt.UTC))
 
 
 async def test_aggregator_refuses_an_advertisement_its_peers_would_refuse(
@@ -701,3 +703,49 @@ async def test_aggregator_refuses_an_advertisement_its_peers_would_refuse(
         finally:
             for w in watchers:
                 await w.close()
+
+
+async def test_an_agent_with_a_crl_refuses_a_roster_naming_a_revoked_peer(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    """An aggregator that does not enforce revocation (no tls.crl: misconfigured, or colluding with
+    whoever holds a revoked key) lets 'revoked' into a masked round. An agent with tls.crl reads it
+    for the round and refuses the roster, naming the certificate, before it deals any share; with
+    a CRL that does not verify it refuses too, as it cannot check the roster."""
+    run = await start_aggregator(config=secure_config(pki, tmp_path / "agg0", min_agents=3))
+    rng = np.random.default_rng(5)
+    others = [
+        asyncio.create_task(play_agent(run, name, rng.normal(size=NUMEL), 10, tmp_path))
+        for name in ("revoked", "honest")
+    ]
+    files = run.pki.agent("wary")
+    async with run.client("wary") as client:
+        join = await client.join(num_examples=10)
+        watcher = Watcher(client)
+        try:
+            event = await watcher.until(pb.ROUND_PHASE_ADVERTISE_KEYS)
+            # every agent is connected once the round starts: 'revoked' holds its certificate now
+            revoked_cert = x509.load_pem_x509_certificate(
+                pki.dir.cert("aws-revoked-test_cloudfed").read_bytes()
+            )
+            crl = tmp_path / "crl.pem"
+            entry = revoked_entry(revoked_cert.serial_number, x509.ReasonFlags.key_compromise)
+            crl.write_bytes(build_crl(pki.dir.load_ca(), [entry], 1).public_bytes(serialization.Encoding.PEM))
+            signer = Signer.load(files, crl)
+            part = SecureParticipation(
+                client, signer, join.agent_id, join.settings.secagg, event.round_id, 60
+            )
+            with pytest.raises(
+                RosterError, match=r"certificate of \S+/agent/revoked is revoked: .*keyCompromise"
+            ):
+                await part.keys()
+            assert part.protocol.held == {} and not part.protocol.my_neighbours  # no share was dealt
+
+            crl.write_bytes(build_crl(create_ca("other"), [], 1).public_bytes(serialization.Encoding.PEM))
+            with pytest.raises(RosterError, match=r"cannot check peers' certificates against tls\.crl"):
+                Signer.load(files, crl)
+        finally:
+            await watcher.close()
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)

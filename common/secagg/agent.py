@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.errors import FailedPrecondition, InvalidArgument, PolicyRefused
+from common.revocation import RevocationList
 from common.secagg import shamir
 from common.secagg.coverage import MIN_SENDERS, Coverage, CoveredUniforms
 from common.secagg.graph import neighbours
@@ -71,7 +72,8 @@ class AgentRound:
     round_id: int
     agent_id: str
     params: SecAggParams
-    ca: x509.Certificate
+    cas: tuple[x509.Certificate, ...]
+    """The federation's CA bundle: a peer's certificate must come from one of them."""
     certificate_pem: bytes
     signing_key: ec.EllipticCurvePrivateKey
     graph_seed: bytes
@@ -89,6 +91,8 @@ class AgentRound:
     """The fewest agents whose sum this agent lets the aggregator learn (``privacy.min_agents_per_sum``):
     an unmask request leaving fewer survivors, or with coverage fewer senders of one of this
     agent's elements, is refused."""
+    revocations: RevocationList | None = None
+    """Peers whose certificates this CRL lists are refused in the roster (``tls.crl``)."""
 
     def advertise(self) -> Advertisement:
         """Phase 1: both public keys, signed with the certificate key."""
@@ -107,7 +111,7 @@ class AgentRound:
         now = now or dt.datetime.now(dt.UTC)
         by_id: dict[str, Advertisement] = {}
         for adv in roster:
-            verify_advertisement(adv, self.ca, self.round_id, now)
+            verify_advertisement(adv, self.cas, self.round_id, now, self.revocations)
             if adv.agent_id in by_id:
                 raise RosterError(f"the roster lists {adv.agent_id} twice")
             by_id[adv.agent_id] = adv

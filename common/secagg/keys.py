@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from common.pki import spiffe_ids_of
+from common.revocation import RevocationList
 
 RAW = serialization.Encoding.Raw
 RAW_PUBLIC = serialization.PublicFormat.Raw
@@ -140,18 +142,25 @@ def check_posted_advertisement(adv: Advertisement, ca_pem: bytes) -> None:
     will verify it, so that one bad advertisement is refused alone instead of making every
     honest agent refuse the roster (and the round)."""
     try:
-        ca = x509.load_pem_x509_certificate(ca_pem)
+        cas = tuple(x509.load_pem_x509_certificates(ca_pem))
     except ValueError as exc:
         raise FailedPrecondition(f"the federation CA does not load: {exc}") from exc
     try:
-        verify_advertisement(adv, ca, adv.round_id, dt.datetime.now(dt.UTC))
+        verify_advertisement(adv, cas, adv.round_id, dt.datetime.now(dt.UTC))
     except RosterError as exc:
         raise InvalidArgument(f"key advertisement refused: {exc}") from exc
 
 
-def verify_advertisement(adv: Advertisement, ca: x509.Certificate, round_id: int, now: dt.datetime) -> None:
-    """Raise RosterError unless ``adv`` is for this round, from a CA-issued, valid certificate whose one
-    SPIFFE id is the advertised identity, and signed by that certificate's key."""
+def verify_advertisement(
+    adv: Advertisement,
+    cas: Sequence[x509.Certificate],
+    round_id: int,
+    now: dt.datetime,
+    revocations: RevocationList | None = None,
+) -> None:
+    """Raise RosterError unless ``adv`` is for this round, from a valid certificate issued by one of
+    ``cas`` (the federation's CA bundle) and not listed in ``revocations``, whose one SPIFFE id is
+    the advertised identity, and signed by that certificate's key."""
     who = adv.agent_id or "<no id>"
     if adv.round_id != round_id:
         raise RosterError(f"advertisement of {who} is for round {adv.round_id}, not {round_id}")
@@ -161,11 +170,15 @@ def verify_advertisement(adv: Advertisement, ca: x509.Certificate, round_id: int
         raise RosterError(f"advertisement of {who} carries no {COMMITMENT_BYTES}-byte seed commitment")
     try:
         cert = x509.load_pem_x509_certificate(adv.certificate_pem)
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        raise RosterError(f"certificate of {who} is not issued by the federation CA: {exc}") from exc
+    except ValueError as exc:
+        raise RosterError(f"certificate of {who} does not load: {exc}") from exc
+    if not any(_issued_by(cert, ca) for ca in cas):
+        raise RosterError(f"certificate of {who} is not issued by the federation CA")
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise RosterError(f"certificate of {who} is not valid now")
+    revoked = revocations.lookup(cert) if revocations is not None else None
+    if revoked is not None:
+        raise RosterError(f"certificate of {who} is revoked: {revoked.describe()}")
     if spiffe_ids_of(cert) != [adv.agent_id]:
         raise RosterError(f"certificate of {who} names {spiffe_ids_of(cert)}, not the advertised identity")
     public_key = cert.public_key()
@@ -181,6 +194,14 @@ def verify_advertisement(adv: Advertisement, ca: x509.Certificate, round_id: int
         public_key.verify(der, adv.signed_bytes(), ec.ECDSA(hashes.SHA256()))
     except InvalidSignature as exc:
         raise RosterError(f"signature on the advertisement of {who} does not verify") from exc
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 _SEAL_NONCE = bytes(12)

@@ -38,7 +38,7 @@ class Federation:
     def agent_round(self, agent_id: str, round_id: int, params: SecAggParams, seed: bytes) -> AgentRound:
         """A fresh protocol state for one agent."""
         issued = self.agents[agent_id]
-        return AgentRound(round_id, agent_id, params, self.ca.cert, issued.cert_pem(), issued.key, seed)
+        return AgentRound(round_id, agent_id, params, (self.ca.cert,), issued.cert_pem(), issued.key, seed)
 
 
 @dataclass
