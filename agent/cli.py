@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "audit_dir", None) is not None:
             config = dataclasses.replace(config, audit_dir=args.audit_dir.resolve())
         config = config.validate()
-        setup_logging(config.log_level)
+        setup_logging(config.log_level, config.log_format, "agent")
         return asyncio.run(check(config)) if args.cmd == "check" else run_ranks(config)
     except CloudfedError as exc:
         print(f"cloudfed-agent: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ from common.cert_validity import Validity
 from common.chunks import MAX_CHUNK_BYTES, validate_chunk_bytes
 from common.errors import CloudfedError, ConfigError
 from common.identity import IdentityError, SpiffeId
+from common.logs import LOG_FORMATS
 from common.revocation import RevocationError, RevocationList
 from common.secagg.coverage import MIN_SENDERS, check_settings, senders_of
 from common.secagg.graph import check_parameters
@@ -264,6 +265,8 @@ class AggregatorConfig:
     """Require scrapers to present a certificate from this CA."""
     log_level: str = "INFO"
     """Python logging level."""
+    log_format: str = "text"
+    """``text`` (a line a record) or ``json`` (an object a line: time, level, logger, message)."""
     tls: AggregatorTlsConfig = field(default_factory=AggregatorTlsConfig)
     """mTLS material and the CA's revocation list."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -278,6 +281,7 @@ class AggregatorConfig:
     def validate(self) -> AggregatorConfig:
         """Check cross-field rules; raise ConfigError naming the field."""
         _check_hostport(self.listen, "listen")
+        _check_log_format(self.log_format)
         if self.health_listen:
             _check_hostport(self.health_listen, "health_listen")
         if self.metrics_listen:
@@ -535,6 +539,8 @@ class AgentConfig:
     """Price of one GB leaving this cloud, for the estimated egress cost metric."""
     log_level: str = "INFO"
     """Python logging level."""
+    log_format: str = "text"
+    """``text`` (a line a record) or ``json`` (an object a line: time, level, logger, message)."""
     tls: TlsConfig = field(default_factory=TlsConfig)
     """mTLS material."""
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -543,6 +549,7 @@ class AgentConfig:
     def validate(self) -> AgentConfig:
         """Check the agent config; raise ConfigError naming the field."""
         _check_hostport(self.aggregator, "aggregator")
+        _check_log_format(self.log_format)
         try:
             validate_chunk_bytes(self.chunk_bytes, "chunk_bytes")
         except CloudfedError as exc:
@@ -565,6 +572,11 @@ class AgentConfig:
         _check_tls(self.tls)
         self.tls.check_crl()
         return self
+
+
+def _check_log_format(value: str) -> None:
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"log_format: expected one of {', '.join(LOG_FORMATS)}, got {value!r}")
 
 
 def _check_tls(tls: TlsConfig) -> None:

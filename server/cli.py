@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load(AggregatorConfig, args.config).validate()
         if args.command == "status":
             return status(config)
-        setup_logging(config.log_level)
+        setup_logging(config.log_level, config.log_format, "aggregator")
         seed(config, args.init_from)
         asyncio.run(serve(config))
     except CloudfedError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import subprocess
@@ -163,6 +164,26 @@ def test_daemon_serves_reloads_rotated_certificates_and_stops_on_sigterm(
         code = stop(proc)
     assert code == 0, (tmp_path / "agg.log").read_text()
     assert "shutting down" in (tmp_path / "agg.log").read_text()
+
+
+def test_the_daemon_logs_json_objects_when_asked(tmp_path: Path, pki_dir: Path) -> None:
+    """log_format = "json": every line the real aggregator writes, from start to shutdown, is one
+    JSON object with time (UTC), level, logger, message and component."""
+    config = write_config(tmp_path, pki_dir, log_format='"json"')
+    _, health = ports_of(config)
+    proc = start_aggregator_process(tmp_path, config)
+    try:
+        wait_serving(health)
+    finally:
+        code = stop(proc)
+    assert code == 0
+    lines = (tmp_path / "agg.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # a line that is not JSON fails here
+    assert len(records) >= 3
+    for record in records:
+        assert {"time", "level", "logger", "message", "component"} <= record.keys(), record
+        assert record["component"] == "aggregator" and record["time"].endswith("+00:00")
+    assert any(r["message"] == "shutting down" and r["level"] == "INFO" for r in records)
 
 
 def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_dir: Path) -> None:

@@ -41,6 +41,7 @@ def test_env_overrides_nested_fields_and_lists() -> None:
         ({"CLOUDFED_LIMITS_MAX_CHUNK_BYTES": str(2 * 1024 * 1024)}, "limits.max_chunk_bytes must be between"),
         ({"CLOUDFED_LISTEN": "nohost"}, "listen: expected host:port"),
         ({"CLOUDFED_TRUST_DOMAIN": "Bad_Domain"}, "trust_domain: bad trust domain"),
+        ({"CLOUDFED_LOG_FORMAT": "xml"}, "log_format: expected one of text, json, got 'xml'"),
     ],
 )
 def test_bad_values_name_their_field(env: dict[str, str], message: str) -> None:
