@@ -8,12 +8,18 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common import sdnotify
 from common.config import AggregatorConfig, load
 from common.errors import CloudfedError
 from common.logs import setup_logging
+from common.revocation import RevocationError, RevocationList
+
+if TYPE_CHECKING:
+    from server.state import AgentCertificate
 
 log = logging.getLogger("cloudfed.aggregator")
 
@@ -84,8 +90,6 @@ async def serve(config: AggregatorConfig) -> None:
 
 def status(config: AggregatorConfig) -> int:
     """Print the federation's state from the database (safe while the daemon runs)."""
-    import time
-
     from server.state import StateDB
 
     path = config.state_dir / "cloudfed.db"
@@ -105,14 +109,40 @@ def status(config: AggregatorConfig) -> int:
             f"{r.uploaded:>3}/{r.participants:<3}  {took}  {r.reason or ''}"
         )
     evals = db.latest_evals()
+    revocations = _revocations(config)
     print("\nagents")
-    for agent, seen, examples in db.agents():
-        ev = evals.get(agent)
+    for row in db.agents():
+        ev = evals.get(row.agent)
         last = f"eval loss {ev[1]:.4f} at v{ev[0]}" if ev else "no eval yet"
-        ago = time.time() - seen
-        print(f"  {agent}  examples {examples}, joined {ago:.0f}s ago, {last}")
+        ago = time.time() - row.last_seen
+        print(f"  {row.agent}  examples {row.num_examples}, joined {ago:.0f}s ago, {last}")
+        print(f"    {_certificate_state(row.certificate, revocations)}")
     db.close()
     return 0
+
+
+def _revocations(config: AggregatorConfig) -> RevocationList | None:
+    """The configured CRL for ``status``, or None (said once when it does not load)."""
+    if config.tls.crl is None:
+        return None
+    try:
+        return RevocationList.load(config.tls.crl, config.tls.ca)
+    except RevocationError as exc:
+        print(f"(revocation state unknown: {exc})")
+        return None
+
+
+def _certificate_state(cert: AgentCertificate, revocations: RevocationList | None) -> str:
+    """``certificate <serial> ends <date> (N days)`` and REVOKED / expired where it is."""
+    if cert.not_after is None:
+        return "certificate not recorded (joined before this release)"
+    days = (cert.not_after - time.time()) / 86400
+    ends = time.strftime("%Y-%m-%d %H:%M", time.gmtime(cert.not_after))
+    state = f"expired {-days:.0f} days ago" if days < 0 else f"{days:.0f} days left"
+    revoked = cert.revocation(revocations) if revocations is not None else None
+    if revoked is not None:
+        state += f"; REVOKED: {revoked.describe()}"
+    return f"certificate {cert.serial_hex[:16]} ends {ends} UTC ({state})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,7 @@ from server.fetchsgd import FetchSGD, FetchSGDPlan
 from server.invitations import AgentInfo, invite
 from server.optimizer import FedAvg, ServerOptimizer
 from server.spool import UploadMeta, UploadSpool
-from server.state import StateDB
+from server.state import AgentCertificate, StateDB
 
 log = logging.getLogger(__name__)
 WATCH_QUEUE = 64
@@ -249,10 +249,12 @@ class RoundCoordinator:
         async with self._changed:
             self._changed.notify_all()
 
-    async def join(self, peer: SpiffeId, info: AgentInfo) -> None:
-        """Record an agent's announcement."""
+    async def join(
+        self, peer: SpiffeId, info: AgentInfo, certificate: AgentCertificate | None = None
+    ) -> None:
+        """Record an agent's announcement (and the certificate it joined with)."""
         self.agents[peer.uri] = info
-        self.db.agent_joined(peer.uri, peer.cloud, info.software_version, info.num_examples)
+        self.db.agent_joined(peer.uri, peer.cloud, info.software_version, info.num_examples, certificate)
         await self._membership_changed()
 
     def record_eval(self, peer: SpiffeId, version: int, loss: float, tokens: int) -> None:

@@ -32,6 +32,7 @@ from server.downloads import send_codec_state, send_model
 from server.invitations import AgentInfo
 from server.rounds import Phase, RoundCoordinator, RoundState
 from server.spool import UploadSpool
+from server.state import AgentCertificate
 from server.uploads import receive_upload
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,8 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             colluders=policy.colluders,
             min_agents_per_sum=policy.min_agents_per_sum,
         )
-        await self._rounds.join(peer, info)
         certificate = peer_certificate(context.auth_context())
+        await self._rounds.join(peer, info, AgentCertificate.of(certificate))
         metrics.AGENT_CERT_EXPIRY.labels(**peer_labels(peer)).set(certificate.not_valid_after_utc.timestamp())
         log.info(
             "%s joined (software %s, %d examples, %s x%d; masking %s, sums over >= %d, %d colluders)",

@@ -16,6 +16,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
+from common.revocation import RevocationList, Revoked
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
     agent TEXT PRIMARY KEY, cloud TEXT NOT NULL, software_version TEXT, num_examples INTEGER,
@@ -39,6 +43,8 @@ CREATE TABLE IF NOT EXISTS evals (
     reported_at REAL NOT NULL, PRIMARY KEY (agent, version)
 );
 """
+AGENT_CERT_COLUMNS = {"cert_serial": "TEXT", "cert_issuer": "BLOB", "cert_not_after": "REAL"}
+"""The certificate an agent last joined with (added to databases made before they existed)."""
 OPEN_PHASES = ("ADVERTISE_KEYS", "SHARE_KEYS", "UPLOAD", "UNMASK", "AGGREGATE")
 _SELECT_OPEN = "SELECT round_id FROM rounds WHERE phase IN (?, ?, ?, ?, ?)"
 
@@ -58,6 +64,39 @@ class RoundRow:
     uploaded: int
 
 
+@dataclass(frozen=True)
+class AgentCertificate:
+    """What the aggregator keeps of the certificate an agent joined with."""
+
+    serial_hex: str
+    issuer_der: bytes
+    not_after: float | None
+    """Unix time the certificate ends; None for a Join recorded before this was kept."""
+
+    @classmethod
+    def of(cls, cert: x509.Certificate) -> AgentCertificate:
+        """From a parsed certificate."""
+        return cls(
+            f"{cert.serial_number:x}", cert.issuer.public_bytes(), cert.not_valid_after_utc.timestamp()
+        )
+
+    def revocation(self, revocations: RevocationList) -> Revoked | None:
+        """Its entry in ``revocations``, or None."""
+        if not self.serial_hex:
+            return None
+        return revocations.entries.get((self.issuer_der, int(self.serial_hex, 16)))
+
+
+@dataclass(frozen=True)
+class AgentRow:
+    """One row of the agents table."""
+
+    agent: str
+    last_seen: float
+    num_examples: int
+    certificate: AgentCertificate
+
+
 class StateDB:
     """Small synchronous SQLite store; every method is one short transaction."""
 
@@ -70,6 +109,15 @@ class StateDB:
         self._db.execute("PRAGMA synchronous=FULL")  # a recorded version or outcome survives power loss
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a database of an older release up to this schema (columns are only ever added)."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(agents)")}
+        with self._transaction():
+            for name, kind in AGENT_CERT_COLUMNS.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE agents ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         """Close the connection."""
@@ -109,19 +157,33 @@ class StateDB:
         row = self._db.execute("SELECT MAX(round_id) FROM rounds").fetchone()
         return int(row[0] or 0)
 
-    def agent_joined(self, agent: str, cloud: str, software_version: str, num_examples: int) -> None:
-        """Record a Join."""
+    def agent_joined(
+        self,
+        agent: str,
+        cloud: str,
+        software_version: str,
+        num_examples: int,
+        certificate: AgentCertificate | None = None,
+    ) -> None:
+        """Record a Join (and the certificate it came with)."""
         now = time.time()
+        cert = certificate or AgentCertificate("", b"", None)
         self._tx(
-            "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(agent) DO UPDATE SET "
-            "software_version=excluded.software_version, num_examples=excluded.num_examples, last_seen=?",
+            "INSERT INTO agents (agent, cloud, software_version, num_examples, joined_at, last_seen,"
+            " cert_serial, cert_issuer, cert_not_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(agent) DO UPDATE SET software_version=excluded.software_version,"
+            " num_examples=excluded.num_examples, last_seen=excluded.last_seen,"
+            " cert_serial=excluded.cert_serial, cert_issuer=excluded.cert_issuer,"
+            " cert_not_after=excluded.cert_not_after",
             agent,
             cloud,
             software_version,
             num_examples,
             now,
             now,
-            now,
+            cert.serial_hex,
+            cert.issuer_der,
+            cert.not_after,
         )
 
     def round_started(
@@ -219,10 +281,18 @@ class StateDB:
         """{agent: status} for a round."""
         return dict(self._db.execute("SELECT agent, status FROM participants WHERE round_id=?", (round_id,)))
 
-    def agents(self) -> list[tuple[str, float, int]]:
-        """(agent, last_seen, num_examples), by name."""
-        rows = self._db.execute("SELECT agent, last_seen, num_examples FROM agents ORDER BY agent")
-        return [(str(a), float(seen), int(n or 0)) for a, seen, n in rows]
+    def agents(self) -> list[AgentRow]:
+        """Every agent that ever joined, by name."""
+        rows = self._db.execute(
+            "SELECT agent, last_seen, num_examples, cert_serial, cert_issuer, cert_not_after"
+            " FROM agents ORDER BY agent"
+        )
+        return [
+            AgentRow(
+                str(a), float(seen), int(n or 0), AgentCertificate(serial or "", bytes(issuer or b""), until)
+            )
+            for a, seen, n, serial, issuer, until in rows
+        ]
 
     def latest_evals(self) -> dict[str, tuple[int, float]]:
         """{agent: (version, loss)} of each agent's newest evaluation."""

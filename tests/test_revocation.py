@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import re
 import shutil
 import signal
 import time
@@ -335,6 +336,34 @@ async def test_a_round_stops_waiting_for_a_participant_revoked_in_it(
         _metric("cloudfed_rounds_declined_total", cloud="aws", agent="quitter", reason="revoked")
         == before + 1
     )
+
+
+async def test_status_shows_each_agents_certificate_end_and_revocation(
+    start_aggregator, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``cloudfed-aggregator status`` reads the certificate each agent last joined with from the
+    database and checks it against the configured CRL."""
+    from server.cli import status
+
+    crl = Crl(pki, tmp_path / "crl.pem")
+    config = aggregator_config(pki, tmp_path / "agg0")
+    config = dataclasses.replace(config, tls=dataclasses.replace(config.tls, crl=crl.path, crl_poll_s=3600))
+    run = await start_aggregator(config=config)
+    for name in ("alice", "bob"):
+        async with run.client(name) as client:
+            await client.join(num_examples=3)
+    bob = x509.load_pem_x509_certificate(pki.dir.cert("aws-bob-test_cloudfed").read_bytes())
+    crl.write([bob.serial_number])
+    assert status(config) == 0
+    out = capsys.readouterr().out.splitlines()
+    lines = {out[i].split()[0]: out[i + 1].strip() for i, line in enumerate(out) if "examples 3" in line}
+    alice = lines[f"spiffe://{TRUST_DOMAIN}/cloud/aws/agent/alice"]
+    assert alice.startswith("certificate ") and re.search(
+        r"ends \d{4}-\d\d-\d\d \d\d:\d\d UTC \((89|90) days left\)$", alice
+    )
+    revoked = lines[f"spiffe://{TRUST_DOMAIN}/cloud/aws/agent/bob"]
+    assert f"certificate {bob.serial_number:x}"[:28] in revoked
+    assert "; REVOKED: serial" in revoked and "was revoked at" in revoked
 
 
 # --- the real daemons ----------------------------------------------------------------------------
