@@ -8,6 +8,7 @@ is one chunk per stream; nothing holds a whole update.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import threading
@@ -98,7 +99,9 @@ class UploadSpool:
         return self.root / f"{agent.cloud}.{agent.name}" / upload_id
 
     def check_limits(self, meta: UploadMeta) -> None:
-        """Raise unless the declared size and id are acceptable."""
+        """Raise unless the declared size, id and weight are acceptable."""
+        if not (math.isfinite(meta.weight) and meta.weight >= 0):
+            raise InvalidArgument(f"weight must be a finite number >= 0, not {meta.weight}")
         if meta.total_bytes <= 0:
             raise InvalidArgument("total_bytes must be positive")
         if meta.total_bytes > self.max_update_bytes:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 
 from agent.client import AggregatorClient
+from agent.secure import SecureParticipation, Signer
 from common.codecs import identity
 from protos.cloudfed.v1 import federation_pb2 as pb
 
@@ -70,3 +73,33 @@ def upload_header(event: pb.RoundEvent, layout_digest: str, weight: float, **kw:
     )
     fields.update(kw)
     return pb.UploadHeader(**fields)  # type: ignore[arg-type]
+
+
+@dataclass
+class KeyPhase:
+    """An agent at the start of a masked round: its client, Join reply, watcher, the round's
+    event and its secure participation (keys not yet advertised)."""
+
+    client: AggregatorClient
+    join: pb.JoinResponse
+    watcher: Watcher
+    event: pb.RoundEvent
+    part: SecureParticipation
+
+
+@contextlib.asynccontextmanager
+async def in_key_phase(run, name: str) -> AsyncIterator[KeyPhase]:  # type: ignore[no-untyped-def]
+    """``name`` joins, watches and waits for a masked round's key phase (``run``: a running
+    aggregator of the tests' fixture)."""
+    files = run.pki.agent(name)  # the client reissues these: load the signer after it
+    async with run.client(name) as client:
+        join = await client.join(num_examples=10)
+        watcher = Watcher(client)
+        try:
+            event = await watcher.until(pb.ROUND_PHASE_ADVERTISE_KEYS)
+            part = SecureParticipation(
+                client, Signer.load(files), join.agent_id, join.settings.secagg, event.round_id, 60
+            )
+            yield KeyPhase(client, join, watcher, event, part)
+        finally:
+            await watcher.close()

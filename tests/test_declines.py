@@ -20,7 +20,6 @@ from agent.client import AggregatorClient
 from agent.daemon import Agent
 from agent.demo import prepare
 from agent.privacy import announced
-from agent.secure import SecureParticipation, Signer
 from common.config import AgentConfig, AggregatorConfig, PrivacyConfig, load
 from common.errors import InvalidArgument
 from common.secagg.agent import AgentRound
@@ -30,7 +29,7 @@ from protos.cloudfed.v1 import federation_pb2 as pb
 from server.app import build_aggregator
 from server.cli import seed
 from server.rounds import Phase
-from tests.agentsim import Watcher, upload_header, write_payload
+from tests.agentsim import Watcher, in_key_phase, upload_header, write_payload
 from tests.conftest import Pki
 from tests.test_secagg_service import NUMEL, play_agent, secure_config
 
@@ -54,19 +53,9 @@ def slow_masked_config(pki: Pki, tmp_path: Path):  # type: ignore[no-untyped-def
 @contextlib.asynccontextmanager
 async def advertised(run, name: str) -> AsyncIterator[tuple[AggregatorClient, Watcher, pb.RoundEvent]]:  # type: ignore[no-untyped-def]
     """``name`` joins, waits for the key phase and advertises its real keys."""
-    files = run.pki.agent(name)  # the client reissues these: load the signer after it
-    async with run.client(name) as client:
-        join = await client.join(num_examples=10)
-        watcher = Watcher(client)
-        try:
-            event = await watcher.until(pb.ROUND_PHASE_ADVERTISE_KEYS)
-            part = SecureParticipation(
-                client, Signer.load(files), join.agent_id, join.settings.secagg, event.round_id, 60
-            )
-            await client.advertise_keys(advertise_request(part.protocol.advertise()))
-            yield client, watcher, event
-        finally:
-            await watcher.close()
+    async with in_key_phase(run, name) as k:
+        await k.client.advertise_keys(advertise_request(k.part.protocol.advertise()))
+        yield k.client, k.watcher, k.event
 
 
 async def test_plain_round_stops_waiting_for_an_agent_that_declines(start_aggregator, tmp_path: Path) -> None:

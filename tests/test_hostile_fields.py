@@ -1,24 +1,31 @@
 """Every RPC of the aggregator, sent edge values in each field (largest integers, NaN and
 infinities, out-of-range enums, empty and oversized strings and bytes) by a joined agent, in
 every phase of masked rounds that run meanwhile: each call gets a status that says what was
-wrong, never UNKNOWN or INTERNAL (an exception the servicer did not map)."""
+wrong, never UNKNOWN or INTERNAL (an exception the servicer did not map). Then a participant's
+own upload, valid but for one field at a time, in a plain and in a masked round's upload phase,
+where every check of an upload is reached: each is refused."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
 import math
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from agent.client import AggregatorClient
 from protos.cloudfed.v1 import federation_pb2 as pb
-from tests.agentsim import Watcher
+from tests.agentsim import Watcher, in_key_phase, upload_header, write_payload
 from tests.conftest import Pki
-from tests.test_secagg_service import secure_config
+from tests.test_secagg_service import NUMEL, play_agent, secure_config
 
 U64 = 2**64 - 1
 NUMBERS = {
@@ -154,3 +161,143 @@ async def test_edge_values_in_every_field_get_a_status_that_says_what_was_wrong(
             await watching.close()
     assert calls > 100
     assert not unmapped, "\n".join(unmapped)
+
+
+def one_field_off(valid: Message) -> Iterator[tuple[str, Message]]:
+    """``valid`` with one field at a time (nested ones too) set to each edge value, the rest kept."""
+    for field in valid.DESCRIPTOR.fields:
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            if _repeated(field) or field.message_type.full_name.startswith("google.protobuf."):
+                continue
+            for name, inner in one_field_off(getattr(valid, field.name)):
+                m = type(valid)()
+                m.CopyFrom(valid)
+                getattr(m, field.name).CopyFrom(inner)
+                yield f"{field.name}.{name}", m
+            continue
+        for value in edge_values(field):
+            m = type(valid)()
+            m.CopyFrom(valid)
+            setattr(m, field.name, value)
+            yield f"{field.name}={str(value)[:20]!r}", m
+
+
+async def _send_upload(
+    client: AggregatorClient, *messages: pb.UploadUpdateRequest
+) -> tuple[grpc.StatusCode, pb.UploadUpdateResponse | None]:
+    async def stream() -> AsyncIterator[pb.UploadUpdateRequest]:
+        for m in messages:
+            yield m
+
+    try:
+        return grpc.StatusCode.OK, await client.stub.UploadUpdate(stream(), timeout=5)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), None
+
+
+def _fresh(header: pb.UploadHeader) -> pb.UploadHeader:
+    copy = pb.UploadHeader()
+    copy.CopyFrom(header)
+    copy.upload_id = uuid.uuid4().hex
+    return copy
+
+
+async def sweep_upload(
+    client: AggregatorClient, valid: pb.UploadHeader, payload: bytes
+) -> tuple[int, list[str]]:
+    """Send ``valid`` with one field at a time at an edge value, then ``valid`` with edge chunks:
+    (calls made, those not refused with a status that says what was wrong). Then the valid upload,
+    which must be taken."""
+    began, calls, unmapped = time.monotonic(), 0, []
+    for name, header in one_field_off(valid):
+        assert time.monotonic() - began < SECONDS
+        if not name.startswith("upload_id"):
+            header.upload_id = uuid.uuid4().hex
+        code, _ = await _send_upload(client, pb.UploadUpdateRequest(header=header))
+        calls += 1
+        if code not in REFUSALS:  # each is one bad field: none may start an upload
+            unmapped.append(f"header {name}: {code.name}")
+    for name, chunk in one_field_off(pb.Chunk(offset=0, data=payload)):
+        assert time.monotonic() - began < SECONDS
+        first = pb.UploadUpdateRequest(header=_fresh(valid))
+        code, receipt = await _send_upload(client, first, pb.UploadUpdateRequest(chunk=chunk))
+        calls += 1
+        # No edge chunk is the whole, right payload; one that could begin it (masked codes are
+        # any bytes) may be kept as the committed prefix of an upload to resume, nothing more.
+        kept = receipt is not None and not receipt.digest_verified
+        prefix = kept and receipt is not None and receipt.committed_bytes == len(chunk.data) < len(payload)
+        if code not in REFUSALS and not prefix:
+            unmapped.append(f"chunk {name}: {code.name} {receipt}")
+    whole = pb.UploadUpdateRequest(chunk=pb.Chunk(data=payload))
+    code, receipt = await _send_upload(client, pb.UploadUpdateRequest(header=_fresh(valid)), whole)
+    assert code == grpc.StatusCode.OK and receipt is not None and receipt.digest_verified
+    return calls, unmapped
+
+
+def _header(event: pb.RoundEvent, join: pb.JoinResponse, payload: bytes, weight: float) -> pb.UploadHeader:
+    return upload_header(
+        event,
+        join.settings.layout.digest,
+        weight,
+        codec=join.settings.codec,
+        total_bytes=len(payload),
+        sha256=hashlib.sha256(payload).digest(),
+    )
+
+
+async def test_plain_upload_headers_and_chunks_from_a_participant_are_refused_one_by_one(
+    start_aggregator, tmp_path: Path
+) -> None:
+    """A participant in a plain round's upload phase, where every check of an upload is reached:
+    a valid header with one field at a time at an edge value, then the valid header with an edge
+    chunk. Each is refused with a status that says what was wrong (the sweep found a NaN,
+    infinite or negative header weight accepted and recorded); the valid upload itself, sent
+    last, is taken and the round completes with it."""
+    run = await start_aggregator(min_agents=2, min_uploads=1, upload_deadline_s=60)
+    numel = run.agg.rounds.layout.numel
+    async with run.client("fuzzer") as client, run.client("bystander") as other:
+        join = await client.join(num_examples=10)
+        await other.join(num_examples=10)
+        watcher, watching = Watcher(other), Watcher(client)
+        try:
+            event = await watching.until(pb.ROUND_PHASE_UPLOAD)
+            delta = np.full(numel, 0.01, dtype=np.float32)
+            payload = write_payload(tmp_path / "p.bin", delta, 10.0).read_bytes()
+            calls, unmapped = await sweep_upload(client, _header(event, join, payload, 10.0), payload)
+            await other.decline_round(event.round_id, pb.DECLINE_REASON_TRAINING, "sits it out")
+            done = await watching.until_version(1, timeout=30)
+            assert done.phase == pb.ROUND_PHASE_COMPLETED
+        finally:
+            await watcher.close()
+            await watching.close()
+    assert calls > 20
+    assert not unmapped, "\n".join(unmapped)
+    assert run.agg.rounds.store.manifest(1).participants == [join.agent_id]
+
+
+async def test_masked_upload_headers_and_chunks_from_a_participant_are_refused_one_by_one(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    """The same in a masked round: the fuzzer shares its keys as an agent does, then sweeps its
+    masked upload's header and chunks; its valid masked upload is taken and the round, with an
+    honest second agent, unmasks and completes."""
+    config = secure_config(pki, tmp_path / "agg0", min_agents=2, min_uploads=2, upload_deadline_s=60)
+    run = await start_aggregator(config=config)
+    rng = np.random.default_rng(3)
+    honest = asyncio.create_task(play_agent(run, "honest", rng.normal(size=NUMEL) * 0.01, 10, tmp_path))
+    try:
+        async with in_key_phase(run, "fuzzer") as k:
+            await k.part.keys()
+            weight = k.part.weight(10)
+            payload = k.part.mask(rng.normal(size=NUMEL) * 0.01, weight)
+            header = _header(k.event, k.join, payload, weight)
+            calls, unmapped = await sweep_upload(k.client, header, payload)
+            await k.part.unmask()
+            done = await k.watcher.until_version(1, timeout=30)
+            assert done.phase == pb.ROUND_PHASE_COMPLETED
+            await asyncio.wait_for(honest, 30)
+    finally:
+        honest.cancel()
+    assert calls > 20
+    assert not unmapped, "\n".join(unmapped)
+    assert len(run.agg.rounds.store.manifest(1).participants) == 2
