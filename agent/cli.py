@@ -103,13 +103,17 @@ def run_ranks(config: AgentConfig) -> int:
     from agent.trainer import pick_device
 
     ctx = init_from_env(pick_device(config.device))
+    clean = False
     try:
         if ctx.is_leader:
-            return asyncio.run(run(config, ctx))
-        Worker(config, ctx).follow()
-        return 0
+            code = asyncio.run(run(config, ctx))
+        else:
+            Worker(config, ctx).follow()
+            code = 0
+        clean = True
+        return code
     finally:
-        shutdown(ctx)
+        shutdown(ctx, clean)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,8 @@ from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 IDLE_TIMEOUT = dt.timedelta(hours=24)
+LEAVE_TIMEOUT = dt.timedelta(seconds=30)
+"""How long a rank leaving cleanly waits for the others before the process group goes."""
 """Ranks > 0 wait in a broadcast while rank 0 waits for rounds; that can take hours."""
 
 
@@ -89,7 +91,18 @@ def init_from_env(device: str) -> DistContext:
     return ctx
 
 
-def shutdown(ctx: DistContext) -> None:
-    """Leave the process group."""
-    if ctx.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(ctx: DistContext, clean: bool = False) -> None:
+    """Leave the process group. ``clean``: this rank finished normally (rank 0 released the
+    others), so all ranks first meet in a barrier: one rank tearing its connections down while
+    another still finishes its last collective made that one abort (std::terminate) at exit."""
+    if not (ctx.enabled and dist.is_initialized()):
+        return
+    if clean:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=LEAVE_TIMEOUT)
+            else:
+                dist.barrier()
+        except RuntimeError as exc:  # another rank left uncleanly: leave anyway
+            log.warning("rank %d: ranks did not all leave together: %s", ctx.rank, exc)
+    dist.destroy_process_group()
