@@ -35,21 +35,34 @@ DOCUMENTS = {"aws": 150, "gcp": 300, "azure": 450}
 """Local documents per cloud: different sizes, so FedAvg weights differ."""
 
 
+_HANDED_OUT: set[int] = set()
+"""Ports free_port returned in this process: none is returned twice (the configs it fills are
+written before any daemon binds, so the bind check alone let one port go to two daemons)."""
+
+
 def free_port() -> int:
-    """A port free on 127.0.0.1 a moment ago, picked below the kernel's ephemeral range: a port from
-    bind(0) can be handed to some outgoing connection before the daemon binds it; these cannot."""
+    """A port free on 127.0.0.1 a moment ago and not handed out before by this process, picked below
+    the kernel's ephemeral range: a port from bind(0) can be handed to some outgoing connection
+    before the daemon binds it; these cannot."""
     low = 32768
     with contextlib.suppress(OSError, ValueError):
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     rng = random.SystemRandom()
     for _ in range(200):
         port = rng.randrange(min(20000, low // 2), low)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s, contextlib.suppress(OSError):
             s.bind(("127.0.0.1", port))
+            _HANDED_OUT.add(port)
             return port
-    with socket.socket() as s:  # no luck below the range: take what the kernel gives
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    while True:  # no luck below the range: take what the kernel gives
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def prepare(

@@ -263,3 +263,17 @@ def test_agent_config_errors_exit_with_one_clear_line(tmp_path: Path, pki_dir: P
     r = run_cli("agent.cli", "--config", str(agent_toml), "run")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("cloudfed-agent: data: no .txt or .jsonl files")
+
+
+def test_free_port_never_hands_out_one_port_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo fills every config with ports before any daemon binds one, so a port drawn twice
+    went to two daemons (seen once: aws's and gcp's agents got one metrics port). With the random
+    draw stuck on one port, the second call must still give another."""
+    import random
+
+    from agent import demo
+
+    stuck = demo.free_port()
+    monkeypatch.setattr(random.SystemRandom, "randrange", lambda self, a, b: stuck)
+    ports = [demo.free_port() for _ in range(3)]
+    assert len({stuck, *ports}) == 4
