@@ -166,6 +166,22 @@ async def test_edge_values_in_every_field_get_a_status_that_says_what_was_wrong(
 def one_field_off(valid: Message) -> Iterator[tuple[str, Message]]:
     """``valid`` with one field at a time (nested ones too) set to each edge value, the rest kept."""
     for field in valid.DESCRIPTOR.fields:
+        if field.type == FieldDescriptor.TYPE_MESSAGE and _repeated(field):
+            items = getattr(valid, field.name)
+            if not items:
+                continue
+            for label, changed in (("[]", []), ("[0, 0]", [items[0], items[0]])):
+                m = type(valid)()
+                m.CopyFrom(valid)
+                del getattr(m, field.name)[:]
+                getattr(m, field.name).extend(changed)
+                yield f"{field.name}={label}", m
+            for name, inner in one_field_off(items[0]):
+                m = type(valid)()
+                m.CopyFrom(valid)
+                getattr(m, field.name)[0].CopyFrom(inner)
+                yield f"{field.name}[0].{name}", m
+            continue
         if field.type == FieldDescriptor.TYPE_MESSAGE:
             if _repeated(field) or field.message_type.full_name.startswith("google.protobuf."):
                 continue
@@ -301,3 +317,57 @@ async def test_masked_upload_headers_and_chunks_from_a_participant_are_refused_o
     assert calls > 20
     assert not unmapped, "\n".join(unmapped)
     assert len(run.agg.rounds.store.manifest(1).participants) == 2
+
+
+async def test_shares_and_reveals_from_a_participant_are_refused_one_by_one(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    """In a masked round of 3, the fuzzer runs the real agent code, but before it sends its sealed
+    shares and its revealed shares it sends each request valid but for one field at a time
+    (the first share's fields at edge values, no shares, the first share twice): each is refused
+    with a status that says what was wrong, and the round, with its valid requests, completes.
+    The sweep found a sealed share of any size accepted (an empty one broke its recipient's round)
+    and an empty reveal taken as the fuzzer's answer (its real one was then refused)."""
+    config = secure_config(pki, tmp_path / "agg0", min_agents=3, min_uploads=3, upload_deadline_s=60)
+    run = await start_aggregator(config=config)
+    rng = np.random.default_rng(4)
+    honest = [
+        asyncio.create_task(play_agent(run, name, rng.normal(size=NUMEL) * 0.01, 10, tmp_path))
+        for name in ("honest1", "honest2")
+    ]
+    unmapped: list[str] = []
+    swept: dict[str, int] = {}
+
+    def sweeping(client: AggregatorClient, method: str) -> None:
+        send = getattr(client, {"ShareKeys": "share_keys", "RevealShares": "reveal_shares"}[method])
+
+        async def sweep_then_send(valid: Message) -> None:
+            for name, variant in one_field_off(valid):
+                code = await _call(client.stub, method, variant)
+                swept[method] = swept.get(method, 0) + 1
+                if code not in REFUSALS:
+                    unmapped.append(f"{method} {name}: {code.name}")
+            await send(valid)
+
+        setattr(client, send.__name__, sweep_then_send)
+
+    try:
+        async with in_key_phase(run, "fuzzer") as k:
+            sweeping(k.client, "ShareKeys")
+            sweeping(k.client, "RevealShares")
+            await k.part.keys()
+            weight = k.part.weight(10)
+            payload = k.part.mask(rng.normal(size=NUMEL) * 0.01, weight)
+            (tmp_path / "fuzzer.bin").write_bytes(payload)
+            header = _header(k.event, k.join, payload, weight)
+            await k.client.upload(tmp_path / "fuzzer.bin", header, new=True)
+            await k.part.unmask()
+            done = await k.watcher.until_version(1, timeout=30)
+            assert done.phase == pb.ROUND_PHASE_COMPLETED
+            await asyncio.wait_for(asyncio.gather(*honest), 30)
+    finally:
+        for task in honest:
+            task.cancel()
+    assert swept.get("ShareKeys", 0) > 5 and swept.get("RevealShares", 0) > 5, swept
+    assert not unmapped, "\n".join(unmapped)
+    assert len(run.agg.rounds.store.manifest(1).participants) == 3

@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 SELF_SEED = 0  # kinds of share revealed at unmask
 MASK_KEY = 1
 SECRET_BYTES = {SELF_SEED: 16, MASK_KEY: 32}
+SEAL_TAG_BYTES = 16
+SEALED_SHARE_BYTES = (
+    shamir.share_bytes(SECRET_BYTES[SELF_SEED]) + shamir.share_bytes(SECRET_BYTES[MASK_KEY]) + SEAL_TAG_BYTES
+)
+"""Size of one sealed share on the wire: both secrets' Shamir shares and the AES-GCM-SIV tag."""
 """Each kind's secret: a 128-bit self-mask seed (AES-128-level, as the X25519 pairwise secrets), an
 X25519 private key."""
 

@@ -17,7 +17,15 @@ import numpy as np
 
 from common.errors import Aborted, FailedPrecondition, InvalidArgument
 from common.secagg import shamir
-from common.secagg.agent import MASK_KEY, SECRET_BYTES, SELF_SEED, pair_mask_key, pair_sign, self_mask_key
+from common.secagg.agent import (
+    MASK_KEY,
+    SEALED_SHARE_BYTES,
+    SECRET_BYTES,
+    SELF_SEED,
+    pair_mask_key,
+    pair_sign,
+    self_mask_key,
+)
 from common.secagg.coverage import Coverage
 from common.secagg.graph import neighbours
 from common.secagg.keys import COMMITMENT_BYTES, Advertisement, KeyPair, seed_commitment
@@ -97,6 +105,11 @@ class ServerRound:
             raise InvalidArgument(
                 f"{sender} must seal one share for each of its {len(self.graph[sender])} neighbours"
             )
+        wrong = sorted(peer for peer, blob in sealed.items() if len(blob) != SEALED_SHARE_BYTES)
+        if wrong:  # opaque here, but a share of another size could only make its recipient refuse the round
+            raise InvalidArgument(
+                f"sealed shares for {', '.join(wrong)} are not {SEALED_SHARE_BYTES} bytes; none was kept"
+            )
         self.sealed[sender] = dict(sealed)
 
     def shared(self) -> set[str]:
@@ -159,6 +172,13 @@ class ServerRound:
         if sender not in self.uploaded:
             raise FailedPrecondition(f"{sender} is not a survivor of this round")
         survivors, dropped = self.unmask_request()
+        held = {sender} | {owner for owner, blobs in self.sealed.items() if sender in blobs}
+        expected = held & (set(survivors) | set(dropped))
+        if set(shares) != expected:  # an honest survivor reveals every share it holds of them
+            raise InvalidArgument(
+                f"{sender} revealed shares of {len(shares)} agents; it holds shares of {len(expected)}"
+                " agents the unmask request names and must reveal exactly those"
+            )
         for peer, (kind, share) in shares.items():
             if not ((kind == SELF_SEED and peer in survivors) or (kind == MASK_KEY and peer in dropped)):
                 raise InvalidArgument(f"{sender} revealed a share of the wrong kind for {peer}")
