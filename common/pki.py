@@ -6,7 +6,6 @@ A PKI directory holds ``ca.pem`` / ``ca-key.pem`` and one ``<name>.pem`` /
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.identity import SpiffeId
+from common.revocation import crl_number
 
 CA_DAYS = 3650
 LEAF_DAYS = 90
@@ -305,9 +305,7 @@ class PkiDir:
         """Sign and write a new CRL with ``revoked``; its number follows the current one's."""
         number = 1
         if self.crl.exists():
-            current = x509.load_pem_x509_crl(self.crl.read_bytes())
-            with contextlib.suppress(x509.ExtensionNotFound):
-                number = current.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+            number = crl_number(x509.load_pem_x509_crl(self.crl.read_bytes())) + 1
         crl = build_crl(self.load_ca(), revoked, number, days)
         tmp = self.crl.with_suffix(".tmp")
         tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))

@@ -58,7 +58,11 @@ class RevocationList:
 
     def lookup(self, cert: x509.Certificate) -> Revoked | None:
         """The revocation of ``cert``, or None if it is not revoked."""
-        return self.entries.get((cert.issuer.public_bytes(), cert.serial_number))
+        return self.lookup_serial(cert.issuer.public_bytes(), cert.serial_number)
+
+    def lookup_serial(self, issuer_der: bytes, serial: int) -> Revoked | None:
+        """The revocation of the certificate ``serial`` of the issuer ``issuer_der``, or None."""
+        return self.entries.get((issuer_der, serial))
 
     def stale(self, now: dt.datetime) -> bool:
         """True once the CRL's issuer promised a newer one."""
@@ -101,7 +105,7 @@ class RevocationList:
                     f"{crl_path}: the CRL of {crl.issuer.rfc4514_string()} is dated "
                     f"{crl.last_update_utc:%Y-%m-%d %H:%M} UTC, in the future"
                 )
-            numbers[issuer] = _crl_number(crl)
+            numbers[issuer] = crl_number(crl)
             if crl.next_update_utc is not None:
                 next_updates.append(crl.next_update_utc)
             for revoked in crl:
@@ -119,7 +123,8 @@ class RevocationList:
                 )
 
 
-def _crl_number(crl: x509.CertificateRevocationList) -> int:
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The CRL's number extension (0 when it carries none)."""
     try:
         return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
     except x509.ExtensionNotFound:

@@ -255,6 +255,8 @@ class RoundCoordinator:
         """Record an agent's announcement (and the certificate it joined with)."""
         self.agents[peer.uri] = info
         self.db.agent_joined(peer.uri, peer.cloud, info.software_version, info.num_examples, certificate)
+        if certificate is not None and certificate.not_after is not None:
+            metrics.AGENT_CERT_EXPIRY.labels(**peer_labels(peer)).set(certificate.not_after)
         await self._membership_changed()
 
     def record_eval(self, peer: SpiffeId, version: int, loss: float, tokens: int) -> None:

@@ -13,7 +13,6 @@ from common.codecs.registry import CodecSettings
 from common.config import AggregatorConfig
 from common.grpc_wrap import Context
 from common.identity import require_peer
-from common.metrics import peer_labels
 from common.secagg_pb import (
     DECLINE_REASONS,
     advertisement_from_pb,
@@ -26,7 +25,6 @@ from common.tls import peer_certificate, peer_certificate_pem
 from common.wire import WIRE_REVISION, check_joiner
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
-from server import metrics
 from server.admission import admit
 from server.downloads import send_codec_state, send_model
 from server.invitations import AgentInfo
@@ -137,7 +135,6 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         )
         certificate = peer_certificate(context.auth_context())
         await self._rounds.join(peer, info, AgentCertificate.of(certificate))
-        metrics.AGENT_CERT_EXPIRY.labels(**peer_labels(peer)).set(certificate.not_valid_after_utc.timestamp())
         log.info(
             "%s joined (software %s, %d examples, %s x%d; masking %s, sums over >= %d, %d colluders)",
             peer,

@@ -84,7 +84,7 @@ class AgentCertificate:
         """Its entry in ``revocations``, or None."""
         if not self.serial_hex:
             return None
-        return revocations.entries.get((self.issuer_der, int(self.serial_hex, 16)))
+        return revocations.lookup_serial(self.issuer_der, int(self.serial_hex, 16))
 
 
 @dataclass(frozen=True)
