@@ -63,6 +63,49 @@ async def check(config: AgentConfig) -> int:
     return 0
 
 
+async def export(config: AgentConfig, args: argparse.Namespace) -> int:
+    """Download a global version and write it as a peft adapter directory (merged with ``--merge``)."""
+    import json
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from agent.client import AggregatorClient
+    from agent.export import ExportError, write_export
+    from agent.trainer import LoraSpec
+
+    if args.version is not None and args.version < 1:
+        raise ExportError("--version must be >= 1 (the aggregator's export can write version 0)")
+    async with AggregatorClient(
+        config.aggregator, config.tls.files(), server_name=config.server_name, chunk_bytes=config.chunk_bytes
+    ) as client:
+        join = await client.join(num_examples=0)  # no policy: an export sends no update
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=config.state_dir, prefix=".export.") as tmp:
+            path = Path(tmp) / "adapter.safetensors"
+            header = await client.download_model(path, args.version or 0)
+            tensors = load_file(path)
+    s = join.settings
+    history = config.state_dir / "evals.jsonl"
+    own = [json.loads(line) for line in history.read_text().splitlines()] if history.exists() else []
+    mine = next((r for r in reversed(own) if r.get("version") == header.version), None)
+    provenance = {
+        "federation_id": s.federation_id,
+        "version": header.version,
+        "checkpoint_sha256": header.sha256.hex(),
+        "layout_digest": s.layout.digest,
+        "downloaded_by": join.agent_id,
+        "aggregator": config.aggregator,
+        "evals": {join.agent_id: {"eval_loss": mine["eval_loss"], "tokens": mine["tokens"]}} if mine else {},
+    }
+    lora = LoraSpec(s.lora.rank, s.lora.alpha, tuple(s.lora.target_modules), s.lora.dropout)
+    base = args.base or config.model or s.model_id
+    await asyncio.to_thread(write_export, args.out, tensors, lora, base, provenance, args.merge, args.force)
+    merged = f" and {args.out / 'merged'}" if args.merge else ""
+    print(f"exported global version {header.version} (sha256 verified) to {args.out}{merged}")
+    return 0
+
+
 async def run(config: AgentConfig, ctx: DistContext) -> int:
     """Rank 0 (or the only process): the daemon until SIGTERM/SIGINT or max_rounds."""
     from agent.daemon import Agent
@@ -131,6 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check", help="connect, join and download the latest global version")
     run_cmd = sub.add_parser("run", help="run the agent daemon: train and upload every round")
     run_cmd.add_argument("--audit-dir", type=Path, help="keep a copy of every update sent, with its metadata")
+    out = sub.add_parser(
+        "export", help="download a global version and write it as a peft LoRA adapter directory"
+    )
+    out.add_argument(
+        "--out", type=Path, required=True, help="directory to write (replaced whole with --force)"
+    )
+    out.add_argument("--version", type=int, help="global version to export (default: the latest)")
+    out.add_argument(
+        "--merge", action="store_true", help="also write merged/: the base model with the adapter folded in"
+    )
+    out.add_argument("--base", help="base model path or hub id (default: 'model', else the federation's)")
+    out.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     args = p.parse_args(argv)
     try:
         config = load(AgentConfig, args.config)
@@ -138,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             config = dataclasses.replace(config, audit_dir=args.audit_dir.resolve())
         config = config.validate()
         setup_logging(config.log_level, config.log_format, "agent")
+        if args.cmd == "export":
+            return asyncio.run(export(config, args))
         return asyncio.run(check(config)) if args.cmd == "check" else run_ranks(config)
     except CloudfedError as exc:
         print(f"cloudfed-agent: {exc}", file=sys.stderr)

@@ -276,7 +276,14 @@ def main() -> int:
         f"{len(complete) - 1} rounds in {seconds:.0f}s: mean eval loss {first:.4f} -> {last:.4f} "
         f"({'down' if ok else 'NOT down'}). What each agent sent is in {root}/*/audit."
     )
-    return 0 if ok else 1
+    export = ["export", "--out", str(root / "export"), "--merge", "--force"]
+    exported = subprocess.run(
+        [sys.executable, "-m", "server.cli", "--config", str(root / "aggregator.toml"), *export],
+        capture_output=True,
+        text=True,
+    )
+    print(exported.stdout.strip() or f"FAILED to export: {exported.stderr.strip()}")
+    return 0 if ok and exported.returncode == 0 else 1
 
 
 if __name__ == "__main__":

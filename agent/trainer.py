@@ -44,32 +44,40 @@ class LocalTraining:
     seed: int = 0
 
 
-def _adapter_model(
+def build_adapter_model(
     model_path: str,
     lora: LoraSpec,
     device: str,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     checkpointing: bool = False,
 ) -> Any:
-    """The base model in ``dtype`` (frozen) with the LoRA adapter; peft keeps the adapter in float32."""
-    from peft import LoraConfig, get_peft_model
+    """The base model in ``dtype`` (frozen; "auto": the dtype it was saved in) with the LoRA adapter;
+    peft keeps the adapter in float32."""
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     if checkpointing:
         _enable_checkpointing(base)
-    config = LoraConfig(
+    # autocast_adapter_dtype: a bf16 base gets float32 LoRA weights (what the optimizer steps).
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = get_peft_model(base, lora_config(lora), autocast_adapter_dtype=True)
+    return model.to(device)
+
+
+def lora_config(lora: LoraSpec, base_model: str | None = None) -> Any:
+    """peft's ``LoraConfig`` for the shared adapter (also what an export's adapter_config.json holds)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft takes any number: scaling = alpha / r
         target_modules=list(lora.target_modules),
         lora_dropout=lora.dropout,
         task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
     )
-    # autocast_adapter_dtype: a bf16 base gets float32 LoRA weights (what the optimizer steps).
-    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        model = get_peft_model(base, config, autocast_adapter_dtype=True)
-    return model.to(device)
 
 
 def _enable_checkpointing(base: Any) -> None:
@@ -94,7 +102,7 @@ def adapter_state(model: Any) -> dict[str, torch.Tensor]:
 def initial_adapter(model_path: str, lora: LoraSpec, seed: int) -> dict[str, torch.Tensor]:
     """Version 0 of the global adapter: peft's initialisation (B = 0) under a fixed seed."""
     torch.manual_seed(seed)
-    return adapter_state(_adapter_model(model_path, lora, "cpu"))
+    return adapter_state(build_adapter_model(model_path, lora, "cpu"))
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -145,7 +153,7 @@ class LoraTrainer:
         self.dtype = dtype
         self.ctx = ctx or DistContext()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = _adapter_model(model_path, lora, device, dtype, checkpointing)
+        self.model = build_adapter_model(model_path, lora, device, dtype, checkpointing)
         self.ddp: Any = None
         if self.ctx.enabled:  # every rank trains its shard; DDP all-reduces the LoRA gradients
             from torch.nn.parallel import DistributedDataParallel

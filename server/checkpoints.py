@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.chunks import sha256_file
+from common.durable import fsync_path
 from common.errors import NotFound
 from common.layout import ParamLayout
 
@@ -94,7 +95,7 @@ class CheckpointStore:
         fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
         os.close(fd)
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"version": str(version)})
-        _fsync(Path(tmp))
+        fsync_path(Path(tmp))
         os.replace(tmp, final)
         manifest = Manifest(
             version=version,
@@ -109,14 +110,6 @@ class CheckpointStore:
         return manifest
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
@@ -124,8 +117,4 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_path(path.parent)

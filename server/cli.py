@@ -121,6 +121,17 @@ def status(config: AggregatorConfig) -> int:
     return 0
 
 
+def export(config: AggregatorConfig, args: argparse.Namespace) -> int:
+    """Write the chosen global version to ``args.out`` and say which it was and why."""
+    from server.export import export as write
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    choice = write(config, args.version, args.out, args.merge, args.base, args.force)
+    merged = f" and {args.out / 'merged'}" if args.merge else ""
+    print(f"exported global version {choice.version} ({choice.reason}) to {args.out}{merged}")
+    return 0
+
+
 def _revocations(config: AggregatorConfig) -> RevocationList | None:
     """The configured CRL for ``status``, or None (said once when it does not load)."""
     if config.tls.crl is None:
@@ -155,18 +166,37 @@ def main(argv: list[str] | None = None) -> int:
         help="TOML config (or $CLOUDFED_CONFIG); env vars CLOUDFED_<FIELD> override it",
     )
     p.add_argument("--init-from", type=Path, help="seed version 0 from this adapter if the state is empty")
-    p.add_argument(
-        "command",
-        nargs="?",
-        default="run",
-        choices=("run", "status"),
-        help="run the daemon (default) or print the federation's state",
+    sub = p.add_subparsers(dest="command", metavar="{run,status,export}")
+    sub.add_parser("run", help="run the daemon (the default)")
+    sub.add_parser("status", help="print the federation's state")
+    out = sub.add_parser(
+        "export",
+        help="write a global version as a peft LoRA adapter directory (and merged weights with --merge)",
     )
+    out.add_argument(
+        "--out", type=Path, required=True, help="directory to write (replaced whole with --force)"
+    )
+    out.add_argument(
+        "--version",
+        default="best",
+        help="a version number, latest, or best (default: the lowest token-weighted eval loss of the "
+        "versions evaluated by the most agents)",
+    )
+    out.add_argument(
+        "--merge", action="store_true", help="also write merged/: the base model with the adapter folded in"
+    )
+    out.add_argument(
+        "--base",
+        help="base model path or hub id for --merge and adapter_config.json (default: federation.model_id)",
+    )
+    out.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     args = p.parse_args(argv)
     try:
         config = load(AggregatorConfig, args.config).validate()
         if args.command == "status":
             return status(config)
+        if args.command == "export":
+            return export(config, args)
         setup_logging(config.log_level, config.log_format, "aggregator")
         seed(config, args.init_from)
         asyncio.run(serve(config))

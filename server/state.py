@@ -302,6 +302,14 @@ class StateDB:
         )
         return {agent: (version, loss) for agent, version, loss in rows}
 
+    def version_evals(self) -> dict[int, dict[str, tuple[float, int]]]:
+        """{version: {agent: (eval loss, tokens)}} of every evaluation reported."""
+        rows = self._db.execute("SELECT version, agent, eval_loss, tokens FROM evals ORDER BY version, agent")
+        table: dict[int, dict[str, tuple[float, int]]] = {}
+        for version, agent, loss, tokens in rows:
+            table.setdefault(int(version), {})[agent] = (float(loss), int(tokens or 0))
+        return table
+
     def versions(self) -> list[tuple[int, int | None, int | None, int]]:
         """(version, parent, round_id, participants), ascending."""
         rows = self._db.execute(

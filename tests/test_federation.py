@@ -6,17 +6,22 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from agent.data import load_texts, pack, split
 from agent.demo import CLOUDS, evals, run_federation
 from common.codecs.countsketch import CountSketch
 from common.codecs.state import CodecState
+from common.config import AgentConfig, load
 from common.layout import ParamLayout
 from server.checkpoints import CheckpointStore
 from server.fetchsgd import FetchSGD
+from tests.daemons import run_cli
 
 pytestmark = pytest.mark.slow
 ROUNDS = 3
@@ -63,6 +68,67 @@ def test_each_aggregate_is_the_weighted_mean_of_the_audited_updates(federation) 
         )
         step = layout.flatten(store.load(base + 1)).astype(np.float64) - layout.flatten(store.load(base))
         np.testing.assert_allclose(step, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_best_version_exports_as_the_model_each_cloud_evaluated(federation, tmp_path: Path) -> None:
+    """``cloudfed-aggregator export --merge`` after the real rounds. It picks the version with the
+    lowest token-weighted eval loss (checked against the agents' own histories, not the aggregator's
+    database), and the exported adapter, loaded by peft, scores on each cloud's held-out text what
+    that cloud reported for the version; the merged model scores the same."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, _ = federation
+    out = tmp_path / "export"
+    done = run_cli(
+        "server.cli",
+        "--config",
+        str(root / "aggregator.toml"),
+        "export",
+        "--out",
+        str(out),
+        "--merge",
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "cloudfed.json").read_text())
+    reported: dict[int, dict[str, tuple[float, int]]] = {}
+    configs = sorted(root.glob("*-agent-1/agent.toml"))
+    for config in configs:
+        for line in (config.parent / "state" / "evals.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            reported.setdefault(r["version"], {})[config.parent.name] = (r["eval_loss"], r["tokens"])
+    complete = {v: e for v, e in reported.items() if len(e) == len(CLOUDS)}
+
+    def weighted(e: dict[str, tuple[float, int]]) -> float:
+        return sum(loss * n for loss, n in e.values()) / sum(n for _, n in e.values())
+
+    version = min(complete, key=lambda v: weighted(complete[v]))
+    assert record["version"] == version and version >= 1, (record, complete)
+    assert record["eval_loss"] == pytest.approx(weighted(complete[version]), abs=1e-9)
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "model"), str(out))
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    for config in configs:
+        agent = load(AgentConfig, config)
+        blocks = pack(tokenizer, split(load_texts(agent.data), agent.eval_fraction)[1], 64)
+        loss, tokens = complete[version][config.parent.name]
+        assert held_out_loss(adapted, blocks) == (pytest.approx(loss, abs=1e-5), tokens), config
+        assert held_out_loss(merged, blocks)[0] == pytest.approx(loss, abs=1e-4), config
+
+
+def held_out_loss(model: Any, blocks: torch.Tensor) -> tuple[float, int]:
+    """Token-weighted next-token loss, as the agents compute it (batches of 16 blocks)."""
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(blocks), 16):
+            batch = blocks[i : i + 16]
+            n = batch.numel() - batch.shape[0]
+            total += model(input_ids=batch, labels=batch).loss.item() * n
+            tokens += n
+    return total / tokens, tokens
 
 
 def test_masked_rounds_match_the_same_rounds_unmasked(federation, tmp_path: Path) -> None:

@@ -1,0 +1,119 @@
+"""``cloudfed-aggregator export``: a committed global version out as a peft adapter directory.
+
+The version is chosen by number, as the latest, or as the best by the agents'
+evaluations; its checkpoint is checked against its manifest's sha256 before
+anything is written. The directory itself is written by ``agent.export``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from agent.export import ExportError, write_export
+from agent.trainer import LoraSpec
+from common.chunks import sha256_file
+from common.config import AggregatorConfig
+from common.errors import NotFound
+from server.checkpoints import CheckpointStore
+from server.state import StateDB
+
+Evals = Mapping[str, tuple[float, int]]
+"""{agent: (eval loss, tokens)} of one version."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The version to export and why it was chosen."""
+
+    version: int
+    reason: str
+
+
+def weighted_loss(evals: Evals) -> float:
+    """The federation's held-out loss of a version: the agents' losses weighted by their tokens."""
+    weights = {agent: max(tokens, 1) for agent, (_, tokens) in evals.items()}
+    return sum(loss * weights[a] for a, (loss, _) in evals.items()) / sum(weights.values())
+
+
+def choose_version(committed: list[int], evals: Mapping[int, Evals], which: str) -> Choice:
+    """``latest``, ``best`` or a version number. ``best`` is the lowest token-weighted eval loss
+    among the versions evaluated by the most agents, so that a version only the agents with the
+    easiest text evaluated cannot win."""
+    if not committed:
+        raise ExportError("no global version is committed yet")
+    if which == "latest":
+        return Choice(committed[-1], "the latest committed version")
+    if which == "best":
+        scored = {v: e for v, e in evals.items() if e and v in committed}
+        if not scored:
+            raise ExportError("no committed version has evaluations yet; pass --version latest or a number")
+        most = max(len(e) for e in scored.values())
+        best = min(
+            (v for v, e in scored.items() if len(e) == most), key=lambda v: (weighted_loss(scored[v]), v)
+        )
+        return Choice(
+            best,
+            f"the lowest token-weighted eval loss ({weighted_loss(scored[best]):.4f}) of the "
+            f"versions evaluated by {most} agent(s)",
+        )
+    try:
+        version = int(which)
+    except ValueError:
+        raise ExportError(f"--version must be latest, best or a version number, not {which!r}") from None
+    if version not in committed:
+        raise ExportError(f"no global version {version} (committed: {_span(committed)})")
+    return Choice(version, "asked for by number")
+
+
+def export(
+    config: AggregatorConfig, which: str, out: Path, merge: bool, base: str | None, force: bool
+) -> Choice:
+    """Export a committed version of this aggregator's state to ``out``; return what was chosen."""
+    store = CheckpointStore(config.state_dir / "checkpoints")
+    db_path = config.state_dir / "cloudfed.db"
+    evals: dict[int, dict[str, tuple[float, int]]] = {}
+    if db_path.exists():
+        db = StateDB(db_path)
+        try:
+            evals = db.version_evals()
+        finally:
+            db.close()
+    choice = choose_version(store.versions(), evals, which)
+    try:
+        manifest = store.manifest(choice.version)
+    except NotFound as exc:
+        raise ExportError(str(exc)) from None
+    path = store.path(choice.version)
+    digest = sha256_file(path).hexdigest()
+    if digest != manifest.sha256:
+        raise ExportError(
+            f"checkpoint {path} does not match its manifest (sha256 {digest[:16]}..., manifest "
+            f"{manifest.sha256[:16]}...): it is damaged; restore it from a backup or export another version"
+        )
+    f = config.federation
+    base_model = base or f.model_id
+    if not base_model:
+        raise ExportError("the base model is unknown: set federation.model_id or pass --base")
+    mine = evals.get(choice.version, {})
+    provenance = {
+        "federation_id": f.federation_id,
+        "version": choice.version,
+        "parent": manifest.parent,
+        "chosen": choice.reason,
+        "checkpoint_sha256": manifest.sha256,
+        "layout_digest": manifest.layout_digest,
+        "participants": manifest.participants,
+        "evals": {agent: {"eval_loss": loss, "tokens": tokens} for agent, (loss, tokens) in mine.items()},
+        "eval_loss": weighted_loss(mine) if mine else None,
+    }
+    lora = LoraSpec(f.lora_rank, f.lora_alpha, tuple(f.target_modules), f.lora_dropout)
+    write_export(out, load_file(path), lora, base_model, provenance, merge=merge, force=force)
+    return choice
+
+
+def _span(versions: list[int]) -> str:
+    return f"{versions[0]}..{versions[-1]}" if len(versions) > 1 else str(versions[0])
