@@ -170,17 +170,23 @@ def one_field_off(valid: Message) -> Iterator[tuple[str, Message]]:
             items = getattr(valid, field.name)
             if not items:
                 continue
-            for label, changed in (("[]", []), ("[0, 0]", [items[0], items[0]])):
+            lists = [("[]", [])]
+            for i in range(len(items)):  # every element: once more beside itself, and left out
+                lists.append((f"[{i} twice]", [*items[: i + 1], items[i], *items[i + 1 :]]))
+                if len(items) > 1:
+                    lists.append((f"[without {i}]", [*items[:i], *items[i + 1 :]]))
+            for label, changed in lists:
                 m = type(valid)()
                 m.CopyFrom(valid)
                 del getattr(m, field.name)[:]
                 getattr(m, field.name).extend(changed)
                 yield f"{field.name}={label}", m
-            for name, inner in one_field_off(items[0]):
-                m = type(valid)()
-                m.CopyFrom(valid)
-                getattr(m, field.name)[0].CopyFrom(inner)
-                yield f"{field.name}[0].{name}", m
+            for i, item in enumerate(items):
+                for name, inner in one_field_off(item):
+                    m = type(valid)()
+                    m.CopyFrom(valid)
+                    getattr(m, field.name)[i].CopyFrom(inner)
+                    yield f"{field.name}[{i}].{name}", m
             continue
         if field.type == FieldDescriptor.TYPE_MESSAGE:
             if _repeated(field) or field.message_type.full_name.startswith("google.protobuf."):
@@ -322,19 +328,23 @@ async def test_masked_upload_headers_and_chunks_from_a_participant_are_refused_o
 async def test_shares_and_reveals_from_a_participant_are_refused_one_by_one(
     start_aggregator, pki: Pki, tmp_path: Path
 ) -> None:
-    """In a masked round of 3, the fuzzer runs the real agent code, but before it sends its sealed
-    shares and its revealed shares it sends each request valid but for one field at a time
-    (the first share's fields at edge values, no shares, the first share twice): each is refused
+    """In a masked round of 4 where one agent deals its shares and then declines (so survivors
+    reveal its mask-key shares and each other's self-seed shares), the fuzzer runs the real agent
+    code, but before it sends its sealed shares and its revealed shares it sends each request valid
+    but for one field at a time: every share's fields at edge values (a share of the other kind for
+    the same agent among them), no shares, each share left out, each share twice. Each is refused
     with a status that says what was wrong, and the round, with its valid requests, completes.
     The sweep found a sealed share of any size accepted (an empty one broke its recipient's round)
     and an empty reveal taken as the fuzzer's answer (its real one was then refused)."""
-    config = secure_config(pki, tmp_path / "agg0", min_agents=3, min_uploads=3, upload_deadline_s=60)
+    config = secure_config(pki, tmp_path / "agg0", min_agents=4, min_uploads=3, upload_deadline_s=60)
     run = await start_aggregator(config=config)
     rng = np.random.default_rng(4)
     honest = [
         asyncio.create_task(play_agent(run, name, rng.normal(size=NUMEL) * 0.01, 10, tmp_path))
         for name in ("honest1", "honest2")
     ]
+    honest.append(asyncio.create_task(deal_then_decline(run)))
+    revealed_kinds: set[int] = set()
     unmapped: list[str] = []
     swept: dict[str, int] = {}
 
@@ -347,6 +357,8 @@ async def test_shares_and_reveals_from_a_participant_are_refused_one_by_one(
                 swept[method] = swept.get(method, 0) + 1
                 if code not in REFUSALS:
                     unmapped.append(f"{method} {name}: {code.name}")
+            if method == "RevealShares":
+                revealed_kinds.update(share.kind for share in valid.shares)
             await send(valid)
 
         setattr(client, send.__name__, sweep_then_send)
@@ -368,6 +380,14 @@ async def test_shares_and_reveals_from_a_participant_are_refused_one_by_one(
     finally:
         for task in honest:
             task.cancel()
-    assert swept.get("ShareKeys", 0) > 5 and swept.get("RevealShares", 0) > 5, swept
+    assert swept.get("ShareKeys", 0) >= 20 and swept.get("RevealShares", 0) >= 30, swept
+    assert revealed_kinds == {pb.SHARE_KIND_SELF_SEED, pb.SHARE_KIND_MASK_KEY}  # the dropper's key too
     assert not unmapped, "\n".join(unmapped)
     assert len(run.agg.rounds.store.manifest(1).participants) == 3
+
+
+async def deal_then_decline(run) -> None:  # type: ignore[no-untyped-def]
+    """An agent that deals its shares, then sits the round out before uploading."""
+    async with in_key_phase(run, "dropper") as k:
+        await k.part.keys()
+        await k.client.decline_round(k.event.round_id, pb.DECLINE_REASON_TRAINING, "dropped on purpose")
