@@ -163,6 +163,21 @@ class SecAggConfig:
         return coordinate_bits(self.code_levels, senders_of(self.coverage, max_agents))
 
 
+@dataclass(frozen=True)
+class CheckpointsConfig:
+    """Which global versions keep their checkpoint on disk. A pruned version's manifest stays
+    (``checkpoints/pruned/``: the lineage); its tensors go. Version 0 and the latest always stay."""
+
+    keep_last: int = 0
+    """The newest versions kept, at least 2 (an agent may still be fetching the one before the
+    latest); 0 keeps every version (the disk grows by one adapter a round)."""
+    keep_every: int = 0
+    """Also keep every version divisible by this (milestones); 0: none."""
+    keep_best: int = 1
+    """Also keep this many versions with the lowest token-weighted eval loss, ranked as
+    ``export --version best`` ranks them (so the best so far can always be exported)."""
+
+
 LINEAR_CODECS = ("identity", "quantize", "projection", "eigen", "countsketch")
 """Codecs whose decoder is linear: decode(sum) = sum of decodes."""
 
@@ -277,6 +292,8 @@ class AggregatorConfig:
     """What is trained."""
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     """Secure aggregation."""
+    checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
+    """Which global versions keep their checkpoint on disk."""
 
     def validate(self) -> AggregatorConfig:
         """Check cross-field rules; raise ConfigError naming the field."""
@@ -340,6 +357,14 @@ class AggregatorConfig:
         self._validate_autoencoder()
         self._validate_fetchsgd()
         self._validate_secagg()
+        c = self.checkpoints
+        if c.keep_last == 1 or c.keep_last < 0:
+            raise ConfigError(
+                f"checkpoints.keep_last must be 0 (keep every version) or at least 2, not {c.keep_last}:"
+                " an agent may still be fetching the version before the latest"
+            )
+        if c.keep_every < 0 or c.keep_best < 0:
+            raise ConfigError("checkpoints.keep_every and checkpoints.keep_best must be >= 0")
         _check_tls(self.tls)
         self.tls.check_crl()
         return self

@@ -109,6 +109,7 @@ def build_aggregator(config: AggregatorConfig) -> Aggregator:
         CodecState.of(f.codec_state) if f.codec == "eigen" and f.codec_state is not None else None,
         autoencoder_plan(f),
         FetchSGDPlan(f.fetchsgd_topk, f.fetchsgd_momentum),
+        config.checkpoints,
     )
     credentials = ReloadingServerCredentials(config.tls.files(), on_load=publish_validity)
     tls = config.tls

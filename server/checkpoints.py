@@ -68,11 +68,43 @@ class CheckpointStore:
         return v[-1] if v else None
 
     def manifest(self, version: int) -> Manifest:
-        """The manifest of a committed version."""
+        """The manifest of a committed version whose tensors are on disk."""
         try:
             return Manifest(**json.loads(self._manifest_path(version).read_text()))
         except FileNotFoundError:
+            if self._pruned_path(version).exists():
+                raise NotFound(
+                    f"global version {version} was pruned by the aggregator's checkpoint retention "
+                    f"([checkpoints]); the latest is {self.latest()}"
+                ) from None
             raise NotFound(f"no global version {version}") from None
+
+    def _pruned_path(self, version: int) -> Path:
+        return self.root / "pruned" / f"v{version:08d}.json"
+
+    def prune(self, version: int) -> None:
+        """Drop a version's tensors and keep its manifest under ``pruned/`` (idempotent). The
+        manifest moves first, so from then on the version is gone to readers."""
+        manifest = self._manifest_path(version)
+        if manifest.exists():
+            self._pruned_path(version).parent.mkdir(exist_ok=True)
+            os.replace(manifest, self._pruned_path(version))
+            fsync_path(self.root)
+        self.path(version).unlink(missing_ok=True)
+
+    def pruned(self) -> list[int]:
+        """Versions whose tensors were pruned, ascending."""
+        folder = self.root / "pruned"
+        found = [int(p.stem[1:]) for p in folder.glob("v*.json")] if folder.is_dir() else []
+        return sorted(found)
+
+    def half_pruned(self) -> list[int]:
+        """Pruned versions whose tensors are still on disk (a crash between the two steps)."""
+        return [v for v in self.pruned() if self.path(v).exists()]
+
+    def disk_bytes(self) -> int:
+        """Bytes of the tensors on disk."""
+        return sum(p.stat().st_size for p in self.root.glob("v*.safetensors"))
 
     def load(self, version: int) -> dict[str, torch.Tensor]:
         """Tensors of a committed version."""

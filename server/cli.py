@@ -90,6 +90,7 @@ async def serve(config: AggregatorConfig) -> None:
 
 def status(config: AggregatorConfig) -> int:
     """Print the federation's state from the database (safe while the daemon runs)."""
+    from server.checkpoints import CheckpointStore
     from server.state import StateDB
 
     path = config.state_dir / "cloudfed.db"
@@ -99,6 +100,17 @@ def status(config: AggregatorConfig) -> int:
     versions = db.versions()
     print(f"state           {path}")
     print(f"global version  {versions[-1][0] if versions else '-'} ({len(versions)} committed)")
+    store = CheckpointStore(config.state_dir / "checkpoints")
+    keep = config.checkpoints
+    policy = (
+        f"keep_last {keep.keep_last}, keep_every {keep.keep_every}, keep_best {keep.keep_best}"
+        if keep.keep_last
+        else "every version kept"
+    )
+    print(
+        f"checkpoints     {len(store.versions())} on disk ({store.disk_bytes() / 1e6:.1f} MB), "
+        f"{len(store.pruned())} pruned ({policy})"
+    )
     print("\nrounds (newest first)")
     print(f"  {'round':>5}  {'phase':<10} {'base':>4} {'new':>4}  {'uploads':>7}  {'seconds':>7}  reason")
     for r in db.rounds(limit=10):

@@ -7,7 +7,7 @@ anything is written. The directory itself is written by ``agent.export``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +20,7 @@ from common.config import AggregatorConfig
 from common.errors import NotFound
 from server.checkpoints import CheckpointStore
 from server.state import StateDB
-
-Evals = Mapping[str, tuple[float, int]]
-"""{agent: (eval loss, tokens)} of one version."""
+from server.version_ranking import Evals, ranked, weighted_loss
 
 
 @dataclass(frozen=True)
@@ -33,13 +31,9 @@ class Choice:
     reason: str
 
 
-def weighted_loss(evals: Evals) -> float:
-    """The federation's held-out loss of a version: the agents' losses weighted by their tokens."""
-    weights = {agent: max(tokens, 1) for agent, (_, tokens) in evals.items()}
-    return sum(loss * weights[a] for a, (loss, _) in evals.items()) / sum(weights.values())
-
-
-def choose_version(committed: list[int], evals: Mapping[int, Evals], which: str) -> Choice:
+def choose_version(
+    committed: list[int], evals: Mapping[int, Evals], which: str, pruned: Sequence[int] = ()
+) -> Choice:
     """``latest``, ``best`` or a version number. ``best`` is the lowest token-weighted eval loss
     among the versions evaluated by the most agents, so that a version only the agents with the
     easiest text evaluated cannot win."""
@@ -48,24 +42,26 @@ def choose_version(committed: list[int], evals: Mapping[int, Evals], which: str)
     if which == "latest":
         return Choice(committed[-1], "the latest committed version")
     if which == "best":
-        scored = {v: e for v, e in evals.items() if e and v in committed}
-        if not scored:
+        best = ranked(committed, evals)
+        if not best:
             raise ExportError("no committed version has evaluations yet; pass --version latest or a number")
-        most = max(len(e) for e in scored.values())
-        best = min(
-            (v for v, e in scored.items() if len(e) == most), key=lambda v: (weighted_loss(scored[v]), v)
-        )
+        scored = evals[best[0]]
         return Choice(
-            best,
-            f"the lowest token-weighted eval loss ({weighted_loss(scored[best]):.4f}) of the "
-            f"versions evaluated by {most} agent(s)",
+            best[0],
+            f"the lowest token-weighted eval loss ({weighted_loss(scored):.4f}) of the "
+            f"versions evaluated by {len(scored)} agent(s)",
         )
     try:
         version = int(which)
     except ValueError:
         raise ExportError(f"--version must be latest, best or a version number, not {which!r}") from None
+    if version in pruned:
+        raise ExportError(
+            f"global version {version} was pruned by the checkpoint retention ([checkpoints]); "
+            f"versions on disk: {_span(committed)}"
+        )
     if version not in committed:
-        raise ExportError(f"no global version {version} (committed: {_span(committed)})")
+        raise ExportError(f"no global version {version} (on disk: {_span(committed)})")
     return Choice(version, "asked for by number")
 
 
@@ -82,7 +78,7 @@ def export(
             evals = db.version_evals()
         finally:
             db.close()
-    choice = choose_version(store.versions(), evals, which)
+    choice = choose_version(store.versions(), evals, which, store.pruned())
     try:
         manifest = store.manifest(choice.version)
     except NotFound as exc:
@@ -116,4 +112,11 @@ def export(
 
 
 def _span(versions: list[int]) -> str:
-    return f"{versions[0]}..{versions[-1]}" if len(versions) > 1 else str(versions[0])
+    """``0, 5, 8..10``: the versions as runs."""
+    runs: list[list[int]] = []
+    for v in versions:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}..{r[-1]}" for r in runs)

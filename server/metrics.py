@@ -66,3 +66,10 @@ AGENT_CERT_EXPIRY = Gauge(
     " it at Join: one place to watch every cloud's certificates.",
     ["cloud", "agent"],
 )
+CHECKPOINTS_KEPT = Gauge(
+    "cloudfed_checkpoints_kept", "Global versions whose checkpoint is on disk ([checkpoints] retention)."
+)
+CHECKPOINT_BYTES = Gauge("cloudfed_checkpoint_bytes", "Bytes of the global versions' checkpoints on disk.")
+CHECKPOINTS_PRUNED = Counter(
+    "cloudfed_checkpoints_pruned", "Checkpoints of global versions pruned by the retention policy."
+)

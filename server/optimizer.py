@@ -3,7 +3,7 @@
 FedAvg: x <- x + lr * mean_delta. FedAdam (Reddi et al., ICLR 2021, "Adaptive
 Federated Optimization"): the mean delta is a pseudo-gradient,
 m <- b1 m + (1 - b1) d;  v <- b2 v + (1 - b2) d^2;  x <- x + lr * m / (sqrt(v) + tau).
-FedAdam's moments are saved beside each version, so a restart resumes them.
+FedAdam's moments are saved beside the latest two versions, so a restart resumes them.
 """
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ class FedAdam:
         tmp = self._path(version).with_suffix(".tmp")
         save_file({"m": m.astype(np.float32), "v": v.astype(np.float32)}, str(tmp))
         tmp.replace(self._path(version))
+        for old in self.state_dir.glob("fedadam-v*.safetensors"):  # a rerun of this round needs the parent's
+            if old.stem[len("fedadam-v") :].isdigit() and int(old.stem[len("fedadam-v") :]) < version - 1:
+                old.unlink(missing_ok=True)
         return (current + self.lr * m / (np.sqrt(v) + self.tau)).astype(np.float32)
 
 

@@ -31,7 +31,7 @@ from common.codecs.countsketch import CountSketch
 from common.codecs.eigen import Eigen
 from common.codecs.registry import CodecSettings
 from common.codecs.state import CodecState
-from common.config import RoundsConfig, SecAggConfig
+from common.config import CheckpointsConfig, RoundsConfig, SecAggConfig
 from common.errors import (
     Aborted,
     ConfigError,
@@ -50,7 +50,7 @@ from common.secagg.params import SecAggParams
 from common.secagg.ring import update_weight
 from common.secagg.server import ServerRound
 from common.wire import MAX_DECLINE_DETAIL
-from server import metrics
+from server import metrics, retention
 from server.accumulator import BLOCK_ELEMS, SumAccumulator
 from server.aggregates import AggregateStore
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
@@ -141,6 +141,7 @@ class RoundCoordinator:
         codec_state: CodecState | None = None,
         autoencoder: AutoencoderPlan | None = None,
         fetchsgd: FetchSGDPlan | None = None,
+        keep: CheckpointsConfig | None = None,
     ) -> None:
         latest = store.latest()
         if latest is None:
@@ -152,6 +153,7 @@ class RoundCoordinator:
         self.optimizer = optimizer or FedAvg()
         self.codec = codec or CodecSettings()
         self.codec_state_file = codec_state
+        self.keep = keep or CheckpointsConfig()
         if codec_state is not None:
             self.codec = dataclasses.replace(self.codec, state_sha256=codec_state.sha256)
         self._round_settings = self.codec
@@ -552,6 +554,7 @@ class RoundCoordinator:
         completed = 0
         round_id = self.db.last_round_id()
         await self._publish(self._state)
+        await self.retain()  # a changed policy applies at start; the gauges are set
         while not stop.is_set() and (max_rounds is None or completed < max_rounds):
             if not await self._wait_for_agents(stop):
                 break
@@ -746,8 +749,30 @@ class RoundCoordinator:
         self.db.version_committed(manifest.version, base, round_id, manifest.sha256, len(uploaded))
         self.db.round_ended(round_id, Phase.COMPLETED.name, new_version=manifest.version, dropped=dropped)
         metrics.ROUNDS.labels(outcome="completed", reason="").inc()
+        await self.retain()  # before the announcement: agents see the disk as it stays
         await self._publish(replace(self._state, phase=Phase.COMPLETED, global_version=manifest.version))
         return True
+
+    async def retain(self) -> None:
+        """Prune the checkpoints no retention rule keeps (best effort: a failure is logged and the
+        next commit tries again) and export what is left on disk."""
+        ranking = self.keep.keep_last and self.keep.keep_best
+        evals = self.db.version_evals() if ranking else {}
+
+        def prune() -> tuple[list[int], int, int]:
+            victims = retention.prune(self.store, evals, self.keep)
+            return victims, len(self.store.versions()), self.store.disk_bytes()
+
+        try:
+            pruned, kept, on_disk = await asyncio.to_thread(prune)
+        except Exception:
+            log.exception("checkpoint retention failed; the checkpoints stay until the next version")
+            return
+        if pruned:
+            log.info("pruned the checkpoints of versions %s ([checkpoints] retention)", pruned)
+            metrics.CHECKPOINTS_PRUNED.inc(len(pruned))
+        metrics.CHECKPOINTS_KEPT.set(kept)
+        metrics.CHECKPOINT_BYTES.set(on_disk)
 
     async def _secure_phases(
         self, round_id: int, base: int, invited: frozenset[str], secure: ServerRound, sa: SecAggConfig

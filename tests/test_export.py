@@ -22,8 +22,9 @@ from agent.trainer import LocalTraining, LoraSpec, LoraTrainer
 from common.config import AggregatorConfig, FederationConfig
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 from server.checkpoints import CheckpointStore
-from server.export import choose_version, export, weighted_loss
+from server.export import choose_version, export
 from server.state import StateDB
+from server.version_ranking import weighted_loss
 from tests.conftest import Pki, aggregator_config
 from tests.daemons import run_cli
 
@@ -103,7 +104,7 @@ def test_best_is_the_lowest_weighted_loss_of_the_versions_the_most_agents_evalua
     assert choose_version([0, 1, 2], EVALS, "latest").version == 2
     assert choose_version([0, 1, 2], EVALS, "0").version == 0
     assert choose_version([0, 1], EVALS, "best").version == 1  # evaluations of uncommitted v2 ignored
-    for which, words in [("7", "no global version 7 (committed: 0..2)"), ("newest", "latest, best or")]:
+    for which, words in [("7", "no global version 7 (on disk: 0..2)"), ("newest", "latest, best or")]:
         with pytest.raises(ExportError, match=re.escape(words)):
             choose_version([0, 1, 2], EVALS, which)
     with pytest.raises(ExportError, match="no committed version has evaluations"):
@@ -274,7 +275,7 @@ def test_the_aggregator_command_exports_and_exits_2_on_a_refusal(
         "server.cli", "--config", str(toml), "export", "--out", str(tmp_path / "o2"), "--version", "9"
     )
     assert refused.returncode == 2
-    assert "cloudfed-aggregator: no global version 9 (committed: 0..2)" in refused.stderr
+    assert "cloudfed-aggregator: no global version 9 (on disk: 0..2)" in refused.stderr
     assert not (tmp_path / "o2").exists()
 
 
