@@ -281,6 +281,17 @@ class Agent:
                         raise
                     metrics.ROUNDS_SAT_OUT.labels(**client.labels, reason="aggregator").inc()
                     log.warning("round %d: the aggregator ended our part: %s", event.round_id, exc.details())
+                except Exception as exc:  # a crash (out of memory, a lost rank): decline, then exit
+                    metrics.ROUNDS_SAT_OUT.labels(**client.labels, reason="training").inc()
+                    log.error(
+                        "round %d: the agent failed (%s: %s); declining it",
+                        event.round_id,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    detail = f"agent error: {type(exc).__name__}: {exc}"
+                    await _decline(client, event.round_id, "training", detail)
+                    raise  # the round does not wait for its deadline; the supervisor restarts us
             elif (
                 event.phase == pb.ROUND_PHASE_COMPLETED
                 and event.global_version not in self.progress.versions_evaluated

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -265,6 +266,49 @@ async def test_agent_daemon_declines_a_round_its_training_fails(
         "cloudfed_agent_rounds_sat_out_total", {"cloud": "aws", "agent": "agent-1", "reason": "training"}
     )
     assert (after or 0) == (before or 0) + 1
+
+
+async def test_agent_daemon_that_crashes_in_a_round_declines_it_before_it_exits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real agent daemon against the real aggregator: its training crashes with an error that
+    is no protocol refusal (here a simulated out-of-memory). It declines the round, naming the
+    error, and then exits with it (its supervisor restarts it); the aggregator abandons the round
+    at once instead of waiting for the agent until its upload deadline."""
+    agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
+    quiet = {"CLOUDFED_ROUNDS_MIN_AGENTS": "1", "CLOUDFED_ROUNDS_RETRY_DELAY_S": str(LONG_S)}
+    agg_config = dataclasses.replace(load(AggregatorConfig, agg_path, env=quiet), metrics_listen="")
+    agent_config = dataclasses.replace(load(AgentConfig, agent_paths[0], env={}), metrics_listen="")
+
+    async def out_of_memory(*_args: object, **_kw: object) -> None:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(Agent, "_train", out_of_memory)
+    caplog.set_level(logging.WARNING)
+    seed(agg_config, None)
+    agg = build_aggregator(agg_config)
+    await agg.start()
+    stop = asyncio.Event()
+    rounds = asyncio.create_task(agg.rounds.run(stop))
+    agent = asyncio.create_task(Agent(agent_config).run(stop))
+    try:
+        began = time.monotonic()
+        async with asyncio.timeout(120):
+            while agg.rounds.state.phase is not Phase.ABANDONED:  # noqa: ASYNC110 (a watch would count)
+                await asyncio.sleep(0.1)
+        assert time.monotonic() - began < LONG_S / 5
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await asyncio.wait_for(agent, 30)
+    finally:
+        stop.set()
+        await agg.stop(0)
+        await asyncio.wait_for(asyncio.gather(rounds, agent, return_exceptions=True), 60)
+    assert "0 of 1 uploads, 1 declined" in agg.rounds.state.reason
+    assert list(agg.rounds.db.participant_status(1).values()) == ["declined"]
+    said = [r.getMessage() for r in caplog.records if "declined in" in r.getMessage()]
+    assert said and said[0].endswith(
+        "(training): agent error: RuntimeError: CUDA out of memory (simulated)"
+    ), said
 
 
 async def test_masked_agent_whose_training_fails_declines_before_it_shares_keys(tmp_path: Path) -> None:
