@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from agent import metrics
 from agent.client import AggregatorClient
-from agent.data import load_texts, pack, split
+from agent.data import TokenBlocks, load_records, pack_records, split
 from agent.distributed import DistContext
 from agent.privacy import announced, check_federation, describe
 from agent.secure import SecureParticipation, Signer
@@ -64,9 +64,9 @@ class Worker:
     def __init__(self, config: AgentConfig, ctx: DistContext) -> None:
         self.config = config
         self.ctx = ctx
-        self.train_docs, self.eval_docs = split(load_texts(config.data), config.eval_fraction)
+        self.train_docs, self.eval_docs = split(load_records(config.data), config.eval_fraction)
         self.trainer: LoraTrainer | None = None
-        self.train_blocks = self.eval_blocks = torch.empty(0)
+        self.train_blocks = self.eval_blocks = TokenBlocks.of(torch.empty(0, 1, dtype=torch.long))
 
     def execute(self, command: dict[str, Any]) -> Any:
         """Run one command (the same on every rank)."""
@@ -87,8 +87,9 @@ class Worker:
                     ", activation checkpointing" if checkpointing else "",
                 )
                 length, rank, world = command["sequence_length"], self.ctx.rank, self.ctx.world_size
-                self.train_blocks = _shard(pack(self.trainer.tokenizer, self.train_docs, length), rank, world)
-                self.eval_blocks = _shard(pack(self.trainer.tokenizer, self.eval_docs, length), rank, world)
+                tokenizer = self.trainer.tokenizer
+                self.train_blocks = _shard(pack_records(tokenizer, self.train_docs, length), rank, world)
+                self.eval_blocks = _shard(pack_records(tokenizer, self.eval_docs, length), rank, world)
             return ParamLayout.from_tensors(self.trainer.adapter()).digest
         assert self.trainer is not None
         if op == "train":
@@ -154,7 +155,7 @@ async def _keys_while_training(keys: Coroutine[Any, Any, None], training: asynci
     await task
 
 
-def _shard(blocks: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+def _shard(blocks: TokenBlocks, rank: int, world: int) -> TokenBlocks:
     shard = blocks[rank::world]
     if len(shard) == 0:
         raise ConfigError(f"data: {len(blocks)} token blocks cannot be shared by {world} ranks")

@@ -1,10 +1,19 @@
-"""Local training data: text or JSONL files, a deterministic train/eval split, token blocks."""
+"""Local training data: plain text, prompt/completion pairs or chat conversations; a deterministic
+train/eval split; token blocks whose labels carry loss only where the model should learn.
+
+Files: ``.txt`` (documents separated by blank lines) or ``.jsonl`` with one record a line,
+either ``{"text": ...}`` (every token is learned), ``{"prompt": ..., "completion": ...}``
+(only the completion and the end-of-text token are learned) or ``{"messages": [{"role": ...,
+"content": ...}, ...]}`` (rendered with the tokenizer's chat template; only the assistant turns
+are learned). Eval losses count the learned tokens only.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,38 +21,124 @@ import torch
 
 from common.errors import ConfigError
 
+IGNORE = -100
+"""Label of a token that carries no loss (transformers' ignore index)."""
 
-def load_texts(path: Path) -> list[str]:
-    """Documents from a file or directory: ``.txt`` (blank-line separated) or ``.jsonl`` (``text`` field)."""
+
+@dataclass(frozen=True)
+class Example:
+    """A document and the character spans of it the model learns (all of plain text)."""
+
+    text: str
+    learned: tuple[tuple[int, int], ...]
+    key: str
+    """What the train/eval split hashes (the text itself for plain text)."""
+
+    @classmethod
+    def plain(cls, text: str) -> Example:
+        return cls(text, ((0, len(text)),), text)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Chat turns, rendered with the tokenizer's chat template when the model is known."""
+
+    messages: tuple[tuple[str, str], ...]
+    key: str
+
+    def render(self, tokenizer: Any) -> Example:
+        """The conversation as the template renders it, the assistant turns learned. A template
+        that does not render a conversation as the concatenation of its turns is refused."""
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                "data: chat records ('messages') need a model whose tokenizer has a chat template; "
+                "this one has none (use prompt/completion records instead)"
+            )
+        turns = [{"role": role, "content": content} for role, content in self.messages]
+        try:
+            text = tokenizer.apply_chat_template(turns, tokenize=False)
+            learned = []
+            for i, (role, _) in enumerate(self.messages):
+                if role != "assistant":
+                    continue
+                before = tokenizer.apply_chat_template(turns[:i], tokenize=False, add_generation_prompt=True)
+                through = tokenizer.apply_chat_template(turns[: i + 1], tokenize=False)
+                if not (text.startswith(through) and through.startswith(before)):
+                    raise ConfigError(
+                        "data: the chat template does not render a conversation as the sum of its turns, "
+                        "so its assistant turns cannot be told apart; use prompt/completion records"
+                    )
+                learned.append((len(before), len(through)))
+        except ConfigError:
+            raise
+        except Exception as exc:  # jinja errors: the template refuses this conversation
+            raise ConfigError(f"data: the chat template cannot render a conversation: {exc}") from None
+        return Example(text, tuple(learned), self.key)
+
+
+Record = Example | Conversation
+
+
+def load_records(path: Path) -> list[Record]:
+    """Records from a file or directory of ``.txt`` and ``.jsonl`` files (module docstring)."""
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
         raise ConfigError(f"data: no .txt or .jsonl files at {path}")
-    docs: list[str] = []
+    records: list[Record] = []
     for f in files:
         if f.suffix == ".jsonl":
             for n, line in enumerate(f.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"data: {f}:{n}: invalid JSON: {exc}") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ConfigError(f"data: {f}:{n}: no string field 'text'")
-                docs.append(record["text"])
+                if line.strip():
+                    records.append(_record(line, f"{f}:{n}"))
         else:
-            docs.extend(d.strip() for d in f.read_text().split("\n\n") if d.strip())
-    if not docs:
+            records.extend(Example.plain(d.strip()) for d in f.read_text().split("\n\n") if d.strip())
+    if not records:
         raise ConfigError(f"data: {path} holds no documents")
-    return docs
+    return records
 
 
-def split(docs: Sequence[str], eval_fraction: float) -> tuple[list[str], list[str]]:
-    """(train, eval) by a hash of each document: stable across runs, restarts and file order."""
-    train: list[str] = []
-    held_out: list[str] = []
+def _record(line: str, where: str) -> Record:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"data: {where}: invalid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"data: {where}: not a JSON object")
+    if isinstance(record.get("text"), str):
+        return Example.plain(record["text"])
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str) and completion:
+        text = prompt + completion
+        return Example(text, ((len(prompt), len(text)),), json.dumps([prompt, completion]))
+    messages = record.get("messages")
+    if isinstance(messages, list) and messages:
+        turns = []
+        for m in messages:
+            if not (isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content"))):
+                raise ConfigError(f"data: {where}: each message needs string 'role' and 'content'")
+            turns.append((m["role"], m["content"]))
+        if not any(role == "assistant" for role, _ in turns):
+            raise ConfigError(f"data: {where}: a conversation with no assistant turn has nothing to learn")
+        return Conversation(tuple(turns), json.dumps(turns))
+    raise ConfigError(
+        f"data: {where}: a record needs a string 'text', a 'prompt' with a non-empty 'completion', "
+        "or a list of 'messages'"
+    )
+
+
+def load_texts(path: Path) -> list[str]:
+    """The plain text of every record that has one (calibration text, benchmarks)."""
+    return [r.text for r in load_records(path) if isinstance(r, Example)]
+
+
+def split(docs: Sequence[Any], eval_fraction: float) -> tuple[list[Any], list[Any]]:
+    """(train, eval) by a hash of each document (a string or a record's ``key``): stable across
+    runs, restarts and file order."""
+    train: list[Any] = []
+    held_out: list[Any] = []
     for doc in docs:
-        bucket = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:4], "big") / 2**32
+        key = doc if isinstance(doc, str) else doc.key
+        bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") / 2**32
         (held_out if bucket < eval_fraction else train).append(doc)
     if not train or not held_out:
         raise ConfigError(
@@ -52,13 +147,67 @@ def split(docs: Sequence[str], eval_fraction: float) -> tuple[list[str], list[st
     return train, held_out
 
 
-def pack(tokenizer: Any, docs: Sequence[str], block: int) -> torch.Tensor:
-    """Tokenize, join with EOS and cut into ``[n, block]`` token blocks (the tail is dropped)."""
+@dataclass(frozen=True)
+class TokenBlocks:
+    """``[n, block]`` token ids and their labels (``IGNORE`` where a token carries no loss)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def of(cls, blocks: torch.Tensor | TokenBlocks) -> TokenBlocks:
+        """Blocks as they are, or a plain tensor of ids whose every token carries loss."""
+        return blocks if isinstance(blocks, TokenBlocks) else cls(blocks, blocks)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: Any) -> TokenBlocks:
+        return TokenBlocks(self.input_ids[index], self.labels[index])
+
+    def to(self, device: str) -> TokenBlocks:
+        return TokenBlocks(self.input_ids.to(device), self.labels.to(device))
+
+    @property
+    def learned_tokens(self) -> int:
+        """Tokens a loss is computed on (the model shifts labels: no block's first token)."""
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+
+def pack_records(tokenizer: Any, records: Sequence[Record], block: int) -> TokenBlocks:
+    """Tokenize each record (conversations through the chat template), join them with EOS, cut
+    into ``[n, block]`` blocks (the tail is dropped) and drop blocks with nothing to learn. A token
+    is learned if it lies wholly in a learned span; EOS is learned after a learned ending."""
     ids: list[int] = []
-    for doc in docs:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+    labels: list[int] = []
+    for record in records:
+        ex = record.render(tokenizer) if isinstance(record, Conversation) else record
+        if ex.learned == ((0, len(ex.text)),):  # plain text: every token
+            tokens = tokenizer(ex.text, add_special_tokens=False)["input_ids"]
+            ids.extend(tokens)
+            labels.extend(tokens)
+        else:
+            enc = tokenizer(ex.text, add_special_tokens=False, return_offsets_mapping=True)
+            for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+                ids.append(token)
+                inside = any(a <= start and end <= b for a, b in ex.learned)
+                labels.append(token if inside else IGNORE)
         ids.append(tokenizer.eos_token_id)
+        ends_learned = bool(ex.learned) and ex.learned[-1][1] == len(ex.text)
+        labels.append(tokenizer.eos_token_id if ends_learned else IGNORE)
     n = len(ids) // block
     if n == 0:
         raise ConfigError(f"data: only {len(ids)} tokens, fewer than one block of {block}")
-    return torch.tensor(ids[: n * block], dtype=torch.long).view(n, block)
+    blocks = TokenBlocks(
+        torch.tensor(ids[: n * block], dtype=torch.long).view(n, block),
+        torch.tensor(labels[: n * block], dtype=torch.long).view(n, block),
+    )
+    keep = (blocks.labels[:, 1:] != IGNORE).any(dim=1)
+    if not bool(keep.any()):
+        raise ConfigError("data: no block holds a token to learn (completions, assistant turns)")
+    return blocks if bool(keep.all()) else blocks[keep]
+
+
+def pack(tokenizer: Any, docs: Sequence[str], block: int) -> torch.Tensor:
+    """Plain texts as ``[n, block]`` token ids (every token learned)."""
+    return pack_records(tokenizer, [Example.plain(d) for d in docs], block).input_ids

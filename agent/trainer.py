@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from agent.data import TokenBlocks
 from agent.distributed import DistContext
 from common.errors import ConfigError, InvalidArgument, TrainingFailed
 
@@ -182,9 +183,11 @@ class LoraTrainer:
         set_peft_model_state_dict(self.model, {k: v.to(self.device) for k, v in tensors.items()})
 
     def train(
-        self, blocks: torch.Tensor, training: LocalTraining, round_id: int
+        self, blocks: torch.Tensor | TokenBlocks, training: LocalTraining, round_id: int
     ) -> tuple[dict[str, torch.Tensor], float]:
-        """Train ``training.steps`` steps from the current adapter; return (delta, mean train loss)."""
+        """Train ``training.steps`` steps from the current adapter; return (delta, mean train loss).
+        ``blocks``: token blocks with their labels, or plain token ids (every token learned)."""
+        blocks = TokenBlocks.of(blocks)
         start = self.adapter()
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=0.0)
@@ -199,7 +202,7 @@ class LoraTrainer:
         for step in range(training.steps):
             idx = torch.randint(len(blocks), (min(training.batch_size, len(blocks)),), generator=generator)
             batch = blocks[idx].to(self.device)
-            loss = forward(input_ids=batch, labels=batch).loss
+            loss = forward(input_ids=batch.input_ids, labels=batch.labels).loss
             diverged = self._ranks_diverged(loss)
             if diverged:
                 raise TrainingFailed(
@@ -220,15 +223,17 @@ class LoraTrainer:
         return round(self.ctx.all_sum([0.0 if torch.isfinite(loss) else 1.0])[0])
 
     @torch.no_grad()
-    def evaluate(self, blocks: torch.Tensor, batch_size: int = 16) -> tuple[float, int]:
-        """Mean next-token cross-entropy over ``blocks`` and the number of predicted tokens."""
+    def evaluate(self, blocks: torch.Tensor | TokenBlocks, batch_size: int = 16) -> tuple[float, int]:
+        """Mean next-token cross-entropy over the learned tokens of ``blocks`` and their number."""
+        blocks = TokenBlocks.of(blocks)
         self.model.eval()
         total, tokens = 0.0, 0
         for i in range(0, len(blocks), batch_size):
             batch = blocks[i : i + batch_size].to(self.device)
-            n = batch.numel() - batch.shape[0]  # labels are shifted inside the model
-            total += self.model(input_ids=batch, labels=batch).loss.item() * n
-            tokens += n
+            n = batch.learned_tokens  # labels are shifted inside the model
+            if n:
+                total += self.model(input_ids=batch.input_ids, labels=batch.labels).loss.item() * n
+                tokens += n
         total, summed = self.ctx.all_sum([total, float(tokens)])
         return total / summed, int(summed)
 
