@@ -304,6 +304,13 @@ class Agent:
                     return True
             elif event.phase == pb.ROUND_PHASE_ABANDONED:
                 log.warning("round %d abandoned: %s", event.round_id, event.reason)
+            elif event.phase == pb.ROUND_PHASE_FINISHED:
+                log.info(
+                    "the federation is finished at version %d (%s); stopping",
+                    event.global_version,
+                    event.reason,
+                )
+                return True
         return False
 
     def _device_info(self) -> pb.DeviceInfo:

@@ -105,6 +105,14 @@ class RoundsConfig:
     """Uploads needed to aggregate after the deadline (0: min_agents)."""
     retry_delay_s: float = 5.0
     """Pause before retrying an abandoned round."""
+    max_versions: int = 0
+    """The federation finishes once the global version reaches this (0: no limit)."""
+    early_stop_patience: int = 0
+    """The federation finishes once this many versions were evaluated after the best one without
+    lowering the token-weighted eval loss by more than ``early_stop_min_delta`` (0: off). Versions
+    are compared as ``export --version best`` compares them."""
+    early_stop_min_delta: float = 0.0
+    """How much lower an eval loss must be to count as an improvement."""
 
 
 @dataclass(frozen=True)
@@ -329,6 +337,10 @@ class AggregatorConfig:
             raise ConfigError(f"rounds.min_agents ({r.min_agents}) exceeds the {n} allowed agents")
         if r.upload_deadline_s <= 0:
             raise ConfigError("rounds.upload_deadline_s must be positive")
+        if r.max_versions < 0 or r.early_stop_patience < 0 or not r.early_stop_min_delta >= 0:
+            raise ConfigError(
+                "rounds.max_versions, rounds.early_stop_patience and rounds.early_stop_min_delta must be >= 0"
+            )
         if self.federation.server_optimizer not in ("fedavg", "fedadam"):
             raise ConfigError(
                 f"federation.server_optimizer: unknown {self.federation.server_optimizer!r}; "

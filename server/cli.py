@@ -92,6 +92,7 @@ def status(config: AggregatorConfig) -> int:
     """Print the federation's state from the database (safe while the daemon runs)."""
     from server.checkpoints import CheckpointStore
     from server.state import StateDB
+    from server.stopping import finish_reason
 
     path = config.state_dir / "cloudfed.db"
     if not path.exists():
@@ -100,6 +101,10 @@ def status(config: AggregatorConfig) -> int:
     versions = db.versions()
     print(f"state           {path}")
     print(f"global version  {versions[-1][0] if versions else '-'} ({len(versions)} committed)")
+    ends = config.rounds
+    if versions and (ends.max_versions or ends.early_stop_patience):
+        done = finish_reason(versions[-1][0], db.version_evals(), ends)
+        print(f"finished        {done or 'not yet'}")
     store = CheckpointStore(config.state_dir / "checkpoints")
     keep = config.checkpoints
     policy = (

@@ -73,3 +73,7 @@ CHECKPOINT_BYTES = Gauge("cloudfed_checkpoint_bytes", "Bytes of the global versi
 CHECKPOINTS_PRUNED = Counter(
     "cloudfed_checkpoints_pruned", "Checkpoints of global versions pruned by the retention policy."
 )
+FINISHED = Gauge(
+    "cloudfed_federation_finished",
+    "1 once the federation is finished (rounds.max_versions or early stopping): no round starts again.",
+)

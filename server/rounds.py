@@ -50,7 +50,7 @@ from common.secagg.params import SecAggParams
 from common.secagg.ring import update_weight
 from common.secagg.server import ServerRound
 from common.wire import MAX_DECLINE_DETAIL
-from server import metrics, retention
+from server import metrics, retention, stopping
 from server.accumulator import BLOCK_ELEMS, SumAccumulator
 from server.aggregates import AggregateStore
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
@@ -77,6 +77,7 @@ class Phase(enum.IntEnum):
     AGGREGATE = 6
     COMPLETED = 7
     ABANDONED = 8
+    FINISHED = 9
 
 
 SECAGG_VIEWS = frozenset({Phase.SHARE_KEYS, Phase.UPLOAD, Phase.UNMASK})
@@ -556,6 +557,8 @@ class RoundCoordinator:
         await self._publish(self._state)
         await self.retain()  # a changed policy applies at start; the gauges are set
         while not stop.is_set() and (max_rounds is None or completed < max_rounds):
+            if await self._federation_finished():
+                return
             if not await self._wait_for_agents(stop):
                 break
             round_id += 1
@@ -563,6 +566,24 @@ class RoundCoordinator:
                 completed += 1
             else:
                 await _sleep_or_stop(stop, self.config.retry_delay_s)
+
+    async def _federation_finished(self) -> bool:
+        """Announce FINISHED and return True if the federation is done (``rounds.max_versions``,
+        early stopping). Checked before each round, so the round running when the last
+        evaluation that decides it arrives still completes."""
+        r = self.config
+        if not (r.max_versions or r.early_stop_patience):
+            return False
+        evals = self.db.version_evals() if r.early_stop_patience else {}
+        reason = stopping.finish_reason(self._state.global_version, evals, r)
+        if reason is None:
+            return False
+        log.info("the federation is finished: %s; the aggregator goes on serving versions", reason)
+        metrics.FINISHED.set(1)
+        await self._publish(
+            RoundState(self._state.round_id, Phase.FINISHED, self._state.global_version, reason=reason)
+        )
+        return True
 
     async def _wait_for_agents(self, stop: asyncio.Event) -> bool:
         while len(self.connected) < self.config.min_agents:

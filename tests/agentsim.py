@@ -13,9 +13,13 @@ import grpc
 import numpy as np
 
 from agent.client import AggregatorClient
+from agent.daemon import Agent
 from agent.secure import SecureParticipation, Signer
 from common.codecs import identity
+from common.config import AggregatorConfig
 from protos.cloudfed.v1 import federation_pb2 as pb
+from server.app import Aggregator, build_aggregator
+from server.cli import seed
 
 
 class Watcher:
@@ -103,3 +107,32 @@ async def in_key_phase(run, name: str) -> AsyncIterator[KeyPhase]:  # type: igno
             yield KeyPhase(client, join, watcher, event, part)
         finally:
             await watcher.close()
+
+
+@dataclass
+class InProcess:
+    """The real aggregator (servers and round loop) and agent daemons running in this process."""
+
+    agg: Aggregator
+    rounds: asyncio.Task[None]
+    agents: list[asyncio.Task[bool]]
+    stop: asyncio.Event
+
+
+@contextlib.asynccontextmanager
+async def in_process(agg_config: AggregatorConfig, *agents: Agent) -> AsyncIterator[InProcess]:
+    """Seed and start the aggregator, then run each agent daemon; afterwards stop them all (the
+    round loop is cancelled: a round may be open, waiting for agents that have left)."""
+    seed(agg_config, None)
+    agg = build_aggregator(agg_config)
+    await agg.start()
+    stop = asyncio.Event()
+    rounds = asyncio.create_task(agg.rounds.run(stop))
+    tasks = [asyncio.create_task(agent.run(stop)) for agent in agents]
+    try:
+        yield InProcess(agg, rounds, tasks, stop)
+    finally:
+        stop.set()
+        await agg.stop(0)
+        rounds.cancel()
+        await asyncio.wait_for(asyncio.gather(rounds, *tasks, return_exceptions=True), 60)

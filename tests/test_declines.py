@@ -30,7 +30,7 @@ from protos.cloudfed.v1 import federation_pb2 as pb
 from server.app import build_aggregator
 from server.cli import seed
 from server.rounds import Phase
-from tests.agentsim import Watcher, in_key_phase, upload_header, write_payload
+from tests.agentsim import Watcher, in_key_phase, in_process, upload_header, write_payload
 from tests.conftest import Pki
 from tests.test_secagg_service import NUMEL, play_agent, secure_config
 
@@ -245,21 +245,13 @@ async def test_agent_daemon_declines_a_round_its_training_fails(
     before = REGISTRY.get_sample_value(
         "cloudfed_agent_rounds_sat_out_total", {"cloud": "aws", "agent": "agent-1", "reason": "training"}
     )
-    seed(agg_config, None)
-    agg = build_aggregator(agg_config)
-    await agg.start()
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(agg.rounds.run(stop)), asyncio.create_task(Agent(agent_config).run(stop))]
-    try:
+    async with in_process(agg_config, Agent(agent_config)) as run:
+        agg = run.agg
         began = time.monotonic()
         async with asyncio.timeout(120):
             while agg.rounds.state.phase is not Phase.ABANDONED:  # noqa: ASYNC110 (a watch would count)
                 await asyncio.sleep(0.1)
         assert time.monotonic() - began < LONG_S / 5
-    finally:
-        stop.set()
-        await agg.stop(0)
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
     assert "0 of 1 uploads, 1 declined" in agg.rounds.state.reason
     assert list(agg.rounds.db.participant_status(1).values()) == ["declined"]
     after = REGISTRY.get_sample_value(
@@ -285,24 +277,15 @@ async def test_agent_daemon_that_crashes_in_a_round_declines_it_before_it_exits(
 
     monkeypatch.setattr(Agent, "_train", out_of_memory)
     caplog.set_level(logging.WARNING)
-    seed(agg_config, None)
-    agg = build_aggregator(agg_config)
-    await agg.start()
-    stop = asyncio.Event()
-    rounds = asyncio.create_task(agg.rounds.run(stop))
-    agent = asyncio.create_task(Agent(agent_config).run(stop))
-    try:
+    async with in_process(agg_config, Agent(agent_config)) as run:
+        agg = run.agg
         began = time.monotonic()
         async with asyncio.timeout(120):
             while agg.rounds.state.phase is not Phase.ABANDONED:  # noqa: ASYNC110 (a watch would count)
                 await asyncio.sleep(0.1)
         assert time.monotonic() - began < LONG_S / 5
         with pytest.raises(RuntimeError, match="out of memory"):
-            await asyncio.wait_for(agent, 30)
-    finally:
-        stop.set()
-        await agg.stop(0)
-        await asyncio.wait_for(asyncio.gather(rounds, agent, return_exceptions=True), 60)
+            await asyncio.wait_for(run.agents[0], 30)
     assert "0 of 1 uploads, 1 declined" in agg.rounds.state.reason
     assert list(agg.rounds.db.participant_status(1).values()) == ["declined"]
     said = [r.getMessage() for r in caplog.records if "declined in" in r.getMessage()]

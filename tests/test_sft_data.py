@@ -20,8 +20,7 @@ from agent.trainer import LocalTraining, LoraSpec, LoraTrainer
 from common.config import AgentConfig, AggregatorConfig, load
 from common.errors import ConfigError
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
-from server.app import build_aggregator
-from server.cli import seed
+from tests.agentsim import in_process
 
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
@@ -153,19 +152,8 @@ async def test_the_agent_daemon_trains_and_evaluates_on_prompt_completion_data(t
     docs = domain_corpus(DOMAINS[0], 60, seed=5)
     records = [{"prompt": f"Forecast {i}:", "completion": " " + doc} for i, doc in enumerate(docs)]
     write_jsonl(agent_config.data, records)
-    seed(agg_config, None)
-    agg = build_aggregator(agg_config)
-    await agg.start()
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(agg.rounds.run(stop)), asyncio.create_task(Agent(agent_config).run(stop))]
-    try:
-        async with asyncio.timeout(120):
-            await tasks[1]  # max_rounds = 1: it stops once it has evaluated version 1
-    finally:
-        stop.set()
-        await agg.stop(0)
-        tasks[0].cancel()  # round 2 is open, waiting for an agent that has left
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+    async with in_process(agg_config, Agent(agent_config)) as run, asyncio.timeout(120):
+        await run.agents[0]  # max_rounds = 1: it stops once it has evaluated version 1
     history = [json.loads(line) for line in (agent_config.state_dir / "evals.jsonl").read_text().splitlines()]
     assert [r["version"] for r in history] == [0, 1]
     _, held_out = split(load_records(agent_config.data), agent_config.eval_fraction)

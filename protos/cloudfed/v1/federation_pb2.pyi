@@ -69,6 +69,10 @@ class _RoundPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RoundPhase
     """The round produced a new global version."""
     ROUND_PHASE_ABANDONED: _RoundPhase.ValueType  # 8
     """The round ended without a new version (too few agents, deadline)."""
+    ROUND_PHASE_FINISHED: _RoundPhase.ValueType  # 9
+    """The federation reached its end (rounds.max_versions, or no eval-loss improvement within
+    rounds.early_stop_patience versions): no round starts again; the reason says which.
+    """
 
 class RoundPhase(_RoundPhase, metaclass=_RoundPhaseEnumTypeWrapper):
     """RoundPhase is where a round stands. Secure-aggregation phases are only
@@ -92,6 +96,10 @@ ROUND_PHASE_COMPLETED: RoundPhase.ValueType  # 7
 """The round produced a new global version."""
 ROUND_PHASE_ABANDONED: RoundPhase.ValueType  # 8
 """The round ended without a new version (too few agents, deadline)."""
+ROUND_PHASE_FINISHED: RoundPhase.ValueType  # 9
+"""The federation reached its end (rounds.max_versions, or no eval-loss improvement within
+rounds.early_stop_patience versions): no round starts again; the reason says which.
+"""
 Global___RoundPhase: _TypeAlias = RoundPhase  # noqa: Y015
 
 class _ShareKind:

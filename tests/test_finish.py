@@ -1,0 +1,119 @@
+"""A federation that ends: rounds.max_versions and early stopping on the agents' eval losses. The
+aggregator announces FINISHED, starts no round again (also after a restart) and goes on serving;
+the real agent daemon stops when it hears it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import REGISTRY
+
+from agent.daemon import Agent
+from agent.demo import prepare
+from common.config import AgentConfig, AggregatorConfig, RoundsConfig, load
+from protos.cloudfed.v1 import federation_pb2 as pb
+from server.app import build_aggregator
+from server.rounds import Phase
+from server.stopping import finish_reason
+from tests.agentsim import Watcher, in_process, upload_header, write_payload
+from tests.conftest import Pki, aggregator_config
+
+PATIENT = RoundsConfig(early_stop_patience=2)
+
+
+def evals_of(losses: dict[int, float], agents: str = "a") -> dict[int, dict[str, tuple[float, int]]]:
+    return {v: {a: (loss, 100) for a in agents} for v, loss in losses.items()}
+
+
+def test_the_version_budget_ends_the_federation() -> None:
+    assert finish_reason(2, {}, RoundsConfig(max_versions=3)) is None
+    assert finish_reason(3, {}, RoundsConfig(max_versions=3)) == "reached rounds.max_versions = 3 (version 3)"
+    assert finish_reason(10**6, {}, RoundsConfig()) is None  # no limit, no early stopping: never
+
+
+def test_early_stopping_counts_the_versions_evaluated_since_the_best() -> None:
+    losses = {0: 6.0, 1: 5.0, 2: 5.1}
+    assert finish_reason(3, evals_of(losses), PATIENT) is None  # one version since the best
+    reason = finish_reason(3, evals_of({**losses, 3: 5.2}), PATIENT)
+    assert reason is not None and "no eval loss below 5.0000 (version 1) in the 2 versions" in reason
+    assert finish_reason(3, evals_of({**losses, 3: 4.9}), PATIENT) is None  # 3 is the new best
+    # an improvement of less than min_delta is no improvement
+    careful = dataclasses.replace(PATIENT, early_stop_min_delta=0.2)
+    assert finish_reason(3, evals_of({**losses, 3: 4.9}), careful) is not None
+    # versions evaluated by fewer agents than the most are not compared (a partial view)
+    partial = {**evals_of(losses, "ab"), 3: {"a": (5.2, 100)}}
+    assert finish_reason(3, partial, PATIENT) is None
+    # evaluations of versions past the one given are ignored; none at all decides nothing
+    assert finish_reason(2, evals_of({**losses, 3: 5.2}), PATIENT) is None
+    assert finish_reason(5, {}, PATIENT) is None
+
+
+async def test_early_stopping_finishes_the_federation_and_it_stays_finished(
+    start_aggregator, pki: Pki, tmp_path: Path
+) -> None:
+    """Patience 2 over real rounds: version 1 evaluates best, versions 2 and 3 worse. The round
+    running when version 3's evaluation arrives completes (version 4), then the aggregator
+    announces FINISHED naming version 1 and starts no round; restarted, it is finished at once."""
+    base = aggregator_config(pki, tmp_path / "agg0", min_agents=1)
+    config = dataclasses.replace(base, rounds=dataclasses.replace(base.rounds, early_stop_patience=2))
+    run = await start_aggregator(config=config)
+    losses = {0: 6.0, 1: 5.0, 2: 5.1, 3: 5.2}
+    async with run.client("a1") as client:
+        join = await client.join(num_examples=10)
+        watcher = Watcher(client)
+        try:
+            await client.report_eval(0, losses[0], 100)
+            for version in range(1, 5):
+                event = await watcher.until(pb.ROUND_PHASE_UPLOAD)
+                assert event.round_id == version
+                delta = np.random.default_rng(version).normal(size=run.agg.rounds.layout.numel) * 0.01
+                payload = write_payload(tmp_path / f"u{version}.bin", delta, 10.0)
+                await client.upload(payload, upload_header(event, join.settings.layout.digest, 10.0))
+                await watcher.until_version(version)
+                if version in losses:
+                    await client.report_eval(version, losses[version], 100)
+            finished = await watcher.until(pb.ROUND_PHASE_FINISHED, timeout=10)
+            assert finished.global_version == 4
+            assert "no eval loss below 5.0000 (version 1) in the 2 versions" in finished.reason
+            await asyncio.wait_for(run.task, 5)  # the round loop ended; the servers did not
+            header = await client.download_model(tmp_path / "v4.safetensors", 4)
+            assert header.version == 4
+        finally:
+            await watcher.close()
+    assert [r.round_id for r in run.agg.rounds.db.rounds()] == [4, 3, 2, 1]
+    assert REGISTRY.get_sample_value("cloudfed_federation_finished") == 1
+
+    await run.agg.stop(0)
+    again = build_aggregator(config)  # a restart: finished at once, from the database
+    await again.start()
+    rounds = asyncio.create_task(again.rounds.run())
+    try:
+        await asyncio.wait_for(rounds, 10)
+        assert again.rounds.state.phase is Phase.FINISHED and "version 1" in again.rounds.state.reason
+    finally:
+        await again.stop(0)
+    assert [r.round_id for r in again.rounds.db.rounds()] == [4, 3, 2, 1]
+
+
+async def test_the_agent_daemon_stops_when_the_federation_finishes(tmp_path: Path) -> None:
+    """The real agent daemon (no max_rounds of its own) and aggregator, rounds.max_versions = 1:
+    after one round and its evaluation the aggregator announces FINISHED and the agent's run
+    returns by itself."""
+    agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
+    env = {"CLOUDFED_ROUNDS_MIN_AGENTS": "1", "CLOUDFED_ROUNDS_MAX_VERSIONS": "1"}
+    agg_config = dataclasses.replace(load(AggregatorConfig, agg_path, env=env), metrics_listen="")
+    agent_config = dataclasses.replace(
+        load(AgentConfig, agent_paths[0], env={}), metrics_listen="", max_rounds=0
+    )
+    async with in_process(agg_config, Agent(agent_config)) as run:
+        async with asyncio.timeout(120):
+            await run.agents[0]  # returns once FINISHED is heard; stop is never set
+            await run.rounds
+    agg = run.agg
+    assert agg.rounds.state.phase is Phase.FINISHED
+    assert agg.rounds.state.reason == "reached rounds.max_versions = 1 (version 1)"
+    evaluated = (agent_config.state_dir / "evals.jsonl").read_text().splitlines()
+    assert len(evaluated) == 2  # versions 0 and 1: the last version is evaluated before stopping
