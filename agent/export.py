@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +23,7 @@ from safetensors.torch import save_file
 
 from agent.trainer import LoraSpec, adapter_state, build_adapter_model, lora_config
 from common.chunks import sha256_file
-from common.durable import fsync_path
+from common.durable import build_dir_beside, put_in_place, refuse_non_empty
 from common.errors import CloudfedError
 
 log = logging.getLogger(__name__)
@@ -76,10 +74,11 @@ def write_export(
     """Write the export directory at ``out`` all at once (built beside it, then renamed into place);
     return {file: sha256}. An ``out`` that is not empty is refused unless ``force``."""
     check_adapter(tensors, lora)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ExportError(f"{out} exists and is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        refuse_non_empty(out, force)
+    except FileExistsError as exc:
+        raise ExportError(str(exc)) from None
+    tmp = build_dir_beside(out)
     try:
         save_file(
             {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()},
@@ -108,8 +107,7 @@ def write_export(
             "files": files,
         }
         (tmp / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
-        _fsync_tree(tmp)
-        _put_in_place(tmp, out)
+        put_in_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -145,20 +143,3 @@ def _merge(dest: Path, tensors: Mapping[str, torch.Tensor], lora: LoraSpec, base
         log.warning("merged model saved without a tokenizer: %s has none that loads (%s)", base_model, exc)
         return False
     return True
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in [*sorted(root.rglob("*"), reverse=True), root]:
-        fsync_path(p)
-
-
-def _put_in_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
-    old = None
-    if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / "previous")
-    os.replace(tmp, out)
-    fsync_path(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

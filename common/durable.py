@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -13,3 +15,35 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``, and ``root``."""
+    for p in [*sorted(root.rglob("*"), reverse=True), root]:
+        fsync_path(p)
+
+
+def build_dir_beside(out: Path) -> Path:
+    """A new empty directory next to ``out``, to build it in and then ``put_in_place``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+
+
+def put_in_place(built: Path, out: Path) -> None:
+    """Make the fully written directory ``built`` appear as ``out`` at once (an existing ``out`` is
+    moved aside first and removed after)."""
+    fsync_tree(built)
+    old = None
+    if out.exists() or out.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / "previous")
+    os.replace(built, out)
+    fsync_path(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_non_empty(out: Path, force: bool) -> None:
+    """Raise FileExistsError for an ``out`` that holds something, unless ``force``."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")

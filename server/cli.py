@@ -149,6 +149,20 @@ def export(config: AggregatorConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def backup(config: AggregatorConfig, args: argparse.Namespace) -> int:
+    """Copy the state directory to ``args.out`` and say what the copy holds."""
+    from server.backup import backup as copy_state
+
+    report = copy_state(config.state_dir, args.out, args.force)
+    latest = report.versions[-1] if report.versions else "-"
+    print(
+        f"backed up {config.state_dir} to {args.out}: {len(report.versions)} versions on disk (latest "
+        f"{latest}), {len(report.pruned)} pruned, {report.files} files, {report.bytes / 1e6:.1f} MB; "
+        "restore by pointing state_dir at it"
+    )
+    return 0
+
+
 def _revocations(config: AggregatorConfig) -> RevocationList | None:
     """The configured CRL for ``status``, or None (said once when it does not load)."""
     if config.tls.crl is None:
@@ -183,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         help="TOML config (or $CLOUDFED_CONFIG); env vars CLOUDFED_<FIELD> override it",
     )
     p.add_argument("--init-from", type=Path, help="seed version 0 from this adapter if the state is empty")
-    sub = p.add_subparsers(dest="command", metavar="{run,status,export}")
+    sub = p.add_subparsers(dest="command", metavar="{run,status,export,backup}")
     sub.add_parser("run", help="run the daemon (the default)")
     sub.add_parser("status", help="print the federation's state")
     out = sub.add_parser(
@@ -207,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         help="base model path or hub id for --merge and adapter_config.json (default: federation.model_id)",
     )
     out.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    copy = sub.add_parser("backup", help="copy the state directory consistently, also while the daemon runs")
+    copy.add_argument("--out", type=Path, required=True, help="directory to write (--force: replace it)")
+    copy.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     args = p.parse_args(argv)
     try:
         config = load(AggregatorConfig, args.config).validate()
@@ -214,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             return status(config)
         if args.command == "export":
             return export(config, args)
+        if args.command == "backup":
+            return backup(config, args)
         setup_logging(config.log_level, config.log_format, "aggregator")
         seed(config, args.init_from)
         asyncio.run(serve(config))
