@@ -305,12 +305,15 @@ class Agent:
             elif event.phase == pb.ROUND_PHASE_ABANDONED:
                 log.warning("round %d abandoned: %s", event.round_id, event.reason)
             elif event.phase == pb.ROUND_PHASE_FINISHED:
+                then = "stopping" if self.config.exit_when_finished else "idle until it resumes"
                 log.info(
-                    "the federation is finished at version %d (%s); stopping",
+                    "the federation is finished at version %d (%s); %s",
                     event.global_version,
                     event.reason,
+                    then,
                 )
-                return True
+                if self.config.exit_when_finished:
+                    return True
         return False
 
     def _device_info(self) -> pb.DeviceInfo:

@@ -568,6 +568,10 @@ class AgentConfig:
     """If set, every update this agent sends is also written here, unmasked, with its metadata."""
     max_rounds: int = 0
     """Stop after evaluating this many new global versions (0: run until stopped)."""
+    exit_when_finished: bool = True
+    """When the aggregator says the federation is finished: exit 0 (systemd), or stay connected
+    and idle, to train again if the federation is resumed (Kubernetes, where an exited container
+    is restarted)."""
     metrics_listen: str = "0.0.0.0:9465"
     """host:port of the Prometheus /metrics endpoint ('' disables; rank 0 only under torchrun)."""
     health_listen: str = ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,37 @@ async def test_the_agent_daemon_stops_when_the_federation_finishes(tmp_path: Pat
     assert agg.rounds.state.reason == "reached rounds.max_versions = 1 (version 1)"
     evaluated = (agent_config.state_dir / "evals.jsonl").read_text().splitlines()
     assert len(evaluated) == 2  # versions 0 and 1: the last version is evaluated before stopping
+
+
+async def test_an_idle_agent_trains_again_when_the_federation_resumes(tmp_path: Path) -> None:
+    """exit_when_finished = false (the Kubernetes setting): the real agent daemon stays connected
+    when the federation finishes at max_versions = 1. The operator raises the budget to 2 and
+    restarts the aggregator; the agent reconnects by itself, trains round 2 and evaluates it."""
+    agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
+    env = {"CLOUDFED_ROUNDS_MIN_AGENTS": "1", "CLOUDFED_ROUNDS_MAX_VERSIONS": "1"}
+    agg_config = dataclasses.replace(load(AggregatorConfig, agg_path, env=env), metrics_listen="")
+    agent_config = dataclasses.replace(
+        load(AgentConfig, agent_paths[0], env={}), metrics_listen="", max_rounds=0, exit_when_finished=False
+    )
+    history = agent_config.state_dir / "evals.jsonl"
+    async with in_process(agg_config, Agent(agent_config)) as run, asyncio.timeout(180):
+        await run.rounds  # finished at version 1
+        while not history.exists() or len(history.read_text().splitlines()) < 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
+        assert not run.agents[0].done()  # idle, not gone
+        await run.agg.stop(0)
+        resumed = dataclasses.replace(
+            agg_config, rounds=dataclasses.replace(agg_config.rounds, max_versions=2)
+        )
+        again = build_aggregator(resumed)
+        await again.start()
+        try:
+            await again.rounds.run()  # round 2 with the agent that came back, then finished again
+            while len(history.read_text().splitlines()) < 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        finally:
+            await again.stop(0)
+        assert not run.agents[0].done()
+    assert again.rounds.state.reason == "reached rounds.max_versions = 2 (version 2)"
+    assert [json.loads(line)["version"] for line in history.read_text().splitlines()] == [0, 1, 2]
