@@ -11,6 +11,7 @@ that was in flight, as after a crash. To restore, point ``state_dir`` at the cop
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 import sqlite3
@@ -27,6 +28,7 @@ DB = "cloudfed.db"
 SKIPPED = frozenset({"uploads", DB, f"{DB}-wal", f"{DB}-shm"})
 """The spool (in-flight uploads) and the live database files (copied by SQLite's backup)."""
 REPORT = "backup.json"
+PREFIX = "backup-"
 
 
 class BackupError(CloudfedError):
@@ -127,3 +129,17 @@ def _copy_files(source: Path, dest: Path) -> None:
                 shutil.copy2(path, target)
             except FileNotFoundError:
                 continue  # replaced or removed meanwhile (FedAdam keeps two versions)
+
+
+def backup_into(state_dir: Path, folder: Path, keep: int) -> tuple[Path, BackupReport, list[Path]]:
+    """A new ``backup-<UTC time>`` in ``folder``; then only the ``keep`` newest backups there stay.
+    Return the new backup, its report and the backups removed (timers, cron jobs)."""
+    if keep < 1:
+        raise BackupError("--keep must be at least 1")
+    out = folder / f"{PREFIX}{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S.%fZ}"  # sorts as it was made
+    report = backup(state_dir, out)
+    finished = sorted(p for p in folder.iterdir() if p.name.startswith(PREFIX) and (p / REPORT).is_file())
+    removed = finished[:-keep]
+    for old in removed:
+        shutil.rmtree(old)
+    return out, report, removed

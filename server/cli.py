@@ -150,16 +150,24 @@ def export(config: AggregatorConfig, args: argparse.Namespace) -> int:
 
 
 def backup(config: AggregatorConfig, args: argparse.Namespace) -> int:
-    """Copy the state directory to ``args.out`` and say what the copy holds."""
+    """Copy the state directory to ``args.out`` (or a new backup in ``args.into``, keeping the
+    newest ``args.keep``) and say what the copy holds."""
     from server.backup import backup as copy_state
+    from server.backup import backup_into
 
-    report = copy_state(config.state_dir, args.out, args.force)
+    removed: list[Path] = []
+    if args.into is not None:
+        out, report, removed = backup_into(config.state_dir, args.into, args.keep)
+    else:
+        out, report = args.out, copy_state(config.state_dir, args.out, args.force)
     latest = report.versions[-1] if report.versions else "-"
     print(
-        f"backed up {config.state_dir} to {args.out}: {len(report.versions)} versions on disk (latest "
+        f"backed up {config.state_dir} to {out}: {len(report.versions)} versions on disk (latest "
         f"{latest}), {len(report.pruned)} pruned, {report.files} files, {report.bytes / 1e6:.1f} MB; "
         "restore by pointing state_dir at it"
     )
+    for old in removed:
+        print(f"removed the older backup {old} (--keep {args.keep})")
     return 0
 
 
@@ -222,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     out.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     copy = sub.add_parser("backup", help="copy the state directory consistently, also while the daemon runs")
-    copy.add_argument("--out", type=Path, required=True, help="directory to write (--force: replace it)")
+    where = copy.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="directory to write (--force: replace it)")
+    where.add_argument("--into", type=Path, help="write backup-<UTC time> in this directory (timers, cron)")
     copy.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    copy.add_argument("--keep", type=int, default=7, help="with --into: the newest backups kept there (7)")
     args = p.parse_args(argv)
     try:
         config = load(AggregatorConfig, args.config).validate()

@@ -16,7 +16,7 @@ import torch
 
 from common.config import AggregatorConfig
 from protos.cloudfed.v1 import federation_pb2 as pb
-from server.backup import REPORT, BackupError, backup
+from server.backup import REPORT, BackupError, backup, backup_into
 from server.checkpoints import CheckpointStore
 from server.state import StateDB
 from tests.agentsim import Watcher, upload_header, write_payload
@@ -129,3 +129,30 @@ def test_the_command_backs_up_and_exits_2_on_a_refusal(pki: Pki, tmp_path: Path)
     assert f"backed up {state} to {tmp_path / 'b'}: 1 versions on disk (latest 0)" in done.stdout
     refused = run_cli("server.cli", "--config", str(toml), "backup", "--out", str(tmp_path / "b"))
     assert refused.returncode == 2 and "exists and is not empty" in refused.stderr
+    # what the systemd timer runs
+    into = run_cli(
+        "server.cli", "--config", str(toml), "backup", "--into", str(tmp_path / "all"), "--keep", "7"
+    )
+    assert into.returncode == 0, into.stderr
+    assert [p.name[:7] for p in (tmp_path / "all").iterdir()] == ["backup-"]
+
+
+def test_backups_into_a_folder_keep_the_newest(tmp_path: Path) -> None:
+    """``--into DIR --keep 2`` (what the timer runs): each backup gets its own time-stamped
+    directory, and only the 2 newest finished ones stay; other files there are left alone."""
+    state = tmp_path / "state"
+    seed_store(state, small_adapter())
+    StateDB(state / "cloudfed.db").close()
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    made = []
+    for _ in range(3):
+        out, report, removed = backup_into(state, folder, keep=2)
+        assert report.versions == [0] and (out / REPORT).is_file()
+        made.append((out, removed))
+    assert made[2][1] == [made[0][0]]  # the third removed the first
+    assert sorted(p.name for p in folder.iterdir()) == sorted([made[1][0].name, made[2][0].name, "notes.txt"])
+    assert made[0][0].name < made[1][0].name < made[2][0].name
+    with pytest.raises(BackupError, match="--keep must be at least 1"):
+        backup_into(state, folder, keep=0)

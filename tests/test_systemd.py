@@ -19,6 +19,8 @@ from tests.test_cli import pki_dir, start_aggregator_process, write_config  # no
 UNITS = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
 UNIT = UNITS / "cloudfed-aggregator.service"
 AGENT_UNIT = UNITS / "cloudfed-agent.service"
+BACKUP_UNIT = UNITS / "cloudfed-aggregator-backup.service"
+BACKUP_TIMER = UNITS / "cloudfed-aggregator-backup.timer"
 
 
 def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
@@ -30,7 +32,7 @@ def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
 
 
-@pytest.fixture(params=[UNIT, AGENT_UNIT], ids=lambda p: p.stem)
+@pytest.fixture(params=[UNIT, AGENT_UNIT, BACKUP_UNIT], ids=lambda p: p.stem)
 def installed_unit(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     """A shipped unit with its install prefix pointed at this checkout's console scripts."""
     unit: Path = request.param
@@ -51,6 +53,30 @@ def test_unit_exposure_is_at_most_2(installed_unit: Path) -> None:
     assert result.returncode == 0, result.stdout[-2000:]
     level = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)[1])  # type: ignore[index]
     assert level <= 2.0
+
+
+def test_backup_timer_verifies_with_its_service(tmp_path: Path) -> None:
+    """The timer starts the backup unit daily; both verify together. The backup runs as the
+    aggregator's dynamic user (same name: same UID while both run) on its state directory."""
+    service = tmp_path / BACKUP_UNIT.name
+    service.write_text(
+        BACKUP_UNIT.read_text().replace("/opt/cloudfed/bin/", f"{Path(sys.executable).parent}/")
+    )
+    timer = tmp_path / BACKUP_TIMER.name
+    timer.write_text(BACKUP_TIMER.read_text())
+    result = systemd_analyze("verify", str(service), str(timer))
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+    text = BACKUP_UNIT.read_text()
+    for line in (
+        "User=cloudfed-aggregator\n",
+        "DynamicUser=yes",
+        "StateDirectory=cloudfed cloudfed-backups",
+        "Environment=CLOUDFED_STATE_DIR=%S/cloudfed",
+        "backup --into %S/cloudfed-backups --keep 7",
+    ):
+        assert line in text, line
+    assert "OnCalendar=daily" in BACKUP_TIMER.read_text()
+    assert "DynamicUser=yes" in UNIT.read_text() and "\nUser=" not in UNIT.read_text()  # named after its unit
 
 
 def terminate_and_expect_stopping(proc: subprocess.Popen[bytes], listener: socket.socket) -> None:
