@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -91,6 +92,13 @@ class Worker:
                 self.train_blocks = _shard(pack_records(tokenizer, self.train_docs, length), rank, world)
                 self.eval_blocks = _shard(pack_records(tokenizer, self.eval_docs, length), rank, world)
             return ParamLayout.from_tensors(self.trainer.adapter()).digest
+        if op == "release":  # the federation is finished: give the memory back until it resumes
+            self.trainer = None
+            self.train_blocks = self.eval_blocks = TokenBlocks.of(torch.empty(0, 1, dtype=torch.long))
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return None
         assert self.trainer is not None
         if op == "train":
             self.trainer.set_adapter(command["adapter"])
@@ -314,6 +322,7 @@ class Agent:
                 )
                 if self.config.exit_when_finished:
                     return True
+                await self.everywhere(op="release")  # a resumed federation reconnects and reloads it
         return False
 
     def _device_info(self) -> pb.DeviceInfo:

@@ -122,8 +122,9 @@ async def test_the_agent_daemon_stops_when_the_federation_finishes(tmp_path: Pat
 
 async def test_an_idle_agent_trains_again_when_the_federation_resumes(tmp_path: Path) -> None:
     """exit_when_finished = false (the Kubernetes setting): the real agent daemon stays connected
-    when the federation finishes at max_versions = 1. The operator raises the budget to 2 and
-    restarts the aggregator; the agent reconnects by itself, trains round 2 and evaluates it."""
+    when the federation finishes at max_versions = 1, and releases its model. The operator raises
+    the budget to 2 and restarts the aggregator; the agent reconnects by itself, loads the model
+    again, trains round 2 and evaluates it."""
     agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
     env = {"CLOUDFED_ROUNDS_MIN_AGENTS": "1", "CLOUDFED_ROUNDS_MAX_VERSIONS": "1"}
     agg_config = dataclasses.replace(load(AggregatorConfig, agg_path, env=env), metrics_listen="")
@@ -131,12 +132,14 @@ async def test_an_idle_agent_trains_again_when_the_federation_resumes(tmp_path: 
         load(AgentConfig, agent_paths[0], env={}), metrics_listen="", max_rounds=0, exit_when_finished=False
     )
     history = agent_config.state_dir / "evals.jsonl"
-    async with in_process(agg_config, Agent(agent_config)) as run, asyncio.timeout(180):
+    agent = Agent(agent_config)
+    async with in_process(agg_config, agent) as run, asyncio.timeout(180):
         await run.rounds  # finished at version 1
         while not history.exists() or len(history.read_text().splitlines()) < 2:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)
         assert not run.agents[0].done()  # idle, not gone
+        assert agent.worker.trainer is None  # the model's memory was given back
         await run.agg.stop(0)
         resumed = dataclasses.replace(
             agg_config, rounds=dataclasses.replace(agg_config.rounds, max_versions=2)
@@ -149,6 +152,6 @@ async def test_an_idle_agent_trains_again_when_the_federation_resumes(tmp_path: 
                 await asyncio.sleep(0.1)
         finally:
             await again.stop(0)
-        assert not run.agents[0].done()
+        assert not run.agents[0].done() and agent.worker.trainer is None  # reloaded, trained, released
     assert again.rounds.state.reason == "reached rounds.max_versions = 2 (version 2)"
     assert [json.loads(line)["version"] for line in history.read_text().splitlines()] == [0, 1, 2]
