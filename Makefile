@@ -57,6 +57,8 @@ bench: venv
 	$(PY) -m bench.ring
 	$(PY) -m bench.quality
 	$(PY) -m bench.trainer
+	$(PY) -m bench.data
+	$(PY) -m bench.data --kind completion
 
 ci: lint typecheck buf-lint proto-check test
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.errors import ConfigError
@@ -166,7 +167,8 @@ class TokenBlocks:
         return TokenBlocks(self.input_ids[index], self.labels[index])
 
     def to(self, device: str) -> TokenBlocks:
-        return TokenBlocks(self.input_ids.to(device), self.labels.to(device))
+        """On ``device``, as the int64 ids and labels the model takes."""
+        return TokenBlocks(self.input_ids.to(device, torch.long), self.labels.to(device, torch.long))
 
     @property
     def learned_tokens(self) -> int:
@@ -174,33 +176,37 @@ class TokenBlocks:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
 
+TOKENIZE_BATCH = 512
+"""Documents a tokenizer call takes (fast tokenizers encode a batch in parallel)."""
+
+
 def pack_records(tokenizer: Any, records: Sequence[Record], block: int) -> TokenBlocks:
     """Tokenize each record (conversations through the chat template), join them with EOS, cut
     into ``[n, block]`` blocks (the tail is dropped) and drop blocks with nothing to learn. A token
-    is learned if it lies wholly in a learned span; EOS is learned after a learned ending."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for record in records:
-        ex = record.render(tokenizer) if isinstance(record, Conversation) else record
-        if ex.learned == ((0, len(ex.text)),):  # plain text: every token
-            tokens = tokenizer(ex.text, add_special_tokens=False)["input_ids"]
-            ids.extend(tokens)
-            labels.extend(tokens)
-        else:
-            enc = tokenizer(ex.text, add_special_tokens=False, return_offsets_mapping=True)
-            for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
-                ids.append(token)
-                inside = any(a <= start and end <= b for a, b in ex.learned)
-                labels.append(token if inside else IGNORE)
-        ids.append(tokenizer.eos_token_id)
-        ends_learned = bool(ex.learned) and ex.learned[-1][1] == len(ex.text)
-        labels.append(tokenizer.eos_token_id if ends_learned else IGNORE)
-    n = len(ids) // block
+    is learned if it lies wholly in a learned span; EOS is learned after a learned ending. Records
+    are tokenized in batches and kept as int32 (8 bytes a token with its label, not Python ints)."""
+    ids: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for first in range(0, len(records), TOKENIZE_BATCH):
+        batch = [
+            r.render(tokenizer) if isinstance(r, Conversation) else r
+            for r in records[first : first + TOKENIZE_BATCH]
+        ]
+        for ex, (doc_ids, doc_labels) in zip(batch, _tokenize(tokenizer, batch), strict=True):
+            ids += [doc_ids, np.array([tokenizer.eos_token_id], dtype=np.int32)]
+            ends_learned = bool(ex.learned) and ex.learned[-1][1] == len(ex.text)
+            labels += [
+                doc_labels,
+                np.array([tokenizer.eos_token_id if ends_learned else IGNORE], dtype=np.int32),
+            ]
+    flat_ids, flat_labels = np.concatenate(ids), np.concatenate(labels)
+    del ids, labels  # the per-document arrays: only the joined ones are needed now
+    n = len(flat_ids) // block
     if n == 0:
-        raise ConfigError(f"data: only {len(ids)} tokens, fewer than one block of {block}")
-    blocks = TokenBlocks(
-        torch.tensor(ids[: n * block], dtype=torch.long).view(n, block),
-        torch.tensor(labels[: n * block], dtype=torch.long).view(n, block),
+        raise ConfigError(f"data: only {len(flat_ids)} tokens, fewer than one block of {block}")
+    blocks = TokenBlocks(  # int32 while held (a corpus stays resident); batches go out as int64
+        torch.from_numpy(flat_ids[: n * block]).view(n, block),
+        torch.from_numpy(flat_labels[: n * block]).view(n, block),
     )
     keep = (blocks.labels[:, 1:] != IGNORE).any(dim=1)
     if not bool(keep.any()):
@@ -208,6 +214,26 @@ def pack_records(tokenizer: Any, records: Sequence[Record], block: int) -> Token
     return blocks if bool(keep.all()) else blocks[keep]
 
 
+def _tokenize(tokenizer: Any, batch: Sequence[Example]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, labels) of each example: plain text learns every token; otherwise a token is learned
+    if its characters lie wholly inside a learned span."""
+    texts = [ex.text for ex in batch]
+    spans = any(ex.learned != ((0, len(ex.text)),) for ex in batch)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=spans)
+    out = []
+    for i, ex in enumerate(batch):
+        doc = np.asarray(enc["input_ids"][i], dtype=np.int32)
+        if ex.learned == ((0, len(ex.text)),):
+            out.append((doc, doc))
+            continue
+        offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
+        inside = np.zeros(len(doc), dtype=bool)
+        for a, b in ex.learned:
+            inside |= (offsets[:, 0] >= a) & (offsets[:, 1] <= b)
+        out.append((doc, np.where(inside, doc, np.int32(IGNORE)).astype(np.int32)))
+    return out
+
+
 def pack(tokenizer: Any, docs: Sequence[str], block: int) -> torch.Tensor:
-    """Plain texts as ``[n, block]`` token ids (every token learned)."""
-    return pack_records(tokenizer, [Example.plain(d) for d in docs], block).input_ids
+    """Plain texts as ``[n, block]`` int64 token ids (every token learned)."""
+    return pack_records(tokenizer, [Example.plain(d) for d in docs], block).input_ids.long()

@@ -14,9 +14,19 @@ import pytest
 import torch
 
 from agent.daemon import Agent
-from agent.data import IGNORE, Conversation, Example, load_records, pack, pack_records, split
+from agent.data import (
+    IGNORE,
+    TOKENIZE_BATCH,
+    Conversation,
+    Example,
+    load_records,
+    pack,
+    pack_records,
+    split,
+)
 from agent.demo import prepare
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer
+from bench.data import per_document_pack
 from common.config import AgentConfig, AggregatorConfig, load
 from common.errors import ConfigError
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
@@ -130,7 +140,7 @@ def test_the_trainer_scores_and_learns_only_the_completions(model: Path) -> None
     assert tokens == blocks.learned_tokens
     with torch.no_grad():  # by hand: cross-entropy over the learned positions only
         logits = trainer.model(input_ids=blocks.input_ids).logits[:, :-1]
-        targets = blocks.labels[:, 1:]
+        targets = blocks.labels[:, 1:].long()
         by_hand = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     assert loss == pytest.approx(by_hand.item(), rel=1e-5)
     all_tokens, _ = trainer.evaluate(blocks.input_ids)  # the same blocks with every token learned
@@ -161,3 +171,28 @@ async def test_the_agent_daemon_trains_and_evaluates_on_prompt_completion_data(t
     assert all(r["tokens"] == expected.learned_tokens for r in history)
     assert expected.learned_tokens < expected.input_ids.numel() - len(expected)
     assert history[1]["eval_loss"] < history[0]["eval_loss"]
+
+
+def test_the_batched_packer_matches_the_per_document_one(model: Path) -> None:
+    """The batched int32 packer (agent.data) gives exactly the blocks and labels of the
+    per-document packer it replaced (kept in bench/data.py), over a mix of every kind of record
+    that spans several tokenizer batches."""
+    tok = tokenizer_of(model, TEMPLATE)
+    chat = Conversation((("user", "Weather?"), ("assistant", "Cold.")), "c")
+    texts = [doc for domain in DOMAINS for doc in domain_corpus(domain, 250, seed=7)]
+    records: list[Any] = []
+    for i, text in enumerate(texts):
+        kind = i % 3
+        if kind == 0:
+            records.append(Example.plain(text))
+        elif kind == 1:
+            records.append(Example(f"Q{i}: " + text, ((len(f"Q{i}: "), len(f"Q{i}: " + text)),), str(i)))
+        else:
+            records.append(chat)
+    assert len(records) > 1.4 * TOKENIZE_BATCH
+    ours, theirs = pack_records(tok, records, 24), per_document_pack(tok, records, 24)
+    assert ours.input_ids.dtype == torch.int32  # held as int32; batches go out as int64
+    assert torch.equal(ours.input_ids.long(), theirs.input_ids) and torch.equal(
+        ours.labels.long(), theirs.labels
+    )
+    assert ours[:2].to("cpu").input_ids.dtype == torch.long
