@@ -74,10 +74,7 @@ def write_export(
     """Write the export directory at ``out`` all at once (built beside it, then renamed into place);
     return {file: sha256}. An ``out`` that is not empty is refused unless ``force``."""
     check_adapter(tensors, lora)
-    try:
-        refuse_non_empty(out, force)
-    except FileExistsError as exc:
-        raise ExportError(str(exc)) from None
+    refuse_non_empty(out, force, ExportError)
     tmp = build_dir_beside(out)
     try:
         save_file(

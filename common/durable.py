@@ -43,7 +43,7 @@ def put_in_place(built: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def refuse_non_empty(out: Path, force: bool) -> None:
-    """Raise FileExistsError for an ``out`` that holds something, unless ``force``."""
+def refuse_non_empty(out: Path, force: bool, error: type[Exception] = FileExistsError) -> None:
+    """Raise ``error`` for an ``out`` that holds something, unless ``force``."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
+        raise error(f"{out} exists and is not empty; pass --force to replace it")

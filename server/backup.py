@@ -51,10 +51,7 @@ def backup(state_dir: Path, out: Path, force: bool = False) -> BackupReport:
     """Copy ``state_dir`` to ``out`` (module docstring); the directory appears whole or not at all."""
     if not (state_dir / DB).is_file():
         raise BackupError(f"no aggregator state at {state_dir} (no {DB})")
-    try:
-        refuse_non_empty(out, force)
-    except FileExistsError as exc:
-        raise BackupError(str(exc)) from None
+    refuse_non_empty(out, force, BackupError)
     tmp = build_dir_beside(out)
     try:
         latest = _copy_database(state_dir / DB, tmp / DB)

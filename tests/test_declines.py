@@ -225,6 +225,24 @@ async def test_masked_round_leaves_out_an_agent_whose_smallest_sum_it_cannot_mee
     assert declined("privacy_policy", "wary") >= before + 1  # and again in each later round
 
 
+def one_plain_agent(tmp_path: Path) -> tuple[AggregatorConfig, AgentConfig]:
+    """The demo's aggregator (plain rounds of 1 agent, no retry for LONG_S) and its aws agent."""
+    agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
+    quiet = {"CLOUDFED_ROUNDS_MIN_AGENTS": "1", "CLOUDFED_ROUNDS_RETRY_DELAY_S": str(LONG_S)}
+    agg_config = dataclasses.replace(load(AggregatorConfig, agg_path, env=quiet), metrics_listen="")
+    assert agg_config.rounds.upload_deadline_s == LONG_S
+    return agg_config, dataclasses.replace(load(AgentConfig, agent_paths[0], env={}), metrics_listen="")
+
+
+async def abandoned_at_once(agg) -> None:  # type: ignore[no-untyped-def]
+    """Wait until the round is abandoned, far sooner than its upload deadline."""
+    began = time.monotonic()
+    async with asyncio.timeout(120):
+        while agg.rounds.state.phase is not Phase.ABANDONED:  # noqa: ASYNC110 (a watch would count)
+            await asyncio.sleep(0.1)
+    assert time.monotonic() - began < LONG_S / 5
+
+
 async def test_agent_daemon_declines_a_round_its_training_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -232,11 +250,7 @@ async def test_agent_daemon_declines_a_round_its_training_fails(
     its local training diverges, so it declines the round (reason training) and counts it; the
     aggregator, with nobody else to wait for, abandons the round at once instead of at its
     5-minute upload deadline, saying that the agent declined."""
-    agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
-    quiet = {"CLOUDFED_ROUNDS_MIN_AGENTS": "1", "CLOUDFED_ROUNDS_RETRY_DELAY_S": str(LONG_S)}
-    agg_config = dataclasses.replace(load(AggregatorConfig, agg_path, env=quiet), metrics_listen="")
-    assert agg_config.rounds.upload_deadline_s == LONG_S
-    agent_config = dataclasses.replace(load(AgentConfig, agent_paths[0], env={}), metrics_listen="")
+    agg_config, agent_config = one_plain_agent(tmp_path)
 
     async def diverges(*_args: object, **_kw: object) -> None:
         raise InvalidArgument("training diverged: loss nan at step 0")
@@ -247,11 +261,7 @@ async def test_agent_daemon_declines_a_round_its_training_fails(
     )
     async with in_process(agg_config, Agent(agent_config)) as run:
         agg = run.agg
-        began = time.monotonic()
-        async with asyncio.timeout(120):
-            while agg.rounds.state.phase is not Phase.ABANDONED:  # noqa: ASYNC110 (a watch would count)
-                await asyncio.sleep(0.1)
-        assert time.monotonic() - began < LONG_S / 5
+        await abandoned_at_once(agg)
     assert "0 of 1 uploads, 1 declined" in agg.rounds.state.reason
     assert list(agg.rounds.db.participant_status(1).values()) == ["declined"]
     after = REGISTRY.get_sample_value(
@@ -267,10 +277,7 @@ async def test_agent_daemon_that_crashes_in_a_round_declines_it_before_it_exits(
     is no protocol refusal (here a simulated out-of-memory). It declines the round, naming the
     error, and then exits with it (its supervisor restarts it); the aggregator abandons the round
     at once instead of waiting for the agent until its upload deadline."""
-    agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
-    quiet = {"CLOUDFED_ROUNDS_MIN_AGENTS": "1", "CLOUDFED_ROUNDS_RETRY_DELAY_S": str(LONG_S)}
-    agg_config = dataclasses.replace(load(AggregatorConfig, agg_path, env=quiet), metrics_listen="")
-    agent_config = dataclasses.replace(load(AgentConfig, agent_paths[0], env={}), metrics_listen="")
+    agg_config, agent_config = one_plain_agent(tmp_path)
 
     async def out_of_memory(*_args: object, **_kw: object) -> None:
         raise RuntimeError("CUDA out of memory (simulated)")
@@ -279,11 +286,7 @@ async def test_agent_daemon_that_crashes_in_a_round_declines_it_before_it_exits(
     caplog.set_level(logging.WARNING)
     async with in_process(agg_config, Agent(agent_config)) as run:
         agg = run.agg
-        began = time.monotonic()
-        async with asyncio.timeout(120):
-            while agg.rounds.state.phase is not Phase.ABANDONED:  # noqa: ASYNC110 (a watch would count)
-                await asyncio.sleep(0.1)
-        assert time.monotonic() - began < LONG_S / 5
+        await abandoned_at_once(agg)
         with pytest.raises(RuntimeError, match="out of memory"):
             await asyncio.wait_for(run.agents[0], 30)
     assert "0 of 1 uploads, 1 declined" in agg.rounds.state.reason
