@@ -67,7 +67,7 @@ class Worker:
         self.ctx = ctx
         self.train_docs, self.eval_docs = split(load_records(config.data), config.eval_fraction)
         self.trainer: LoraTrainer | None = None
-        self.train_blocks = self.eval_blocks = TokenBlocks.of(torch.empty(0, 1, dtype=torch.long))
+        self.train_blocks = self.eval_blocks = TokenBlocks.empty()
 
     def execute(self, command: dict[str, Any]) -> Any:
         """Run one command (the same on every rank)."""
@@ -94,7 +94,7 @@ class Worker:
             return ParamLayout.from_tensors(self.trainer.adapter()).digest
         if op == "release":  # the federation is finished: give the memory back until it resumes
             self.trainer = None
-            self.train_blocks = self.eval_blocks = TokenBlocks.of(torch.empty(0, 1, dtype=torch.long))
+            self.train_blocks = self.eval_blocks = TokenBlocks.empty()
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

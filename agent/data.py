@@ -160,6 +160,11 @@ class TokenBlocks:
         """Blocks as they are, or a plain tensor of ids whose every token carries loss."""
         return blocks if isinstance(blocks, TokenBlocks) else cls(blocks, blocks)
 
+    @classmethod
+    def empty(cls) -> TokenBlocks:
+        """No blocks (before the model is loaded, and after it is released)."""
+        return cls.of(torch.empty(0, 1, dtype=torch.long))
+
     def __len__(self) -> int:
         return len(self.input_ids)
 

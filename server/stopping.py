@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from common.config import RoundsConfig
-from server.version_ranking import Evals, weighted_loss
+from server.version_ranking import Evals, evaluated, weighted_loss
 
 
 def finish_reason(global_version: int, evals: Mapping[int, Evals], rounds: RoundsConfig) -> str | None:
@@ -17,7 +17,7 @@ def finish_reason(global_version: int, evals: Mapping[int, Evals], rounds: Round
         return f"reached rounds.max_versions = {rounds.max_versions} (version {global_version})"
     if not rounds.early_stop_patience:
         return None
-    scored = {v: e for v, e in evals.items() if e and v <= global_version}
+    scored = evaluated(evals, range(global_version + 1))
     if not scored:
         return None
     most = max(len(e) for e in scored.values())

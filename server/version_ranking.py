@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 
 Evals = Mapping[str, tuple[float, int]]
 """{agent: (eval loss, tokens)} of one version."""
@@ -14,10 +14,14 @@ def weighted_loss(evals: Evals) -> float:
     return sum(loss * weights[a] for a, (loss, _) in evals.items()) / sum(weights.values())
 
 
+def evaluated(evals: Mapping[int, Evals], versions: Container[int]) -> dict[int, Evals]:
+    """The evaluations of those of ``versions`` that have any."""
+    return {v: e for v, e in evals.items() if e and v in versions}
+
+
 def ranked(committed: Sequence[int], evals: Mapping[int, Evals]) -> list[int]:
     """The committed versions that have evaluations, best first: those evaluated by more agents
     first (a version only the agents with the easiest text evaluated cannot win), then by the
     lowest token-weighted eval loss, then the older."""
-    known = set(committed)
-    scored = {v: e for v, e in evals.items() if e and v in known}
+    scored = evaluated(evals, set(committed))
     return sorted(scored, key=lambda v: (-len(scored[v]), weighted_loss(scored[v]), v))

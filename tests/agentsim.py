@@ -79,6 +79,23 @@ def upload_header(event: pb.RoundEvent, layout_digest: str, weight: float, **kw:
     return pb.UploadHeader(**fields)  # type: ignore[arg-type]
 
 
+def round_update(run, version: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """A small update, the same for a version in every run (``run``: the tests' running aggregator)."""
+    return np.random.default_rng(version).normal(size=run.agg.rounds.layout.numel) * 0.01
+
+
+async def upload_next_round(  # type: ignore[no-untyped-def]
+    run, client: AggregatorClient, watcher: Watcher, join: pb.JoinResponse, version: int, tmp: Path
+) -> pb.RoundEvent:
+    """Upload ``round_update(version)`` (weight 10) in the next round to open and wait for
+    ``version`` to commit; return the round's event."""
+    event = await watcher.until(pb.ROUND_PHASE_UPLOAD)
+    payload = write_payload(tmp / f"u{version}-{event.round_id}.bin", round_update(run, version), 10.0)
+    await client.upload(payload, upload_header(event, join.settings.layout.digest, 10.0))
+    await watcher.until_version(version)
+    return event
+
+
 @dataclass
 class KeyPhase:
     """An agent at the start of a masked round: its client, Join reply, watcher, the round's

@@ -10,7 +10,6 @@ import json
 import sqlite3
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,7 +18,7 @@ from protos.cloudfed.v1 import federation_pb2 as pb
 from server.backup import REPORT, BackupError, backup, backup_into
 from server.checkpoints import CheckpointStore
 from server.state import StateDB
-from tests.agentsim import Watcher, upload_header, write_payload
+from tests.agentsim import Watcher, round_update, upload_header, upload_next_round, write_payload
 from tests.conftest import Pki, aggregator_config, seed_store, small_adapter
 from tests.daemons import run_cli
 
@@ -29,18 +28,6 @@ def fedadam_config(pki: Pki, state: Path) -> AggregatorConfig:
     return dataclasses.replace(
         base, federation=dataclasses.replace(base.federation, server_optimizer="fedadam", server_lr=0.05)
     )
-
-
-def update(run, version: int) -> np.ndarray:  # type: ignore[no-untyped-def]
-    return np.random.default_rng(version).normal(size=run.agg.rounds.layout.numel) * 0.01
-
-
-async def upload_round(run, client, watcher, join, version: int, tmp: Path) -> pb.RoundEvent:  # type: ignore[no-untyped-def]
-    event = await watcher.until(pb.ROUND_PHASE_UPLOAD)
-    payload = write_payload(tmp / f"u{version}-{event.round_id}.bin", update(run, version), 10.0)
-    await client.upload(payload, upload_header(event, join.settings.layout.digest, 10.0))
-    await watcher.until_version(version)
-    return event
 
 
 async def test_a_backup_taken_mid_round_restores_to_the_same_next_version(
@@ -54,10 +41,10 @@ async def test_a_backup_taken_mid_round_restores_to_the_same_next_version(
         watcher = Watcher(client)
         try:
             for version in (1, 2):
-                await upload_round(run, client, watcher, join, version, tmp_path)
+                await upload_next_round(run, client, watcher, join, version, tmp_path)
             open_round = await watcher.until(pb.ROUND_PHASE_UPLOAD)  # round 3 is open: back up now
             report = await asyncio.to_thread(backup, config.state_dir, out)
-            payload = write_payload(tmp_path / "u3.bin", update(run, 3), 10.0)
+            payload = write_payload(tmp_path / "u3.bin", round_update(run, 3), 10.0)
             await client.upload(payload, upload_header(open_round, join.settings.layout.digest, 10.0))
             await watcher.until_version(3)
         finally:
@@ -81,7 +68,7 @@ async def test_a_backup_taken_mid_round_restores_to_the_same_next_version(
         join = await client.join(num_examples=10)
         watcher = Watcher(client)
         try:
-            event = await upload_round(restored, client, watcher, join, 3, tmp_path)
+            event = await upload_next_round(restored, client, watcher, join, 3, tmp_path)
             assert event.round_id == 4  # round 3 was in flight in the backup: it was interrupted
         finally:
             await watcher.close()

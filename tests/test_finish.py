@@ -9,7 +9,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 from prometheus_client import REGISTRY
 
 from agent.daemon import Agent
@@ -19,7 +18,7 @@ from protos.cloudfed.v1 import federation_pb2 as pb
 from server.app import build_aggregator
 from server.rounds import Phase
 from server.stopping import finish_reason
-from tests.agentsim import Watcher, in_process, upload_header, write_payload
+from tests.agentsim import Watcher, in_process, upload_next_round
 from tests.conftest import Pki, aggregator_config
 
 PATIENT = RoundsConfig(early_stop_patience=2)
@@ -68,12 +67,8 @@ async def test_early_stopping_finishes_the_federation_and_it_stays_finished(
         try:
             await client.report_eval(0, losses[0], 100)
             for version in range(1, 5):
-                event = await watcher.until(pb.ROUND_PHASE_UPLOAD)
+                event = await upload_next_round(run, client, watcher, join, version, tmp_path)
                 assert event.round_id == version
-                delta = np.random.default_rng(version).normal(size=run.agg.rounds.layout.numel) * 0.01
-                payload = write_payload(tmp_path / f"u{version}.bin", delta, 10.0)
-                await client.upload(payload, upload_header(event, join.settings.layout.digest, 10.0))
-                await watcher.until_version(version)
                 if version in losses:
                     await client.report_eval(version, losses[version], 100)
             finished = await watcher.until(pb.ROUND_PHASE_FINISHED, timeout=10)

@@ -17,12 +17,11 @@ from prometheus_client import REGISTRY
 from agent.export import ExportError
 from common.config import CheckpointsConfig
 from common.errors import ConfigError, NotFound
-from protos.cloudfed.v1 import federation_pb2 as pb
 from server import retention
 from server.checkpoints import CheckpointStore
 from server.export import choose_version
 from server.version_ranking import ranked
-from tests.agentsim import Watcher, upload_header, write_payload
+from tests.agentsim import Watcher, upload_next_round
 from tests.conftest import Pki, aggregator_config
 from tests.daemons import run_cli
 
@@ -126,11 +125,7 @@ async def test_the_aggregator_prunes_as_versions_commit(start_aggregator, pki: P
         try:
             await client.report_eval(0, LOSSES[0], 100)
             for version in range(1, 5):
-                event = await watcher.until(pb.ROUND_PHASE_UPLOAD)
-                delta = torch.randn(run.agg.rounds.layout.numel).numpy() * 0.01
-                payload = write_payload(tmp_path / f"u{version}.bin", delta, 10.0)
-                await client.upload(payload, upload_header(event, join.settings.layout.digest, 10.0))
-                await watcher.until_version(version)
+                await upload_next_round(run, client, watcher, join, version, tmp_path)
                 on_disk[version] = store.versions()
                 await client.report_eval(version, LOSSES[version], 100)
             assert on_disk == {1: [0, 1], 2: [0, 1, 2], 3: [0, 1, 2, 3], 4: [0, 1, 3, 4]}
