@@ -22,8 +22,10 @@ from safetensors.torch import load_file, save_file
 
 from agent import metrics
 from agent.client import AggregatorClient
-from agent.data import TokenBlocks, load_records, pack_records, split
+from agent.data import TokenBlocks, load_records, pack_records, record_blocks, split
 from agent.distributed import DistContext
+from agent.dp_budget import PrivacyBudgetSpent, PrivacyLedger
+from agent.dp_sgd import DpStep
 from agent.privacy import announced, check_federation, describe
 from agent.secure import SecureParticipation, Signer
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device, pick_dtype
@@ -68,6 +70,8 @@ class Worker:
         self.train_docs, self.eval_docs = split(load_records(config.data), config.eval_fraction)
         self.trainer: LoraTrainer | None = None
         self.train_blocks = self.eval_blocks = TokenBlocks.empty()
+        self.train_records = 0
+        """Training examples over all ranks (with DP-SGD: records, one a row)."""
 
     def execute(self, command: dict[str, Any]) -> Any:
         """Run one command (the same on every rank)."""
@@ -77,8 +81,9 @@ class Worker:
                 device = self.ctx.device(pick_device(self.config.device))
                 dtype = pick_dtype(self.config.precision, device)
                 checkpointing = self.config.activation_checkpointing
+                private = self.config.privacy.dp.enabled
                 self.trainer = LoraTrainer(
-                    command["model"], command["lora"], device, self.ctx, dtype, checkpointing
+                    command["model"], command["lora"], device, self.ctx, dtype, checkpointing, private
                 )
                 log.info(
                     "rank %d: training on %s, base weights %s%s",
@@ -89,8 +94,9 @@ class Worker:
                 )
                 length, rank, world = command["sequence_length"], self.ctx.rank, self.ctx.world_size
                 tokenizer = self.trainer.tokenizer
-                self.train_blocks = _shard(pack_records(tokenizer, self.train_docs, length), rank, world)
+                self.train_blocks = _shard(self._training_rows(tokenizer, length), rank, world)
                 self.eval_blocks = _shard(pack_records(tokenizer, self.eval_docs, length), rank, world)
+                self.train_records = round(self.ctx.all_sum([float(len(self.train_blocks))])[0])
             return ParamLayout.from_tensors(self.trainer.adapter()).digest
         if op == "release":  # the federation is finished: give the memory back until it resumes
             self.trainer = None
@@ -102,7 +108,9 @@ class Worker:
         assert self.trainer is not None
         if op == "train":
             self.trainer.set_adapter(command["adapter"])
-            delta, loss = self.trainer.train(self.train_blocks, command["training"], command["round_id"])
+            delta, loss = self.trainer.train(
+                self.train_blocks, command["training"], command["round_id"], command.get("dp")
+            )
             log.info(
                 "rank %d/%d: round %d trained on %d local blocks (loss %.4f)",
                 self.ctx.rank,
@@ -116,6 +124,21 @@ class Worker:
             self.trainer.set_adapter(command["adapter"])
             return self.trainer.evaluate(self.eval_blocks)
         raise ValueError(f"unknown command {op!r}")
+
+    def _training_rows(self, tokenizer: Any, length: int) -> TokenBlocks:
+        """Packed blocks; with DP-SGD one row a record, so that a record is one example."""
+        if not self.config.privacy.dp.enabled:
+            return pack_records(tokenizer, self.train_docs, length)
+        rows, cut = record_blocks(tokenizer, self.train_docs, length)
+        if cut and self.ctx.is_leader:
+            log.warning(
+                "DP-SGD: %d of %d training records are longer than sequence_length (%d tokens) and were"
+                " cut to it; split long documents into records to train on all of them",
+                cut,
+                len(self.train_docs),
+                length,
+            )
+        return rows
 
     def follow(self) -> None:
         """Ranks > 0: run rank 0's commands until it says stop. A failed training (the ranks decide
@@ -131,6 +154,8 @@ class Worker:
 def sat_out_reason(exc: CloudfedError) -> str:
     """The ``reason`` label of a round this agent refused: its privacy policy, a roster that did
     not verify, or any other protocol check."""
+    if isinstance(exc, PrivacyBudgetSpent):
+        return "privacy_budget"
     if isinstance(exc, PolicyRefused):
         return "privacy_policy"
     if isinstance(exc, RosterError):
@@ -183,6 +208,8 @@ class Agent:
         (self.state / "models").mkdir(parents=True, exist_ok=True)
         (self.state / "uploads").mkdir(parents=True, exist_ok=True)
         self.progress = Progress()
+        dp = config.privacy.dp
+        self.ledger = PrivacyLedger(self.state, dp) if dp.enabled else None
         self._shared: tuple[str, Codec] | None = None  # (state digest, codec built from that state)
         log.info(
             "%d training and %d evaluation documents from %s",
@@ -375,24 +402,36 @@ class Agent:
         return load_file(path)
 
     async def _train(
-        self, base: dict[str, torch.Tensor], training: LocalTraining, round_id: int
+        self, base: dict[str, torch.Tensor], training: LocalTraining, round_id: int, dp: DpStep | None
     ) -> tuple[dict[str, torch.Tensor], float]:
         with metrics.step("train"):
             result: tuple[dict[str, torch.Tensor], float] = await self.everywhere(
-                op="train", adapter=base, training=training, round_id=round_id
+                op="train", adapter=base, training=training, round_id=round_id, dp=dp
             )
         return result
+
+    def _plan_privacy(self, client: AggregatorClient, round_id: int, t: pb.TrainingSettings) -> DpStep | None:
+        """The round's DP-SGD settings (None without ``privacy.dp``); PrivacyBudgetSpent when the
+        round does not fit in the budget."""
+        if self.ledger is None:
+            return None
+        metrics.DP_EPSILON_BUDGET.labels(**client.labels).set(self.ledger.config.max_epsilon)
+        metrics.DP_EPSILON.labels(**client.labels).set(self.ledger.epsilon)
+        return self.ledger.plan(
+            round_id, self.worker.train_records, t.batch_size, self.ctx.world_size, t.local_steps
+        )
 
     async def _take_part(
         self, client: AggregatorClient, settings: pb.FederationSettings, event: pb.RoundEvent, agent_id: str
     ) -> None:
-        base = await self._global(client, event.global_version)
         t = settings.training
+        dp = self._plan_privacy(client, event.round_id, t)  # PrivacyBudgetSpent: declined, untrained
+        base = await self._global(client, event.global_version)
         training = LocalTraining(t.local_steps, t.learning_rate, t.batch_size, t.sequence_length, t.seed)
         began = time.monotonic()
         if settings.secagg.enabled:  # round keys are single-use: a masked round is never retried
             self.progress.rounds_trained.add(event.round_id)
-        training_task = asyncio.ensure_future(self._train(base, training, event.round_id))
+        training_task = asyncio.ensure_future(self._train(base, training, event.round_id, dp))
         secure = None
         try:
             if settings.secagg.enabled:  # key phases run while the model trains
@@ -414,6 +453,10 @@ class Agent:
             if not training_task.done():  # a key phase failed: let the ranks finish before leaving
                 with contextlib.suppress(Exception):
                     await training_task
+        if dp is not None:  # before anything of this training leaves the cloud
+            assert self.ledger is not None
+            spent = await asyncio.to_thread(self.ledger.record, event.round_id, dp, t.local_steps)
+            metrics.DP_EPSILON.labels(**client.labels).set(spent)
         with metrics.step("encode"):
             layout = ParamLayout.from_tensors(base)
             payload = self.state / "uploads" / f"round-{event.round_id}.bin"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,18 +192,9 @@ def pack_records(tokenizer: Any, records: Sequence[Record], block: int) -> Token
     are tokenized in batches and kept as int32 (8 bytes a token with its label, not Python ints)."""
     ids: list[np.ndarray] = []
     labels: list[np.ndarray] = []
-    for first in range(0, len(records), TOKENIZE_BATCH):
-        batch = [
-            r.render(tokenizer) if isinstance(r, Conversation) else r
-            for r in records[first : first + TOKENIZE_BATCH]
-        ]
-        for ex, (doc_ids, doc_labels) in zip(batch, _tokenize(tokenizer, batch), strict=True):
-            ids += [doc_ids, np.array([tokenizer.eos_token_id], dtype=np.int32)]
-            ends_learned = bool(ex.learned) and ex.learned[-1][1] == len(ex.text)
-            labels += [
-                doc_labels,
-                np.array([tokenizer.eos_token_id if ends_learned else IGNORE], dtype=np.int32),
-            ]
+    for doc_ids, doc_labels in _encoded(tokenizer, records):
+        ids.append(doc_ids)
+        labels.append(doc_labels)
     flat_ids, flat_labels = np.concatenate(ids), np.concatenate(labels)
     del ids, labels  # the per-document arrays: only the joined ones are needed now
     n = len(flat_ids) // block
@@ -213,6 +204,42 @@ def pack_records(tokenizer: Any, records: Sequence[Record], block: int) -> Token
         torch.from_numpy(flat_ids[: n * block]).view(n, block),
         torch.from_numpy(flat_labels[: n * block]).view(n, block),
     )
+    return _learning(blocks)
+
+
+def record_blocks(tokenizer: Any, records: Sequence[Record], block: int) -> tuple[TokenBlocks, int]:
+    """One ``block``-long row per record, for record-level differential privacy (a record is then
+    exactly one example): its tokens and EOS, cut at ``block`` and padded with EOS that carries no
+    loss (the model is causal: no real token sees the padding). Rows with nothing to learn are
+    dropped. Returns the rows and how many records were cut."""
+    rows = len(records)
+    ids = np.full((rows, block), tokenizer.eos_token_id, dtype=np.int32)
+    labels = np.full((rows, block), IGNORE, dtype=np.int32)
+    cut = 0
+    for row, (doc_ids, doc_labels) in enumerate(_encoded(tokenizer, records)):
+        n = min(len(doc_ids), block)
+        cut += len(doc_ids) > block
+        ids[row, :n], labels[row, :n] = doc_ids[:n], doc_labels[:n]
+    return _learning(TokenBlocks(torch.from_numpy(ids), torch.from_numpy(labels))), cut
+
+
+def _encoded(tokenizer: Any, records: Sequence[Record]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each record's (ids, labels) as int32, EOS appended, tokenized in batches."""
+    eos = np.array([tokenizer.eos_token_id], dtype=np.int32)
+    unlearned = np.array([IGNORE], dtype=np.int32)
+    for first in range(0, len(records), TOKENIZE_BATCH):
+        batch = [
+            r.render(tokenizer) if isinstance(r, Conversation) else r
+            for r in records[first : first + TOKENIZE_BATCH]
+        ]
+        for ex, (doc_ids, doc_labels) in zip(batch, _tokenize(tokenizer, batch), strict=True):
+            ends_learned = bool(ex.learned) and ex.learned[-1][1] == len(ex.text)
+            last = eos if ends_learned else unlearned
+            yield np.concatenate([doc_ids, eos]), np.concatenate([doc_labels, last])
+
+
+def _learning(blocks: TokenBlocks) -> TokenBlocks:
+    """The blocks that hold a token to learn (ConfigError if none does)."""
     keep = (blocks.labels[:, 1:] != IGNORE).any(dim=1)
     if not bool(keep.any()):
         raise ConfigError("data: no block holds a token to learn (completions, assistant turns)")

@@ -30,12 +30,24 @@ ROUNDS_TRAINED = Counter(
 )
 ROUNDS_SAT_OUT = Counter(
     "cloudfed_agent_rounds_sat_out",
-    "Rounds this agent refused to take part in, by reason (privacy_policy, roster, protocol, aggregator).",
+    "Rounds this agent refused to take part in, by reason (privacy_policy, privacy_budget, roster, protocol,"
+    " training, aggregator).",
     ["cloud", "agent", "reason"],
 )
 CLIPPED_RATIO = Gauge(
     "cloudfed_secagg_clipped_ratio",
     "Fraction of coordinates of the last masked update beyond their clip bound (clipped before encoding).",
+    ["cloud", "agent"],
+)
+DP_EPSILON = Gauge(
+    "cloudfed_agent_dp_epsilon",
+    "Differential privacy this agent has spent on its training records (epsilon at privacy.dp.delta,"
+    " over every round it trained).",
+    ["cloud", "agent"],
+)
+DP_EPSILON_BUDGET = Gauge(
+    "cloudfed_agent_dp_epsilon_budget",
+    "This agent's privacy budget (privacy.dp.max_epsilon): it trains no round that would spend more.",
     ["cloud", "agent"],
 )
 STEP = Gauge("cloudfed_agent_step", "1 while the agent is in this step of a round, else 0.", ["phase"])

@@ -19,6 +19,7 @@ import torch
 
 from agent.data import TokenBlocks
 from agent.distributed import DistContext
+from agent.dp_sgd import DpStep, PrivateGradients
 from common.errors import ConfigError, InvalidArgument, TrainingFailed
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,10 @@ class LoraTrainer:
         ctx: DistContext | None = None,
         dtype: torch.dtype = torch.float32,
         checkpointing: bool = False,
+        private: bool = False,
     ) -> None:
+        """``private``: train with DP-SGD (``agent.dp_sgd``); the ranks then sum the clipped,
+        noised gradients themselves instead of through DDP."""
         from transformers import AutoTokenizer
 
         self.device = device
@@ -156,7 +160,10 @@ class LoraTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = build_adapter_model(model_path, lora, device, dtype, checkpointing)
         self.ddp: Any = None
-        if self.ctx.enabled:  # every rank trains its shard; DDP all-reduces the LoRA gradients
+        self.private: PrivateGradients | None = None
+        if private:
+            self.private = PrivateGradients(self.model, self.ctx)
+        elif self.ctx.enabled:  # every rank trains its shard; DDP all-reduces the LoRA gradients
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [torch.device(device).index] if device.startswith("cuda") else None
@@ -183,14 +190,24 @@ class LoraTrainer:
         set_peft_model_state_dict(self.model, {k: v.to(self.device) for k, v in tensors.items()})
 
     def train(
-        self, blocks: torch.Tensor | TokenBlocks, training: LocalTraining, round_id: int
+        self,
+        blocks: torch.Tensor | TokenBlocks,
+        training: LocalTraining,
+        round_id: int,
+        dp: DpStep | None = None,
     ) -> tuple[dict[str, torch.Tensor], float]:
         """Train ``training.steps`` steps from the current adapter; return (delta, mean train loss).
-        ``blocks``: token blocks with their labels, or plain token ids (every token learned)."""
+        ``blocks``: token blocks with their labels, or plain token ids (every token learned); with
+        ``dp`` (a trainer made ``private``), one record a row."""
         blocks = TokenBlocks.of(blocks)
         start = self.adapter()
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=0.0)
+        if dp is not None:
+            if self.private is None:
+                raise ConfigError("DP-SGD asked of a trainer not made private")
+            self.model.train()
+            return self._train_private(blocks, training, round_id, dp, optimizer, start)
         generator = torch.Generator().manual_seed(
             (training.seed * 1_000_003 + round_id) * 131 + self.ctx.rank
         )
@@ -216,6 +233,37 @@ class LoraTrainer:
             progress(step + 1, losses[-1], began)
         end = self.adapter()
         return {k: end[k] - start[k] for k in start}, sum(losses) / len(losses)
+
+    def _train_private(
+        self,
+        blocks: TokenBlocks,
+        training: LocalTraining,
+        round_id: int,
+        dp: DpStep,
+        optimizer: torch.optim.Optimizer,
+        start: dict[str, torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """DP-SGD steps: the optimizer steps on noisy clipped gradients only."""
+        assert self.private is not None
+        losses = []
+        progress = _progress(training.steps, f"round {round_id} local training (DP-SGD)")
+        began = time.monotonic()
+        for step in range(training.steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss, count, finite = self.private.step(blocks, dp, training.batch_size)
+            total, sampled, bad = self.ctx.all_sum([0.0 if count == 0 else loss * count, count, not finite])
+            if bad:
+                raise TrainingFailed(
+                    f"training diverged at step {step}: a loss or gradient is not finite on {round(bad)} "
+                    f"of {self.ctx.world_size} rank(s)"
+                )
+            optimizer.step()
+            if sampled:
+                losses.append(total / sampled)
+            progress(step + 1, losses[-1] if losses else math.nan, began)
+        end = self.adapter()
+        mean = sum(losses) / len(losses) if losses else math.nan
+        return {k: end[k] - start[k] for k in start}, mean
 
     def _ranks_diverged(self, loss: torch.Tensor) -> int:
         """On how many ranks this step's loss is not finite, decided by all ranks together: a rank

@@ -482,6 +482,58 @@ class AggregatorConfig:
         check_settings(sa.coverage, sa.neighbours)
 
 
+DP_ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass(frozen=True)
+class DpConfig:
+    """Record-level differential privacy of this cloud's training data (DP-SGD in the agent):
+    every update this agent sends is (epsilon, delta)-DP with respect to any one of its training
+    records, whatever the aggregator or anyone else later does with it."""
+
+    enabled: bool = False
+    """Train with DP-SGD: Poisson-sampled records, each record's gradient clipped, Gaussian noise."""
+    max_epsilon: float = 8.0
+    """The privacy budget: this agent declines every round that would take its epsilon, over all
+    the rounds it ever trained (kept in the state dir), above this."""
+    delta: float = 1e-6
+    """The delta of the (epsilon, delta) guarantee; it must be below 1 / (training records)."""
+    max_grad_norm: float = 1.0
+    """Each record's gradient is clipped to this L2 norm."""
+    noise_multiplier: float = 0.0
+    """Noise standard deviation over max_grad_norm; 0: the smallest that lets planned_rounds
+    rounds fit in max_epsilon."""
+    planned_rounds: int = 0
+    """Rounds the budget should last when noise_multiplier is 0."""
+    accountant: str = "rdp"
+    """``rdp`` (Renyi DP, Mironov 2017) or ``prv`` (privacy random variables, Gopi et al. 2021:
+    tighter, the same noise yields a smaller epsilon)."""
+
+    def validate(self) -> DpConfig:
+        """ConfigError naming the field."""
+        if not self.enabled:
+            return self
+        if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
+            raise ConfigError(f"privacy.dp.max_epsilon must be > 0, got {self.max_epsilon}")
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"privacy.dp.delta must be between 0 and 1, got {self.delta}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ConfigError(f"privacy.dp.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ConfigError(f"privacy.dp.noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.planned_rounds < 0:
+            raise ConfigError(f"privacy.dp.planned_rounds must be >= 0, got {self.planned_rounds}")
+        if self.noise_multiplier == 0 and self.planned_rounds == 0:
+            raise ConfigError(
+                "privacy.dp: set noise_multiplier, or planned_rounds (>= 1) to derive it from max_epsilon"
+            )
+        if self.accountant not in DP_ACCOUNTANTS:
+            raise ConfigError(
+                f"privacy.dp.accountant: expected one of {', '.join(DP_ACCOUNTANTS)}, got {self.accountant!r}"
+            )
+        return self
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
     """What this agent requires before any update leaves its cloud. Checked when it joins (a
@@ -501,6 +553,8 @@ class PrivacyConfig:
     """Agents that may collude with the aggregator: refuse rounds whose threshold t does not satisfy
     2t > k + 1 + colluders (k + 1 agents hold each agent's shares), under which the aggregator and
     the colluders could collect both of this agent's secrets. At most min_agents_per_sum - 2."""
+    dp: DpConfig = field(default_factory=DpConfig)
+    """Differential privacy of this cloud's records (``[privacy.dp]``)."""
 
     def refusal(self, federation: str, masked: bool, coverage: int) -> str | None:
         """Why a federation (masked or not, ``coverage`` agents an element, 0: all) breaks this
@@ -533,6 +587,7 @@ class PrivacyConfig:
                 f" ({self.min_agents_per_sum - 2}), got {self.colluders}: a sum over the colluders and"
                 " this agent would be this agent's update"
             )
+        self.dp.validate()
         return self
 
 
@@ -610,6 +665,11 @@ class AgentConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision: expected 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         self.privacy.validate()
+        if self.privacy.dp.enabled and self.activation_checkpointing:
+            raise ConfigError(
+                "activation_checkpointing cannot be used with privacy.dp: recomputed activations break"
+                " the per-record gradients DP-SGD clips"
+            )
         _check_tls(self.tls)
         self.tls.check_crl()
         return self

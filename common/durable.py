@@ -17,6 +17,19 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def replace_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (readers see the old file or the new one) and
+    durably (file and rename fsynced before returning)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file and directory under ``root``, and ``root``."""
     for p in [*sorted(root.rglob("*"), reverse=True), root]:

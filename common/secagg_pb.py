@@ -23,6 +23,7 @@ DECLINE_REASONS = {
     "roster": pb.DECLINE_REASON_ROSTER,
     "protocol": pb.DECLINE_REASON_PROTOCOL,
     "training": pb.DECLINE_REASON_TRAINING,
+    "privacy_budget": pb.DECLINE_REASON_PRIVACY_BUDGET,
 }
 """Why an agent sits a round out, on the wire, by the ``reason`` label both sides' metrics use."""
 

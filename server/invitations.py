@@ -27,6 +27,9 @@ class AgentInfo:
     min_agents_per_sum: int = 0
     """The fewest agents whose sum the agent lets the aggregator learn (0: it announced no policy)."""
     joined_at: float = field(default_factory=time.time)
+    budget_spent: str = ""
+    """Why the agent trains no further round of this connection (it declined one because its
+    differential-privacy budget is spent), or ''. A new Join clears it."""
 
 
 @dataclass(frozen=True)

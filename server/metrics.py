@@ -9,7 +9,10 @@ from common.metrics import LATENCY_BUCKETS
 ROUND = Gauge("cloudfed_round", "Id of the current (or last) round.")
 GLOBAL_VERSION = Gauge("cloudfed_global_version", "Latest committed global model version.")
 AGENTS = Gauge(
-    "cloudfed_agents", "Agents by state: connected (watching rounds) or participating now.", ["state"]
+    "cloudfed_agents",
+    "Agents by state: connected (watching rounds), participating now, or budget_spent (connected, but"
+    " their differential-privacy budget is spent: invited to no round).",
+    ["state"],
 )
 ROUNDS = Counter("cloudfed_rounds", "Rounds ended, by outcome and reason.", ["outcome", "reason"])
 DROPPED = Counter(

@@ -249,6 +249,7 @@ class RoundCoordinator:
 
     async def _membership_changed(self) -> None:
         metrics.AGENTS.labels(state="connected").set(len(self.connected))
+        metrics.AGENTS.labels(state="budget_spent").set(len(self.connected) - len(self.trainable))
         async with self._changed:
             self._changed.notify_all()
 
@@ -295,6 +296,19 @@ class RoundCoordinator:
     def connected(self) -> list[str]:
         """Agents with an open watch stream that have joined."""
         return sorted(uri for uri in self._watchers if uri in self.agents)
+
+    @property
+    def trainable(self) -> list[str]:
+        """Connected agents that may be invited: not those whose privacy budget is spent."""
+        return [uri for uri in self.connected if not self.agents[uri].budget_spent]
+
+    def _spent(self) -> dict[str, str]:
+        """Connected agents left out of rounds because their privacy budget is spent, with why."""
+        return {
+            uri: f"its differential-privacy budget is spent ({self.agents[uri].budget_spent})"
+            for uri in self.connected
+            if self.agents[uri].budget_spent
+        }
 
     def check_upload(self, peer: SpiffeId, meta: UploadMeta) -> None:
         """Raise unless ``peer`` may upload ``meta`` into the current round."""
@@ -444,6 +458,8 @@ class RoundCoordinator:
         if peer.uri in self._declined:
             return  # a retried call
         self._declined[peer.uri] = reason
+        if reason == "privacy_budget" and peer.uri in self.agents:  # until it joins again
+            self.agents[peer.uri].budget_spent = detail or "declined a round for its privacy budget"
         if s.phase is Phase.ADVERTISE_KEYS and self._secure is not None:
             self._secure.withdraw(peer.uri)  # not in the roster: nobody shares with it
         self.db.declined(round_id, peer.uri)
@@ -452,6 +468,8 @@ class RoundCoordinator:
         if s.phase is Phase.UPLOAD:
             self._check_all_in()
         await self._moved_on()
+        if reason == "privacy_budget":
+            await self._membership_changed()
 
     async def expel(self, peer: SpiffeId, detail: str) -> None:
         """``peer`` may take no further part (its certificate was revoked): it sits the round in
@@ -586,7 +604,7 @@ class RoundCoordinator:
         return True
 
     async def _wait_for_agents(self, stop: asyncio.Event) -> bool:
-        while len(self.connected) < self.config.min_agents:
+        while len(self.trainable) < self.config.min_agents:
             if stop.is_set():
                 return False
             async with self._changed:
@@ -598,8 +616,8 @@ class RoundCoordinator:
         if self.secagg is not None:
             return await self._run_secure_round(round_id, self.secagg)
         base = self._state.global_version
-        participants = frozenset(self.connected[: self.config.max_agents])
-        self._claimed, self._added, self._declined, self._left_out = set(), set(), {}, {}
+        participants = frozenset(self.trainable[: self.config.max_agents])
+        self._claimed, self._added, self._declined, self._left_out = set(), set(), {}, self._spent()
         self._all_in = asyncio.Event()
         self._start_codec(round_id)
         if self._autoencoder is not None:
@@ -613,7 +631,15 @@ class RoundCoordinator:
         deadline = time.time() + self.config.upload_deadline_s
         self.db.round_started(round_id, base, deadline, sorted(participants))
         await self._publish(
-            RoundState(round_id, Phase.UPLOAD, base, participants, deadline, codec=self._round_settings)
+            RoundState(
+                round_id,
+                Phase.UPLOAD,
+                base,
+                participants,
+                deadline,
+                codec=self._round_settings,
+                left_out=self._left_out,
+            )
         )
         with metrics.PHASE_SECONDS.labels(phase="upload").time():
             with contextlib.suppress(TimeoutError):
@@ -661,12 +687,12 @@ class RoundCoordinator:
     def _invite(self, sa: SecAggConfig) -> tuple[frozenset[str], int, Mapping[str, str]]:
         """A masked round's invited agents, the colluders its threshold allows for (the configured
         ones, or the most any invited agent's policy names) and the agents left out by theirs."""
-        invitation = invite(self.connected, self.config.max_agents, self.agents, sa.neighbours, sa.threshold)
+        invitation = invite(self.trainable, self.config.max_agents, self.agents, sa.neighbours, sa.threshold)
         for agent, why in invitation.left_out.items():
             log.warning("round %d: not inviting %s: %s", self._state.round_id + 1, agent, why)
             metrics.DECLINED.labels(**peer_labels(SpiffeId.parse(agent)), reason="privacy_policy").inc()
         colluders = max([sa.colluders, *(self.agents[a].colluders for a in invitation.invited)])
-        return invitation.invited, colluders, invitation.left_out
+        return invitation.invited, colluders, {**self._spent(), **invitation.left_out}
 
     def _round_clips(self, sa: SecAggConfig, base: int, count: int) -> SegmentClips | None:
         """Adaptive clipping: bounds from the aggregate that produced ``base``, encoded with this
@@ -696,7 +722,7 @@ class RoundCoordinator:
             self.db.round_started(round_id, base, time.time(), sorted(invited))
             reason = (
                 f"{len(invited)} agents can be invited ({len(self._left_out)} left out by their privacy"
-                f" policy), {needed} uploads needed"
+                f" policy or budget), {needed} uploads needed"
             )
             await self._abandon(round_id, reason, "too_few_agents", [])
             return False

@@ -141,6 +141,11 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     """Another protocol check failed (the round's parameters, the unmask request)."""
     DECLINE_REASON_TRAINING: _DeclineReason.ValueType  # 4
     """Local training or encoding failed (e.g. the loss diverged)."""
+    DECLINE_REASON_PRIVACY_BUDGET: _DeclineReason.ValueType  # 5
+    """Training the round would spend more differential privacy than the agent's budget allows
+    (privacy.dp.max_epsilon). It stays spent until the agent joins again: the aggregator invites
+    it to no further round of this connection.
+    """
 
 class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper):
     """DeclineReason says why an agent sits a round out."""
@@ -156,6 +161,11 @@ DECLINE_REASON_PROTOCOL: DeclineReason.ValueType  # 3
 """Another protocol check failed (the round's parameters, the unmask request)."""
 DECLINE_REASON_TRAINING: DeclineReason.ValueType  # 4
 """Local training or encoding failed (e.g. the loss diverged)."""
+DECLINE_REASON_PRIVACY_BUDGET: DeclineReason.ValueType  # 5
+"""Training the round would spend more differential privacy than the agent's budget allows
+(privacy.dp.max_epsilon). It stays spent until the agent joins again: the aggregator invites
+it to no further round of this connection.
+"""
 Global___DeclineReason: _TypeAlias = DeclineReason  # noqa: Y015
 
 @_typing.final

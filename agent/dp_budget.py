@@ -1,0 +1,147 @@
+"""The agent's differential-privacy budget: every round's DP-SGD spend, kept in its state dir,
+and the epsilon of all of them together (opacus' RDP or PRV accountant).
+
+A round's spend is recorded after its training and before anything of it leaves the cloud, with
+the file fsynced: a crash may count a round that was never sent, never the other way round. A
+round that would take the epsilon over ``privacy.dp.max_epsilon`` is refused before it trains.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from agent.dp_sgd import DpStep
+from common.config import DpConfig
+from common.durable import replace_durably
+from common.errors import ConfigError, DataLoss, PolicyRefused
+
+log = logging.getLogger(__name__)
+LEDGER = "dp-ledger.json"
+
+
+class PrivacyBudgetSpent(PolicyRefused):
+    """Training another round would spend more than ``privacy.dp.max_epsilon``."""
+
+
+@dataclass(frozen=True)
+class Spend:
+    """One round of DP-SGD: ``steps`` steps at ``sample_rate`` with ``noise_multiplier``."""
+
+    round_id: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    time: float = 0.0
+
+
+def epsilon(spends: list[Spend], delta: float, accountant: str) -> float:
+    """The epsilon at ``delta`` of all ``spends`` composed (0 for none)."""
+    if not spends:
+        return 0.0
+    history = tuple((s.noise_multiplier, s.sample_rate, s.steps) for s in spends)
+    return _epsilon(history, delta, accountant)
+
+
+@functools.lru_cache(maxsize=64)
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(accountant)
+    acc.history = list(history)
+    with warnings.catch_warnings():  # small epsilons: the best order is opacus' largest (still a bound)
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(acc.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=16)
+def planned_noise(config: DpConfig, sample_rate: float, steps: int) -> float:
+    """The noise multiplier that spends ``max_epsilon`` over ``planned_rounds`` rounds of
+    ``steps`` steps (``config.noise_multiplier`` when set)."""
+    if config.noise_multiplier > 0:
+        return config.noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=config.max_epsilon,
+            target_delta=config.delta,
+            sample_rate=sample_rate,
+            steps=config.planned_rounds * steps,
+            accountant=config.accountant,
+        )
+    )
+
+
+class PrivacyLedger:
+    """This agent's DP-SGD spends, across rounds and restarts (``<state_dir>/privacy/``)."""
+
+    def __init__(self, state_dir: Path, config: DpConfig) -> None:
+        self.config = config
+        self.path = state_dir / "privacy" / LEDGER
+        self.spends = self._load()
+
+    def _load(self) -> list[Spend]:
+        if not self.path.exists():
+            return []
+        try:
+            data = json.loads(self.path.read_text())
+            return [Spend(**s) for s in data["spends"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # never start again from zero
+            raise DataLoss(
+                f"privacy ledger {self.path} cannot be read ({exc}); it records the privacy this agent"
+                " has spent, so the agent will not train until it is restored"
+            ) from exc
+
+    @property
+    def epsilon(self) -> float:
+        """The epsilon spent so far."""
+        return epsilon(self.spends, self.config.delta, self.config.accountant)
+
+    def plan(self, round_id: int, records: int, batch_size: int, world_size: int, steps: int) -> DpStep:
+        """The round's DP-SGD settings for ``records`` training records over ``world_size`` ranks
+        sampling ``batch_size`` each on average; PrivacyBudgetSpent if it does not fit."""
+        c = self.config
+        if c.delta * records >= 1:
+            raise ConfigError(
+                f"privacy.dp.delta ({c.delta:g}) must be below 1 / training records (1/{records}):"
+                " a larger delta allows releasing a record outright"
+            )
+        expected = min(batch_size * world_size, records)
+        rate = expected / records
+        noise = planned_noise(c, rate, steps)
+        after = epsilon([*self.spends, Spend(round_id, noise, rate, steps)], c.delta, c.accountant)
+        if after > c.max_epsilon:
+            raise PrivacyBudgetSpent(
+                f"privacy budget spent: this agent has spent epsilon {self.epsilon:.3f} (delta"
+                f" {c.delta:g}) and round {round_id} would take it to {after:.3f}, over"
+                f" privacy.dp.max_epsilon ({c.max_epsilon:g})"
+            )
+        return DpStep(noise, c.max_grad_norm, rate, float(expected))
+
+    def record(self, round_id: int, dp: DpStep, steps: int) -> float:
+        """Add a round's spend, durably, before its update leaves the cloud; the epsilon after it."""
+        spend = Spend(round_id, dp.noise_multiplier, dp.sample_rate, steps, time.time())
+        spends = [*self.spends, spend]
+        replace_durably(self.path, json.dumps({"spends": [asdict(s) for s in spends]}, indent=1).encode())
+        self.spends = spends
+        spent = self.epsilon
+        if math.isfinite(spent):
+            log.info(
+                "round %d: DP-SGD with noise multiplier %.3f, sample rate %.4g, %d steps: epsilon %.3f of %g"
+                " spent (delta %g)",
+                round_id,
+                dp.noise_multiplier,
+                dp.sample_rate,
+                steps,
+                spent,
+                self.config.max_epsilon,
+                self.config.delta,
+            )
+        return spent
