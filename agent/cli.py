@@ -31,6 +31,7 @@ from common.logs import setup_logging
 async def check(config: AgentConfig) -> int:
     """Join and download the latest version; print what was learned."""
     from agent.client import AggregatorClient
+    from agent.dp_budget import describe as describe_dp
     from agent.privacy import announced, check_federation, describe
     from common.metrics import publish_validity
 
@@ -49,6 +50,7 @@ async def check(config: AgentConfig) -> int:
         print(f"federation      {s.federation_id} (model {s.model_id or '-'})")
         print(f"codec           {s.codec.name}; secure aggregation {'on' if s.secagg.enabled else 'off'}")
         print(f"privacy         {describe(config.privacy, s)}")
+        print(f"dp              {describe_dp(config.privacy.dp, config.state_dir)}")
         numel = sum(math.prod(p.shape) for p in s.layout.params)
         tensors, digest = len(s.layout.params), s.layout.digest[:16]
         print(f"layout          {tensors} tensors, {numel} parameters, digest {digest}")

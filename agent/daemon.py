@@ -289,6 +289,9 @@ class Agent:
             describe(self.config.privacy, settings),
         )
         await self._prepare(settings)
+        if self.ledger is not None:  # ConfigError (the daemon exits) for a delta too large for the data
+            self.ledger.check_delta(self.worker.train_records)
+            self._publish_privacy(client)
         if join.global_version not in self.progress.versions_evaluated:
             await self._evaluate(client, join.global_version)
         not_invited = 0  # the last round we were left out of by our policy (counted once)
@@ -410,22 +413,27 @@ class Agent:
             )
         return result
 
-    def _plan_privacy(self, client: AggregatorClient, round_id: int, t: pb.TrainingSettings) -> DpStep | None:
+    async def _plan_privacy(
+        self, client: AggregatorClient, round_id: int, t: pb.TrainingSettings
+    ) -> DpStep | None:
         """The round's DP-SGD settings (None without ``privacy.dp``); PrivacyBudgetSpent when the
         round does not fit in the budget."""
         if self.ledger is None:
             return None
-        metrics.DP_EPSILON_BUDGET.labels(**client.labels).set(self.ledger.config.max_epsilon)
-        metrics.DP_EPSILON.labels(**client.labels).set(self.ledger.epsilon)
-        return self.ledger.plan(
-            round_id, self.worker.train_records, t.batch_size, self.ctx.world_size, t.local_steps
-        )
+        n, batch, world, steps = self.worker.train_records, t.batch_size, self.ctx.world_size, t.local_steps
+        return await asyncio.to_thread(self.ledger.plan, round_id, n, batch, world, steps)
+
+    def _publish_privacy(self, client: AggregatorClient) -> None:
+        """The privacy spent and the budget, as gauges (with DP-SGD only)."""
+        if self.ledger is not None:
+            metrics.DP_EPSILON_BUDGET.labels(**client.labels).set(self.ledger.config.max_epsilon)
+            metrics.DP_EPSILON.labels(**client.labels).set(self.ledger.epsilon)
 
     async def _take_part(
         self, client: AggregatorClient, settings: pb.FederationSettings, event: pb.RoundEvent, agent_id: str
     ) -> None:
         t = settings.training
-        dp = self._plan_privacy(client, event.round_id, t)  # PrivacyBudgetSpent: declined, untrained
+        dp = await self._plan_privacy(client, event.round_id, t)  # PrivacyBudgetSpent: declined
         base = await self._global(client, event.global_version)
         training = LocalTraining(t.local_steps, t.learning_rate, t.batch_size, t.sequence_length, t.seed)
         began = time.monotonic()
@@ -455,8 +463,8 @@ class Agent:
                     await training_task
         if dp is not None:  # before anything of this training leaves the cloud
             assert self.ledger is not None
-            spent = await asyncio.to_thread(self.ledger.record, event.round_id, dp, t.local_steps)
-            metrics.DP_EPSILON.labels(**client.labels).set(spent)
+            await asyncio.to_thread(self.ledger.record, event.round_id, dp, t.local_steps)
+            self._publish_privacy(client)
         with metrics.step("encode"):
             layout = ParamLayout.from_tensors(base)
             payload = self.state / "uploads" / f"round-{event.round_id}.bin"

@@ -24,6 +24,8 @@ from common.errors import ConfigError, DataLoss, PolicyRefused
 
 log = logging.getLogger(__name__)
 LEDGER = "dp-ledger.json"
+LARGEST_ALPHA = "Optimal order is the largest alpha"
+"""opacus' warning when a small epsilon's best Renyi order is its largest: still a valid bound."""
 
 
 class PrivacyBudgetSpent(PolicyRefused):
@@ -55,8 +57,8 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
 
     acc = create_accountant(accountant)
     acc.history = list(history)
-    with warnings.catch_warnings():  # small epsilons: the best order is opacus' largest (still a bound)
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=LARGEST_ALPHA)
         return float(acc.get_epsilon(delta))
 
 
@@ -68,15 +70,17 @@ def planned_noise(config: DpConfig, sample_rate: float, steps: int) -> float:
         return config.noise_multiplier
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(
-        get_noise_multiplier(
-            target_epsilon=config.max_epsilon,
-            target_delta=config.delta,
-            sample_rate=sample_rate,
-            steps=config.planned_rounds * steps,
-            accountant=config.accountant,
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=LARGEST_ALPHA)
+        return float(
+            get_noise_multiplier(
+                target_epsilon=config.max_epsilon,
+                target_delta=config.delta,
+                sample_rate=sample_rate,
+                steps=config.planned_rounds * steps,
+                accountant=config.accountant,
+            )
         )
-    )
 
 
 class PrivacyLedger:
@@ -104,15 +108,19 @@ class PrivacyLedger:
         """The epsilon spent so far."""
         return epsilon(self.spends, self.config.delta, self.config.accountant)
 
+    def check_delta(self, records: int) -> None:
+        """ConfigError unless delta < 1 / ``records`` (a larger one allows releasing a record)."""
+        if self.config.delta * records >= 1:
+            raise ConfigError(
+                f"privacy.dp.delta ({self.config.delta:g}) must be below 1 / training records"
+                f" (1/{records}): a larger delta allows releasing a record outright"
+            )
+
     def plan(self, round_id: int, records: int, batch_size: int, world_size: int, steps: int) -> DpStep:
         """The round's DP-SGD settings for ``records`` training records over ``world_size`` ranks
         sampling ``batch_size`` each on average; PrivacyBudgetSpent if it does not fit."""
         c = self.config
-        if c.delta * records >= 1:
-            raise ConfigError(
-                f"privacy.dp.delta ({c.delta:g}) must be below 1 / training records (1/{records}):"
-                " a larger delta allows releasing a record outright"
-            )
+        self.check_delta(records)
         expected = min(batch_size * world_size, records)
         rate = expected / records
         noise = planned_noise(c, rate, steps)
@@ -145,3 +153,15 @@ class PrivacyLedger:
                 self.config.delta,
             )
         return spent
+
+
+def describe(config: DpConfig, state_dir: Path) -> str:
+    """One line for ``cloudfed-agent check``: whether updates are DP, and the budget spent."""
+    if not config.enabled:
+        return "off: updates are not differentially private for this cloud's records"
+    ledger = PrivacyLedger(state_dir, config)
+    return (
+        f"DP-SGD: epsilon {ledger.epsilon:.3f} of {config.max_epsilon:g} spent over {len(ledger.spends)}"
+        f" rounds (delta {config.delta:g}, {config.accountant} accountant, records clipped to"
+        f" {config.max_grad_norm:g})"
+    )

@@ -205,6 +205,11 @@ def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_d
             "agent.cli", "--config", str(agent_toml), "run", env={"CLOUDFED_AGENT_DATA": "data.txt"}
         )
         ok = run_cli("agent.cli", "--config", str(agent_toml), "check", env=trusting)
+        private = {
+            "CLOUDFED_AGENT_PRIVACY_DP_ENABLED": "true",
+            "CLOUDFED_AGENT_PRIVACY_DP_NOISE_MULTIPLIER": "1",
+        }
+        dp = run_cli("agent.cli", "--config", str(agent_toml), "check", env={**trusting, **private})
         other = tmp_path / "other"
         assert (
             run_cli("common.pki_cli", "--dir", str(other), "init", "--trust-domain", DOMAIN).returncode == 0
@@ -236,6 +241,8 @@ def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_d
     assert "privacy         aggregator learns each agent's update (no secure aggregation)" in ok.stdout
     assert re.search(r"certificate     valid until \d{4}-\d\d-\d\d \d\d:\d\d UTC \((89|90) days\)", ok.stdout)
     assert "allowed by this agent's policy" in ok.stdout
+    assert "dp              off: updates are not differentially private" in ok.stdout
+    assert "dp              DP-SGD: epsilon 0.000 of 8 spent over 0 rounds (delta 1e-06, rdp" in dp.stdout
     assert not (tmp_path / "agent-state" / "uploads").exists() or not any(
         (tmp_path / "agent-state" / "uploads").iterdir()
     )

@@ -17,13 +17,13 @@ from safetensors.torch import load_file, save_file
 
 from agent.data import IGNORE, Example, TokenBlocks, record_blocks
 from agent.demo import prepare
-from agent.dp_budget import PrivacyBudgetSpent, PrivacyLedger, Spend, epsilon, planned_noise
+from agent.dp_budget import PrivacyBudgetSpent, PrivacyLedger, Spend, describe, epsilon, planned_noise
 from agent.dp_sgd import DpStep, per_record_loss
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, initial_adapter
 from common.config import AgentConfig, DpConfig, PrivacyConfig
 from common.errors import ConfigError, DataLoss
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
-from tests.daemons import start, stop, wait_serving
+from tests.daemons import run_cli, start, stop, wait_serving
 
 LORA = LoraSpec(4, 8.0, ("q_proj", "v_proj"))
 BLOCK = 32
@@ -339,3 +339,37 @@ def test_two_ranks_give_the_private_gradient_of_all_their_records_with_the_noise
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     noise = torch.cat([ranks[0][f"noise.{i}"].flatten() for i in range(len(want))])
     assert abs(float(noise.std()) / (2.0 * clip / expected) - 1) < 0.05
+
+
+def test_check_describes_the_budget_spent(tmp_path: Path) -> None:
+    assert describe(DpConfig(), tmp_path).startswith("off:")
+    ledger = PrivacyLedger(tmp_path, DP)
+    spent = ledger.record(1, DpStep(1.0, 1.0, 0.02, 8.0), 50)
+    assert describe(DP, tmp_path) == (
+        f"DP-SGD: epsilon {spent:.3f} of 8 spent over 1 rounds (delta 1e-05, rdp accountant,"
+        " records clipped to 1)"
+    )
+
+
+def test_an_agent_whose_delta_is_too_large_for_its_data_exits_before_training(tmp_path: Path) -> None:
+    """delta must be below 1 / training records: the daemon joins, loads its data, and exits with
+    the reason (status 2) before any round, having sent nothing."""
+    agg_path, agent_paths, health = prepare(tmp_path, rounds=1, secagg=False)
+    agg = start(
+        "server.cli",
+        "--config",
+        str(agg_path),
+        log=tmp_path / "aggregator.log",
+        env={"CLOUDFED_ROUNDS_MIN_AGENTS": "1"},
+    )
+    try:
+        wait_serving(health)
+        env = {"CLOUDFED_AGENT_PRIVACY_DP_ENABLED": "true", "CLOUDFED_AGENT_PRIVACY_DP_DELTA": "0.01"}
+        env["CLOUDFED_AGENT_PRIVACY_DP_NOISE_MULTIPLIER"] = "1"
+        done = run_cli("agent.cli", "--config", str(agent_paths[0]), "run", env=env, timeout=120)
+    finally:
+        stop(agg)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "privacy.dp.delta (0.01) must be below 1 / training records (1/1" in done.stderr
+    assert not (agent_paths[0].parent / "state" / "privacy" / "dp-ledger.json").exists()
+    assert not list((agent_paths[0].parent / "audit").glob("round-*"))

@@ -86,7 +86,7 @@ def test_prometheus_config_and_alert_rules_pass_promtool() -> None:
     assert config.returncode == 0, config.stdout + config.stderr
     rules = promtool("check", "rules", str(DEPLOY / "prometheus" / "alerts.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 13 rules found" in rules.stdout
+    assert "SUCCESS: 14 rules found" in rules.stdout
 
 
 def test_alert_rules_only_use_exported_metrics() -> None:
@@ -101,11 +101,12 @@ AGENT_EXPIRY = "cloudfed_agent_certificate_expiry_timestamp_seconds"
 RECEIVED = "cloudfed_transfer_bytes_total"
 
 
-def test_the_certificate_alerts_fire_on_their_series(tmp_path: Path) -> None:
+def test_the_alerts_fire_on_their_series(tmp_path: Path) -> None:
     """promtool's rule unit tests: a CRL 2 days from its next update, a refused CRL file, a revoked
     certificate still calling, a daemon's certificate 5 days from its end and an active agent's
-    likewise each fire their alert; a CRL or certificate 20 days out, or an agent with nothing
-    received in a day, does not. The annotations are left out of the copy: promtool would compare
+    likewise, and an agent past 90% of its privacy budget each fire their alert; a CRL or
+    certificate 20 days out, an agent with nothing received in a day, or one at 7 of 8 epsilon,
+    does not. The annotations are left out of the copy: promtool would compare
     them word for word."""
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
     for rule in rules["groups"][0]["rules"]:
@@ -150,6 +151,10 @@ def test_the_certificate_alerts_fire_on_their_series(tmp_path: Path) -> None:
                             {"direction": "received", "kind": "update", "cloud": "gcp", "agent": "gone"},
                             "5x120",
                         ),
+                        ("cloudfed_agent_dp_epsilon", {"cloud": "aws", "agent": "a1"}, "1 3 7.5x10"),
+                        ("cloudfed_agent_dp_epsilon_budget", {"cloud": "aws", "agent": "a1"}, "8x12"),
+                        ("cloudfed_agent_dp_epsilon", {"cloud": "gcp", "agent": "a2"}, "1 3 7x10"),
+                        ("cloudfed_agent_dp_epsilon_budget", {"cloud": "gcp", "agent": "a2"}, "8x12"),
                     )
                 ],
                 "alert_rule_test": [
@@ -179,6 +184,18 @@ def test_the_certificate_alerts_fire_on_their_series(tmp_path: Path) -> None:
                         "exp_alerts": [
                             {"exp_labels": {"severity": "warning", "cloud": "aws", "agent": "a1"}}
                         ],
+                    },
+                    {
+                        "eval_time": "5m",
+                        "alertname": "CloudfedAgentPrivacyBudgetNearlySpent",
+                        "exp_alerts": [
+                            {"exp_labels": {"severity": "warning", "cloud": "aws", "agent": "a1"}}
+                        ],
+                    },
+                    {
+                        "eval_time": "1m",
+                        "alertname": "CloudfedAgentPrivacyBudgetNearlySpent",
+                        "exp_alerts": [],
                     },
                     {
                         "eval_time": "4m",
