@@ -10,7 +10,7 @@ from pathlib import Path
 from agent.demo import free_port
 from common import health
 
-__all__ = ["free_port", "run_cli", "start", "stop", "wait_serving"]
+__all__ = ["free_port", "run_cli", "start", "stop", "torchrun", "wait_serving"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,6 +26,15 @@ def run_cli(
         timeout=timeout,
         cwd=REPO,
         env={**os.environ, **(env or {})},
+    )
+
+
+def torchrun(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node=2 args`` (2 CPU ranks, gloo) to completion."""
+    return run_cli(
+        "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, env=env, timeout=timeout
     )
 
 

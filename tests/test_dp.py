@@ -8,7 +8,7 @@ import json
 import math
 import sqlite3
 import subprocess
-import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, initial_adapter
 from common.config import AgentConfig, DpConfig, PrivacyConfig
 from common.errors import ConfigError, DataLoss
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
-from tests.daemons import run_cli, start, stop, wait_serving
+from tests.daemons import run_cli, start, stop, torchrun, wait_serving
 
 LORA = LoraSpec(4, 8.0, ("q_proj", "v_proj"))
 BLOCK = 32
@@ -61,7 +61,9 @@ def _record_gradient(trainer: LoraTrainer, row: TokenBlocks) -> list[torch.Tenso
     for p in params:
         p.grad = None
     loss = per_record_loss(trainer.model(input_ids=row.to("cpu").input_ids).logits, row.to("cpu").labels)
-    grads = torch.autograd.grad(loss.sum(), params)
+    with warnings.catch_warnings():  # opacus' hooks are still on the model (they fire, unused here)
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        grads = torch.autograd.grad(loss.sum(), params)
     for p in params:
         p.grad_sample = None
     return [g.detach() for g in grads]
@@ -237,6 +239,12 @@ def test_dp_cannot_be_combined_with_activation_checkpointing() -> None:
         config.validate()
 
 
+def _aggregator(config: Path, min_agents: int) -> subprocess.Popen[bytes]:
+    """The demo's aggregator daemon, running rounds of at least ``min_agents``."""
+    env = {"CLOUDFED_ROUNDS_MIN_AGENTS": str(min_agents)}
+    return start("server.cli", "--config", str(config), log=config.parent / "aggregator.log", env=env)
+
+
 def test_an_agent_whose_budget_is_spent_declines_and_the_federation_goes_on(tmp_path: Path) -> None:
     """The real daemons as processes, masked rounds of the demo's three clouds, 2 uploads needed.
     aws trains with DP-SGD and a budget planned for 2 rounds (set through the environment, as an
@@ -252,13 +260,7 @@ def test_an_agent_whose_budget_is_spent_declines_and_the_federation_goes_on(tmp_
         "CLOUDFED_AGENT_PRIVACY_DP_DELTA": "1e-4",
         "CLOUDFED_AGENT_LOG_LEVEL": "INFO",
     }
-    agg = start(
-        "server.cli",
-        "--config",
-        str(agg_path),
-        log=tmp_path / "aggregator.log",
-        env={"CLOUDFED_ROUNDS_MIN_AGENTS": "2"},
-    )
+    agg = _aggregator(agg_path, min_agents=2)
     agents = []
     try:
         wait_serving(health)
@@ -311,26 +313,8 @@ def test_two_ranks_give_the_private_gradient_of_all_their_records_with_the_noise
     assert single.private is not None
     single.private.step(rows, DpStep(0.0, clip, 1.0, expected), micro_batch=7)
     want = [p.grad for p in single.private.params]
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "tests/torchrun_dp_gradient.py",
-            path,
-            str(tmp_path / "rows.safetensors"),
-            str(tmp_path / "start.safetensors"),
-            str(tmp_path / "grads"),
-            str(clip),
-            str(expected),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
+    files = [str(tmp_path / name) for name in ("rows.safetensors", "start.safetensors", "grads")]
+    run = torchrun("tests/torchrun_dp_gradient.py", path, *files, str(clip), str(expected))
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     ranks = [load_file(str(tmp_path / f"grads-{r}.safetensors")) for r in (0, 1)]
     for got in ranks:
@@ -355,13 +339,7 @@ def test_an_agent_whose_delta_is_too_large_for_its_data_exits_before_training(tm
     """delta must be below 1 / training records: the daemon joins, loads its data, and exits with
     the reason (status 2) before any round, having sent nothing."""
     agg_path, agent_paths, health = prepare(tmp_path, rounds=1, secagg=False)
-    agg = start(
-        "server.cli",
-        "--config",
-        str(agg_path),
-        log=tmp_path / "aggregator.log",
-        env={"CLOUDFED_ROUNDS_MIN_AGENTS": "1"},
-    )
+    agg = _aggregator(agg_path, min_agents=1)
     try:
         wait_serving(health)
         env = {"CLOUDFED_AGENT_PRIVACY_DP_ENABLED": "true", "CLOUDFED_AGENT_PRIVACY_DP_DELTA": "0.01"}

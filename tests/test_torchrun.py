@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.demo import prepare
-from tests.daemons import start, stop, wait_serving
+from tests.daemons import start, stop, torchrun, wait_serving
 from tests.test_faults import query
 
 pytestmark = pytest.mark.slow
@@ -20,24 +19,14 @@ pytestmark = pytest.mark.slow
 
 def _torchrun(module: str, agent: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run ``module`` as an agent CLI under torchrun with 2 CPU ranks; (exit status, output)."""
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            module,
-            "--config",
-            str(agent),
-            "run",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "CLOUDFED_AGENT_LOG_LEVEL": "INFO", **(env or {})},
+    run = torchrun(
+        "-m",
+        module,
+        "--config",
+        str(agent),
+        "run",
+        *args,
+        env={"CLOUDFED_AGENT_LOG_LEVEL": "INFO", **(env or {})},
     )
     return run.returncode, run.stdout + run.stderr
 

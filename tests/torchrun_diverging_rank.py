@@ -17,15 +17,17 @@ POISONED_ROUND = 1
 
 
 def _poisoned(train: Any) -> Any:
-    def poisoned_train(self: LoraTrainer, blocks: torch.Tensor, training: Any, round_id: int) -> Any:
+    def poisoned_train(
+        self: LoraTrainer, blocks: torch.Tensor, training: Any, round_id: int, *rest: Any
+    ) -> Any:
         if round_id != POISONED_ROUND:
-            return train(self, blocks, training, round_id)
+            return train(self, blocks, training, round_id, *rest)
         weight = self.model.get_input_embeddings().weight
         saved = weight.detach().clone()
         with torch.no_grad():
             weight.fill_(float("nan"))
         try:
-            return train(self, blocks, training, round_id)
+            return train(self, blocks, training, round_id, *rest)
         finally:
             with torch.no_grad():
                 weight.copy_(saved)
