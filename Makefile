@@ -59,6 +59,7 @@ bench: venv
 	$(PY) -m bench.trainer
 	$(PY) -m bench.data
 	$(PY) -m bench.data --kind completion
+	$(PY) -m bench.token_store
 	$(PY) -m bench.dp
 
 ci: lint typecheck buf-lint proto-check test

@@ -33,6 +33,7 @@ async def check(config: AgentConfig) -> int:
     from agent.client import AggregatorClient
     from agent.dp_budget import describe as describe_dp
     from agent.privacy import announced, check_federation, describe
+    from agent.token_store import TokenStore
     from common.metrics import publish_validity
 
     async with AggregatorClient(
@@ -61,6 +62,9 @@ async def check(config: AgentConfig) -> int:
             models / f"v{join.global_version:08d}.safetensors", join.global_version
         )
         print(f"global version  {header.version}: {header.total_bytes} bytes, sha256 verified")
+    store = TokenStore(config.state_dir / "tokens")  # a bad record fails the preflight, as `run` would
+    corpus = await asyncio.to_thread(store.corpus, config.data, config.eval_fraction, False)
+    print(f"data            {store.describe(corpus)}")
     check_federation(config.privacy, s)  # a refusal fails the preflight (exit 2), as `run` would
     return 0
 

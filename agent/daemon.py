@@ -22,12 +22,13 @@ from safetensors.torch import load_file, save_file
 
 from agent import metrics
 from agent.client import AggregatorClient
-from agent.data import TokenBlocks, load_records, pack_records, record_blocks, split
+from agent.data import TokenBlocks
 from agent.distributed import DistContext
 from agent.dp_budget import PrivacyBudgetSpent, PrivacyLedger
 from agent.dp_sgd import DpStep
 from agent.privacy import announced, check_federation, describe
 from agent.secure import SecureParticipation, Signer
+from agent.token_store import TokenStore, open_entry
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device, pick_dtype
 from agent.uplink import upload_header
 from common.backoff import backoff_delays
@@ -67,7 +68,9 @@ class Worker:
     def __init__(self, config: AgentConfig, ctx: DistContext) -> None:
         self.config = config
         self.ctx = ctx
-        self.train_docs, self.eval_docs = split(load_records(config.data), config.eval_fraction)
+        self.store = TokenStore(config.state_dir / "tokens")
+        self.corpus = self.store.corpus(config.data, config.eval_fraction) if ctx.is_leader else None
+        """The records, split and counted (rank 0: it alone tokenizes them into the store)."""
         self.trainer: LoraTrainer | None = None
         self.train_blocks = self.eval_blocks = TokenBlocks.empty()
         self.train_records = 0
@@ -92,11 +95,7 @@ class Worker:
                     dtype,
                     ", activation checkpointing" if checkpointing else "",
                 )
-                length, rank, world = command["sequence_length"], self.ctx.rank, self.ctx.world_size
-                tokenizer = self.trainer.tokenizer
-                self.train_blocks = _shard(self._training_rows(tokenizer, length), rank, world)
-                self.eval_blocks = _shard(pack_records(tokenizer, self.eval_docs, length), rank, world)
-                self.train_records = round(self.ctx.all_sum([float(len(self.train_blocks))])[0])
+                self._open_blocks(self.trainer.tokenizer, command["sequence_length"])
             return ParamLayout.from_tensors(self.trainer.adapter()).digest
         if op == "release":  # the federation is finished: give the memory back until it resumes
             self.trainer = None
@@ -125,20 +124,35 @@ class Worker:
             return self.trainer.evaluate(self.eval_blocks)
         raise ValueError(f"unknown command {op!r}")
 
-    def _training_rows(self, tokenizer: Any, length: int) -> TokenBlocks:
-        """Packed blocks; with DP-SGD one row a record, so that a record is one example."""
-        if not self.config.privacy.dp.enabled:
-            return pack_records(tokenizer, self.train_docs, length)
-        rows, cut = record_blocks(tokenizer, self.train_docs, length)
-        if cut and self.ctx.is_leader:
+    def _open_blocks(self, tokenizer: Any, length: int) -> None:
+        """Map this rank's shard of the token blocks: packed, or with DP-SGD one row a record (a
+        record is then one example). Rank 0 tokenizes the corpus into the store if it is not there
+        yet and tells the other ranks where it is, or why it failed."""
+        per_record = self.config.privacy.dp.enabled
+        if self.corpus is not None:
+            try:
+                where = {"entry": str(self.store.prepare(self.corpus, tokenizer, length, per_record))}
+            except ConfigError as exc:
+                self.ctx.broadcast({"error": str(exc)})
+                raise
+            self.ctx.broadcast(where)
+        else:
+            where = self.ctx.broadcast(None)
+            if "error" in where:
+                raise ConfigError(where["error"])
+        blocks = open_entry(Path(where["entry"]), length)
+        rank, world = self.ctx.rank, self.ctx.world_size
+        self.train_blocks = _shard(blocks.train, rank, world)
+        self.eval_blocks = _shard(blocks.eval, rank, world)
+        self.train_records = round(self.ctx.all_sum([float(len(self.train_blocks))])[0])
+        if per_record and blocks.cut and self.ctx.is_leader:
             log.warning(
                 "DP-SGD: %d of %d training records are longer than sequence_length (%d tokens) and were"
                 " cut to it; split long documents into records to train on all of them",
-                cut,
-                len(self.train_docs),
+                blocks.cut,
+                self.corpus.train_records if self.corpus else 0,
                 length,
             )
-        return rows
 
     def follow(self) -> None:
         """Ranks > 0: run rank 0's commands until it says stop. A failed training (the ranks decide
@@ -202,8 +216,8 @@ class Agent:
         self.config = config
         self.ctx = ctx or DistContext()
         self.worker = Worker(config, self.ctx)
-        self.train_docs = self.worker.train_docs
-        self.eval_docs = self.worker.eval_docs
+        assert self.worker.corpus is not None
+        self.corpus = self.worker.corpus
         self.state = config.state_dir
         (self.state / "models").mkdir(parents=True, exist_ok=True)
         (self.state / "uploads").mkdir(parents=True, exist_ok=True)
@@ -213,8 +227,8 @@ class Agent:
         self._shared: tuple[str, Codec] | None = None  # (state digest, codec built from that state)
         log.info(
             "%d training and %d evaluation documents from %s",
-            len(self.train_docs),
-            len(self.eval_docs),
+            self.corpus.train_records,
+            self.corpus.eval_records,
             config.data,
         )
 
@@ -275,7 +289,7 @@ class Agent:
     async def _session(self, client: AggregatorClient, stop: asyncio.Event) -> bool:
         """One connection's life; True once max_rounds is reached."""
         join = await client.join(
-            num_examples=len(self.train_docs),
+            num_examples=self.corpus.train_records,
             device=self._device_info(),
             privacy=announced(self.config.privacy),
         )
@@ -477,10 +491,10 @@ class Agent:
             codec = registry.make(codec_settings, vector.size, event.round_id, shared)
             coords = await asyncio.to_thread(self._encode_coords, codec, vector)
             if secure is None:
-                weight = float(len(self.train_docs))
+                weight = float(self.corpus.train_records)
                 encoded = registry.encode_plain(codec, vector, weight, encoded=coords)
             else:
-                weight = secure.weight(len(self.train_docs))
+                weight = secure.weight(self.corpus.train_records)
                 encoded = await asyncio.to_thread(secure.mask, coords, weight)
             await asyncio.to_thread(payload.write_bytes, encoded)
         labels = client.labels

@@ -11,8 +11,9 @@ are learned). Eval losses count the learned tokens only.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,19 +81,41 @@ class Conversation:
 Record = Example | Conversation
 
 
-def load_records(path: Path) -> list[Record]:
-    """Records from a file or directory of ``.txt`` and ``.jsonl`` files (module docstring)."""
+def data_files(path: Path) -> list[Path]:
+    """The ``.txt`` and ``.jsonl`` files of a data path (a file, or a directory searched deeply),
+    in a stable order."""
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
         raise ConfigError(f"data: no .txt or .jsonl files at {path}")
-    records: list[Record] = []
-    for f in files:
-        if f.suffix == ".jsonl":
-            for n, line in enumerate(f.read_text().splitlines(), 1):
-                if line.strip():
-                    records.append(_record(line, f"{f}:{n}"))
-        else:
-            records.extend(Example.plain(d.strip()) for d in f.read_text().split("\n\n") if d.strip())
+    return files
+
+
+def iter_records(path: Path) -> Iterator[Record]:
+    """Records from a file or directory of ``.txt`` and ``.jsonl`` files (module docstring), read
+    a line at a time: memory does not grow with the corpus."""
+    for f in data_files(path):
+        with open(f, encoding="utf-8") as lines:
+            if f.suffix == ".jsonl":
+                for n, line in enumerate(lines, 1):
+                    if line.strip():
+                        yield _record(line, f"{f}:{n}")
+                continue
+            document: list[str] = []
+            for line in itertools.chain(
+                lines, ["\n"]
+            ):  # a blank line ends a document, and so does the file's end
+                if line.rstrip("\n"):
+                    document.append(line)
+                elif text := "".join(document).strip():
+                    document = []
+                    yield Example.plain(text)
+                else:
+                    document = []
+
+
+def load_records(path: Path) -> list[Record]:
+    """Every record of ``path`` in memory (small files: calibration text, benchmarks, tests)."""
+    records = list(iter_records(path))
     if not records:
         raise ConfigError(f"data: {path} holds no documents")
     return records
@@ -132,20 +155,30 @@ def load_texts(path: Path) -> list[str]:
     return [r.text for r in load_records(path) if isinstance(r, Example)]
 
 
+def held_out(key: str, eval_fraction: float) -> bool:
+    """Whether the record with split key ``key`` is held out for evaluation: by a hash of the key,
+    so stable across runs, restarts and file order."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") / 2**32 < eval_fraction
+
+
 def split(docs: Sequence[Any], eval_fraction: float) -> tuple[list[Any], list[Any]]:
-    """(train, eval) by a hash of each document (a string or a record's ``key``): stable across
-    runs, restarts and file order."""
+    """(train, eval) of documents (strings or records) by ``held_out``."""
     train: list[Any] = []
-    held_out: list[Any] = []
+    evaluation: list[Any] = []
     for doc in docs:
-        key = doc if isinstance(doc, str) else doc.key
-        bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") / 2**32
-        (held_out if bucket < eval_fraction else train).append(doc)
-    if not train or not held_out:
-        raise ConfigError(
-            f"data: {len(docs)} documents are too few to split with eval_fraction={eval_fraction}"
+        (evaluation if held_out(doc if isinstance(doc, str) else doc.key, eval_fraction) else train).append(
+            doc
         )
-    return train, held_out
+    check_split(len(train), len(evaluation), eval_fraction)
+    return train, evaluation
+
+
+def check_split(train: int, evaluation: int, eval_fraction: float) -> None:
+    """ConfigError unless both sides of a split hold a document."""
+    if not train or not evaluation:
+        raise ConfigError(
+            f"data: {train + evaluation} documents are too few to split with eval_fraction={eval_fraction}"
+        )
 
 
 @dataclass(frozen=True)
@@ -184,66 +217,115 @@ class TokenBlocks:
 TOKENIZE_BATCH = 512
 """Documents a tokenizer call takes (fast tokenizers encode a batch in parallel)."""
 
-
-def pack_records(tokenizer: Any, records: Sequence[Record], block: int) -> TokenBlocks:
-    """Tokenize each record (conversations through the chat template), join them with EOS, cut
-    into ``[n, block]`` blocks (the tail is dropped) and drop blocks with nothing to learn. A token
-    is learned if it lies wholly in a learned span; EOS is learned after a learned ending. Records
-    are tokenized in batches and kept as int32 (8 bytes a token with its label, not Python ints)."""
-    ids: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    for doc_ids, doc_labels in _encoded(tokenizer, records):
-        ids.append(doc_ids)
-        labels.append(doc_labels)
-    flat_ids, flat_labels = np.concatenate(ids), np.concatenate(labels)
-    del ids, labels  # the per-document arrays: only the joined ones are needed now
-    n = len(flat_ids) // block
-    if n == 0:
-        raise ConfigError(f"data: only {len(flat_ids)} tokens, fewer than one block of {block}")
-    blocks = TokenBlocks(  # int32 while held (a corpus stays resident); batches go out as int64
-        torch.from_numpy(flat_ids[: n * block]).view(n, block),
-        torch.from_numpy(flat_labels[: n * block]).view(n, block),
-    )
-    return _learning(blocks)
+Chunk = tuple[np.ndarray, np.ndarray]
+"""``[k, block]`` int32 token ids and their labels."""
 
 
-def record_blocks(tokenizer: Any, records: Sequence[Record], block: int) -> tuple[TokenBlocks, int]:
-    """One ``block``-long row per record, for record-level differential privacy (a record is then
-    exactly one example): its tokens and EOS, cut at ``block`` and padded with EOS that carries no
-    loss (the model is causal: no real token sees the padding). Rows with nothing to learn are
-    dropped. Returns the rows and how many records were cut."""
-    rows = len(records)
-    ids = np.full((rows, block), tokenizer.eos_token_id, dtype=np.int32)
-    labels = np.full((rows, block), IGNORE, dtype=np.int32)
-    cut = 0
-    for row, (doc_ids, doc_labels) in enumerate(_encoded(tokenizer, records)):
-        n = min(len(doc_ids), block)
-        cut += len(doc_ids) > block
-        ids[row, :n], labels[row, :n] = doc_ids[:n], doc_labels[:n]
-    return _learning(TokenBlocks(torch.from_numpy(ids), torch.from_numpy(labels))), cut
+class BlockStream:
+    """Encoded records as chunks of token blocks, blocks with nothing to learn dropped: packed
+    (records joined with EOS and cut into blocks, the tail dropped) or, with ``per_record``, one
+    row a record (cut at ``block``, padded with EOS that carries no loss: the model is causal, so
+    no real token sees the padding). Memory is bounded by a chunk whatever the corpus; the counts
+    are complete once the chunks are consumed."""
+
+    def __init__(self, block: int, eos: int, per_record: bool = False, chunk_tokens: int = 1 << 20) -> None:
+        self.block = block
+        self.eos = eos
+        self.per_record = per_record
+        self.chunk_rows = max(1, chunk_tokens // block)
+        self.records = 0
+        self.tokens = 0
+        self.cut = 0
+        """Records longer than a block (``per_record`` only)."""
+        self.blocks = 0
+        """Blocks kept, each with a token to learn."""
+
+    def chunks(self, encoded: Iterable[Chunk]) -> Iterator[Chunk]:
+        """Chunks of blocks from each record's 1-D (ids, labels)."""
+        pending: list[Chunk] = []
+        held = 0  # rows (per record) or tokens (packed) pending
+        limit = self.chunk_rows if self.per_record else self.chunk_rows * self.block
+        for ids, labels in encoded:
+            self.records += 1
+            self.tokens += len(ids)
+            self.cut += self.per_record and len(ids) > self.block
+            pending.append((ids[: self.block], labels[: self.block]) if self.per_record else (ids, labels))
+            held += 1 if self.per_record else len(ids)
+            if held >= limit:
+                chunk, pending = self._blocks(pending)
+                held = 0 if self.per_record else len(pending[0][0])
+                yield from self._kept(chunk)
+        if pending:
+            yield from self._kept(self._blocks(pending)[0])
+
+    def check(self) -> None:
+        """ConfigError when the stream gave no block to learn from (call it after ``chunks``)."""
+        if not self.per_record and self.tokens < self.block:
+            raise ConfigError(f"data: only {self.tokens} tokens, fewer than one block of {self.block}")
+        if self.blocks == 0:
+            raise ConfigError("data: no block holds a token to learn (completions, assistant turns)")
+
+    def _blocks(self, pending: list[Chunk]) -> tuple[Chunk, list[Chunk]]:
+        """The blocks the pending records make, and what is left over (packed: the partial tail)."""
+        if self.per_record:
+            ids = np.full((len(pending), self.block), self.eos, dtype=np.int32)
+            labels = np.full((len(pending), self.block), IGNORE, dtype=np.int32)
+            for row, (doc_ids, doc_labels) in enumerate(pending):
+                ids[row, : len(doc_ids)], labels[row, : len(doc_labels)] = doc_ids, doc_labels
+            return (ids, labels), []
+        flat_ids = np.concatenate([i for i, _ in pending])
+        flat_labels = np.concatenate([la for _, la in pending])
+        n = len(flat_ids) // self.block * self.block
+        chunk = (flat_ids[:n].reshape(-1, self.block), flat_labels[:n].reshape(-1, self.block))
+        return chunk, [(flat_ids[n:].copy(), flat_labels[n:].copy())]
+
+    def _kept(self, chunk: Chunk) -> Iterator[Chunk]:
+        ids, labels = chunk
+        keep = (labels[:, 1:] != IGNORE).any(axis=1)
+        if not keep.all():
+            ids, labels = ids[keep], labels[keep]
+        self.blocks += len(ids)
+        if len(ids):
+            yield ids, labels
 
 
-def _encoded(tokenizer: Any, records: Sequence[Record]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Each record's (ids, labels) as int32, EOS appended, tokenized in batches."""
+def encoded(tokenizer: Any, records: Iterable[Record]) -> Iterator[Chunk]:
+    """Each record's (ids, labels) as int32, EOS appended (learned after a learned ending),
+    tokenized in batches (conversations through the chat template). A token is learned if it lies
+    wholly in a learned span."""
     eos = np.array([tokenizer.eos_token_id], dtype=np.int32)
     unlearned = np.array([IGNORE], dtype=np.int32)
-    for first in range(0, len(records), TOKENIZE_BATCH):
-        batch = [
-            r.render(tokenizer) if isinstance(r, Conversation) else r
-            for r in records[first : first + TOKENIZE_BATCH]
-        ]
+    records = iter(records)
+    while batch := [
+        r.render(tokenizer) if isinstance(r, Conversation) else r
+        for r in itertools.islice(records, TOKENIZE_BATCH)
+    ]:
         for ex, (doc_ids, doc_labels) in zip(batch, _tokenize(tokenizer, batch), strict=True):
             ends_learned = bool(ex.learned) and ex.learned[-1][1] == len(ex.text)
             last = eos if ends_learned else unlearned
             yield np.concatenate([doc_ids, eos]), np.concatenate([doc_labels, last])
 
 
-def _learning(blocks: TokenBlocks) -> TokenBlocks:
-    """The blocks that hold a token to learn (ConfigError if none does)."""
-    keep = (blocks.labels[:, 1:] != IGNORE).any(dim=1)
-    if not bool(keep.any()):
-        raise ConfigError("data: no block holds a token to learn (completions, assistant turns)")
-    return blocks if bool(keep.all()) else blocks[keep]
+def collect(stream: BlockStream, encoded_records: Iterable[Chunk]) -> TokenBlocks:
+    """All of a stream's blocks in memory, as int32 (8 bytes a token with its label)."""
+    parts = list(stream.chunks(encoded_records))
+    stream.check()
+    return TokenBlocks(
+        torch.from_numpy(np.concatenate([i for i, _ in parts])),
+        torch.from_numpy(np.concatenate([la for _, la in parts])),
+    )
+
+
+def pack_records(tokenizer: Any, records: Iterable[Record], block: int) -> TokenBlocks:
+    """Records packed into ``[n, block]`` blocks in memory (``BlockStream``)."""
+    return collect(BlockStream(block, tokenizer.eos_token_id), encoded(tokenizer, records))
+
+
+def record_blocks(tokenizer: Any, records: Iterable[Record], block: int) -> tuple[TokenBlocks, int]:
+    """One ``block``-long row per record in memory, for record-level differential privacy (a
+    record is then exactly one example); the rows and how many records were cut."""
+    stream = BlockStream(block, tokenizer.eos_token_id, per_record=True)
+    return collect(stream, encoded(tokenizer, records)), stream.cut
 
 
 def _tokenize(tokenizer: Any, batch: Sequence[Example]) -> list[tuple[np.ndarray, np.ndarray]]:

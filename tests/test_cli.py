@@ -204,6 +204,7 @@ def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_d
         daemon = run_cli(
             "agent.cli", "--config", str(agent_toml), "run", env={"CLOUDFED_AGENT_DATA": "data.txt"}
         )
+        trusting["CLOUDFED_AGENT_DATA"] = "data.txt"
         ok = run_cli("agent.cli", "--config", str(agent_toml), "check", env=trusting)
         private = {
             "CLOUDFED_AGENT_PRIVACY_DP_ENABLED": "true",
@@ -242,6 +243,10 @@ def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_d
     assert re.search(r"certificate     valid until \d{4}-\d\d-\d\d \d\d:\d\d UTC \((89|90) days\)", ok.stdout)
     assert "allowed by this agent's policy" in ok.stdout
     assert "dp              off: updates are not differentially private" in ok.stdout
+    counted = re.search(
+        r"data            (\d+) training and (\d+) evaluation records from \S*/data.txt; not tok", ok.stdout
+    )
+    assert counted and int(counted[1]) + int(counted[2]) == 40 and int(counted[2]) > 0
     assert "dp              DP-SGD: epsilon 0.000 of 8 spent over 0 rounds (delta 1e-06, rdp" in dp.stdout
     assert not (tmp_path / "agent-state" / "uploads").exists() or not any(
         (tmp_path / "agent-state" / "uploads").iterdir()

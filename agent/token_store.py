@@ -1,0 +1,242 @@
+"""The agent's corpus on disk: records streamed from the data path, split and counted once, and
+tokenized once into memory-mapped token blocks under ``<state_dir>/tokens/``.
+
+Memory does not grow with the corpus: records are read a line at a time, tokenized in batches and
+written out a chunk at a time, and training reads the blocks it samples from the page cache. A
+restart, or a federation that resumes, opens the blocks in milliseconds instead of tokenizing
+again. An entry is keyed by what its tokens depend on (the data files' names, sizes and
+modification times, the split, the tokenizer, the block length, packed or one row a record): a
+changed file, model or setting builds a new entry and the old ones are removed. Entries appear
+whole (built beside, then renamed into place); a damaged one is logged and built again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agent.data import (
+    BlockStream,
+    Record,
+    TokenBlocks,
+    check_split,
+    data_files,
+    encoded,
+    held_out,
+    iter_records,
+)
+from common.durable import build_dir_beside, put_in_place, replace_durably
+from common.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+"""Version of the store's layout and of the tokenization it holds; a new one rebuilds every entry."""
+
+PARTS = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The records of a data path, split by ``held_out`` and counted."""
+
+    path: Path
+    eval_fraction: float
+    fingerprint: str
+    """sha256 of what the records depend on: the files' names, sizes and modification times."""
+    train_records: int
+    eval_records: int
+
+    def records(self, part: str) -> Iterator[Record]:
+        """The records of one side of the split (``train`` or ``eval``), streamed."""
+        want_held_out = part == "eval"
+        for record in iter_records(self.path):
+            if held_out(record.key, self.eval_fraction) == want_held_out:
+                yield record
+
+
+@dataclass(frozen=True)
+class TokenizedCorpus:
+    """A corpus' token blocks, memory-mapped: packed for evaluation, packed or one row a record
+    for training."""
+
+    train: TokenBlocks
+    eval: TokenBlocks
+    cut: int
+    """Training records longer than a block (one row a record only)."""
+
+
+class TokenStore:
+    """``<state_dir>/tokens``: the corpus' counts (``corpus.json``) and its tokenized entry
+    (``blocks/<key>/``: ids and labels of each part as raw int32, ``meta.json``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def corpus(self, path: Path, eval_fraction: float, remember: bool = True) -> Corpus:
+        """The corpus at ``path``: counted from the store when its files have not changed, else
+        read through once (every record is parsed, so a bad one is refused here, at start) and,
+        if ``remember``, its counts stored."""
+        fingerprint = _fingerprint(path, eval_fraction)
+        counts_file = self.root / "corpus.json"
+        try:
+            counts = json.loads(counts_file.read_text())
+            fresh = counts["fingerprint"] == fingerprint
+            train, evaluation = int(counts["train"]), int(counts["eval"])
+        except FileNotFoundError:
+            fresh = False
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("token store: %s is damaged (%s); counting the corpus again", counts_file, exc)
+            fresh = False
+        if not fresh:
+            train, evaluation = _count(path, eval_fraction)
+            counts = {"fingerprint": fingerprint, "train": train, "eval": evaluation}
+            if remember:
+                replace_durably(counts_file, json.dumps(counts).encode())
+        check_split(train, evaluation, eval_fraction)
+        return Corpus(path, eval_fraction, fingerprint, train, evaluation)
+
+    def prepare(self, corpus: Corpus, tokenizer: Any, block: int, per_record: bool) -> Path:
+        """The corpus' entry for this tokenizer and block, tokenized into the store first unless
+        a sound one is there; ConfigError when the corpus gives no block to learn from."""
+        entry = self.root / "blocks" / _entry_key(corpus, tokenizer, block, per_record)
+        if entry.exists():
+            try:
+                opened = open_entry(entry, block)
+                log.info(
+                    "token store: %d training and %d evaluation blocks of %d tokens, tokenized before (%s)",
+                    len(opened.train),
+                    len(opened.eval),
+                    block,
+                    entry,
+                )
+                return entry
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("token store: entry %s is damaged (%s); tokenizing again", entry.name, exc)
+        self._build(entry, corpus, tokenizer, block, per_record)
+        return entry
+
+    def describe(self, corpus: Corpus) -> str:
+        """One line for ``cloudfed-agent check``: the corpus' counts and what the store holds."""
+        entries = [e for e in (self.root / "blocks").glob("[0-9a-f]*") if e.is_dir()]
+        stored = sum(f.stat().st_size for e in entries for f in e.iterdir())
+        held = f"tokenized in {self.root} ({stored / 1e6:.1f} MB)" if entries else "not tokenized yet"
+        return (
+            f"{corpus.train_records} training and {corpus.eval_records} evaluation records from"
+            f" {corpus.path}; {held}"
+        )
+
+    def _build(self, entry: Path, corpus: Corpus, tokenizer: Any, block: int, per_record: bool) -> None:
+        if entry.parent.exists():  # other entries (data or settings now gone), crashed builds
+            for old in entry.parent.iterdir():
+                shutil.rmtree(old, ignore_errors=True)
+        building = build_dir_beside(entry)
+        try:
+            meta: dict[str, Any] = {"format": FORMAT, "block": block, "per_record": per_record}
+            for part in PARTS:
+                stream = BlockStream(block, tokenizer.eos_token_id, per_record=per_record and part == "train")
+                with (
+                    open(building / f"{part}.ids", "wb") as ids,
+                    open(building / f"{part}.labels", "wb") as labels,
+                ):
+                    for chunk_ids, chunk_labels in stream.chunks(encoded(tokenizer, corpus.records(part))):
+                        ids.write(chunk_ids.tobytes())
+                        labels.write(chunk_labels.tobytes())
+                try:
+                    stream.check()
+                except ConfigError as exc:
+                    raise ConfigError(f"{exc} ({part} records)") from None
+                meta[part] = {"blocks": stream.blocks, "records": stream.records, "tokens": stream.tokens}
+                meta["cut"] = meta.get("cut", 0) + stream.cut
+            (building / "meta.json").write_text(json.dumps(meta, indent=1))
+            put_in_place(building, entry)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        log.info(
+            "token store: tokenized %d training and %d evaluation records into %d and %d blocks of %d"
+            " tokens (%s)",
+            meta["train"]["records"],
+            meta["eval"]["records"],
+            meta["train"]["blocks"],
+            meta["eval"]["blocks"],
+            block,
+            entry,
+        )
+
+
+def _fingerprint(path: Path, eval_fraction: float) -> str:
+    files = data_files(path)
+    base = path if path.is_dir() else path.parent
+    listing = []
+    for f in files:
+        st = f.stat()
+        listing.append([str(f.relative_to(base)), st.st_size, st.st_mtime_ns])
+    material = json.dumps({"format": FORMAT, "eval_fraction": eval_fraction, "files": listing})
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def _count(path: Path, eval_fraction: float) -> tuple[int, int]:
+    train = evaluation = 0
+    for record in iter_records(path):
+        if held_out(record.key, eval_fraction):
+            evaluation += 1
+        else:
+            train += 1
+    if train + evaluation == 0:
+        raise ConfigError(f"data: {path} holds no documents")
+    return train, evaluation
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of everything a tokenizer's output depends on: its full definition (a fast
+    tokenizer's serialized pipeline, else its vocabulary), chat template and end-of-text token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = (
+        backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    )
+    material = json.dumps(
+        [
+            type(tokenizer).__name__,
+            definition,
+            getattr(tokenizer, "chat_template", None),
+            tokenizer.eos_token_id,
+        ]
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def _entry_key(corpus: Corpus, tokenizer: Any, block: int, per_record: bool) -> str:
+    material = json.dumps([FORMAT, corpus.fingerprint, tokenizer_fingerprint(tokenizer), block, per_record])
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def open_entry(entry: Path, block: int) -> TokenizedCorpus:
+    """An entry's blocks, memory-mapped; ValueError (or OSError) if it is damaged."""
+    meta = json.loads((entry / "meta.json").read_text())
+    if meta["format"] != FORMAT or meta["block"] != block:
+        raise ValueError(f"format {meta['format']}, block {meta['block']}")
+    parts = {part: _mapped(entry, part, int(meta[part]["blocks"]), block) for part in PARTS}
+    return TokenizedCorpus(parts["train"], parts["eval"], int(meta["cut"]))
+
+
+def _mapped(entry: Path, part: str, blocks: int, block: int) -> TokenBlocks:
+    """One part's blocks, memory-mapped copy-on-write (writable for torch, never written back)."""
+    arrays = []
+    for name in (f"{part}.ids", f"{part}.labels"):
+        path = entry / name
+        size = os.path.getsize(path)
+        if size != blocks * block * 4 or blocks == 0:
+            raise ValueError(f"{name} holds {size} bytes, not {blocks} blocks of {block} int32 tokens")
+        arrays.append(torch.from_numpy(np.memmap(path, dtype=np.int32, mode="c", shape=(blocks, block))))
+    return TokenBlocks(arrays[0], arrays[1])
