@@ -17,6 +17,9 @@ import pytest
 import yaml
 
 from common.config import AgentConfig, AggregatorConfig, load
+from server.state import StateDB
+from tests.conftest import Pki, seed_store, small_adapter
+from tests.daemons import run_cli
 
 K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.37.0"
@@ -66,6 +69,13 @@ def env_of(container: Doc) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container.get("env", [])}
 
 
+def pod_spec(workload: Doc) -> Doc:
+    """The pod template's spec of a Deployment or a CronJob."""
+    if workload["kind"] == "CronJob":
+        return workload["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return workload["spec"]["template"]["spec"]
+
+
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[Doc]]:
     return {k: render(k) for k in KUSTOMIZATIONS}
@@ -112,7 +122,8 @@ def test_pods_meet_the_restricted_pod_security_standard(
     for deployment in deployments:
         assert deployment["spec"]["replicas"] == 1
         assert deployment["spec"]["strategy"]["type"] == "Recreate"
-        pod = deployment["spec"]["template"]["spec"]
+    for workload in [*deployments, *(d for d in docs if d["kind"] == "CronJob")]:
+        pod = pod_spec(workload)
         assert pod["automountServiceAccountToken"] is False
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -130,6 +141,8 @@ def test_pods_meet_the_restricted_pod_security_standard(
             assert all("subPath" not in m for m in container["volumeMounts"])
             mounted = {m["name"] for m in container["volumeMounts"]}
             assert secret_volumes <= mounted
+            if workload["kind"] == "CronJob":
+                continue  # a job serves nothing: no ports, no probes
             # Native gRPC probes on the plaintext health port, given as an integer.
             health_port = next(p for p in container["ports"] if p["name"] == "grpc-health")["containerPort"]
             for probe in ("startupProbe", "livenessProbe"):
@@ -226,3 +239,75 @@ def test_configs_in_the_base_load_and_match_the_deployments(rendered: dict[str, 
         config_file = container["command"][container["command"].index("--config") + 1]
         assert mounts[str(Path(config_file).parent)] == "config"
     assert tomllib.loads((K8S / "base" / "agent" / "agent.toml").read_text())["data"] == "/data"
+
+
+def test_the_backup_cronjob_copies_the_aggregator_state_daily_on_its_node(
+    rendered: dict[str, list[Doc]], pki: Pki, tmp_path: Path
+) -> None:
+    """The CronJob runs the systemd timer's backup beside the live aggregator: its config, files
+    and state claim (on the aggregator's node, as the claim is ReadWriteOnce), into a claim of its
+    own, one run at a time, with no network. Its command, run here against the base config with
+    only the paths moved, writes a backup."""
+    docs = rendered["overlays/aws"]
+    cron = find(docs, "CronJob", "cloudfed-aggregator-backup")
+    aggregator = find(docs, "Deployment", "cloudfed-aggregator")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert len(cron["spec"]["schedule"].split()) == 5
+    pod, daemon_pod = pod_spec(cron), pod_spec(aggregator)
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"] == daemon_pod["securityContext"]  # the files' owner
+    [affinity] = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert affinity["topologyKey"] == "kubernetes.io/hostname"
+    daemon_labels = aggregator["spec"]["template"]["metadata"]["labels"]
+    assert affinity["labelSelector"]["matchLabels"].items() <= daemon_labels.items()
+    assert not (
+        pod_labels := cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    ).items() <= (daemon_labels.items())  # not selected as an aggregator pod by its Service or NetworkPolicy
+
+    [container], [daemon] = pod["containers"], daemon_pod["containers"]
+    assert container["image"] == daemon["image"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    daemon_volumes = {v["name"]: v for v in daemon_pod["volumes"]}
+    for name in (
+        "config",
+        "tls",
+        "crl",
+        "state",
+    ):  # the same sources (hashed ConfigMap name too) at the same paths
+        assert volumes[name] == daemon_volumes[name]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == name)
+        assert mount == next(m for m in daemon["volumeMounts"] if m["name"] == name)
+    backups_claim = volumes["backups"]["persistentVolumeClaim"]["claimName"]
+    assert backups_claim != volumes["state"]["persistentVolumeClaim"]["claimName"]
+    find(docs, "PersistentVolumeClaim", backups_claim)
+    into = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "backups")
+    command = container["command"]
+    assert command[0] == "cloudfed-aggregator"
+    assert (
+        command[command.index("--config") + 1] == daemon["command"][daemon["command"].index("--config") + 1]
+    )
+    assert command[command.index("backup") + 1 :] == ["--into", into, "--keep", "7"]
+    policy = find(docs, "NetworkPolicy", "cloudfed-aggregator-backup")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert (
+        policy["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in policy and "egress" not in policy
+    )
+
+    state = tmp_path / "state"
+    seed_store(state, small_adapter())
+    StateDB(state / "cloudfed.db").close()
+    config = K8S / "base" / "aggregator" / "aggregator.toml"
+    args = [str(config) if a.endswith("aggregator.toml") else a for a in command[1:]]
+    args = [str(tmp_path / "backups") if a == into else a for a in args]
+    d = pki.dir
+    moved = {
+        "CLOUDFED_STATE_DIR": str(state),
+        "CLOUDFED_TLS_CERT": str(d.cert("aggregator")),
+        "CLOUDFED_TLS_KEY": str(d.key("aggregator")),
+        "CLOUDFED_TLS_CA": str(d.ca_cert),
+        "CLOUDFED_TLS_CRL": str(d.crl),
+    }
+    done = run_cli("server.cli", *args, env=moved)
+    assert done.returncode == 0, done.stderr
+    [backup] = (tmp_path / "backups").iterdir()
+    assert backup.name.startswith("backup-") and (backup / "cloudfed.db").is_file()
