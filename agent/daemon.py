@@ -288,10 +288,11 @@ class Agent:
 
     async def _session(self, client: AggregatorClient, stop: asyncio.Event) -> bool:
         """One connection's life; True once max_rounds is reached."""
+        spent = self.ledger.exhausted.refusal if self.ledger and self.ledger.exhausted else ""
         join = await client.join(
             num_examples=self.corpus.train_records,
             device=self._device_info(),
-            privacy=announced(self.config.privacy),
+            privacy=announced(self.config.privacy, spent),
         )
         settings = join.settings
         check_federation(self.config.privacy, settings)  # PolicyRefused: nothing is sent, we exit
@@ -306,6 +307,12 @@ class Agent:
         if self.ledger is not None:  # ConfigError (the daemon exits) for a delta too large for the data
             self.ledger.check_delta(self.worker.train_records)
             self._publish_privacy(client)
+            if spent and not self.ledger.still_exhausted(self._spend_settings(settings.training)):
+                log.info(
+                    "the federation's settings or this agent's changed since its privacy budget was"
+                    " found spent; joining again to be invited (the next round's plan decides)"
+                )
+                return False
         if join.global_version not in self.progress.versions_evaluated:
             await self._evaluate(client, join.global_version)
         not_invited = 0  # the last round we were left out of by our policy (counted once)
@@ -436,6 +443,13 @@ class Agent:
             return None
         n, batch, world, steps = self.worker.train_records, t.batch_size, self.ctx.world_size, t.local_steps
         return await asyncio.to_thread(self.ledger.plan, round_id, n, batch, world, steps)
+
+    def _spend_settings(self, t: pb.TrainingSettings) -> str:
+        """What a round's privacy spend depends on, for the ledger's remembered refusal."""
+        assert self.ledger is not None
+        return self.ledger.settings(
+            self.worker.train_records, t.batch_size, self.ctx.world_size, t.local_steps
+        )
 
     def _publish_privacy(self, client: AggregatorClient) -> None:
         """The privacy spent and the budget, as gauges (with DP-SGD only)."""

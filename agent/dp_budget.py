@@ -3,7 +3,9 @@ and the epsilon of all of them together (opacus' RDP or PRV accountant).
 
 A round's spend is recorded after its training and before anything of it leaves the cloud, with
 the file fsynced: a crash may count a round that was never sent, never the other way round. A
-round that would take the epsilon over ``privacy.dp.max_epsilon`` is refused before it trains.
+round that would take the epsilon over ``privacy.dp.max_epsilon`` is refused before it trains,
+and the ledger remembers that refusal with the settings it was made under: the agent announces it
+at its next Join, so the aggregator does not invite it again, until those settings change.
 """
 
 from __future__ import annotations
@@ -83,20 +85,29 @@ def planned_noise(config: DpConfig, sample_rate: float, steps: int) -> float:
         )
 
 
+@dataclass(frozen=True)
+class Exhausted:
+    """A refused round: the settings it was planned under (``PrivacyLedger.settings``) and why."""
+
+    settings: str
+    refusal: str
+
+
 class PrivacyLedger:
     """This agent's DP-SGD spends, across rounds and restarts (``<state_dir>/privacy/``)."""
 
     def __init__(self, state_dir: Path, config: DpConfig) -> None:
         self.config = config
         self.path = state_dir / "privacy" / LEDGER
-        self.spends = self._load()
+        self.spends, self.exhausted = self._load()
 
-    def _load(self) -> list[Spend]:
+    def _load(self) -> tuple[list[Spend], Exhausted | None]:
         if not self.path.exists():
-            return []
+            return [], None
         try:
             data = json.loads(self.path.read_text())
-            return [Spend(**s) for s in data["spends"]]
+            exhausted = data.get("exhausted")
+            return [Spend(**s) for s in data["spends"]], Exhausted(**exhausted) if exhausted else None
         except (OSError, ValueError, KeyError, TypeError) as exc:  # never start again from zero
             raise DataLoss(
                 f"privacy ledger {self.path} cannot be read ({exc}); it records the privacy this agent"
@@ -126,19 +137,33 @@ class PrivacyLedger:
         noise = planned_noise(c, rate, steps)
         after = epsilon([*self.spends, Spend(round_id, noise, rate, steps)], c.delta, c.accountant)
         if after > c.max_epsilon:
-            raise PrivacyBudgetSpent(
+            refusal = (
                 f"privacy budget spent: this agent has spent epsilon {self.epsilon:.3f} (delta"
                 f" {c.delta:g}) and round {round_id} would take it to {after:.3f}, over"
                 f" privacy.dp.max_epsilon ({c.max_epsilon:g})"
             )
+            self._save(self.spends, Exhausted(self.settings(records, batch_size, world_size, steps), refusal))
+            raise PrivacyBudgetSpent(refusal)
         return DpStep(noise, c.max_grad_norm, rate, float(expected))
+
+    def settings(self, records: int, batch_size: int, world_size: int, steps: int) -> str:
+        """What a round's spend depends on: the records, the federation's batch and steps, the
+        ranks and this agent's DP configuration."""
+        return json.dumps([records, batch_size, world_size, steps, asdict(self.config)], sort_keys=True)
+
+    def still_exhausted(self, settings: str) -> bool:
+        """Whether the remembered refusal holds under ``settings`` (from ``settings()``); a
+        refusal made under other settings is forgotten (a round may fit now: the next plan says)."""
+        if self.exhausted is None:
+            return False
+        if self.exhausted.settings != settings:
+            self._save(self.spends, None)
+        return self.exhausted is not None
 
     def record(self, round_id: int, dp: DpStep, steps: int) -> float:
         """Add a round's spend, durably, before its update leaves the cloud; the epsilon after it."""
         spend = Spend(round_id, dp.noise_multiplier, dp.sample_rate, steps, time.time())
-        spends = [*self.spends, spend]
-        replace_durably(self.path, json.dumps({"spends": [asdict(s) for s in spends]}, indent=1).encode())
-        self.spends = spends
+        self._save([*self.spends, spend], None)
         spent = self.epsilon
         if math.isfinite(spent):
             log.info(
@@ -153,6 +178,13 @@ class PrivacyLedger:
                 self.config.delta,
             )
         return spent
+
+    def _save(self, spends: list[Spend], exhausted: Exhausted | None) -> None:
+        data: dict[str, object] = {"spends": [asdict(s) for s in spends]}
+        if exhausted is not None:
+            data["exhausted"] = asdict(exhausted)
+        replace_durably(self.path, json.dumps(data, indent=1).encode())
+        self.spends, self.exhausted = spends, exhausted
 
 
 def describe(config: DpConfig, state_dir: Path) -> str:

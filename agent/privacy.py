@@ -21,12 +21,15 @@ def check_federation(policy: PrivacyConfig, settings: pb.FederationSettings) -> 
         raise PolicyRefused(why)
 
 
-def announced(policy: PrivacyConfig) -> pb.PrivacyPolicy:
-    """The policy as Join announces it (the aggregator sizes thresholds for its colluders)."""
+def announced(policy: PrivacyConfig, budget_spent: str = "") -> pb.PrivacyPolicy:
+    """The policy as Join announces it (the aggregator sizes thresholds for its colluders), and
+    why the agent's differential-privacy budget is spent, if it is (it is then invited to no
+    round)."""
     return pb.PrivacyPolicy(
         require_masking=policy.require_masking,
         min_agents_per_sum=policy.min_agents_per_sum,
         colluders=policy.colluders,
+        budget_spent=budget_spent,
     )
 
 

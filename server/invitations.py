@@ -28,8 +28,8 @@ class AgentInfo:
     """The fewest agents whose sum the agent lets the aggregator learn (0: it announced no policy)."""
     joined_at: float = field(default_factory=time.time)
     budget_spent: str = ""
-    """Why the agent trains no further round of this connection (it declined one because its
-    differential-privacy budget is spent), or ''. A new Join clears it."""
+    """Why the agent trains no further round of this connection (it said so at Join, or declined
+    a round, because its differential-privacy budget is spent), or ''. A new Join sets it anew."""
 
 
 @dataclass(frozen=True)

@@ -256,7 +256,12 @@ class RoundCoordinator:
     async def join(
         self, peer: SpiffeId, info: AgentInfo, certificate: AgentCertificate | None = None
     ) -> None:
-        """Record an agent's announcement (and the certificate it joined with)."""
+        """Record an agent's announcement (and the certificate it joined with): INVALID_ARGUMENT
+        for a spent-budget reason of over MAX_DECLINE_DETAIL bytes."""
+        if len(info.budget_spent.encode()) > MAX_DECLINE_DETAIL:
+            raise InvalidArgument(f"privacy.budget_spent of over {MAX_DECLINE_DETAIL} bytes")
+        if info.budget_spent:
+            log.info("%s joined with its differential-privacy budget spent: %s", peer, info.budget_spent)
         self.agents[peer.uri] = info
         self.db.agent_joined(peer.uri, peer.cloud, info.software_version, info.num_examples, certificate)
         if certificate is not None and certificate.not_after is not None:

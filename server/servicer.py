@@ -132,6 +132,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             request.software_version,
             colluders=policy.colluders,
             min_agents_per_sum=policy.min_agents_per_sum,
+            budget_spent=policy.budget_spent,
         )
         certificate = peer_certificate(context.auth_context())
         await self._rounds.join(peer, info, AgentCertificate.of(certificate))

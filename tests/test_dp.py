@@ -3,26 +3,31 @@ a row, the privacy ledger and its budget, and the config's refusals."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import logging
 import math
 import sqlite3
 import subprocess
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from agent.daemon import Agent
 from agent.data import IGNORE, Example, TokenBlocks, record_blocks
 from agent.demo import prepare
 from agent.dp_budget import PrivacyBudgetSpent, PrivacyLedger, Spend, describe, epsilon, planned_noise
 from agent.dp_sgd import DpStep, per_record_loss
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, initial_adapter
-from common.config import AgentConfig, DpConfig, PrivacyConfig
+from common.config import AgentConfig, AggregatorConfig, DpConfig, PrivacyConfig, load
 from common.errors import ConfigError, DataLoss
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
+from tests.agentsim import in_process
 from tests.daemons import run_cli, start, stop, torchrun, wait_serving
 
 LORA = LoraSpec(4, 8.0, ("q_proj", "v_proj"))
@@ -191,6 +196,33 @@ def test_the_ledger_refuses_the_round_over_the_budget_also_after_a_restart(tmp_p
     assert two_ranks.sample_rate == 2 * batch / records and two_ranks.expected_batch == 2 * batch
 
 
+def test_the_ledger_remembers_a_refusal_until_the_settings_change(tmp_path: Path) -> None:
+    """A refused round is remembered durably with the settings it was planned under (what the
+    agent announces at Join); the same settings keep it, other ones (the federation's steps, this
+    agent's budget) forget it, and so does a round that fits."""
+    records, batch, steps = 400, 8, 50
+    config = DpConfig(enabled=True, noise_multiplier=1.0, max_epsilon=0.5, delta=1e-5)
+    ledger = PrivacyLedger(tmp_path, config)
+    assert ledger.exhausted is None and not ledger.still_exhausted(ledger.settings(records, batch, 1, steps))
+    with pytest.raises(PrivacyBudgetSpent) as refused:
+        ledger.plan(1, records, batch, 1, steps)
+    restarted = PrivacyLedger(tmp_path, config)
+    assert restarted.exhausted is not None and restarted.exhausted.refusal == str(refused.value)
+    assert restarted.still_exhausted(restarted.settings(records, batch, 1, steps))
+    assert PrivacyLedger(tmp_path, config).exhausted is not None  # asking changes nothing
+    fewer_steps = restarted.settings(records, batch, 1, 5)
+    assert not restarted.still_exhausted(fewer_steps)
+    assert restarted.exhausted is None and PrivacyLedger(tmp_path, config).exhausted is None  # durably
+
+    with pytest.raises(PrivacyBudgetSpent):
+        restarted.plan(2, records, batch, 1, steps)
+    larger = dataclasses.replace(config, max_epsilon=100.0)  # the data owners agreed to a larger budget
+    raised = PrivacyLedger(tmp_path, larger)
+    assert not raised.still_exhausted(raised.settings(records, batch, 1, steps))
+    raised.record(2, raised.plan(2, records, batch, 1, steps), steps)
+    assert [s.round_id for s in PrivacyLedger(tmp_path, larger).spends] == [2]
+
+
 def test_planned_rounds_derive_the_noise_that_fits_them_in_the_budget(tmp_path: Path) -> None:
     config = DpConfig(enabled=True, max_epsilon=3.0, delta=1e-5, planned_rounds=4)
     ledger = PrivacyLedger(tmp_path, config)
@@ -351,3 +383,73 @@ def test_an_agent_whose_delta_is_too_large_for_its_data_exits_before_training(tm
     assert "privacy.dp.delta (0.01) must be below 1 / training records (1/1" in done.stderr
     assert not (agent_paths[0].parent / "state" / "privacy" / "dp-ledger.json").exists()
     assert not list((agent_paths[0].parent / "audit").glob("round-*"))
+
+
+async def test_a_spent_agent_says_so_at_join_until_its_budget_or_the_settings_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real agent daemon (DP-SGD, budget for one round) against three aggregators in turn, in
+    plain rounds. 1: it trains round 1 and declines round 2 for its budget. 2: restarted, it
+    announces the spent budget at Join, so the aggregator counts it out of every round from the
+    start (no invitation to decline). 3: restarted with a larger budget agreed, the remembered
+    refusal no longer holds; it joins again without it, is invited, and trains."""
+    agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
+    uri = "spiffe://demo.cloudfed/cloud/aws/agent/agent-1"
+    budget = {
+        "CLOUDFED_AGENT_PRIVACY_DP_ENABLED": "true",
+        "CLOUDFED_AGENT_PRIVACY_DP_MAX_EPSILON": "2",
+        "CLOUDFED_AGENT_PRIVACY_DP_PLANNED_ROUNDS": "1",
+        "CLOUDFED_AGENT_PRIVACY_DP_DELTA": "1e-4",
+        "CLOUDFED_AGENT_MAX_ROUNDS": "0",
+    }
+
+    def aggregator(run: int) -> AggregatorConfig:
+        config = load(AggregatorConfig, agg_path, env={"CLOUDFED_ROUNDS_MIN_AGENTS": "1"})
+        return dataclasses.replace(config, metrics_listen="", state_dir=tmp_path / f"aggregator-{run}")
+
+    def agent(**env: str) -> Agent:
+        config = load(AgentConfig, agent_paths[0], env={**budget, **env})
+        return Agent(dataclasses.replace(config, metrics_listen=""))
+
+    async def until(check: Callable[[], object], seconds: float = 120) -> None:
+        async with asyncio.timeout(seconds):
+            while not check():  # noqa: ASYNC110 (state in other tasks: polled, bounded)
+                await asyncio.sleep(0.1)
+
+    caplog.set_level(logging.INFO)
+    async with in_process(aggregator(1), agent()) as first:
+        rounds = first.agg.rounds
+        await until(lambda: uri in rounds.agents and rounds.agents[uri].budget_spent)
+    assert (
+        "round 1 trained" in caplog.text and "round 2: not taking part: privacy budget spent" in caplog.text
+    )
+    ledger = PrivacyLedger(
+        agent_paths[0].parent / "state", load(AgentConfig, agent_paths[0], env=budget).privacy.dp
+    )
+    assert [s.round_id for s in ledger.spends] == [1] and ledger.exhausted is not None
+    caplog.clear()
+
+    async with in_process(aggregator(2), agent()) as second:
+        rounds = second.agg.rounds
+        await until(lambda: uri in rounds.connected)
+        assert rounds.agents[uri].budget_spent == ledger.exhausted.refusal  # announced, not declined
+        assert rounds.trainable == []
+        await until(lambda: "global version 0: eval loss" in caplog.text)  # after the Join
+        assert second.agg.rounds.state.round_id == 0  # no round started: it would wait for a trainable agent
+    assert "declin" not in caplog.text and "joining again" not in caplog.text
+    caplog.clear()
+
+    larger = {
+        "CLOUDFED_AGENT_PRIVACY_DP_MAX_EPSILON": "100",
+        "CLOUDFED_AGENT_PRIVACY_DP_PLANNED_ROUNDS": "10",
+    }
+    async with (
+        in_process(aggregator(3), agent(**larger, CLOUDFED_AGENT_MAX_ROUNDS="1")) as third,
+        asyncio.timeout(120),
+    ):
+        await third.agents[0]  # it trains round 1, evaluates version 1 and stops
+    assert "joining again to be invited" in caplog.text and "round 1 trained" in caplog.text
+    raised = PrivacyLedger(
+        ledger.path.parent.parent, load(AgentConfig, agent_paths[0], env={**budget, **larger}).privacy.dp
+    )
+    assert [s.round_id for s in raised.spends] == [1, 1] and raised.exhausted is None

@@ -269,22 +269,29 @@ class PrivacyPolicy(_message.Message):
     REQUIRE_MASKING_FIELD_NUMBER: _builtins.int
     MIN_AGENTS_PER_SUM_FIELD_NUMBER: _builtins.int
     COLLUDERS_FIELD_NUMBER: _builtins.int
+    BUDGET_SPENT_FIELD_NUMBER: _builtins.int
     require_masking: _builtins.bool
     """The agent sends only masked updates."""
     min_agents_per_sum: _builtins.int
     """The fewest agents whose sum the aggregator may learn for any coordinate."""
     colluders: _builtins.int
     """Agents that may collude with the aggregator: thresholds need 2t > k + 1 + colluders."""
+    budget_spent: _builtins.str
+    """Why the agent's differential-privacy budget cannot pay for a round of this
+    federation (at most 1024 bytes), or empty. The aggregator invites an agent
+    that says so to no round of this connection; it still evaluates versions.
+    """
     def __init__(
         self,
         *,
         require_masking: _builtins.bool = ...,
         min_agents_per_sum: _builtins.int = ...,
         colluders: _builtins.int = ...,
+        budget_spent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["colluders", b"colluders", "min_agents_per_sum", b"min_agents_per_sum", "require_masking", b"require_masking"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_spent", b"budget_spent", "colluders", b"colluders", "min_agents_per_sum", b"min_agents_per_sum", "require_masking", b"require_masking"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
