@@ -39,14 +39,17 @@ def torchrun(
 
 
 def start(module: str, *args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``python -m module args`` in the background, output to ``log``."""
+    """Start ``python -m module args`` in the background, output to ``log``. Daemons started
+    together share the cores: each gets one torch thread unless the caller says otherwise (as the
+    demo does; several processes with a thread a core each starve one another)."""
     out = open(log, "ab")  # noqa: SIM115 - owned by the child
+    threads = os.environ.get("OMP_NUM_THREADS", "1")
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
         stdout=out,
         stderr=subprocess.STDOUT,
         cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, **(env or {})},
     )
 
 
