@@ -33,6 +33,7 @@ async def check(config: AgentConfig) -> int:
     from agent.client import AggregatorClient
     from agent.dp_budget import describe as describe_dp
     from agent.privacy import announced, check_federation, describe
+    from agent.revocations import AgentRevocations, describe_revocations
     from agent.token_store import TokenStore
     from common.metrics import publish_validity
 
@@ -52,6 +53,9 @@ async def check(config: AgentConfig) -> int:
         print(f"codec           {s.codec.name}; secure aggregation {'on' if s.secagg.enabled else 'off'}")
         print(f"privacy         {describe(config.privacy, s)}")
         print(f"dp              {describe_dp(config.privacy.dp, config.state_dir)}")
+        served = await client.revocation_list() if config.tls.crl_from_aggregator else None
+        revocations = AgentRevocations(config.state_dir, config.tls).for_round(served)  # or exit 2
+        print(f"revocations     {describe_revocations(revocations, served is not None)}")
         numel = sum(math.prod(p.shape) for p in s.layout.params)
         tensors, digest = len(s.layout.params), s.layout.digest[:16]
         print(f"layout          {tensors} tensors, {numel} parameters, digest {digest}")

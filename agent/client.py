@@ -165,6 +165,19 @@ class AggregatorClient:
         )
         await self.stub.DeclineRound(request, timeout=UNARY_DEADLINE_S)
 
+    async def revocation_list(self) -> bytes | None:
+        """The PEM CRLs the aggregator enforces, unverified; None if it enforces none (or is older
+        than the call)."""
+        try:
+            response: pb.GetRevocationListResponse = await self.stub.GetRevocationList(
+                pb.GetRevocationListRequest(), timeout=UNARY_DEADLINE_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+                return None
+            raise
+        return response.crl_pem
+
     async def upload_status(self, upload_id: str) -> pb.GetUploadStatusResponse | None:
         """Where an upload stands, or None if the aggregator never saw it."""
         try:

@@ -27,6 +27,7 @@ from agent.distributed import DistContext
 from agent.dp_budget import PrivacyBudgetSpent, PrivacyLedger
 from agent.dp_sgd import DpStep
 from agent.privacy import announced, check_federation, describe
+from agent.revocations import AgentRevocations
 from agent.secure import SecureParticipation, Signer
 from agent.token_store import TokenStore, open_entry
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device, pick_dtype
@@ -42,6 +43,7 @@ from common.config import AgentConfig
 from common.errors import CloudfedError, ConfigError, DataLoss, PolicyRefused, TrainingFailed
 from common.layout import ParamLayout
 from common.metrics import publish_validity
+from common.revocation import RevocationList
 from common.secagg.keys import RosterError
 from common.secagg_pb import DECLINE_REASONS
 from protos.cloudfed.v1 import federation_pb2 as pb
@@ -224,6 +226,7 @@ class Agent:
         self.progress = Progress()
         dp = config.privacy.dp
         self.ledger = PrivacyLedger(self.state, dp) if dp.enabled else None
+        self.revocations = AgentRevocations(self.state, config.tls)
         self._shared: tuple[str, Codec] | None = None  # (state digest, codec built from that state)
         log.info(
             "%d training and %d evaluation documents from %s",
@@ -444,6 +447,11 @@ class Agent:
         n, batch, world, steps = self.worker.train_records, t.batch_size, self.ctx.world_size, t.local_steps
         return await asyncio.to_thread(self.ledger.plan, round_id, n, batch, world, steps)
 
+    async def _revocations(self, client: AggregatorClient) -> RevocationList | None:
+        """The revocations to check this round's roster against (``agent.revocations``)."""
+        served = await client.revocation_list() if self.config.tls.crl_from_aggregator else None
+        return await asyncio.to_thread(self.revocations.for_round, served)
+
     def _spend_settings(self, t: pb.TrainingSettings) -> str:
         """What a round's privacy spend depends on, for the ledger's remembered refusal."""
         assert self.ledger is not None
@@ -473,7 +481,7 @@ class Agent:
             if settings.secagg.enabled:  # key phases run while the model trains
                 secure = SecureParticipation(
                     client,
-                    Signer.load(self.config.tls.files(), self.config.tls.crl),
+                    Signer.load(self.config.tls.files(), await self._revocations(client)),
                     agent_id,
                     settings.secagg,
                     event.round_id,

@@ -4,10 +4,8 @@ share secrets with its neighbours, mask the fixed-point update, answer the unmas
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from cryptography import x509
@@ -18,7 +16,7 @@ from agent import metrics
 from agent.client import AggregatorClient
 from common.config import PrivacyConfig
 from common.errors import ConfigError, FailedPrecondition, PolicyRefused
-from common.revocation import RevocationError, RevocationList
+from common.revocation import RevocationList
 from common.secagg.agent import AgentRound
 from common.secagg.clips import SegmentClips
 from common.secagg.coverage import check_settings
@@ -50,24 +48,12 @@ class Signer:
     revocations: RevocationList | None = None
 
     @classmethod
-    def load(cls, files: TlsFiles, crl: Path | None = None) -> Signer:
-        """Read the agent's mTLS files (and the CRL, read afresh for each round)."""
+    def load(cls, files: TlsFiles, revocations: RevocationList | None = None) -> Signer:
+        """Read the agent's mTLS files; ``revocations``: the round's (``agent.revocations``)."""
         cert, key_pem, ca = files.read()
         key = load_pem_private_key(key_pem, password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigError("tls.key: secure aggregation signs with an EC (P-256) certificate key")
-        revocations = None
-        if crl is not None:
-            try:
-                revocations = RevocationList.load(crl, files.ca)
-            except RevocationError as exc:  # a roster this agent cannot check is a roster it refuses
-                raise RosterError(f"cannot check peers' certificates against tls.crl: {exc}") from exc
-            if revocations.stale(dt.datetime.now(dt.UTC)):
-                log.warning(
-                    "tls.crl %s passed its next update (%s); still checking peers against it",
-                    crl,
-                    revocations.next_update,
-                )
         return cls(cert, key, tuple(x509.load_pem_x509_certificates(ca)), revocations)
 
 

@@ -47,8 +47,9 @@ class TlsConfig:
     crl: Path | None = None
     """PEM CRL(s) signed by the CA (``cloudfed-pki revoke`` writes one). The aggregator refuses the
     certificates it lists on every call, ends their calls in flight and re-reads it when the file
-    changes and on reload, keeping the last good list when a new file is bad; an agent refuses a
-    secure-aggregation roster naming one (it reads the file at each round)."""
+    changes and on reload, keeping the last good list when a new file is bad, and serves it to
+    agents; an agent refuses a secure-aggregation roster naming one (it reads the file, and the
+    aggregator's list, at each round)."""
 
     def files(self, base: Path | None = None) -> TlsFiles:
         """TlsFiles with relative paths resolved against ``base``."""
@@ -79,6 +80,15 @@ class AggregatorTlsConfig(TlsConfig):
         super().check_crl()
         if not self.crl_poll_s > 0:
             raise ConfigError(f"tls.crl_poll_s must be positive, got {self.crl_poll_s}")
+
+
+@dataclass(frozen=True)
+class AgentTlsConfig(TlsConfig):
+    """mTLS material of an agent, and where it gets the revocations it checks rosters against."""
+
+    crl_from_aggregator: bool = True
+    """Also check secure-aggregation rosters against the CRL the aggregator serves (verified
+    against ``ca``; never older than the newest this agent has seen)."""
 
 
 @dataclass(frozen=True)
@@ -637,7 +647,7 @@ class AgentConfig:
     """Python logging level."""
     log_format: str = "text"
     """``text`` (a line a record) or ``json`` (an object a line: time, level, logger, message)."""
-    tls: TlsConfig = field(default_factory=TlsConfig)
+    tls: AgentTlsConfig = field(default_factory=AgentTlsConfig)
     """mTLS material."""
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     """What must hold before this agent sends an update (secure aggregation, sums, colluders)."""

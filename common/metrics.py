@@ -132,6 +132,7 @@ MESSAGE_KINDS = {
     "GetSecAggState": "keys",
     "RevealShares": "keys",
     "DeclineRound": "control",
+    "GetRevocationList": "control",
 }
 """Methods whose whole messages are counted, by kind: control traffic and secure-aggregation keys.
 Update and model bytes are counted where they stream."""

@@ -70,19 +70,31 @@ class RevocationList:
 
     @classmethod
     def load(cls, crl_path: Path, ca_path: Path, now: dt.datetime | None = None) -> RevocationList:
-        """Read and verify ``crl_path`` against the CA bundle at ``ca_path``.
+        """Read and verify ``crl_path`` against the CA bundle at ``ca_path`` (``parse``)."""
+        try:
+            data = Path(crl_path).read_bytes()
+            cas = Path(ca_path).read_bytes()
+        except OSError as exc:
+            raise RevocationError(f"cannot read {crl_path} or its CA {ca_path}: {exc}") from exc
+        return cls.parse(data, cas, str(crl_path), str(ca_path), now)
+
+    @classmethod
+    def parse(
+        cls, data: bytes, cas_pem: bytes, source: str, bundle: str, now: dt.datetime | None = None
+    ) -> RevocationList:
+        """Verify the PEM CRLs ``data`` (named ``source`` in errors) against the CA bundle
+        ``cas_pem`` (named ``bundle``).
 
         Raises RevocationError when a CRL is unreadable, signed by no CA of the
         bundle, or issued in the future.
         """
         try:
-            data = Path(crl_path).read_bytes()
-            cas = x509.load_pem_x509_certificates(Path(ca_path).read_bytes())
-        except (OSError, ValueError) as exc:
-            raise RevocationError(f"cannot read {crl_path} or its CA {ca_path}: {exc}") from exc
+            cas = x509.load_pem_x509_certificates(cas_pem)
+        except ValueError as exc:
+            raise RevocationError(f"cannot read the CA bundle {bundle}: {exc}") from exc
         blocks = _PEM_CRL.findall(data)
         if not blocks:
-            raise RevocationError(f"{crl_path}: no PEM CRL (-----BEGIN X509 CRL-----) in the file")
+            raise RevocationError(f"{source}: no PEM CRL (-----BEGIN X509 CRL-----) in it")
         now = now or dt.datetime.now(dt.UTC)
         entries: dict[tuple[bytes, int], Revoked] = {}
         numbers: dict[bytes, int] = {}
@@ -91,18 +103,18 @@ class RevocationList:
             try:
                 crl = x509.load_pem_x509_crl(block)
             except ValueError as exc:
-                raise RevocationError(f"{crl_path}: unreadable CRL: {exc}") from exc
+                raise RevocationError(f"{source}: unreadable CRL: {exc}") from exc
             issuer = crl.issuer.public_bytes()
             signers = [ca for ca in cas if ca.subject.public_bytes() == issuer]
             if not any(crl.is_signature_valid(ca.public_key()) for ca in signers):  # type: ignore[arg-type]
                 raise RevocationError(
-                    f"{crl_path}: the CRL of {crl.issuer.rfc4514_string()} is not signed by a CA in {ca_path}"
+                    f"{source}: the CRL of {crl.issuer.rfc4514_string()} is not signed by a CA in {bundle}"
                 )
             if issuer in numbers:
-                raise RevocationError(f"{crl_path}: two CRLs of {crl.issuer.rfc4514_string()}")
+                raise RevocationError(f"{source}: two CRLs of {crl.issuer.rfc4514_string()}")
             if crl.last_update_utc > now + CLOCK_SKEW:
                 raise RevocationError(
-                    f"{crl_path}: the CRL of {crl.issuer.rfc4514_string()} is dated "
+                    f"{source}: the CRL of {crl.issuer.rfc4514_string()} is dated "
                     f"{crl.last_update_utc:%Y-%m-%d %H:%M} UTC, in the future"
                 )
             numbers[issuer] = crl_number(crl)
@@ -113,6 +125,19 @@ class RevocationList:
                     revoked.serial_number, revoked.revocation_date_utc, _reason(revoked)
                 )
         return cls(entries, numbers, min(next_updates, default=None))
+
+    def merged(self, other: RevocationList) -> RevocationList:
+        """For each issuer, the entries of whichever list has its higher CRL number (this one on a
+        tie): a newer list from any source wins and an older one cannot roll it back. The next
+        update is the earlier of the two."""
+        numbers = dict(self.numbers)
+        source = dict.fromkeys(self.numbers, self)
+        for issuer, number in other.numbers.items():
+            if number > numbers.get(issuer, -1):
+                numbers[issuer], source[issuer] = number, other
+        entries = {key: r for lst in (self, other) for key, r in lst.entries.items() if source[key[0]] is lst}
+        updates = [u for u in (self.next_update, other.next_update) if u is not None]
+        return RevocationList(entries, numbers, min(updates, default=None))
 
     def check_successor(self, newer: RevocationList) -> None:
         """Raise RevocationError if ``newer`` rolls back an issuer's CRL number."""

@@ -126,7 +126,7 @@ def build_aggregator(config: AggregatorConfig) -> Aggregator:
         options=server_options(config.max_connection_age_s),
     )
     federation_pb2_grpc.add_FederationServiceServicer_to_server(
-        FederationServicer(config, rounds, spool), server
+        FederationServicer(config, rounds, spool, revocations), server
     )
     port = server.add_secure_port(config.listen, credentials.credentials())
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]

@@ -23,12 +23,20 @@ class RevocationWatch:
 
     def __init__(self, crl: Path, ca: Path) -> None:
         self._crl, self._ca = Path(crl), Path(ca)
-        self.current = RevocationList.load(self._crl, self._ca)
+        self.current, self.pem = self._read()
         self._seen = self._mtimes()
         self.on_change: Callable[[RevocationList], object] | None = None
         self._was_stale = False
         self._publish()
         log.info("CRL %s: %d certificate(s) revoked", self._crl, len(self.current.entries))
+
+    def _read(self) -> tuple[RevocationList, bytes]:
+        """The file's list, verified, and its bytes (served to agents as they are)."""
+        try:
+            data, cas = self._crl.read_bytes(), self._ca.read_bytes()
+        except OSError as exc:
+            raise RevocationError(f"cannot read {self._crl} or its CA {self._ca}: {exc}") from exc
+        return RevocationList.parse(data, cas, str(self._crl), str(self._ca)), data
 
     def _mtimes(self) -> tuple[int, int]:
         return self._crl.stat().st_mtime_ns, self._ca.stat().st_mtime_ns
@@ -51,14 +59,14 @@ class RevocationWatch:
             return False
         self._seen = seen
         try:
-            newer = RevocationList.load(self._crl, self._ca)
+            newer, pem = self._read()
             self.current.check_successor(newer)
         except RevocationError as exc:
             CRL_RELOAD_FAILURES.inc()
             log.error("keeping the current CRL (%d revoked): %s", len(self.current.entries), exc)
             return False
         added = newer.entries.keys() - self.current.entries.keys()
-        self.current = newer
+        self.current, self.pem = newer, pem
         self._publish()
         log.info("CRL reloaded: %d revoked (%d new)", len(newer.entries), len(added))
         if self.on_change is not None:

@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2
 
 from common.codecs.registry import CodecSettings
 from common.config import AggregatorConfig
+from common.errors import NotFound
 from common.grpc_wrap import Context
 from common.identity import require_peer
 from common.secagg_pb import (
@@ -28,6 +29,7 @@ from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
 from server.admission import admit
 from server.downloads import send_codec_state, send_model
 from server.invitations import AgentInfo
+from server.revocations import RevocationWatch
 from server.rounds import Phase, RoundCoordinator, RoundState
 from server.spool import UploadSpool
 from server.state import AgentCertificate
@@ -115,10 +117,17 @@ DECLINE_LABELS = {wire: label for label, wire in DECLINE_REASONS.items()}
 class FederationServicer(pb_grpc.FederationServiceServicer):
     """Each handler reads the caller from the auth interceptor and delegates."""
 
-    def __init__(self, config: AggregatorConfig, rounds: RoundCoordinator, spool: UploadSpool) -> None:
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        rounds: RoundCoordinator,
+        spool: UploadSpool,
+        revocations: RevocationWatch | None = None,
+    ) -> None:
         self._config = config
         self._rounds = rounds
         self._spool = spool
+        self._revocations = revocations
 
     async def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:
         peer = require_peer()
@@ -257,3 +266,11 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         reason = DECLINE_LABELS.get(request.reason, "unspecified")
         await self._rounds.decline(require_peer(), request.round_id, reason, request.detail)
         return pb.DeclineRoundResponse()
+
+    async def GetRevocationList(
+        self, request: pb.GetRevocationListRequest, context: Context
+    ) -> pb.GetRevocationListResponse:
+        require_peer()
+        if self._revocations is None:
+            raise NotFound("this aggregator enforces no certificate revocation list (tls.crl)")
+        return pb.GetRevocationListResponse(crl_pem=self._revocations.pem)

@@ -13,7 +13,7 @@ import pytest
 from agent.daemon import Agent
 from agent.demo import prepare
 from agent.privacy import check_federation, describe
-from common.config import AgentConfig, PrivacyConfig, SecAggConfig, TlsConfig, load
+from common.config import AgentConfig, AgentTlsConfig, PrivacyConfig, SecAggConfig, load
 from common.errors import ConfigError, FailedPrecondition, PolicyRefused
 from common.secagg.graph import check_parameters
 from protos.cloudfed.v1 import federation_pb2 as pb
@@ -99,7 +99,7 @@ def wary_agent(run, pki: Pki, tmp_path: Path) -> Agent:  # type: ignore[no-untyp
         state_dir=tmp_path / "agent-state",
         data=data,
         metrics_listen="",
-        tls=TlsConfig(files.cert, files.key, files.ca),
+        tls=AgentTlsConfig(files.cert, files.key, files.ca),
         privacy=PrivacyConfig(min_agents_per_sum=3, colluders=1),
     ).validate()
     return Agent(config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import logging
 import re
 import shutil
 import signal
@@ -20,12 +21,14 @@ from prometheus_client import REGISTRY
 
 from agent.client import AggregatorClient
 from agent.demo import TRUST_DOMAIN as DEMO_DOMAIN
-from common.config import AggregatorConfig, load
+from agent.revocations import AgentRevocations, describe_revocations
+from common.config import AgentTlsConfig, AggregatorConfig, load
 from common.errors import ConfigError
 from common.identity import SpiffeId
 from common.pki import PkiDir, build_crl, create_ca, issue_agent, revoked_entry
 from common.pki_cli import main as pki_main
 from common.revocation import RevocationError, RevocationList
+from common.secagg.keys import RosterError
 from protos.cloudfed.v1 import federation_pb2 as pb
 from tests.agentsim import Watcher, upload_header, write_payload
 from tests.conftest import TRUST_DOMAIN, Pki, aggregator_config
@@ -438,3 +441,88 @@ def test_revoking_an_agent_mid_round_takes_it_out_and_the_federation_goes_on(tmp
         assert all(p.poll() is None for c, p in fed.agents.items() if c != "gcp")
     finally:
         fed.stop_all()
+
+
+# --- agents fetching it from the aggregator ------------------------------------------------------
+
+
+async def test_the_aggregator_serves_the_crl_it_enforces_and_agents_keep_the_newest(
+    start_aggregator, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GetRevocationList returns the CRL file the aggregator took, a reload's newer one after it;
+    an agent verifies it, keeps it in its state dir, and checks rosters against the newest list
+    it has seen: an older one served later (an aggregator rolling back) is not taken, and one
+    signed by another CA is a roster error. An aggregator with no CRL answers NOT_FOUND."""
+    crl = Crl(pki, tmp_path / "crl.pem")
+    config = aggregator_config(pki, tmp_path / "agg0")
+    tls = dataclasses.replace(config.tls, crl=crl.path, crl_poll_s=3600)
+    run = await start_aggregator(config=dataclasses.replace(config, tls=tls))
+    mallory = _serial(run.pki.agent("mallory").cert)
+    agent_tls = AgentTlsConfig(ca=pki.dir.ca_cert)
+    revocations = AgentRevocations(tmp_path / "agent-state", agent_tls)
+    assert revocations.for_round(None) is None  # no source: nothing to check against
+    async with run.client("carol") as carol:
+        first = await carol.revocation_list()
+        assert first == crl.path.read_bytes()
+        checked = revocations.for_round(first)
+        assert (
+            checked is not None
+            and checked.lookup_serial(pki.dir.load_ca().cert.subject.public_bytes(), mallory) is None
+        )
+
+        crl.write([mallory])
+        run.agg.reload()
+        newer = await carol.revocation_list()
+        assert newer == crl.path.read_bytes() != first
+        checked = revocations.for_round(newer)
+        issuer = pki.dir.load_ca().cert.subject.public_bytes()
+        assert checked is not None and checked.lookup_serial(issuer, mallory) is not None
+        assert revocations.kept.read_bytes() == newer
+        assert describe_revocations(checked, True).startswith(
+            "1 certificate(s) revoked (newest of the aggregator's"
+        )
+
+        with caplog.at_level(logging.WARNING, logger="agent.revocations"):
+            rolled_back = revocations.for_round(first)  # what a rolling-back aggregator would serve
+        assert rolled_back is not None and rolled_back.lookup_serial(issuer, mallory) is not None
+        assert "older than one this agent has seen" in caplog.text
+        assert revocations.kept.read_bytes() == newer
+
+        with pytest.raises(RosterError, match="the aggregator's CRL does not verify"):
+            revocations.for_round(_pem(build_crl(create_ca("other"), [], 7)))
+
+    plain = await start_aggregator(config=aggregator_config(pki, tmp_path / "agg1"))
+    async with plain.client("carol") as carol:
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await carol.stub.GetRevocationList(pb.GetRevocationListRequest())
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        assert await carol.revocation_list() is None
+
+
+def test_a_list_merged_from_several_sources_takes_each_issuers_newest(pki: Pki, tmp_path: Path) -> None:
+    """The agent's tls.crl and the served list: per issuer, the higher CRL number wins, whichever
+    source it comes from; a CA only one source knows keeps its entries."""
+    ca, other = pki.dir.load_ca(), create_ca("rotated-in")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(pki.dir.ca_cert.read_bytes() + other.cert.public_bytes(serialization.Encoding.PEM))
+    cas = bundle.read_bytes()
+
+    def parsed(*crls: x509.CertificateRevocationList) -> RevocationList:
+        return RevocationList.parse(b"".join(_pem(c) for c in crls), cas, "test", str(bundle))
+
+    old = parsed(build_crl(ca, [revoked_entry(1)], 1))
+    new = parsed(build_crl(ca, [revoked_entry(2)], 2), build_crl(other, [revoked_entry(9)], 1))
+    issuer, other_issuer = ca.cert.subject.public_bytes(), other.cert.subject.public_bytes()
+    for merged in (old.merged(new), new.merged(old)):
+        assert merged.lookup_serial(issuer, 2) is not None and merged.lookup_serial(issuer, 1) is None
+        assert merged.lookup_serial(other_issuer, 9) is not None
+        assert merged.numbers == {issuer: 2, other_issuer: 1}
+
+    local = tmp_path / "local.pem"
+    local.write_bytes(_pem(build_crl(ca, [revoked_entry(3)], 5)))  # the agent's own file is newer
+    revocations = AgentRevocations(tmp_path / "state", AgentTlsConfig(ca=bundle, crl=local))
+    checked = revocations.for_round(_pem(build_crl(ca, [revoked_entry(2)], 2)))
+    assert checked is not None and checked.lookup_serial(issuer, 3) and not checked.lookup_serial(issuer, 2)
+    local.write_bytes(b"not a crl")
+    with pytest.raises(RosterError, match=r"cannot check peers' certificates against tls\.crl"):
+        revocations.for_round(None)

@@ -19,8 +19,9 @@ from prometheus_client import REGISTRY
 from agent import uplink
 from agent.client import AggregatorClient
 from agent.privacy import announced
+from agent.revocations import AgentRevocations
 from agent.secure import SecureParticipation, Signer
-from common.config import PrivacyConfig, SecAggConfig
+from common.config import AgentTlsConfig, PrivacyConfig, SecAggConfig
 from common.errors import ConfigError, FailedPrecondition
 from common.layout import ParamLayout
 from common.pki import build_crl, create_ca, revoked_entry
@@ -709,9 +710,10 @@ async def test_an_agent_with_a_crl_refuses_a_roster_naming_a_revoked_peer(
     start_aggregator, pki: Pki, tmp_path: Path
 ) -> None:
     """An aggregator that does not enforce revocation (no tls.crl: misconfigured, or colluding with
-    whoever holds a revoked key) lets 'revoked' into a masked round. An agent with tls.crl reads it
-    for the round and refuses the roster, naming the certificate, before it deals any share; with
-    a CRL that does not verify it refuses too, as it cannot check the roster."""
+    whoever holds a revoked key) lets 'revoked' into a masked round. An agent given the CA's CRL
+    that lists it, as GetRevocationList serves it, refuses the roster, naming the certificate,
+    before it deals any share; its own tls.crl gives the same verdict, and with a CRL that does
+    not verify it refuses, as it cannot check the roster."""
     run = await start_aggregator(config=secure_config(pki, tmp_path / "agg0", min_agents=3))
     rng = np.random.default_rng(5)
     others = [
@@ -731,7 +733,9 @@ async def test_an_agent_with_a_crl_refuses_a_roster_naming_a_revoked_peer(
             crl = tmp_path / "crl.pem"
             entry = revoked_entry(revoked_cert.serial_number, x509.ReasonFlags.key_compromise)
             crl.write_bytes(build_crl(pki.dir.load_ca(), [entry], 1).public_bytes(serialization.Encoding.PEM))
-            signer = Signer.load(files, crl)
+            # the list as an aggregator serves it (one that serves it but does not enforce it)
+            served = AgentRevocations(tmp_path / "wary", AgentTlsConfig(ca=files.ca))
+            signer = Signer.load(files, served.for_round(crl.read_bytes()))
             part = SecureParticipation(
                 client, signer, join.agent_id, join.settings.secagg, event.round_id, 60
             )
@@ -741,9 +745,14 @@ async def test_an_agent_with_a_crl_refuses_a_roster_naming_a_revoked_peer(
                 await part.keys()
             assert part.protocol.held == {} and not part.protocol.my_neighbours  # no share was dealt
 
+            # the agent's own tls.crl gives the same verdict
+            local = AgentRevocations(tmp_path / "wary-local", AgentTlsConfig(ca=files.ca, crl=crl))
+            own = local.for_round(None)
+            assert own is not None and own.lookup(revoked_cert) == signer.revocations.lookup(revoked_cert)  # type: ignore[union-attr]
+
             crl.write_bytes(build_crl(create_ca("other"), [], 1).public_bytes(serialization.Encoding.PEM))
             with pytest.raises(RosterError, match=r"cannot check peers' certificates against tls\.crl"):
-                Signer.load(files, crl)
+                local.for_round(None)
         finally:
             await watcher.close()
             for task in others:

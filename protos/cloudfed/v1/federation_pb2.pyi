@@ -1603,3 +1603,45 @@ class DeclineRoundResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeclineRoundResponse: _TypeAlias = DeclineRoundResponse  # noqa: Y015
+
+@_typing.final
+class GetRevocationListRequest(_message.Message):
+    """GetRevocationListRequest asks for the aggregator's CRL."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRevocationListRequest: _TypeAlias = GetRevocationListRequest  # noqa: Y015
+
+@_typing.final
+class GetRevocationListResponse(_message.Message):
+    """GetRevocationListResponse carries the CRL file the aggregator enforces, as it
+    took it: one or more PEM CRLs, each signed by a CA of the federation's bundle.
+    Agents verify it themselves and never accept one older than they have seen.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CRL_PEM_FIELD_NUMBER: _builtins.int
+    crl_pem: _builtins.bytes
+    """PEM CRLs."""
+    def __init__(
+        self,
+        *,
+        crl_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_pem", b"crl_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRevocationListResponse: _TypeAlias = GetRevocationListResponse  # noqa: Y015

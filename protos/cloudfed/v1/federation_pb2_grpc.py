@@ -95,6 +95,11 @@ class FederationServiceStub:
                 request_serializer=cloudfed_dot_v1_dot_federation__pb2.DeclineRoundRequest.SerializeToString,
                 response_deserializer=cloudfed_dot_v1_dot_federation__pb2.DeclineRoundResponse.FromString,
                 _registered_method=True)
+        self.GetRevocationList = channel.unary_unary(
+                '/cloudfed.v1.FederationService/GetRevocationList',
+                request_serializer=cloudfed_dot_v1_dot_federation__pb2.GetRevocationListRequest.SerializeToString,
+                response_deserializer=cloudfed_dot_v1_dot_federation__pb2.GetRevocationListResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServiceServicer:
@@ -186,6 +191,14 @@ class FederationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRevocationList(self, request, context):
+        """The CA-signed revocation list the aggregator enforces, for agents to check
+        secure-aggregation rosters against; NOT_FOUND when it enforces none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -248,6 +261,11 @@ def add_FederationServiceServicer_to_server(servicer, server):
                     servicer.DeclineRound,
                     request_deserializer=cloudfed_dot_v1_dot_federation__pb2.DeclineRoundRequest.FromString,
                     response_serializer=cloudfed_dot_v1_dot_federation__pb2.DeclineRoundResponse.SerializeToString,
+            ),
+            'GetRevocationList': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRevocationList,
+                    request_deserializer=cloudfed_dot_v1_dot_federation__pb2.GetRevocationListRequest.FromString,
+                    response_serializer=cloudfed_dot_v1_dot_federation__pb2.GetRevocationListResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -575,6 +593,33 @@ class FederationService:
             '/cloudfed.v1.FederationService/DeclineRound',
             cloudfed_dot_v1_dot_federation__pb2.DeclineRoundRequest.SerializeToString,
             cloudfed_dot_v1_dot_federation__pb2.DeclineRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRevocationList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudfed.v1.FederationService/GetRevocationList',
+            cloudfed_dot_v1_dot_federation__pb2.GetRevocationListRequest.SerializeToString,
+            cloudfed_dot_v1_dot_federation__pb2.GetRevocationListResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,10 @@ class FederationServiceStub:
     """DeclineRound tells the aggregator that the caller sits the current round out, and why, so
     the round goes on without waiting for it.
     """
+    GetRevocationList: _grpc.UnaryUnaryMultiCallable[_federation_pb2.GetRevocationListRequest, _federation_pb2.GetRevocationListResponse]
+    """The CA-signed revocation list the aggregator enforces, for agents to check
+    secure-aggregation rosters against; NOT_FOUND when it enforces none.
+    """
 
 @_typing.type_check_only
 class FederationServiceAsyncStub(FederationServiceStub):
@@ -95,6 +99,10 @@ class FederationServiceAsyncStub(FederationServiceStub):
     DeclineRound: _aio.UnaryUnaryMultiCallable[_federation_pb2.DeclineRoundRequest, _federation_pb2.DeclineRoundResponse]  # type: ignore[assignment]
     """DeclineRound tells the aggregator that the caller sits the current round out, and why, so
     the round goes on without waiting for it.
+    """
+    GetRevocationList: _aio.UnaryUnaryMultiCallable[_federation_pb2.GetRevocationListRequest, _federation_pb2.GetRevocationListResponse]  # type: ignore[assignment]
+    """The CA-signed revocation list the aggregator enforces, for agents to check
+    secure-aggregation rosters against; NOT_FOUND when it enforces none.
     """
 
 class FederationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -196,6 +204,16 @@ class FederationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_federation_pb2.DeclineRoundResponse, _abc.Awaitable[_federation_pb2.DeclineRoundResponse]]:
         """DeclineRound tells the aggregator that the caller sits the current round out, and why, so
         the round goes on without waiting for it.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRevocationList(
+        self,
+        request: _federation_pb2.GetRevocationListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.GetRevocationListResponse, _abc.Awaitable[_federation_pb2.GetRevocationListResponse]]:
+        """The CA-signed revocation list the aggregator enforces, for agents to check
+        secure-aggregation rosters against; NOT_FOUND when it enforces none.
         """
 
 def add_FederationServiceServicer_to_server(servicer: FederationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
