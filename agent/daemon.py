@@ -310,7 +310,9 @@ class Agent:
         if self.ledger is not None:  # ConfigError (the daemon exits) for a delta too large for the data
             self.ledger.check_delta(self.worker.train_records)
             self._publish_privacy(client)
-            if spent and not self.ledger.still_exhausted(self._spend_settings(settings.training)):
+            if spent and not self.ledger.still_exhausted(
+                self.ledger.settings(*self._spend_inputs(settings.training))
+            ):
                 log.info(
                     "the federation's settings or this agent's changed since its privacy budget was"
                     " found spent; joining again to be invited (the next round's plan decides)"
@@ -437,27 +439,22 @@ class Agent:
             )
         return result
 
-    async def _plan_privacy(
-        self, client: AggregatorClient, round_id: int, t: pb.TrainingSettings
-    ) -> DpStep | None:
+    async def _plan_privacy(self, round_id: int, t: pb.TrainingSettings) -> DpStep | None:
         """The round's DP-SGD settings (None without ``privacy.dp``); PrivacyBudgetSpent when the
         round does not fit in the budget."""
         if self.ledger is None:
             return None
-        n, batch, world, steps = self.worker.train_records, t.batch_size, self.ctx.world_size, t.local_steps
-        return await asyncio.to_thread(self.ledger.plan, round_id, n, batch, world, steps)
+        return await asyncio.to_thread(self.ledger.plan, round_id, *self._spend_inputs(t))
+
+    def _spend_inputs(self, t: pb.TrainingSettings) -> tuple[int, int, int, int]:
+        """What a round's privacy spend depends on besides the DP config: records, batch, ranks,
+        steps (``PrivacyLedger.plan`` and ``settings``)."""
+        return self.worker.train_records, t.batch_size, self.ctx.world_size, t.local_steps
 
     async def _revocations(self, client: AggregatorClient) -> RevocationList | None:
         """The revocations to check this round's roster against (``agent.revocations``)."""
         served = await client.revocation_list() if self.config.tls.crl_from_aggregator else None
         return await asyncio.to_thread(self.revocations.for_round, served)
-
-    def _spend_settings(self, t: pb.TrainingSettings) -> str:
-        """What a round's privacy spend depends on, for the ledger's remembered refusal."""
-        assert self.ledger is not None
-        return self.ledger.settings(
-            self.worker.train_records, t.batch_size, self.ctx.world_size, t.local_steps
-        )
 
     def _publish_privacy(self, client: AggregatorClient) -> None:
         """The privacy spent and the budget, as gauges (with DP-SGD only)."""
@@ -469,7 +466,7 @@ class Agent:
         self, client: AggregatorClient, settings: pb.FederationSettings, event: pb.RoundEvent, agent_id: str
     ) -> None:
         t = settings.training
-        dp = await self._plan_privacy(client, event.round_id, t)  # PrivacyBudgetSpent: declined
+        dp = await self._plan_privacy(event.round_id, t)  # PrivacyBudgetSpent: declined
         base = await self._global(client, event.global_version)
         training = LocalTraining(t.local_steps, t.learning_rate, t.batch_size, t.sequence_length, t.seed)
         began = time.monotonic()

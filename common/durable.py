@@ -21,8 +21,8 @@ def replace_durably(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (readers see the old file or the new one) and
     durably (file and rename fsynced before returning)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # one per writer
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -71,12 +71,19 @@ class RevocationList:
     @classmethod
     def load(cls, crl_path: Path, ca_path: Path, now: dt.datetime | None = None) -> RevocationList:
         """Read and verify ``crl_path`` against the CA bundle at ``ca_path`` (``parse``)."""
+        return cls.read(crl_path, ca_path, now)[0]
+
+    @classmethod
+    def read(
+        cls, crl_path: Path, ca_path: Path, now: dt.datetime | None = None
+    ) -> tuple[RevocationList, bytes]:
+        """As ``load``, with the file's bytes as they were verified (to hand on unchanged)."""
         try:
             data = Path(crl_path).read_bytes()
             cas = Path(ca_path).read_bytes()
         except OSError as exc:
             raise RevocationError(f"cannot read {crl_path} or its CA {ca_path}: {exc}") from exc
-        return cls.parse(data, cas, str(crl_path), str(ca_path), now)
+        return cls.parse(data, cas, str(crl_path), str(ca_path), now), data
 
     @classmethod
     def parse(

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.chunks import sha256_file
-from common.durable import fsync_path
+from common.durable import fsync_path, replace_durably
 from common.errors import NotFound
 from common.layout import ParamLayout
 
@@ -138,15 +138,5 @@ class CheckpointStore:
             participants=participants or [],
             metrics=metrics or {},
         )
-        _atomic_write(self._manifest_path(version), json.dumps(asdict(manifest), indent=2).encode())
+        replace_durably(self._manifest_path(version), json.dumps(asdict(manifest), indent=2).encode())
         return manifest
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)

@@ -32,11 +32,7 @@ class RevocationWatch:
 
     def _read(self) -> tuple[RevocationList, bytes]:
         """The file's list, verified, and its bytes (served to agents as they are)."""
-        try:
-            data, cas = self._crl.read_bytes(), self._ca.read_bytes()
-        except OSError as exc:
-            raise RevocationError(f"cannot read {self._crl} or its CA {self._ca}: {exc}") from exc
-        return RevocationList.parse(data, cas, str(self._crl), str(self._ca)), data
+        return RevocationList.read(self._crl, self._ca)
 
     def _mtimes(self) -> tuple[int, int]:
         return self._crl.stat().st_mtime_ns, self._ca.stat().st_mtime_ns
