@@ -300,6 +300,9 @@ class AggregatorConfig:
     """Python logging level."""
     log_format: str = "text"
     """``text`` (a line a record) or ``json`` (an object a line: time, level, logger, message)."""
+    cpu_threads: int = 0
+    """torch CPU threads (server optimizer, autoencoder, decoding); 0: $OMP_NUM_THREADS if set, else
+    the CPUs this process may use (its affinity and the cgroup CPU quota of a container or unit)."""
     tls: AggregatorTlsConfig = field(default_factory=AggregatorTlsConfig)
     """mTLS material and the CA's revocation list."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -321,6 +324,8 @@ class AggregatorConfig:
             _check_hostport(self.health_listen, "health_listen")
         if self.metrics_listen:
             _check_hostport(self.metrics_listen, "metrics_listen")
+        if self.cpu_threads < 0:
+            raise ConfigError(f"cpu_threads must be >= 0 (0: automatic), got {self.cpu_threads}")
         try:
             SpiffeId.validate_trust_domain(self.trust_domain)
         except IdentityError as exc:
@@ -626,6 +631,10 @@ class AgentConfig:
     precision: str = "auto"
     """Base model weights: 'fp32', 'bf16', or 'auto' (bf16 on a GPU that supports it, else fp32).
     The LoRA adapter, its optimizer and every update stay float32."""
+    cpu_threads: int = 0
+    """torch CPU threads per rank; 0: $OMP_NUM_THREADS if set (torchrun sets 1 for several ranks),
+    else the CPUs this process may use (its affinity and the cgroup CPU quota of a container or
+    unit) divided among the torchrun ranks on this host."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass: 2.6-4.2x less accelerator
     memory at about a third less throughput (for models whose activations do not fit)."""
@@ -666,6 +675,8 @@ class AgentConfig:
             raise ConfigError("max_rounds must be >= 0")
         if self.metrics_listen:
             _check_hostport(self.metrics_listen, "metrics_listen")
+        if self.cpu_threads < 0:
+            raise ConfigError(f"cpu_threads must be >= 0 (0: automatic), got {self.cpu_threads}")
         if self.health_listen:
             _check_hostport(self.health_listen, "health_listen")
         if self.egress_price_per_gb < 0:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from common import sdnotify
 from common.config import AggregatorConfig, load
+from common.cpu_threads import set_torch_threads
 from common.errors import CloudfedError
 from common.logs import setup_logging
 from common.revocation import RevocationError, RevocationList
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "backup":
             return backup(config, args)
         setup_logging(config.log_level, config.log_format, "aggregator")
+        log.info("%s", set_torch_threads(config.cpu_threads).describe())
         seed(config, args.init_from)
         asyncio.run(serve(config))
     except CloudfedError as exc:

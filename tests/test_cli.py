@@ -184,6 +184,7 @@ def test_the_daemon_logs_json_objects_when_asked(tmp_path: Path, pki_dir: Path) 
         assert {"time", "level", "logger", "message", "component"} <= record.keys(), record
         assert record["component"] == "aggregator" and record["time"].endswith("+00:00")
     assert any(r["message"] == "shutting down" and r["level"] == "INFO" for r in records)
+    assert any(r["message"].endswith(" torch thread(s) (OMP_NUM_THREADS)") for r in records)  # daemons' 1
 
 
 def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_dir: Path) -> None:
@@ -202,13 +203,20 @@ def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_d
         # this aggregator runs without secure aggregation: refused by the default policy
         refused = run_cli("agent.cli", "--config", str(agent_toml), "check")
         daemon = run_cli(
-            "agent.cli", "--config", str(agent_toml), "run", env={"CLOUDFED_AGENT_DATA": "data.txt"}
+            "agent.cli",
+            "--config",
+            str(agent_toml),
+            "run",
+            env={"CLOUDFED_AGENT_DATA": "data.txt", "CLOUDFED_AGENT_CPU_THREADS": "1"},
         )
         trusting["CLOUDFED_AGENT_DATA"] = "data.txt"
-        ok = run_cli("agent.cli", "--config", str(agent_toml), "check", env=trusting)
+        ok = run_cli(
+            "agent.cli", "--config", str(agent_toml), "check", env={**trusting, "OMP_NUM_THREADS": "2"}
+        )
         private = {
             "CLOUDFED_AGENT_PRIVACY_DP_ENABLED": "true",
             "CLOUDFED_AGENT_PRIVACY_DP_NOISE_MULTIPLIER": "1",
+            "CLOUDFED_AGENT_CPU_THREADS": "3",
         }
         dp = run_cli("agent.cli", "--config", str(agent_toml), "check", env={**trusting, **private})
         other = tmp_path / "other"
@@ -239,6 +247,7 @@ def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_d
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("cloudfed-agent: the aggregator refused to let us join: federation 'cloudfed'")
         assert "runs without secure aggregation" in last and "privacy.require_masking" in last
+    assert "1 torch thread(s) (cpu_threads in the config)" in daemon.stderr  # set before joining
     assert "privacy         aggregator learns each agent's update (no secure aggregation)" in ok.stdout
     assert re.search(r"certificate     valid until \d{4}-\d\d-\d\d \d\d:\d\d UTC \((89|90) days\)", ok.stdout)
     assert "allowed by this agent's policy" in ok.stdout
@@ -249,6 +258,8 @@ def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_d
     )
     assert counted and int(counted[1]) + int(counted[2]) == 40 and int(counted[2]) > 0
     assert "dp              DP-SGD: epsilon 0.000 of 8 spent over 0 rounds (delta 1e-06, rdp" in dp.stdout
+    assert "cpu             2 torch thread(s) (OMP_NUM_THREADS)" in ok.stdout
+    assert "cpu             3 torch thread(s) (cpu_threads in the config)" in dp.stdout
     assert not (tmp_path / "agent-state" / "uploads").exists() or not any(
         (tmp_path / "agent-state" / "uploads").iterdir()
     )
