@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
+from bench.cpu_threads import child_cgroup, run_in
 from common.config import AgentConfig, AggregatorConfig
 from common.cpu_threads import CpuBudget, cgroup_quota, cpu_budget, plan_threads, ranks_on_this_host
 from common.errors import ConfigError
@@ -128,55 +128,19 @@ _PRINT_THREADS = (
 )
 
 
-def _cpu_cgroup_dir() -> tuple[Path, str, str] | None:
-    """A writable cpu controller (v2 root or v1 'cpu' mount) to make a child cgroup in."""
-    root = Path("/sys/fs/cgroup")
-    if (root / "cgroup.subtree_control").exists() and "cpu" in (root / "cgroup.subtree_control").read_text():
-        return root, "cpu.max", "100000 100000"
-    if (root / "cpu" / "cpu.cfs_quota_us").exists():
-        return root / "cpu", "cpu.cfs_quota_us", "100000"
-    return None
-
-
 def test_a_real_cgroup_quota_sets_the_threads_of_a_process_in_it() -> None:
     """A child cgroup with a quota of one CPU: a process started in it runs one torch thread,
     while the same command outside runs one a CPU this test may use."""
-    found = _cpu_cgroup_dir()
-    if os.geteuid() != 0 or found is None or cpu_budget().usable < 2:
-        pytest.skip("needs root, a writable cgroup cpu controller and at least 2 CPUs")
-    mount, quota_file, one_cpu = found
-    group = mount / f"cloudfed-test-{uuid.uuid4().hex[:8]}"
-    try:
-        group.mkdir()
-        (group / quota_file).write_text(one_cpu)
-    except OSError as exc:
-        pytest.skip(f"cannot make a cgroup here: {exc}")
+    if os.geteuid() != 0 or cpu_budget().usable < 2:
+        pytest.skip("needs root and at least 2 usable CPUs")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    argv = [sys.executable, "-c", _PRINT_THREADS]
     try:
-        inside = subprocess.run(
-            [
-                "sh",
-                "-c",
-                f'echo $$ > "{group}/cgroup.procs" && exec "$0" -c "$1"',
-                sys.executable,
-                _PRINT_THREADS,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=REPO,
-            env=env,
-        )
-        outside = subprocess.run(
-            [sys.executable, "-c", _PRINT_THREADS],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=REPO,
-            env=env,
-        )
-    finally:
-        group.rmdir()
+        with child_cgroup(1.0) as group:
+            inside = run_in(group, argv, env, timeout=120)
+    except OSError as exc:
+        pytest.skip(f"cannot make a cgroup with a CPU quota here: {exc}")
+    outside = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert inside.returncode == 0, inside.stderr
     assert inside.stdout.split() == ["1", "1"]
     cpus = str(cpu_budget().usable)
