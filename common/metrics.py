@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 from common.cert_validity import Validity
 from common.errors import CloudfedError
 from common.grpc_wrap import AroundInterceptor, Context
 from common.identity import SpiffeId
+from common.metrics_server import MetricsTls, start_metrics_server
 from common.tls import TlsFiles, peer_spiffe_id
 
 log = logging.getLogger(__name__)
@@ -216,14 +217,7 @@ def rpc_types_of(service_descriptor: object) -> dict[str, str]:
 def serve_metrics(
     listen: str, cert: Path | None = None, key: Path | None = None, client_ca: Path | None = None
 ) -> int:
-    """Serve /metrics on ``host:port`` (TLS, and client auth with ``client_ca``); return the bound port."""
-    host, _, port = listen.rpartition(":")
-    server, _thread = start_http_server(
-        int(port),
-        host.strip("[]"),
-        certfile=str(cert) if cert else None,
-        keyfile=str(key) if key else None,
-        client_cafile=str(client_ca) if client_ca else None,
-        client_auth_required=client_ca is not None,
-    )
-    return int(server.server_port)
+    """Serve /metrics on ``host:port`` (TLS with ``cert``, client certificates required with
+    ``client_ca``; files re-read after rotation); return the bound port."""
+    tls = MetricsTls(cert, key, client_ca) if cert and key else None
+    return int(start_metrics_server(listen, tls).server_port)
