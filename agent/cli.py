@@ -130,7 +130,7 @@ async def run(config: AgentConfig, ctx: DistContext) -> int:
     if config.metrics_listen:
         from common.metrics import serve_metrics
 
-        serve_metrics(config.metrics_listen)
+        serve_metrics(config.metrics_listen, config.metrics_tls())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

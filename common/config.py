@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import re
+import ssl
 import tomllib
 import types
 import typing
@@ -24,6 +25,7 @@ from common.chunks import MAX_CHUNK_BYTES, validate_chunk_bytes
 from common.errors import CloudfedError, ConfigError
 from common.identity import IdentityError, SpiffeId
 from common.logs import LOG_FORMATS
+from common.metrics_server import MetricsTls
 from common.revocation import RevocationError, RevocationList
 from common.secagg.coverage import MIN_SENDERS, check_settings, senders_of
 from common.secagg.graph import check_parameters
@@ -267,7 +269,47 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
-class AggregatorConfig:
+class MetricsTlsFields:
+    """TLS for a daemon's /metrics endpoint (plain HTTP when unset)."""
+
+    metrics_cert: Path | None = None
+    """Serve /metrics over TLS with this certificate (and metrics_key)."""
+    metrics_key: Path | None = None
+    """Private key for metrics_cert."""
+    metrics_client_ca: Path | None = None
+    """Require scrapers to present a certificate from this CA (needs metrics_cert)."""
+
+    def metrics_tls(self) -> MetricsTls | None:
+        """The endpoint's TLS files, or None for plain HTTP."""
+        if self.metrics_cert is None or self.metrics_key is None:
+            return None
+        return MetricsTls(self.metrics_cert, self.metrics_key, self.metrics_client_ca)
+
+    def check_metrics_tls(self) -> None:
+        """Both files or neither, a client CA only with them, and files that make a TLS server."""
+        if (self.metrics_cert is None) != (self.metrics_key is None):
+            raise ConfigError("metrics_cert and metrics_key: set both to serve /metrics over TLS, or neither")
+        tls = self.metrics_tls()
+        if tls is None:
+            if self.metrics_client_ca is not None:
+                raise ConfigError(
+                    "metrics_client_ca: client certificates need TLS; set metrics_cert and metrics_key"
+                )
+            return
+        named = {"metrics_cert": tls.cert, "metrics_key": tls.key, "metrics_client_ca": tls.client_ca}
+        for name, path in named.items():
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{name}: file not found: {path}")
+        try:
+            tls.context()
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"metrics_cert, metrics_key, metrics_client_ca: unusable for TLS: {exc}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class AggregatorConfig(MetricsTlsFields):
     """The aggregator daemon."""
 
     ENV_PREFIX: ClassVar[str] = "CLOUDFED"
@@ -290,12 +332,6 @@ class AggregatorConfig:
     """Recycle connections after this long (picks up rotated certificates)."""
     metrics_listen: str = "0.0.0.0:9464"
     """host:port of the Prometheus /metrics endpoint ('' disables)."""
-    metrics_cert: Path | None = None
-    """Serve /metrics over TLS with this certificate (and metrics_key)."""
-    metrics_key: Path | None = None
-    """Private key for metrics_cert."""
-    metrics_client_ca: Path | None = None
-    """Require scrapers to present a certificate from this CA."""
     log_level: str = "INFO"
     """Python logging level."""
     log_format: str = "text"
@@ -324,6 +360,7 @@ class AggregatorConfig:
             _check_hostport(self.health_listen, "health_listen")
         if self.metrics_listen:
             _check_hostport(self.metrics_listen, "metrics_listen")
+            self.check_metrics_tls()
         if self.cpu_threads < 0:
             raise ConfigError(f"cpu_threads must be >= 0 (0: automatic), got {self.cpu_threads}")
         try:
@@ -607,7 +644,7 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
-class AgentConfig:
+class AgentConfig(MetricsTlsFields):
     """The agent daemon."""
 
     ENV_PREFIX: ClassVar[str] = "CLOUDFED_AGENT"
@@ -675,6 +712,7 @@ class AgentConfig:
             raise ConfigError("max_rounds must be >= 0")
         if self.metrics_listen:
             _check_hostport(self.metrics_listen, "metrics_listen")
+            self.check_metrics_tls()
         if self.cpu_threads < 0:
             raise ConfigError(f"cpu_threads must be >= 0 (0: automatic), got {self.cpu_threads}")
         if self.health_listen:

@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -214,10 +213,7 @@ def rpc_types_of(service_descriptor: object) -> dict[str, str]:
     return types
 
 
-def serve_metrics(
-    listen: str, cert: Path | None = None, key: Path | None = None, client_ca: Path | None = None
-) -> int:
-    """Serve /metrics on ``host:port`` (TLS with ``cert``, client certificates required with
-    ``client_ca``; files re-read after rotation); return the bound port."""
-    tls = MetricsTls(cert, key, client_ca) if cert and key else None
+def serve_metrics(listen: str, tls: MetricsTls | None = None) -> int:
+    """Serve /metrics on ``host:port`` (over ``tls`` if given: files re-read after rotation);
+    return the bound port."""
     return int(start_metrics_server(listen, tls).server_port)

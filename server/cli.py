@@ -60,9 +60,7 @@ async def serve(config: AggregatorConfig) -> None:
     if config.metrics_listen:
         from common.metrics import serve_metrics
 
-        port = serve_metrics(
-            config.metrics_listen, config.metrics_cert, config.metrics_key, config.metrics_client_ca
-        )
+        port = serve_metrics(config.metrics_listen, config.metrics_tls())
         log.info("metrics on %s (port %d)", config.metrics_listen, port)
     log.info("federation API on %s (port %d), health on %s", config.listen, agg.port, config.health_listen)
     stop = asyncio.Event()

@@ -104,3 +104,29 @@ def test_agent_device_and_precision_are_checked_before_the_tls_files(
 def test_bad_clip_and_segment_settings_are_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load(AggregatorConfig, EXAMPLE, env=env).validate()
+
+
+@pytest.mark.parametrize("config_class", [AggregatorConfig, AgentConfig])
+def test_metrics_tls_files_are_checked_at_start(config_class: type, pki, tmp_path: Path) -> None:
+    """Half a TLS setting used to serve plain HTTP without a word; now each mistake is named."""
+    d = pki.dir
+    cert, key, ca = d.cert("aggregator"), d.key("aggregator"), d.ca_cert
+    other_key = pki.agent("scraper", cloud="ops").key
+
+    def check(**fields: object) -> None:
+        config_class(metrics_listen="127.0.0.1:0", **fields).check_metrics_tls()
+
+    check()  # plain HTTP
+    check(metrics_cert=cert, metrics_key=key, metrics_client_ca=ca)
+    assert config_class(metrics_cert=cert, metrics_key=key).metrics_tls().client_ca is None
+    cases = [
+        ({"metrics_cert": cert}, "metrics_cert and metrics_key: set both"),
+        ({"metrics_key": key}, "metrics_cert and metrics_key: set both"),
+        ({"metrics_client_ca": ca}, "metrics_client_ca: client certificates need TLS"),
+        ({"metrics_cert": tmp_path / "gone.pem", "metrics_key": key}, "metrics_cert: file not found"),
+        ({"metrics_cert": cert, "metrics_key": other_key}, "unusable for TLS"),
+        ({"metrics_cert": cert, "metrics_key": key, "metrics_client_ca": key}, "unusable for TLS"),
+    ]
+    for fields, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            check(**fields)

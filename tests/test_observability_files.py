@@ -233,9 +233,10 @@ def test_metrics_endpoint_over_tls_requires_a_client_certificate(pki) -> None:
     import urllib.request
 
     from common.metrics import serve_metrics
+    from common.metrics_server import MetricsTls
 
     d = pki.dir
-    port = serve_metrics("127.0.0.1:0", d.cert("aggregator"), d.key("aggregator"), d.ca_cert)
+    port = serve_metrics("127.0.0.1:0", MetricsTls(d.cert("aggregator"), d.key("aggregator"), d.ca_cert))
     url = f"https://127.0.0.1:{port}/metrics"
     scraper = pki.agent("prometheus", cloud="ops")
     with_cert = ssl.create_default_context(cafile=str(d.ca_cert))
