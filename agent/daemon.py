@@ -357,16 +357,16 @@ class Agent:
                     detail = f"agent error: {type(exc).__name__}: {exc}"
                     await _decline(client, event.round_id, "training", detail)
                     raise  # the round does not wait for its deadline; the supervisor restarts us
-            elif (
-                event.phase == pb.ROUND_PHASE_COMPLETED
-                and event.global_version not in self.progress.versions_evaluated
-            ):
+            if event.global_version not in self.progress.versions_evaluated:
+                # Not only at a round's completion: a version committed between Join and the watch
+                # (while this agent loaded its model) is first seen as the base of a later round,
+                # evaluated once that round's part is done.
                 await self._evaluate(client, event.global_version)
                 done = len(self.progress.versions_evaluated) - 1
                 if self.config.max_rounds and done >= self.config.max_rounds:
                     log.info("evaluated %d new versions; stopping (max_rounds)", done)
                     return True
-            elif event.phase == pb.ROUND_PHASE_ABANDONED:
+            if event.phase == pb.ROUND_PHASE_ABANDONED:
                 log.warning("round %d abandoned: %s", event.round_id, event.reason)
             elif event.phase == pb.ROUND_PHASE_FINISHED:
                 then = "stopping" if self.config.exit_when_finished else "idle until it resumes"

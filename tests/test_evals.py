@@ -11,14 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from agent.client import AggregatorClient
 from agent.daemon import Agent, Worker
 from agent.demo import prepare
 from common.config import AgentConfig, AggregatorConfig, load
+from protos.cloudfed.v1 import federation_pb2 as pb
 from server.app import build_aggregator
 from server.cli import seed
+from tests.agentsim import Watcher, in_process, upload_header, write_payload
 from tests.test_faults import query
 
 
@@ -87,3 +91,55 @@ async def test_agent_keeps_a_loss_that_is_not_finite_to_itself(
     assert query(agg_config.state_dir / "cloudfed.db", "SELECT * FROM evals") == []
     kept = json.loads((agent_config.state_dir / "evals.jsonl").read_text().splitlines()[0])
     assert kept["version"] == 0 and math.isnan(kept["eval_loss"])
+
+
+async def test_a_version_committed_before_the_agent_watches_is_still_evaluated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real agent daemon joins at version 0 and loads its model; meanwhile another agent
+    completes round 1 alone. The agent first sees version 1 in the next round's event, never in a
+    completion, and must still evaluate and report it (it evaluated only completions before)."""
+    agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
+    agg_config = dataclasses.replace(
+        load(AggregatorConfig, agg_path, env={"CLOUDFED_ROUNDS_MIN_AGENTS": "1"}), metrics_listen=""
+    )
+    agent_config = dataclasses.replace(load(AgentConfig, agent_paths[0], env={}), metrics_listen="")
+    other = load(AgentConfig, agent_paths[1], env={})
+    loaded = Agent._prepare
+    committed: list[int] = []
+
+    async def prepare_while_a_round_completes(self: Agent, settings: Any) -> None:
+        await loaded(self, settings)
+        if committed:
+            return
+        async with AggregatorClient(
+            other.aggregator, other.tls.files(), server_name=other.server_name
+        ) as client:
+            join = await client.join(num_examples=10)
+            watcher = Watcher(client)
+            try:
+                event = await watcher.until(pb.ROUND_PHASE_UPLOAD)
+                update = np.random.default_rng(0).normal(size=numel(join))
+                payload = write_payload(tmp_path / "other.bin", update * 1e-3, 10.0)
+                await client.upload(payload, upload_header(event, join.settings.layout.digest, 10.0))
+                committed.append((await watcher.until_version(1)).global_version)
+            finally:
+                await watcher.close()
+
+    monkeypatch.setattr(Agent, "_prepare", prepare_while_a_round_completes)
+    agent = Agent(agent_config)  # max_rounds = 1: it stops after evaluating one new version
+    async with in_process(agg_config, agent) as running:
+        done, _ = await asyncio.wait(running.agents, timeout=90)
+    assert done, "the agent did not stop after one new version"
+    assert all(task.exception() is None for task in done)
+    assert committed == [1]
+    assert sorted(agent.progress.versions_evaluated) == [0, 1]
+    reported = query(
+        agg_config.state_dir / "cloudfed.db", "SELECT agent, version FROM evals ORDER BY version"
+    )
+    assert [(a.split("/")[-3], v) for a, v in reported] == [("aws", 0), ("aws", 1)]
+
+
+def numel(join: Any) -> int:
+    """Parameters in the federation's adapter layout."""
+    return sum(math.prod(p.shape) for p in join.settings.layout.params)
