@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -29,11 +30,17 @@ from common.cpu_threads import cpu_budget, plan_threads, ranks_on_this_host, set
 from common.errors import CloudfedError
 from common.logs import setup_logging
 
+if TYPE_CHECKING:
+    from agent.token_store import Corpus, TokenStore
+    from protos.cloudfed.v1 import federation_pb2 as pb
+
 log = logging.getLogger(__name__)
 
 
-async def check(config: AgentConfig) -> int:
-    """Join and download the latest version; print what was learned."""
+async def check(config: AgentConfig, tokenize: bool = False) -> int:
+    """Join and download the latest version; print what was learned. With ``tokenize``, also
+    tokenize the data into the token store as ``run`` would (the federation's model and sequence
+    length), so that the daemon's first start trains at once."""
     from agent.client import AggregatorClient
     from agent.dp_budget import describe as describe_dp
     from agent.privacy import announced, check_federation, describe
@@ -73,10 +80,30 @@ async def check(config: AgentConfig) -> int:
         )
         print(f"global version  {header.version}: {header.total_bytes} bytes, sha256 verified")
     store = TokenStore(config.state_dir / "tokens")  # a bad record fails the preflight, as `run` would
-    corpus = await asyncio.to_thread(store.corpus, config.data, config.eval_fraction, False)
+    corpus = await asyncio.to_thread(store.corpus, config.data, config.eval_fraction, tokenize)
+    if tokenize:
+        await asyncio.to_thread(_tokenize, config, store, corpus, s)
     print(f"data            {store.describe(corpus)}")
     check_federation(config.privacy, s)  # a refusal fails the preflight (exit 2), as `run` would
     return 0
+
+
+def _tokenize(
+    config: AgentConfig, store: TokenStore, corpus: Corpus, settings: pb.FederationSettings
+) -> None:
+    """Build the token store's entry for the federation's tokenizer and sequence length."""
+    from transformers import AutoTokenizer
+
+    from common.errors import ConfigError
+
+    model = config.model or settings.model_id
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model: cannot load the tokenizer of {model!r}: {exc}") from exc
+    length, per_record = settings.training.sequence_length, config.privacy.dp.enabled
+    entry = store.prepare(corpus, tokenizer, length, per_record)
+    print(f"tokens          {entry} ({length} tokens a block{', a record a row (DP)' if per_record else ''})")
 
 
 async def export(config: AgentConfig, args: argparse.Namespace) -> int:
@@ -190,7 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         help="TOML config (or $CLOUDFED_AGENT_CONFIG); env vars CLOUDFED_AGENT_<FIELD> override it",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("check", help="connect, join and download the latest global version")
+    check_cmd = sub.add_parser("check", help="connect, join and download the latest global version")
+    check_cmd.add_argument(
+        "--tokenize",
+        action="store_true",
+        help="also tokenize the data into the token store (the federation's model and sequence length)",
+    )
     run_cmd = sub.add_parser("run", help="run the agent daemon: train and upload every round")
     run_cmd.add_argument("--audit-dir", type=Path, help="keep a copy of every update sent, with its metadata")
     out = sub.add_parser(
@@ -214,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(config.log_level, config.log_format, "agent")
         if args.cmd == "export":
             return asyncio.run(export(config, args))
-        return asyncio.run(check(config)) if args.cmd == "check" else run_ranks(config)
+        if args.cmd == "check":
+            return asyncio.run(check(config, args.tokenize))
+        return run_ranks(config)
     except CloudfedError as exc:
         print(f"cloudfed-agent: {exc}", file=sys.stderr)
         return 2

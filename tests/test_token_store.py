@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from agent import token_store
+from agent.cli import check
 from agent.daemon import Agent
 from agent.data import (
     BlockStream,
@@ -32,6 +34,8 @@ from agent.token_store import Corpus, TokenStore, open_entry
 from common.config import AgentConfig, AggregatorConfig, load
 from common.errors import ConfigError
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
+from server.app import build_aggregator
+from server.cli import seed
 from tests.agentsim import in_process
 
 BLOCK = 32
@@ -303,3 +307,39 @@ async def test_the_agent_daemon_tokenizes_its_corpus_once_across_restarts(
     assert [e["version"] for e in evals] == [0, 1, 0, 1]
     assert evals[2]["tokens"] == evals[0]["tokens"]  # the same held-out blocks
     assert len(list((agent_config.state_dir / "tokens" / "blocks").iterdir())) == 1
+
+
+async def test_check_tokenize_builds_the_entry_the_daemon_then_opens(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`cloudfed-agent check --tokenize` learns the federation's model and sequence length at Join
+    and tokenizes the corpus into the store; the real agent daemon then trains a round on that
+    entry without tokenizing a record. Plain `check` tokenizes nothing."""
+    agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
+    agent_config = dataclasses.replace(load(AgentConfig, agent_paths[0], env={}), metrics_listen="")
+    agg_config = dataclasses.replace(
+        load(AggregatorConfig, agg_path, env={"CLOUDFED_ROUNDS_MIN_AGENTS": "1"}), metrics_listen=""
+    )
+    records = len(load_records(agent_config.data))
+    calls = counting_encoder(monkeypatch)
+    seed(agg_config, None)
+    agg = build_aggregator(agg_config)
+    await agg.start()
+    try:
+        assert await check(agent_config) == 0
+        assert calls == [] and "not tokenized yet" in capsys.readouterr().out
+        assert await check(agent_config, tokenize=True) == 0
+    finally:
+        await agg.stop(0)
+    out = capsys.readouterr().out
+    assert re.search(r"tokens          \S+/tokens/blocks/[0-9a-f]{32} \(64 tokens a block\)", out), out
+    assert "tokenized in" in out
+    assert len(calls) == records
+    with caplog.at_level(logging.INFO):
+        async with in_process(agg_config, Agent(agent_config)) as federation, asyncio.timeout(120):
+            await federation.agents[0]
+    assert "tokenized before" in caplog.text and "round 1 trained" in caplog.text
+    assert len(calls) == records  # nothing tokenized again
