@@ -27,6 +27,8 @@ TLS12_SUITES = "ECDHE+AESGCM:ECDHE+CHACHA20"
 """TLS 1.2 suites: ECDHE key exchange, AEAD ciphers (TLS 1.3's are all AEAD)."""
 REQUEST_TIMEOUT_S = 10.0
 """A scrape (handshake included) that stalls longer is dropped: no thread is held by a slow client."""
+MAX_CONNECTIONS = 16
+"""Connections served at once; one more is closed at once (a flood holds no more threads)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,26 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
 
     daemon_threads = True
     tls: _RotatingContext | None = None
+    slots: threading.BoundedSemaphore
+    """Set by start_metrics_server: MAX_CONNECTIONS for this server."""
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve in a thread of its own while fewer than MAX_CONNECTIONS are; else close it."""
+        if not self.slots.acquire(blocking=False):
+            log.debug("metrics: %d connections open; closing one from %s", MAX_CONNECTIONS, client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         conn, addr = self.socket.accept()
@@ -111,6 +133,7 @@ def start_metrics_server(listen: str, tls: MetricsTls | None = None) -> MetricsS
     server: MetricsServer = make_server(
         host, int(port), make_wsgi_app(REGISTRY), server_class, handler_class=_QuietHandler
     )
+    server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
     if tls is not None:
         server.tls = _RotatingContext(tls)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()

@@ -248,3 +248,40 @@ def test_metrics_endpoint_over_tls_requires_a_client_certificate(pki) -> None:
     without_cert = ssl.create_default_context(cafile=str(d.ca_cert))
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError, socket.error)):
         urllib.request.urlopen(url, context=without_cert, timeout=5).read()
+
+
+def test_metrics_endpoint_serves_a_bounded_number_of_connections_at_once() -> None:
+    """MAX_CONNECTIONS idle connections hold every slot: one more is closed at once, unserved;
+    once they go, scrapes are served again (bounded waits, loopback only)."""
+    import socket
+    import time
+    import urllib.request
+
+    from common.metrics import serve_metrics
+    from common.metrics_server import MAX_CONNECTIONS
+
+    port = serve_metrics("127.0.0.1:0")
+    url = f"http://127.0.0.1:{port}/metrics"
+    assert urllib.request.urlopen(url, timeout=5).status == 200
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.5)  # the server has accepted them all
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+            extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            try:
+                reply = extra.recv(1024)
+            except ConnectionResetError:
+                reply = b""
+        assert reply == b""  # closed without an answer
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert urllib.request.urlopen(url, timeout=5).status == 200
+            break
+        except (OSError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
