@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from cryptography import x509
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 from common.cert_validity import Validity
@@ -53,8 +54,9 @@ LATENCY_BUCKETS = (
 
 CERT_EXPIRY = Gauge(
     "cloudfed_tls_certificate_expiry_timestamp_seconds",
-    "When this daemon's TLS certificate (role=cert) and the earliest-ending CA of its bundle (role=ca)"
-    " stop being valid (unix time); updated at start and whenever the files are read again.",
+    "When this daemon's TLS certificate (role=cert) and the earliest-ending CA of its bundle (role=ca),"
+    " and those of its TLS /metrics endpoint (metrics_cert, metrics_client_ca), stop being valid (unix"
+    " time); updated at start and whenever the files are read again.",
     ["role"],
 )
 
@@ -214,6 +216,20 @@ def rpc_types_of(service_descriptor: object) -> dict[str, str]:
 
 
 def serve_metrics(listen: str, tls: MetricsTls | None = None) -> int:
-    """Serve /metrics on ``host:port`` (over ``tls`` if given: files re-read after rotation);
-    return the bound port."""
-    return int(start_metrics_server(listen, tls).server_port)
+    """Serve /metrics on ``host:port`` (over ``tls`` if given: files re-read after rotation, and
+    their end dates exported); return the bound port."""
+    return int(start_metrics_server(listen, tls, publish_metrics_validity).server_port)
+
+
+def publish_metrics_validity(tls: MetricsTls) -> None:
+    """Export when the /metrics certificate (role=metrics_cert) and its scrapers' CA
+    (role=metrics_client_ca) end; the certificate-expiry alert covers them like the daemon's own."""
+    try:
+        cert = x509.load_pem_x509_certificate(tls.cert.read_bytes())
+        CERT_EXPIRY.labels(role="metrics_cert").set(cert.not_valid_after_utc.timestamp())
+        if tls.client_ca is not None:
+            cas = x509.load_pem_x509_certificates(tls.client_ca.read_bytes())
+            end = min(ca.not_valid_after_utc for ca in cas)
+            CERT_EXPIRY.labels(role="metrics_client_ca").set(end.timestamp())
+    except (OSError, ValueError) as exc:  # the TLS context just loaded them: only a race gets here
+        log.warning("metrics: cannot read the end dates of %s: %s", tls.cert, exc)

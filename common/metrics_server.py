@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -60,11 +61,13 @@ class MetricsTls:
 class _RotatingContext:
     """The current SSL context, rebuilt when the files change (a bad new file keeps the old one)."""
 
-    def __init__(self, tls: MetricsTls) -> None:
+    def __init__(self, tls: MetricsTls, on_load: Callable[[MetricsTls], object] | None = None) -> None:
         self._tls = tls
+        self._on_load = on_load or (lambda _: None)
         self._lock = threading.Lock()
         self._stamp = tls.mtimes()
         self._ctx = tls.context()
+        self._on_load(tls)
 
     def current(self) -> ssl.SSLContext:
         with self._lock:
@@ -72,6 +75,7 @@ class _RotatingContext:
                 stamp = self._tls.mtimes()
                 if stamp != self._stamp:
                     self._ctx, self._stamp = self._tls.context(), stamp
+                    self._on_load(self._tls)
             except (OSError, ssl.SSLError):  # half-written during rotation: retry next handshake
                 pass
             return self._ctx
@@ -124,8 +128,11 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
         log.debug("metrics: request from %s failed", client_address, exc_info=True)
 
 
-def start_metrics_server(listen: str, tls: MetricsTls | None = None) -> MetricsServer:
-    """Serve ``REGISTRY`` at ``host:port`` (port 0: any free one) from a daemon thread."""
+def start_metrics_server(
+    listen: str, tls: MetricsTls | None = None, on_load: Callable[[MetricsTls], object] | None = None
+) -> MetricsServer:
+    """Serve ``REGISTRY`` at ``host:port`` (port 0: any free one) from a daemon thread; ``on_load``
+    is called with ``tls`` whenever its files are (re)loaded."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     family = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM)[0][0]
@@ -135,6 +142,6 @@ def start_metrics_server(listen: str, tls: MetricsTls | None = None) -> MetricsS
     )
     server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
     if tls is not None:
-        server.tls = _RotatingContext(tls)
+        server.tls = _RotatingContext(tls, on_load)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

@@ -7,12 +7,15 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from common.pki import issue_server
 from tests.conftest import TRUST_DOMAIN, Pki, seed_store, small_adapter
@@ -137,17 +140,40 @@ def test_tls12_aead_and_tls13_are_accepted_on_both_ports(aggregator: Ports, pki:
         assert _handshake(port, _client(ssl.TLSVersion.TLSv1_3, "DEFAULT", pki))[0] == "TLSv1.3"
 
 
+def _expiry(port: int, pki: Pki) -> dict[str, float]:
+    """The daemon's certificate end dates by role, scraped over mTLS."""
+    scraper = pki.agent("prometheus", cloud="ops")
+    ctx = ssl.create_default_context(cafile=str(pki.dir.ca_cert))
+    ctx.load_cert_chain(str(scraper.cert), str(scraper.key))
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=ctx, timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        s.labels["role"]: s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "cloudfed_tls_certificate_expiry_timestamp_seconds"
+        for s in family.samples
+    }
+
+
 def test_a_rotated_metrics_certificate_is_served_without_a_restart(aggregator: Ports, pki: Pki) -> None:
-    """cert-manager rewrites the files: the next scrape's handshake presents the new certificate."""
+    """cert-manager rewrites the files: the next scrape's handshake presents the new certificate,
+    and the end date the expiry alert watches (role metrics_cert) is the new one's."""
     client = _client(ssl.TLSVersion.TLSv1_3, "DEFAULT", pki)
     before = _handshake(aggregator.metrics, client)[2]
-    new = issue_server(pki.dir.load_ca(), ["localhost"], ["127.0.0.1"])
+    dates = _expiry(aggregator.metrics, pki)
+    old_end = x509.load_der_x509_certificate(before).not_valid_after_utc.timestamp()
+    assert dates["metrics_cert"] == old_end
+    assert dates["metrics_client_ca"] == pki.dir.load_ca().cert.not_valid_after_utc.timestamp()
+    new = issue_server(pki.dir.load_ca(), ["localhost"], ["127.0.0.1"], days=20)
     cert_pem, key_pem = new.cert_pem(), new.key_pem()
     aggregator.metrics_key.write_bytes(key_pem)
     aggregator.metrics_cert.write_bytes(cert_pem)
     after = _handshake(aggregator.metrics, client)[2]
     assert before != after
     assert ssl.DER_cert_to_PEM_cert(after).strip() == cert_pem.decode().strip()
+    new_end = new.cert.not_valid_after_utc.timestamp()
+    assert new_end < old_end - 60 * 86400  # 20 days, not the default 90
+    assert _expiry(aggregator.metrics, pki)["metrics_cert"] == new_end
 
 
 def test_testssl_finds_nothing_on_either_port(aggregator: Ports, tmp_path: Path) -> None:
