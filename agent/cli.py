@@ -26,7 +26,7 @@ import grpc
 from agent.distributed import DistContext
 from common import sdnotify
 from common.config import AgentConfig, load
-from common.cpu_threads import cpu_budget, plan_threads, ranks_on_this_host, set_torch_threads
+from common.cpu_threads import process_plan, set_torch_threads
 from common.errors import CloudfedError
 from common.logs import setup_logging
 
@@ -64,8 +64,7 @@ async def check(config: AgentConfig, tokenize: bool = False) -> int:
         print(f"codec           {s.codec.name}; secure aggregation {'on' if s.secagg.enabled else 'off'}")
         print(f"privacy         {describe(config.privacy, s)}")
         print(f"dp              {describe_dp(config.privacy.dp, config.state_dir)}")
-        threads = plan_threads(config.cpu_threads, cpu_budget(), ranks_on_this_host(os.environ), os.environ)
-        print(f"cpu             {threads.describe()}")
+        print(f"cpu             {process_plan(config.cpu_threads).describe()}")
         served = await client.revocation_list() if config.tls.crl_from_aggregator else None
         revocations = AgentRevocations(config.state_dir, config.tls).for_round(served)  # or exit 2
         print(f"revocations     {describe_revocations(revocations, served is not None)}")
@@ -188,7 +187,7 @@ def run_ranks(config: AgentConfig) -> int:
     from agent.distributed import init_from_env, shutdown
     from agent.trainer import pick_device
 
-    threads = set_torch_threads(config.cpu_threads, ranks_on_this_host(os.environ))
+    threads = set_torch_threads(config.cpu_threads)
     ctx = init_from_env(pick_device(config.device))
     if ctx.is_leader:
         log.info("%s", threads.describe())

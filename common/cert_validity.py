@@ -20,6 +20,16 @@ EXPIRY_WARNING = dt.timedelta(days=14)
 """Certificates closer than this to their end are worth a warning (the alerts use the same)."""
 
 
+def certificate_end(path: Path) -> dt.datetime:
+    """When the (first) certificate in the PEM file ``path`` ends (OSError, ValueError)."""
+    return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc
+
+
+def bundle_end(path: Path) -> dt.datetime:
+    """The earliest end among the certificates of the PEM bundle ``path`` (OSError, ValueError)."""
+    return min(c.not_valid_after_utc for c in x509.load_pem_x509_certificates(path.read_bytes()))
+
+
 @dataclass(frozen=True)
 class Validity:
     """The validity windows of ``cert`` and of the CA bundle that verifies peers."""
@@ -35,10 +45,9 @@ class Validity:
         """Read the dates of ``files.cert`` and ``files.ca`` (ConfigError if unreadable)."""
         try:
             cert = x509.load_pem_x509_certificate(Path(files.cert).read_bytes())
-            cas = x509.load_pem_x509_certificates(Path(files.ca).read_bytes())
+            ca_end = bundle_end(Path(files.ca))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"tls: cannot read {files.cert} or {files.ca}: {exc}") from exc
-        ca_end = min(ca.not_valid_after_utc for ca in cas)
         return cls(Path(files.cert), cert.not_valid_before_utc, cert.not_valid_after_utc, ca_end)
 
     def problem(self, now: dt.datetime | None = None) -> str | None:

@@ -361,8 +361,7 @@ class AggregatorConfig(MetricsTlsFields):
         if self.metrics_listen:
             _check_hostport(self.metrics_listen, "metrics_listen")
             self.check_metrics_tls()
-        if self.cpu_threads < 0:
-            raise ConfigError(f"cpu_threads must be >= 0 (0: automatic), got {self.cpu_threads}")
+        _check_cpu_threads(self.cpu_threads)
         try:
             SpiffeId.validate_trust_domain(self.trust_domain)
         except IdentityError as exc:
@@ -713,8 +712,7 @@ class AgentConfig(MetricsTlsFields):
         if self.metrics_listen:
             _check_hostport(self.metrics_listen, "metrics_listen")
             self.check_metrics_tls()
-        if self.cpu_threads < 0:
-            raise ConfigError(f"cpu_threads must be >= 0 (0: automatic), got {self.cpu_threads}")
+        _check_cpu_threads(self.cpu_threads)
         if self.health_listen:
             _check_hostport(self.health_listen, "health_listen")
         if self.egress_price_per_gb < 0:
@@ -732,6 +730,11 @@ class AgentConfig(MetricsTlsFields):
         _check_tls(self.tls)
         self.tls.check_crl()
         return self
+
+
+def _check_cpu_threads(value: int) -> None:
+    if value < 0:
+        raise ConfigError(f"cpu_threads must be >= 0 (0: automatic), got {value}")
 
 
 def _check_log_format(value: str) -> None:

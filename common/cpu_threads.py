@@ -155,9 +155,14 @@ def apply(plan: ThreadPlan) -> None:
         torch.set_num_threads(plan.threads)
 
 
-def set_torch_threads(configured: int, ranks_on_host: int = 1) -> ThreadPlan:
-    """Plan this process's threads from its CPUs and environment, and set them."""
-    plan = plan_threads(configured, cpu_budget(), ranks_on_host, os.environ)
+def process_plan(configured: int) -> ThreadPlan:
+    """This process's plan: its CPUs, its environment and torchrun's ranks on the host."""
+    return plan_threads(configured, cpu_budget(), ranks_on_this_host(os.environ), os.environ)
+
+
+def set_torch_threads(configured: int) -> ThreadPlan:
+    """Plan this process's threads (``process_plan``) and set them."""
+    plan = process_plan(configured)
     apply(plan)
     return plan
 

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from cryptography import x509
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
-from common.cert_validity import Validity
+from common.cert_validity import Validity, bundle_end, certificate_end
 from common.errors import CloudfedError
 from common.grpc_wrap import AroundInterceptor, Context
 from common.identity import SpiffeId
@@ -225,11 +224,8 @@ def publish_metrics_validity(tls: MetricsTls) -> None:
     """Export when the /metrics certificate (role=metrics_cert) and its scrapers' CA
     (role=metrics_client_ca) end; the certificate-expiry alert covers them like the daemon's own."""
     try:
-        cert = x509.load_pem_x509_certificate(tls.cert.read_bytes())
-        CERT_EXPIRY.labels(role="metrics_cert").set(cert.not_valid_after_utc.timestamp())
+        CERT_EXPIRY.labels(role="metrics_cert").set(certificate_end(tls.cert).timestamp())
         if tls.client_ca is not None:
-            cas = x509.load_pem_x509_certificates(tls.client_ca.read_bytes())
-            end = min(ca.not_valid_after_utc for ca in cas)
-            CERT_EXPIRY.labels(role="metrics_client_ca").set(end.timestamp())
+            CERT_EXPIRY.labels(role="metrics_client_ca").set(bundle_end(tls.client_ca).timestamp())
     except (OSError, ValueError) as exc:  # the TLS context just loaded them: only a race gets here
         log.warning("metrics: cannot read the end dates of %s: %s", tls.cert, exc)
