@@ -79,7 +79,9 @@ async def check(config: AgentConfig, tokenize: bool = False) -> int:
         )
         print(f"global version  {header.version}: {header.total_bytes} bytes, sha256 verified")
     store = TokenStore(config.state_dir / "tokens")  # a bad record fails the preflight, as `run` would
-    corpus = await asyncio.to_thread(store.corpus, config.data, config.eval_fraction, tokenize)
+    corpus = await asyncio.to_thread(
+        store.corpus, config.data, config.eval_fraction, tokenize, config.privacy.dp.users
+    )
     if tokenize:
         await asyncio.to_thread(_tokenize, config, store, corpus, s)
     print(f"data            {store.describe(corpus)}")
@@ -102,7 +104,9 @@ def _tokenize(
         raise ConfigError(f"model: cannot load the tokenizer of {model!r}: {exc}") from exc
     length, per_record = settings.training.sequence_length, config.privacy.dp.enabled
     entry = store.prepare(corpus, tokenizer, length, per_record)
-    print(f"tokens          {entry} ({length} tokens a block{', a record a row (DP)' if per_record else ''})")
+    rows = ", a record a row (DP)" if per_record else ""
+    rows += f", users from {corpus.user_field!r}" if corpus.user_field else ""
+    print(f"tokens          {entry} ({length} tokens a block{rows})")
 
 
 async def export(config: AgentConfig, args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from agent.data import TokenBlocks
 from agent.distributed import DistContext
 from agent.dp_budget import PrivacyBudgetSpent, PrivacyLedger
 from agent.dp_sgd import DpStep
+from agent.dp_units import PrivacyUnits, user_units
 from agent.privacy import announced, check_federation, describe
 from agent.revocations import AgentRevocations
 from agent.secure import SecureParticipation, Signer
@@ -71,12 +72,21 @@ class Worker:
         self.config = config
         self.ctx = ctx
         self.store = TokenStore(config.state_dir / "tokens")
-        self.corpus = self.store.corpus(config.data, config.eval_fraction) if ctx.is_leader else None
+        dp = config.privacy.dp
+        self.corpus = (
+            self.store.corpus(config.data, config.eval_fraction, user_field=dp.users)
+            if ctx.is_leader
+            else None
+        )
         """The records, split and counted (rank 0: it alone tokenizes them into the store)."""
         self.trainer: LoraTrainer | None = None
         self.train_blocks = self.eval_blocks = TokenBlocks.empty()
         self.train_records = 0
         """Training examples over all ranks (with DP-SGD: records, one a row)."""
+        self.units: PrivacyUnits | None = None
+        """This rank's DP-SGD units (records or users) and their rows in ``train_blocks``."""
+        self.train_units = 0
+        """DP-SGD units over all ranks: records, or users with user-level privacy."""
 
     def execute(self, command: dict[str, Any]) -> Any:
         """Run one command (the same on every rank)."""
@@ -102,6 +112,7 @@ class Worker:
         if op == "release":  # the federation is finished: give the memory back until it resumes
             self.trainer = None
             self.train_blocks = self.eval_blocks = TokenBlocks.empty()
+            self.units = None
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -110,14 +121,14 @@ class Worker:
         if op == "train":
             self.trainer.set_adapter(command["adapter"])
             delta, loss = self.trainer.train(
-                self.train_blocks, command["training"], command["round_id"], command.get("dp")
+                self.train_blocks, command["training"], command["round_id"], command.get("dp"), self.units
             )
             log.info(
                 "rank %d/%d: round %d trained on %d local blocks (loss %.4f)",
                 self.ctx.rank,
                 self.ctx.world_size,
                 command["round_id"],
-                len(self.train_blocks),
+                len(self.train_blocks) if self.units is None else self.units.rows,
                 loss,
             )
             return delta, loss
@@ -128,9 +139,11 @@ class Worker:
 
     def _open_blocks(self, tokenizer: Any, length: int) -> None:
         """Map this rank's shard of the token blocks: packed, or with DP-SGD one row a record (a
-        record is then one example). Rank 0 tokenizes the corpus into the store if it is not there
-        yet and tells the other ranks where it is, or why it failed."""
-        per_record = self.config.privacy.dp.enabled
+        record is then one example; with user-level privacy the rank's shard is whole users).
+        Rank 0 tokenizes the corpus into the store if it is not there yet and tells the other
+        ranks where it is, or why it failed."""
+        dp = self.config.privacy.dp
+        per_record = dp.enabled
         if self.corpus is not None:
             try:
                 where = {"entry": str(self.store.prepare(self.corpus, tokenizer, length, per_record))}
@@ -144,9 +157,28 @@ class Worker:
                 raise ConfigError(where["error"])
         blocks = open_entry(Path(where["entry"]), length)
         rank, world = self.ctx.rank, self.ctx.world_size
-        self.train_blocks = _shard(blocks.train, rank, world)
+        if dp.users:
+            if blocks.train_users is None:
+                raise ConfigError(f"token store entry {where['entry']} holds no users")
+            self.train_blocks = blocks.train  # the units index this rank's users' rows in it
+            self.units = user_units(np.asarray(blocks.train_users), rank, world)
+            log.info("rank %d: %d users holding %d training rows", rank, len(self.units), self.units.rows)
+        else:
+            self.train_blocks = _shard(blocks.train, rank, world)
+            self.units = PrivacyUnits.records(len(self.train_blocks)) if per_record else None
         self.eval_blocks = _shard(blocks.eval, rank, world)
-        self.train_records = round(self.ctx.all_sum([float(len(self.train_blocks))])[0])
+        rows = len(self.train_blocks) if self.units is None else self.units.rows
+        units = rows if self.units is None else len(self.units)
+        self.train_records, self.train_units = (
+            round(n) for n in self.ctx.all_sum([float(rows), float(units)])
+        )
+        if dp.users and self.ctx.is_leader:
+            log.info(
+                "user-level DP-SGD: %d training records of %d users (at most %d records of a user a step)",
+                self.train_records,
+                self.train_units,
+                dp.records_per_user,
+            )
         if per_record and blocks.cut and self.ctx.is_leader:
             log.warning(
                 "DP-SGD: %d of %d training records are longer than sequence_length (%d tokens) and were"
@@ -308,7 +340,7 @@ class Agent:
         )
         await self._prepare(settings)
         if self.ledger is not None:  # ConfigError (the daemon exits) for a delta too large for the data
-            self.ledger.check_delta(self.worker.train_records)
+            self.ledger.check_delta(self.worker.train_units)
             self._publish_privacy(client)
             if spent and not self.ledger.still_exhausted(
                 self.ledger.settings(*self._spend_inputs(settings.training))
@@ -447,9 +479,9 @@ class Agent:
         return await asyncio.to_thread(self.ledger.plan, round_id, *self._spend_inputs(t))
 
     def _spend_inputs(self, t: pb.TrainingSettings) -> tuple[int, int, int, int]:
-        """What a round's privacy spend depends on besides the DP config: records, batch, ranks,
-        steps (``PrivacyLedger.plan`` and ``settings``)."""
-        return self.worker.train_records, t.batch_size, self.ctx.world_size, t.local_steps
+        """What a round's privacy spend depends on besides the DP config: units (records or
+        users), batch, ranks, steps (``PrivacyLedger.plan`` and ``settings``)."""
+        return self.worker.train_units, t.batch_size, self.ctx.world_size, t.local_steps
 
     async def _revocations(self, client: AggregatorClient) -> RevocationList | None:
         """The revocations to check this round's roster against (``agent.revocations``)."""

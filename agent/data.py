@@ -5,11 +5,14 @@ Files: ``.txt`` (documents separated by blank lines) or ``.jsonl`` with one reco
 either ``{"text": ...}`` (every token is learned), ``{"prompt": ..., "completion": ...}``
 (only the completion and the end-of-text token are learned) or ``{"messages": [{"role": ...,
 "content": ...}, ...]}`` (rendered with the tokenizer's chat template; only the assistant turns
-are learned). Eval losses count the learned tokens only.
+are learned). Eval losses count the learned tokens only. With user-level differential privacy
+every JSONL record also names its user (``user_field``: a string or integer id), and the split
+holds out whole users.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -35,10 +38,12 @@ class Example:
     learned: tuple[tuple[int, int], ...]
     key: str
     """What the train/eval split hashes (the text itself for plain text)."""
+    user: str = ""
+    """The user the record belongs to (read only for user-level differential privacy)."""
 
     @classmethod
-    def plain(cls, text: str) -> Example:
-        return cls(text, ((0, len(text)),), text)
+    def plain(cls, text: str, user: str = "") -> Example:
+        return cls(text, ((0, len(text)),), text, user)
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class Conversation:
 
     messages: tuple[tuple[str, str], ...]
     key: str
+    user: str = ""
 
     def render(self, tokenizer: Any) -> Example:
         """The conversation as the template renders it, the assistant turns learned. A template
@@ -75,7 +81,7 @@ class Conversation:
             raise
         except Exception as exc:  # jinja errors: the template refuses this conversation
             raise ConfigError(f"data: the chat template cannot render a conversation: {exc}") from None
-        return Example(text, tuple(learned), self.key)
+        return Example(text, tuple(learned), self.key, self.user)
 
 
 Record = Example | Conversation
@@ -90,16 +96,22 @@ def data_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_records(path: Path) -> Iterator[Record]:
+def iter_records(path: Path, user_field: str = "") -> Iterator[Record]:
     """Records from a file or directory of ``.txt`` and ``.jsonl`` files (module docstring), read
-    a line at a time: memory does not grow with the corpus."""
+    a line at a time: memory does not grow with the corpus. With ``user_field`` every record must
+    name its user there (so plain-text files are refused)."""
     for f in data_files(path):
         with open(f, encoding="utf-8") as lines:
             if f.suffix == ".jsonl":
                 for n, line in enumerate(lines, 1):
                     if line.strip():
-                        yield _record(line, f"{f}:{n}")
+                        yield _record(line, f"{f}:{n}", user_field)
                 continue
+            if user_field:
+                raise ConfigError(
+                    f"data: {f}: plain-text documents name no user; with user-level privacy give the"
+                    f" records as JSONL, each with its user id in {user_field!r}"
+                )
             document: list[str] = []
             for line in itertools.chain(
                 lines, ["\n"]
@@ -121,13 +133,21 @@ def load_records(path: Path) -> list[Record]:
     return records
 
 
-def _record(line: str, where: str) -> Record:
+def _record(line: str, where: str, user_field: str = "") -> Record:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"data: {where}: invalid JSON: {exc}") from None
     if not isinstance(record, dict):
         raise ConfigError(f"data: {where}: not a JSON object")
+    parsed = _content(record, where)
+    if not user_field:
+        return parsed
+    user = _user(record, user_field, where)  # a user's records are all trained on or all held out
+    return dataclasses.replace(parsed, user=user, key=json.dumps(["user", user]))
+
+
+def _content(record: dict[str, Any], where: str) -> Record:
     if isinstance(record.get("text"), str):
         return Example.plain(record["text"])
     prompt, completion = record.get("prompt"), record.get("completion")
@@ -148,6 +168,23 @@ def _record(line: str, where: str) -> Record:
         f"data: {where}: a record needs a string 'text', a 'prompt' with a non-empty 'completion', "
         "or a list of 'messages'"
     )
+
+
+def _user(record: dict[str, Any], field: str, where: str) -> str:
+    """The record's user id: a non-empty string or an integer (``7`` and ``"7"`` are one user)."""
+    user = record.get(field)
+    if isinstance(user, bool) or not isinstance(user, (str, int)) or user == "":
+        raise ConfigError(
+            f"data: {where}: user-level privacy needs each record's user id in {field!r} (a non-empty"
+            f" string or an integer), got {user!r}"
+        )
+    return str(user)
+
+
+def user_key(user: str) -> int:
+    """A user id as a signed 64-bit key (sha256): what the token store keeps a row's owner as."""
+    digest = hashlib.sha256(b"cloudfed-user:" + user.encode()).digest()
+    return int.from_bytes(digest[:8], "little", signed=True)
 
 
 def load_texts(path: Path) -> list[str]:
@@ -219,6 +256,8 @@ TOKENIZE_BATCH = 512
 
 Chunk = tuple[np.ndarray, np.ndarray]
 """``[k, block]`` int32 token ids and their labels."""
+RowChunk = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""A chunk and, for each of its rows, the int64 ordinal of the record it came from."""
 
 
 class BlockStream:
@@ -242,21 +281,42 @@ class BlockStream:
 
     def chunks(self, encoded: Iterable[Chunk]) -> Iterator[Chunk]:
         """Chunks of blocks from each record's 1-D (ids, labels)."""
+        if self.per_record:
+            for ids, labels, _ in self.record_rows(encoded):
+                yield ids, labels
+            return
         pending: list[Chunk] = []
-        held = 0  # rows (per record) or tokens (packed) pending
-        limit = self.chunk_rows if self.per_record else self.chunk_rows * self.block
+        held = 0  # tokens pending
         for ids, labels in encoded:
             self.records += 1
             self.tokens += len(ids)
-            self.cut += self.per_record and len(ids) > self.block
-            pending.append((ids[: self.block], labels[: self.block]) if self.per_record else (ids, labels))
-            held += 1 if self.per_record else len(ids)
-            if held >= limit:
+            pending.append((ids, labels))
+            held += len(ids)
+            if held >= self.chunk_rows * self.block:
                 chunk, pending = self._blocks(pending)
-                held = 0 if self.per_record else len(pending[0][0])
-                yield from self._kept(chunk)
+                held = len(pending[0][0])
+                yield from (kept[:2] for kept in self._kept(chunk))
         if pending:
-            yield from self._kept(self._blocks(pending)[0])
+            yield from (kept[:2] for kept in self._kept(self._blocks(pending)[0]))
+
+    def record_rows(self, encoded: Iterable[Chunk]) -> Iterator[RowChunk]:
+        """One row a record (``per_record``), in chunks, with the ordinal of each kept row's
+        record in the stream (from 0): rows with nothing to learn are dropped, so ordinals skip."""
+        if not self.per_record:
+            raise ValueError("record_rows needs a per_record stream")
+        pending: list[Chunk] = []
+        first = 0  # the ordinal of pending[0]
+        for ids, labels in encoded:
+            self.records += 1
+            self.tokens += len(ids)
+            self.cut += len(ids) > self.block
+            pending.append((ids[: self.block], labels[: self.block]))
+            if len(pending) >= self.chunk_rows:
+                yield from self._kept(self._blocks(pending)[0], first)
+                first += len(pending)
+                pending = []
+        if pending:
+            yield from self._kept(self._blocks(pending)[0], first)
 
     def check(self) -> None:
         """ConfigError when the stream gave no block to learn from (call it after ``chunks``)."""
@@ -279,14 +339,16 @@ class BlockStream:
         chunk = (flat_ids[:n].reshape(-1, self.block), flat_labels[:n].reshape(-1, self.block))
         return chunk, [(flat_ids[n:].copy(), flat_labels[n:].copy())]
 
-    def _kept(self, chunk: Chunk) -> Iterator[Chunk]:
+    def _kept(self, chunk: Chunk, first: int = 0) -> Iterator[RowChunk]:
+        """The chunk's blocks that have a token to learn, numbered from ``first``."""
         ids, labels = chunk
+        ordinals = np.arange(first, first + len(ids), dtype=np.int64)
         keep = (labels[:, 1:] != IGNORE).any(axis=1)
         if not keep.all():
-            ids, labels = ids[keep], labels[keep]
+            ids, labels, ordinals = ids[keep], labels[keep], ordinals[keep]
         self.blocks += len(ids)
         if len(ids):
-            yield ids, labels
+            yield ids, labels, ordinals
 
 
 def encoded(tokenizer: Any, records: Iterable[Record]) -> Iterator[Chunk]:

@@ -6,6 +6,9 @@ the file fsynced: a crash may count a round that was never sent, never the other
 round that would take the epsilon over ``privacy.dp.max_epsilon`` is refused before it trains,
 and the ledger remembers that refusal with the settings it was made under: the agent announces it
 at its next Join, so the aggregator does not invite it again, until those settings change.
+
+Spends are kept with the unit they protect (a record, or a user): an epsilon is stated for one
+unit, so a ledger of one unit is never composed with rounds of the other.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class Spend:
     sample_rate: float
     steps: int
     time: float = 0.0
+    unit: str = "record"
+    """What the spend protects: ``record`` or ``user`` (``privacy.dp.unit``)."""
 
 
 def epsilon(spends: list[Spend], delta: float, accountant: str) -> float:
@@ -100,6 +105,14 @@ class PrivacyLedger:
         self.config = config
         self.path = state_dir / "privacy" / LEDGER
         self.spends, self.exhausted = self._load()
+        other = {s.unit for s in self.spends} - {config.unit}
+        if other:
+            raise ConfigError(
+                f"privacy.dp.unit is {config.unit!r} but the privacy ledger {self.path} holds rounds"
+                f" spent protecting a {other.pop()}: an epsilon for one cannot be composed with the"
+                " other. Keep the unit, or move the ledger aside to start a new guarantee (the rounds"
+                " it records stay spent for their unit)"
+            )
 
     def _load(self) -> tuple[list[Spend], Exhausted | None]:
         if not self.path.exists():
@@ -119,37 +132,43 @@ class PrivacyLedger:
         """The epsilon spent so far."""
         return epsilon(self.spends, self.config.delta, self.config.accountant)
 
-    def check_delta(self, records: int) -> None:
-        """ConfigError unless delta < 1 / ``records`` (a larger one allows releasing a record)."""
-        if self.config.delta * records >= 1:
+    def check_delta(self, units: int) -> None:
+        """ConfigError unless delta < 1 / ``units`` (a larger one allows releasing a record, or
+        a user's records, outright)."""
+        if self.config.delta * units >= 1:
+            what = "records" if self.config.unit == "record" else "users"
             raise ConfigError(
-                f"privacy.dp.delta ({self.config.delta:g}) must be below 1 / training records"
-                f" (1/{records}): a larger delta allows releasing a record outright"
+                f"privacy.dp.delta ({self.config.delta:g}) must be below 1 / training {what}"
+                f" (1/{units}): a larger delta allows releasing a {self.config.unit}'s data outright"
             )
 
-    def plan(self, round_id: int, records: int, batch_size: int, world_size: int, steps: int) -> DpStep:
-        """The round's DP-SGD settings for ``records`` training records over ``world_size`` ranks
-        sampling ``batch_size`` each on average; PrivacyBudgetSpent if it does not fit."""
+    def plan(self, round_id: int, units: int, batch_size: int, world_size: int, steps: int) -> DpStep:
+        """The round's DP-SGD settings for ``units`` training records (or users) over
+        ``world_size`` ranks sampling ``batch_size`` each on average; PrivacyBudgetSpent if it
+        does not fit."""
         c = self.config
-        self.check_delta(records)
-        expected = min(batch_size * world_size, records)
-        rate = expected / records
+        self.check_delta(units)
+        expected = min(batch_size * world_size, units)
+        rate = expected / units
         noise = planned_noise(c, rate, steps)
-        after = epsilon([*self.spends, Spend(round_id, noise, rate, steps)], c.delta, c.accountant)
+        after = epsilon(
+            [*self.spends, Spend(round_id, noise, rate, steps, unit=c.unit)], c.delta, c.accountant
+        )
         if after > c.max_epsilon:
             refusal = (
                 f"privacy budget spent: this agent has spent epsilon {self.epsilon:.3f} (delta"
                 f" {c.delta:g}) and round {round_id} would take it to {after:.3f}, over"
                 f" privacy.dp.max_epsilon ({c.max_epsilon:g})"
             )
-            self._save(self.spends, Exhausted(self.settings(records, batch_size, world_size, steps), refusal))
+            self._save(self.spends, Exhausted(self.settings(units, batch_size, world_size, steps), refusal))
             raise PrivacyBudgetSpent(refusal)
-        return DpStep(noise, c.max_grad_norm, rate, float(expected))
+        per_unit = c.records_per_user if c.unit == "user" else 1
+        return DpStep(noise, c.max_grad_norm, rate, float(expected), per_unit)
 
-    def settings(self, records: int, batch_size: int, world_size: int, steps: int) -> str:
-        """What a round's spend depends on: the records, the federation's batch and steps, the
-        ranks and this agent's DP configuration."""
-        return json.dumps([records, batch_size, world_size, steps, asdict(self.config)], sort_keys=True)
+    def settings(self, units: int, batch_size: int, world_size: int, steps: int) -> str:
+        """What a round's spend depends on: the records (or users), the federation's batch and
+        steps, the ranks and this agent's DP configuration."""
+        return json.dumps([units, batch_size, world_size, steps, asdict(self.config)], sort_keys=True)
 
     def still_exhausted(self, settings: str) -> bool:
         """Whether the remembered refusal holds under ``settings`` (from ``settings()``); a
@@ -162,14 +181,15 @@ class PrivacyLedger:
 
     def record(self, round_id: int, dp: DpStep, steps: int) -> float:
         """Add a round's spend, durably, before its update leaves the cloud; the epsilon after it."""
-        spend = Spend(round_id, dp.noise_multiplier, dp.sample_rate, steps, time.time())
+        spend = Spend(round_id, dp.noise_multiplier, dp.sample_rate, steps, time.time(), self.config.unit)
         self._save([*self.spends, spend], None)
         spent = self.epsilon
         if math.isfinite(spent):
             log.info(
-                "round %d: DP-SGD with noise multiplier %.3f, sample rate %.4g, %d steps: epsilon %.3f of %g"
-                " spent (delta %g)",
+                "round %d: %s-level DP-SGD with noise multiplier %.3f, sample rate %.4g, %d steps: epsilon"
+                " %.3f of %g spent (delta %g)",
                 round_id,
+                self.config.unit,
                 dp.noise_multiplier,
                 dp.sample_rate,
                 steps,
@@ -192,8 +212,16 @@ def describe(config: DpConfig, state_dir: Path) -> str:
     if not config.enabled:
         return "off: updates are not differentially private for this cloud's records"
     ledger = PrivacyLedger(state_dir, config)
+    if config.unit == "user":
+        unit = (
+            f"user-level DP-SGD: epsilon {ledger.epsilon:.3f} of {config.max_epsilon:g} for each user"
+            f" (field {config.user_field!r})"
+        )
+        clipped = f"each user's mean gradient over up to {config.records_per_user} records clipped to"
+    else:
+        unit = f"DP-SGD: epsilon {ledger.epsilon:.3f} of {config.max_epsilon:g}"
+        clipped = "records clipped to"
     return (
-        f"DP-SGD: epsilon {ledger.epsilon:.3f} of {config.max_epsilon:g} spent over {len(ledger.spends)}"
-        f" rounds (delta {config.delta:g}, {config.accountant} accountant, records clipped to"
-        f" {config.max_grad_norm:g})"
+        f"{unit} spent over {len(ledger.spends)} rounds (delta {config.delta:g}, {config.accountant}"
+        f" accountant, {clipped} {config.max_grad_norm:g})"
     )

@@ -1,9 +1,13 @@
-"""DP-SGD (Abadi et al. 2016) for the agent's local training: record-level differential privacy.
+"""DP-SGD (Abadi et al. 2016) for the agent's local training: record- or user-level differential
+privacy.
 
-Each step samples every record independently with probability ``sample_rate`` (Poisson sampling,
-which the accountants in ``agent.dp_budget`` assume), takes each sampled record's gradient of its
-own loss (opacus' per-sample gradient hooks), clips it to ``max_grad_norm``, sums, adds Gaussian
-noise of standard deviation ``noise_multiplier * max_grad_norm`` and divides by the expected batch.
+Each step samples every unit (``agent.dp_units``: a record, or a user) independently with
+probability ``sample_rate`` (Poisson sampling, which the accountants in ``agent.dp_budget``
+assume), takes each sampled record's gradient of its own loss (opacus' per-sample gradient hooks),
+averages a user's over their records (user-level sampling, as in Charles et al. 2024, "Fine-tuning
+large language models with user-level differential privacy"), clips each unit's to
+``max_grad_norm``, sums, adds Gaussian noise of standard deviation ``noise_multiplier *
+max_grad_norm`` and divides by the expected batch of units.
 Under torchrun each rank samples its own shard, the ranks' clipped sums are added
 (``all_reduce``) and each rank adds an independent share of the noise, so the sum carries it once.
 
@@ -24,6 +28,7 @@ import torch.distributed as dist
 
 from agent.data import IGNORE, TokenBlocks
 from agent.distributed import DistContext
+from agent.dp_units import PrivacyUnits, micro_batches
 from common.errors import TrainingFailed
 
 
@@ -35,7 +40,10 @@ class DpStep:
     max_grad_norm: float
     sample_rate: float
     expected_batch: float
-    """Records a step samples on average over all ranks (the divisor of the noisy sum)."""
+    """Units (records or users) a step samples on average over all ranks (the divisor of the
+    noisy sum)."""
+    records_per_unit: int = 1
+    """The most rows of a sampled unit a step takes (users; a record is one row)."""
 
 
 def per_record_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -61,23 +69,43 @@ class PrivateGradients:
         self.sampler = torch.Generator().manual_seed(secrets.randbits(63))
         self.noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
-    def step(self, blocks: TokenBlocks, dp: DpStep, micro_batch: int) -> tuple[float, int, bool]:
-        """Set each parameter's ``.grad`` to this step's private gradient, holding the per-record
-        gradients of at most ``micro_batch`` records at once (a Poisson draw may be larger).
-        Returns the mean loss of the records this rank sampled (nan if none), how many it sampled,
-        and whether every loss and gradient here was finite."""
-        chosen = (torch.rand(len(blocks), generator=self.sampler) < dp.sample_rate).nonzero().flatten()
+    def step(
+        self, blocks: TokenBlocks, dp: DpStep, micro_batch: int, units: PrivacyUnits | None = None
+    ) -> tuple[float, int, bool]:
+        """Set each parameter's ``.grad`` to this step's private gradient: a Poisson draw of
+        ``units`` (default: each row its own unit, a record), each drawn unit's mean gradient over
+        at most ``dp.records_per_unit`` of its rows, clipped, summed, noised, over the expected
+        batch. At most ``micro_batch`` rows' gradients are held at once (a draw may be larger).
+        Returns the mean loss of the rows this rank drew (nan if none), how many it drew, and
+        whether every loss and gradient here was finite."""
+        units = PrivacyUnits.records(len(blocks)) if units is None else units
+        chosen = (torch.rand(len(units), generator=self.sampler) < dp.sample_rate).nonzero().flatten()
+        rows, sizes = units.draw(chosen, dp.records_per_unit, self.sampler)
+        offsets = [0, *torch.cumsum(sizes, 0).tolist()]
         summed = [torch.zeros_like(p) for p in self.params]
         total_loss, finite = 0.0, True
-        for part in torch.split(chosen, micro_batch) if len(chosen) else ():  # bounded memory
-            batch = blocks[part].to(str(self.params[0].device))
-            losses = per_record_loss(self.module(input_ids=batch.input_ids).logits, batch.labels)
-            with warnings.catch_warnings():  # opacus' hooks fire on frozen inputs by design
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                torch.autograd.backward(losses.sum())
-            finite &= bool(torch.isfinite(losses).all())
-            self._add_clipped(summed, len(part), dp.max_grad_norm)
-            total_loss += float(losses.detach().sum())
+        for first, end in micro_batches(sizes, micro_batch):  # bounded memory
+            group = rows[offsets[first] : offsets[end]]
+            owner = torch.repeat_interleave(torch.arange(end - first), sizes[first:end])
+            weight = 1.0 / sizes[first:end][owner].double()
+            per_unit: list[torch.Tensor] | None = None
+            for part in torch.split(torch.arange(len(group)), micro_batch):  # one, unless a unit is larger
+                losses, grads = self._row_gradients(blocks[group[part]])
+                finite &= bool(torch.isfinite(losses).all())
+                total_loss += float(losses.detach().sum())
+                if len(group) == end - first:  # one row a unit: the rows' gradients are the units'
+                    per_unit = grads
+                    continue
+                if per_unit is None:
+                    per_unit = [
+                        torch.zeros(end - first, *p.shape, dtype=g.dtype, device=g.device)
+                        for p, g in zip(self.params, grads, strict=True)
+                    ]
+                for acc, g in zip(per_unit, grads, strict=True):
+                    w = weight[part].to(g.device, g.dtype).view(-1, *[1] * (g.dim() - 1))
+                    acc.index_add_(0, owner[part].to(g.device), g * w)
+            assert per_unit is not None
+            self._add_clipped(summed, per_unit, dp.max_grad_norm)
         finite &= all(bool(torch.isfinite(s).all()) for s in summed)
         std = dp.noise_multiplier * dp.max_grad_norm / math.sqrt(self.ctx.world_size)
         for s in summed:  # each rank's share; the all-reduced sum has std noise_multiplier * C
@@ -85,24 +113,34 @@ class PrivateGradients:
         if self.ctx.enabled:
             flat = torch.cat([s.flatten() for s in summed])
             dist.all_reduce(flat)
-            sizes = [s.numel() for s in summed]
-            summed = [flat[sum(sizes[:i]) : sum(sizes[: i + 1])].view_as(s) for i, s in enumerate(summed)]
+            sizes_ = [s.numel() for s in summed]
+            summed = [flat[sum(sizes_[:i]) : sum(sizes_[: i + 1])].view_as(s) for i, s in enumerate(summed)]
         for p, s in zip(self.params, summed, strict=True):
             p.grad = s / dp.expected_batch
-        count = len(chosen)
+        count = len(rows)
         return (total_loss / count if count else math.nan), count, finite
 
-    def _add_clipped(self, summed: list[torch.Tensor], n: int, max_norm: float) -> None:
-        """Add each record's gradient, scaled to at most ``max_norm`` (L2 over all parameters)."""
-        samples = [p.grad_sample for p in self.params]
-        if any(g is None for g in samples):  # e.g. under activation checkpointing (refused by the config)
-            raise TrainingFailed(
-                f"DP-SGD: {sum(g is None for g in samples)} trainable tensors got no per-record gradient"
-            )
-        norms = torch.stack([g.reshape(n, -1).norm(dim=1) for g in samples]).norm(dim=0)
-        factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for s, g in zip(summed, samples, strict=True):
-            s.add_(torch.einsum("i,i...->...", factor.to(g.dtype), g))
+    def _row_gradients(self, rows: TokenBlocks) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Each row's loss and its gradient of that loss (opacus' per-sample gradients)."""
+        batch = rows.to(str(self.params[0].device))
+        losses = per_record_loss(self.module(input_ids=batch.input_ids).logits, batch.labels)
+        with warnings.catch_warnings():  # opacus' hooks fire on frozen inputs by design
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            torch.autograd.backward(losses.sum())
+        grads = [p.grad_sample for p in self.params]
+        missing = sum(g is None for g in grads)
         for p in self.params:  # opacus would otherwise add the next batch's samples to these
             p.grad_sample = None
             p.grad = None
+        if missing:  # e.g. under activation checkpointing (refused by the config)
+            raise TrainingFailed(f"DP-SGD: {missing} trainable tensors got no per-record gradient")
+        return losses, [g for g in grads if g is not None]
+
+    @staticmethod
+    def _add_clipped(summed: list[torch.Tensor], per_unit: list[torch.Tensor], max_norm: float) -> None:
+        """Add each unit's gradient, scaled to at most ``max_norm`` (L2 over all parameters)."""
+        n = len(per_unit[0])
+        norms = torch.stack([g.reshape(n, -1).norm(dim=1) for g in per_unit]).norm(dim=0)
+        factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for s, g in zip(summed, per_unit, strict=True):
+            s.add_(torch.einsum("i,i...->...", factor.to(g.dtype), g))

@@ -5,13 +5,15 @@ Memory does not grow with the corpus: records are read a line at a time, tokeniz
 written out a chunk at a time, and training reads the blocks it samples from the page cache. A
 restart, or a federation that resumes, opens the blocks in milliseconds instead of tokenizing
 again. An entry is keyed by what its tokens depend on (the data files' names, sizes and
-modification times, the split, the tokenizer, the block length, packed or one row a record): a
+modification times, the split, the user field, the tokenizer, the block length, packed or one row
+a record): a
 changed file, model or setting builds a new entry and the old ones are removed. Entries appear
 whole (built beside, then renamed into place); a damaged one is logged and built again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,6 +36,7 @@ from agent.data import (
     encoded,
     held_out,
     iter_records,
+    user_key,
 )
 from common.durable import build_dir_beside, put_in_place, replace_durably
 from common.errors import ConfigError
@@ -44,6 +47,8 @@ FORMAT = 1
 """Version of the store's layout and of the tokenization it holds; a new one rebuilds every entry."""
 
 PARTS = ("train", "eval")
+CHUNK_TOKENS = 1 << 20
+"""Tokens written at a time (``BlockStream``): what tokenizing holds in memory."""
 
 
 @dataclass(frozen=True)
@@ -56,11 +61,13 @@ class Corpus:
     """sha256 of what the records depend on: the files' names, sizes and modification times."""
     train_records: int
     eval_records: int
+    user_field: str = ""
+    """Where each record names its user (user-level privacy); the split then holds out users."""
 
     def records(self, part: str) -> Iterator[Record]:
         """The records of one side of the split (``train`` or ``eval``), streamed."""
         want_held_out = part == "eval"
-        for record in iter_records(self.path):
+        for record in iter_records(self.path, self.user_field):
             if held_out(record.key, self.eval_fraction) == want_held_out:
                 yield record
 
@@ -74,20 +81,23 @@ class TokenizedCorpus:
     eval: TokenBlocks
     cut: int
     """Training records longer than a block (one row a record only)."""
+    train_users: np.ndarray | None = None
+    """Each training row's user (``agent.data.user_key``), with a corpus' ``user_field``."""
 
 
 class TokenStore:
     """``<state_dir>/tokens``: the corpus' counts (``corpus.json``) and its tokenized entry
-    (``blocks/<key>/``: ids and labels of each part as raw int32, ``meta.json``)."""
+    (``blocks/<key>/``: ids and labels of each part as raw int32, with user-level privacy each
+    training row's user as raw int64, ``meta.json``)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def corpus(self, path: Path, eval_fraction: float, remember: bool = True) -> Corpus:
+    def corpus(self, path: Path, eval_fraction: float, remember: bool = True, user_field: str = "") -> Corpus:
         """The corpus at ``path``: counted from the store when its files have not changed, else
         read through once (every record is parsed, so a bad one is refused here, at start) and,
-        if ``remember``, its counts stored."""
-        fingerprint = _fingerprint(path, eval_fraction)
+        if ``remember``, its counts stored. ``user_field``: every record names its user there."""
+        fingerprint = _fingerprint(path, eval_fraction, user_field)
         counts_file = self.root / "corpus.json"
         try:
             counts = json.loads(counts_file.read_text())
@@ -99,12 +109,12 @@ class TokenStore:
             log.warning("token store: %s is damaged (%s); counting the corpus again", counts_file, exc)
             fresh = False
         if not fresh:
-            train, evaluation = _count(path, eval_fraction)
+            train, evaluation = _count(path, eval_fraction, user_field)
             counts = {"fingerprint": fingerprint, "train": train, "eval": evaluation}
             if remember:
                 replace_durably(counts_file, json.dumps(counts).encode())
         check_split(train, evaluation, eval_fraction)
-        return Corpus(path, eval_fraction, fingerprint, train, evaluation)
+        return Corpus(path, eval_fraction, fingerprint, train, evaluation, user_field)
 
     def prepare(self, corpus: Corpus, tokenizer: Any, block: int, per_record: bool) -> Path:
         """The corpus' entry for this tokenizer and block, tokenized into the store first unless
@@ -142,16 +152,13 @@ class TokenStore:
                 shutil.rmtree(old, ignore_errors=True)
         building = build_dir_beside(entry)
         try:
+            users = per_record and bool(corpus.user_field)
             meta: dict[str, Any] = {"format": FORMAT, "block": block, "per_record": per_record}
+            meta["users"] = users
             for part in PARTS:
-                stream = BlockStream(block, tokenizer.eos_token_id, per_record=per_record and part == "train")
-                with (
-                    open(building / f"{part}.ids", "wb") as ids,
-                    open(building / f"{part}.labels", "wb") as labels,
-                ):
-                    for chunk_ids, chunk_labels in stream.chunks(encoded(tokenizer, corpus.records(part))):
-                        ids.write(chunk_ids.tobytes())
-                        labels.write(chunk_labels.tobytes())
+                rows = per_record and part == "train"
+                stream = BlockStream(block, tokenizer.eos_token_id, rows, CHUNK_TOKENS)
+                _write_part(building, part, stream, tokenizer, corpus.records(part), users and rows)
                 try:
                     stream.check()
                 except ConfigError as exc:
@@ -175,20 +182,74 @@ class TokenStore:
         )
 
 
-def _fingerprint(path: Path, eval_fraction: float) -> str:
+def _write_part(
+    building: Path,
+    part: str,
+    stream: BlockStream,
+    tokenizer: Any,
+    records: Iterator[Record],
+    users: bool,
+) -> None:
+    """One part's ids and labels (and with ``users`` each row's user) as raw arrays."""
+    owners = _Owners()
+    with (
+        open(building / f"{part}.ids", "wb") as ids,
+        open(building / f"{part}.labels", "wb") as labels,
+        open(building / f"{part}.users", "wb") if users else contextlib.nullcontext() as by,
+    ):
+        if not stream.per_record:
+            for chunk_ids, chunk_labels in stream.chunks(encoded(tokenizer, records)):
+                ids.write(chunk_ids.tobytes())
+                labels.write(chunk_labels.tobytes())
+            return
+        for chunk_ids, chunk_labels, ordinals in stream.record_rows(
+            encoded(tokenizer, owners.follow(records) if by else records)
+        ):
+            ids.write(chunk_ids.tobytes())
+            labels.write(chunk_labels.tobytes())
+            if by:
+                by.write(owners.take(ordinals).tobytes())
+
+
+class _Owners:
+    """The user of each record streamed through ``follow``, kept until ``take`` has read it: at
+    most a tokenizer batch and a chunk of records, whatever the corpus."""
+
+    def __init__(self) -> None:
+        self.keys: list[int] = []
+        self.first = 0
+        """The ordinal of ``keys[0]``."""
+
+    def follow(self, records: Iterator[Record]) -> Iterator[Record]:
+        for record in records:
+            self.keys.append(user_key(record.user))
+            yield record
+
+    def take(self, ordinals: np.ndarray) -> np.ndarray:
+        """The users of these records (ascending ordinals); earlier ones are forgotten."""
+        users = np.asarray(self.keys[: int(ordinals[-1]) + 1 - self.first], dtype=np.int64)
+        taken: np.ndarray = users[ordinals - self.first]
+        del self.keys[: len(users)]
+        self.first += len(users)
+        return taken
+
+
+def _fingerprint(path: Path, eval_fraction: float, user_field: str) -> str:
     files = data_files(path)
     base = path if path.is_dir() else path.parent
     listing = []
     for f in files:
         st = f.stat()
         listing.append([str(f.relative_to(base)), st.st_size, st.st_mtime_ns])
-    material = json.dumps({"format": FORMAT, "eval_fraction": eval_fraction, "files": listing})
-    return hashlib.sha256(material.encode()).hexdigest()
+    material: dict[str, Any] = {"format": FORMAT, "eval_fraction": eval_fraction, "files": listing}
+    if user_field:  # keys without it are those of the stores made before user-level privacy
+        material["user_field"] = user_field
+    return hashlib.sha256(json.dumps(material).encode()).hexdigest()
 
 
-def _count(path: Path, eval_fraction: float) -> tuple[int, int]:
+def _count(path: Path, eval_fraction: float, user_field: str) -> tuple[int, int]:
     train = evaluation = 0
-    for record in iter_records(path):
+    for record in iter_records(path, user_field):
         if held_out(record.key, eval_fraction):
             evaluation += 1
         else:
@@ -227,7 +288,18 @@ def open_entry(entry: Path, block: int) -> TokenizedCorpus:
     if meta["format"] != FORMAT or meta["block"] != block:
         raise ValueError(f"format {meta['format']}, block {meta['block']}")
     parts = {part: _mapped(entry, part, int(meta[part]["blocks"]), block) for part in PARTS}
-    return TokenizedCorpus(parts["train"], parts["eval"], int(meta["cut"]))
+    users = _users(entry, int(meta["train"]["blocks"])) if meta.get("users") else None
+    return TokenizedCorpus(parts["train"], parts["eval"], int(meta["cut"]), users)
+
+
+def _users(entry: Path, blocks: int) -> np.ndarray:
+    """Each training row's user key, memory-mapped read-only."""
+    path = entry / "train.users"
+    size = os.path.getsize(path)
+    if size != blocks * 8:
+        raise ValueError(f"train.users holds {size} bytes, not the users of {blocks} rows")
+    users: np.ndarray = np.memmap(path, dtype=np.int64, mode="r", shape=(blocks,))
+    return users
 
 
 def _mapped(entry: Path, part: str, blocks: int, block: int) -> TokenBlocks:

@@ -20,6 +20,7 @@ import torch
 from agent.data import TokenBlocks
 from agent.distributed import DistContext
 from agent.dp_sgd import DpStep, PrivateGradients
+from agent.dp_units import PrivacyUnits
 from common.errors import ConfigError, InvalidArgument, TrainingFailed
 
 log = logging.getLogger(__name__)
@@ -195,10 +196,12 @@ class LoraTrainer:
         training: LocalTraining,
         round_id: int,
         dp: DpStep | None = None,
+        units: PrivacyUnits | None = None,
     ) -> tuple[dict[str, torch.Tensor], float]:
         """Train ``training.steps`` steps from the current adapter; return (delta, mean train loss).
         ``blocks``: token blocks with their labels, or plain token ids (every token learned); with
-        ``dp`` (a trainer made ``private``), one record a row."""
+        ``dp`` (a trainer made ``private``), one record a row, sampled by ``units`` (default: each
+        row its own unit)."""
         blocks = TokenBlocks.of(blocks)
         start = self.adapter()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -207,7 +210,8 @@ class LoraTrainer:
             if self.private is None:
                 raise ConfigError("DP-SGD asked of a trainer not made private")
             self.model.train()
-            return self._train_private(blocks, training, round_id, dp, optimizer, start)
+            units = PrivacyUnits.records(len(blocks)) if units is None else units
+            return self._train_private(blocks, units, training, round_id, dp, optimizer, start)
         generator = torch.Generator().manual_seed(
             (training.seed * 1_000_003 + round_id) * 131 + self.ctx.rank
         )
@@ -237,6 +241,7 @@ class LoraTrainer:
     def _train_private(
         self,
         blocks: TokenBlocks,
+        units: PrivacyUnits,
         training: LocalTraining,
         round_id: int,
         dp: DpStep,
@@ -250,7 +255,7 @@ class LoraTrainer:
         began = time.monotonic()
         for step in range(training.steps):
             optimizer.zero_grad(set_to_none=True)
-            loss, count, finite = self.private.step(blocks, dp, training.batch_size)
+            loss, count, finite = self.private.step(blocks, dp, training.batch_size, units)
             total, sampled, bad = self.ctx.all_sum([0.0 if count == 0 else loss * count, count, not finite])
             if bad:
                 raise TrainingFailed(

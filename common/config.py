@@ -534,13 +534,15 @@ class AggregatorConfig(MetricsTlsFields):
 
 
 DP_ACCOUNTANTS = ("rdp", "prv")
+DP_UNITS = ("record", "user")
 
 
 @dataclass(frozen=True)
 class DpConfig:
-    """Record-level differential privacy of this cloud's training data (DP-SGD in the agent):
-    every update this agent sends is (epsilon, delta)-DP with respect to any one of its training
-    records, whatever the aggregator or anyone else later does with it."""
+    """Differential privacy of this cloud's training data (DP-SGD in the agent): every update this
+    agent sends is (epsilon, delta)-DP with respect to any one of its training records (``unit =
+    "record"``) or all the records of any one user (``"user"``), whatever the aggregator or
+    anyone else later does with it."""
 
     enabled: bool = False
     """Train with DP-SGD: Poisson-sampled records, each record's gradient clipped, Gaussian noise."""
@@ -559,6 +561,14 @@ class DpConfig:
     accountant: str = "rdp"
     """``rdp`` (Renyi DP, Mironov 2017) or ``prv`` (privacy random variables, Gopi et al. 2021:
     tighter, the same noise yields a smaller epsilon)."""
+    unit: str = "record"
+    """What is protected: ``record`` (each record is one example) or ``user`` (DP-SGD samples
+    users, and clips each sampled user's mean gradient over their records)."""
+    user_field: str = "user"
+    """With ``unit = "user"``: the JSONL field that names each record's user."""
+    records_per_user: int = 8
+    """With ``unit = "user"``: the most records of a sampled user a step takes (drawn at random
+    when the user has more); bounds a step's work, not the guarantee."""
 
     def validate(self) -> DpConfig:
         """ConfigError naming the field."""
@@ -582,7 +592,18 @@ class DpConfig:
             raise ConfigError(
                 f"privacy.dp.accountant: expected one of {', '.join(DP_ACCOUNTANTS)}, got {self.accountant!r}"
             )
+        if self.unit not in DP_UNITS:
+            raise ConfigError(f"privacy.dp.unit: expected one of {', '.join(DP_UNITS)}, got {self.unit!r}")
+        if self.unit == "user" and not self.user_field:
+            raise ConfigError("privacy.dp.user_field must name the JSONL field holding each record's user")
+        if self.records_per_user < 1:
+            raise ConfigError(f"privacy.dp.records_per_user must be >= 1, got {self.records_per_user}")
         return self
+
+    @property
+    def users(self) -> str:
+        """The field naming each record's user when users are protected, else empty."""
+        return self.user_field if self.enabled and self.unit == "user" else ""
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -142,3 +143,44 @@ def test_a_loss_that_diverges_on_one_rank_makes_the_agent_decline_and_every_rank
         (1, "declined"),
         (2, "uploaded"),
     ]
+
+
+def test_two_ranks_train_user_level_dp_each_on_whole_users(tmp_path: Path) -> None:
+    """User-level DP-SGD under torchrun: the ranks split the users, not the records (each rank
+    trains on its users' rows, together every training record), and the ledger's sample rate is
+    over users, with each rank drawing batch_size of them on average."""
+    agg_config, agent_configs, health = _alone(tmp_path)
+    agent = agent_configs[1]  # gcp
+    data = agent.parent / "data.jsonl"
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({"text": t, "user": i % 40}) + "\n" for i, t in enumerate(texts)))
+    env = {
+        "CLOUDFED_AGENT_PRIVACY_DP_ENABLED": "true",
+        "CLOUDFED_AGENT_PRIVACY_DP_UNIT": "user",
+        "CLOUDFED_AGENT_PRIVACY_DP_NOISE_MULTIPLIER": "1.0",
+        "CLOUDFED_AGENT_PRIVACY_DP_MAX_EPSILON": "100",
+        "CLOUDFED_AGENT_PRIVACY_DP_DELTA": "1e-3",
+    }
+    aggregator = start("server.cli", "--config", str(agg_config), log=tmp_path / "aggregator.log")
+    try:
+        wait_serving(health, timeout=120)
+        code, log = _torchrun("agent.cli", agent, env=env)
+    finally:
+        stop(aggregator)
+    assert code == 0, log[-3000:]
+    found = re.search(r"user-level DP-SGD: (\d+) training records of (\d+) users", log)
+    assert found, log[-3000:]
+    records, users = int(found[1]), int(found[2])
+    assert 30 <= users < 40 and records > users
+    for round_id in (1, 2):
+        rows = [
+            int(re.search(rf"rank {rank}/2: round {round_id} trained on (\d+) local blocks", log)[1])  # type: ignore[index]
+            for rank in (0, 1)
+        ]
+        assert sum(rows) == records and all(r < records for r in rows), rows
+    held = [re.search(rf"rank {rank}: (\d+) users holding (\d+) training rows", log) for rank in (0, 1)]
+    assert all(held), log[-3000:]
+    assert sum(int(h[1]) for h in held) == users and sum(int(h[2]) for h in held) == records  # type: ignore[index]
+    ledger = json.loads((agent.parent / "state" / "privacy" / "dp-ledger.json").read_text())
+    assert [s["unit"] for s in ledger["spends"]] == ["user", "user"]
+    assert ledger["spends"][0]["sample_rate"] == pytest.approx(2 * 8 / users)
