@@ -4,11 +4,11 @@ tokenized once into memory-mapped token blocks under ``<state_dir>/tokens/``.
 Memory does not grow with the corpus: records are read a line at a time, tokenized in batches and
 written out a chunk at a time, and training reads the blocks it samples from the page cache. A
 restart, or a federation that resumes, opens the blocks in milliseconds instead of tokenizing
-again. An entry is keyed by what its tokens depend on (the data files' names, sizes and
-modification times, the split, the user field, the tokenizer, the block length, packed or one row
-a record): a
-changed file, model or setting builds a new entry and the old ones are removed. Entries appear
-whole (built beside, then renamed into place); a damaged one is logged and built again.
+again. An entry is keyed by what its tokens depend on (the data files' names, sizes,
+modification and change times, the split, the user field, the tokenizer, the block length,
+packed or one row a record): a changed file, model or setting builds a new entry and the old
+ones are removed. Entries appear whole (built beside, then renamed into place); a damaged one is
+logged and built again.
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ class Corpus:
     path: Path
     eval_fraction: float
     fingerprint: str
-    """sha256 of what the records depend on: the files' names, sizes and modification times."""
+    """sha256 of what the records depend on: the files' names, sizes, modification times and
+    change times (a file rewritten with its old modification time, as ``cp -p`` and ``rsync -t``
+    do, still has a new change time, which no one can set back)."""
     train_records: int
     eval_records: int
     user_field: str = ""
@@ -240,7 +242,7 @@ def _fingerprint(path: Path, eval_fraction: float, user_field: str) -> str:
     listing = []
     for f in files:
         st = f.stat()
-        listing.append([str(f.relative_to(base)), st.st_size, st.st_mtime_ns])
+        listing.append([str(f.relative_to(base)), st.st_size, st.st_mtime_ns, st.st_ctime_ns])
     material: dict[str, Any] = {"format": FORMAT, "eval_fraction": eval_fraction, "files": listing}
     if user_field:  # keys without it are those of the stores made before user-level privacy
         material["user_field"] = user_field

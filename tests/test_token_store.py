@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,14 @@ def test_a_changed_file_or_setting_builds_a_new_entry_and_drops_the_old(
 
     other = store.corpus(data, 0.3)  # another split
     assert other.fingerprint != grown.fingerprint
+
+    edited = data / "sub" / "b.jsonl"  # rewritten in place, same size, its old mtime put back
+    before = edited.stat()
+    text = edited.read_text()
+    edited.write_text(text.replace("Oslo", "Rome"))
+    os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert edited.stat().st_size == before.st_size and edited.stat().st_mtime_ns == before.st_mtime_ns
+    assert store.corpus(data, 0.2).fingerprint != grown.fingerprint
 
 
 def test_another_tokenizer_builds_another_entry(tokenizer: Any, model: Path, tmp_path: Path) -> None:
