@@ -390,10 +390,10 @@ class Agent:
                     await _decline(client, event.round_id, "training", detail)
                     raise  # the round does not wait for its deadline; the supervisor restarts us
             if event.global_version not in self.progress.versions_evaluated:
-                # Not only at a round's completion: a version committed between Join and the watch
-                # (while this agent loaded its model) is first seen as the base of a later round,
-                # evaluated once that round's part is done.
-                await self._evaluate(client, event.global_version)
+                # Not only at a round's completion: versions committed between Join and the watch
+                # (while this agent loaded its model) are first seen as the base of a later round,
+                # and evaluated, each of them, once that round's part is done.
+                await self._evaluate_since(client, join.global_version, event.global_version)
                 done = len(self.progress.versions_evaluated) - 1
                 if self.config.max_rounds and done >= self.config.max_rounds:
                     log.info("evaluated %d new versions; stopping (max_rounds)", done)
@@ -633,6 +633,20 @@ class Agent:
             "time": time.time(),
         }
         Path(str(stem) + ".json").write_text(json.dumps(meta, indent=2))
+
+    async def _evaluate_since(self, client: AggregatorClient, joined: int, version: int) -> None:
+        """Evaluate ``version`` and every version after ``joined`` (this session's Join) before it
+        not evaluated yet, oldest first; one the aggregator no longer keeps is skipped."""
+        for missed in range(joined + 1, version):
+            if missed in self.progress.versions_evaluated:
+                continue
+            try:
+                await self._evaluate(client, missed)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                log.warning("global version %d: not evaluated, the aggregator no longer has it", missed)
+        await self._evaluate(client, version)
 
     async def _evaluate(self, client: AggregatorClient, version: int) -> None:
         tensors = await self._global(client, version)

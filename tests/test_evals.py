@@ -93,16 +93,26 @@ async def test_agent_keeps_a_loss_that_is_not_finite_to_itself(
     assert kept["version"] == 0 and math.isnan(kept["eval_loss"])
 
 
-async def test_a_version_committed_before_the_agent_watches_is_still_evaluated(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("meanwhile", "keep_last", "evaluated"), [(1, 0, [0, 1]), (2, 0, [0, 1, 2]), (3, 2, [0, 2, 3])]
+)
+async def test_versions_committed_before_the_agent_watches_are_still_evaluated(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    meanwhile: int,
+    keep_last: int,
+    evaluated: list[int],
 ) -> None:
     """The real agent daemon joins at version 0 and loads its model; meanwhile another agent
-    completes round 1 alone. The agent first sees version 1 in the next round's event, never in a
-    completion, and must still evaluate and report it (it evaluated only completions before)."""
+    completes ``meanwhile`` rounds alone. The agent first sees the last of those versions in the
+    next round's event, never in a completion, and must still evaluate and report each of them, in
+    order (it evaluated only completions before, then only the version in the event). One the
+    aggregator has pruned by then (``checkpoints.keep_last``) is skipped with a warning."""
     agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
-    agg_config = dataclasses.replace(
-        load(AggregatorConfig, agg_path, env={"CLOUDFED_ROUNDS_MIN_AGENTS": "1"}), metrics_listen=""
-    )
+    env = {"CLOUDFED_ROUNDS_MIN_AGENTS": "1", "CLOUDFED_CHECKPOINTS_KEEP_LAST": str(keep_last)}
+    env["CLOUDFED_CHECKPOINTS_KEEP_BEST"] = "0"
+    agg_config = dataclasses.replace(load(AggregatorConfig, agg_path, env=env), metrics_listen="")
     agent_config = dataclasses.replace(load(AgentConfig, agent_paths[0], env={}), metrics_listen="")
     other = load(AgentConfig, agent_paths[1], env={})
     loaded = Agent._prepare
@@ -118,26 +128,31 @@ async def test_a_version_committed_before_the_agent_watches_is_still_evaluated(
             join = await client.join(num_examples=10)
             watcher = Watcher(client)
             try:
-                event = await watcher.until(pb.ROUND_PHASE_UPLOAD)
-                update = np.random.default_rng(0).normal(size=numel(join))
-                payload = write_payload(tmp_path / "other.bin", update * 1e-3, 10.0)
-                await client.upload(payload, upload_header(event, join.settings.layout.digest, 10.0))
-                committed.append((await watcher.until_version(1)).global_version)
+                for version in range(1, meanwhile + 1):
+                    event = await watcher.until(pb.ROUND_PHASE_UPLOAD)
+                    update = np.random.default_rng(version).normal(size=numel(join))
+                    payload = write_payload(tmp_path / "other.bin", update * 1e-3, 10.0)
+                    await client.upload(payload, upload_header(event, join.settings.layout.digest, 10.0))
+                    committed.append((await watcher.until_version(version)).global_version)
             finally:
                 await watcher.close()
 
     monkeypatch.setattr(Agent, "_prepare", prepare_while_a_round_completes)
-    agent = Agent(agent_config)  # max_rounds = 1: it stops after evaluating one new version
+    # max_rounds: it stops once it has evaluated that many new versions
+    agent = Agent(dataclasses.replace(agent_config, max_rounds=len(evaluated) - 1))
     async with in_process(agg_config, agent) as running:
         done, _ = await asyncio.wait(running.agents, timeout=90)
-    assert done, "the agent did not stop after one new version"
+    assert done, "the agent did not stop after the new versions"
     assert all(task.exception() is None for task in done)
-    assert committed == [1]
-    assert sorted(agent.progress.versions_evaluated) == [0, 1]
+    assert committed == list(range(1, meanwhile + 1))
+    assert list(agent.progress.versions_evaluated) == evaluated  # in order
     reported = query(
         agg_config.state_dir / "cloudfed.db", "SELECT agent, version FROM evals ORDER BY version"
     )
-    assert [(a.split("/")[-3], v) for a, v in reported] == [("aws", 0), ("aws", 1)]
+    assert [(a.split("/")[-3], v) for a, v in reported] == [("aws", v) for v in evaluated]
+    pruned = sorted(set(range(meanwhile + 1)) - set(evaluated))
+    for version in pruned:
+        assert f"global version {version}: not evaluated, the aggregator no longer has it" in caplog.text
 
 
 def numel(join: Any) -> int:
