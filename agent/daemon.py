@@ -491,8 +491,9 @@ class Agent:
     def _publish_privacy(self, client: AggregatorClient) -> None:
         """The privacy spent and the budget, as gauges (with DP-SGD only)."""
         if self.ledger is not None:
-            metrics.DP_EPSILON_BUDGET.labels(**client.labels).set(self.ledger.config.max_epsilon)
-            metrics.DP_EPSILON.labels(**client.labels).set(self.ledger.epsilon)
+            unit = self.ledger.config.unit
+            metrics.DP_EPSILON_BUDGET.labels(**client.labels, unit=unit).set(self.ledger.config.max_epsilon)
+            metrics.DP_EPSILON.labels(**client.labels, unit=unit).set(self.ledger.epsilon)
 
     async def _take_part(
         self, client: AggregatorClient, settings: pb.FederationSettings, event: pb.RoundEvent, agent_id: str

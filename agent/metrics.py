@@ -41,14 +41,14 @@ CLIPPED_RATIO = Gauge(
 )
 DP_EPSILON = Gauge(
     "cloudfed_agent_dp_epsilon",
-    "Differential privacy this agent has spent on its training records (epsilon at privacy.dp.delta,"
-    " over every round it trained).",
-    ["cloud", "agent"],
+    "Differential privacy this agent has spent on each of its training records, or users (unit:"
+    " privacy.dp.unit); epsilon at privacy.dp.delta, over every round it trained.",
+    ["cloud", "agent", "unit"],
 )
 DP_EPSILON_BUDGET = Gauge(
     "cloudfed_agent_dp_epsilon_budget",
     "This agent's privacy budget (privacy.dp.max_epsilon): it trains no round that would spend more.",
-    ["cloud", "agent"],
+    ["cloud", "agent", "unit"],
 )
 STEP = Gauge("cloudfed_agent_step", "1 while the agent is in this step of a round, else 0.", ["phase"])
 

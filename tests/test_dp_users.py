@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from agent.daemon import Agent
 from agent.data import Example, TokenBlocks, held_out, iter_records, record_blocks, user_key
@@ -300,3 +301,11 @@ async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
     assert f"records of {30 - held} users (at most 3 records of a user a step)" in caplog.text
     (spend,) = PrivacyLedger(config.state_dir, config.privacy.dp).spends
     assert spend.unit == "user" and spend.sample_rate == pytest.approx(8 / (30 - held))
+    exported = {  # other tests in this process may have exported record-level gauges for aws
+        sample.name
+        for family in REGISTRY.collect()
+        if family.name.startswith("cloudfed_agent_dp_epsilon")
+        for sample in family.samples
+        if sample.labels.get("cloud") == "aws" and sample.labels["unit"] == "user" and sample.value > 0
+    }
+    assert exported == {"cloudfed_agent_dp_epsilon", "cloudfed_agent_dp_epsilon_budget"}

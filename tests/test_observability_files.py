@@ -99,6 +99,8 @@ def test_alert_rules_only_use_exported_metrics() -> None:
 TLS_EXPIRY = "cloudfed_tls_certificate_expiry_timestamp_seconds"
 AGENT_EXPIRY = "cloudfed_agent_certificate_expiry_timestamp_seconds"
 RECEIVED = "cloudfed_transfer_bytes_total"
+AWS_USERS = {"cloud": "aws", "agent": "a1", "unit": "user"}
+GCP_RECORDS = {"cloud": "gcp", "agent": "a2", "unit": "record"}
 
 
 def test_the_alerts_fire_on_their_series(tmp_path: Path) -> None:
@@ -151,10 +153,10 @@ def test_the_alerts_fire_on_their_series(tmp_path: Path) -> None:
                             {"direction": "received", "kind": "update", "cloud": "gcp", "agent": "gone"},
                             "5x120",
                         ),
-                        ("cloudfed_agent_dp_epsilon", {"cloud": "aws", "agent": "a1"}, "1 3 7.5x10"),
-                        ("cloudfed_agent_dp_epsilon_budget", {"cloud": "aws", "agent": "a1"}, "8x12"),
-                        ("cloudfed_agent_dp_epsilon", {"cloud": "gcp", "agent": "a2"}, "1 3 7x10"),
-                        ("cloudfed_agent_dp_epsilon_budget", {"cloud": "gcp", "agent": "a2"}, "8x12"),
+                        ("cloudfed_agent_dp_epsilon", AWS_USERS, "1 3 7.5x10"),
+                        ("cloudfed_agent_dp_epsilon_budget", AWS_USERS, "8x12"),
+                        ("cloudfed_agent_dp_epsilon", GCP_RECORDS, "1 3 7x10"),
+                        ("cloudfed_agent_dp_epsilon_budget", GCP_RECORDS, "8x12"),
                     )
                 ],
                 "alert_rule_test": [
@@ -188,9 +190,7 @@ def test_the_alerts_fire_on_their_series(tmp_path: Path) -> None:
                     {
                         "eval_time": "5m",
                         "alertname": "CloudfedAgentPrivacyBudgetNearlySpent",
-                        "exp_alerts": [
-                            {"exp_labels": {"severity": "warning", "cloud": "aws", "agent": "a1"}}
-                        ],
+                        "exp_alerts": [{"exp_labels": {"severity": "warning", **AWS_USERS}}],
                     },
                     {
                         "eval_time": "1m",
