@@ -93,8 +93,10 @@ def _tokenize(
     config: AgentConfig, store: TokenStore, corpus: Corpus, settings: pb.FederationSettings
 ) -> None:
     """Build the token store's entry for the federation's tokenizer and sequence length."""
+    import numpy as np
     from transformers import AutoTokenizer
 
+    from agent.token_store import open_entry
     from common.errors import ConfigError
 
     model = config.model or settings.model_id
@@ -105,7 +107,9 @@ def _tokenize(
     length, per_record = settings.training.sequence_length, config.privacy.dp.enabled
     entry = store.prepare(corpus, tokenizer, length, per_record)
     rows = ", a record a row (DP)" if per_record else ""
-    rows += f", users from {corpus.user_field!r}" if corpus.user_field else ""
+    users = open_entry(entry, length).train_users
+    if users is not None:
+        rows += f", {len(np.unique(users))} training users from {corpus.user_field!r}"
     print(f"tokens          {entry} ({length} tokens a block{rows})")
 
 

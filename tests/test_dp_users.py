@@ -16,6 +16,7 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
+from agent.cli import check
 from agent.daemon import Agent
 from agent.data import Example, TokenBlocks, held_out, iter_records, record_blocks, user_key
 from agent.demo import prepare
@@ -27,6 +28,8 @@ from agent.trainer import LoraTrainer
 from common.config import AgentConfig, AggregatorConfig, DpConfig, load
 from common.errors import ConfigError
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
+from server.app import build_aggregator
+from server.cli import seed
 from tests.agentsim import in_process
 from tests.test_dp import BLOCK, LORA, _private, _record_gradient
 
@@ -267,11 +270,12 @@ def test_the_config_refuses_a_bad_user_setting(change: dict[str, object], messag
 
 
 async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The real agent daemon in process, its JSONL records of 30 users: it refuses records without
-    a user at start, then trains a round sampling users (the ledger's rate is batch / users) and
-    says how many users it holds."""
+    a user at start; `check --tokenize` builds the entry and counts the training users; the daemon
+    then trains a round on it sampling users (the ledger's rate is batch / users), and exports its
+    epsilon per user."""
     agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
     data = agent_paths[0].parent / "data.jsonl"
     texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
@@ -293,11 +297,21 @@ async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
     agg = dataclasses.replace(
         load(AggregatorConfig, agg_path, env={"CLOUDFED_ROUNDS_MIN_AGENTS": "1"}), metrics_listen=""
     )
+    held = sum(held_out(json.dumps(["user", f"customer-{u}"]), config.eval_fraction) for u in range(30))
+    seed(agg, None)
+    server = build_aggregator(agg)
+    await server.start()
+    try:
+        assert await check(config, tokenize=True) == 0  # the preflight builds the user-level entry
+    finally:
+        await server.stop(0)
+    out = capsys.readouterr().out
+    assert f"a record a row (DP), {30 - held} training users from 'user')" in out, out
+    assert "dp              user-level DP-SGD: epsilon 0.000 of 50 for each user (field 'user')" in out
     caplog.set_level(logging.INFO)
     async with in_process(agg, Agent(config)) as run, asyncio.timeout(120):
         await run.agents[0]  # trains round 1, evaluates version 1 and stops
-    assert "round 1 trained" in caplog.text
-    held = sum(held_out(json.dumps(["user", f"customer-{u}"]), config.eval_fraction) for u in range(30))
+    assert "round 1 trained" in caplog.text and "tokenized before" in caplog.text
     assert f"records of {30 - held} users (at most 3 records of a user a step)" in caplog.text
     (spend,) = PrivacyLedger(config.state_dir, config.privacy.dp).spends
     assert spend.unit == "user" and spend.sample_rate == pytest.approx(8 / (30 - held))
