@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,18 @@ from agent.data import IGNORE, TokenBlocks
 from agent.distributed import DistContext
 from agent.dp_units import PrivacyUnits, micro_batches
 from common.errors import TrainingFailed
+
+
+@dataclass
+class _Seen:
+    """What a step's rows gave: their summed loss, and whether every loss was finite."""
+
+    loss: float = 0.0
+    finite: bool = True
+
+    def add(self, losses: torch.Tensor) -> None:
+        self.finite &= bool(torch.isfinite(losses).all())
+        self.loss += float(losses.detach().sum())
 
 
 @dataclass(frozen=True)
@@ -81,18 +94,33 @@ class PrivateGradients:
         units = PrivacyUnits.records(len(blocks)) if units is None else units
         chosen = (torch.rand(len(units), generator=self.sampler) < dp.sample_rate).nonzero().flatten()
         rows, sizes = units.draw(chosen, dp.records_per_unit, self.sampler)
-        offsets = [0, *torch.cumsum(sizes, 0).tolist()]
         summed = [torch.zeros_like(p) for p in self.params]
-        total_loss, finite = 0.0, True
-        for first, end in micro_batches(sizes, micro_batch):  # bounded memory
+        seen = _Seen()
+        for per_unit in self._unit_gradients(blocks, rows, sizes, micro_batch, seen):
+            self._add_clipped(summed, per_unit, dp.max_grad_norm)
+        finite = seen.finite and all(bool(torch.isfinite(s).all()) for s in summed)
+        std = dp.noise_multiplier * dp.max_grad_norm / math.sqrt(self.ctx.world_size)
+        for s in summed:  # each rank's share; the all-reduced sum has std noise_multiplier * C
+            s.add_(torch.normal(0.0, std, s.shape, generator=self.noise, device=s.device))
+        for p, s in zip(self.params, self._over_ranks(summed), strict=True):
+            p.grad = s / dp.expected_batch
+        count = len(rows)
+        return (seen.loss / count if count else math.nan), count, finite
+
+    def _unit_gradients(
+        self, blocks: TokenBlocks, rows: torch.Tensor, sizes: torch.Tensor, micro_batch: int, seen: _Seen
+    ) -> Iterator[list[torch.Tensor]]:
+        """For each micro-batch of whole units (``micro_batches``), each unit's mean gradient over
+        its ``rows`` (``sizes[u]`` consecutive rows a unit), one tensor a parameter."""
+        offsets = [0, *torch.cumsum(sizes, 0).tolist()]
+        for first, end in micro_batches(sizes, micro_batch):
             group = rows[offsets[first] : offsets[end]]
             owner = torch.repeat_interleave(torch.arange(end - first), sizes[first:end])
             weight = 1.0 / sizes[first:end][owner].double()
             per_unit: list[torch.Tensor] | None = None
             for part in torch.split(torch.arange(len(group)), micro_batch):  # one, unless a unit is larger
                 losses, grads = self._row_gradients(blocks[group[part]])
-                finite &= bool(torch.isfinite(losses).all())
-                total_loss += float(losses.detach().sum())
+                seen.add(losses)
                 if len(group) == end - first:  # one row a unit: the rows' gradients are the units'
                     per_unit = grads
                     continue
@@ -105,20 +133,16 @@ class PrivateGradients:
                     w = weight[part].to(g.device, g.dtype).view(-1, *[1] * (g.dim() - 1))
                     acc.index_add_(0, owner[part].to(g.device), g * w)
             assert per_unit is not None
-            self._add_clipped(summed, per_unit, dp.max_grad_norm)
-        finite &= all(bool(torch.isfinite(s).all()) for s in summed)
-        std = dp.noise_multiplier * dp.max_grad_norm / math.sqrt(self.ctx.world_size)
-        for s in summed:  # each rank's share; the all-reduced sum has std noise_multiplier * C
-            s.add_(torch.normal(0.0, std, s.shape, generator=self.noise, device=s.device))
-        if self.ctx.enabled:
-            flat = torch.cat([s.flatten() for s in summed])
-            dist.all_reduce(flat)
-            sizes_ = [s.numel() for s in summed]
-            summed = [flat[sum(sizes_[:i]) : sum(sizes_[: i + 1])].view_as(s) for i, s in enumerate(summed)]
-        for p, s in zip(self.params, summed, strict=True):
-            p.grad = s / dp.expected_batch
-        count = len(rows)
-        return (total_loss / count if count else math.nan), count, finite
+            yield per_unit
+
+    def _over_ranks(self, summed: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The ranks' sums added up (all-reduced in one flat tensor); these under one process."""
+        if not self.ctx.enabled:
+            return summed
+        flat = torch.cat([s.flatten() for s in summed])
+        dist.all_reduce(flat)
+        ends = torch.cumsum(torch.tensor([s.numel() for s in summed]), 0).tolist()
+        return [flat[end - s.numel() : end].view_as(s) for s, end in zip(summed, ends, strict=True)]
 
     def _row_gradients(self, rows: TokenBlocks) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Each row's loss and its gradient of that loss (opacus' per-sample gradients)."""
