@@ -171,8 +171,13 @@ def _content(record: dict[str, Any], where: str) -> Record:
 
 
 def _user(record: dict[str, Any], field: str, where: str) -> str:
-    """The record's user id: a non-empty string or an integer (``7`` and ``"7"`` are one user)."""
-    user = record.get(field)
+    """The record's user id: a non-empty string or an integer (``7`` and ``"7"`` are one user),
+    at ``field`` or, when the record has no such key, at its dotted path (``meta.user_id``)."""
+    user: Any = record.get(field)
+    if field not in record and "." in field:
+        user = record
+        for key in field.split("."):
+            user = user.get(key) if isinstance(user, dict) else None
     if isinstance(user, bool) or not isinstance(user, (str, int)) or user == "":
         raise ConfigError(
             f"data: {where}: user-level privacy needs each record's user id in {field!r} (a non-empty"

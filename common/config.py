@@ -565,7 +565,8 @@ class DpConfig:
     """What is protected: ``record`` (each record is one example) or ``user`` (DP-SGD samples
     users, and clips each sampled user's mean gradient over their records)."""
     user_field: str = "user"
-    """With ``unit = "user"``: the JSONL field that names each record's user."""
+    """With ``unit = "user"``: the JSONL field that names each record's user (a dotted path such
+    as ``meta.user_id`` reaches into nested objects)."""
     records_per_user: int = 8
     """With ``unit = "user"``: the most records of a sampled user a step takes (drawn at random
     when the user has more); bounds a step's work, not the guarantee."""

@@ -190,6 +190,10 @@ def test_records_name_their_user_and_the_split_holds_out_whole_users(tmp_path: P
     assert [r.user for r in iter_records(data)] == [""] * 400  # not read without user-level privacy
     _write_users(data, [7, "7"])
     assert {r.user for r in iter_records(data, "user")} == {"7"}
+    data.write_text(json.dumps({"text": "t", "meta": {"user_id": "ann"}}) + "\n")  # a dotted path
+    assert [r.user for r in iter_records(data, "meta.user_id")] == ["ann"]
+    with pytest.raises(ConfigError, match=r"data.jsonl:1: .*'meta.account'.*got None"):
+        list(iter_records(data, "meta.account"))
     for bad, shown in ((None, "None"), (True, "True"), ("", "''"), ([1], r"\[1\]")):
         _write_users(data, ["a", bad])
         with pytest.raises(
