@@ -327,7 +327,7 @@ class Agent:
         join = await client.join(
             num_examples=self.corpus.train_records,
             device=self._device_info(),
-            privacy=announced(self.config.privacy, spent),
+            privacy=announced(self.config.privacy, spent, self.ledger.epsilon if self.ledger else 0.0),
         )
         settings = join.settings
         check_federation(self.config.privacy, settings)  # PolicyRefused: nothing is sent, we exit

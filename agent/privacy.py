@@ -21,15 +21,24 @@ def check_federation(policy: PrivacyConfig, settings: pb.FederationSettings) -> 
         raise PolicyRefused(why)
 
 
-def announced(policy: PrivacyConfig, budget_spent: str = "") -> pb.PrivacyPolicy:
-    """The policy as Join announces it (the aggregator sizes thresholds for its colluders), and
-    why the agent's differential-privacy budget is spent, if it is (it is then invited to no
-    round)."""
+def announced(policy: PrivacyConfig, budget_spent: str = "", epsilon_spent: float = 0.0) -> pb.PrivacyPolicy:
+    """The policy as Join announces it (the aggregator sizes thresholds for its colluders), why
+    the agent's differential-privacy budget is spent, if it is (it is then invited to no round),
+    and the DP guarantee it trains under, if any (for the federation's operators)."""
+    dp = policy.dp
+    guarantee = (
+        pb.DifferentialPrivacy(
+            unit=dp.unit, max_epsilon=dp.max_epsilon, delta=dp.delta, epsilon_spent=epsilon_spent
+        )
+        if dp.enabled
+        else None
+    )
     return pb.PrivacyPolicy(
         require_masking=policy.require_masking,
         min_agents_per_sum=policy.min_agents_per_sum,
         colluders=policy.colluders,
         budget_spent=budget_spent,
+        differential_privacy=guarantee,
     )
 
 

@@ -9,9 +9,10 @@ the agent leaving silently or sitting every round out.
 from __future__ import annotations
 
 import logging
+import math
 
-from common.config import AggregatorConfig, PrivacyConfig
-from common.errors import PolicyRefused
+from common.config import DP_UNITS, AggregatorConfig, PrivacyConfig
+from common.errors import InvalidArgument, PolicyRefused
 from common.identity import SpiffeId
 from common.secagg.graph import majority, share_holders
 from protos.cloudfed.v1 import federation_pb2 as pb
@@ -29,6 +30,27 @@ def admit(peer: SpiffeId, announced: pb.PrivacyPolicy | None, config: Aggregator
     except PolicyRefused as exc:
         log.warning("%s refused at Join: %s", peer, exc)
         raise
+
+
+def differential_privacy(announced: pb.PrivacyPolicy | None) -> str:
+    """The DP guarantee an agent announced at Join, in a line for the operators ('' when it
+    announced no policy at all, an agent older than the field); INVALID_ARGUMENT when it makes
+    no sense."""
+    if announced is None:
+        return ""
+    if not announced.HasField("differential_privacy"):
+        return "none: this agent's updates are not differentially private"
+    dp = announced.differential_privacy
+    if dp.unit not in DP_UNITS:
+        raise InvalidArgument(f"privacy.differential_privacy.unit must be one of {', '.join(DP_UNITS)}")
+    if not (0.0 < dp.delta < 1.0 and math.isfinite(dp.max_epsilon) and dp.max_epsilon > 0):
+        raise InvalidArgument("privacy.differential_privacy needs 0 < delta < 1 and a finite max_epsilon > 0")
+    if not (math.isfinite(dp.epsilon_spent) and dp.epsilon_spent >= 0):
+        raise InvalidArgument("privacy.differential_privacy.epsilon_spent must be finite and >= 0")
+    return (
+        f"{dp.unit}-level DP-SGD, epsilon {dp.epsilon_spent:.3f} of {dp.max_epsilon:g} spent at its last"
+        f" Join (delta {dp.delta:g})"
+    )
 
 
 def check_agent_policy(announced: pb.PrivacyPolicy, config: AggregatorConfig) -> None:

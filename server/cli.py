@@ -133,6 +133,7 @@ def status(config: AggregatorConfig) -> int:
         ago = time.time() - row.last_seen
         print(f"  {row.agent}  examples {row.num_examples}, joined {ago:.0f}s ago, {last}")
         print(f"    {_certificate_state(row.certificate, revocations)}")
+        print(f"    differential privacy: {row.differential_privacy or 'not announced'}")
     db.close()
     return 0
 

@@ -30,6 +30,8 @@ class AgentInfo:
     budget_spent: str = ""
     """Why the agent trains no further round of this connection (it said so at Join, or declined
     a round, because its differential-privacy budget is spent), or ''. A new Join sets it anew."""
+    differential_privacy: str = ""
+    """The DP guarantee it announced, in words (``server.admission.differential_privacy``)."""
 
 
 @dataclass(frozen=True)

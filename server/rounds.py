@@ -263,7 +263,14 @@ class RoundCoordinator:
         if info.budget_spent:
             log.info("%s joined with its differential-privacy budget spent: %s", peer, info.budget_spent)
         self.agents[peer.uri] = info
-        self.db.agent_joined(peer.uri, peer.cloud, info.software_version, info.num_examples, certificate)
+        self.db.agent_joined(
+            peer.uri,
+            peer.cloud,
+            info.software_version,
+            info.num_examples,
+            certificate,
+            info.differential_privacy,
+        )
         if certificate is not None and certificate.not_after is not None:
             metrics.AGENT_CERT_EXPIRY.labels(**peer_labels(peer)).set(certificate.not_after)
         await self._membership_changed()

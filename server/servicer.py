@@ -26,7 +26,7 @@ from common.tls import peer_certificate, peer_certificate_pem
 from common.wire import WIRE_REVISION, check_joiner
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
-from server.admission import admit
+from server.admission import admit, differential_privacy
 from server.downloads import send_codec_state, send_model
 from server.invitations import AgentInfo
 from server.revocations import RevocationWatch
@@ -135,18 +135,20 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             request.wire_revision, request.supported_codecs, self._rounds.codec.name, request.software_version
         )
         policy = request.privacy
-        admit(peer, policy if request.HasField("privacy") else None, self._config)
+        announced = policy if request.HasField("privacy") else None
+        admit(peer, announced, self._config)
         info = AgentInfo(
             request.num_examples,
             request.software_version,
             colluders=policy.colluders,
             min_agents_per_sum=policy.min_agents_per_sum,
             budget_spent=policy.budget_spent,
+            differential_privacy=differential_privacy(announced),
         )
         certificate = peer_certificate(context.auth_context())
         await self._rounds.join(peer, info, AgentCertificate.of(certificate))
         log.info(
-            "%s joined (software %s, %d examples, %s x%d; masking %s, sums over >= %d, %d colluders)",
+            "%s joined (software %s, %d examples, %s x%d; masking %s, sums over >= %d, %d colluders; DP %s)",
             peer,
             request.software_version,
             request.num_examples,
@@ -155,6 +157,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             "required" if policy.require_masking else "not required",
             policy.min_agents_per_sum or 2,
             policy.colluders,
+            info.differential_privacy or "not announced",
         )
         return pb.JoinResponse(
             agent_id=peer.uri,

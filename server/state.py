@@ -43,8 +43,14 @@ CREATE TABLE IF NOT EXISTS evals (
     reported_at REAL NOT NULL, PRIMARY KEY (agent, version)
 );
 """
-AGENT_CERT_COLUMNS = {"cert_serial": "TEXT", "cert_issuer": "BLOB", "cert_not_after": "REAL"}
-"""The certificate an agent last joined with (added to databases made before they existed)."""
+AGENT_ADDED_COLUMNS = {
+    "cert_serial": "TEXT",
+    "cert_issuer": "BLOB",
+    "cert_not_after": "REAL",
+    "differential_privacy": "TEXT",
+}
+"""The certificate an agent last joined with and the DP guarantee it announced (added to databases
+made before they existed)."""
 OPEN_PHASES = ("ADVERTISE_KEYS", "SHARE_KEYS", "UPLOAD", "UNMASK", "AGGREGATE")
 _SELECT_OPEN = "SELECT round_id FROM rounds WHERE phase IN (?, ?, ?, ?, ?)"
 
@@ -95,6 +101,8 @@ class AgentRow:
     last_seen: float
     num_examples: int
     certificate: AgentCertificate
+    differential_privacy: str = ""
+    """The DP guarantee it announced at its last Join, in words ('' if it announced no policy)."""
 
 
 class StateDB:
@@ -115,7 +123,7 @@ class StateDB:
         """Bring a database of an older release up to this schema (columns are only ever added)."""
         have = {row[1] for row in self._db.execute("PRAGMA table_info(agents)")}
         with self._transaction():
-            for name, kind in AGENT_CERT_COLUMNS.items():
+            for name, kind in AGENT_ADDED_COLUMNS.items():
                 if name not in have:
                     self._db.execute(f"ALTER TABLE agents ADD COLUMN {name} {kind}")
 
@@ -164,17 +172,19 @@ class StateDB:
         software_version: str,
         num_examples: int,
         certificate: AgentCertificate | None = None,
+        differential_privacy: str = "",
     ) -> None:
-        """Record a Join (and the certificate it came with)."""
+        """Record a Join (the certificate it came with and the DP guarantee it announced)."""
         now = time.time()
         cert = certificate or AgentCertificate("", b"", None)
         self._tx(
             "INSERT INTO agents (agent, cloud, software_version, num_examples, joined_at, last_seen,"
-            " cert_serial, cert_issuer, cert_not_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " cert_serial, cert_issuer, cert_not_after, differential_privacy)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT(agent) DO UPDATE SET software_version=excluded.software_version,"
             " num_examples=excluded.num_examples, last_seen=excluded.last_seen,"
             " cert_serial=excluded.cert_serial, cert_issuer=excluded.cert_issuer,"
-            " cert_not_after=excluded.cert_not_after",
+            " cert_not_after=excluded.cert_not_after, differential_privacy=excluded.differential_privacy",
             agent,
             cloud,
             software_version,
@@ -184,6 +194,7 @@ class StateDB:
             cert.serial_hex,
             cert.issuer_der,
             cert.not_after,
+            differential_privacy,
         )
 
     def round_started(
@@ -284,14 +295,18 @@ class StateDB:
     def agents(self) -> list[AgentRow]:
         """Every agent that ever joined, by name."""
         rows = self._db.execute(
-            "SELECT agent, last_seen, num_examples, cert_serial, cert_issuer, cert_not_after"
-            " FROM agents ORDER BY agent"
+            "SELECT agent, last_seen, num_examples, cert_serial, cert_issuer, cert_not_after,"
+            " differential_privacy FROM agents ORDER BY agent"
         )
         return [
             AgentRow(
-                str(a), float(seen), int(n or 0), AgentCertificate(serial or "", bytes(issuer or b""), until)
+                str(a),
+                float(seen),
+                int(n or 0),
+                AgentCertificate(serial or "", bytes(issuer or b""), until),
+                dp or "",
             )
-            for a, seen, n, serial, issuer, until in rows
+            for a, seen, n, serial, issuer, until, dp in rows
         ]
 
     def latest_evals(self) -> dict[str, tuple[int, float]]:

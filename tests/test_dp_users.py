@@ -32,6 +32,7 @@ from server.app import build_aggregator
 from server.cli import seed
 from tests.agentsim import in_process
 from tests.test_dp import BLOCK, LORA, _private, _record_gradient
+from tests.test_faults import query
 
 USERS = DpConfig(enabled=True, noise_multiplier=1.0, delta=1e-5, unit="user", records_per_user=4)
 SIZES = [1, 5, 2, 3, 1, 4, 2, 6]
@@ -316,6 +317,9 @@ async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
     async with in_process(agg, Agent(config)) as run, asyncio.timeout(120):
         await run.agents[0]  # trains round 1, evaluates version 1 and stops
     assert "round 1 trained" in caplog.text and "tokenized before" in caplog.text
+    assert query(agg.state_dir / "cloudfed.db", "SELECT differential_privacy FROM agents") == [
+        ("user-level DP-SGD, epsilon 0.000 of 50 spent at its last Join (delta 0.001)",)
+    ]  # what the agent announced, for the federation's operators
     assert f"records of {30 - held} users (at most 3 records of a user a step)" in caplog.text
     (spend,) = PrivacyLedger(config.state_dir, config.privacy.dp).spends
     assert spend.unit == "user" and spend.sample_rate == pytest.approx(8 / (30 - held))

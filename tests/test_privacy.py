@@ -8,17 +8,19 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
+import grpc
 import pytest
 
 from agent.daemon import Agent
 from agent.demo import prepare
-from agent.privacy import check_federation, describe
-from common.config import AgentConfig, AgentTlsConfig, PrivacyConfig, SecAggConfig, load
+from agent.privacy import announced, check_federation, describe
+from common.config import AgentConfig, AgentTlsConfig, DpConfig, PrivacyConfig, SecAggConfig, load
 from common.errors import ConfigError, FailedPrecondition, PolicyRefused
 from common.secagg.graph import check_parameters
 from protos.cloudfed.v1 import federation_pb2 as pb
 from server import admission
 from server.admission import check_agent_policy
+from server.cli import status
 from server.invitations import AgentInfo, Invitation, invite
 from server.rounds import auto_threshold
 from tests.conftest import Pki, aggregator_config
@@ -237,3 +239,43 @@ def test_agent_sits_out_a_round_its_policy_refuses_and_counts_it(tmp_path: Path)
     assert "not invited: its privacy.min_agents_per_sum (4) is more than the 3 agents" in log
     assert not list((wary.parent / "audit").glob("*.safetensors"))
     assert all(len(list((c.parent / "audit").glob("*.safetensors"))) == 1 for c in others)
+
+
+async def test_the_dp_guarantee_an_agent_announces_is_kept_for_the_operators(
+    start_aggregator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An agent announces the DP guarantee it trains under at Join; the aggregator keeps it in
+    SQLite and `status` shows it per agent. One announcing a policy without DP is shown as such,
+    and an announcement that makes no sense is refused with INVALID_ARGUMENT, changing nothing."""
+    run = await start_aggregator(min_agents=3)
+    users = pb.DifferentialPrivacy(unit="user", max_epsilon=8.0, delta=1e-6, epsilon_spent=1.25)
+    async with run.client("a1") as client:
+        await client.join(10, privacy=pb.PrivacyPolicy(require_masking=False, differential_privacy=users))
+        for bad in (
+            pb.DifferentialPrivacy(unit="customer", max_epsilon=8.0, delta=1e-6),
+            pb.DifferentialPrivacy(unit="record", max_epsilon=8.0, delta=0.0),
+            pb.DifferentialPrivacy(unit="record", max_epsilon=float("inf"), delta=1e-6),
+            pb.DifferentialPrivacy(unit="record", max_epsilon=8.0, delta=1e-6, epsilon_spent=float("nan")),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.join(
+                    10, privacy=pb.PrivacyPolicy(require_masking=False, differential_privacy=bad)
+                )
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "privacy.differential_privacy" in (refused.value.details() or "")
+    async with run.client("a2") as client:
+        await client.join(10, privacy=pb.PrivacyPolicy(require_masking=False))
+    assert status(run.agg.config) == 0
+    out = capsys.readouterr().out
+    shown = [line.strip() for line in out.splitlines() if "differential privacy:" in line]
+    assert shown == [
+        "differential privacy: user-level DP-SGD, epsilon 1.250 of 8 spent at its last Join (delta 1e-06)",
+        "differential privacy: none: this agent's updates are not differentially private",
+    ], out
+
+
+def test_the_agent_announces_its_dp_guarantee_only_when_it_trains_with_dp() -> None:
+    assert not announced(PrivacyConfig()).HasField("differential_privacy")
+    dp = DpConfig(enabled=True, noise_multiplier=1.0, unit="user", max_epsilon=4.0, delta=1e-7)
+    got = announced(PrivacyConfig(dp=dp), epsilon_spent=0.5).differential_privacy
+    assert (got.unit, got.max_epsilon, got.delta, got.epsilon_spent) == ("user", 4.0, 1e-7, 0.5)

@@ -92,11 +92,11 @@ def test_a_round_outcome_and_its_dropped_participants_commit_together(tmp_path: 
     assert db.participant_status(1) == {"a": "selected", "b": "dropped"}
 
 
-def test_a_database_of_an_older_release_gains_the_certificate_columns_and_keeps_its_rows(
+def test_a_database_of_an_older_release_gains_the_new_agent_columns_and_keeps_its_rows(
     tmp_path: Path,
 ) -> None:
-    """The agents table before certificates were kept: opening it adds the columns (nothing else
-    changes), old rows read as 'not recorded', and a new Join fills them in."""
+    """The agents table before certificates and DP guarantees were kept: opening it adds the
+    columns (nothing else changes), old rows read as 'not recorded', and a new Join fills them in."""
     from common.identity import SpiffeId
     from common.pki import create_ca, issue_agent
     from server.state import AgentCertificate
@@ -115,10 +115,11 @@ def test_a_database_of_an_older_release_gains_the_certificate_columns_and_keeps_
     [row] = db.agents()
     assert (row.agent, row.num_examples, row.last_seen) == ("spiffe://t/cloud/aws/agent/a1", 7, 2.0)
     assert row.certificate.not_after is None and row.certificate.serial_hex == ""
+    assert row.differential_privacy == ""
     cert = issue_agent(create_ca("ca"), SpiffeId.parse("spiffe://t/cloud/aws/agent/a1")).cert
-    db.agent_joined("spiffe://t/cloud/aws/agent/a1", "aws", "0.2", 9, AgentCertificate.of(cert))
+    db.agent_joined("spiffe://t/cloud/aws/agent/a1", "aws", "0.2", 9, AgentCertificate.of(cert), "user-level")
     [row] = db.agents()
-    assert row.num_examples == 9
+    assert row.num_examples == 9 and row.differential_privacy == "user-level"
     assert row.certificate.serial_hex == f"{cert.serial_number:x}"
     assert row.certificate.issuer_der == cert.issuer.public_bytes()
     assert row.certificate.not_after == cert.not_valid_after_utc.timestamp()

@@ -270,6 +270,7 @@ class PrivacyPolicy(_message.Message):
     MIN_AGENTS_PER_SUM_FIELD_NUMBER: _builtins.int
     COLLUDERS_FIELD_NUMBER: _builtins.int
     BUDGET_SPENT_FIELD_NUMBER: _builtins.int
+    DIFFERENTIAL_PRIVACY_FIELD_NUMBER: _builtins.int
     require_masking: _builtins.bool
     """The agent sends only masked updates."""
     min_agents_per_sum: _builtins.int
@@ -281,6 +282,13 @@ class PrivacyPolicy(_message.Message):
     federation (at most 1024 bytes), or empty. The aggregator invites an agent
     that says so to no round of this connection; it still evaluates versions.
     """
+    @_builtins.property
+    def differential_privacy(self) -> Global___DifferentialPrivacy:
+        """The differential privacy the agent's training gives its own data; unset when
+        it trains without. Shown to the federation's operators; it changes nothing
+        the aggregator does.
+        """
+
     def __init__(
         self,
         *,
@@ -288,14 +296,49 @@ class PrivacyPolicy(_message.Message):
         min_agents_per_sum: _builtins.int = ...,
         colluders: _builtins.int = ...,
         budget_spent: _builtins.str = ...,
+        differential_privacy: Global___DifferentialPrivacy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["differential_privacy", b"differential_privacy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_spent", b"budget_spent", "colluders", b"colluders", "min_agents_per_sum", b"min_agents_per_sum", "require_masking", b"require_masking"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_spent", b"budget_spent", "colluders", b"colluders", "differential_privacy", b"differential_privacy", "min_agents_per_sum", b"min_agents_per_sum", "require_masking", b"require_masking"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PrivacyPolicy: _TypeAlias = PrivacyPolicy  # noqa: Y015
+
+@_typing.final
+class DifferentialPrivacy(_message.Message):
+    """DifferentialPrivacy is an agent's DP-SGD guarantee, as it joins."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNIT_FIELD_NUMBER: _builtins.int
+    MAX_EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    EPSILON_SPENT_FIELD_NUMBER: _builtins.int
+    unit: _builtins.str
+    """What one (epsilon, delta) guarantee protects: "record" or "user"."""
+    max_epsilon: _builtins.float
+    """The budget: the agent trains no round that would spend more."""
+    delta: _builtins.float
+    """The delta of the guarantee."""
+    epsilon_spent: _builtins.float
+    """Epsilon spent so far, over every round the agent trained."""
+    def __init__(
+        self,
+        *,
+        unit: _builtins.str = ...,
+        max_epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        epsilon_spent: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon_spent", b"epsilon_spent", "max_epsilon", b"max_epsilon", "unit", b"unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DifferentialPrivacy: _TypeAlias = DifferentialPrivacy  # noqa: Y015
 
 @_typing.final
 class ParamSpec(_message.Message):
