@@ -552,7 +552,10 @@ class Agent:
         labels = client.labels
         metrics.UPDATE_RAW_BYTES.labels(**labels).inc(vector.nbytes)
         metrics.UPDATE_ENCODED_BYTES.labels(**labels).inc(len(encoded))
-        header = upload_header(event.round_id, spec, layout.digest, event.global_version, weight, encoded)
+        spent = self.ledger.epsilon if self.ledger is not None else 0.0
+        header = upload_header(
+            event.round_id, spec, layout.digest, event.global_version, weight, encoded, spent
+        )
         if self.config.audit_dir is not None:
             self._audit(event, header, delta, train_loss)
         with metrics.step("upload"):

@@ -28,10 +28,18 @@ def message_bytes(*messages: Message) -> int:
 
 
 def upload_header(
-    round_id: int, codec: pb.CodecSpec, layout_digest: str, base_version: int, weight: float, payload: bytes
+    round_id: int,
+    codec: pb.CodecSpec,
+    layout_digest: str,
+    base_version: int,
+    weight: float,
+    payload: bytes,
+    epsilon_spent: float = 0.0,
 ) -> pb.UploadHeader:
-    """The header of a round's upload of ``payload``, under a fresh upload id."""
+    """The header of a round's upload of ``payload``, under a fresh upload id (``epsilon_spent``:
+    the agent's DP spend, this round included)."""
     return pb.UploadHeader(
+        epsilon_spent=epsilon_spent,
         round_id=round_id,
         upload_id=f"r{round_id}-{uuid.uuid4().hex[:16]}",
         codec=codec,

@@ -47,9 +47,13 @@ def differential_privacy(announced: pb.PrivacyPolicy | None) -> str:
         raise InvalidArgument("privacy.differential_privacy needs 0 < delta < 1 and a finite max_epsilon > 0")
     if not (math.isfinite(dp.epsilon_spent) and dp.epsilon_spent >= 0):
         raise InvalidArgument("privacy.differential_privacy.epsilon_spent must be finite and >= 0")
+    return describe_dp(dp, dp.epsilon_spent, "at its last Join")
+
+
+def describe_dp(dp: pb.DifferentialPrivacy, spent: float, when: str) -> str:
+    """An agent's announced guarantee with the epsilon it had spent ``when``, in a line."""
     return (
-        f"{dp.unit}-level DP-SGD, epsilon {dp.epsilon_spent:.3f} of {dp.max_epsilon:g} spent at its last"
-        f" Join (delta {dp.delta:g})"
+        f"{dp.unit}-level DP-SGD, epsilon {spent:.3f} of {dp.max_epsilon:g} spent {when} (delta {dp.delta:g})"
     )
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from common.secagg.graph import majority, share_holders
+from protos.cloudfed.v1 import federation_pb2 as pb
 
 
 @dataclass
@@ -32,6 +33,8 @@ class AgentInfo:
     a round, because its differential-privacy budget is spent), or ''. A new Join sets it anew."""
     differential_privacy: str = ""
     """The DP guarantee it announced, in words (``server.admission.differential_privacy``)."""
+    announced_dp: pb.DifferentialPrivacy | None = None
+    """That guarantee as announced (None without DP), to restate with each upload's spend."""
 
 
 @dataclass(frozen=True)

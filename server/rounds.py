@@ -52,6 +52,7 @@ from common.secagg.server import ServerRound
 from common.wire import MAX_DECLINE_DETAIL
 from server import metrics, retention, stopping
 from server.accumulator import BLOCK_ELEMS, SumAccumulator
+from server.admission import describe_dp
 from server.aggregates import AggregateStore
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
 from server.checkpoints import CheckpointStore, Manifest
@@ -322,6 +323,16 @@ class RoundCoordinator:
             if self.agents[uri].budget_spent
         }
 
+    def _restate_privacy(self, peer: SpiffeId, meta: UploadMeta) -> None:
+        """Keep the DP guarantee shown for ``peer`` current with the spend its upload carries."""
+        info = self.agents.get(peer.uri)
+        if info is None or info.announced_dp is None or not meta.epsilon_spent:
+            return
+        info.differential_privacy = describe_dp(
+            info.announced_dp, meta.epsilon_spent, f"after round {meta.round_id}"
+        )
+        self.db.agent_privacy(peer.uri, info.differential_privacy)
+
     def check_upload(self, peer: SpiffeId, meta: UploadMeta) -> None:
         """Raise unless ``peer`` may upload ``meta`` into the current round."""
         s = self._state
@@ -397,6 +408,7 @@ class RoundCoordinator:
             await asyncio.to_thread(path.unlink, missing_ok=True)
         self._added.add(peer.uri)
         self.db.uploaded(meta.round_id, peer.uri, meta.total_bytes, meta.weight)
+        self._restate_privacy(peer, meta)
         log.info(
             "round %d: update from %s added (%d/%d)",
             meta.round_id,

@@ -144,6 +144,11 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             min_agents_per_sum=policy.min_agents_per_sum,
             budget_spent=policy.budget_spent,
             differential_privacy=differential_privacy(announced),
+            announced_dp=(
+                policy.differential_privacy
+                if announced and announced.HasField("differential_privacy")
+                else None
+            ),
         )
         certificate = peer_certificate(context.auth_context())
         await self._rounds.join(peer, info, AgentCertificate.of(certificate))

@@ -37,6 +37,8 @@ class UploadMeta:
     base_version: int
     weight: float
     codec_params: str = ""
+    epsilon_spent: float = 0.0
+    """The agent's DP spend, this round included (0: no DP, or an agent older than the field)."""
 
 
 class SpoolWriter:

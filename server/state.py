@@ -197,6 +197,10 @@ class StateDB:
             differential_privacy,
         )
 
+    def agent_privacy(self, agent: str, differential_privacy: str) -> None:
+        """Restate the DP guarantee shown for ``agent`` (its spend after a round)."""
+        self._tx("UPDATE agents SET differential_privacy = ? WHERE agent = ?", differential_privacy, agent)
+
     def round_started(
         self, round_id: int, base_version: int, deadline: float, participants: list[str]
     ) -> None:

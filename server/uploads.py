@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -20,7 +21,9 @@ log = logging.getLogger(__name__)
 
 
 def meta_of(agent: SpiffeId, header: pb.UploadHeader) -> UploadMeta:
-    """The spool's view of an upload header."""
+    """The spool's view of an upload header; INVALID_ARGUMENT for a DP spend that is no number."""
+    if not (math.isfinite(header.epsilon_spent) and header.epsilon_spent >= 0):
+        raise InvalidArgument("epsilon_spent must be finite and >= 0")
     return UploadMeta(
         agent=agent.uri,
         round_id=header.round_id,
@@ -32,6 +35,7 @@ def meta_of(agent: SpiffeId, header: pb.UploadHeader) -> UploadMeta:
         base_version=header.base_version,
         weight=header.weight,
         codec_params=params_key(header.codec),
+        epsilon_spent=header.epsilon_spent,
     )
 
 

@@ -317,11 +317,13 @@ async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
     async with in_process(agg, Agent(config)) as run, asyncio.timeout(120):
         await run.agents[0]  # trains round 1, evaluates version 1 and stops
     assert "round 1 trained" in caplog.text and "tokenized before" in caplog.text
-    assert query(agg.state_dir / "cloudfed.db", "SELECT differential_privacy FROM agents") == [
-        ("user-level DP-SGD, epsilon 0.000 of 50 spent at its last Join (delta 0.001)",)
-    ]  # what the agent announced, for the federation's operators
-    assert f"records of {30 - held} users (at most 3 records of a user a step)" in caplog.text
     (spend,) = PrivacyLedger(config.state_dir, config.privacy.dp).spends
+    spent = PrivacyLedger(config.state_dir, config.privacy.dp).epsilon
+    assert query(agg.state_dir / "cloudfed.db", "SELECT differential_privacy FROM agents") == [
+        (f"user-level DP-SGD, epsilon {spent:.3f} of 50 spent after round 1 (delta 0.001)",)
+    ]  # what the agent announced at Join, restated with its upload's spend, for the operators
+    assert "epsilon 0.000 of 50 spent at its last Join" in caplog.text  # the Join's line
+    assert f"records of {30 - held} users (at most 3 records of a user a step)" in caplog.text
     assert spend.unit == "user" and spend.sample_rate == pytest.approx(8 / (30 - held))
     exported = {  # other tests in this process may have exported record-level gauges for aws
         sample.name

@@ -173,6 +173,8 @@ async def test_malformed_streams_get_their_status_and_leave_no_trace(
         cases["wrong size for the layout"] = ([h, *m.chunks(good[:-4])], C.INVALID_ARGUMENT)
         h = m.header(good, upload_id="../../etc")
         cases["bad upload id"] = ([h, *m.chunks(good)], C.INVALID_ARGUMENT)
+        h = m.header(good, epsilon_spent=float("nan"))
+        cases["NaN privacy spend"] = ([h, *m.chunks(good)], C.INVALID_ARGUMENT)
         nan_delta[12345] = np.nan
         nan = nan_delta.astype("<f4").tobytes() + np.float32(1).tobytes()
         h = m.header(nan)

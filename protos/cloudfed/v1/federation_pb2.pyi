@@ -1024,6 +1024,7 @@ class UploadHeader(_message.Message):
     BASE_VERSION_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
     LAYOUT_SHA256_FIELD_NUMBER: _builtins.int
+    EPSILON_SPENT_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     """Round the update belongs to."""
     upload_id: _builtins.str
@@ -1038,6 +1039,10 @@ class UploadHeader(_message.Message):
     """Weight of this update (e.g. example count); informational under masking."""
     layout_sha256: _builtins.bytes
     """Layout the update was flattened with: the 32 bytes whose hex is the layout's digest."""
+    epsilon_spent: _builtins.float
+    """An agent that trains with differential privacy: the epsilon it has spent, this
+    round included (0 without DP). Shown to the federation's operators.
+    """
     @_builtins.property
     def codec(self) -> Global___CodecSpec:
         """Codec that encoded the payload."""
@@ -1053,10 +1058,11 @@ class UploadHeader(_message.Message):
         base_version: _builtins.int = ...,
         weight: _builtins.float = ...,
         layout_sha256: _builtins.bytes = ...,
+        epsilon_spent: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "codec", b"codec", "layout_sha256", b"layout_sha256", "round_id", b"round_id", "sha256", b"sha256", "total_bytes", b"total_bytes", "upload_id", b"upload_id", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "codec", b"codec", "epsilon_spent", b"epsilon_spent", "layout_sha256", b"layout_sha256", "round_id", b"round_id", "sha256", b"sha256", "total_bytes", b"total_bytes", "upload_id", b"upload_id", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
