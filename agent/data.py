@@ -286,12 +286,18 @@ class BlockStream:
 
     def chunks(self, encoded: Iterable[Chunk]) -> Iterator[Chunk]:
         """Chunks of blocks from each record's 1-D (ids, labels)."""
-        if self.per_record:
-            for ids, labels, _ in self.record_rows(encoded):
-                yield ids, labels
-            return
+        for ids, labels, _ in self.rows(encoded):
+            yield ids, labels
+
+    def rows(self, encoded: Iterable[Chunk]) -> Iterator[RowChunk]:
+        """``chunks`` with a number for each block: with ``per_record``, the ordinal of its
+        record in the stream (from 0; rows with nothing to learn are dropped, so ordinals skip);
+        packed, the block's own."""
+        return self._record_rows(encoded) if self.per_record else self._packed_rows(encoded)
+
+    def _packed_rows(self, encoded: Iterable[Chunk]) -> Iterator[RowChunk]:
         pending: list[Chunk] = []
-        held = 0  # tokens pending
+        held = first = 0  # tokens pending; blocks made before
         for ids, labels in encoded:
             self.records += 1
             self.tokens += len(ids)
@@ -300,15 +306,12 @@ class BlockStream:
             if held >= self.chunk_rows * self.block:
                 chunk, pending = self._blocks(pending)
                 held = len(pending[0][0])
-                yield from (kept[:2] for kept in self._kept(chunk))
+                yield from self._kept(chunk, first)
+                first += len(chunk[0])
         if pending:
-            yield from (kept[:2] for kept in self._kept(self._blocks(pending)[0]))
+            yield from self._kept(self._blocks(pending)[0], first)
 
-    def record_rows(self, encoded: Iterable[Chunk]) -> Iterator[RowChunk]:
-        """One row a record (``per_record``), in chunks, with the ordinal of each kept row's
-        record in the stream (from 0): rows with nothing to learn are dropped, so ordinals skip."""
-        if not self.per_record:
-            raise ValueError("record_rows needs a per_record stream")
+    def _record_rows(self, encoded: Iterable[Chunk]) -> Iterator[RowChunk]:
         pending: list[Chunk] = []
         first = 0  # the ordinal of pending[0]
         for ids, labels in encoded:

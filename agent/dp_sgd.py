@@ -125,10 +125,7 @@ class PrivateGradients:
                     per_unit = grads
                     continue
                 if per_unit is None:
-                    per_unit = [
-                        torch.zeros(end - first, *p.shape, dtype=g.dtype, device=g.device)
-                        for p, g in zip(self.params, grads, strict=True)
-                    ]
+                    per_unit = [g.new_zeros(end - first, *g.shape[1:]) for g in grads]
                 for acc, g in zip(per_unit, grads, strict=True):
                     w = weight[part].to(g.device, g.dtype).view(-1, *[1] * (g.dim() - 1))
                     acc.index_add_(0, owner[part].to(g.device), g * w)

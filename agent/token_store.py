@@ -192,19 +192,15 @@ def _write_part(
     records: Iterator[Record],
     users: bool,
 ) -> None:
-    """One part's ids and labels (and with ``users`` each row's user) as raw arrays."""
+    """One part's ids and labels (and with ``users``, a one-row-a-record stream's, each row's
+    user) as raw arrays."""
     owners = _Owners()
     with (
         open(building / f"{part}.ids", "wb") as ids,
         open(building / f"{part}.labels", "wb") as labels,
         open(building / f"{part}.users", "wb") if users else contextlib.nullcontext() as by,
     ):
-        if not stream.per_record:
-            for chunk_ids, chunk_labels in stream.chunks(encoded(tokenizer, records)):
-                ids.write(chunk_ids.tobytes())
-                labels.write(chunk_labels.tobytes())
-            return
-        for chunk_ids, chunk_labels, ordinals in stream.record_rows(
+        for chunk_ids, chunk_labels, ordinals in stream.rows(
             encoded(tokenizer, owners.follow(records) if by else records)
         ):
             ids.write(chunk_ids.tobytes())

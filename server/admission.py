@@ -32,22 +32,27 @@ def admit(peer: SpiffeId, announced: pb.PrivacyPolicy | None, config: Aggregator
         raise
 
 
-def differential_privacy(announced: pb.PrivacyPolicy | None) -> str:
-    """The DP guarantee an agent announced at Join, in a line for the operators ('' when it
-    announced no policy at all, an agent older than the field); INVALID_ARGUMENT when it makes
-    no sense."""
+def differential_privacy(announced: pb.PrivacyPolicy | None) -> tuple[str, pb.DifferentialPrivacy | None]:
+    """The DP guarantee an agent announced at Join: in a line for the operators ('' when it
+    announced no policy at all, an agent older than the field), and the message itself (None
+    without DP); INVALID_ARGUMENT when it makes no sense."""
     if announced is None:
-        return ""
+        return "", None
     if not announced.HasField("differential_privacy"):
-        return "none: this agent's updates are not differentially private"
+        return "none: this agent's updates are not differentially private", None
     dp = announced.differential_privacy
     if dp.unit not in DP_UNITS:
         raise InvalidArgument(f"privacy.differential_privacy.unit must be one of {', '.join(DP_UNITS)}")
     if not (0.0 < dp.delta < 1.0 and math.isfinite(dp.max_epsilon) and dp.max_epsilon > 0):
         raise InvalidArgument("privacy.differential_privacy needs 0 < delta < 1 and a finite max_epsilon > 0")
-    if not (math.isfinite(dp.epsilon_spent) and dp.epsilon_spent >= 0):
-        raise InvalidArgument("privacy.differential_privacy.epsilon_spent must be finite and >= 0")
-    return describe_dp(dp, dp.epsilon_spent, "at its last Join")
+    check_spend(dp.epsilon_spent, "privacy.differential_privacy.epsilon_spent")
+    return describe_dp(dp, dp.epsilon_spent, "at its last Join"), dp
+
+
+def check_spend(epsilon: float, field: str) -> None:
+    """INVALID_ARGUMENT unless an announced DP spend is a finite epsilon >= 0."""
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise InvalidArgument(f"{field} must be finite and >= 0")
 
 
 def describe_dp(dp: pb.DifferentialPrivacy, spent: float, when: str) -> str:

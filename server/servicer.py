@@ -137,18 +137,15 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         policy = request.privacy
         announced = policy if request.HasField("privacy") else None
         admit(peer, announced, self._config)
+        shown, guarantee = differential_privacy(announced)
         info = AgentInfo(
             request.num_examples,
             request.software_version,
             colluders=policy.colluders,
             min_agents_per_sum=policy.min_agents_per_sum,
             budget_spent=policy.budget_spent,
-            differential_privacy=differential_privacy(announced),
-            announced_dp=(
-                policy.differential_privacy
-                if announced and announced.HasField("differential_privacy")
-                else None
-            ),
+            differential_privacy=shown,
+            announced_dp=guarantee,
         )
         certificate = peer_certificate(context.auth_context())
         await self._rounds.join(peer, info, AgentCertificate.of(certificate))

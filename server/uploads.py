@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 
@@ -14,6 +13,7 @@ from common.errors import CloudfedError, DataLoss, InvalidArgument, ResourceExha
 from common.identity import SpiffeId
 from common.metrics import CHUNK_SECONDS, TRANSFER_BYTES, TRANSFER_SECONDS, peer_labels
 from protos.cloudfed.v1 import federation_pb2 as pb
+from server.admission import check_spend
 from server.rounds import RoundCoordinator
 from server.spool import UploadMeta, UploadSpool
 
@@ -22,8 +22,7 @@ log = logging.getLogger(__name__)
 
 def meta_of(agent: SpiffeId, header: pb.UploadHeader) -> UploadMeta:
     """The spool's view of an upload header; INVALID_ARGUMENT for a DP spend that is no number."""
-    if not (math.isfinite(header.epsilon_spent) and header.epsilon_spent >= 0):
-        raise InvalidArgument("epsilon_spent must be finite and >= 0")
+    check_spend(header.epsilon_spent, "epsilon_spent")
     return UploadMeta(
         agent=agent.uri,
         round_id=header.round_id,
