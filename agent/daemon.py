@@ -258,6 +258,8 @@ class Agent:
         self.progress = Progress()
         dp = config.privacy.dp
         self.ledger = PrivacyLedger(self.state, dp) if dp.enabled else None
+        self.announced_units = 0
+        """The training units this agent announces (``_announce_units``): its FedAvg weight."""
         self.revocations = AgentRevocations(self.state, config.tls)
         self._shared: tuple[str, Codec] | None = None  # (state digest, codec built from that state)
         log.info(
@@ -323,9 +325,10 @@ class Agent:
 
     async def _session(self, client: AggregatorClient, stop: asyncio.Event) -> bool:
         """One connection's life; True once max_rounds is reached."""
+        self.announced_units = await asyncio.to_thread(self._announce_units)
         spent = self.ledger.exhausted.refusal if self.ledger and self.ledger.exhausted else ""
         join = await client.join(
-            num_examples=self.corpus.train_records,
+            num_examples=self.announced_units,
             device=self._device_info(),
             privacy=announced(self.config.privacy, spent, self.ledger.epsilon if self.ledger else 0.0),
         )
@@ -480,8 +483,17 @@ class Agent:
 
     def _spend_inputs(self, t: pb.TrainingSettings) -> tuple[int, int, int, int]:
         """What a round's privacy spend depends on besides the DP config: units (records or
-        users), batch, ranks, steps (``PrivacyLedger.plan`` and ``settings``)."""
-        return self.worker.train_units, t.batch_size, self.ctx.world_size, t.local_steps
+        users, as announced), batch, ranks, steps (``PrivacyLedger.plan`` and ``settings``)."""
+        return self.announced_units, t.batch_size, self.ctx.world_size, t.local_steps
+
+    def _announce_units(self) -> int:
+        """The training units to announce at Join and weigh updates by: the records, or with
+        DP-SGD the ledger's noisy release of the records (or users), which the guarantee covers
+        (ConfigError for a delta too large for them, PrivacyBudgetSpent if a new count does not
+        fit in the budget)."""
+        if self.ledger is None:
+            return self.corpus.train_records
+        return self.ledger.released_count(self.corpus.train_units)
 
     async def _revocations(self, client: AggregatorClient) -> RevocationList | None:
         """The revocations to check this round's roster against (``agent.revocations``)."""
@@ -543,10 +555,10 @@ class Agent:
             codec = registry.make(codec_settings, vector.size, event.round_id, shared)
             coords = await asyncio.to_thread(self._encode_coords, codec, vector)
             if secure is None:
-                weight = float(self.corpus.train_records)
+                weight = float(self.announced_units)
                 encoded = registry.encode_plain(codec, vector, weight, encoded=coords)
             else:
-                weight = secure.weight(self.corpus.train_records)
+                weight = secure.weight(self.announced_units)
                 encoded = await asyncio.to_thread(secure.mask, coords, weight)
             await asyncio.to_thread(payload.write_bytes, encoded)
         labels = client.labels

@@ -9,6 +9,11 @@ at its next Join, so the aggregator does not invite it again, until those settin
 
 Spends are kept with the unit they protect (a record, or a user): an epsilon is stated for one
 unit, so a ledger of one unit is never composed with rounds of the other.
+
+The agent's count of training units (its FedAvg weight, sent at Join and with every update) is
+released through the Gaussian mechanism too (sensitivity 1: a record, or a user, changes it by at
+most one), once for each true count, and composed with the rounds: a restart announces the same
+noisy count again, which costs nothing more; a changed corpus costs a new release.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import functools
 import json
 import logging
 import math
+import random
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,11 +57,34 @@ class Spend:
     """What the spend protects: ``record`` or ``user`` (``privacy.dp.unit``)."""
 
 
-def epsilon(spends: list[Spend], delta: float, accountant: str) -> float:
-    """The epsilon at ``delta`` of all ``spends`` composed (0 for none)."""
-    if not spends:
-        return 0.0
+@dataclass(frozen=True)
+class CountRelease:
+    """One release of this agent's training-unit count: ``units`` (the true count, which stays in
+    this cloud's state dir) plus Gaussian noise of standard deviation ``noise``, rounded."""
+
+    units: int
+    released: int
+    noise: float
+    time: float = 0.0
+    unit: str = "record"
+
+    @property
+    def mechanism(self) -> tuple[float, float, int]:
+        """As the accountants see it: one step, everything sampled, noise over sensitivity 1."""
+        return (self.noise, 1.0, 1)
+
+
+def epsilon(
+    spends: list[Spend],
+    delta: float,
+    accountant: str,
+    releases: Sequence[CountRelease] = (),
+) -> float:
+    """The epsilon at ``delta`` of all ``spends`` and count ``releases`` composed (0 for none)."""
     history = tuple((s.noise_multiplier, s.sample_rate, s.steps) for s in spends)
+    history += tuple(r.mechanism for r in releases)
+    if not history:
+        return 0.0
     return _epsilon(history, delta, accountant)
 
 
@@ -69,25 +99,42 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
         return float(acc.get_epsilon(delta))
 
 
+EPSILON_TOLERANCE = 0.01
+"""How far below ``max_epsilon`` the planned rounds may end (opacus' default tolerance)."""
+MAX_NOISE = 1e6
+"""Beyond this noise multiplier a budget is too low to plan for (opacus gives up at 2e6)."""
+
+
 @functools.lru_cache(maxsize=16)
-def planned_noise(config: DpConfig, sample_rate: float, steps: int) -> float:
+def planned_noise(
+    config: DpConfig, sample_rate: float, steps: int, releases: tuple[tuple[float, float, int], ...] = ()
+) -> float:
     """The noise multiplier that spends ``max_epsilon`` over ``planned_rounds`` rounds of
-    ``steps`` steps (``config.noise_multiplier`` when set)."""
+    ``steps`` steps beside the count ``releases`` made (their ``mechanism``); the configured
+    ``noise_multiplier`` when set. Bisection as in opacus' ``get_noise_multiplier``, which
+    composes no other mechanism."""
     if config.noise_multiplier > 0:
         return config.noise_multiplier
-    from opacus.accountants.utils import get_noise_multiplier
+    total = config.planned_rounds * steps
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=LARGEST_ALPHA)
-        return float(
-            get_noise_multiplier(
-                target_epsilon=config.max_epsilon,
-                target_delta=config.delta,
-                sample_rate=sample_rate,
-                steps=config.planned_rounds * steps,
-                accountant=config.accountant,
+    def spent(noise: float) -> float:
+        return _epsilon(((noise, sample_rate, total), *releases), config.delta, config.accountant)
+
+    low, high = 0.0, 10.0
+    while spent(high) > config.max_epsilon:
+        if high > MAX_NOISE:
+            raise PrivacyBudgetSpent(
+                f"privacy.dp.max_epsilon ({config.max_epsilon:g}) is too low for"
+                f" {config.planned_rounds} planned rounds of {steps} steps at any noise"
             )
-        )
+        low, high = high, 2 * high
+    while config.max_epsilon - spent(high) > EPSILON_TOLERANCE:
+        middle = (low + high) / 2
+        if spent(middle) > config.max_epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 @dataclass(frozen=True)
@@ -104,8 +151,9 @@ class PrivacyLedger:
     def __init__(self, state_dir: Path, config: DpConfig) -> None:
         self.config = config
         self.path = state_dir / "privacy" / LEDGER
-        self.spends, self.exhausted = self._load()
-        other = {s.unit for s in self.spends} - {config.unit}
+        self.spends, self.exhausted, self.counts = self._load()
+        other = {s.unit for s in self.spends} | {c.unit for c in self.counts}
+        other -= {config.unit}
         if other:
             raise ConfigError(
                 f"privacy.dp.unit is {config.unit!r} but the privacy ledger {self.path} holds rounds"
@@ -114,13 +162,17 @@ class PrivacyLedger:
                 " it records stay spent for their unit)"
             )
 
-    def _load(self) -> tuple[list[Spend], Exhausted | None]:
+    def _load(self) -> tuple[list[Spend], Exhausted | None, list[CountRelease]]:
         if not self.path.exists():
-            return [], None
+            return [], None, []
         try:
             data = json.loads(self.path.read_text())
             exhausted = data.get("exhausted")
-            return [Spend(**s) for s in data["spends"]], Exhausted(**exhausted) if exhausted else None
+            return (
+                [Spend(**s) for s in data["spends"]],
+                Exhausted(**exhausted) if exhausted else None,
+                [CountRelease(**c) for c in data.get("counts", [])],
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:  # never start again from zero
             raise DataLoss(
                 f"privacy ledger {self.path} cannot be read ({exc}); it records the privacy this agent"
@@ -129,8 +181,40 @@ class PrivacyLedger:
 
     @property
     def epsilon(self) -> float:
-        """The epsilon spent so far."""
-        return epsilon(self.spends, self.config.delta, self.config.accountant)
+        """The epsilon spent so far (rounds and count releases)."""
+        return epsilon(self.spends, self.config.delta, self.config.accountant, self.counts)
+
+    def released_count(self, units: int) -> int:
+        """This agent's count of training units as it may leave the cloud: ``units`` plus
+        Gaussian noise (``privacy.dp.count_noise``), rounded, at least 1. Drawn once for each true
+        count and kept durably before it is returned; the same count gets the same release back.
+        PrivacyBudgetSpent when a new release does not fit in the budget."""
+        c = self.config
+        self.check_delta(units)
+        for release in reversed(self.counts):
+            if release.units == units:
+                return release.released
+        noisy = max(1, round(units + random.SystemRandom().gauss(0.0, c.count_noise)))
+        release = CountRelease(units, noisy, c.count_noise, time.time(), c.unit)
+        after = epsilon(self.spends, c.delta, c.accountant, [*self.counts, release])
+        if after > c.max_epsilon:
+            raise PrivacyBudgetSpent(
+                f"privacy budget spent: this agent has spent epsilon {self.epsilon:.3f} (delta"
+                f" {c.delta:g}) and announcing its new count of training {c.unit}s would take it to"
+                f" {after:.3f}, over privacy.dp.max_epsilon ({c.max_epsilon:g})"
+            )
+        self._save(self.spends, self.exhausted, [*self.counts, release])
+        log.info(
+            "announcing %d training %ss (the true count plus Gaussian noise of deviation %g): epsilon"
+            " %.3f of %g spent (delta %g)",
+            noisy,
+            c.unit,
+            c.count_noise,
+            self.epsilon,
+            c.max_epsilon,
+            c.delta,
+        )
+        return noisy
 
     def check_delta(self, units: int) -> None:
         """ConfigError unless delta < 1 / ``units`` (a larger one allows releasing a record, or
@@ -143,16 +227,18 @@ class PrivacyLedger:
             )
 
     def plan(self, round_id: int, units: int, batch_size: int, world_size: int, steps: int) -> DpStep:
-        """The round's DP-SGD settings for ``units`` training records (or users) over
-        ``world_size`` ranks sampling ``batch_size`` each on average; PrivacyBudgetSpent if it
-        does not fit."""
+        """The round's DP-SGD settings for ``units`` training records (or users: the released
+        count, so that the sample rate and the noise reveal nothing more) over ``world_size``
+        ranks sampling ``batch_size`` each on average; PrivacyBudgetSpent if it does not fit."""
         c = self.config
-        self.check_delta(units)
         expected = min(batch_size * world_size, units)
         rate = expected / units
-        noise = planned_noise(c, rate, steps)
+        noise = planned_noise(c, rate, steps, tuple(r.mechanism for r in self.counts))
         after = epsilon(
-            [*self.spends, Spend(round_id, noise, rate, steps, unit=c.unit)], c.delta, c.accountant
+            [*self.spends, Spend(round_id, noise, rate, steps, unit=c.unit)],
+            c.delta,
+            c.accountant,
+            self.counts,
         )
         if after > c.max_epsilon:
             refusal = (
@@ -160,7 +246,11 @@ class PrivacyLedger:
                 f" {c.delta:g}) and round {round_id} would take it to {after:.3f}, over"
                 f" privacy.dp.max_epsilon ({c.max_epsilon:g})"
             )
-            self._save(self.spends, Exhausted(self.settings(units, batch_size, world_size, steps), refusal))
+            self._save(
+                self.spends,
+                Exhausted(self.settings(units, batch_size, world_size, steps), refusal),
+                self.counts,
+            )
             raise PrivacyBudgetSpent(refusal)
         per_unit = c.records_per_user if c.unit == "user" else 1
         return DpStep(noise, c.max_grad_norm, rate, float(expected), per_unit)
@@ -176,13 +266,13 @@ class PrivacyLedger:
         if self.exhausted is None:
             return False
         if self.exhausted.settings != settings:
-            self._save(self.spends, None)
+            self._save(self.spends, None, self.counts)
         return self.exhausted is not None
 
     def record(self, round_id: int, dp: DpStep, steps: int) -> float:
         """Add a round's spend, durably, before its update leaves the cloud; the epsilon after it."""
         spend = Spend(round_id, dp.noise_multiplier, dp.sample_rate, steps, time.time(), self.config.unit)
-        self._save([*self.spends, spend], None)
+        self._save([*self.spends, spend], None, self.counts)
         spent = self.epsilon
         if math.isfinite(spent):
             log.info(
@@ -199,12 +289,15 @@ class PrivacyLedger:
             )
         return spent
 
-    def _save(self, spends: list[Spend], exhausted: Exhausted | None) -> None:
-        data: dict[str, object] = {"spends": [asdict(s) for s in spends]}
+    def _save(self, spends: list[Spend], exhausted: Exhausted | None, counts: list[CountRelease]) -> None:
+        data: dict[str, object] = {
+            "spends": [asdict(s) for s in spends],
+            "counts": [asdict(c) for c in counts],
+        }
         if exhausted is not None:
             data["exhausted"] = asdict(exhausted)
         replace_durably(self.path, json.dumps(data, indent=1).encode())
-        self.spends, self.exhausted = spends, exhausted
+        self.spends, self.exhausted, self.counts = spends, exhausted, counts
 
 
 def describe(config: DpConfig, state_dir: Path) -> str:
@@ -221,7 +314,14 @@ def describe(config: DpConfig, state_dir: Path) -> str:
     else:
         unit = f"DP-SGD: epsilon {ledger.epsilon:.3f} of {config.max_epsilon:g}"
         clipped = "records clipped to"
+    announced = ""
+    if ledger.counts:
+        last = ledger.counts[-1]
+        announced = (
+            f"; announces {last.released} training {config.unit}s (noise deviation {last.noise:g},"
+            f" {len(ledger.counts)} count release{'s' if len(ledger.counts) > 1 else ''})"
+        )
     return (
         f"{unit} spent over {len(ledger.spends)} rounds (delta {config.delta:g}, {config.accountant}"
-        f" accountant, {clipped} {config.max_grad_norm:g})"
+        f" accountant, {clipped} {config.max_grad_norm:g}){announced}"
     )

@@ -65,6 +65,14 @@ class Corpus:
     eval_records: int
     user_field: str = ""
     """Where each record names its user (user-level privacy); the split then holds out users."""
+    train_users: int = 0
+    """The distinct users of the training records (with ``user_field``; else 0)."""
+
+    @property
+    def train_units(self) -> int:
+        """What one DP unit counts in the training side: its users with ``user_field``, else
+        its records."""
+        return self.train_users if self.user_field else self.train_records
 
     def records(self, part: str) -> Iterator[Record]:
         """The records of one side of the split (``train`` or ``eval``), streamed."""
@@ -103,20 +111,20 @@ class TokenStore:
         counts_file = self.root / "corpus.json"
         try:
             counts = json.loads(counts_file.read_text())
-            fresh = counts["fingerprint"] == fingerprint
-            train, evaluation = int(counts["train"]), int(counts["eval"])
+            fresh = counts["fingerprint"] == fingerprint and (not user_field or "users" in counts)
+            train, evaluation, users = int(counts["train"]), int(counts["eval"]), int(counts.get("users", 0))
         except FileNotFoundError:
             fresh = False
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("token store: %s is damaged (%s); counting the corpus again", counts_file, exc)
             fresh = False
         if not fresh:
-            train, evaluation = _count(path, eval_fraction, user_field)
-            counts = {"fingerprint": fingerprint, "train": train, "eval": evaluation}
+            train, evaluation, users = _count(path, eval_fraction, user_field)
+            counts = {"fingerprint": fingerprint, "train": train, "eval": evaluation, "users": users}
             if remember:
                 replace_durably(counts_file, json.dumps(counts).encode())
         check_split(train, evaluation, eval_fraction)
-        return Corpus(path, eval_fraction, fingerprint, train, evaluation, user_field)
+        return Corpus(path, eval_fraction, fingerprint, train, evaluation, user_field, users)
 
     def prepare(self, corpus: Corpus, tokenizer: Any, block: int, per_record: bool) -> Path:
         """The corpus' entry for this tokenizer and block, tokenized into the store first unless
@@ -245,16 +253,45 @@ def _fingerprint(path: Path, eval_fraction: float, user_field: str) -> str:
     return hashlib.sha256(json.dumps(material).encode()).hexdigest()
 
 
-def _count(path: Path, eval_fraction: float, user_field: str) -> tuple[int, int]:
+def _count(path: Path, eval_fraction: float, user_field: str) -> tuple[int, int, int]:
+    """Training records, evaluation records and (with ``user_field``) distinct training users."""
     train = evaluation = 0
+    users = _DistinctUsers()
     for record in iter_records(path, user_field):
         if held_out(record.key, eval_fraction):
             evaluation += 1
         else:
             train += 1
+            if user_field:
+                users.add(record.user)
     if train + evaluation == 0:
         raise ConfigError(f"data: {path} holds no documents")
-    return train, evaluation
+    return train, evaluation, users.count()
+
+
+class _DistinctUsers:
+    """Counts distinct users by their 64-bit keys: 8 bytes a user, plus a batch of records."""
+
+    BATCH = 1 << 20
+
+    def __init__(self) -> None:
+        self.seen = np.empty(0, dtype=np.int64)
+        self.pending: list[int] = []
+
+    def add(self, user: str) -> None:
+        self.pending.append(user_key(user))
+        if len(self.pending) >= self.BATCH:
+            self._merge()
+
+    def count(self) -> int:
+        self._merge()
+        return len(self.seen)
+
+    def _merge(self) -> None:
+        if self.pending:
+            fresh = np.asarray(self.pending, dtype=np.int64)
+            self.seen = np.union1d(self.seen, fresh)
+            self.pending = []
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

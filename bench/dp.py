@@ -119,8 +119,8 @@ def run(
             if private is not None:  # planned and recorded as the agent does, outside the timing
                 n = len(world.rows[name]) if units is None else len(units)
                 dp = DpStep(0.0, CLIP, batch / n, float(batch))
-                if name in ledgers:
-                    dp = ledgers[name].plan(round_id, n, batch, 1, steps)
+                if name in ledgers:  # as the agent: the rate is over the count it announces
+                    dp = ledgers[name].plan(round_id, ledgers[name].released_count(n), batch, 1, steps)
                     ledgers[name].record(round_id, dp, steps)
                     noise = max(noise, dp.noise_multiplier)
             began = time.perf_counter()
@@ -129,8 +129,11 @@ def run(
             else:
                 delta, _ = private.train(world.rows[name], training, round_id, dp, units)
             seconds += time.perf_counter() - began
-            total += len(world.rows[name]) * layout.flatten(delta).astype(np.float64)
-            weight += len(world.rows[name])
+            examples = len(world.rows[name])
+            if name in ledgers:  # the FedAvg weight an agent under DP announces: its released count
+                examples = ledgers[name].released_count(examples if units is None else len(units))
+            total += examples * layout.flatten(delta).astype(np.float64)
+            weight += examples
         adapter = layout.unflatten(layout.flatten(adapter) + (total / weight).astype(np.float32))
         losses.append(eval_loss())
     spent = max((ledger.epsilon for ledger in ledgers.values()), default=None)

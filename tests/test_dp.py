@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from agent.daemon import Agent
 from agent.data import IGNORE, Example, TokenBlocks, record_blocks
 from agent.demo import prepare
-from agent.dp_budget import PrivacyBudgetSpent, PrivacyLedger, Spend, describe, epsilon, planned_noise
+from agent.dp_budget import LEDGER, PrivacyBudgetSpent, PrivacyLedger, Spend, describe, epsilon, planned_noise
 from agent.dp_sgd import DpStep, per_record_loss
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, initial_adapter
 from common.config import AgentConfig, AggregatorConfig, DpConfig, PrivacyConfig, load
@@ -246,7 +246,8 @@ def test_the_ledger_never_silently_starts_from_zero_and_delta_must_be_small(tmp_
     with pytest.raises(DataLoss, match=r"cannot be read.*will not train"):
         PrivacyLedger(tmp_path, DP)
     with pytest.raises(ConfigError, match=r"delta \(1e-05\) must be below 1 / training records \(1/100000\)"):
-        PrivacyLedger(tmp_path / "new", DP).plan(1, 100_000, 8, 1, 10)
+        PrivacyLedger(tmp_path / "new", DP).released_count(100_000)  # before anything is released
+    assert not (tmp_path / "new" / "privacy" / LEDGER).exists()
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from agent.cli import check
 from agent.daemon import Agent
 from agent.data import Example, TokenBlocks, held_out, iter_records, record_blocks, user_key
 from agent.demo import prepare
-from agent.dp_budget import PrivacyLedger, Spend, describe
+from agent.dp_budget import LEDGER, CountRelease, PrivacyLedger, Spend, describe, epsilon
 from agent.dp_sgd import DpStep
 from agent.dp_units import PrivacyUnits, micro_batches, user_units
 from agent.token_store import TokenStore, open_entry
@@ -279,8 +279,9 @@ async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
 ) -> None:
     """The real agent daemon in process, its JSONL records of 30 users: it refuses records without
     a user at start; `check --tokenize` builds the entry and counts the training users; the daemon
-    then trains a round on it sampling users (the ledger's rate is batch / users), and exports its
-    epsilon per user."""
+    announces the noised count of its users its ledger released at an earlier start (its FedAvg
+    weight, at Join and in the upload), trains a round on them sampling users (the ledger's rate
+    is batch / announced users), and exports its epsilon per user."""
     agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
     data = agent_paths[0].parent / "data.jsonl"
     texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
@@ -313,18 +314,29 @@ async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
     out = capsys.readouterr().out
     assert f"a record a row (DP), {30 - held} training users from 'user')" in out, out
     assert "dp              user-level DP-SGD: epsilon 0.000 of 50 for each user (field 'user')" in out
+    announced = 30 - held + 13  # as if drawn at an earlier start: this start announces it again
+    kept = CountRelease(30 - held, announced, 2.0, 0.0, "user")
+    ledger_file = config.state_dir / "privacy" / LEDGER
+    ledger_file.parent.mkdir(parents=True)
+    ledger_file.write_text(json.dumps({"spends": [], "counts": [dataclasses.asdict(kept)]}))
     caplog.set_level(logging.INFO)
     async with in_process(agg, Agent(config)) as run, asyncio.timeout(120):
         await run.agents[0]  # trains round 1, evaluates version 1 and stops
     assert "round 1 trained" in caplog.text and "tokenized before" in caplog.text
-    (spend,) = PrivacyLedger(config.state_dir, config.privacy.dp).spends
-    spent = PrivacyLedger(config.state_dir, config.privacy.dp).epsilon
+    ledger = PrivacyLedger(config.state_dir, config.privacy.dp)
+    (spend,), (release,), spent = ledger.spends, ledger.counts, ledger.epsilon
+    assert release == kept  # the same users: no new release
+    assert query(agg.state_dir / "cloudfed.db", "SELECT num_examples FROM agents") == [(announced,)]
+    assert query(
+        agg.state_dir / "cloudfed.db", "SELECT weight FROM participants WHERE status = 'uploaded'"
+    ) == [(announced,)]
+    at_join = epsilon([], 1e-3, "rdp", [release])  # the release was spent before the Join
     assert query(agg.state_dir / "cloudfed.db", "SELECT differential_privacy FROM agents") == [
         (f"user-level DP-SGD, epsilon {spent:.3f} of 50 spent after round 1 (delta 0.001)",)
     ]  # what the agent announced at Join, restated with its upload's spend, for the operators
-    assert "epsilon 0.000 of 50 spent at its last Join" in caplog.text  # the Join's line
+    assert f"epsilon {at_join:.3f} of 50 spent at its last Join" in caplog.text  # the Join's line
     assert f"records of {30 - held} users (at most 3 records of a user a step)" in caplog.text
-    assert spend.unit == "user" and spend.sample_rate == pytest.approx(8 / (30 - held))
+    assert spend.unit == "user" and spend.sample_rate == pytest.approx(8 / announced)
     exported = {  # other tests in this process may have exported record-level gauges for aws
         sample.name
         for family in REGISTRY.collect()

@@ -160,6 +160,7 @@ def test_two_ranks_train_user_level_dp_each_on_whole_users(tmp_path: Path) -> No
         "CLOUDFED_AGENT_PRIVACY_DP_NOISE_MULTIPLIER": "1.0",
         "CLOUDFED_AGENT_PRIVACY_DP_MAX_EPSILON": "100",
         "CLOUDFED_AGENT_PRIVACY_DP_DELTA": "1e-3",
+        "CLOUDFED_AGENT_PRIVACY_DP_COUNT_NOISE": "2",
     }
     aggregator = start("server.cli", "--config", str(agg_config), log=tmp_path / "aggregator.log")
     try:
@@ -183,4 +184,6 @@ def test_two_ranks_train_user_level_dp_each_on_whole_users(tmp_path: Path) -> No
     assert sum(int(h[1]) for h in held) == users and sum(int(h[2]) for h in held) == records  # type: ignore[index]
     ledger = json.loads((agent.parent / "state" / "privacy" / "dp-ledger.json").read_text())
     assert [s["unit"] for s in ledger["spends"]] == ["user", "user"]
-    assert ledger["spends"][0]["sample_rate"] == pytest.approx(2 * 8 / users)
+    (release,) = ledger["counts"]  # every user of both ranks' shards, counted once, then noised
+    assert release["units"] == users
+    assert ledger["spends"][0]["sample_rate"] == pytest.approx(min(1.0, 2 * 8 / release["released"]))

@@ -1,0 +1,154 @@
+"""The FedAvg weight under differential privacy: the count of training units an agent announces
+is released through the Gaussian mechanism, composed with its rounds, kept across restarts and
+released again only when the count changes; the corpus counts the distinct users it covers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import warnings
+from pathlib import Path
+
+import pytest
+from opacus.accountants.utils import get_noise_multiplier
+
+from agent import token_store
+from agent.dp_budget import (
+    LEDGER,
+    CountRelease,
+    PrivacyBudgetSpent,
+    PrivacyLedger,
+    Spend,
+    describe,
+    epsilon,
+    planned_noise,
+)
+from agent.token_store import TokenStore
+from common.config import DpConfig
+from common.errors import ConfigError
+
+DP = DpConfig(enabled=True, noise_multiplier=1.0, max_epsilon=8.0, delta=1e-5, count_noise=20.0)
+
+
+def test_the_released_count_is_the_true_one_plus_gaussian_noise(tmp_path: Path) -> None:
+    """Over fresh ledgers the releases of 3,000 records centre on 3,000 with the configured
+    deviation (5 standard errors either side), and the true count stays in the ledger beside it."""
+    released = [PrivacyLedger(tmp_path / str(i), DP).released_count(3000) for i in range(300)]
+    assert abs(statistics.fmean(released) - 3000) < 5 * 20 / 300**0.5
+    assert 16 < statistics.stdev(released) < 24
+    assert len(set(released)) > 30
+    kept = json.loads((tmp_path / "0" / "privacy" / LEDGER).read_text())["counts"]
+    assert [(c["units"], c["released"], c["noise"], c["unit"]) for c in kept] == [
+        (3000, released[0], 20.0, "record")
+    ]
+
+
+def test_the_same_count_is_released_once_and_a_changed_one_again(tmp_path: Path) -> None:
+    """A restart announces the stored release at no cost; another count is a new release, and
+    the epsilon is that of the Gaussian mechanisms composed (with the rounds, too)."""
+    ledger = PrivacyLedger(tmp_path, DP)
+    first = ledger.released_count(3000)
+    one = ledger.epsilon
+    alone = epsilon([], DP.delta, DP.accountant, [CountRelease(3000, first, 20.0)])
+    assert one == pytest.approx(alone) and 0 < one < 1
+    restarted = PrivacyLedger(tmp_path, DP)
+    assert restarted.released_count(3000) == first and restarted.epsilon == pytest.approx(one)
+    assert len(restarted.counts) == 1
+    grown = restarted.released_count(3100)
+    assert [c.units for c in PrivacyLedger(tmp_path, DP).counts] == [3000, 3100]
+    assert restarted.epsilon > one
+    assert restarted.epsilon == pytest.approx(epsilon([], DP.delta, DP.accountant, restarted.counts))
+    assert PrivacyLedger(tmp_path, DP).released_count(3100) == grown
+    dp = restarted.plan(1, grown, 8, 1, 50)
+    assert dp.sample_rate == 8 / grown  # the rate follows the announced count, not the true one
+    after = restarted.record(1, dp, 50)
+    rounds_alone = epsilon(restarted.spends, DP.delta, DP.accountant)
+    assert after > rounds_alone and after > restarted.epsilon - 1e-9 > 0
+    assert after == pytest.approx(epsilon(restarted.spends, DP.delta, DP.accountant, restarted.counts))
+
+
+def test_a_release_over_the_budget_is_refused_and_nothing_is_kept(tmp_path: Path) -> None:
+    tight = dataclasses.replace(DP, max_epsilon=0.5, count_noise=2.0)  # one release costs ~2.6
+    ledger = PrivacyLedger(tmp_path, tight)
+    with pytest.raises(PrivacyBudgetSpent, match=r"new count of training records would take it to \d"):
+        ledger.released_count(3000)
+    assert ledger.counts == [] and not ledger.path.exists()
+    with pytest.raises(ConfigError, match=r"delta \(1e-05\) must be below 1 / training records"):
+        PrivacyLedger(tmp_path, DP).released_count(100_000)  # checked on the true count first
+
+
+def test_planned_rounds_leave_room_for_the_count_release(tmp_path: Path) -> None:
+    """Without releases the bisection finds opacus' noise; with one, a little more noise, and the
+    planned rounds and the release together still spend (almost) exactly the budget."""
+    config = DpConfig(enabled=True, max_epsilon=3.0, delta=1e-5, planned_rounds=4, count_noise=5.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opacus = get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=8 / 400, steps=200)
+    plain = planned_noise(config, 8 / 400, 50)
+    assert plain == pytest.approx(opacus, rel=0.02)
+    ledger = PrivacyLedger(tmp_path, config)
+    released = ledger.released_count(400)
+    noise = planned_noise(config, 8 / released, 50, tuple(r.mechanism for r in ledger.counts))
+    assert noise > plain
+    for round_id in range(4):
+        dp = ledger.plan(round_id, released, 8, 1, 50)
+        assert dp.noise_multiplier == noise
+        ledger.record(round_id, dp, 50)
+    assert 3.0 - 0.02 < ledger.epsilon <= 3.0
+    with pytest.raises(PrivacyBudgetSpent):
+        ledger.plan(5, released, 8, 1, 50)
+
+
+def test_a_ledger_never_mixes_the_units_of_its_counts(tmp_path: Path) -> None:
+    users = dataclasses.replace(DP, unit="user")
+    PrivacyLedger(tmp_path, users).released_count(500)
+    with pytest.raises(ConfigError, match="protecting a user"):
+        PrivacyLedger(tmp_path, DP)
+    old = tmp_path / "old"  # a ledger from before count releases: no counts, nothing spent on one
+    (old / "privacy").mkdir(parents=True)
+    (old / "privacy" / LEDGER).write_text(json.dumps({"spends": [dataclasses.asdict(Spend(1, 1.0, 0.1, 5))]}))
+    assert PrivacyLedger(old, DP).counts == []
+
+
+def test_check_describes_the_announced_count(tmp_path: Path) -> None:
+    assert "announces" not in describe(DP, tmp_path)
+    released = PrivacyLedger(tmp_path, DP).released_count(3000)
+    assert describe(DP, tmp_path).endswith(
+        f"; announces {released} training records (noise deviation 20, 1 count release)"
+    )
+
+
+@pytest.mark.parametrize("change", [{"count_noise": 0.0}, {"count_noise": float("nan")}])
+def test_the_config_refuses_a_count_noise_that_is_not_positive(change: dict[str, float]) -> None:
+    with pytest.raises(ConfigError, match=r"privacy\.dp\.count_noise must be > 0"):
+        dataclasses.replace(DP, **change).validate()
+
+
+def test_the_corpus_counts_its_distinct_training_users(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Users counted once however many records they hold, the held-out users not at all, in
+    batches smaller than the corpus; a count stored before users were counted is made again."""
+    monkeypatch.setattr(token_store._DistinctUsers, "BATCH", 7)
+    data = tmp_path / "data.jsonl"
+    lines = [{"text": f"record {i} of customer {i % 23}", "user": f"customer-{i % 23}"} for i in range(150)]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    store = TokenStore(tmp_path / "tokens")
+    corpus = store.corpus(data, 0.2, user_field="user")
+    train_users = {
+        line["user"] for line in lines if not token_store.held_out(json.dumps(["user", line["user"]]), 0.2)
+    }
+    assert corpus.train_users == corpus.train_units == len(train_users)
+    assert 10 < len(train_users) < 23
+    assert corpus.train_records == 150 - sum(line["user"] not in train_users for line in lines)
+    plain = TokenStore(tmp_path / "plain").corpus(data, 0.2)
+    assert (plain.train_users, plain.train_units) == (0, plain.train_records)
+    counts = store.root / "corpus.json"
+    stored = json.loads(counts.read_text())
+    assert stored["users"] == len(train_users)
+    del stored["users"]
+    stored["train"] = 1  # from an older version: counted again, not trusted
+    counts.write_text(json.dumps(stored))
+    again = store.corpus(data, 0.2, user_field="user")
+    assert (again.train_records, again.train_users) == (corpus.train_records, len(train_users))
