@@ -161,7 +161,7 @@ class Worker:
             if blocks.train_users is None:
                 raise ConfigError(f"token store entry {where['entry']} holds no users")
             self.train_blocks = blocks.train  # the units index this rank's users' rows in it
-            self.units = user_units(np.asarray(blocks.train_users), rank, world)
+            self.units = user_units(np.asarray(blocks.train_users), rank, world, dp.records_per_user)
             log.info("rank %d: %d users holding %d training rows", rank, len(self.units), self.units.rows)
         else:
             self.train_blocks = _shard(blocks.train, rank, world)

@@ -163,6 +163,28 @@ def test_users_are_dealt_whole_to_the_ranks() -> None:
         user_units(np.array([5, 5, 9]), 2, 3)
 
 
+def test_users_are_dealt_so_that_the_ranks_expect_the_same_work() -> None:
+    """Six users of 40 records among 60 of one: dealt in key order, the heavy ones could share a
+    rank; dealt heaviest first in snake order, each rank's rows a step (a user's capped at 8)
+    differ by at most one user's. Whatever the order of the rows, the deal is the same."""
+    users = [f"heavy-{u}" for u in range(6) for _ in range(40)] + [f"light-{u}" for u in range(60)]
+    keys = np.array([user_key(u) for u in users])
+    for world in (2, 3, 4):
+        shards = [user_units(keys, rank, world, cap=8) for rank in range(world)]
+        work = [sum(min(8, int(n)) for n in torch.diff(s.starts)) for s in shards]
+        assert sum(work) == 6 * 8 + 60 and max(work) - min(work) <= 8, (world, work)
+        heavy = [sum(int(n) == 40 for n in torch.diff(s.starts)) for s in shards]
+        assert max(heavy) - min(heavy) <= 1, (world, heavy)
+        uncapped = [s.rows for s in [user_units(keys, rank, world) for rank in range(world)]]
+        assert max(uncapped) - min(uncapped) <= 40, (world, uncapped)
+    shuffled = np.random.default_rng(3).permutation(len(keys))
+    for rank in range(3):
+        mine = {int(keys[r]) for r in user_units(keys, rank, 3, cap=8).order.tolist()}
+        assert mine == {
+            int(keys[shuffled][r]) for r in user_units(keys[shuffled], rank, 3, cap=8).order.tolist()
+        }
+
+
 def test_micro_batches_hold_whole_users() -> None:
     assert micro_batches(torch.tensor([2, 2, 5, 1, 1, 1, 1]), 4) == [(0, 2), (2, 3), (3, 7)]
     assert micro_batches(torch.tensor([1] * 5), 2) == [(0, 2), (2, 4), (4, 5)]
