@@ -53,19 +53,23 @@ def build_adapter_model(
     device: str,
     dtype: torch.dtype | str = torch.float32,
     checkpointing: bool = False,
+    per_record: bool = False,
 ) -> Any:
     """The base model in ``dtype`` (frozen; "auto": the dtype it was saved in) with the LoRA adapter;
-    peft keeps the adapter in float32."""
+    peft keeps the adapter in float32. ``per_record``: the model will be wrapped for per-record
+    gradients (DP-SGD), which changes how activations are checkpointed."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     if checkpointing:
-        _enable_checkpointing(base)
+        _enable_checkpointing(base, reentrant=per_record)
     # autocast_adapter_dtype: a bf16 base gets float32 LoRA weights (what the optimizer steps).
     with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         model = get_peft_model(base, lora_config(lora), autocast_adapter_dtype=True)
+    if checkpointing and per_record:  # a reentrant segment passes gradients only to inputs needing them
+        model.enable_input_require_grads()  # (transformers 5 does it too; 4.x only for its own peft)
     return model.to(device)
 
 
@@ -83,9 +87,14 @@ def lora_config(lora: LoraSpec, base_model: str | None = None) -> Any:
     )
 
 
-def _enable_checkpointing(base: Any) -> None:
-    """Activation checkpointing per decoder layer (non-reentrant: gradients reach the LoRA weights)."""
-    kwargs = {"use_reentrant": False}
+def _enable_checkpointing(base: Any, reentrant: bool = False) -> None:
+    """Activation checkpointing per decoder layer. Non-reentrant by default (gradients reach the
+    LoRA weights whatever the inputs). ``reentrant`` for per-record gradients: its forward runs
+    without autograd, so opacus' hooks capture each layer's activations only when the backward
+    recomputes them, right before that layer's gradients, as without checkpointing. (Under
+    non-reentrant checkpointing opacus 1.6 leaves every per-record gradient unset: its hooks see
+    the layer's forward twice.)"""
+    kwargs = {"use_reentrant": reentrant}
     base.config.use_cache = False  # no KV cache in training; transformers warns if it is on
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -159,7 +168,7 @@ class LoraTrainer:
         self.dtype = dtype
         self.ctx = ctx or DistContext()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = build_adapter_model(model_path, lora, device, dtype, checkpointing)
+        self.model = build_adapter_model(model_path, lora, device, dtype, checkpointing, per_record=private)
         self.ddp: Any = None
         self.private: PrivateGradients | None = None
         if private:

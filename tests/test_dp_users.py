@@ -66,13 +66,15 @@ def _norm(grads: list[torch.Tensor]) -> float:
     return math.sqrt(sum(float(g.norm()) ** 2 for g in grads))
 
 
-def test_the_private_gradient_sums_each_users_clipped_mean_gradient(tiny) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_the_private_gradient_sums_each_users_clipped_mean_gradient(tiny, checkpointing: bool) -> None:  # type: ignore[no-untyped-def]
     """Every user sampled, no noise: the gradient is each user's mean record gradient (plain
-    autograd), clipped, summed, over the expected batch of users; micro-batches of 3 rows, which
-    split users of up to 6 rows, change nothing; it is not the record-level gradient."""
+    autograd, no checkpointing), clipped, summed, over the expected batch of users; micro-batches
+    of 3 rows, which split users of up to 6 rows, change nothing, nor does activation
+    checkpointing; it is not the record-level gradient."""
     path, rows, owners = tiny
-    trainer = _private(path)
-    users = _user_gradients(trainer, rows, owners)
+    users = _user_gradients(_private(path), rows, owners)
+    trainer = _private(path, checkpointing)
     norms = [_norm(u) for u in users]
     clip = float(np.median(norms))
     assert sum(n > clip * 1.01 for n in norms) >= 3 and sum(n < clip * 0.99 for n in norms) >= 3
@@ -315,6 +317,7 @@ async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
         "CLOUDFED_AGENT_PRIVACY_DP_DELTA": "1e-3",
         "CLOUDFED_AGENT_PRIVACY_DP_MAX_EPSILON": "50",
         "CLOUDFED_AGENT_MAX_ROUNDS": "1",
+        "CLOUDFED_AGENT_ACTIVATION_CHECKPOINTING": "true",  # DP-SGD recomputes activations too
     }
     config = dataclasses.replace(load(AgentConfig, agent_paths[0], env=env), metrics_listen="")
     with pytest.raises(ConfigError, match=r"data.jsonl:1: user-level privacy needs .*'user'"):
@@ -345,6 +348,7 @@ async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
     async with in_process(agg, Agent(config)) as run, asyncio.timeout(120):
         await run.agents[0]  # trains round 1, evaluates version 1 and stops
     assert "round 1 trained" in caplog.text and "tokenized before" in caplog.text
+    assert "base weights torch.float32, activation checkpointing" in caplog.text
     ledger = PrivacyLedger(config.state_dir, config.privacy.dp)
     (spend,), (release,), spent = ledger.spends, ledger.counts, ledger.epsilon
     assert release == kept  # the same users: no new release
