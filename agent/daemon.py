@@ -677,5 +677,14 @@ class Agent:
                 "global version %d: eval loss %s on this cloud's held-out text; not reported", version, loss
             )
             return
+        if not self.config.privacy.share_eval_losses:
+            log.info(
+                "global version %d: eval loss %.4f on %d local tokens, kept in this cloud"
+                " (privacy.share_eval_losses is false)",
+                version,
+                loss,
+                tokens,
+            )
+            return
         await client.report_eval(version, loss, tokens)
         log.info("global version %d: eval loss %.4f on %d local tokens", version, loss, tokens)

@@ -51,6 +51,8 @@ def describe(policy: PrivacyConfig, settings: pb.FederationSettings) -> str:
         learns = f"each element's sum over {sa.coverage} agents"
     else:
         learns = "the sum over each round's agents"
+    if not policy.share_eval_losses:
+        learns += ", and no eval loss"
     try:
         check_federation(policy, settings)
     except PolicyRefused as exc:

@@ -32,11 +32,11 @@ import torch
 
 from agent.data import TokenBlocks
 from agent.dp_sgd import DpStep
-from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, initial_adapter, pick_device
+from agent.trainer import LocalTraining, LoraTrainer, initial_adapter, pick_device
+from bench.trainer import LORA, flat_delta
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LORA = LoraSpec(16, 32.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 VARIANTS = {"dp": False, "dp+ckpt": True}  # name: activation checkpointing
 
 
@@ -76,10 +76,6 @@ def child(args: argparse.Namespace) -> None:
     out = work / f"delta-{args.child}.pt"
     torch.save(delta, out)
     print(json.dumps({"seconds_per_step": seconds, "added_bytes": added, "delta": str(out)}))
-
-
-def _flat(delta: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([delta[k].flatten() for k in sorted(delta)]).double()
 
 
 def main() -> None:
@@ -137,7 +133,7 @@ def main() -> None:
                     raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 runs[name].append(result)
-                flat[name] = _flat(torch.load(result["delta"]))
+                flat[name] = flat_delta(torch.load(result["delta"]))
     medians = {
         name: {key: statistics.median(r[key] for r in rs) for key in ("seconds_per_step", "added_bytes")}
         for name, rs in runs.items()

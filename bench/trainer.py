@@ -37,7 +37,8 @@ VARIANTS = {  # name: (base dtype, activation checkpointing)
 }
 
 
-def _flat(delta: dict[str, torch.Tensor]) -> torch.Tensor:
+def flat_delta(delta: dict[str, torch.Tensor]) -> torch.Tensor:
+    """An update as one float64 vector, tensors in name order."""
     return torch.cat([delta[k].flatten() for k in sorted(delta)]).double()
 
 
@@ -112,7 +113,7 @@ def main() -> None:
                     peak = own + torch.cuda.max_memory_allocated() - resident
                     peaks[name] = max(peaks.get(name, 0), peak)
                 if repeat == 0:
-                    deltas[name] = _flat(delta)
+                    deltas[name] = flat_delta(delta)
         model = trainers["fp32"].model
         params = sum(p.numel() for p in model.parameters() if not p.requires_grad)
         adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)

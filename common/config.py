@@ -632,6 +632,10 @@ class PrivacyConfig:
     """Agents that may collude with the aggregator: refuse rounds whose threshold t does not satisfy
     2t > k + 1 + colluders (k + 1 agents hold each agent's shares), under which the aggregator and
     the colluders could collect both of this agent's secrets. At most min_agents_per_sum - 2."""
+    share_eval_losses: bool = True
+    """Report each global version's eval loss on this cloud's held-out records (and their token
+    count) to the aggregator, which ranks versions and stops early on them; false keeps them in
+    this cloud (the agent's log and evals.jsonl). Differential privacy does not cover them."""
     dp: DpConfig = field(default_factory=DpConfig)
     """Differential privacy of this cloud's records (``[privacy.dp]``)."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,42 @@ async def test_agent_keeps_a_loss_that_is_not_finite_to_itself(
     assert query(agg_config.state_dir / "cloudfed.db", "SELECT * FROM evals") == []
     kept = json.loads((agent_config.state_dir / "evals.jsonl").read_text().splitlines()[0])
     assert kept["version"] == 0 and math.isnan(kept["eval_loss"])
+
+
+async def test_an_agent_that_shares_no_eval_loss_keeps_them_in_its_cloud(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``privacy.share_eval_losses = false``: the real agent daemon evaluates the global version
+    and keeps the loss in its log and evals.jsonl; the aggregator stores none, and the Join's
+    line says it learns no eval loss."""
+    agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
+    quiet = {"CLOUDFED_ROUNDS_MIN_AGENTS": "2"}  # no round starts: only the evaluation of version 0
+    agg_config = dataclasses.replace(load(AggregatorConfig, agg_path, env=quiet), metrics_listen="")
+    env = {"CLOUDFED_AGENT_PRIVACY_SHARE_EVAL_LOSSES": "false"}
+    agent_config = dataclasses.replace(load(AgentConfig, agent_paths[0], env=env), metrics_listen="")
+    caplog.set_level(logging.INFO)
+    seed(agg_config, None)
+    agg = build_aggregator(agg_config)
+    await agg.start()
+    stop = asyncio.Event()
+    agent = Agent(agent_config)
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        async with asyncio.timeout(120):
+            while 0 not in agent.progress.versions_evaluated:  # noqa: ASYNC110 (a watch would count)
+                await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await agg.stop(0)
+    kept = json.loads((agent_config.state_dir / "evals.jsonl").read_text().splitlines()[0])
+    assert kept["version"] == 0 and math.isfinite(kept["eval_loss"]) and kept["tokens"] > 0
+    assert (
+        f"eval loss {kept['eval_loss']:.4f} on {kept['tokens']} local tokens, kept in this cloud"
+        in caplog.text
+    )
+    assert "aggregator learns each agent's update (no secure aggregation), and no eval loss;" in caplog.text
+    assert query(agg_config.state_dir / "cloudfed.db", "SELECT * FROM evals") == []
 
 
 @pytest.mark.parametrize(
