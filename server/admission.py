@@ -32,6 +32,10 @@ def admit(peer: SpiffeId, announced: pb.PrivacyPolicy | None, config: Aggregator
         raise
 
 
+NO_DP = "none: this agent's updates are not differentially private"
+"""How an agent that announced a policy without differential privacy is shown."""
+
+
 def differential_privacy(announced: pb.PrivacyPolicy | None) -> tuple[str, pb.DifferentialPrivacy | None]:
     """The DP guarantee an agent announced at Join: in a line for the operators ('' when it
     announced no policy at all, an agent older than the field), and the message itself (None
@@ -39,7 +43,7 @@ def differential_privacy(announced: pb.PrivacyPolicy | None) -> tuple[str, pb.Di
     if announced is None:
         return "", None
     if not announced.HasField("differential_privacy"):
-        return "none: this agent's updates are not differentially private", None
+        return NO_DP, None
     dp = announced.differential_privacy
     if dp.unit not in DP_UNITS:
         raise InvalidArgument(f"privacy.differential_privacy.unit must be one of {', '.join(DP_UNITS)}")

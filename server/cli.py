@@ -89,6 +89,7 @@ async def serve(config: AggregatorConfig) -> None:
 
 def status(config: AggregatorConfig) -> int:
     """Print the federation's state from the database (safe while the daemon runs)."""
+    from server.admission import NO_DP
     from server.checkpoints import CheckpointStore
     from server.state import StateDB
     from server.stopping import finish_reason
@@ -131,7 +132,8 @@ def status(config: AggregatorConfig) -> int:
         ev = evals.get(row.agent)
         last = f"eval loss {ev[1]:.4f} at v{ev[0]}" if ev else "no eval yet"
         ago = time.time() - row.last_seen
-        print(f"  {row.agent}  examples {row.num_examples}, joined {ago:.0f}s ago, {last}")
+        noised = " (noised: its DP covers it)" if row.differential_privacy not in ("", NO_DP) else ""
+        print(f"  {row.agent}  examples {row.num_examples}{noised}, joined {ago:.0f}s ago, {last}")
         print(f"    {_certificate_state(row.certificate, revocations)}")
         print(f"    differential privacy: {row.differential_privacy or 'not announced'}")
     db.close()

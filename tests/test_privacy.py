@@ -267,6 +267,8 @@ async def test_the_dp_guarantee_an_agent_announces_is_kept_for_the_operators(
         await client.join(10, privacy=pb.PrivacyPolicy(require_masking=False))
     assert status(run.agg.config) == 0
     out = capsys.readouterr().out
+    assert "/a1  examples 10 (noised: its DP covers it), joined" in out  # its FedAvg weight
+    assert "/a2  examples 10, joined" in out
     shown = [line.strip() for line in out.splitlines() if "differential privacy:" in line]
     assert shown == [
         "differential privacy: user-level DP-SGD, epsilon 1.250 of 8 spent at its last Join (delta 1e-06)",
