@@ -677,6 +677,7 @@ class Agent:
                 "global version %d: eval loss %s on this cloud's held-out text; not reported", version, loss
             )
             return
+        metrics.EVAL_LOSS.labels(**client.labels).set(loss)
         if not self.config.privacy.share_eval_losses:
             log.info(
                 "global version %d: eval loss %.4f on %d local tokens, kept in this cloud"

@@ -50,6 +50,12 @@ DP_EPSILON_BUDGET = Gauge(
     "This agent's privacy budget (privacy.dp.max_epsilon): it trains no round that would spend more.",
     ["cloud", "agent", "unit"],
 )
+EVAL_LOSS = Gauge(
+    "cloudfed_agent_eval_loss",
+    "Eval loss (nats a token) of the latest global version this agent evaluated, on its held-out"
+    " records; exported whether or not privacy.share_eval_losses sends it to the aggregator.",
+    ["cloud", "agent"],
+)
 STEP = Gauge("cloudfed_agent_step", "1 while the agent is in this step of a round, else 0.", ["phase"])
 
 

@@ -128,6 +128,14 @@ async def test_an_agent_that_shares_no_eval_loss_keeps_them_in_its_cloud(
     )
     assert "aggregator learns each agent's update (no secure aggregation), and no eval loss;" in caplog.text
     assert query(agg_config.state_dir / "cloudfed.db", "SELECT * FROM evals") == []
+    exported = [
+        sample.value
+        for family in REGISTRY.collect()
+        if family.name == "cloudfed_agent_eval_loss"
+        for sample in family.samples
+        if sample.labels["cloud"] == "aws"
+    ]
+    assert kept["eval_loss"] in exported  # the cloud's own dashboard still has it
 
 
 @pytest.mark.parametrize(
