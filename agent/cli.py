@@ -43,6 +43,7 @@ async def check(config: AgentConfig, tokenize: bool = False) -> int:
     length), so that the daemon's first start trains at once."""
     from agent.client import AggregatorClient
     from agent.dp_budget import describe as describe_dp
+    from agent.dp_budget import preview
     from agent.privacy import announced, check_federation, describe
     from agent.revocations import AgentRevocations, describe_revocations
     from agent.token_store import TokenStore
@@ -85,8 +86,18 @@ async def check(config: AgentConfig, tokenize: bool = False) -> int:
     if tokenize:
         await asyncio.to_thread(_tokenize, config, store, corpus, s)
     print(f"data            {store.describe(corpus)}")
+    dp = config.privacy.dp
+    if dp.enabled:
+        t = s.training
+        plan = preview(dp, config.state_dir, corpus.train_units, t.batch_size, t.local_steps, _ranks())
+        print(f"dp plan         {plan}")
     check_federation(config.privacy, s)  # a refusal fails the preflight (exit 2), as `run` would
     return 0
+
+
+def _ranks() -> int:
+    """The ranks ``run`` will train on: torchrun's WORLD_SIZE where check runs under it, else 1."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
 
 
 def _tokenize(

@@ -300,6 +300,45 @@ class PrivacyLedger:
         self.spends, self.exhausted, self.counts = spends, exhausted, counts
 
 
+MAX_PREVIEW_ROUNDS = 100_000
+"""``preview`` counts the rounds a budget lasts up to this many."""
+
+
+def preview(
+    config: DpConfig, state_dir: Path, units: int, batch_size: int, steps: int, ranks: int = 1
+) -> str:
+    """One line for ``cloudfed-agent check``: what rounds of the federation's ``batch_size`` and
+    ``steps`` would cost this agent's ``units`` training records (or users), from its ledger on:
+    the count release it would make, the noise, and how many rounds the budget lasts. Spends
+    nothing (the count is the true one, and this line stays in the cloud)."""
+    ledger = PrivacyLedger(state_dir, config)
+    ledger.check_delta(units)
+    counts = list(ledger.counts)
+    if not any(c.units == units for c in counts):
+        counts.append(CountRelease(units, units, config.count_noise, unit=config.unit))
+    expected = min(batch_size * ranks, units)
+    rate = expected / units
+    noise = planned_noise(config, rate, steps, tuple(c.mechanism for c in counts))
+
+    def after(rounds: int) -> float:
+        planned = Spend(0, noise, rate, rounds * steps, unit=config.unit)
+        return epsilon([*ledger.spends, planned], config.delta, config.accountant, counts)
+
+    lasts, beyond = 0, 1
+    while beyond <= MAX_PREVIEW_ROUNDS and after(beyond) <= config.max_epsilon:
+        lasts, beyond = beyond, 2 * beyond
+    while beyond - lasts > 1 and lasts < MAX_PREVIEW_ROUNDS:
+        middle = (lasts + beyond) // 2
+        lasts, beyond = (middle, beyond) if after(middle) <= config.max_epsilon else (lasts, middle)
+    rounds = f"{lasts} more rounds" if lasts < MAX_PREVIEW_ROUNDS else f"over {MAX_PREVIEW_ROUNDS} rounds"
+    first = f", epsilon {after(1):.3f} after the next" if lasts else ""
+    return (
+        f"{units} training {config.unit}s, a step samples {expected} (rate {rate:.4g}) on {ranks} rank(s):"
+        f" noise multiplier {noise:.3f}{first}; the budget ({config.max_epsilon:g}) lasts {rounds} of"
+        f" {steps} steps"
+    )
+
+
 def describe(config: DpConfig, state_dir: Path) -> str:
     """One line for ``cloudfed-agent check``: whether updates are DP, and the budget spent."""
     if not config.enabled:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import statistics
 import warnings
 from pathlib import Path
@@ -23,7 +24,9 @@ from agent.dp_budget import (
     describe,
     epsilon,
     planned_noise,
+    preview,
 )
+from agent.dp_sgd import DpStep
 from agent.token_store import TokenStore
 from common.config import DpConfig
 from common.errors import ConfigError
@@ -109,6 +112,41 @@ def test_a_ledger_never_mixes_the_units_of_its_counts(tmp_path: Path) -> None:
     (old / "privacy").mkdir(parents=True)
     (old / "privacy" / LEDGER).write_text(json.dumps({"spends": [dataclasses.asdict(Spend(1, 1.0, 0.1, 5))]}))
     assert PrivacyLedger(old, DP).counts == []
+
+
+def test_the_preview_counts_the_rounds_the_budget_lasts_and_spends_nothing(tmp_path: Path) -> None:
+    """From an empty ledger the preview counts the release it would make; once the count is
+    released and a round spent, it counts them and no second release; the ledger is unchanged."""
+    config = dataclasses.replace(DP, max_epsilon=3.0)
+
+    def lasts(line: str) -> int:
+        found = re.search(r"lasts (\d+) more rounds of 50 steps", line)
+        assert found, line
+        return int(found[1])
+
+    fresh = preview(config, tmp_path, 400, 8, 50)
+    assert fresh.startswith(
+        "400 training records, a step samples 8 (rate 0.02) on 1 rank(s): noise multiplier 1.000"
+    )
+    assert not (tmp_path / "privacy" / LEDGER).exists()
+    rounds = lasts(fresh)
+    release = CountRelease(400, 400, 20.0)
+
+    def spent(n: int, spends: list[Spend]) -> float:
+        return epsilon([*spends, Spend(0, 1.0, 0.02, n * 50)], 1e-5, "rdp", [release])
+
+    assert rounds > 1 and spent(rounds, []) <= 3.0 < spent(rounds + 1, [])
+    ledger = PrivacyLedger(tmp_path, config)
+    ledger.released_count(400)
+    ledger.record(1, DpStep(1.0, 1.0, 0.02, 8.0), 50)
+    before = ledger.path.read_text()
+    assert lasts(preview(config, tmp_path, 400, 8, 50)) == rounds - 1
+    assert ledger.path.read_text() == before
+    assert "lasts 0 more rounds" in preview(
+        dataclasses.replace(config, max_epsilon=0.3), tmp_path, 400, 8, 50
+    )
+    two = preview(config, tmp_path / "other", 400, 8, 50, ranks=2)
+    assert "a step samples 16 (rate 0.04) on 2 rank(s)" in two and lasts(two) < rounds
 
 
 def test_check_describes_the_announced_count(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -339,6 +340,21 @@ async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
     out = capsys.readouterr().out
     assert f"a record a row (DP), {30 - held} training users from 'user')" in out, out
     assert "dp              user-level DP-SGD: epsilon 0.000 of 50 for each user (field 'user')" in out
+    plan = re.search(
+        r"dp plan         (\d+) training users, a step samples 8 \(rate \S+\) on 1 rank\(s\):"
+        r" noise multiplier 1\.000, epsilon \S+ after the next; the budget \(50\) lasts (\d+) more rounds"
+        r" of (\d+) steps",
+        out,
+    )
+    assert plan, out
+    users, lasts, steps = (int(g) for g in plan.groups())
+    assert users == 30 - held and lasts > 1
+
+    def spent(rounds: int) -> float:  # what that many rounds would cost, with the count release
+        release = CountRelease(users, users, 20.0, unit="user")
+        return epsilon([Spend(0, 1.0, 8 / users, rounds * steps)], 1e-3, "rdp", [release])
+
+    assert spent(lasts) <= 50 < spent(lasts + 1)
     announced = 30 - held + 13  # as if drawn at an earlier start: this start announces it again
     kept = CountRelease(30 - held, announced, 2.0, 0.0, "user")
     ledger_file = config.state_dir / "privacy" / LEDGER
