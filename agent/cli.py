@@ -37,10 +37,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-async def check(config: AgentConfig, tokenize: bool = False) -> int:
+async def check(config: AgentConfig, tokenize: bool = False, ranks: int = 1) -> int:
     """Join and download the latest version; print what was learned. With ``tokenize``, also
     tokenize the data into the token store as ``run`` would (the federation's model and sequence
-    length), so that the daemon's first start trains at once."""
+    length), so that the daemon's first start trains at once. ``ranks``: the torchrun ranks
+    ``run`` will train on (their batches add up in the DP plan)."""
     from agent.client import AggregatorClient
     from agent.dp_budget import describe as describe_dp
     from agent.dp_budget import preview
@@ -89,15 +90,18 @@ async def check(config: AgentConfig, tokenize: bool = False) -> int:
     dp = config.privacy.dp
     if dp.enabled:
         t = s.training
-        plan = preview(dp, config.state_dir, corpus.train_units, t.batch_size, t.local_steps, _ranks())
+        plan = preview(dp, config.state_dir, corpus.train_units, t.batch_size, t.local_steps, ranks)
         print(f"dp plan         {plan}")
     check_federation(config.privacy, s)  # a refusal fails the preflight (exit 2), as `run` would
     return 0
 
 
-def _ranks() -> int:
-    """The ranks ``run`` will train on: torchrun's WORLD_SIZE where check runs under it, else 1."""
-    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _tokenize(
@@ -241,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also tokenize the data into the token store (the federation's model and sequence length)",
     )
+    check_cmd.add_argument(
+        "--ranks",
+        type=_positive,
+        default=1,
+        help="torchrun ranks `run` will train on (the DP plan adds their batches)",
+    )
     run_cmd = sub.add_parser("run", help="run the agent daemon: train and upload every round")
     run_cmd.add_argument("--audit-dir", type=Path, help="keep a copy of every update sent, with its metadata")
     out = sub.add_parser(
@@ -265,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "export":
             return asyncio.run(export(config, args))
         if args.cmd == "check":
-            return asyncio.run(check(config, args.tokenize))
+            return asyncio.run(check(config, args.tokenize, args.ranks))
         return run_ranks(config)
     except CloudfedError as exc:
         print(f"cloudfed-agent: {exc}", file=sys.stderr)
