@@ -90,7 +90,8 @@ async def check(config: AgentConfig, tokenize: bool = False, ranks: int = 1) -> 
     dp = config.privacy.dp
     if dp.enabled:
         t = s.training
-        plan = preview(dp, config.state_dir, corpus.train_units, t.batch_size, t.local_steps, ranks)
+        capped = corpus.capped_records(dp.records_per_user)
+        plan = preview(dp, config.state_dir, corpus.train_units, t.batch_size, t.local_steps, ranks, capped)
         print(f"dp plan         {plan}")
     check_federation(config.privacy, s)  # a refusal fails the preflight (exit 2), as `run` would
     return 0

@@ -24,7 +24,7 @@ from agent import metrics
 from agent.client import AggregatorClient
 from agent.data import TokenBlocks
 from agent.distributed import DistContext
-from agent.dp_budget import PrivacyBudgetSpent, PrivacyLedger
+from agent.dp_budget import RECORDS, PrivacyBudgetSpent, PrivacyLedger
 from agent.dp_sgd import DpStep
 from agent.dp_units import PrivacyUnits, user_units
 from agent.privacy import announced, check_federation, describe
@@ -258,8 +258,9 @@ class Agent:
         self.progress = Progress()
         dp = config.privacy.dp
         self.ledger = PrivacyLedger(self.state, dp) if dp.enabled else None
-        self.announced_units = 0
-        """The training units this agent announces (``_announce_units``): its FedAvg weight."""
+        self.announced_units = self.announced_weight = 0
+        """The training units this agent's sample rate is over, and its FedAvg weight, as they
+        may leave the cloud (``_announce``)."""
         self.revocations = AgentRevocations(self.state, config.tls)
         self._shared: tuple[str, Codec] | None = None  # (state digest, codec built from that state)
         log.info(
@@ -325,10 +326,10 @@ class Agent:
 
     async def _session(self, client: AggregatorClient, stop: asyncio.Event) -> bool:
         """One connection's life; True once max_rounds is reached."""
-        self.announced_units = await asyncio.to_thread(self._announce_units)
+        self.announced_units, self.announced_weight = await asyncio.to_thread(self._announce)
         spent = self.ledger.exhausted.refusal if self.ledger and self.ledger.exhausted else ""
         join = await client.join(
-            num_examples=self.announced_units,
+            num_examples=self.announced_weight,
             device=self._device_info(),
             privacy=announced(self.config.privacy, spent, self.ledger.epsilon if self.ledger else 0.0),
         )
@@ -486,14 +487,20 @@ class Agent:
         users, as announced), batch, ranks, steps (``PrivacyLedger.plan`` and ``settings``)."""
         return self.announced_units, t.batch_size, self.ctx.world_size, t.local_steps
 
-    def _announce_units(self) -> int:
-        """The training units to announce at Join and weigh updates by: the records, or with
-        DP-SGD the ledger's noisy release of the records (or users), which the guarantee covers
-        (ConfigError for a delta too large for them, PrivacyBudgetSpent if a new count does not
-        fit in the budget)."""
+    def _announce(self) -> tuple[int, int]:
+        """The training units (records or users) and the FedAvg weight (records) this agent
+        announces: the true records without DP; with DP-SGD the ledger's noisy releases, which the
+        guarantee covers, the user-level weight counting each user's records up to
+        ``records_per_user`` (ConfigError for a delta too large for the units, PrivacyBudgetSpent
+        if a new count does not fit in the budget)."""
         if self.ledger is None:
-            return self.corpus.train_records
-        return self.ledger.released_count(self.corpus.train_units)
+            return self.corpus.train_records, self.corpus.train_records
+        units = self.ledger.released_count(self.corpus.train_units)
+        dp = self.config.privacy.dp
+        if dp.unit != "user":
+            return units, units
+        capped = self.corpus.capped_records(dp.records_per_user)
+        return units, self.ledger.released_count(capped, RECORDS, dp.records_per_user)
 
     async def _revocations(self, client: AggregatorClient) -> RevocationList | None:
         """The revocations to check this round's roster against (``agent.revocations``)."""
@@ -555,10 +562,10 @@ class Agent:
             codec = registry.make(codec_settings, vector.size, event.round_id, shared)
             coords = await asyncio.to_thread(self._encode_coords, codec, vector)
             if secure is None:
-                weight = float(self.announced_units)
+                weight = float(self.announced_weight)
                 encoded = registry.encode_plain(codec, vector, weight, encoded=coords)
             else:
-                weight = secure.weight(self.announced_units)
+                weight = secure.weight(self.announced_weight)
                 encoded = await asyncio.to_thread(secure.mask, coords, weight)
             await asyncio.to_thread(payload.write_bytes, encoded)
         labels = client.labels

@@ -10,10 +10,13 @@ at its next Join, so the aggregator does not invite it again, until those settin
 Spends are kept with the unit they protect (a record, or a user): an epsilon is stated for one
 unit, so a ledger of one unit is never composed with rounds of the other.
 
-The agent's count of training units (its FedAvg weight, sent at Join and with every update) is
-released through the Gaussian mechanism too (sensitivity 1: a record, or a user, changes it by at
-most one), once for each true count, and composed with the rounds: a restart announces the same
-noisy count again, which costs nothing more; a changed corpus costs a new release.
+The counts that leave the cloud are released through the Gaussian mechanism too, once for each
+true count, and composed with the rounds: a restart announces the same noisy count again, which
+costs nothing more; a changed corpus costs a new release. They are the count of units the sample
+rate is taken over (records, or users: one changes it by at most one) and the FedAvg weight sent at
+Join and with every update: the records, with user-level privacy each user's counted up to
+``records_per_user`` (one user changes that by at most ``records_per_user``, and the noise is
+scaled by it), so that clouds of either unit weigh alike.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from common.errors import ConfigError, DataLoss, PolicyRefused
 
 log = logging.getLogger(__name__)
 LEDGER = "dp-ledger.json"
+UNITS, RECORDS = "units", "records"
+"""The kinds of count released: the units (records or users) and the user-level weight."""
 LARGEST_ALPHA = "Optimal order is the largest alpha"
 """opacus' warning when a small epsilon's best Renyi order is its largest: still a valid bound."""
 
@@ -59,14 +64,18 @@ class Spend:
 
 @dataclass(frozen=True)
 class CountRelease:
-    """One release of this agent's training-unit count: ``units`` (the true count, which stays in
-    this cloud's state dir) plus Gaussian noise of standard deviation ``noise``, rounded."""
+    """One release of a count: ``units`` (the true count, which stays in this cloud's state dir)
+    plus Gaussian noise of standard deviation ``noise * sensitivity``, rounded."""
 
     units: int
     released: int
     noise: float
     time: float = 0.0
     unit: str = "record"
+    kind: str = UNITS
+    """``units`` (what the sample rate is over) or ``records`` (the user-level FedAvg weight)."""
+    sensitivity: int = 1
+    """The most one unit changes the count by."""
 
     @property
     def mechanism(self) -> tuple[float, float, int]:
@@ -145,6 +154,13 @@ class Exhausted:
     refusal: str
 
 
+def _counted(unit: str, kind: str) -> str:
+    """What a count of ``kind`` counts, in words."""
+    if kind == RECORDS:
+        return "records (each user's up to records_per_user)"
+    return f"{unit}s"
+
+
 class PrivacyLedger:
     """This agent's DP-SGD spends, across rounds and restarts (``<state_dir>/privacy/``)."""
 
@@ -184,32 +200,35 @@ class PrivacyLedger:
         """The epsilon spent so far (rounds and count releases)."""
         return epsilon(self.spends, self.config.delta, self.config.accountant, self.counts)
 
-    def released_count(self, units: int) -> int:
-        """This agent's count of training units as it may leave the cloud: ``units`` plus
-        Gaussian noise (``privacy.dp.count_noise``), rounded, at least 1. Drawn once for each true
-        count and kept durably before it is returned; the same count gets the same release back.
+    def released_count(self, units: int, kind: str = UNITS, sensitivity: int = 1) -> int:
+        """A count as it may leave the cloud: ``units`` plus Gaussian noise of deviation
+        ``privacy.dp.count_noise * sensitivity``, rounded, at least 1. Drawn once for each true
+        count (of this ``kind`` and ``sensitivity``) and kept durably before it is returned; the
+        same count gets the same release back. ConfigError for a delta too large for the units,
         PrivacyBudgetSpent when a new release does not fit in the budget."""
         c = self.config
-        self.check_delta(units)
+        if kind == UNITS:
+            self.check_delta(units)
         for release in reversed(self.counts):
-            if release.units == units:
+            if (release.units, release.kind, release.sensitivity) == (units, kind, sensitivity):
                 return release.released
-        noisy = max(1, round(units + random.SystemRandom().gauss(0.0, c.count_noise)))
-        release = CountRelease(units, noisy, c.count_noise, time.time(), c.unit)
+        noise = random.SystemRandom().gauss(0.0, c.count_noise * sensitivity)
+        noisy = max(1, round(units + noise))
+        release = CountRelease(units, noisy, c.count_noise, time.time(), c.unit, kind, sensitivity)
         after = epsilon(self.spends, c.delta, c.accountant, [*self.counts, release])
         if after > c.max_epsilon:
             raise PrivacyBudgetSpent(
                 f"privacy budget spent: this agent has spent epsilon {self.epsilon:.3f} (delta"
-                f" {c.delta:g}) and announcing its new count of training {c.unit}s would take it to"
-                f" {after:.3f}, over privacy.dp.max_epsilon ({c.max_epsilon:g})"
+                f" {c.delta:g}) and announcing its new count of training {_counted(c.unit, kind)}"
+                f" would take it to {after:.3f}, over privacy.dp.max_epsilon ({c.max_epsilon:g})"
             )
         self._save(self.spends, self.exhausted, [*self.counts, release])
         log.info(
-            "announcing %d training %ss (the true count plus Gaussian noise of deviation %g): epsilon"
+            "announcing %d training %s (the true count plus Gaussian noise of deviation %g): epsilon"
             " %.3f of %g spent (delta %g)",
             noisy,
-            c.unit,
-            c.count_noise,
+            _counted(c.unit, kind),
+            c.count_noise * sensitivity,
             self.epsilon,
             c.max_epsilon,
             c.delta,
@@ -305,17 +324,28 @@ MAX_PREVIEW_ROUNDS = 100_000
 
 
 def preview(
-    config: DpConfig, state_dir: Path, units: int, batch_size: int, steps: int, ranks: int = 1
+    config: DpConfig,
+    state_dir: Path,
+    units: int,
+    batch_size: int,
+    steps: int,
+    ranks: int = 1,
+    capped_records: int = 0,
 ) -> str:
     """One line for ``cloudfed-agent check``: what rounds of the federation's ``batch_size`` and
-    ``steps`` would cost this agent's ``units`` training records (or users), from its ledger on:
-    the count release it would make, the noise, and how many rounds the budget lasts. Spends
-    nothing (the count is the true one, and this line stays in the cloud)."""
+    ``steps`` would cost this agent's ``units`` training records (or users, holding
+    ``capped_records`` counted as the weight is), from its ledger on: the count releases it would
+    make, the noise, and how many rounds the budget lasts. Spends nothing (the counts are the true
+    ones, and this line stays in the cloud)."""
     ledger = PrivacyLedger(state_dir, config)
     ledger.check_delta(units)
     counts = list(ledger.counts)
-    if not any(c.units == units for c in counts):
-        counts.append(CountRelease(units, units, config.count_noise, unit=config.unit))
+    wanted = [(units, UNITS, 1)]
+    if config.unit == "user":
+        wanted.append((capped_records, RECORDS, config.records_per_user))
+    for count, kind, sensitivity in wanted:
+        if not any((c.units, c.kind, c.sensitivity) == (count, kind, sensitivity) for c in counts):
+            counts.append(CountRelease(count, count, config.count_noise, 0.0, config.unit, kind, sensitivity))
     expected = min(batch_size * ranks, units)
     rate = expected / units
     noise = planned_noise(config, rate, steps, tuple(c.mechanism for c in counts))
@@ -354,11 +384,12 @@ def describe(config: DpConfig, state_dir: Path) -> str:
         unit = f"DP-SGD: epsilon {ledger.epsilon:.3f} of {config.max_epsilon:g}"
         clipped = "records clipped to"
     announced = ""
-    if ledger.counts:
-        last = ledger.counts[-1]
+    weights = [c for c in ledger.counts if c.kind == (RECORDS if config.unit == "user" else UNITS)]
+    if weights:
+        last, n = weights[-1], len(ledger.counts)
         announced = (
-            f"; announces {last.released} training {config.unit}s (noise deviation {last.noise:g},"
-            f" {len(ledger.counts)} count release{'s' if len(ledger.counts) > 1 else ''})"
+            f"; weighs its updates by {last.released} training records (noise deviation"
+            f" {last.noise * last.sensitivity:g}; {n} count release{'s' if n > 1 else ''})"
         )
     return (
         f"{unit} spent over {len(ledger.spends)} rounds (delta {config.delta:g}, {config.accountant}"

@@ -65,14 +65,24 @@ class Corpus:
     eval_records: int
     user_field: str = ""
     """Where each record names its user (user-level privacy); the split then holds out users."""
-    train_users: int = 0
-    """The distinct users of the training records (with ``user_field``; else 0)."""
+    user_records: tuple[tuple[int, int], ...] = ()
+    """With ``user_field``: how many training records users hold, as (records, users holding
+    that many) pairs."""
+
+    @property
+    def train_users(self) -> int:
+        """The distinct users of the training records (0 without ``user_field``)."""
+        return sum(users for _, users in self.user_records)
 
     @property
     def train_units(self) -> int:
         """What one DP unit counts in the training side: its users with ``user_field``, else
         its records."""
         return self.train_users if self.user_field else self.train_records
+
+    def capped_records(self, cap: int) -> int:
+        """Training records, each user's counted up to ``cap`` (with ``user_field``)."""
+        return sum(min(records, cap) * users for records, users in self.user_records)
 
     def records(self, part: str) -> Iterator[Record]:
         """The records of one side of the split (``train`` or ``eval``), streamed."""
@@ -111,8 +121,9 @@ class TokenStore:
         counts_file = self.root / "corpus.json"
         try:
             counts = json.loads(counts_file.read_text())
-            fresh = counts["fingerprint"] == fingerprint and (not user_field or "users" in counts)
-            train, evaluation, users = int(counts["train"]), int(counts["eval"]), int(counts.get("users", 0))
+            fresh = counts["fingerprint"] == fingerprint and (not user_field or "user_records" in counts)
+            train, evaluation = int(counts["train"]), int(counts["eval"])
+            users = tuple((int(k), int(n)) for k, n in counts.get("user_records", []))
         except FileNotFoundError:
             fresh = False
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -120,7 +131,7 @@ class TokenStore:
             fresh = False
         if not fresh:
             train, evaluation, users = _count(path, eval_fraction, user_field)
-            counts = {"fingerprint": fingerprint, "train": train, "eval": evaluation, "users": users}
+            counts = {"fingerprint": fingerprint, "train": train, "eval": evaluation, "user_records": users}
             if remember:
                 replace_durably(counts_file, json.dumps(counts).encode())
         check_split(train, evaluation, eval_fraction)
@@ -253,10 +264,11 @@ def _fingerprint(path: Path, eval_fraction: float, user_field: str) -> str:
     return hashlib.sha256(json.dumps(material).encode()).hexdigest()
 
 
-def _count(path: Path, eval_fraction: float, user_field: str) -> tuple[int, int, int]:
-    """Training records, evaluation records and (with ``user_field``) distinct training users."""
+def _count(path: Path, eval_fraction: float, user_field: str) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+    """Training records, evaluation records and (with ``user_field``) how many training records
+    users hold (``Corpus.user_records``)."""
     train = evaluation = 0
-    users = _DistinctUsers()
+    users = _UserRecords()
     for record in iter_records(path, user_field):
         if held_out(record.key, eval_fraction):
             evaluation += 1
@@ -266,16 +278,17 @@ def _count(path: Path, eval_fraction: float, user_field: str) -> tuple[int, int,
                 users.add(record.user)
     if train + evaluation == 0:
         raise ConfigError(f"data: {path} holds no documents")
-    return train, evaluation, users.count()
+    return train, evaluation, users.histogram()
 
 
-class _DistinctUsers:
-    """Counts distinct users by their 64-bit keys: 8 bytes a user, plus a batch of records."""
+class _UserRecords:
+    """Each user's records, counted by their 64-bit keys: 16 bytes a user, plus a batch."""
 
     BATCH = 1 << 20
 
     def __init__(self) -> None:
-        self.seen = np.empty(0, dtype=np.int64)
+        self.keys = np.empty(0, dtype=np.int64)
+        self.records = np.empty(0, dtype=np.int64)
         self.pending: list[int] = []
 
     def add(self, user: str) -> None:
@@ -283,14 +296,18 @@ class _DistinctUsers:
         if len(self.pending) >= self.BATCH:
             self._merge()
 
-    def count(self) -> int:
+    def histogram(self) -> tuple[tuple[int, int], ...]:
+        """(records, users holding that many) pairs, fewest records first."""
         self._merge()
-        return len(self.seen)
+        held, users = np.unique(self.records, return_counts=True)
+        return tuple((int(k), int(n)) for k, n in zip(held, users, strict=True))
 
     def _merge(self) -> None:
         if self.pending:
-            fresh = np.asarray(self.pending, dtype=np.int64)
-            self.seen = np.union1d(self.seen, fresh)
+            keys = np.concatenate([self.keys, np.asarray(self.pending, dtype=np.int64)])
+            weights = np.concatenate([self.records, np.ones(len(self.pending), dtype=np.int64)])
+            self.keys, owner = np.unique(keys, return_inverse=True)
+            self.records = np.bincount(owner, weights=weights, minlength=len(self.keys)).astype(np.int64)
             self.pending = []
 
 

@@ -571,9 +571,10 @@ class DpConfig:
     """With ``unit = "user"``: the most records of a sampled user a step takes (drawn at random
     when the user has more); bounds a step's work, not the guarantee."""
     count_noise: float = 20.0
-    """Standard deviation of the Gaussian noise on the count of training units (records, or
-    users) this agent announces as its FedAvg weight: the count is covered by the guarantee too
-    (20 costs under 0.1% more noise in the rounds at epsilon 8, about 1% at epsilon 1)."""
+    """Standard deviation of the Gaussian noise on the counts this agent announces (its
+    training records, its FedAvg weight; with ``unit = "user"`` also its users, and the weight's
+    noise is times ``records_per_user``): the counts are covered by the guarantee too (20 costs
+    under 0.1% more noise in the rounds at epsilon 8, about 1% at epsilon 1)."""
 
     def validate(self) -> DpConfig:
         """ConfigError naming the field."""

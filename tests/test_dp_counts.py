@@ -17,6 +17,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from agent import token_store
 from agent.dp_budget import (
     LEDGER,
+    RECORDS,
     CountRelease,
     PrivacyBudgetSpent,
     PrivacyLedger,
@@ -153,7 +154,7 @@ def test_check_describes_the_announced_count(tmp_path: Path) -> None:
     assert "announces" not in describe(DP, tmp_path)
     released = PrivacyLedger(tmp_path, DP).released_count(3000)
     assert describe(DP, tmp_path).endswith(
-        f"; announces {released} training records (noise deviation 20, 1 count release)"
+        f"; weighs its updates by {released} training records (noise deviation 20; 1 count release)"
     )
 
 
@@ -163,30 +164,68 @@ def test_the_config_refuses_a_count_noise_that_is_not_positive(change: dict[str,
         dataclasses.replace(DP, **change).validate()
 
 
-def test_the_corpus_counts_its_distinct_training_users(
+def test_the_corpus_counts_each_training_users_records(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Users counted once however many records they hold, the held-out users not at all, in
-    batches smaller than the corpus; a count stored before users were counted is made again."""
-    monkeypatch.setattr(token_store._DistinctUsers, "BATCH", 7)
+    batches smaller than the corpus; their records counted up to a cap as the user-level weight
+    is; a count stored before users were counted is made again."""
+    monkeypatch.setattr(token_store._UserRecords, "BATCH", 7)
     data = tmp_path / "data.jsonl"
-    lines = [{"text": f"record {i} of customer {i % 23}", "user": f"customer-{i % 23}"} for i in range(150)]
+    owners = [f"customer-{i % 23}" for i in range(150)] + ["whale"] * 40  # one user holds 40 records
+    lines = [{"text": f"record {i} of {user}", "user": user} for i, user in enumerate(owners)]
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
     store = TokenStore(tmp_path / "tokens")
     corpus = store.corpus(data, 0.2, user_field="user")
-    train_users = {
-        line["user"] for line in lines if not token_store.held_out(json.dumps(["user", line["user"]]), 0.2)
+    held = {u for u in set(owners) if token_store.held_out(json.dumps(["user", u]), 0.2)}
+    assert "whale" not in held  # the split's hash keeps this name in training
+    records = {u: owners.count(u) for u in set(owners) - held}
+    assert corpus.train_users == corpus.train_units == len(records) and 10 < len(records) <= 24
+    assert corpus.train_records == sum(records.values())
+    assert corpus.capped_records(4) == sum(min(n, 4) for n in records.values())
+    assert corpus.capped_records(1000) == corpus.train_records
+    assert dict(corpus.user_records) == {
+        n: sum(1 for m in records.values() if m == n) for n in set(records.values())
     }
-    assert corpus.train_users == corpus.train_units == len(train_users)
-    assert 10 < len(train_users) < 23
-    assert corpus.train_records == 150 - sum(line["user"] not in train_users for line in lines)
     plain = TokenStore(tmp_path / "plain").corpus(data, 0.2)
     assert (plain.train_users, plain.train_units) == (0, plain.train_records)
     counts = store.root / "corpus.json"
     stored = json.loads(counts.read_text())
-    assert stored["users"] == len(train_users)
-    del stored["users"]
+    assert [tuple(pair) for pair in stored["user_records"]] == list(corpus.user_records)
+    del stored["user_records"]
     stored["train"] = 1  # from an older version: counted again, not trusted
     counts.write_text(json.dumps(stored))
     again = store.corpus(data, 0.2, user_field="user")
-    assert (again.train_records, again.train_users) == (corpus.train_records, len(train_users))
+    assert (again.train_records, again.user_records) == (corpus.train_records, corpus.user_records)
+
+
+def test_a_user_level_ledger_releases_the_weight_with_noise_scaled_by_the_cap(tmp_path: Path) -> None:
+    """The user-level weight (records, each user's up to records_per_user = 8) is its own release:
+    noise of deviation 8 x 20 (over 200 fresh ledgers), the same accounting as a count of users,
+    kept apart from the count of users it is released beside."""
+    users = dataclasses.replace(DP, unit="user", records_per_user=8)
+    released = []
+    for i in range(200):
+        ledger = PrivacyLedger(tmp_path / str(i), users)
+        ledger.released_count(400)
+        released.append(ledger.released_count(3000, RECORDS, 8))
+    assert (
+        120 < statistics.stdev(released) < 200 and abs(statistics.fmean(released) - 3000) < 5 * 160 / 200**0.5
+    )
+    units, weight = PrivacyLedger(tmp_path / "0", users).counts
+    assert (units.kind, units.units, weight.kind, weight.units, weight.sensitivity) == (
+        "units",
+        400,
+        RECORDS,
+        3000,
+        8,
+    )
+    alone = epsilon([], DP.delta, DP.accountant, [units])
+    assert PrivacyLedger(tmp_path / "0", users).epsilon == pytest.approx(
+        epsilon([], DP.delta, DP.accountant, [units] * 2)
+    )
+    assert PrivacyLedger(tmp_path / "0", users).epsilon > alone
+    again = PrivacyLedger(tmp_path / "0", users)
+    assert again.released_count(3000, RECORDS, 8) == weight.released and len(again.counts) == 2
+    again.released_count(3000, RECORDS, 4)  # another cap: another release
+    assert [c.sensitivity for c in PrivacyLedger(tmp_path / "0", users).counts] == [1, 8, 4]

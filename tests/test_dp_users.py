@@ -21,7 +21,7 @@ from agent.cli import check
 from agent.daemon import Agent
 from agent.data import Example, TokenBlocks, held_out, iter_records, record_blocks, user_key
 from agent.demo import prepare
-from agent.dp_budget import LEDGER, CountRelease, PrivacyLedger, Spend, describe, epsilon
+from agent.dp_budget import LEDGER, RECORDS, CountRelease, PrivacyLedger, Spend, describe, epsilon
 from agent.dp_sgd import DpStep
 from agent.dp_units import PrivacyUnits, micro_batches, user_units
 from agent.token_store import TokenStore, open_entry
@@ -329,7 +329,11 @@ async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
     agg = dataclasses.replace(
         load(AggregatorConfig, agg_path, env={"CLOUDFED_ROUNDS_MIN_AGENTS": "1"}), metrics_listen=""
     )
-    held = sum(held_out(json.dumps(["user", f"customer-{u}"]), config.eval_fraction) for u in range(30))
+
+    def _held(u: int) -> bool:
+        return held_out(json.dumps(["user", f"customer-{u}"]), config.eval_fraction)
+
+    held = sum(_held(u) for u in range(30))
     seed(agg, None)
     server = build_aggregator(agg)
     await server.start()
@@ -350,29 +354,35 @@ async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
     users, lasts, steps = (int(g) for g in plan.groups())
     assert users == 30 - held and lasts > 1
 
-    def spent(rounds: int) -> float:  # what that many rounds would cost, with the count release
-        release = CountRelease(users, users, 20.0, unit="user")
-        return epsilon([Spend(0, 1.0, 8 / users, rounds * steps)], 1e-3, "rdp", [release])
+    def spent(rounds: int) -> float:  # what that many rounds would cost, with the two count releases
+        releases = [CountRelease(users, users, 20.0, unit="user")] * 2  # users; records (noise x cap)
+        return epsilon([Spend(0, 1.0, 8 / users, rounds * steps)], 1e-3, "rdp", releases)
 
     assert spent(lasts) <= 50 < spent(lasts + 1)
-    announced = 30 - held + 13  # as if drawn at an earlier start: this start announces it again
-    kept = CountRelease(30 - held, announced, 2.0, 0.0, "user")
+    # as if drawn at an earlier start, which this start announces again: the users (the sample
+    # rate is over them) and the records, each user's up to 3 (the FedAvg weight)
+    announced, capped = 30 - held + 13, sum(min(3, len(texts[u::30])) for u in range(30) if not _held(u))
+    weighs = capped - 5
+    kept = [
+        CountRelease(30 - held, announced, 2.0, 0.0, "user"),
+        CountRelease(capped, weighs, 2.0, 0.0, "user", RECORDS, 3),
+    ]
     ledger_file = config.state_dir / "privacy" / LEDGER
     ledger_file.parent.mkdir(parents=True)
-    ledger_file.write_text(json.dumps({"spends": [], "counts": [dataclasses.asdict(kept)]}))
+    ledger_file.write_text(json.dumps({"spends": [], "counts": [dataclasses.asdict(k) for k in kept]}))
     caplog.set_level(logging.INFO)
     async with in_process(agg, Agent(config)) as run, asyncio.timeout(120):
         await run.agents[0]  # trains round 1, evaluates version 1 and stops
     assert "round 1 trained" in caplog.text and "tokenized before" in caplog.text
     assert "base weights torch.float32, activation checkpointing" in caplog.text
     ledger = PrivacyLedger(config.state_dir, config.privacy.dp)
-    (spend,), (release,), spent = ledger.spends, ledger.counts, ledger.epsilon
-    assert release == kept  # the same users: no new release
-    assert query(agg.state_dir / "cloudfed.db", "SELECT num_examples FROM agents") == [(announced,)]
+    (spend,), spent = ledger.spends, ledger.epsilon
+    assert ledger.counts == kept  # the same users and records: no new release
+    assert query(agg.state_dir / "cloudfed.db", "SELECT num_examples FROM agents") == [(weighs,)]
     assert query(
         agg.state_dir / "cloudfed.db", "SELECT weight FROM participants WHERE status = 'uploaded'"
-    ) == [(announced,)]
-    at_join = epsilon([], 1e-3, "rdp", [release])  # the release was spent before the Join
+    ) == [(weighs,)]
+    at_join = epsilon([], 1e-3, "rdp", kept)  # the releases were spent before the Join
     assert query(agg.state_dir / "cloudfed.db", "SELECT differential_privacy FROM agents") == [
         (f"user-level DP-SGD, epsilon {spent:.3f} of 50 spent after round 1 (delta 0.001)",)
     ]  # what the agent announced at Join, restated with its upload's spend, for the operators

@@ -184,6 +184,7 @@ def test_two_ranks_train_user_level_dp_each_on_whole_users(tmp_path: Path) -> No
     assert sum(int(h[1]) for h in held) == users and sum(int(h[2]) for h in held) == records  # type: ignore[index]
     ledger = json.loads((agent.parent / "state" / "privacy" / "dp-ledger.json").read_text())
     assert [s["unit"] for s in ledger["spends"]] == ["user", "user"]
-    (release,) = ledger["counts"]  # every user of both ranks' shards, counted once, then noised
-    assert release["units"] == users
+    release, weight = ledger["counts"]  # every user of both ranks' shards, counted once, then noised
+    assert (release["kind"], release["units"], weight["kind"]) == ("units", users, "records")
+    assert weight["units"] == records  # records, each user's up to 8: no user here holds more
     assert ledger["spends"][0]["sample_rate"] == pytest.approx(min(1.0, 2 * 8 / release["released"]))
