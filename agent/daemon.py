@@ -261,6 +261,8 @@ class Agent:
         self.announced_units = self.announced_weight = 0
         """The training units this agent's sample rate is over, and its FedAvg weight, as they
         may leave the cloud (``_announce``)."""
+        self.uncounted = ""
+        """Why the counts could not be released (the budget): the agent then trains no round."""
         self.revocations = AgentRevocations(self.state, config.tls)
         self._shared: tuple[str, Codec] | None = None  # (state digest, codec built from that state)
         log.info(
@@ -326,8 +328,16 @@ class Agent:
 
     async def _session(self, client: AggregatorClient, stop: asyncio.Event) -> bool:
         """One connection's life; True once max_rounds is reached."""
-        self.announced_units, self.announced_weight = await asyncio.to_thread(self._announce)
-        spent = self.ledger.exhausted.refusal if self.ledger and self.ledger.exhausted else ""
+        try:
+            self.announced_units, self.announced_weight = await asyncio.to_thread(self._announce)
+            self.uncounted = ""
+        except PrivacyBudgetSpent as exc:  # its rounds are over: it still evaluates new versions
+            log.warning("%s; joining to evaluate new versions only, with no count", exc)
+            self.announced_units = self.announced_weight = 0
+            self.uncounted = str(exc)
+        spent = self.uncounted or (
+            self.ledger.exhausted.refusal if self.ledger and self.ledger.exhausted else ""
+        )
         join = await client.join(
             num_examples=self.announced_weight,
             device=self._device_info(),
@@ -346,8 +356,12 @@ class Agent:
         if self.ledger is not None:  # ConfigError (the daemon exits) for a delta too large for the data
             self.ledger.check_delta(self.worker.train_units)
             self._publish_privacy(client)
-            if spent and not self.ledger.still_exhausted(
-                self.ledger.settings(*self._spend_inputs(settings.training))
+            if (
+                spent
+                and not self.uncounted
+                and not self.ledger.still_exhausted(
+                    self.ledger.settings(*self._spend_inputs(settings.training))
+                )
             ):
                 log.info(
                     "the federation's settings or this agent's changed since its privacy budget was"
@@ -480,6 +494,8 @@ class Agent:
         round does not fit in the budget."""
         if self.ledger is None:
             return None
+        if self.uncounted:  # invited all the same (the aggregator should not have): decline
+            raise PrivacyBudgetSpent(self.uncounted)
         return await asyncio.to_thread(self.ledger.plan, round_id, *self._spend_inputs(t))
 
     def _spend_inputs(self, t: pb.TrainingSettings) -> tuple[int, int, int, int]:

@@ -4,8 +4,10 @@ released again only when the count changes; the corpus counts the distinct users
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import logging
 import re
 import statistics
 import warnings
@@ -15,6 +17,8 @@ import pytest
 from opacus.accountants.utils import get_noise_multiplier
 
 from agent import token_store
+from agent.daemon import Agent
+from agent.demo import prepare
 from agent.dp_budget import (
     LEDGER,
     RECORDS,
@@ -29,8 +33,10 @@ from agent.dp_budget import (
 )
 from agent.dp_sgd import DpStep
 from agent.token_store import TokenStore
-from common.config import DpConfig
+from common.config import AgentConfig, AggregatorConfig, DpConfig, load
 from common.errors import ConfigError
+from tests.agentsim import in_process
+from tests.test_faults import query
 
 DP = DpConfig(enabled=True, noise_multiplier=1.0, max_epsilon=8.0, delta=1e-5, count_noise=20.0)
 
@@ -229,3 +235,39 @@ def test_a_user_level_ledger_releases_the_weight_with_noise_scaled_by_the_cap(tm
     assert again.released_count(3000, RECORDS, 8) == weight.released and len(again.counts) == 2
     again.released_count(3000, RECORDS, 4)  # another cap: another release
     assert [c.sensitivity for c in PrivacyLedger(tmp_path / "0", users).counts] == [1, 8, 4]
+
+
+async def test_an_agent_whose_new_count_does_not_fit_still_joins_to_evaluate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real agent daemon with a ledger whose rounds left too little budget for a count
+    release (as one from before releases, or whose data grew after its last round): it releases
+    nothing, joins with no count, announcing its budget spent, so no round is started for it,
+    and evaluates the global version all the same."""
+    agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False)
+    uri = "spiffe://demo.cloudfed/cloud/aws/agent/agent-1"
+    rounds_spent = epsilon([Spend(1, 1.0, 0.05, 50)], 1e-4, "rdp")
+    env = {
+        "CLOUDFED_AGENT_PRIVACY_DP_ENABLED": "true",
+        "CLOUDFED_AGENT_PRIVACY_DP_NOISE_MULTIPLIER": "1.0",
+        "CLOUDFED_AGENT_PRIVACY_DP_DELTA": "1e-4",
+        "CLOUDFED_AGENT_PRIVACY_DP_MAX_EPSILON": f"{rounds_spent + 0.01}",
+        "CLOUDFED_AGENT_PRIVACY_DP_COUNT_NOISE": "2",
+        "CLOUDFED_AGENT_MAX_ROUNDS": "0",
+    }
+    config = dataclasses.replace(load(AgentConfig, agent_paths[0], env=env), metrics_listen="")
+    ledger_file = config.state_dir / "privacy" / LEDGER
+    ledger_file.parent.mkdir(parents=True)
+    ledger_file.write_text(json.dumps({"spends": [dataclasses.asdict(Spend(1, 1.0, 0.05, 50))]}))
+    agg = load(AggregatorConfig, agg_path, env={"CLOUDFED_ROUNDS_MIN_AGENTS": "1"})
+    agg = dataclasses.replace(agg, metrics_listen="")
+    caplog.set_level(logging.INFO)
+    async with in_process(agg, Agent(config)) as run, asyncio.timeout(120):
+        while "global version 0: eval loss" not in caplog.text:  # noqa: ASYNC110 (bounded poll)
+            await asyncio.sleep(0.1)
+        refusal = run.agg.rounds.agents[uri].budget_spent
+        assert run.agg.rounds.trainable == [] and run.agg.rounds.state.round_id == 0
+    assert refusal.startswith("privacy budget spent: this agent has spent epsilon") and "new count" in refusal
+    assert "joining to evaluate new versions only, with no count" in caplog.text
+    assert query(agg.state_dir / "cloudfed.db", "SELECT num_examples FROM agents") == [(0,)]
+    assert PrivacyLedger(config.state_dir, config.privacy.dp).counts == []  # nothing released
