@@ -1,6 +1,6 @@
 """A local federation on loopback: the main job, end to end, in about a minute on 2 CPU cores.
 
-    python -m agent.demo [--rounds 5] [--dir demo-run]
+    python -m agent.demo [--rounds 5] [--dir demo-run] [--no-secagg] [--dp aws]
 
 Generates a dev CA and certificates, builds a tiny causal LM and tokenizer
 locally (nothing is downloaded), gives three agents (aws, gcp, azure) different
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import AggregatorConfig, load
+from common.config import AgentConfig, AggregatorConfig, load
 from common.health import wait_serving
 from common.identity import SpiffeId
 from common.pki import PkiDir, issue_agent, issue_server
@@ -65,6 +65,16 @@ def free_port() -> int:
             return port
 
 
+DP_DEMO = """\
+[privacy.dp]
+enabled = true
+max_epsilon = 8.0
+delta = 1e-4
+planned_rounds = {rounds}
+"""
+"""A demo cloud's DP-SGD: epsilon 8 over the demo's rounds (delta below 1 / its ~150 records)."""
+
+
 def prepare(
     root: Path,
     rounds: int,
@@ -74,10 +84,12 @@ def prepare(
     secagg_bits: int = 24,
     adaptive_clip: float = 0.0,
     device: str = "cpu",
+    dp_clouds: tuple[str, ...] = (),
 ) -> tuple[Path, list[Path], int]:
     """Write certificates, model, data and configs; return (aggregator config, agent configs, health port).
     With ``secagg`` the aggregator only ever sees the masked sum (``secagg_bits``-bit fixed point,
-    clip 0.5, or bounds from the last aggregate with ``adaptive_clip``)."""
+    clip 0.5, or bounds from the last aggregate with ``adaptive_clip``). The agents of
+    ``dp_clouds`` train with record-level DP-SGD, a budget of epsilon 8 planned for ``rounds``."""
     pki = PkiDir(root / "pki")
     ca = pki.init("cloudfed demo CA", force=True)
     pki.save("aggregator", issue_server(ca, ["localhost"], ["127.0.0.1"]))
@@ -143,7 +155,8 @@ sequence_length = 64
         docs = domain_corpus(domain, DOCUMENTS[cloud], seed=1)
         data.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
         config = root / name / "agent.toml"
-        config.write_text(f"""\
+        config.write_text(
+            f"""\
 aggregator = "127.0.0.1:{port}"
 server_name = "localhost"
 state_dir = "state"
@@ -160,7 +173,9 @@ ca = "../pki/ca.pem"
 crl = "../pki/crl.pem"
 [privacy]
 require_masking = {"true" if secagg else "false"}
-""")
+"""
+            + (DP_DEMO.format(rounds=rounds) if cloud in dp_clouds else "")
+        )
         agents.append(config)
     return root / "aggregator.toml", agents, health
 
@@ -190,10 +205,11 @@ def run_federation(
     secagg_bits: int = 24,
     adaptive_clip: float = 0.0,
     device: str = "cpu",
+    dp_clouds: tuple[str, ...] = (),
 ) -> dict[int, dict[str, float]]:
     """Start the aggregator and agents, wait for ``rounds`` new versions, stop them; return the eval table."""
     agg_config, agent_configs, health = prepare(
-        root, rounds, secagg, codec, codec_ratio, secagg_bits, adaptive_clip, device
+        root, rounds, secagg, codec, codec_ratio, secagg_bits, adaptive_clip, device, dp_clouds
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # The agents share this machine's cores: each gets its share of torch's threads (unless the
@@ -261,14 +277,25 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dir", type=Path, default=Path("demo-run"))
     p.add_argument("--no-secagg", action="store_true", help="send plain updates (no secure aggregation)")
+    p.add_argument(
+        "--dp",
+        action="append",
+        default=[],
+        choices=CLOUDS,
+        help="this cloud trains with DP-SGD (epsilon 8 over the rounds); repeat for more",
+    )
     args = p.parse_args()
     root = args.dir.resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     began = time.monotonic()
     masking = "plain updates" if args.no_secagg else "secure aggregation on"
-    print(f"cloudfed demo in {root}: dev CA, tiny LM, {len(CLOUDS)} clouds with their own text, {masking}")
-    table = run_federation(root, args.rounds, secagg=not args.no_secagg)
+    private = f", DP-SGD in {', '.join(args.dp)}" if args.dp else ""
+    print(
+        f"cloudfed demo in {root}: dev CA, tiny LM, {len(CLOUDS)} clouds with their own text,"
+        f" {masking}{private}"
+    )
+    table = run_federation(root, args.rounds, secagg=not args.no_secagg, dp_clouds=tuple(args.dp))
     complete = sorted(v for v, losses in table.items() if len(losses) == len(CLOUDS))
     if len(complete) < 2:
         print(f"FAILED: only {len(complete)} versions evaluated; see the logs in {root}")
@@ -280,6 +307,11 @@ def main() -> int:
         f"{len(complete) - 1} rounds in {seconds:.0f}s: mean eval loss {first:.4f} -> {last:.4f} "
         f"({'down' if ok else 'NOT down'}). What each agent sent is in {root}/*/audit."
     )
+    from agent.dp_budget import describe as describe_dp
+
+    for cloud in args.dp:
+        config = load(AgentConfig, root / f"{cloud}-agent-1" / "agent.toml")
+        print(f"{cloud}: {describe_dp(config.privacy.dp, config.state_dir)}")
     export = ["export", "--out", str(root / "export"), "--merge", "--force"]
     exported = subprocess.run(
         [sys.executable, "-m", "server.cli", "--config", str(root / "aggregator.toml"), *export],

@@ -327,3 +327,19 @@ def test_autoencoder_with_the_mlp_decoder_in_plain_rounds(tmp_path: Path) -> Non
     first = snapshots[: len(CLOUDS)]
     staged = sorted(float(np.linalg.norm(np.load(codec_dir / "snapshots" / n))) for n in first)
     np.testing.assert_allclose(staged, audited, rtol=1e-5)
+
+
+def test_the_demo_runs_with_a_dp_cloud_and_says_what_it_spent(tmp_path: Path) -> None:
+    """`python -m agent.demo --dp aws`, as a user runs it: masked rounds in which aws trains with
+    DP-SGD (budget planned for the demo's rounds); the loss still goes down, the export works, and
+    the demo ends with aws' spend, which its ledger holds (both rounds, and its count release)."""
+    done = run_cli("agent.demo", "--rounds", "2", "--dir", str(tmp_path / "run"), "--dp", "aws", timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "secure aggregation on, DP-SGD in aws" in done.stdout
+    ledger = json.loads(
+        (tmp_path / "run" / "aws-agent-1" / "state" / "privacy" / "dp-ledger.json").read_text()
+    )
+    assert [s["round_id"] for s in ledger["spends"]] == [1, 2] and len(ledger["counts"]) == 1
+    spent = [line for line in done.stdout.splitlines() if line.startswith("aws: DP-SGD: epsilon ")]
+    assert len(spent) == 1 and " of 8 spent over 2 rounds" in spent[0], done.stdout
+    assert not (tmp_path / "run" / "gcp-agent-1" / "state" / "privacy").exists()  # the others train plainly
