@@ -55,6 +55,28 @@ async def test_reports_are_kept_and_bad_ones_refused_with_their_status(start_agg
     assert gauge("evaluator") == 5.25
 
 
+async def _evaluate_version_0(
+    agg_config: AggregatorConfig, agent_config: AgentConfig, linger_s: float = 0.0
+) -> None:
+    """The real aggregator (seeded) and agent daemon in this process, until the agent has
+    evaluated version 0 and ``linger_s`` more."""
+    seed(agg_config, None)
+    agg = build_aggregator(agg_config)
+    await agg.start()
+    stop = asyncio.Event()
+    agent = Agent(agent_config)
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        async with asyncio.timeout(120):
+            while 0 not in agent.progress.versions_evaluated:  # noqa: ASYNC110 (a watch would count)
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(linger_s)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await agg.stop(0)
+
+
 async def test_agent_keeps_a_loss_that_is_not_finite_to_itself(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -72,21 +94,7 @@ async def test_agent_keeps_a_loss_that_is_not_finite_to_itself(
         return (math.nan, result[1]) if command["op"] == "eval" else result
 
     monkeypatch.setattr(Worker, "execute", broken_eval)
-    seed(agg_config, None)
-    agg = build_aggregator(agg_config)
-    await agg.start()
-    stop = asyncio.Event()
-    agent = Agent(agent_config)
-    task = asyncio.create_task(agent.run(stop))
-    try:
-        async with asyncio.timeout(120):
-            while 0 not in agent.progress.versions_evaluated:  # noqa: ASYNC110 (a watch would count)
-                await asyncio.sleep(0.1)
-            await asyncio.sleep(1.0)  # a refused report would have dropped the connection by now
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
-        await agg.stop(0)
+    await _evaluate_version_0(agg_config, agent_config, linger_s=1.0)  # a refused report would drop it
     assert "global version 0: eval loss nan on this cloud's held-out text; not reported" in caplog.text
     assert "aggregator unavailable" not in caplog.text
     assert query(agg_config.state_dir / "cloudfed.db", "SELECT * FROM evals") == []
@@ -106,20 +114,7 @@ async def test_an_agent_that_shares_no_eval_loss_keeps_them_in_its_cloud(
     env = {"CLOUDFED_AGENT_PRIVACY_SHARE_EVAL_LOSSES": "false"}
     agent_config = dataclasses.replace(load(AgentConfig, agent_paths[0], env=env), metrics_listen="")
     caplog.set_level(logging.INFO)
-    seed(agg_config, None)
-    agg = build_aggregator(agg_config)
-    await agg.start()
-    stop = asyncio.Event()
-    agent = Agent(agent_config)
-    task = asyncio.create_task(agent.run(stop))
-    try:
-        async with asyncio.timeout(120):
-            while 0 not in agent.progress.versions_evaluated:  # noqa: ASYNC110 (a watch would count)
-                await asyncio.sleep(0.1)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
-        await agg.stop(0)
+    await _evaluate_version_0(agg_config, agent_config)
     kept = json.loads((agent_config.state_dir / "evals.jsonl").read_text().splitlines()[0])
     assert kept["version"] == 0 and math.isfinite(kept["eval_loss"]) and kept["tokens"] > 0
     assert (
