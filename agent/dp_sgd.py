@@ -27,9 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from agent.data import IGNORE, TokenBlocks
+from agent.data import TokenBlocks
 from agent.distributed import DistContext
 from agent.dp_units import PrivacyUnits, micro_batches
+from agent.record_loss import RecordLoss
 from common.errors import TrainingFailed
 
 
@@ -59,16 +60,6 @@ class DpStep:
     """The most rows of a sampled unit a step takes (users; a record is one row)."""
 
 
-def per_record_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each row's mean next-token cross-entropy over its own learned tokens: a record's loss
-    depends on that record alone (a batch mean over all tokens would not)."""
-    targets = labels[:, 1:]
-    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    ce = torch.nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="none")
-    learned = (targets != IGNORE).sum(dim=1).clamp(min=1)
-    return ce.view(targets.shape).sum(dim=1) / learned
-
-
 class PrivateGradients:
     """Noisy clipped gradients of a model's trainable parameters, one DP-SGD step at a time."""
 
@@ -76,6 +67,8 @@ class PrivateGradients:
         from opacus import GradSampleModule
 
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        self.loss = RecordLoss(model)
+        """Each row's loss (in chunks of positions where the model allows: ``agent.record_loss``)."""
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ctx = ctx
         device = self.params[0].device
@@ -144,7 +137,7 @@ class PrivateGradients:
     def _row_gradients(self, rows: TokenBlocks) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Each row's loss and its gradient of that loss (opacus' per-sample gradients)."""
         batch = rows.to(str(self.params[0].device))
-        losses = per_record_loss(self.module(input_ids=batch.input_ids).logits, batch.labels)
+        losses = self.loss(batch.input_ids, batch.labels)
         with warnings.catch_warnings():  # opacus' hooks fire on frozen inputs by design
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             torch.autograd.backward(losses.sum())

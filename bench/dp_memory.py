@@ -1,18 +1,21 @@
-"""DP-SGD's memory with and without activation checkpointing, same model, same records.
+"""DP-SGD's memory: activation checkpointing and the loss taken in chunks of positions, same
+model, same records.
 
     python -m bench.dp_memory [--device auto] [--hidden 512] [--layers 8] [--sequence 512]
-                              [--batch 8] [--steps 2] [--repeats 2]
+                              [--batch 8] [--steps 2] [--repeats 2] [--head-vocab 0]
 
-Builds a Llama from a config (nothing downloaded) with the federation's kind of LoRA adapter
-(rank 16 on every attention and MLP projection) and runs ``--steps`` DP-SGD steps of the agent's
-trainer on ``2 x --batch`` records, every record drawn and no noise (so both variants must send
-the same update), in micro-batches of ``--batch``: once with each layer's activations kept for
-the backward (and opacus' per-record hooks), once with them recomputed there (reentrant
-activation checkpointing). Each variant runs in a fresh process, interleaved over
+Builds a Llama from a config (nothing downloaded), its vocabulary widened to ``--head-vocab``
+if given (the logits grow with it), with the federation's kind of LoRA adapter (rank 16 on every
+attention and MLP projection) and runs ``--steps`` DP-SGD steps of the agent's trainer on
+``2 x --batch`` records, every record drawn and no noise (so every variant must send the same
+update), in micro-batches of ``--batch``, three ways: each layer's activations and the full
+logits kept for the backward; the activations recomputed there (reentrant activation
+checkpointing); and, as the agent now trains, also the loss taken ``agent.record_loss.
+CHUNK_TOKENS`` positions at a time. Each variant runs in a fresh process, interleaved over
 ``--repeats``. Memory is what training adds to the process: on a GPU the peak allocated, on a
 CPU the peak resident set (``ru_maxrss``) over the resident set before the first step. Also the
-time a step and the cosine between the two updates. Results go to
-bench/results/dp-memory-<device>-h<hidden>-l<layers>.json.
+time a step and each update's cosine to the first variant's. Results go to
+bench/results/dp-memory-<device>-h<hidden>-l<layers>[-v<head vocab>].json.
 """
 
 from __future__ import annotations
@@ -29,15 +32,31 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from agent.data import TokenBlocks
 from agent.dp_sgd import DpStep
+from agent.record_loss import CHUNK_TOKENS
 from agent.trainer import LocalTraining, LoraTrainer, initial_adapter, pick_device
 from bench.trainer import LORA, flat_delta
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = {"dp": False, "dp+ckpt": True}  # name: activation checkpointing
+VARIANTS = {  # name: (activation checkpointing, positions whose logits are held at once; 0: all)
+    "dp, full logits": (False, 0),
+    "dp+ckpt, full logits": (True, 0),
+    "dp+ckpt, chunked loss": (True, CHUNK_TOKENS),
+}
+FIRST = "dp, full logits"
+
+
+def _widen_vocabulary(path: Path, size: int) -> None:
+    """Give the saved model ``size`` embedding rows (and so logits), the new ones random."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.resize_token_embeddings(size, mean_resizing=False)
+    model.save_pretrained(path)
 
 
 def _resident_bytes() -> int:
@@ -52,7 +71,10 @@ def child(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     cuda = device.startswith("cuda")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    trainer = LoraTrainer(str(work / "model"), LORA, device, private=True, checkpointing=VARIANTS[args.child])
+    checkpointing, chunk_tokens = VARIANTS[args.child]
+    trainer = LoraTrainer(str(work / "model"), LORA, device, private=True, checkpointing=checkpointing)
+    assert trainer.private is not None
+    trainer.private.loss.chunk_tokens = chunk_tokens
     trainer.set_adapter(torch.load(work / "start.pt"))
     ids = torch.load(work / "records.pt")
     records = TokenBlocks(ids, ids.clone())
@@ -73,7 +95,7 @@ def child(args: argparse.Namespace) -> None:
         added = torch.cuda.max_memory_allocated() - before
     else:
         added = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    out = work / f"delta-{args.child}.pt"
+    out = work / f"delta-{list(VARIANTS).index(args.child)}.pt"
     torch.save(delta, out)
     print(json.dumps({"seconds_per_step": seconds, "added_bytes": added, "delta": str(out)}))
 
@@ -90,6 +112,7 @@ def main() -> None:
         "--batch", type=int, default=8, help="micro-batch: records whose gradients are held at once"
     )
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--head-vocab", type=int, default=0, help="widen the vocabulary to this many tokens")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
@@ -110,13 +133,16 @@ def main() -> None:
             heads=args.heads,
             max_positions=args.sequence,
         )
+        if args.head_vocab:
+            _widen_vocabulary(path, args.head_vocab)
         start = initial_adapter(str(path), LORA, seed=0)
         noise = torch.Generator().manual_seed(1)  # B != 0, so that every LoRA weight has a gradient
         torch.save(
             {k: v + 0.01 * torch.randn(v.shape, generator=noise) for k, v in start.items()}, work / "start.pt"
         )
         # token 0 is the builder's pad/EOS (a zero embedding row): leave it out, as bench.trainer does
-        vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]  # the tokenizer's
+        vocab = len(AutoTokenizer.from_pretrained(path))  # ids the tokenizer makes (a wider head has more)
+        vocab_size = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
         ids = torch.randint(
             1, vocab, (2 * args.batch, args.sequence), generator=torch.Generator().manual_seed(0)
         )
@@ -138,39 +164,40 @@ def main() -> None:
         name: {key: statistics.median(r[key] for r in rs) for key in ("seconds_per_step", "added_bytes")}
         for name, rs in runs.items()
     }
-    plain, ckpt = flat["dp"], flat["dp+ckpt"]
+    first = flat[FIRST]
+    memory = {n: m["added_bytes"] / medians[FIRST]["added_bytes"] for n, m in medians.items()}
+    seconds = {n: m["seconds_per_step"] / medians[FIRST]["seconds_per_step"] for n, m in medians.items()}
+    cosine = {n: float(f @ first / (f.norm() * first.norm())) for n, f in flat.items()}
+    difference = {n: float((f - first).abs().max()) for n, f in flat.items()}
+    cuda = device.startswith("cuda")
     report = {
-        "device": torch.cuda.get_device_name()
-        if device.startswith("cuda")
-        else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "args": vars(args),
-        "memory": "peak allocated"
-        if device.startswith("cuda")
-        else "peak resident set over the one before training",
+        "vocabulary": vocab_size,
+        "memory": "peak allocated" if cuda else "peak resident set over the one before training",
         "runs": runs,
         "medians": medians,
-        "memory_ratio_ckpt_vs_plain": medians["dp+ckpt"]["added_bytes"] / medians["dp"]["added_bytes"],
-        "time_ratio_ckpt_vs_plain": medians["dp+ckpt"]["seconds_per_step"]
-        / medians["dp"]["seconds_per_step"],
-        "update_cosine": float(plain @ ckpt / (plain.norm() * ckpt.norm())),
-        "update_max_abs_difference": float((plain - ckpt).abs().max()),
+        "memory_ratio_vs_first": memory,
+        "time_ratio_vs_first": seconds,
+        "update_cosine_vs_first": cosine,
+        "update_max_abs_difference_vs_first": difference,
     }
     print(
-        f"{report['device']}: {args.layers} layers of {args.hidden}, {args.sequence} tokens a record,"
-        f" micro-batches of {args.batch}"
+        f"{report['device']}: {args.layers} layers of {args.hidden}, vocabulary {vocab_size},"
+        f" {args.sequence} tokens a record, micro-batches of {args.batch}"
     )
     for name, m in medians.items():
         added = m["added_bytes"] / 2**20
-        print(f"  {name:8s} {m['seconds_per_step']:.2f} s a step, training adds {added:,.0f} MiB")
-    memory, seconds = report["memory_ratio_ckpt_vs_plain"], report["time_ratio_ckpt_vs_plain"]
-    print(
-        f"  checkpointing: {memory:.2f}x the memory, {seconds:.2f}x the time; update cosine"
-        f" {report['update_cosine']:.6f} (largest difference {report['update_max_abs_difference']:.2e})"
-    )
+        print(
+            f"  {name:22s} {m['seconds_per_step']:6.2f} s a step ({seconds[name]:.2f}x), training adds"
+            f" {added:7,.0f} MiB ({memory[name]:.2f}x); update cosine {cosine[name]:.6f}, largest"
+            f" difference {difference[name]:.1e}"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    out = RESULTS / f"dp-memory-{kind}-h{args.hidden}-l{args.layers}.json"
+    kind = "cuda" if cuda else "cpu"
+    wide = f"-v{args.head_vocab}" if args.head_vocab else ""
+    out = RESULTS / f"dp-memory-{kind}-h{args.hidden}-l{args.layers}{wide}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"saved {out}")
 
