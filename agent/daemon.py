@@ -24,7 +24,7 @@ from agent import metrics
 from agent.client import AggregatorClient
 from agent.data import TokenBlocks
 from agent.distributed import DistContext
-from agent.dp_budget import RECORDS, PrivacyBudgetSpent, PrivacyLedger
+from agent.dp_budget import PrivacyBudgetSpent, PrivacyLedger
 from agent.dp_sgd import DpStep
 from agent.dp_units import PrivacyUnits, user_units
 from agent.privacy import announced, check_federation, describe
@@ -511,12 +511,8 @@ class Agent:
         if a new count does not fit in the budget)."""
         if self.ledger is None:
             return self.corpus.train_records, self.corpus.train_records
-        units = self.ledger.released_count(self.corpus.train_units)
-        dp = self.config.privacy.dp
-        if dp.unit != "user":
-            return units, units
-        capped = self.corpus.capped_records(dp.records_per_user)
-        return units, self.ledger.released_count(capped, RECORDS, dp.records_per_user)
+        capped = self.corpus.capped_records(self.config.privacy.dp.records_per_user)
+        return self.ledger.announce(self.corpus.train_units, capped)
 
     async def _revocations(self, client: AggregatorClient) -> RevocationList | None:
         """The revocations to check this round's roster against (``agent.revocations``)."""

@@ -154,6 +154,16 @@ class Exhausted:
     refusal: str
 
 
+def announced_counts(config: DpConfig, units: int, capped_records: int) -> list[tuple[int, str, int]]:
+    """The counts an agent releases, as (true count, kind, sensitivity): its ``units`` (records or
+    users; the sample rate is over them), then its FedAvg weight, which with user-level privacy is
+    ``capped_records``, each user's records up to ``records_per_user`` (else the units again)."""
+    wanted = [(units, UNITS, 1)]
+    if config.unit == "user":
+        wanted.append((capped_records, RECORDS, config.records_per_user))
+    return wanted
+
+
 def _counted(unit: str, kind: str) -> str:
     """What a count of ``kind`` counts, in words."""
     if kind == RECORDS:
@@ -200,6 +210,21 @@ class PrivacyLedger:
         """The epsilon spent so far (rounds and count releases)."""
         return epsilon(self.spends, self.config.delta, self.config.accountant, self.counts)
 
+    def announce(self, units: int, capped_records: int) -> tuple[int, int]:
+        """The training units and the FedAvg weight as they may leave the cloud (the releases of
+        ``announced_counts``, made or kept here)."""
+        released = [
+            self.released_count(*count) for count in announced_counts(self.config, units, capped_records)
+        ]
+        return released[0], released[-1]
+
+    def release_of(self, units: int, kind: str, sensitivity: int) -> CountRelease | None:
+        """The release already made of this true count, if any."""
+        for release in reversed(self.counts):
+            if (release.units, release.kind, release.sensitivity) == (units, kind, sensitivity):
+                return release
+        return None
+
     def released_count(self, units: int, kind: str = UNITS, sensitivity: int = 1) -> int:
         """A count as it may leave the cloud: ``units`` plus Gaussian noise of deviation
         ``privacy.dp.count_noise * sensitivity``, rounded, at least 1. Drawn once for each true
@@ -209,9 +234,9 @@ class PrivacyLedger:
         c = self.config
         if kind == UNITS:
             self.check_delta(units)
-        for release in reversed(self.counts):
-            if (release.units, release.kind, release.sensitivity) == (units, kind, sensitivity):
-                return release.released
+        kept = self.release_of(units, kind, sensitivity)
+        if kept is not None:
+            return kept.released
         noise = random.SystemRandom().gauss(0.0, c.count_noise * sensitivity)
         noisy = max(1, round(units + noise))
         release = CountRelease(units, noisy, c.count_noise, time.time(), c.unit, kind, sensitivity)
@@ -340,11 +365,8 @@ def preview(
     ledger = PrivacyLedger(state_dir, config)
     ledger.check_delta(units)
     counts = list(ledger.counts)
-    wanted = [(units, UNITS, 1)]
-    if config.unit == "user":
-        wanted.append((capped_records, RECORDS, config.records_per_user))
-    for count, kind, sensitivity in wanted:
-        if not any((c.units, c.kind, c.sensitivity) == (count, kind, sensitivity) for c in counts):
+    for count, kind, sensitivity in announced_counts(config, units, capped_records):
+        if ledger.release_of(count, kind, sensitivity) is None:
             counts.append(CountRelease(count, count, config.count_noise, 0.0, config.unit, kind, sensitivity))
     expected = min(batch_size * ranks, units)
     rate = expected / units
@@ -384,7 +406,8 @@ def describe(config: DpConfig, state_dir: Path) -> str:
         unit = f"DP-SGD: epsilon {ledger.epsilon:.3f} of {config.max_epsilon:g}"
         clipped = "records clipped to"
     announced = ""
-    weights = [c for c in ledger.counts if c.kind == (RECORDS if config.unit == "user" else UNITS)]
+    weight_kind = RECORDS if config.unit == "user" else UNITS  # the last of announced_counts
+    weights = [c for c in ledger.counts if c.kind == weight_kind]
     if weights:
         last, n = weights[-1], len(ledger.counts)
         announced = (

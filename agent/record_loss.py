@@ -52,9 +52,14 @@ class RecordLoss:
         self.model = model
         self.chunk_tokens = chunk_tokens
         """0: always from the full logits (as are rows no longer than one chunk)."""
-        self.chunked = getattr(base.config, "model_type", "") in HEAD_ONLY
-        self.decoder = base.get_decoder() if self.chunked else None
-        self.head = base.get_output_embeddings() if self.chunked else None
+        chunked = getattr(base.config, "model_type", "") in HEAD_ONLY
+        self.decoder = base.get_decoder() if chunked else None
+        self.head = base.get_output_embeddings() if chunked else None
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the model's loss can be taken in chunks (``HEAD_ONLY``)."""
+        return self.decoder is not None
 
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.decoder is None or not 0 < self.chunk_tokens < labels.shape[1] - 1:  # one chunk: no gain

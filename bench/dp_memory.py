@@ -38,8 +38,7 @@ from agent.data import TokenBlocks
 from agent.dp_sgd import DpStep
 from agent.record_loss import CHUNK_TOKENS
 from agent.trainer import LocalTraining, LoraTrainer, initial_adapter, pick_device
-from bench.trainer import LORA, flat_delta
-from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
+from bench.trainer import LORA, build_model, flat_delta, model_arguments
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {  # name: (activation checkpointing, positions whose logits are held at once; 0: all)
@@ -102,12 +101,7 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--sequence", type=int, default=512)
+    model_arguments(p, hidden=512, layers=8, sequence=512)
     p.add_argument(
         "--batch", type=int, default=8, help="micro-batch: records whose gradients are held at once"
     )
@@ -123,19 +117,10 @@ def main() -> None:
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        texts = [doc for domain in DOMAINS for doc in domain_corpus(domain, 200, seed=0)]
-        path = build_tiny_lm(
-            work / "model",
-            texts,
-            vocab_size=args.vocab,
-            hidden_size=args.hidden,
-            layers=args.layers,
-            heads=args.heads,
-            max_positions=args.sequence,
-        )
+        path = build_model(work / "model", args)
         if args.head_vocab:
-            _widen_vocabulary(path, args.head_vocab)
-        start = initial_adapter(str(path), LORA, seed=0)
+            _widen_vocabulary(Path(path), args.head_vocab)
+        start = initial_adapter(path, LORA, seed=0)
         noise = torch.Generator().manual_seed(1)  # B != 0, so that every LoRA weight has a gradient
         torch.save(
             {k: v + 0.01 * torch.randn(v.shape, generator=noise) for k, v in start.items()}, work / "start.pt"

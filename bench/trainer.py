@@ -42,14 +42,35 @@ def flat_delta(delta: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([delta[k].flatten() for k in sorted(delta)]).double()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_arguments(p: argparse.ArgumentParser, hidden: int, layers: int, sequence: int) -> None:
+    """The device and the Llama a benchmark builds (``build_model``), with these defaults."""
     p.add_argument("--device", default="auto")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=hidden)
+    p.add_argument("--layers", type=int, default=layers)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--sequence", type=int, default=128)
+    p.add_argument("--sequence", type=int, default=sequence)
+
+
+def build_model(out_dir: Path, args: argparse.Namespace) -> str:
+    """A Llama of ``model_arguments``' size with its tokenizer, built from a config into ``out_dir``
+    (nothing downloaded)."""
+    texts = [doc for domain in DOMAINS for doc in domain_corpus(domain, 200, seed=0)]
+    path = build_tiny_lm(
+        out_dir,
+        texts,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        max_positions=args.sequence,
+    )
+    return str(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(p, hidden=256, layers=4, sequence=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
@@ -64,18 +85,7 @@ def main() -> None:
     if names[0] != "fp32" or not set(names) <= set(VARIANTS):
         raise SystemExit(f"--variants: fp32 first, then any of {list(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
-        texts = [doc for domain in DOMAINS for doc in domain_corpus(domain, 200, seed=0)]
-        path = str(
-            build_tiny_lm(
-                Path(tmp) / "model",
-                texts,
-                vocab_size=args.vocab,
-                hidden_size=args.hidden,
-                layers=args.layers,
-                heads=args.heads,
-                max_positions=args.sequence,
-            )
-        )
+        path = build_model(Path(tmp) / "model", args)
         start = initial_adapter(path, LORA, seed=0)
         trainers = {
             name: LoraTrainer(path, LORA, device, dtype=VARIANTS[name][0], checkpointing=VARIANTS[name][1])
