@@ -61,7 +61,8 @@ bench: venv
 	$(PY) -m bench.data --kind completion
 	$(PY) -m bench.token_store
 	$(PY) -m bench.dp
-	$(PY) -m bench.dp_memory
+	$(PY) -m bench.memory
+	$(PY) -m bench.memory --dp
 	-$(PY) -m bench.cpu_threads  # needs root (it makes a cgroup)
 
 ci: lint typecheck buf-lint proto-check test

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from agent.causal_loss import CausalLoss
 from agent.data import TokenBlocks
 from agent.distributed import DistContext
 from agent.dp_units import PrivacyUnits, micro_batches
-from agent.record_loss import RecordLoss
 from common.errors import TrainingFailed
 
 
@@ -63,12 +63,13 @@ class DpStep:
 class PrivateGradients:
     """Noisy clipped gradients of a model's trainable parameters, one DP-SGD step at a time."""
 
-    def __init__(self, model: Any, ctx: DistContext) -> None:
+    def __init__(self, model: Any, ctx: DistContext, loss: CausalLoss | None = None) -> None:
         from opacus import GradSampleModule
 
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-        self.loss = RecordLoss(model)
-        """Each row's loss (in chunks of positions where the model allows: ``agent.record_loss``)."""
+        self.loss = loss or CausalLoss(model)
+        """The model's losses, each row's taken (in chunks of positions where the model allows:
+        ``agent.causal_loss``)."""
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ctx = ctx
         device = self.params[0].device
@@ -137,7 +138,7 @@ class PrivateGradients:
     def _row_gradients(self, rows: TokenBlocks) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Each row's loss and its gradient of that loss (opacus' per-sample gradients)."""
         batch = rows.to(str(self.params[0].device))
-        losses = self.loss(batch.input_ids, batch.labels)
+        losses = self.loss.per_record(batch.input_ids, batch.labels)
         with warnings.catch_warnings():  # opacus' hooks fire on frozen inputs by design
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             torch.autograd.backward(losses.sum())

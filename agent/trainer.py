@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from agent.causal_loss import CausalLoss, MeanLoss
 from agent.data import TokenBlocks
 from agent.distributed import DistContext
 from agent.dp_sgd import DpStep, PrivateGradients
@@ -169,15 +170,17 @@ class LoraTrainer:
         self.ctx = ctx or DistContext()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = build_adapter_model(model_path, lora, device, dtype, checkpointing, per_record=private)
+        self.losses = CausalLoss(self.model)
+        """The model's losses (in chunks of positions where it allows: ``agent.causal_loss``)."""
         self.ddp: Any = None
         self.private: PrivateGradients | None = None
         if private:
-            self.private = PrivateGradients(self.model, self.ctx)
+            self.private = PrivateGradients(self.model, self.ctx, self.losses)
         elif self.ctx.enabled:  # every rank trains its shard; DDP all-reduces the LoRA gradients
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [torch.device(device).index] if device.startswith("cuda") else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+            self.ddp = DistributedDataParallel(MeanLoss(self.losses), device_ids=ids)
 
     def adapter(self) -> dict[str, torch.Tensor]:
         """Current adapter tensors."""
@@ -224,7 +227,7 @@ class LoraTrainer:
         generator = torch.Generator().manual_seed(
             (training.seed * 1_000_003 + round_id) * 131 + self.ctx.rank
         )
-        forward = self.ddp if self.ddp is not None else self.model
+        forward = self.ddp if self.ddp is not None else self.losses.mean
         self.model.train()
         losses = []
         progress = _progress(training.steps, f"round {round_id} local training")
@@ -232,7 +235,7 @@ class LoraTrainer:
         for step in range(training.steps):
             idx = torch.randint(len(blocks), (min(training.batch_size, len(blocks)),), generator=generator)
             batch = blocks[idx].to(self.device)
-            loss = forward(input_ids=batch.input_ids, labels=batch.labels).loss
+            loss = forward(batch.input_ids, batch.labels)
             diverged = self._ranks_diverged(loss)
             if diverged:
                 raise TrainingFailed(
@@ -292,10 +295,9 @@ class LoraTrainer:
         total, tokens = 0.0, 0
         for i in range(0, len(blocks), batch_size):
             batch = blocks[i : i + batch_size].to(self.device)
-            n = batch.learned_tokens  # labels are shifted inside the model
-            if n:
-                total += self.model(input_ids=batch.input_ids, labels=batch.labels).loss.item() * n
-                tokens += n
+            losses, learned = self.losses.rows(batch.input_ids, batch.labels)
+            total += float(losses.sum())
+            tokens += int(learned.sum())
         total, summed = self.ctx.all_sum([total, float(tokens)])
         return total / summed, int(summed)
 

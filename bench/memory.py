@@ -1,21 +1,25 @@
-"""DP-SGD's memory: activation checkpointing and the loss taken in chunks of positions, same
-model, same records.
+"""Training memory: activation checkpointing and the loss taken in chunks of positions, with or
+without DP-SGD, same model, same records.
 
-    python -m bench.dp_memory [--device auto] [--hidden 512] [--layers 8] [--sequence 512]
-                              [--batch 8] [--steps 2] [--repeats 2] [--head-vocab 0]
+    python -m bench.memory [--dp] [--device auto] [--hidden 512] [--layers 8] [--sequence 512]
+                           [--batch 8] [--steps 2] [--repeats 2] [--head-vocab 0]
 
 Builds a Llama from a config (nothing downloaded), its vocabulary widened to ``--head-vocab``
 if given (the logits grow with it), with the federation's kind of LoRA adapter (rank 16 on every
-attention and MLP projection) and runs ``--steps`` DP-SGD steps of the agent's trainer on
-``2 x --batch`` records, every record drawn and no noise (so every variant must send the same
-update), in micro-batches of ``--batch``, three ways: each layer's activations and the full
-logits kept for the backward; the activations recomputed there (reentrant activation
-checkpointing); and, as the agent now trains, also the loss taken ``agent.record_loss.
-CHUNK_TOKENS`` positions at a time. Each variant runs in a fresh process, interleaved over
+attention and MLP projection) and runs ``--steps`` steps of the agent's trainer, three ways.
+
+- Plain training, ``--batch`` rows a step: the full logits kept for the backward; the loss taken
+  ``agent.causal_loss.CHUNK_TOKENS`` positions at a time (the agent's default); and that with
+  activation checkpointing.
+- ``--dp``: DP-SGD on ``2 x --batch`` records, every record drawn and no noise, in micro-batches
+  of ``--batch``: each layer's activations and the full logits kept; the activations recomputed
+  (reentrant activation checkpointing); and also the loss in chunks (the agent's default).
+
+Every variant must send the same update. Each runs in a fresh process, interleaved over
 ``--repeats``. Memory is what training adds to the process: on a GPU the peak allocated, on a
 CPU the peak resident set (``ru_maxrss``) over the resident set before the first step. Also the
-time a step and each update's cosine to the first variant's. Results go to
-bench/results/dp-memory-<device>-h<hidden>-l<layers>[-v<head vocab>].json.
+time a step and each update's cosine to the first variant's. Results go to bench/results/
+[dp-]memory-<device>-h<hidden>-l<layers>[-v<head vocab>].json.
 """
 
 from __future__ import annotations
@@ -34,19 +38,24 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from agent.causal_loss import CHUNK_TOKENS
 from agent.data import TokenBlocks
 from agent.dp_sgd import DpStep
-from agent.record_loss import CHUNK_TOKENS
 from agent.trainer import LocalTraining, LoraTrainer, initial_adapter, pick_device
 from bench.trainer import LORA, build_model, flat_delta, model_arguments
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = {  # name: (activation checkpointing, positions whose logits are held at once; 0: all)
+PLAIN = {  # name: (activation checkpointing, positions whose logits are held at once; 0: all)
+    "full logits": (False, 0),
+    "chunked loss": (False, CHUNK_TOKENS),
+    "ckpt, chunked loss": (True, CHUNK_TOKENS),
+}
+PRIVATE = {
     "dp, full logits": (False, 0),
     "dp+ckpt, full logits": (True, 0),
     "dp+ckpt, chunked loss": (True, CHUNK_TOKENS),
 }
-FIRST = "dp, full logits"
+VARIANTS = PLAIN | PRIVATE
 
 
 def _widen_vocabulary(path: Path, size: int) -> None:
@@ -71,13 +80,14 @@ def child(args: argparse.Namespace) -> None:
     cuda = device.startswith("cuda")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     checkpointing, chunk_tokens = VARIANTS[args.child]
-    trainer = LoraTrainer(str(work / "model"), LORA, device, private=True, checkpointing=checkpointing)
-    assert trainer.private is not None
-    trainer.private.loss.chunk_tokens = chunk_tokens
+    private = args.child in PRIVATE
+    trainer = LoraTrainer(str(work / "model"), LORA, device, private=private, checkpointing=checkpointing)
+    trainer.losses.chunk_tokens = chunk_tokens  # DP-SGD's too
     trainer.set_adapter(torch.load(work / "start.pt"))
     ids = torch.load(work / "records.pt")
     records = TokenBlocks(ids, ids.clone())
-    dp = DpStep(0.0, 1.0, 1.0, float(len(records)))  # every record, no noise: a deterministic update
+    # DP: every record, no noise (a deterministic update); plain: the same seeded draws
+    dp = DpStep(0.0, 1.0, 1.0, float(len(records))) if private else None
     training = LocalTraining(args.steps, 1e-3, args.batch, args.sequence)
     if cuda:
         torch.cuda.synchronize()
@@ -108,6 +118,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--head-vocab", type=int, default=0, help="widen the vocabulary to this many tokens")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dp", action="store_true", help="DP-SGD's variants (default: plain training's)")
     p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -115,6 +126,8 @@ def main() -> None:
         child(args)
         return
     device = pick_device(args.device)
+    variants = PRIVATE if args.dp else PLAIN
+    first_name = next(iter(variants))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         path = build_model(work / "model", args)
@@ -132,11 +145,11 @@ def main() -> None:
             1, vocab, (2 * args.batch, args.sequence), generator=torch.Generator().manual_seed(0)
         )
         torch.save(ids.to(torch.int32), work / "records.pt")
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
         flat: dict[str, torch.Tensor] = {}
         for _ in range(args.repeats):
-            for name in VARIANTS:
-                command = [sys.executable, "-m", "bench.dp_memory", "--child", name, "--dir", tmp]
+            for name in variants:
+                command = [sys.executable, "-m", "bench.memory", "--child", name, "--dir", tmp]
                 command += ["--device", device, "--batch", str(args.batch), "--steps", str(args.steps)]
                 command += ["--sequence", str(args.sequence)]
                 done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -149,9 +162,9 @@ def main() -> None:
         name: {key: statistics.median(r[key] for r in rs) for key in ("seconds_per_step", "added_bytes")}
         for name, rs in runs.items()
     }
-    first = flat[FIRST]
-    memory = {n: m["added_bytes"] / medians[FIRST]["added_bytes"] for n, m in medians.items()}
-    seconds = {n: m["seconds_per_step"] / medians[FIRST]["seconds_per_step"] for n, m in medians.items()}
+    first, base = flat[first_name], medians[first_name]
+    memory = {n: m["added_bytes"] / base["added_bytes"] for n, m in medians.items()}
+    seconds = {n: m["seconds_per_step"] / base["seconds_per_step"] for n, m in medians.items()}
     cosine = {n: float(f @ first / (f.norm() * first.norm())) for n, f in flat.items()}
     difference = {n: float((f - first).abs().max()) for n, f in flat.items()}
     cuda = device.startswith("cuda")
@@ -170,7 +183,7 @@ def main() -> None:
     }
     print(
         f"{report['device']}: {args.layers} layers of {args.hidden}, vocabulary {vocab_size},"
-        f" {args.sequence} tokens a record, micro-batches of {args.batch}"
+        f" {args.sequence} tokens a record, {'micro-' if args.dp else ''}batches of {args.batch}"
     )
     for name, m in medians.items():
         added = m["added_bytes"] / 2**20
@@ -182,7 +195,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     kind = "cuda" if cuda else "cpu"
     wide = f"-v{args.head_vocab}" if args.head_vocab else ""
-    out = RESULTS / f"dp-memory-{kind}-h{args.hidden}-l{args.layers}{wide}.json"
+    out = RESULTS / f"{'dp-' if args.dp else ''}memory-{kind}-h{args.hidden}-l{args.layers}{wide}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"saved {out}")
 
