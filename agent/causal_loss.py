@@ -3,7 +3,10 @@
 A causal LM's logits are rows x tokens x vocabulary: for a 128k vocabulary, 2,048 tokens and 8
 rows that is 8.4 GB in float32, and the softmax the cross-entropy keeps for the backward as much
 again. For the models whose logits are the LM head applied to the decoder's last hidden state
-and nothing more (``HEAD_ONLY``), the loss is taken ``chunk_tokens`` positions at a time:
+and nothing more (``HEAD_ONLY``: Llama, Mistral, Qwen 2/3, Gemma, Phi-3, OLMo, ...), the loss
+is taken a few positions at a time, as many as keep ``chunk_logits`` logits at once (64 Mi,
+256 MiB in float32: for 8 rows and a 128k vocabulary, 64 positions; for a small vocabulary
+the whole batch at once):
 
 - a frozen head (LoRA leaves it alone): each chunk's gradient with respect to its hidden states
   is taken in the forward, right after its loss, and the backward only scales it (nothing else
@@ -25,10 +28,27 @@ from torch.utils.checkpoint import checkpoint
 
 from agent.data import IGNORE
 
-HEAD_ONLY = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-"""``model_type``s whose causal LM computes its logits as ``lm_head(last_hidden_state)`` only."""
-CHUNK_TOKENS = 256
-"""Positions whose logits are held at once."""
+HEAD_ONLY = frozenset(
+    {
+        "gemma",
+        "gpt_neox",
+        "llama",
+        "mistral",
+        "olmo",
+        "olmo2",
+        "phi3",
+        "qwen2",
+        "qwen3",
+        "smollm3",
+        "stablelm",
+        "starcoder2",
+    }
+)
+"""``model_type``s whose causal LM computes its logits as ``lm_head(last_hidden_state)`` and its
+loss from them alone (no logit soft-cap or scale as Gemma 2/3, Cohere, Granite; no router loss as
+the mixtures of experts)."""
+CHUNK_LOGITS = 2**26
+"""Logits held at once (rows x positions x vocabulary)."""
 
 
 def per_record_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,12 +85,12 @@ class _FrozenHeadLoss(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         targets: torch.Tensor,
-        chunk_tokens: int,
+        positions: int,
     ) -> torch.Tensor:
         total = hidden.new_zeros(len(targets), dtype=torch.float32)
         grads = torch.empty_like(hidden)
-        for start in range(0, targets.shape[1], chunk_tokens):
-            part = slice(start, start + chunk_tokens)
+        for start in range(0, targets.shape[1], positions):
+            part = slice(start, start + positions)
             with torch.enable_grad():
                 h = hidden[:, part].detach().requires_grad_()
                 loss = summed_loss(torch.nn.functional.linear(h, weight, bias), targets[:, part])
@@ -89,14 +109,15 @@ class _FrozenHeadLoss(torch.autograd.Function):
 class CausalLoss:
     """Next-token losses of a (peft-wrapped) causal LM on token ids, in chunks where it can."""
 
-    def __init__(self, model: Any, chunk_tokens: int = CHUNK_TOKENS) -> None:
+    def __init__(self, model: Any, chunk_logits: int = CHUNK_LOGITS) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.model = model
-        self.chunk_tokens = chunk_tokens
-        """0: always from the full logits (as are rows no longer than one chunk)."""
+        self.chunk_logits = chunk_logits
+        """0: always from the full logits, through the model's own forward."""
         chunked = getattr(base.config, "model_type", "") in HEAD_ONLY
         self.decoder = base.get_decoder() if chunked else None
         self.head = base.get_output_embeddings() if chunked else None
+        self.vocabulary: int = base.config.vocab_size
 
     @property
     def chunked(self) -> bool:
@@ -120,22 +141,29 @@ class CausalLoss:
         summed, learned = self.rows(input_ids, labels)
         return summed.sum() / learned.sum().clamp(min=1)
 
+    def positions(self, rows: int) -> int:
+        """Positions a chunk of ``rows`` rows takes (``chunk_logits`` of their logits, at least 1)."""
+        return max(1, self.chunk_logits // (rows * self.vocabulary))
+
     def rows(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's summed loss over its learned tokens (float32), and their number."""
         targets = labels[:, 1:]
         learned = learned_tokens(targets)
-        if self.decoder is None or not 0 < self.chunk_tokens < targets.shape[1]:  # one chunk: no gain
+        if self.decoder is None or self.chunk_logits <= 0:
             return summed_loss(self.model(input_ids=input_ids).logits[:, :-1], targets), learned
         hidden: torch.Tensor = self.decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
-        if self.head_frozen and torch.is_grad_enabled() and hidden.requires_grad:
-            head = self.head
-            summed = _FrozenHeadLoss.apply(hidden, head.weight, head.bias, targets, self.chunk_tokens)  # type: ignore[union-attr, no-untyped-call]
-            return summed, learned
+        step = self.positions(len(targets))
         grad = torch.is_grad_enabled() and hidden.requires_grad  # else evaluating: nothing to keep
+        if grad and self.head_frozen:  # even in one chunk: no logits kept for the backward
+            head = self.head
+            summed = _FrozenHeadLoss.apply(hidden, head.weight, head.bias, targets, step)  # type: ignore[union-attr, no-untyped-call]
+            return summed, learned
         chunk_loss = functools.partial(_head_loss, self.head)
+        if step >= targets.shape[1]:  # one chunk: nothing to recompute
+            return chunk_loss(hidden, targets), learned
         total = hidden.new_zeros(len(targets), dtype=torch.float32)
-        for start in range(0, targets.shape[1], self.chunk_tokens):
-            part = hidden[:, start : start + self.chunk_tokens], targets[:, start : start + self.chunk_tokens]
+        for start in range(0, targets.shape[1], step):
+            part = hidden[:, start : start + step], targets[:, start : start + step]
             loss: torch.Tensor = (
                 checkpoint(chunk_loss, *part, use_reentrant=False) if grad else chunk_loss(*part)
             )

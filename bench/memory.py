@@ -9,7 +9,7 @@ if given (the logits grow with it), with the federation's kind of LoRA adapter (
 attention and MLP projection) and runs ``--steps`` steps of the agent's trainer, three ways.
 
 - Plain training, ``--batch`` rows a step: the full logits kept for the backward; the loss taken
-  ``agent.causal_loss.CHUNK_TOKENS`` positions at a time (the agent's default); and that with
+  ``agent.causal_loss.CHUNK_LOGITS`` logits at a time (the agent's default); and that with
   activation checkpointing.
 - ``--dp``: DP-SGD on ``2 x --batch`` records, every record drawn and no noise, in micro-batches
   of ``--batch``: each layer's activations and the full logits kept; the activations recomputed
@@ -38,22 +38,22 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from agent.causal_loss import CHUNK_TOKENS
+from agent.causal_loss import CHUNK_LOGITS
 from agent.data import TokenBlocks
 from agent.dp_sgd import DpStep
 from agent.trainer import LocalTraining, LoraTrainer, initial_adapter, pick_device
 from bench.trainer import LORA, build_model, flat_delta, model_arguments
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PLAIN = {  # name: (activation checkpointing, positions whose logits are held at once; 0: all)
+PLAIN = {  # name: (activation checkpointing, logits held at once; 0: all, by the model's forward)
     "full logits": (False, 0),
-    "chunked loss": (False, CHUNK_TOKENS),
-    "ckpt, chunked loss": (True, CHUNK_TOKENS),
+    "chunked loss": (False, CHUNK_LOGITS),
+    "ckpt, chunked loss": (True, CHUNK_LOGITS),
 }
 PRIVATE = {
     "dp, full logits": (False, 0),
     "dp+ckpt, full logits": (True, 0),
-    "dp+ckpt, chunked loss": (True, CHUNK_TOKENS),
+    "dp+ckpt, chunked loss": (True, CHUNK_LOGITS),
 }
 VARIANTS = PLAIN | PRIVATE
 
@@ -79,10 +79,10 @@ def child(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     cuda = device.startswith("cuda")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    checkpointing, chunk_tokens = VARIANTS[args.child]
+    checkpointing, chunk_logits = VARIANTS[args.child]
     private = args.child in PRIVATE
     trainer = LoraTrainer(str(work / "model"), LORA, device, private=private, checkpointing=checkpointing)
-    trainer.losses.chunk_tokens = chunk_tokens  # DP-SGD's too
+    trainer.losses.chunk_logits = chunk_logits  # DP-SGD's too
     trainer.set_adapter(torch.load(work / "start.pt"))
     ids = torch.load(work / "records.pt")
     records = TokenBlocks(ids, ids.clone())

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from agent.causal_loss import CausalLoss
+from agent.causal_loss import CHUNK_LOGITS, HEAD_ONLY, CausalLoss
 from agent.data import IGNORE, TokenBlocks
 from agent.trainer import LoraSpec, LoraTrainer, initial_adapter
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
@@ -58,6 +59,12 @@ def _trainer(path: str, lora: LoraSpec = LORA, dtype: torch.dtype = torch.float3
     return trainer
 
 
+def _in_chunks(losses: CausalLoss, positions: int, rows: int) -> None:
+    """Have ``losses`` take ``positions`` positions of ``rows`` rows at a time (0: the full logits)."""
+    losses.chunk_logits = positions * rows * losses.vocabulary
+    assert positions == 0 or losses.positions(rows) == positions
+
+
 def _gradients(trainer: LoraTrainer, loss: torch.Tensor) -> list[torch.Tensor]:
     return list(torch.autograd.grad(loss, [p for p in trainer.model.parameters() if p.requires_grad]))
 
@@ -98,7 +105,7 @@ def test_the_mean_loss_and_its_gradient_are_transformers_whatever_the_chunks(
     want = _transformers_loss(trainer, rows)
     want_grads = _gradients(trainer, want)
     for chunk in (0, 1, 7, 38, 39, 256):
-        losses.chunk_tokens = chunk
+        _in_chunks(losses, chunk, len(rows))
         got = losses.mean(rows.input_ids, rows.labels)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         for g, w in zip(_gradients(trainer, got), want_grads, strict=True):
@@ -113,21 +120,30 @@ def test_the_mean_loss_and_its_gradient_are_transformers_whatever_the_chunks(
 def test_the_chunks_keep_no_logits_and_a_frozen_head_recomputes_none(model_path: str) -> None:
     """What the graph keeps after the forward is smaller than with the full logits by at least the
     logits (float32); with a frozen head the forward and backward together cost no more
-    multiply-adds than from the full logits, while a trainable head's chunks are recomputed."""
+    multiply-adds than from the full logits, while a trainable head's chunks are recomputed. By
+    default this small vocabulary's logits fit in one chunk, which a frozen head still does not
+    keep."""
     vocab_logits = {}
     for lora in (LORA, LORA_ON_HEAD):
         trainer = _trainer(model_path, lora)
         rows = _rows(trainer.model.config.vocab_size, count=8)
         logits = len(rows) * (LENGTH - 1) * trainer.model.config.vocab_size * 4
         held, flops = {}, {}
-        for chunk in (0, 7):
-            trainer.losses.chunk_tokens = chunk
+        trainer.losses.chunk_logits = CHUNK_LOGITS
+        assert trainer.losses.positions(len(rows)) > LENGTH
+        for chunk in (-1, 0, 7):  # -1: the default
+            if chunk >= 0:
+                _in_chunks(trainer.losses, chunk, len(rows))
             with FlopCounterMode(display=False) as counter:
                 forward = functools.partial(trainer.losses.mean, rows.input_ids, rows.labels)
                 loss, held[chunk] = _held_for_backward(forward)
                 loss.backward()
             flops[chunk] = counter.get_total_flops()
         assert held[0] - held[7] >= logits, (lora, held, logits)
+        if lora is LORA:
+            assert held[0] - held[-1] >= logits and flops[-1] <= flops[0], (held, flops)
+        else:  # one chunk, taken as a whole: its logits kept, none recomputed
+            assert held[0] - held[-1] < logits / 2 and flops[-1] <= flops[0], (held, flops)
         vocab_logits[lora.target_modules] = flops
     head_forward = 2 * 8 * (LENGTH - 1) * trainer.model.config.hidden_size * trainer.model.config.vocab_size
     frozen, trainable = vocab_logits[LORA.target_modules], vocab_logits[LORA_ON_HEAD.target_modules]
@@ -146,7 +162,7 @@ def test_bf16_chunks_are_as_close_to_float32_as_the_full_logits(model_path: str)
         return max(float((g - r).abs().max() / r.abs().max()) for g, r in zip(grads, reference, strict=True))
 
     full = error(_gradients(bf16, _transformers_loss(bf16, rows)))
-    bf16.losses.chunk_tokens = 7
+    _in_chunks(bf16.losses, 7, len(rows))
     chunked = error(_gradients(bf16, bf16.losses.mean(rows.input_ids, rows.labels)))
     assert 0 < full < 0.05 and chunked < 2 * full, (chunked, full)
 
@@ -159,7 +175,7 @@ def test_evaluation_takes_the_loss_in_chunks_without_a_graph(model_path: str) ->
             float(_transformers_loss(trainer, rows[i : i + 1])) * int((rows.labels[i, 1:] != IGNORE).sum())
             for i in range(6)
         )
-    trainer.losses.chunk_tokens = 7
+    _in_chunks(trainer.losses, 7, 4)  # evaluated 4 rows at a time
     mean, tokens = trainer.evaluate(rows, batch_size=4)
     assert tokens == int((rows.labels[:, 1:] != IGNORE).sum())
     assert mean == pytest.approx(want / tokens, rel=1e-5)
@@ -168,9 +184,47 @@ def test_evaluation_takes_the_loss_in_chunks_without_a_graph(model_path: str) ->
     assert not summed.requires_grad
 
 
-def test_a_model_whose_logits_are_more_than_its_head_takes_them_whole(model_path: str) -> None:
+@pytest.mark.parametrize("model_type", sorted(HEAD_ONLY))
+def test_every_model_type_taken_in_chunks_gives_transformers_loss_and_gradient(model_type: str) -> None:
+    """Each model type listed as taking its loss in chunks, built tiny from its own config with
+    every weight but the embeddings and the head trainable: its chunked loss and gradients are
+    transformers' own."""
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=97,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=None,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float()
+    frozen = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    params = [p.requires_grad_(id(p) not in frozen) for p in model.parameters()]
+    params = [p for p in params if p.requires_grad]
+    rows = _rows(97, count=3)
+    want = model(input_ids=rows.input_ids, labels=rows.labels).loss
+    losses = CausalLoss(model, chunk_logits=7 * len(rows) * 97)
+    assert losses.chunked and losses.head_frozen
+    got = losses.mean(rows.input_ids, rows.labels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "cohere", "granite", "mixtral"])
+def test_a_model_whose_loss_is_more_than_its_heads_logits_takes_them_whole(
+    model_path: str, model_type: str
+) -> None:
+    """A final logit soft-cap (Gemma 2), a logit scale (Cohere, Granite), a router loss (Mixtral)."""
     trainer = _trainer(model_path)
-    trainer.model.get_base_model().config.model_type = "gemma2"  # a final logit soft-cap
+    trainer.model.get_base_model().config.model_type = model_type
     assert not CausalLoss(trainer.model).chunked
 
 

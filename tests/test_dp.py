@@ -130,13 +130,13 @@ def test_the_loss_taken_in_chunks_gives_the_full_logits_private_gradient(tiny) -
     assert loss.chunked and loss.head_frozen
     full = per_record_loss(trainer.model(input_ids=ids).logits, labels)
     for chunk in (0, 5, 30, 31, 256):
-        loss.chunk_tokens = chunk
+        loss.chunk_logits = chunk * len(ids) * loss.vocabulary
         torch.testing.assert_close(loss.per_record(ids, labels), full, rtol=1e-5, atol=1e-6)
     grads = []  # fresh trainers: the forwards above left opacus' hooks activations to take
     for chunk, checkpointing in ((0, False), (5, False), (5, True)):
         fresh = _private(path, checkpointing)
         assert fresh.private is not None
-        fresh.private.loss.chunk_tokens = chunk
+        fresh.private.loss.chunk_logits = chunk * 8 * fresh.private.loss.vocabulary  # 8-row micro-batches
         fresh.private.step(rows, DpStep(0.0, 1.0, 1.0, 10.0), micro_batch=8)
         grads.append([p.grad.clone() for p in fresh.private.params])  # type: ignore[union-attr]
     for other in grads[1:]:

@@ -18,9 +18,9 @@ def main(model: str, rows_path: str, start_path: str, out: str, chunk: int) -> N
     trainer = LoraTrainer(model, LoraSpec(4, 8.0, ("q_proj", "v_proj")), "cpu", ctx)
     assert trainer.ddp is not None
     trainer.set_adapter(load_file(start_path))
-    trainer.losses.chunk_tokens = chunk
     trainer.model.train()
     rows = TokenBlocks(**load_file(rows_path))[ctx.rank :: ctx.world_size]
+    trainer.losses.chunk_logits = chunk * len(rows) * trainer.losses.vocabulary
     trainer.ddp(rows.input_ids, rows.labels).backward()
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     save_file({str(i): p.grad.clone() for i, p in enumerate(params)}, f"{out}-{ctx.rank}.safetensors")
