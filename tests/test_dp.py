@@ -144,6 +144,25 @@ def test_the_loss_taken_in_chunks_gives_the_full_logits_private_gradient(tiny) -
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_a_bf16_base_gives_the_float32_private_gradient_to_within_its_rounding(tiny) -> None:  # type: ignore[no-untyped-def]
+    """DP-SGD with the frozen base in bfloat16 (``precision = "auto"`` on a GPU), with reentrant
+    checkpointing and the loss in chunks: the LoRA weights stay float32 and the private gradient is
+    the float32 one to within bf16's rounding (on CPU; the same code runs on CUDA)."""
+    path, rows = tiny
+    grads = []
+    for dtype, checkpointing, chunk in ((torch.float32, False, 0), (torch.bfloat16, True, 5)):
+        trainer = LoraTrainer(path, LORA, private=True, checkpointing=checkpointing, dtype=dtype)
+        trainer.set_adapter(_private(path).adapter())  # the same start (B != 0)
+        assert trainer.private is not None
+        assert all(p.dtype == torch.float32 for p in trainer.private.params)
+        trainer.losses.chunk_logits = chunk * 8 * trainer.losses.vocabulary  # 8-row micro-batches
+        trainer.private.step(rows, DpStep(0.0, 1.0, 1.0, 10.0), micro_batch=8)
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.private.params]))  # type: ignore[union-attr]
+    exact, bf16 = grads
+    assert not torch.equal(bf16, exact)  # the base did run in bf16
+    assert float((bf16 - exact).norm() / exact.norm()) < 0.02
+
+
 def test_the_noise_has_the_stated_deviation_and_is_not_the_federations_seed(tiny) -> None:  # type: ignore[no-untyped-def]
     """Sampling no record, the gradient is the noise alone: N(0, (noise_multiplier * C)^2) over
     the expected batch, and two trainers draw different noise (it is seeded by the OS)."""
