@@ -130,28 +130,38 @@ class CausalLoss:
         recomputation)."""
         return type(self.head) is torch.nn.Linear and not any(p.requires_grad for p in self.head.parameters())
 
-    def per_record(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def per_record(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Each row's mean loss over its own learned tokens (see ``per_record_loss``)."""
-        summed, learned = self.rows(input_ids, labels)
+        summed, learned = self.rows(input_ids, labels, position_ids)
         return summed / learned.clamp(min=1)
 
-    def mean(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def mean(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The mean loss over all learned tokens of the batch (transformers' ``.loss``; 0, not nan,
         for a batch with none)."""
-        summed, learned = self.rows(input_ids, labels)
+        summed, learned = self.rows(input_ids, labels, position_ids)
         return summed.sum() / learned.sum().clamp(min=1)
 
     def positions(self, rows: int) -> int:
         """Positions a chunk of ``rows`` rows takes (``chunk_logits`` of their logits, at least 1)."""
         return max(1, self.chunk_logits // (rows * self.vocabulary))
 
-    def rows(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's summed loss over its learned tokens (float32), and their number."""
+    def rows(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's summed loss over its learned tokens (float32), and their number.
+        ``position_ids``: packed rows' (``TokenBlocks.position_ids``), each piece attended alone."""
         targets = labels[:, 1:]
         learned = learned_tokens(targets)
         if self.decoder is None or self.chunk_logits <= 0:
-            return summed_loss(self.model(input_ids=input_ids).logits[:, :-1], targets), learned
-        hidden: torch.Tensor = self.decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+            # no KV cache: with one, transformers would not take the positions' pieces apart
+            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+            return summed_loss(logits[:, :-1], targets), learned
+        out = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        hidden: torch.Tensor = out.last_hidden_state[:, :-1]
         step = self.positions(len(targets))
         grad = torch.is_grad_enabled() and hidden.requires_grad  # else evaluating: nothing to keep
         if grad and self.head_frozen:  # even in one chunk: no logits kept for the backward
@@ -180,5 +190,7 @@ class MeanLoss(torch.nn.Module):
         self.model = losses.model
         self.losses = losses
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.losses.mean(input_ids, labels)
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.losses.mean(input_ids, labels, position_ids)

@@ -225,10 +225,14 @@ def check_split(train: int, evaluation: int, eval_fraction: float) -> None:
 
 @dataclass(frozen=True)
 class TokenBlocks:
-    """``[n, block]`` token ids and their labels (``IGNORE`` where a token carries no loss)."""
+    """``[n, block]`` token ids and their labels (``IGNORE`` where a token carries no loss), and
+    for packed blocks where each record starts (``starts``)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
+    starts: torch.Tensor | None = None
+    """``[n, ceil(block / 8)]`` uint8: bit j of row i (numpy's ``packbits`` order) is set where a
+    record, or a record's piece, starts at token j. None: each row is one sequence."""
 
     @classmethod
     def of(cls, blocks: torch.Tensor | TokenBlocks) -> TokenBlocks:
@@ -244,16 +248,31 @@ class TokenBlocks:
         return len(self.input_ids)
 
     def __getitem__(self, index: Any) -> TokenBlocks:
-        return TokenBlocks(self.input_ids[index], self.labels[index])
+        starts = None if self.starts is None else self.starts[index]
+        return TokenBlocks(self.input_ids[index], self.labels[index], starts)
 
     def to(self, device: str) -> TokenBlocks:
         """On ``device``, as the int64 ids and labels the model takes."""
-        return TokenBlocks(self.input_ids.to(device, torch.long), self.labels.to(device, torch.long))
+        starts = None if self.starts is None else self.starts.to(device)
+        return TokenBlocks(self.input_ids.to(device, torch.long), self.labels.to(device, torch.long), starts)
 
     @property
     def learned_tokens(self) -> int:
         """Tokens a loss is computed on (the model shifts labels: no block's first token)."""
         return int((self.labels[:, 1:] != IGNORE).sum())
+
+    def position_ids(self) -> torch.Tensor | None:
+        """Each token's position in its record's piece, counted from 0 where it starts; None for
+        rows of one sequence each. transformers attends within each piece only, where positions
+        restart (packed sequences, without a mask of the batch's size)."""
+        if self.starts is None:
+            return None
+        block = self.input_ids.shape[1]
+        bits = torch.arange(7, -1, -1, device=self.starts.device, dtype=torch.uint8)
+        starts = ((self.starts.unsqueeze(-1) >> bits) & 1).flatten(1)[:, :block].bool()
+        index = torch.arange(block, device=starts.device).expand_as(starts)
+        began = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+        return index - began
 
 
 TOKENIZE_BATCH = 512
@@ -261,16 +280,22 @@ TOKENIZE_BATCH = 512
 
 Chunk = tuple[np.ndarray, np.ndarray]
 """``[k, block]`` int32 token ids and their labels."""
-RowChunk = tuple[np.ndarray, np.ndarray, np.ndarray]
-"""A chunk and, for each of its rows, the int64 ordinal of the record it came from."""
+RowChunk = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]
+"""A chunk, its rows' record starts (packed: ``TokenBlocks.starts``; one row a record: None)
+and, for each of its rows, the int64 ordinal of the record it came from."""
+_Pending = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""Token ids, labels and record starts (bool) not yet cut into blocks."""
 
 
 class BlockStream:
     """Encoded records as chunks of token blocks, blocks with nothing to learn dropped: packed
-    (records joined with EOS and cut into blocks, the tail dropped) or, with ``per_record``, one
-    row a record (cut at ``block``, padded with EOS that carries no loss: the model is causal, so
-    no real token sees the padding). Memory is bounded by a chunk whatever the corpus; the counts
-    are complete once the chunks are consumed."""
+    (records joined, each ending in EOS, and cut into blocks, the tail dropped) or, with
+    ``per_record``, one row a record (cut at ``block``, padded with EOS that carries no loss: the
+    model is causal, so no real token sees the padding). Packed blocks keep where each record,
+    or the piece of one a block starts with, begins: the model attends within a piece only and
+    its positions restart there, so a record is trained as if alone in its row (its first token,
+    which nothing before it predicts, is not learned). Memory is bounded by a chunk whatever the
+    corpus; the counts are complete once the chunks are consumed."""
 
     def __init__(self, block: int, eos: int, per_record: bool = False, chunk_tokens: int = 1 << 20) -> None:
         self.block = block
@@ -284,10 +309,10 @@ class BlockStream:
         self.blocks = 0
         """Blocks kept, each with a token to learn."""
 
-    def chunks(self, encoded: Iterable[Chunk]) -> Iterator[Chunk]:
-        """Chunks of blocks from each record's 1-D (ids, labels)."""
-        for ids, labels, _ in self.rows(encoded):
-            yield ids, labels
+    def chunks(self, encoded: Iterable[Chunk]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """Chunks of blocks (ids, labels, record starts) from each record's 1-D (ids, labels)."""
+        for ids, labels, starts, _ in self.rows(encoded):
+            yield ids, labels, starts
 
     def rows(self, encoded: Iterable[Chunk]) -> Iterator[RowChunk]:
         """``chunks`` with a number for each block: with ``per_record``, the ordinal of its
@@ -296,20 +321,22 @@ class BlockStream:
         return self._record_rows(encoded) if self.per_record else self._packed_rows(encoded)
 
     def _packed_rows(self, encoded: Iterable[Chunk]) -> Iterator[RowChunk]:
-        pending: list[Chunk] = []
+        pending: list[_Pending] = []
         held = first = 0  # tokens pending; blocks made before
         for ids, labels in encoded:
             self.records += 1
             self.tokens += len(ids)
-            pending.append((ids, labels))
+            starts = np.zeros(len(ids), dtype=bool)
+            starts[:1] = True
+            pending.append((ids, labels, starts))
             held += len(ids)
             if held >= self.chunk_rows * self.block:
-                chunk, pending = self._blocks(pending)
+                chunk, pending = self._packed_blocks(pending)
                 held = len(pending[0][0])
                 yield from self._kept(chunk, first)
                 first += len(chunk[0])
         if pending:
-            yield from self._kept(self._blocks(pending)[0], first)
+            yield from self._kept(self._packed_blocks(pending)[0], first)
 
     def _record_rows(self, encoded: Iterable[Chunk]) -> Iterator[RowChunk]:
         pending: list[Chunk] = []
@@ -320,11 +347,11 @@ class BlockStream:
             self.cut += len(ids) > self.block
             pending.append((ids[: self.block], labels[: self.block]))
             if len(pending) >= self.chunk_rows:
-                yield from self._kept(self._blocks(pending)[0], first)
+                yield from self._kept(self._record_blocks(pending), first)
                 first += len(pending)
                 pending = []
         if pending:
-            yield from self._kept(self._blocks(pending)[0], first)
+            yield from self._kept(self._record_blocks(pending), first)
 
     def check(self) -> None:
         """ConfigError when the stream gave no block to learn from (call it after ``chunks``)."""
@@ -333,30 +360,43 @@ class BlockStream:
         if self.blocks == 0:
             raise ConfigError("data: no block holds a token to learn (completions, assistant turns)")
 
-    def _blocks(self, pending: list[Chunk]) -> tuple[Chunk, list[Chunk]]:
-        """The blocks the pending records make, and what is left over (packed: the partial tail)."""
-        if self.per_record:
-            ids = np.full((len(pending), self.block), self.eos, dtype=np.int32)
-            labels = np.full((len(pending), self.block), IGNORE, dtype=np.int32)
-            for row, (doc_ids, doc_labels) in enumerate(pending):
-                ids[row, : len(doc_ids)], labels[row, : len(doc_labels)] = doc_ids, doc_labels
-            return (ids, labels), []
-        flat_ids = np.concatenate([i for i, _ in pending])
-        flat_labels = np.concatenate([la for _, la in pending])
-        n = len(flat_ids) // self.block * self.block
-        chunk = (flat_ids[:n].reshape(-1, self.block), flat_labels[:n].reshape(-1, self.block))
-        return chunk, [(flat_ids[n:].copy(), flat_labels[n:].copy())]
+    def _record_blocks(self, pending: list[Chunk]) -> RowChunk:
+        """One row a pending record, padded (ordinals filled in by ``_kept``)."""
+        ids = np.full((len(pending), self.block), self.eos, dtype=np.int32)
+        labels = np.full((len(pending), self.block), IGNORE, dtype=np.int32)
+        for row, (doc_ids, doc_labels) in enumerate(pending):
+            ids[row, : len(doc_ids)], labels[row, : len(doc_labels)] = doc_ids, doc_labels
+        return ids, labels, None, np.empty(0, dtype=np.int64)
 
-    def _kept(self, chunk: Chunk, first: int = 0) -> Iterator[RowChunk]:
+    def _packed_blocks(self, pending: list[_Pending]) -> tuple[RowChunk, list[_Pending]]:
+        """The blocks the pending records make, and the partial tail left over. A record's first
+        token is not learned (nothing of its own precedes it); each block starts a piece."""
+        flat_ids = np.concatenate([i for i, _, _ in pending])
+        flat_labels = np.concatenate([la for _, la, _ in pending])
+        flat_starts = np.concatenate([st for _, _, st in pending])
+        flat_labels[flat_starts] = IGNORE
+        n = len(flat_ids) // self.block * self.block
+        starts = flat_starts[:n].reshape(-1, self.block).copy()
+        starts[:, 0] = True
+        chunk = (
+            flat_ids[:n].reshape(-1, self.block),
+            flat_labels[:n].reshape(-1, self.block),
+            np.packbits(starts, axis=1),
+            np.empty(0, dtype=np.int64),
+        )
+        return chunk, [(flat_ids[n:].copy(), flat_labels[n:].copy(), flat_starts[n:].copy())]
+
+    def _kept(self, chunk: RowChunk, first: int = 0) -> Iterator[RowChunk]:
         """The chunk's blocks that have a token to learn, numbered from ``first``."""
-        ids, labels = chunk
+        ids, labels, starts, _ = chunk
         ordinals = np.arange(first, first + len(ids), dtype=np.int64)
         keep = (labels[:, 1:] != IGNORE).any(axis=1)
         if not keep.all():
             ids, labels, ordinals = ids[keep], labels[keep], ordinals[keep]
+            starts = None if starts is None else starts[keep]
         self.blocks += len(ids)
         if len(ids):
-            yield ids, labels, ordinals
+            yield ids, labels, starts, ordinals
 
 
 def encoded(tokenizer: Any, records: Iterable[Record]) -> Iterator[Chunk]:
@@ -380,9 +420,11 @@ def collect(stream: BlockStream, encoded_records: Iterable[Chunk]) -> TokenBlock
     """All of a stream's blocks in memory, as int32 (8 bytes a token with its label)."""
     parts = list(stream.chunks(encoded_records))
     stream.check()
+    starts = None if stream.per_record else torch.from_numpy(np.concatenate([st for _, _, st in parts]))
     return TokenBlocks(
-        torch.from_numpy(np.concatenate([i for i, _ in parts])),
-        torch.from_numpy(np.concatenate([la for _, la in parts])),
+        torch.from_numpy(np.concatenate([i for i, _, _ in parts])),
+        torch.from_numpy(np.concatenate([la for _, la, _ in parts])),
+        starts,
     )
 
 

@@ -43,8 +43,9 @@ from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-"""Version of the store's layout and of the tokenization it holds; a new one rebuilds every entry."""
+FORMAT = 2
+"""Version of the store's layout and of the tokenization it holds; a new one rebuilds every entry
+(2: packed parts keep where each record starts, and a record's first token is not learned)."""
 
 PARTS = ("train", "eval")
 CHUNK_TOKENS = 1 << 20
@@ -107,8 +108,9 @@ class TokenizedCorpus:
 
 class TokenStore:
     """``<state_dir>/tokens``: the corpus' counts (``corpus.json``) and its tokenized entry
-    (``blocks/<key>/``: ids and labels of each part as raw int32, with user-level privacy each
-    training row's user as raw int64, ``meta.json``)."""
+    (``blocks/<key>/``: ids and labels of each part as raw int32, a packed part's record starts as
+    packed bits (``TokenBlocks.starts``), with user-level privacy each training row's user as raw
+    int64, ``meta.json``)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -211,19 +213,23 @@ def _write_part(
     records: Iterator[Record],
     users: bool,
 ) -> None:
-    """One part's ids and labels (and with ``users``, a one-row-a-record stream's, each row's
-    user) as raw arrays."""
+    """One part's ids and labels (and packed, its record starts; with ``users``, a
+    one-row-a-record stream's, each row's user) as raw arrays."""
     owners = _Owners()
     with (
         open(building / f"{part}.ids", "wb") as ids,
         open(building / f"{part}.labels", "wb") as labels,
+        open(building / f"{part}.starts", "wb") if not stream.per_record else contextlib.nullcontext() as at,
         open(building / f"{part}.users", "wb") if users else contextlib.nullcontext() as by,
     ):
-        for chunk_ids, chunk_labels, ordinals in stream.rows(
+        for chunk_ids, chunk_labels, starts, ordinals in stream.rows(
             encoded(tokenizer, owners.follow(records) if by else records)
         ):
             ids.write(chunk_ids.tobytes())
             labels.write(chunk_labels.tobytes())
+            if at:
+                assert starts is not None
+                at.write(starts.tobytes())
             if by:
                 by.write(owners.take(ordinals).tobytes())
 
@@ -339,7 +345,8 @@ def open_entry(entry: Path, block: int) -> TokenizedCorpus:
     meta = json.loads((entry / "meta.json").read_text())
     if meta["format"] != FORMAT or meta["block"] != block:
         raise ValueError(f"format {meta['format']}, block {meta['block']}")
-    parts = {part: _mapped(entry, part, int(meta[part]["blocks"]), block) for part in PARTS}
+    packed = {"train": not meta["per_record"], "eval": True}
+    parts = {part: _mapped(entry, part, int(meta[part]["blocks"]), block, packed[part]) for part in PARTS}
     users = _users(entry, int(meta["train"]["blocks"])) if meta.get("users") else None
     return TokenizedCorpus(parts["train"], parts["eval"], int(meta["cut"]), users)
 
@@ -354,7 +361,7 @@ def _users(entry: Path, blocks: int) -> np.ndarray:
     return users
 
 
-def _mapped(entry: Path, part: str, blocks: int, block: int) -> TokenBlocks:
+def _mapped(entry: Path, part: str, blocks: int, block: int, packed: bool) -> TokenBlocks:
     """One part's blocks, memory-mapped copy-on-write (writable for torch, never written back)."""
     arrays = []
     for name in (f"{part}.ids", f"{part}.labels"):
@@ -363,4 +370,11 @@ def _mapped(entry: Path, part: str, blocks: int, block: int) -> TokenBlocks:
         if size != blocks * block * 4 or blocks == 0:
             raise ValueError(f"{name} holds {size} bytes, not {blocks} blocks of {block} int32 tokens")
         arrays.append(torch.from_numpy(np.memmap(path, dtype=np.int32, mode="c", shape=(blocks, block))))
-    return TokenBlocks(arrays[0], arrays[1])
+    if not packed:
+        return TokenBlocks(arrays[0], arrays[1])
+    path, row = entry / f"{part}.starts", (block + 7) // 8
+    size = os.path.getsize(path)
+    if size != blocks * row:
+        raise ValueError(f"{path.name} holds {size} bytes, not the record starts of {blocks} blocks")
+    starts = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", shape=(blocks, row)))
+    return TokenBlocks(arrays[0], arrays[1], starts)

@@ -235,7 +235,7 @@ class LoraTrainer:
         for step in range(training.steps):
             idx = torch.randint(len(blocks), (min(training.batch_size, len(blocks)),), generator=generator)
             batch = blocks[idx].to(self.device)
-            loss = forward(batch.input_ids, batch.labels)
+            loss = forward(batch.input_ids, batch.labels, batch.position_ids())
             diverged = self._ranks_diverged(loss)
             if diverged:
                 raise TrainingFailed(
@@ -295,7 +295,7 @@ class LoraTrainer:
         total, tokens = 0.0, 0
         for i in range(0, len(blocks), batch_size):
             batch = blocks[i : i + batch_size].to(self.device)
-            losses, learned = self.losses.rows(batch.input_ids, batch.labels)
+            losses, learned = self.losses.rows(batch.input_ids, batch.labels, batch.position_ids())
             total += float(losses.sum())
             tokens += int(learned.sum())
         total, summed = self.ctx.all_sum([total, float(tokens)])

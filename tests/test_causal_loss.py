@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from agent.causal_loss import CHUNK_LOGITS, HEAD_ONLY, CausalLoss
-from agent.data import IGNORE, TokenBlocks
+from agent.data import IGNORE, Example, TokenBlocks, pack_records, record_blocks
 from agent.trainer import LoraSpec, LoraTrainer, initial_adapter
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 from tests.daemons import torchrun
@@ -182,6 +182,31 @@ def test_evaluation_takes_the_loss_in_chunks_without_a_graph(model_path: str) ->
     with torch.no_grad():
         summed, _ = trainer.losses.rows(rows.input_ids, rows.labels)
     assert not summed.requires_grad
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_records_packed_in_one_row_are_trained_and_evaluated_as_if_alone(model_path: str, chunk: int) -> None:
+    """Records packed into one row (``pack_records``) give the loss, the gradient and the eval
+    loss of the same records one a row (``record_blocks``): each attends to itself only, from
+    position 0, and its first token is learned in neither. Without the positions they differ."""
+    trainer = _trainer(model_path)
+    texts = domain_corpus(DOMAINS[1], 5, seed=3)
+    records = [Example.plain(t) for t in texts]
+    lengths = [len(trainer.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]
+    packed = pack_records(trainer.tokenizer, records, sum(lengths))
+    alone, _ = record_blocks(trainer.tokenizer, records, max(lengths))
+    assert len(packed) == 1 and len(alone) == len(records) and packed.learned_tokens == alone.learned_tokens
+    packed, alone = packed.to("cpu"), alone.to("cpu")
+    _in_chunks(trainer.losses, chunk, 1)
+    positions = packed.position_ids()
+    want = trainer.losses.mean(alone.input_ids, alone.labels)
+    got = trainer.losses.mean(packed.input_ids, packed.labels, positions)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(_gradients(trainer, got), _gradients(trainer, want), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+    assert trainer.evaluate(packed) == pytest.approx(trainer.evaluate(alone), rel=1e-5)
+    crossed = trainer.losses.mean(packed.input_ids, packed.labels)  # every record sees those before
+    assert abs(float(crossed.detach()) - float(want.detach())) > 1e-3
 
 
 @pytest.mark.parametrize("model_type", sorted(HEAD_ONLY))

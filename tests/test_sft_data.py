@@ -83,13 +83,26 @@ def test_prompt_completion_records_learn_the_completion_and_its_end(model: Path,
     assert "Question" in read_only and "Answer:" in read_only  # the model reads the prompts
 
 
-def test_plain_text_learns_every_token(model: Path) -> None:
+def test_plain_text_learns_every_token_but_each_records_first(model: Path) -> None:
+    """Packed plain text learns every token except where a record starts (nothing of its own
+    precedes it there); positions restart at each record and at each block."""
     tok = tokenizer_of(model)
     docs = [p + c for p, c in PAIRS]
     blocks = pack_records(tok, [Example.plain(d) for d in docs], 8)
-    assert torch.equal(blocks.labels, blocks.input_ids)
     assert torch.equal(pack(tok, docs, 8), blocks.input_ids)
-    assert blocks.learned_tokens == blocks.input_ids.numel() - len(blocks)
+    lengths = [len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs]  # EOS appended
+    begins = torch.zeros(blocks.input_ids.numel(), dtype=torch.bool)
+    begins[[sum(lengths[:i]) for i in range(len(docs)) if sum(lengths[:i]) < len(begins)]] = True
+    begins = begins.view_as(blocks.input_ids)
+    assert torch.equal(blocks.labels, torch.where(begins, IGNORE, blocks.input_ids))
+    positions = blocks.position_ids()
+    assert positions is not None
+    expected = torch.zeros_like(positions)
+    for row in range(len(blocks)):
+        for j in range(1, blocks.input_ids.shape[1]):
+            expected[row, j] = 0 if begins[row, j] else expected[row, j - 1] + 1
+    assert torch.equal(positions, expected)
+    assert 0 < int((positions == 0).sum()) - len(blocks) < len(docs)  # records begin mid-block too
 
 
 def test_chat_records_learn_the_assistant_turns_only(model: Path, tmp_path: Path) -> None:
@@ -195,4 +208,5 @@ def test_the_batched_packer_matches_the_per_document_one(model: Path) -> None:
     assert torch.equal(ours.input_ids.long(), theirs.input_ids) and torch.equal(
         ours.labels.long(), theirs.labels
     )
+    assert ours.starts is not None and theirs.starts is not None and torch.equal(ours.starts, theirs.starts)
     assert ours[:2].to("cpu").input_ids.dtype == torch.long

@@ -91,7 +91,11 @@ def counting_encoder(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def same(a: Any, b: Any) -> bool:
-    return torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+    """The same ids, labels and record starts (none for rows of one record each)."""
+    starts = (a.starts is None and b.starts is None) or (
+        a.starts is not None and b.starts is not None and torch.equal(a.starts, b.starts)
+    )
+    return torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels) and starts
 
 
 @pytest.mark.parametrize("per_record", [False, True], ids=["packed", "one-row-a-record"])
@@ -124,6 +128,7 @@ def test_the_blocks_are_memory_mapped_from_the_entry(tokenizer: Any, tmp_path: P
     for part in ("train", "eval"):
         assert str(entry / f"{part}.ids") in maps
         assert str(entry / f"{part}.labels") in maps
+        assert str(entry / f"{part}.starts") in maps
     before = (entry / "train.ids").read_bytes()
     blocks.train.input_ids[0, 0] = -7  # torch may write to its copy; the entry is never changed
     assert (entry / "train.ids").read_bytes() == before
@@ -205,8 +210,12 @@ def test_a_damaged_entry_or_count_is_rebuilt(
     data = corpus.path
     entry = store.prepare(corpus, tokenizer, BLOCK, False)
     good = open_entry(entry, BLOCK)
-    expected = (good.train.input_ids.clone(), good.eval.labels.clone())
+    expected = (good.train.input_ids.clone(), good.eval.labels.clone(), good.eval.starts.clone())  # type: ignore[union-attr]
 
+    with open(entry / "eval.starts", "r+b") as f:
+        f.truncate(3)
+    with pytest.raises(ValueError, match=r"eval\.starts holds 3 bytes"):
+        open_entry(entry, BLOCK)
     with open(entry / "train.ids", "r+b") as f:
         f.truncate(100)
     with pytest.raises(ValueError, match=r"train\.ids holds 100 bytes"):
@@ -217,6 +226,7 @@ def test_a_damaged_entry_or_count_is_rebuilt(
     assert "is damaged" in caplog.text and len(calls) == 120
     rebuilt = open_entry(entry, BLOCK)
     assert torch.equal(rebuilt.train.input_ids, expected[0]) and torch.equal(rebuilt.eval.labels, expected[1])
+    assert rebuilt.eval.starts is not None and torch.equal(rebuilt.eval.starts, expected[2])
 
     (tmp_path / "tokens" / "corpus.json").write_text("{not json")
     assert store.corpus(data, 0.2) == corpus
