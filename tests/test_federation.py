@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from agent.data import load_texts, pack, split
+from agent.data import Example, TokenBlocks, load_texts, pack_records, split
 from agent.demo import CLOUDS, evals, run_federation
 from common.codecs.countsketch import CountSketch
 from common.codecs.state import CodecState
@@ -112,21 +112,29 @@ def test_the_best_version_exports_as_the_model_each_cloud_evaluated(federation, 
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     for config in configs:
         agent = load(AgentConfig, config)
-        blocks = pack(tokenizer, split(load_texts(agent.data), agent.eval_fraction)[1], 64)
+        held_out = split(load_texts(agent.data), agent.eval_fraction)[1]
+        blocks = pack_records(tokenizer, [Example.plain(t) for t in held_out], 64).to("cpu")
         loss, tokens = complete[version][config.parent.name]
         assert held_out_loss(adapted, blocks) == (pytest.approx(loss, abs=1e-5), tokens), config
         assert held_out_loss(merged, blocks)[0] == pytest.approx(loss, abs=1e-4), config
 
 
-def held_out_loss(model: Any, blocks: torch.Tensor) -> tuple[float, int]:
-    """Token-weighted next-token loss, as the agents compute it (batches of 16 blocks)."""
+def held_out_loss(model: Any, blocks: TokenBlocks) -> tuple[float, int]:
+    """Token-weighted next-token loss over the learned tokens, as the agents compute it (batches
+    of 16 blocks, each packed record attended alone), by transformers' own loss."""
     model.eval()
     total, tokens = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(blocks), 16):
             batch = blocks[i : i + 16]
-            n = batch.numel() - batch.shape[0]
-            total += model(input_ids=batch, labels=batch).loss.item() * n
+            n = batch.learned_tokens
+            out = model(
+                input_ids=batch.input_ids,
+                labels=batch.labels,
+                position_ids=batch.position_ids(),
+                use_cache=False,
+            )
+            total += out.loss.item() * n
             tokens += n
     return total / tokens, tokens
 
