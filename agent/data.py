@@ -280,9 +280,10 @@ TOKENIZE_BATCH = 512
 
 Chunk = tuple[np.ndarray, np.ndarray]
 """``[k, block]`` int32 token ids and their labels."""
+Blocks = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+"""A chunk and its rows' record starts (packed: ``TokenBlocks.starts``; one row a record: None)."""
 RowChunk = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]
-"""A chunk, its rows' record starts (packed: ``TokenBlocks.starts``; one row a record: None)
-and, for each of its rows, the int64 ordinal of the record it came from."""
+"""``Blocks`` and, for each of its rows, the int64 ordinal of the record it came from."""
 _Pending = tuple[np.ndarray, np.ndarray, np.ndarray]
 """Token ids, labels and record starts (bool) not yet cut into blocks."""
 
@@ -309,7 +310,7 @@ class BlockStream:
         self.blocks = 0
         """Blocks kept, each with a token to learn."""
 
-    def chunks(self, encoded: Iterable[Chunk]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    def chunks(self, encoded: Iterable[Chunk]) -> Iterator[Blocks]:
         """Chunks of blocks (ids, labels, record starts) from each record's 1-D (ids, labels)."""
         for ids, labels, starts, _ in self.rows(encoded):
             yield ids, labels, starts
@@ -360,15 +361,15 @@ class BlockStream:
         if self.blocks == 0:
             raise ConfigError("data: no block holds a token to learn (completions, assistant turns)")
 
-    def _record_blocks(self, pending: list[Chunk]) -> RowChunk:
-        """One row a pending record, padded (ordinals filled in by ``_kept``)."""
+    def _record_blocks(self, pending: list[Chunk]) -> Blocks:
+        """One row a pending record, padded."""
         ids = np.full((len(pending), self.block), self.eos, dtype=np.int32)
         labels = np.full((len(pending), self.block), IGNORE, dtype=np.int32)
         for row, (doc_ids, doc_labels) in enumerate(pending):
             ids[row, : len(doc_ids)], labels[row, : len(doc_labels)] = doc_ids, doc_labels
-        return ids, labels, None, np.empty(0, dtype=np.int64)
+        return ids, labels, None
 
-    def _packed_blocks(self, pending: list[_Pending]) -> tuple[RowChunk, list[_Pending]]:
+    def _packed_blocks(self, pending: list[_Pending]) -> tuple[Blocks, list[_Pending]]:
         """The blocks the pending records make, and the partial tail left over. A record's first
         token is not learned (nothing of its own precedes it); each block starts a piece."""
         flat_ids = np.concatenate([i for i, _, _ in pending])
@@ -382,13 +383,12 @@ class BlockStream:
             flat_ids[:n].reshape(-1, self.block),
             flat_labels[:n].reshape(-1, self.block),
             np.packbits(starts, axis=1),
-            np.empty(0, dtype=np.int64),
         )
         return chunk, [(flat_ids[n:].copy(), flat_labels[n:].copy(), flat_starts[n:].copy())]
 
-    def _kept(self, chunk: RowChunk, first: int = 0) -> Iterator[RowChunk]:
+    def _kept(self, chunk: Blocks, first: int = 0) -> Iterator[RowChunk]:
         """The chunk's blocks that have a token to learn, numbered from ``first``."""
-        ids, labels, starts, _ = chunk
+        ids, labels, starts = chunk
         ordinals = np.arange(first, first + len(ids), dtype=np.int64)
         keep = (labels[:, 1:] != IGNORE).any(axis=1)
         if not keep.all():

@@ -63,12 +63,12 @@ class DpStep:
 class PrivateGradients:
     """Noisy clipped gradients of a model's trainable parameters, one DP-SGD step at a time."""
 
-    def __init__(self, model: Any, ctx: DistContext, loss: CausalLoss | None = None) -> None:
+    def __init__(self, model: Any, ctx: DistContext, loss: CausalLoss) -> None:
         from opacus import GradSampleModule
 
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-        self.loss = loss or CausalLoss(model)
-        """The model's losses, each row's taken (in chunks of positions where the model allows:
+        self.loss = loss
+        """``model``'s losses, each row's taken (in chunks of positions where the model allows:
         ``agent.causal_loss``)."""
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ctx = ctx

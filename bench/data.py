@@ -50,16 +50,16 @@ def per_document_pack(tokenizer: Any, records: Sequence[Record], block: int) -> 
         ends_learned = bool(ex.learned) and ex.learned[-1][1] == len(ex.text)
         labels.append(tokenizer.eos_token_id if ends_learned else IGNORE)
     n = len(ids) // block
-    begins = torch.zeros(n * block + 1, dtype=torch.bool)
-    begins[torch.tensor(starts)[torch.tensor(starts) < n * block]] = True
-    begins[: n * block : block] = True  # each block starts a piece
-    for i in starts:
-        if i < len(labels):
-            labels[i] = IGNORE
+    begins = torch.zeros(n * block, dtype=torch.bool)
+    for i in starts:  # every start lies inside the ids (each record has its EOS at least)
+        labels[i] = IGNORE
+        if i < n * block:
+            begins[i] = True
+    begins[::block] = True  # each block starts a piece
     blocks = TokenBlocks(
         torch.tensor(ids[: n * block], dtype=torch.long).view(n, block),
         torch.tensor(labels[: n * block], dtype=torch.long).view(n, block),
-        torch.from_numpy(np.packbits(begins[: n * block].view(n, block).numpy(), axis=1)),
+        torch.from_numpy(np.packbits(begins.view(n, block).numpy(), axis=1)),
     )
     keep = (blocks.labels[:, 1:] != IGNORE).any(dim=1)
     return blocks if bool(keep.all()) else blocks[keep]
