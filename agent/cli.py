@@ -44,7 +44,7 @@ async def check(config: AgentConfig, tokenize: bool = False, ranks: int = 1) -> 
     ``run`` will train on (their batches add up in the DP plan)."""
     from agent.client import AggregatorClient
     from agent.dp_budget import describe as describe_dp
-    from agent.dp_budget import preview
+    from agent.dp_budget import eval_preview, preview
     from agent.privacy import announced, check_federation, describe
     from agent.revocations import AgentRevocations, describe_revocations
     from agent.token_store import TokenStore
@@ -93,6 +93,8 @@ async def check(config: AgentConfig, tokenize: bool = False, ranks: int = 1) -> 
         capped = corpus.capped_records(dp.records_per_user)
         plan = preview(dp, config.state_dir, corpus.train_units, t.batch_size, t.local_steps, ranks, capped)
         print(f"dp plan         {plan}")
+        if config.privacy.share_eval_losses:
+            print(f"dp eval plan    {eval_preview(dp, config.state_dir, corpus.eval_units)}")
     check_federation(config.privacy, s)  # a refusal fails the preflight (exit 2), as `run` would
     return 0
 

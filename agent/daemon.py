@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -24,14 +25,14 @@ from agent import metrics
 from agent.client import AggregatorClient
 from agent.data import TokenBlocks
 from agent.distributed import DistContext
-from agent.dp_budget import PrivacyBudgetSpent, PrivacyLedger
+from agent.dp_budget import EvalTooNoisy, PrivacyBudgetSpent, PrivacyLedger
 from agent.dp_sgd import DpStep
 from agent.dp_units import PrivacyUnits, user_units
 from agent.privacy import announced, check_federation, describe
 from agent.revocations import AgentRevocations
 from agent.secure import SecureParticipation, Signer
 from agent.token_store import TokenStore, open_entry
-from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, pick_device, pick_dtype
+from agent.trainer import HeldOutLosses, LocalTraining, LoraSpec, LoraTrainer, pick_device, pick_dtype
 from agent.uplink import upload_header
 from common.backoff import backoff_delays
 from common.codecs import registry
@@ -85,6 +86,10 @@ class Worker:
         """Training examples over all ranks (with DP-SGD: records, one a row)."""
         self.units: PrivacyUnits | None = None
         """This rank's DP-SGD units (records or users) and their rows in ``train_blocks``."""
+        self.eval_units: PrivacyUnits | None = None
+        """With DP: this rank's held-out units and their rows in ``eval_blocks``."""
+        self.block = 0
+        """The token blocks' length (the federation's ``sequence_length``)."""
         self.train_units = 0
         """DP-SGD units over all ranks: records, or users with user-level privacy."""
 
@@ -112,7 +117,7 @@ class Worker:
         if op == "release":  # the federation is finished: give the memory back until it resumes
             self.trainer = None
             self.train_blocks = self.eval_blocks = TokenBlocks.empty()
-            self.units = None
+            self.units = self.eval_units = None
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -134,7 +139,12 @@ class Worker:
             return delta, loss
         if op == "eval":
             self.trainer.set_adapter(command["adapter"])
-            return self.trainer.evaluate(self.eval_blocks)
+            if self.eval_units is None:
+                return self.trainer.evaluate(self.eval_blocks)
+            dp = self.config.privacy.dp
+            return self.trainer.evaluate_units(
+                self.eval_blocks, self.eval_units, dp.eval_loss_clip, self.eval_token_cap
+            )
         raise ValueError(f"unknown command {op!r}")
 
     def _open_blocks(self, tokenizer: Any, length: int) -> None:
@@ -156,6 +166,7 @@ class Worker:
             if "error" in where:
                 raise ConfigError(where["error"])
         blocks = open_entry(Path(where["entry"]), length)
+        self.block = length
         rank, world = self.ctx.rank, self.ctx.world_size
         if dp.users:
             if blocks.train_users is None:
@@ -166,7 +177,14 @@ class Worker:
         else:
             self.train_blocks = _shard(blocks.train, rank, world)
             self.units = PrivacyUnits.records(len(self.train_blocks)) if per_record else None
-        self.eval_blocks = _shard(blocks.eval, rank, world)
+        if dp.users:
+            if blocks.eval_users is None:
+                raise ConfigError(f"token store entry {where['entry']} holds no users")
+            self.eval_blocks = blocks.eval
+            self.eval_units = user_units(np.asarray(blocks.eval_users), rank, world, allow_empty=True)
+        else:
+            self.eval_blocks = _shard(blocks.eval, rank, world)
+            self.eval_units = PrivacyUnits.records(len(self.eval_blocks)) if per_record else None
         rows = len(self.train_blocks) if self.units is None else self.units.rows
         units = rows if self.units is None else len(self.units)
         self.train_records, self.train_units = (
@@ -187,6 +205,13 @@ class Worker:
                 self.corpus.train_records if self.corpus else 0,
                 length,
             )
+
+    @property
+    def eval_token_cap(self) -> int:
+        """The most learned tokens of one held-out unit a shared eval loss is weighed by: a
+        row's, or with user-level privacy ``records_per_user`` rows'."""
+        dp = self.config.privacy.dp
+        return self.block * (dp.records_per_user if dp.unit == "user" else 1)
 
     def follow(self) -> None:
         """Ranks > 0: run rank 0's commands until it says stop. A failed training (the ranks decide
@@ -525,6 +550,7 @@ class Agent:
             unit = self.ledger.config.unit
             metrics.DP_EPSILON_BUDGET.labels(**client.labels, unit=unit).set(self.ledger.config.max_epsilon)
             metrics.DP_EPSILON.labels(**client.labels, unit=unit).set(self.ledger.epsilon)
+            metrics.DP_EVAL_EPSILON.labels(**client.labels, unit=unit).set(self.ledger.eval_epsilon)
 
     async def _take_part(
         self, client: AggregatorClient, settings: pb.FederationSettings, event: pb.RoundEvent, agent_id: str
@@ -686,18 +712,25 @@ class Agent:
     async def _evaluate(self, client: AggregatorClient, version: int) -> None:
         tensors = await self._global(client, version)
         with metrics.step("eval"):
-            loss, tokens = await self.everywhere(op="eval", adapter=tensors)
+            result = await self.everywhere(op="eval", adapter=tensors)
+        held_out = result if isinstance(result, HeldOutLosses) else None
+        loss, tokens = (held_out.loss, held_out.tokens) if held_out else result
         self.progress.versions_evaluated[version] = loss
-        record = {"version": version, "eval_loss": loss, "tokens": tokens, "time": time.time()}
-        with open(self.state / "evals.jsonl", "a") as f:  # noqa: ASYNC230 - one short line
-            f.write(json.dumps(record) + "\n")
+        record: dict[str, Any] = {
+            "version": version,
+            "eval_loss": loss,
+            "tokens": tokens,
+            "time": time.time(),
+        }
         if not math.isfinite(loss):  # the aggregator refuses it: say it here instead
+            self._log_eval(record)
             log.error(
                 "global version %d: eval loss %s on this cloud's held-out text; not reported", version, loss
             )
             return
         metrics.EVAL_LOSS.labels(**client.labels).set(loss)
         if not self.config.privacy.share_eval_losses:
+            self._log_eval(record)
             log.info(
                 "global version %d: eval loss %.4f on %d local tokens, kept in this cloud"
                 " (privacy.share_eval_losses is false)",
@@ -706,5 +739,50 @@ class Agent:
                 tokens,
             )
             return
-        await client.report_eval(version, loss, tokens)
-        log.info("global version %d: eval loss %.4f on %d local tokens", version, loss, tokens)
+        shared = (loss, tokens)
+        if held_out is not None:
+            assert self.ledger is not None
+            unit = self.ledger.config.unit
+            try:
+                shared = await asyncio.to_thread(self._release_eval, version, held_out)
+            except (PrivacyBudgetSpent, EvalTooNoisy) as exc:
+                self._log_eval(record | {"kept": str(exc)})
+                log.warning("global version %d: eval loss %.4f kept in this cloud: %s", version, loss, exc)
+                return
+            finally:
+                metrics.DP_EVAL_EPSILON.labels(**client.labels, unit=unit).set(self.ledger.eval_epsilon)
+            record |= {"released_loss": shared[0], "released_tokens": shared[1]}
+        self._log_eval(record)
+        await client.report_eval(version, *shared)
+        if held_out is None:
+            log.info("global version %d: eval loss %.4f on %d local tokens", version, loss, tokens)
+        else:
+            log.info(
+                "global version %d: eval loss %.4f on %d local tokens; released with differential privacy"
+                " as %.4f on %d tokens",
+                version,
+                loss,
+                tokens,
+                *shared,
+            )
+
+    def _log_eval(self, record: dict[str, Any]) -> None:
+        """Append a version's evaluation to ``evals.jsonl`` (in this cloud's state dir)."""
+        with open(self.state / "evals.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _release_eval(self, version: int, held_out: HeldOutLosses) -> tuple[float, int]:
+        """The version's eval loss and weight as the ledger releases them, noised and accounted
+        (the same model and held-out data get the same release back)."""
+        assert self.ledger is not None
+        model = self.state / "models" / f"v{version:08d}.safetensors"
+        digest = hashlib.sha256(model.read_bytes()).hexdigest()
+        subject = f"{digest}:{self.corpus.fingerprint}:{self.worker.block}"
+        return self.ledger.release_eval(
+            subject,
+            version,
+            held_out.clipped_sum,
+            held_out.units,
+            held_out.capped_tokens,
+            self.worker.eval_token_cap,
+        )

@@ -194,6 +194,17 @@ def evals(agent_configs: list[Path]) -> dict[int, dict[str, float]]:
     return table
 
 
+def released_evals(config: AgentConfig) -> str:
+    """What a DP cloud's eval losses looked like to the aggregator, against its own."""
+    history = [json.loads(line) for line in (config.state_dir / "evals.jsonl").read_text().splitlines()]
+    shared = [r for r in history if "released_loss" in r]
+    if not shared:
+        kept = [r["kept"] for r in history if "kept" in r]
+        return f"eval losses kept in the cloud: {kept[-1]}" if kept else "no eval loss released"
+    pairs = ", ".join(f"v{r['version']} {r['eval_loss']:.2f} as {r['released_loss']:.2f}" for r in shared)
+    return f"eval losses released with differential privacy (its own as the aggregator got them): {pairs}"
+
+
 def run_federation(
     root: Path,
     rounds: int,
@@ -312,6 +323,7 @@ def main() -> int:
     for cloud in args.dp:
         config = load(AgentConfig, root / f"{cloud}-agent-1" / "agent.toml")
         print(f"{cloud}: {describe_dp(config.privacy.dp, config.state_dir)}")
+        print(f"{cloud}: {released_evals(config)}")
     export = ["export", "--out", str(root / "export"), "--merge", "--force"]
     exported = subprocess.run(
         [sys.executable, "-m", "server.cli", "--config", str(root / "aggregator.toml"), *export],

@@ -17,10 +17,18 @@ rate is taken over (records, or users: one changes it by at most one) and the Fe
 Join and with every update: the records, with user-level privacy each user's counted up to
 ``records_per_user`` (one user changes that by at most ``records_per_user``, and the noise is
 scaled by it), so that clouds of either unit weigh alike.
+
+Shared eval losses are released through the Gaussian mechanism as well (``release_eval``): for
+each global version, the sum over held-out units of each one's mean token loss, clipped, plus
+noise, over the held-out units' noisy count, weighed by their noisy token count. Held-out units
+are never trained on (the split is a fixed function of each record's, or user's, key), so a unit
+is in one of two disjoint datasets: its epsilon is that of the training releases or that of the
+eval releases (parallel composition), and each has ``max_epsilon`` for its budget.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -28,8 +36,8 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from agent.dp_sgd import DpStep
@@ -40,13 +48,23 @@ from common.errors import ConfigError, DataLoss, PolicyRefused
 log = logging.getLogger(__name__)
 LEDGER = "dp-ledger.json"
 UNITS, RECORDS = "units", "records"
-"""The kinds of count released: the units (records or users) and the user-level weight."""
+"""The kinds of count released of the training data: the units (records or users) and the
+user-level weight."""
+EVAL_UNITS, EVAL_TOKENS = "eval_units", "eval_tokens"
+"""The kinds of count released of the held-out data: its units, and the tokens an eval loss is
+weighed by (each unit's up to a cap)."""
+TRAINING_KINDS = (UNITS, RECORDS)
 LARGEST_ALPHA = "Optimal order is the largest alpha"
 """opacus' warning when a small epsilon's best Renyi order is its largest: still a valid bound."""
 
 
 class PrivacyBudgetSpent(PolicyRefused):
     """Training another round would spend more than ``privacy.dp.max_epsilon``."""
+
+
+class EvalTooNoisy(PolicyRefused):
+    """An eval loss released with the configured noise would be noisier than
+    ``privacy.dp.eval_max_deviation``: it stays in the cloud."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,34 @@ class CountRelease:
     @property
     def mechanism(self) -> tuple[float, float, int]:
         """As the accountants see it: one step, everything sampled, noise over sensitivity 1."""
+        return (self.noise, 1.0, 1)
+
+    @property
+    def training(self) -> bool:
+        """Whether it counts the training data (else the held-out data)."""
+        return self.kind in TRAINING_KINDS
+
+
+@dataclass(frozen=True)
+class EvalRelease:
+    """One global version's eval loss as it left the cloud: ``clipped_sum`` (the sum over
+    held-out units of each one's mean token loss clipped to ``clip``, which stays in this cloud's
+    state dir) plus Gaussian noise of deviation ``noise * clip``."""
+
+    subject: str
+    """What was evaluated: the global version's digest and the held-out data's (the same
+    subject gets the same release back)."""
+    version: int
+    clipped_sum: float
+    released_sum: float
+    noise: float
+    clip: float
+    time: float = 0.0
+    unit: str = "record"
+
+    @property
+    def mechanism(self) -> tuple[float, float, int]:
+        """As the accountants see it: one step over every held-out unit, sensitivity ``clip``."""
         return (self.noise, 1.0, 1)
 
 
@@ -167,8 +213,12 @@ def announced_counts(config: DpConfig, units: int, capped_records: int) -> list[
 def _counted(unit: str, kind: str) -> str:
     """What a count of ``kind`` counts, in words."""
     if kind == RECORDS:
-        return "records (each user's up to records_per_user)"
-    return f"{unit}s"
+        return "training records (each user's up to records_per_user)"
+    if kind == EVAL_UNITS:
+        return f"held-out {unit}s"
+    if kind == EVAL_TOKENS:
+        return f"held-out tokens (each {unit}'s up to a cap)"
+    return f"training {unit}s"
 
 
 class PrivacyLedger:
@@ -177,8 +227,8 @@ class PrivacyLedger:
     def __init__(self, state_dir: Path, config: DpConfig) -> None:
         self.config = config
         self.path = state_dir / "privacy" / LEDGER
-        self.spends, self.exhausted, self.counts = self._load()
-        other = {s.unit for s in self.spends} | {c.unit for c in self.counts}
+        self.spends, self.exhausted, self.counts, self.evals = self._load()
+        other = {s.unit for s in self.spends} | {c.unit for c in self.counts} | {e.unit for e in self.evals}
         other -= {config.unit}
         if other:
             raise ConfigError(
@@ -188,9 +238,9 @@ class PrivacyLedger:
                 " it records stay spent for their unit)"
             )
 
-    def _load(self) -> tuple[list[Spend], Exhausted | None, list[CountRelease]]:
+    def _load(self) -> tuple[list[Spend], Exhausted | None, list[CountRelease], list[EvalRelease]]:
         if not self.path.exists():
-            return [], None, []
+            return [], None, [], []
         try:
             data = json.loads(self.path.read_text())
             exhausted = data.get("exhausted")
@@ -198,6 +248,7 @@ class PrivacyLedger:
                 [Spend(**s) for s in data["spends"]],
                 Exhausted(**exhausted) if exhausted else None,
                 [CountRelease(**c) for c in data.get("counts", [])],
+                [EvalRelease(**e) for e in data.get("evals", [])],
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:  # never start again from zero
             raise DataLoss(
@@ -206,9 +257,46 @@ class PrivacyLedger:
             ) from exc
 
     @property
+    def training_counts(self) -> list[CountRelease]:
+        """The releases of counts of the training data."""
+        return [c for c in self.counts if c.training]
+
+    @property
     def epsilon(self) -> float:
-        """The epsilon spent so far (rounds and count releases)."""
-        return epsilon(self.spends, self.config.delta, self.config.accountant, self.counts)
+        """The epsilon spent so far on the training data (rounds and count releases)."""
+        return epsilon(self.spends, self.config.delta, self.config.accountant, self.training_counts)
+
+    @property
+    def eval_epsilon(self) -> float:
+        """The epsilon spent so far on the held-out data (eval losses and their counts)."""
+        return self._eval_epsilon(self.counts, self.evals)
+
+    @property
+    def guarantee(self) -> float:
+        """The epsilon of any one unit, held out or not: the larger of the two."""
+        return max(self.epsilon, self.eval_epsilon)
+
+    def _eval_epsilon(
+        self, counts: Sequence[CountRelease], evals: Sequence[EvalRelease], planned: int = 0
+    ) -> float:
+        """The epsilon of the held-out data's count releases among ``counts``, ``evals`` and
+        ``planned`` more eval releases at ``eval_noise`` (releases of one noise as one entry of
+        that many steps: the accountants compose them alike)."""
+        steps = collections.Counter(e.noise for e in evals)
+        steps[self.config.eval_noise] += planned
+        history = tuple(c.mechanism for c in counts if not c.training)
+        history += tuple((noise, 1.0, n) for noise, n in sorted(steps.items()) if n)
+        if not history:
+            return 0.0
+        return _epsilon(history, self.config.delta, self.config.accountant)
+
+    def _epsilon_with(self, release: CountRelease) -> float:
+        """The epsilon of ``release``'s side (training or held-out data) once it is made."""
+        if release.training:
+            return epsilon(
+                self.spends, self.config.delta, self.config.accountant, [*self.training_counts, release]
+            )
+        return self._eval_epsilon([*self.counts, release], self.evals)
 
     def announce(self, units: int, capped_records: int) -> tuple[int, int]:
         """The training units and the FedAvg weight as they may leave the cloud (the releases of
@@ -240,25 +328,73 @@ class PrivacyLedger:
         noise = random.SystemRandom().gauss(0.0, c.count_noise * sensitivity)
         noisy = max(1, round(units + noise))
         release = CountRelease(units, noisy, c.count_noise, time.time(), c.unit, kind, sensitivity)
-        after = epsilon(self.spends, c.delta, c.accountant, [*self.counts, release])
+        before = self.epsilon if release.training else self.eval_epsilon
+        after = self._epsilon_with(release)
+        side = "" if release.training else " on its held-out data"
         if after > c.max_epsilon:
             raise PrivacyBudgetSpent(
-                f"privacy budget spent: this agent has spent epsilon {self.epsilon:.3f} (delta"
-                f" {c.delta:g}) and announcing its new count of training {_counted(c.unit, kind)}"
-                f" would take it to {after:.3f}, over privacy.dp.max_epsilon ({c.max_epsilon:g})"
+                f"privacy budget spent: this agent has spent epsilon {before:.3f}{side} (delta"
+                f" {c.delta:g}) and announcing its new count of {_counted(c.unit, kind)} would take"
+                f" it to {after:.3f}, over privacy.dp.max_epsilon ({c.max_epsilon:g})"
             )
         self._save(self.spends, self.exhausted, [*self.counts, release])
         log.info(
-            "announcing %d training %s (the true count plus Gaussian noise of deviation %g): epsilon"
-            " %.3f of %g spent (delta %g)",
+            "announcing %d %s (the true count plus Gaussian noise of deviation %g): epsilon %.3f%s of"
+            " %g spent (delta %g)",
             noisy,
             _counted(c.unit, kind),
             c.count_noise * sensitivity,
-            self.epsilon,
+            after,
+            side,
             c.max_epsilon,
             c.delta,
         )
         return noisy
+
+    def release_eval(
+        self, subject: str, version: int, clipped_sum: float, units: int, tokens: int, token_cap: int
+    ) -> tuple[float, int]:
+        """A version's eval loss and its weight as they may leave the cloud, from ``units``
+        held-out units whose mean token losses, clipped to ``eval_loss_clip``, sum to
+        ``clipped_sum``, and their ``tokens`` (each unit's up to ``token_cap``): the noisy sum
+        over the noisy unit count (kept within 0..clip), and the noisy token count. The same
+        ``subject`` (version and data) gets the same release back; PrivacyBudgetSpent when a new
+        release does not fit in the held-out data's budget, EvalTooNoisy when the noisy unit
+        count makes the loss noisier than ``eval_max_deviation`` (nothing more is released)."""
+        c = self.config
+        count = self.released_count(units, EVAL_UNITS)
+        deviation = c.eval_noise * c.eval_loss_clip / count
+        if deviation > c.eval_max_deviation:
+            raise EvalTooNoisy(
+                f"{count} held-out {c.unit}s (as released) give a released eval loss noise of deviation"
+                f" {deviation:.3g} nats, over privacy.dp.eval_max_deviation ({c.eval_max_deviation:g}); the"
+                " loss stays in this cloud (hold out more records, or lower eval_noise at a higher epsilon)"
+            )
+        weight = self.released_count(tokens, EVAL_TOKENS, token_cap)
+        kept = next((e for e in reversed(self.evals) if e.subject == subject), None)
+        if kept is None:
+            noise = random.SystemRandom().gauss(0.0, c.eval_noise * c.eval_loss_clip)
+            kept = EvalRelease(
+                subject,
+                version,
+                clipped_sum,
+                clipped_sum + noise,
+                c.eval_noise,
+                c.eval_loss_clip,
+                time.time(),
+                c.unit,
+            )
+            after = self._eval_epsilon(self.counts, [*self.evals, kept])
+            if after > c.max_epsilon:
+                raise PrivacyBudgetSpent(
+                    f"privacy budget of the held-out data spent: this agent has spent epsilon"
+                    f" {self.eval_epsilon:.3f} on it (delta {c.delta:g}) and releasing the eval loss of"
+                    f" global version {version} would take it to {after:.3f}, over"
+                    f" privacy.dp.max_epsilon ({c.max_epsilon:g}); the loss stays in this cloud"
+                )
+            self._save(self.spends, self.exhausted, self.counts, [*self.evals, kept])
+        loss = min(max(kept.released_sum / count, 0.0), kept.clip)
+        return loss, weight
 
     def check_delta(self, units: int) -> None:
         """ConfigError unless delta < 1 / ``units`` (a larger one allows releasing a record, or
@@ -277,12 +413,12 @@ class PrivacyLedger:
         c = self.config
         expected = min(batch_size * world_size, units)
         rate = expected / units
-        noise = planned_noise(c, rate, steps, tuple(r.mechanism for r in self.counts))
+        noise = planned_noise(c, rate, steps, tuple(r.mechanism for r in self.training_counts))
         after = epsilon(
             [*self.spends, Spend(round_id, noise, rate, steps, unit=c.unit)],
             c.delta,
             c.accountant,
-            self.counts,
+            self.training_counts,
         )
         if after > c.max_epsilon:
             refusal = (
@@ -333,19 +469,39 @@ class PrivacyLedger:
             )
         return spent
 
-    def _save(self, spends: list[Spend], exhausted: Exhausted | None, counts: list[CountRelease]) -> None:
+    def _save(
+        self,
+        spends: list[Spend],
+        exhausted: Exhausted | None,
+        counts: list[CountRelease],
+        evals: list[EvalRelease] | None = None,
+    ) -> None:
+        evals = self.evals if evals is None else evals
         data: dict[str, object] = {
             "spends": [asdict(s) for s in spends],
             "counts": [asdict(c) for c in counts],
+            "evals": [asdict(e) for e in evals],
         }
         if exhausted is not None:
             data["exhausted"] = asdict(exhausted)
         replace_durably(self.path, json.dumps(data, indent=1).encode())
-        self.spends, self.exhausted, self.counts = spends, exhausted, counts
+        self.spends, self.exhausted, self.counts, self.evals = spends, exhausted, counts, evals
 
 
 MAX_PREVIEW_ROUNDS = 100_000
 """``preview`` counts the rounds a budget lasts up to this many."""
+
+
+def _most_that_fit(fits: Callable[[int], bool]) -> int:
+    """The most releases (rounds, versions) up to ``MAX_PREVIEW_ROUNDS`` that ``fits`` accepts,
+    ``fits`` holding for every count below one it holds for (doubling, then bisection)."""
+    lasts, beyond = 0, 1
+    while beyond <= MAX_PREVIEW_ROUNDS and fits(beyond):
+        lasts, beyond = beyond, 2 * beyond
+    while beyond - lasts > 1 and lasts < MAX_PREVIEW_ROUNDS:
+        middle = (lasts + beyond) // 2
+        lasts, beyond = (middle, beyond) if fits(middle) else (lasts, middle)
+    return lasts
 
 
 def preview(
@@ -364,7 +520,7 @@ def preview(
     ones, and this line stays in the cloud)."""
     ledger = PrivacyLedger(state_dir, config)
     ledger.check_delta(units)
-    counts = list(ledger.counts)
+    counts = ledger.training_counts
     for count, kind, sensitivity in announced_counts(config, units, capped_records):
         if ledger.release_of(count, kind, sensitivity) is None:
             counts.append(CountRelease(count, count, config.count_noise, 0.0, config.unit, kind, sensitivity))
@@ -376,12 +532,7 @@ def preview(
         planned = Spend(0, noise, rate, rounds * steps, unit=config.unit)
         return epsilon([*ledger.spends, planned], config.delta, config.accountant, counts)
 
-    lasts, beyond = 0, 1
-    while beyond <= MAX_PREVIEW_ROUNDS and after(beyond) <= config.max_epsilon:
-        lasts, beyond = beyond, 2 * beyond
-    while beyond - lasts > 1 and lasts < MAX_PREVIEW_ROUNDS:
-        middle = (lasts + beyond) // 2
-        lasts, beyond = (middle, beyond) if after(middle) <= config.max_epsilon else (lasts, middle)
+    lasts = _most_that_fit(lambda rounds: after(rounds) <= config.max_epsilon)
     rounds = f"{lasts} more rounds" if lasts < MAX_PREVIEW_ROUNDS else f"over {MAX_PREVIEW_ROUNDS} rounds"
     first = f", epsilon {after(1):.3f} after the next" if lasts else ""
     return (
@@ -409,12 +560,52 @@ def describe(config: DpConfig, state_dir: Path) -> str:
     weight_kind = RECORDS if config.unit == "user" else UNITS  # the last of announced_counts
     weights = [c for c in ledger.counts if c.kind == weight_kind]
     if weights:
-        last, n = weights[-1], len(ledger.counts)
+        last, n = weights[-1], len(ledger.training_counts)
         announced = (
             f"; weighs its updates by {last.released} training records (noise deviation"
             f" {last.noise * last.sensitivity:g}; {n} count release{'s' if n > 1 else ''})"
         )
+    evals = ""
+    if ledger.evals:
+        n = len(ledger.evals)
+        evals = (
+            f"; eval losses: epsilon {ledger.eval_epsilon:.3f} of {config.max_epsilon:g} on the held-out"
+            f" {config.unit}s over {n} release{'s' if n > 1 else ''}"
+        )
     return (
         f"{unit} spent over {len(ledger.spends)} rounds (delta {config.delta:g}, {config.accountant}"
-        f" accountant, {clipped} {config.max_grad_norm:g}){announced}"
+        f" accountant, {clipped} {config.max_grad_norm:g}){announced}{evals}"
     )
+
+
+def eval_preview(config: DpConfig, state_dir: Path, units: int) -> str:
+    """One line for ``cloudfed-agent check``: what releasing eval losses over ``units`` held-out
+    units (records or users) would cost, from the ledger on: the noise on a released loss and how
+    many versions the held-out data's budget lasts (with the count releases it would make).
+    Spends nothing."""
+    ledger = PrivacyLedger(state_dir, config)
+    counts = [c for c in ledger.counts if not c.training]
+    unit_count = CountRelease(units, units, config.count_noise, 0.0, config.unit, EVAL_UNITS)
+    if ledger.release_of(units, EVAL_UNITS, 1) is None:
+        counts.append(unit_count)
+    if not any(c.kind == EVAL_TOKENS for c in counts):  # the token count's noise does not depend on it
+        counts.append(replace(unit_count, kind=EVAL_TOKENS))
+
+    def fits(versions: int) -> bool:
+        return ledger._eval_epsilon(counts, ledger.evals, versions) <= config.max_epsilon
+
+    lasts = _most_that_fit(fits)
+    versions = (
+        f"{lasts} more versions" if lasts < MAX_PREVIEW_ROUNDS else f"over {MAX_PREVIEW_ROUNDS} versions"
+    )
+    deviation = config.eval_noise * config.eval_loss_clip / units
+    line = (
+        f"{units} held-out {config.unit}s: each version's eval loss released with noise of deviation"
+        f" {deviation:.3g} nats (mean token losses clipped to {config.eval_loss_clip:g}); the budget"
+        f" ({config.max_epsilon:g}) lasts {versions}"
+    )
+    if deviation > config.eval_max_deviation:
+        line += (
+            f"; over eval_max_deviation ({config.eval_max_deviation:g}): the losses would stay in this cloud"
+        )
+    return line

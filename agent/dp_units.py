@@ -70,12 +70,14 @@ class PrivacyUnits:
         return torch.cat(parts), torch.tensor(sizes, dtype=torch.long)
 
 
-def user_units(owners: np.ndarray, rank: int, world: int, cap: int | None = None) -> PrivacyUnits:
-    """This rank's users and their rows, from each training row's user key (the same on every
-    rank). Users are dealt so that the ranks' expected work a step is even: by their rows a step
-    may take (at most ``cap``) from most to fewest, ties in key order, in snake order over the
-    ranks (0, 1, .., w-1, w-1, .., 0, 0, ..); a few users with many records do not all land on
-    one rank."""
+def user_units(
+    owners: np.ndarray, rank: int, world: int, cap: int | None = None, allow_empty: bool = False
+) -> PrivacyUnits:
+    """This rank's users and their rows, from each row's user key (the same on every rank). Users
+    are dealt so that the ranks' expected work a step is even: by their rows a step may take (at
+    most ``cap``) from most to fewest, ties in key order, in snake order over the ranks (0, 1, ..,
+    w-1, w-1, .., 0, 0, ..); a few users with many records do not all land on one rank.
+    ConfigError for a rank left without users, unless ``allow_empty``."""
     _, user, rows = np.unique(owners, return_inverse=True, return_counts=True)
     work = rows if cap is None else np.minimum(rows, cap)
     heaviest_first = np.argsort(-work, kind="stable")
@@ -84,7 +86,7 @@ def user_units(owners: np.ndarray, rank: int, world: int, cap: int | None = None
     dealt = np.empty(len(heaviest_first), dtype=np.int64)
     dealt[heaviest_first] = np.where(lap % 2 == 0, seat, world - 1 - seat)
     mine = np.flatnonzero(dealt[user] == rank)
-    if len(mine) == 0:
+    if len(mine) == 0 and not allow_empty:
         raise ConfigError(f"data: {len(rows)} users cannot be shared by {world} ranks")
     return PrivacyUnits.grouped(mine, user[mine])
 

@@ -45,6 +45,12 @@ DP_EPSILON = Gauge(
     " privacy.dp.unit); epsilon at privacy.dp.delta, over every round it trained.",
     ["cloud", "agent", "unit"],
 )
+DP_EVAL_EPSILON = Gauge(
+    "cloudfed_agent_dp_eval_epsilon",
+    "Differential privacy this agent has spent on each of its held-out records, or users, by releasing"
+    " eval losses (a budget of its own: held-out data is never trained on); epsilon at privacy.dp.delta.",
+    ["cloud", "agent", "unit"],
+)
 DP_EPSILON_BUDGET = Gauge(
     "cloudfed_agent_dp_epsilon_budget",
     "This agent's privacy budget (privacy.dp.max_epsilon): it trains no round that would spend more.",

@@ -43,9 +43,10 @@ from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2
+FORMAT = 3
 """Version of the store's layout and of the tokenization it holds; a new one rebuilds every entry
-(2: packed parts keep where each record starts, and a record's first token is not learned)."""
+(2: packed parts keep where each record starts, and a record's first token is not learned;
+3: one row a record holds the held-out records too, with their users)."""
 
 PARTS = ("train", "eval")
 CHUNK_TOKENS = 1 << 20
@@ -69,6 +70,8 @@ class Corpus:
     user_records: tuple[tuple[int, int], ...] = ()
     """With ``user_field``: how many training records users hold, as (records, users holding
     that many) pairs."""
+    eval_user_records: tuple[tuple[int, int], ...] = ()
+    """With ``user_field``: the same of the held-out records."""
 
     @property
     def train_users(self) -> int:
@@ -80,6 +83,12 @@ class Corpus:
         """What one DP unit counts in the training side: its users with ``user_field``, else
         its records."""
         return self.train_users if self.user_field else self.train_records
+
+    @property
+    def eval_units(self) -> int:
+        """What one DP unit counts in the held-out side: its users with ``user_field``, else its
+        records."""
+        return sum(users for _, users in self.eval_user_records) if self.user_field else self.eval_records
 
     def capped_records(self, cap: int) -> int:
         """Training records, each user's counted up to ``cap`` (with ``user_field``)."""
@@ -95,8 +104,9 @@ class Corpus:
 
 @dataclass(frozen=True)
 class TokenizedCorpus:
-    """A corpus' token blocks, memory-mapped: packed for evaluation, packed or one row a record
-    for training."""
+    """A corpus' token blocks, memory-mapped: both parts packed, or both one row a record (for
+    differential privacy, where a record, or a user's records, is a unit of the training and of
+    the eval releases alike)."""
 
     train: TokenBlocks
     eval: TokenBlocks
@@ -104,13 +114,15 @@ class TokenizedCorpus:
     """Training records longer than a block (one row a record only)."""
     train_users: np.ndarray | None = None
     """Each training row's user (``agent.data.user_key``), with a corpus' ``user_field``."""
+    eval_users: np.ndarray | None = None
+    """Each held-out row's user, likewise."""
 
 
 class TokenStore:
     """``<state_dir>/tokens``: the corpus' counts (``corpus.json``) and its tokenized entry
     (``blocks/<key>/``: ids and labels of each part as raw int32, a packed part's record starts as
-    packed bits (``TokenBlocks.starts``), with user-level privacy each training row's user as raw
-    int64, ``meta.json``)."""
+    packed bits (``TokenBlocks.starts``), with user-level privacy each row's user as raw int64,
+    ``meta.json``)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -123,21 +135,29 @@ class TokenStore:
         counts_file = self.root / "corpus.json"
         try:
             counts = json.loads(counts_file.read_text())
-            fresh = counts["fingerprint"] == fingerprint and (not user_field or "user_records" in counts)
+            by_user = {"user_records", "eval_user_records"}  # an older store counted only the first
+            fresh = counts["fingerprint"] == fingerprint and (not user_field or by_user <= counts.keys())
             train, evaluation = int(counts["train"]), int(counts["eval"])
             users = tuple((int(k), int(n)) for k, n in counts.get("user_records", []))
+            eval_users = tuple((int(k), int(n)) for k, n in counts.get("eval_user_records", []))
         except FileNotFoundError:
             fresh = False
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("token store: %s is damaged (%s); counting the corpus again", counts_file, exc)
             fresh = False
         if not fresh:
-            train, evaluation, users = _count(path, eval_fraction, user_field)
-            counts = {"fingerprint": fingerprint, "train": train, "eval": evaluation, "user_records": users}
+            train, evaluation, users, eval_users = _count(path, eval_fraction, user_field)
+            counts = {
+                "fingerprint": fingerprint,
+                "train": train,
+                "eval": evaluation,
+                "user_records": users,
+                "eval_user_records": eval_users,
+            }
             if remember:
                 replace_durably(counts_file, json.dumps(counts).encode())
         check_split(train, evaluation, eval_fraction)
-        return Corpus(path, eval_fraction, fingerprint, train, evaluation, user_field, users)
+        return Corpus(path, eval_fraction, fingerprint, train, evaluation, user_field, users, eval_users)
 
     def prepare(self, corpus: Corpus, tokenizer: Any, block: int, per_record: bool) -> Path:
         """The corpus' entry for this tokenizer and block, tokenized into the store first unless
@@ -179,15 +199,19 @@ class TokenStore:
             meta: dict[str, Any] = {"format": FORMAT, "block": block, "per_record": per_record}
             meta["users"] = users
             for part in PARTS:
-                rows = per_record and part == "train"
-                stream = BlockStream(block, tokenizer.eos_token_id, rows, CHUNK_TOKENS)
-                _write_part(building, part, stream, tokenizer, corpus.records(part), users and rows)
+                stream = BlockStream(block, tokenizer.eos_token_id, per_record, CHUNK_TOKENS)
+                _write_part(building, part, stream, tokenizer, corpus.records(part), users)
                 try:
                     stream.check()
                 except ConfigError as exc:
                     raise ConfigError(f"{exc} ({part} records)") from None
-                meta[part] = {"blocks": stream.blocks, "records": stream.records, "tokens": stream.tokens}
-                meta["cut"] = meta.get("cut", 0) + stream.cut
+                meta[part] = {
+                    "blocks": stream.blocks,
+                    "records": stream.records,
+                    "tokens": stream.tokens,
+                    "cut": stream.cut,
+                }
+            meta["cut"] = meta["train"]["cut"]
             (building / "meta.json").write_text(json.dumps(meta, indent=1))
             put_in_place(building, entry)
         except BaseException:
@@ -270,21 +294,27 @@ def _fingerprint(path: Path, eval_fraction: float, user_field: str) -> str:
     return hashlib.sha256(json.dumps(material).encode()).hexdigest()
 
 
-def _count(path: Path, eval_fraction: float, user_field: str) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+Histogram = tuple[tuple[int, int], ...]
+"""(records, users holding that many) pairs."""
+
+
+def _count(path: Path, eval_fraction: float, user_field: str) -> tuple[int, int, Histogram, Histogram]:
     """Training records, evaluation records and (with ``user_field``) how many training records
-    users hold (``Corpus.user_records``)."""
+    users hold (``Corpus.user_records``), and held-out ones."""
     train = evaluation = 0
-    users = _UserRecords()
+    users, eval_users = _UserRecords(), _UserRecords()
     for record in iter_records(path, user_field):
         if held_out(record.key, eval_fraction):
             evaluation += 1
+            if user_field:
+                eval_users.add(record.user)
         else:
             train += 1
             if user_field:
                 users.add(record.user)
     if train + evaluation == 0:
         raise ConfigError(f"data: {path} holds no documents")
-    return train, evaluation, users.histogram()
+    return train, evaluation, users.histogram(), eval_users.histogram()
 
 
 class _UserRecords:
@@ -345,18 +375,20 @@ def open_entry(entry: Path, block: int) -> TokenizedCorpus:
     meta = json.loads((entry / "meta.json").read_text())
     if meta["format"] != FORMAT or meta["block"] != block:
         raise ValueError(f"format {meta['format']}, block {meta['block']}")
-    packed = {"train": not meta["per_record"], "eval": True}
-    parts = {part: _mapped(entry, part, int(meta[part]["blocks"]), block, packed[part]) for part in PARTS}
-    users = _users(entry, int(meta["train"]["blocks"])) if meta.get("users") else None
-    return TokenizedCorpus(parts["train"], parts["eval"], int(meta["cut"]), users)
+    packed = not meta["per_record"]
+    parts = {part: _mapped(entry, part, int(meta[part]["blocks"]), block, packed) for part in PARTS}
+    users = {
+        part: _users(entry, part, int(meta[part]["blocks"])) if meta["users"] else None for part in PARTS
+    }
+    return TokenizedCorpus(parts["train"], parts["eval"], int(meta["cut"]), users["train"], users["eval"])
 
 
-def _users(entry: Path, blocks: int) -> np.ndarray:
-    """Each training row's user key, memory-mapped read-only."""
-    path = entry / "train.users"
+def _users(entry: Path, part: str, blocks: int) -> np.ndarray:
+    """Each row's user key of one part, memory-mapped read-only."""
+    path = entry / f"{part}.users"
     size = os.path.getsize(path)
     if size != blocks * 8:
-        raise ValueError(f"train.users holds {size} bytes, not the users of {blocks} rows")
+        raise ValueError(f"{path.name} holds {size} bytes, not the users of {blocks} rows")
     users: np.ndarray = np.memmap(path, dtype=np.int64, mode="r", shape=(blocks,))
     return users
 

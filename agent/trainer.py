@@ -38,6 +38,20 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class HeldOutLosses:
+    """A version's evaluation over held-out units (records, or users), summed over the ranks."""
+
+    loss: float
+    """Mean token loss over every learned token (what stays in the cloud)."""
+    tokens: int
+    clipped_sum: float
+    """Each unit's mean token loss clipped to a bound, summed."""
+    units: int
+    capped_tokens: int
+    """Each unit's learned tokens up to a cap, summed."""
+
+
+@dataclass(frozen=True)
 class LocalTraining:
     """One round of local training (sent by the aggregator in Join)."""
 
@@ -300,6 +314,40 @@ class LoraTrainer:
             tokens += int(learned.sum())
         total, summed = self.ctx.all_sum([total, float(tokens)])
         return total / summed, int(summed)
+
+    @torch.no_grad()
+    def evaluate_units(
+        self, blocks: TokenBlocks, units: PrivacyUnits, clip: float, token_cap: int, batch_size: int = 16
+    ) -> HeldOutLosses:
+        """``evaluate`` over the rows of ``units`` (held-out records, or users), and what a
+        differentially private release needs: each unit's mean token loss clipped to ``clip``,
+        summed, and each unit's learned tokens up to ``token_cap``, summed; over every rank."""
+        self.model.eval()
+        order = units.order
+        sums = torch.zeros(len(order), dtype=torch.float64)
+        counts = torch.zeros(len(order), dtype=torch.float64)
+        for i in range(0, len(order), batch_size):
+            batch = blocks[order[i : i + batch_size]].to(self.device)
+            losses, learned = self.losses.rows(batch.input_ids, batch.labels, batch.position_ids())
+            sums[i : i + len(losses)] = losses.detach().to("cpu", torch.float64)
+            counts[i : i + len(losses)] = learned.to("cpu", torch.float64)
+        owner = torch.repeat_interleave(torch.arange(len(units)), units.starts.diff())
+        unit_sums = torch.zeros(len(units), dtype=torch.float64).index_add_(0, owner, sums)
+        unit_tokens = torch.zeros(len(units), dtype=torch.float64).index_add_(0, owner, counts)
+        learns = unit_tokens > 0  # rows with nothing to learn are not stored: every unit learns
+        means = unit_sums[learns] / unit_tokens[learns]
+        summed = self.ctx.all_sum(
+            [
+                float(sums.sum()),
+                float(counts.sum()),
+                float(means.clamp(max=clip).sum()),
+                float(learns.sum()),
+                float(unit_tokens.clamp(max=token_cap).sum()),
+            ]
+        )
+        total, tokens, clipped, held_out, capped = summed
+        loss = total / tokens if tokens else math.nan  # no rank held a unit
+        return HeldOutLosses(loss, int(tokens), clipped, round(held_out), round(capped))
 
 
 def _progress(total: int, label: str) -> Any:

@@ -575,6 +575,22 @@ class DpConfig:
     training records, its FedAvg weight; with ``unit = "user"`` also its users, and the weight's
     noise is times ``records_per_user``): the counts are covered by the guarantee too (20 costs
     under 0.1% more noise in the rounds at epsilon 8, about 1% at epsilon 1)."""
+    eval_noise: float = 20.0
+    """With ``privacy.share_eval_losses``: standard deviation, over ``eval_loss_clip``, of the
+    Gaussian noise on each version's eval loss as it leaves the cloud. The loss released is the
+    mean over held-out records (or users) of each one's mean token loss, clipped to
+    ``eval_loss_clip``, with noise of deviation ``eval_noise * eval_loss_clip`` on the sum; its
+    held-out records and their tokens are released noised as the training counts are. Held-out
+    records are never trained on, so these releases have a budget of their own
+    (``max_epsilon`` too), beside the training rounds'."""
+    eval_loss_clip: float = 10.0
+    """With DP and shared eval losses: each held-out record's (or user's) mean token loss is
+    clipped to this many nats before it is summed."""
+    eval_max_deviation: float = 0.1
+    """With DP and shared eval losses: share them only while the noise on a released loss
+    (``eval_noise * eval_loss_clip`` over the held-out records, or users, as released) has at
+    most this deviation in nats; noisier ones would rank versions on noise, and stay in this
+    cloud, spending nothing more (inf: always share)."""
 
     def validate(self) -> DpConfig:
         """ConfigError naming the field."""
@@ -606,6 +622,12 @@ class DpConfig:
             raise ConfigError(f"privacy.dp.records_per_user must be >= 1, got {self.records_per_user}")
         if not (math.isfinite(self.count_noise) and self.count_noise > 0):
             raise ConfigError(f"privacy.dp.count_noise must be > 0, got {self.count_noise}")
+        if not (math.isfinite(self.eval_noise) and self.eval_noise > 0):
+            raise ConfigError(f"privacy.dp.eval_noise must be > 0, got {self.eval_noise}")
+        if not (math.isfinite(self.eval_loss_clip) and self.eval_loss_clip > 0):
+            raise ConfigError(f"privacy.dp.eval_loss_clip must be > 0, got {self.eval_loss_clip}")
+        if not self.eval_max_deviation > 0:  # inf allowed, NaN not
+            raise ConfigError(f"privacy.dp.eval_max_deviation must be > 0, got {self.eval_max_deviation}")
         return self
 
     @property
@@ -636,7 +658,8 @@ class PrivacyConfig:
     share_eval_losses: bool = True
     """Report each global version's eval loss on this cloud's held-out records (and their token
     count) to the aggregator, which ranks versions and stops early on them; false keeps them in
-    this cloud (the agent's log and evals.jsonl). Differential privacy does not cover them."""
+    this cloud (the agent's log and evals.jsonl). With ``[privacy.dp]`` they leave the cloud
+    noised and accounted (``privacy.dp.eval_noise``)."""
     dp: DpConfig = field(default_factory=DpConfig)
     """Differential privacy of this cloud's records (``[privacy.dp]``)."""
 

@@ -270,4 +270,4 @@ async def test_an_agent_whose_new_count_does_not_fit_still_joins_to_evaluate(
     assert refusal.startswith("privacy budget spent: this agent has spent epsilon") and "new count" in refusal
     assert "joining to evaluate new versions only, with no count" in caplog.text
     assert query(agg.state_dir / "cloudfed.db", "SELECT num_examples FROM agents") == [(0,)]
-    assert PrivacyLedger(config.state_dir, config.privacy.dp).counts == []  # nothing released
+    assert PrivacyLedger(config.state_dir, config.privacy.dp).training_counts == []  # nothing released

@@ -21,7 +21,17 @@ from agent.cli import check
 from agent.daemon import Agent
 from agent.data import Example, TokenBlocks, held_out, iter_records, record_blocks, user_key
 from agent.demo import prepare
-from agent.dp_budget import LEDGER, RECORDS, CountRelease, PrivacyLedger, Spend, describe, epsilon
+from agent.dp_budget import (
+    EVAL_TOKENS,
+    EVAL_UNITS,
+    LEDGER,
+    RECORDS,
+    CountRelease,
+    PrivacyLedger,
+    Spend,
+    describe,
+    epsilon,
+)
 from agent.dp_sgd import DpStep
 from agent.dp_units import PrivacyUnits, micro_batches, user_units
 from agent.token_store import TokenStore, open_entry
@@ -319,6 +329,7 @@ async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
         "CLOUDFED_AGENT_PRIVACY_DP_MAX_EPSILON": "50",
         "CLOUDFED_AGENT_MAX_ROUNDS": "1",
         "CLOUDFED_AGENT_ACTIVATION_CHECKPOINTING": "true",  # DP-SGD recomputes activations too
+        "CLOUDFED_AGENT_PRIVACY_DP_EVAL_MAX_DEVIATION": "inf",  # share however noisy (3 held-out users)
     }
     config = dataclasses.replace(load(AgentConfig, agent_paths[0], env=env), metrics_listen="")
     with pytest.raises(ConfigError, match=r"data.jsonl:1: user-level privacy needs .*'user'"):
@@ -377,7 +388,26 @@ async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
     assert "base weights torch.float32, activation checkpointing" in caplog.text
     ledger = PrivacyLedger(config.state_dir, config.privacy.dp)
     (spend,), spent = ledger.spends, ledger.epsilon
-    assert ledger.counts == kept  # the same users and records: no new release
+    assert ledger.training_counts == kept  # the same users and records: no new release
+    # versions 0 and 1's eval losses left the cloud with DP, over the held-out users (a budget of
+    # their own): their noisy sums over the users' noisy count, weighed by their noisy tokens
+    users_count, tokens_count = (c for c in ledger.counts if not c.training)
+    assert (users_count.units, users_count.kind, users_count.sensitivity) == (held, EVAL_UNITS, 1)
+    assert (tokens_count.kind, tokens_count.sensitivity) == (EVAL_TOKENS, 3 * 64)  # 3 records a user
+    assert [r.version for r in ledger.evals] == [0, 1]
+    assert all(0 < r.clipped_sum <= 10 * held and r.unit == "user" for r in ledger.evals)
+    assert query(agg.state_dir / "cloudfed.db", "SELECT version, eval_loss, tokens FROM evals") == [
+        (
+            r.version,
+            pytest.approx(min(max(r.released_sum / users_count.released, 0.0), 10.0)),
+            tokens_count.released,
+        )
+        for r in ledger.evals
+    ]
+    assert ledger.eval_epsilon == pytest.approx(
+        epsilon([], 1e-3, "rdp", [users_count, tokens_count, *[CountRelease(0, 0, 20.0)] * 2])
+    )  # four Gaussian releases of noise 20 (the losses' over their clip)
+    assert "dp eval plan    " in out and f"{held} held-out users" in out
     assert query(agg.state_dir / "cloudfed.db", "SELECT num_examples FROM agents") == [(weighs,)]
     assert query(
         agg.state_dir / "cloudfed.db", "SELECT weight FROM participants WHERE status = 'uploaded'"

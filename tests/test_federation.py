@@ -340,14 +340,22 @@ def test_autoencoder_with_the_mlp_decoder_in_plain_rounds(tmp_path: Path) -> Non
 def test_the_demo_runs_with_a_dp_cloud_and_says_what_it_spent(tmp_path: Path) -> None:
     """`python -m agent.demo --dp aws`, as a user runs it: masked rounds in which aws trains with
     DP-SGD (budget planned for the demo's rounds); the loss still goes down, the export works, and
-    the demo ends with aws' spend, which its ledger holds (both rounds, and its count release)."""
+    the demo ends with aws' spend, which its ledger holds (both rounds, and its count release), and
+    why its eval losses stayed in its cloud."""
     done = run_cli("agent.demo", "--rounds", "2", "--dir", str(tmp_path / "run"), "--dp", "aws", timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "secure aggregation on, DP-SGD in aws" in done.stdout
     ledger = json.loads(
         (tmp_path / "run" / "aws-agent-1" / "state" / "privacy" / "dp-ledger.json").read_text()
     )
-    assert [s["round_id"] for s in ledger["spends"]] == [1, 2] and len(ledger["counts"]) == 1
+    assert [s["round_id"] for s in ledger["spends"]] == [1, 2]
+    # its 11 held-out records are far too few for a useful release: it released their count,
+    # saw the noise a loss would carry, and kept its eval losses in the cloud
+    assert [c["kind"] for c in ledger["counts"]] == ["units", "eval_units"] and ledger["evals"] == []
     spent = [line for line in done.stdout.splitlines() if line.startswith("aws: DP-SGD: epsilon ")]
     assert len(spent) == 1 and " of 8 spent over 2 rounds" in spent[0], done.stdout
+    kept = [
+        line for line in done.stdout.splitlines() if line.startswith("aws: eval losses kept in the cloud: ")
+    ]
+    assert len(kept) == 1 and "over privacy.dp.eval_max_deviation (0.1)" in kept[0], done.stdout
     assert not (tmp_path / "run" / "gcp-agent-1" / "state" / "privacy").exists()  # the others train plainly

@@ -109,13 +109,14 @@ def test_the_store_holds_what_the_in_memory_packers_make(
 
     blocks = open_entry(store.prepare(corpus, tokenizer, BLOCK, per_record), BLOCK)
 
-    assert same(blocks.eval, pack_records(tokenizer, evaluation, BLOCK))
-    if per_record:
+    if per_record:  # held-out records too, as each is a unit of the eval losses' release
         rows, cut = record_blocks(tokenizer, train, BLOCK)
         assert same(blocks.train, rows)
-        assert blocks.cut == cut > 0
+        assert blocks.cut == cut > 0  # of the training records
+        assert same(blocks.eval, record_blocks(tokenizer, evaluation, BLOCK)[0])
     else:
         assert same(blocks.train, pack_records(tokenizer, train, BLOCK))
+        assert same(blocks.eval, pack_records(tokenizer, evaluation, BLOCK))
         assert blocks.cut == 0
     assert blocks.train.input_ids.dtype == torch.int32
 

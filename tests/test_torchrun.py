@@ -148,7 +148,8 @@ def test_a_loss_that_diverges_on_one_rank_makes_the_agent_decline_and_every_rank
 def test_two_ranks_train_user_level_dp_each_on_whole_users(tmp_path: Path) -> None:
     """User-level DP-SGD under torchrun: the ranks split the users, not the records (each rank
     trains on its users' rows, together every training record), and the ledger's sample rate is
-    over users, with each rank drawing batch_size of them on average."""
+    over users, with each rank drawing batch_size of them on average; the eval losses released sum
+    each version over the held-out users of both ranks."""
     agg_config, agent_configs, health = _alone(tmp_path)
     agent = agent_configs[1]  # gcp
     data = agent.parent / "data.jsonl"
@@ -161,6 +162,7 @@ def test_two_ranks_train_user_level_dp_each_on_whole_users(tmp_path: Path) -> No
         "CLOUDFED_AGENT_PRIVACY_DP_MAX_EPSILON": "100",
         "CLOUDFED_AGENT_PRIVACY_DP_DELTA": "1e-3",
         "CLOUDFED_AGENT_PRIVACY_DP_COUNT_NOISE": "2",
+        "CLOUDFED_AGENT_PRIVACY_DP_EVAL_MAX_DEVIATION": "inf",  # a few held-out users: share all the same
     }
     aggregator = start("server.cli", "--config", str(agg_config), log=tmp_path / "aggregator.log")
     try:
@@ -184,7 +186,11 @@ def test_two_ranks_train_user_level_dp_each_on_whole_users(tmp_path: Path) -> No
     assert sum(int(h[1]) for h in held) == users and sum(int(h[2]) for h in held) == records  # type: ignore[index]
     ledger = json.loads((agent.parent / "state" / "privacy" / "dp-ledger.json").read_text())
     assert [s["unit"] for s in ledger["spends"]] == ["user", "user"]
-    release, weight = ledger["counts"]  # every user of both ranks' shards, counted once, then noised
+    release, weight, held_users, _ = ledger["counts"]  # every user of both ranks, counted once, noised
     assert (release["kind"], release["units"], weight["kind"]) == ("units", users, "records")
+    # the eval losses released: each version's sum over the held-out users of both ranks
+    assert (held_users["kind"], held_users["units"]) == ("eval_units", 40 - users)
+    assert [e["version"] for e in ledger["evals"]] == [0, 1, 2]
+    assert all(0 < e["clipped_sum"] <= 10 * (40 - users) for e in ledger["evals"])
     assert weight["units"] == records  # records, each user's up to 8: no user here holds more
     assert ledger["spends"][0]["sample_rate"] == pytest.approx(min(1.0, 2 * 8 / release["released"]))
