@@ -124,6 +124,14 @@ class CausalLoss:
         """Whether the model's loss can be taken in chunks (``HEAD_ONLY``)."""
         return self.decoder is not None
 
+    def describe(self) -> str:
+        """How the loss is taken, in words (for the agent's log)."""
+        if not self.chunked:
+            return "the loss from the model's full logits (its type takes no chunks)"
+        if self.chunk_logits <= 0:
+            return "the loss from the model's full logits (loss_chunk_logits = 0)"
+        return f"the loss in chunks of at most {self.chunk_logits} logits"
+
     @property
     def head_frozen(self) -> bool:
         """Whether the head is a plain linear layer with nothing to train (its chunks then need no

@@ -103,14 +103,22 @@ class Worker:
                 checkpointing = self.config.activation_checkpointing
                 private = self.config.privacy.dp.enabled
                 self.trainer = LoraTrainer(
-                    command["model"], command["lora"], device, self.ctx, dtype, checkpointing, private
+                    command["model"],
+                    command["lora"],
+                    device,
+                    self.ctx,
+                    dtype,
+                    checkpointing,
+                    private,
+                    self.config.loss_chunk_logits,
                 )
                 log.info(
-                    "rank %d: training on %s, base weights %s%s",
+                    "rank %d: training on %s, base weights %s%s, %s",
                     self.ctx.rank,
                     device,
                     dtype,
                     ", activation checkpointing" if checkpointing else "",
+                    self.trainer.losses.describe(),
                 )
                 self._open_blocks(self.trainer.tokenizer, command["sequence_length"])
             return ParamLayout.from_tensors(self.trainer.adapter()).digest

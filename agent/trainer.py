@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from agent.causal_loss import CausalLoss, MeanLoss
+from agent.causal_loss import CHUNK_LOGITS, CausalLoss, MeanLoss
 from agent.data import TokenBlocks
 from agent.distributed import DistContext
 from agent.dp_sgd import DpStep, PrivateGradients
@@ -174,9 +174,11 @@ class LoraTrainer:
         dtype: torch.dtype = torch.float32,
         checkpointing: bool = False,
         private: bool = False,
+        chunk_logits: int = CHUNK_LOGITS,
     ) -> None:
         """``private``: train with DP-SGD (``agent.dp_sgd``); the ranks then sum the clipped,
-        noised gradients themselves instead of through DDP."""
+        noised gradients themselves instead of through DDP. ``chunk_logits``: the most logits
+        the loss holds at once (``agent.causal_loss``; 0: the model's own forward)."""
         from transformers import AutoTokenizer
 
         self.device = device
@@ -184,7 +186,7 @@ class LoraTrainer:
         self.ctx = ctx or DistContext()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = build_adapter_model(model_path, lora, device, dtype, checkpointing, per_record=private)
-        self.losses = CausalLoss(self.model)
+        self.losses = CausalLoss(self.model, chunk_logits)
         """The model's losses (in chunks of positions where it allows: ``agent.causal_loss``)."""
         self.ddp: Any = None
         self.private: PrivateGradients | None = None

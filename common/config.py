@@ -731,6 +731,13 @@ class AgentConfig(MetricsTlsFields):
     """Recompute each decoder layer's activations in the backward pass: 2.6-4.2x less accelerator
     memory at about a third less throughput (for models whose activations do not fit); with
     DP-SGD too (reentrant there, so that opacus sees the recomputed activations)."""
+    loss_chunk_logits: int = 1 << 26
+    """The most logits the loss holds at once: for the model types that allow it
+    (``agent.causal_loss.HEAD_ONLY``: Llama, Mistral, Qwen, Gemma, ...) the LM head and the
+    cross-entropy are taken a few positions at a time, and a frozen head keeps no logits for
+    the backward. The default, 64 Mi (256 MiB in float32), takes 64 positions of 8 rows at a
+    128k vocabulary; lower it where the head's logits still take too much accelerator memory.
+    0: the model's own forward, with the whole batch's logits."""
     audit_dir: Path | None = None
     """If set, every update this agent sends is also written here, unmasked, with its metadata."""
     max_rounds: int = 0
@@ -766,6 +773,8 @@ class AgentConfig(MetricsTlsFields):
             raise ConfigError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
         if self.max_rounds < 0:
             raise ConfigError("max_rounds must be >= 0")
+        if self.loss_chunk_logits < 0:
+            raise ConfigError(f"loss_chunk_logits must be >= 0, got {self.loss_chunk_logits}")
         if self.metrics_listen:
             _check_hostport(self.metrics_listen, "metrics_listen")
             self.check_metrics_tls()

@@ -4,6 +4,7 @@ without recomputing them when the LM head is frozen; also under DDP on 2 ranks."
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 from collections.abc import Callable
@@ -276,3 +277,27 @@ def test_ddp_on_two_ranks_all_reduces_the_chunked_gradient(model_path: str, tmp_
         assert len(got) == len(want)
         for i, w in enumerate(want):
             torch.testing.assert_close(got[str(i)], w, rtol=1e-4, atol=1e-8)
+
+
+def test_the_agent_config_sets_the_chunk_size(model_path: str) -> None:
+    """``loss_chunk_logits`` (the agent's config, default ``CHUNK_LOGITS``) is the trainer's chunk
+    size; 0 takes the model's own forward; a negative size is refused naming the field."""
+    from common.config import AgentConfig
+    from common.errors import ConfigError
+
+    default = AgentConfig()
+    assert default.loss_chunk_logits == CHUNK_LOGITS
+    with pytest.raises(ConfigError, match="loss_chunk_logits must be >= 0, got -1"):
+        dataclasses.replace(default, loss_chunk_logits=-1).validate()
+    small = LoraTrainer(model_path, LORA, chunk_logits=4 * 7 * 533)
+    vocab = small.losses.vocabulary
+    assert small.losses.positions(4) == max(1, 4 * 7 * 533 // (4 * vocab))
+    assert small.losses.describe() == f"the loss in chunks of at most {4 * 7 * 533} logits"
+    whole = LoraTrainer(model_path, LORA, chunk_logits=0)
+    assert whole.losses.describe() == "the loss from the model's full logits (loss_chunk_logits = 0)"
+    rows = _rows(vocab)
+    with torch.no_grad():
+        for trainer in (small, whole):
+            trainer.set_adapter(initial_adapter(model_path, LORA, 3))
+        a, b = (t.losses.mean(rows.input_ids, rows.labels) for t in (small, whole))
+    torch.testing.assert_close(a, b)
