@@ -86,7 +86,7 @@ def test_prometheus_config_and_alert_rules_pass_promtool() -> None:
     assert config.returncode == 0, config.stdout + config.stderr
     rules = promtool("check", "rules", str(DEPLOY / "prometheus" / "alerts.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 14 rules found" in rules.stdout
+    assert "SUCCESS: 15 rules found" in rules.stdout
 
 
 def test_alert_rules_only_use_exported_metrics() -> None:
@@ -106,10 +106,10 @@ GCP_RECORDS = {"cloud": "gcp", "agent": "a2", "unit": "record"}
 def test_the_alerts_fire_on_their_series(tmp_path: Path) -> None:
     """promtool's rule unit tests: a CRL 2 days from its next update, a refused CRL file, a revoked
     certificate still calling, a daemon's certificate 5 days from its end and an active agent's
-    likewise, and an agent past 90% of its privacy budget each fire their alert; a CRL or
-    certificate 20 days out, an agent with nothing received in a day, or one at 7 of 8 epsilon,
-    does not. The annotations are left out of the copy: promtool would compare
-    them word for word."""
+    likewise, and an agent past 90% of its privacy budget (training, or its held-out data's) each
+    fire their alert; a CRL or certificate 20 days out, an agent with nothing received in a day,
+    or one at 7 of 8 epsilon (or 2 of 8 on its held-out data), does not. The annotations are
+    left out of the copy: promtool would compare them word for word."""
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
     for rule in rules["groups"][0]["rules"]:
         rule.pop("annotations", None)
@@ -157,6 +157,8 @@ def test_the_alerts_fire_on_their_series(tmp_path: Path) -> None:
                         ("cloudfed_agent_dp_epsilon_budget", AWS_USERS, "8x12"),
                         ("cloudfed_agent_dp_epsilon", GCP_RECORDS, "1 3 7x10"),
                         ("cloudfed_agent_dp_epsilon_budget", GCP_RECORDS, "8x12"),
+                        ("cloudfed_agent_dp_eval_epsilon", AWS_USERS, "0.5 7.5x10"),
+                        ("cloudfed_agent_dp_eval_epsilon", GCP_RECORDS, "0.5 2x10"),
                     )
                 ],
                 "alert_rule_test": [
@@ -195,6 +197,16 @@ def test_the_alerts_fire_on_their_series(tmp_path: Path) -> None:
                     {
                         "eval_time": "1m",
                         "alertname": "CloudfedAgentPrivacyBudgetNearlySpent",
+                        "exp_alerts": [],
+                    },
+                    {
+                        "eval_time": "5m",
+                        "alertname": "CloudfedAgentEvalPrivacyBudgetNearlySpent",
+                        "exp_alerts": [{"exp_labels": {"severity": "info", **AWS_USERS}}],
+                    },
+                    {
+                        "eval_time": "0m",
+                        "alertname": "CloudfedAgentEvalPrivacyBudgetNearlySpent",
                         "exp_alerts": [],
                     },
                     {
