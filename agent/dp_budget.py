@@ -366,9 +366,10 @@ class PrivacyLedger:
         deviation = c.eval_noise * c.eval_loss_clip / count
         if deviation > c.eval_max_deviation:
             raise EvalTooNoisy(
-                f"{count} held-out {c.unit}s (as released) give a released eval loss noise of deviation"
-                f" {deviation:.3g} nats, over privacy.dp.eval_max_deviation ({c.eval_max_deviation:g}); the"
-                " loss stays in this cloud (hold out more records, or lower eval_noise at a higher epsilon)"
+                f"with {count} held-out {c.unit}s (as released), a released eval loss would carry noise of"
+                f" deviation {deviation:.3g} nats, over privacy.dp.eval_max_deviation"
+                f" ({c.eval_max_deviation:g}); it stays in this cloud (hold out more {c.unit}s, or lower"
+                " eval_noise at a higher epsilon)"
             )
         weight = self.released_count(tokens, EVAL_TOKENS, token_cap)
         kept = next((e for e in reversed(self.evals) if e.subject == subject), None)

@@ -125,7 +125,8 @@ def test_a_loss_noisier_than_the_configured_deviation_stays_in_the_cloud(tmp_pat
     ledger = PrivacyLedger(tmp_path, strict)
     with pytest.raises(
         EvalTooNoisy,
-        match=r"\d+ held-out records \(as released\) .* nats, over privacy\.dp\.eval_max_deviation \(0\.1\)",
+        match=r"with \d+ held-out records \(as released\), .* nats, over"
+        r" privacy\.dp\.eval_max_deviation \(0\.1\); it stays in this cloud",
     ):
         ledger.release_eval("v0", 0, 10.0, 200, 10_000, 32)  # 20 x 10 / (200 +- 20 x 4)
     assert [c.kind for c in ledger.counts] == [EVAL_UNITS] and ledger.evals == []
