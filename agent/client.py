@@ -130,10 +130,12 @@ class AggregatorClient:
         async for response in call:
             yield response.event
 
-    async def report_eval(self, version: int, loss: float, tokens: int) -> None:
-        """Report a local evaluation of a global version."""
+    async def report_eval(self, version: int, loss: float, tokens: int, stddev: float = 0.0) -> None:
+        """Report a local evaluation of a global version (``stddev``: its DP noise's, 0 if exact)."""
         await self.stub.ReportEval(
-            pb.ReportEvalRequest(global_version=version, eval_loss=loss, eval_tokens=tokens),
+            pb.ReportEvalRequest(
+                global_version=version, eval_loss=loss, eval_tokens=tokens, eval_loss_stddev=stddev
+            ),
             timeout=UNARY_DEADLINE_S,
         )
 

@@ -25,7 +25,7 @@ from agent import metrics
 from agent.client import AggregatorClient
 from agent.data import TokenBlocks
 from agent.distributed import DistContext
-from agent.dp_budget import EvalTooNoisy, PrivacyBudgetSpent, PrivacyLedger
+from agent.dp_budget import EvalTooNoisy, PrivacyBudgetSpent, PrivacyLedger, SharedEval
 from agent.dp_sgd import DpStep
 from agent.dp_units import PrivacyUnits, user_units
 from agent.privacy import announced, check_federation, describe
@@ -747,7 +747,7 @@ class Agent:
                 tokens,
             )
             return
-        shared = (loss, tokens)
+        shared = SharedEval(loss, tokens, 0.0)
         if held_out is not None:
             assert self.ledger is not None
             unit = self.ledger.config.unit
@@ -759,19 +759,25 @@ class Agent:
                 return
             finally:
                 metrics.DP_EVAL_EPSILON.labels(**client.labels, unit=unit).set(self.ledger.eval_epsilon)
-            record |= {"released_loss": shared[0], "released_tokens": shared[1]}
+            record |= {
+                "released_loss": shared.loss,
+                "released_tokens": shared.tokens,
+                "released_stddev": shared.stddev,
+            }
         self._log_eval(record)
-        await client.report_eval(version, *shared)
+        await client.report_eval(version, shared.loss, shared.tokens, shared.stddev)
         if held_out is None:
             log.info("global version %d: eval loss %.4f on %d local tokens", version, loss, tokens)
         else:
             log.info(
                 "global version %d: eval loss %.4f on %d local tokens; released with differential privacy"
-                " as %.4f on %d tokens",
+                " as %.4f (noise of deviation %.3g) on %d tokens",
                 version,
                 loss,
                 tokens,
-                *shared,
+                shared.loss,
+                shared.stddev,
+                shared.tokens,
             )
 
     def _log_eval(self, record: dict[str, Any]) -> None:
@@ -779,7 +785,7 @@ class Agent:
         with open(self.state / "evals.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _release_eval(self, version: int, held_out: HeldOutLosses) -> tuple[float, int]:
+    def _release_eval(self, version: int, held_out: HeldOutLosses) -> SharedEval:
         """The version's eval loss and weight as the ledger releases them, noised and accounted
         (the same model and held-out data get the same release back)."""
         assert self.ledger is not None

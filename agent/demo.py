@@ -201,7 +201,10 @@ def released_evals(config: AgentConfig) -> str:
     if not shared:
         kept = [r["kept"] for r in history if "kept" in r]
         return f"eval losses kept in the cloud: {kept[-1]}" if kept else "no eval loss released"
-    pairs = ", ".join(f"v{r['version']} {r['eval_loss']:.2f} as {r['released_loss']:.2f}" for r in shared)
+    pairs = ", ".join(
+        f"v{r['version']} {r['eval_loss']:.2f} as {r['released_loss']:.2f} ± {r['released_stddev']:.2g}"
+        for r in shared
+    )
     return f"eval losses released with differential privacy (its own as the aggregator got them): {pairs}"
 
 

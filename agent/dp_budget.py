@@ -39,6 +39,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from agent.dp_sgd import DpStep
 from common.config import DpConfig
@@ -104,6 +105,16 @@ class CountRelease:
     def training(self) -> bool:
         """Whether it counts the training data (else the held-out data)."""
         return self.kind in TRAINING_KINDS
+
+
+class SharedEval(NamedTuple):
+    """A version's eval loss as it leaves the cloud."""
+
+    loss: float
+    tokens: int
+    stddev: float
+    """Standard deviation of the noise on ``loss``, in nats: the sum's noise over the released
+    unit count (a function of released numbers, so free to share); 0 for an exact loss."""
 
 
 @dataclass(frozen=True)
@@ -353,11 +364,12 @@ class PrivacyLedger:
 
     def release_eval(
         self, subject: str, version: int, clipped_sum: float, units: int, tokens: int, token_cap: int
-    ) -> tuple[float, int]:
+    ) -> SharedEval:
         """A version's eval loss and its weight as they may leave the cloud, from ``units``
         held-out units whose mean token losses, clipped to ``eval_loss_clip``, sum to
         ``clipped_sum``, and their ``tokens`` (each unit's up to ``token_cap``): the noisy sum
-        over the noisy unit count (kept within 0..clip), and the noisy token count. The same
+        over the noisy unit count (kept within 0..clip), the noisy token count, and the loss's
+        noise deviation. The same
         ``subject`` (version and data) gets the same release back; PrivacyBudgetSpent when a new
         release does not fit in the held-out data's budget, EvalTooNoisy when the noisy unit
         count makes the loss noisier than ``eval_max_deviation`` (nothing more is released)."""
@@ -395,7 +407,7 @@ class PrivacyLedger:
                 )
             self._save(self.spends, self.exhausted, self.counts, [*self.evals, kept])
         loss = min(max(kept.released_sum / count, 0.0), kept.clip)
-        return loss, weight
+        return SharedEval(loss, weight, kept.noise * kept.clip / count)
 
     def check_delta(self, units: int) -> None:
         """ConfigError unless delta < 1 / ``units`` (a larger one allows releasing a record, or

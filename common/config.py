@@ -125,6 +125,12 @@ class RoundsConfig:
     are compared as ``export --version best`` compares them."""
     early_stop_min_delta: float = 0.0
     """How much lower an eval loss must be to count as an improvement."""
+    early_stop_noise_sigmas: float = 0.0
+    """How many standard deviations of the noise that differential privacy adds to agents' eval
+    losses an improvement must exceed too (beyond ``early_stop_min_delta``). 0 counts any lower
+    loss, noise included, as an improvement: stopping comes later, never early. 2 counts only an
+    improvement the noise is unlikely to explain, so a real one smaller than that needs more
+    patience to show."""
 
 
 @dataclass(frozen=True)
@@ -391,6 +397,11 @@ class AggregatorConfig(MetricsTlsFields):
         if r.max_versions < 0 or r.early_stop_patience < 0 or not r.early_stop_min_delta >= 0:
             raise ConfigError(
                 "rounds.max_versions, rounds.early_stop_patience and rounds.early_stop_min_delta must be >= 0"
+            )
+        if not 0 <= r.early_stop_noise_sigmas < math.inf:
+            raise ConfigError(
+                "rounds.early_stop_noise_sigmas must be a finite number >= 0, not"
+                f" {r.early_stop_noise_sigmas}"
             )
         if self.federation.server_optimizer not in ("fedavg", "fedadam"):
             raise ConfigError(

@@ -93,6 +93,7 @@ def status(config: AggregatorConfig) -> int:
     from server.checkpoints import CheckpointStore
     from server.state import StateDB
     from server.stopping import finish_reason
+    from server.version_ranking import describe
 
     path = config.state_dir / "cloudfed.db"
     if not path.exists():
@@ -130,7 +131,7 @@ def status(config: AggregatorConfig) -> int:
     print("\nagents")
     for row in db.agents():
         ev = evals.get(row.agent)
-        last = f"eval loss {ev[1]:.4f} at v{ev[0]}" if ev else "no eval yet"
+        last = f"eval loss {describe({row.agent: ev[1]})} at v{ev[0]}" if ev else "no eval yet"
         ago = time.time() - row.last_seen
         noised = " (noised: its DP covers it)" if row.differential_privacy not in ("", NO_DP) else ""
         print(f"  {row.agent}  examples {row.num_examples}{noised}, joined {ago:.0f}s ago, {last}")
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "--version",
         default="best",
         help="a version number, latest, or best (default: the lowest token-weighted eval loss of the "
-        "versions evaluated by the most agents)",
+        "versions compared over the same agents)",
     )
     out.add_argument(
         "--merge", action="store_true", help="also write merged/: the base model with the adapter folded in"

@@ -20,7 +20,7 @@ from common.config import AggregatorConfig
 from common.errors import NotFound
 from server.checkpoints import CheckpointStore
 from server.state import StateDB
-from server.version_ranking import Evals, ranked, weighted_loss
+from server.version_ranking import AgentEval, Evals, comparable, describe, loss_stddev, ranked, weighted_loss
 
 
 @dataclass(frozen=True)
@@ -35,21 +35,22 @@ def choose_version(
     committed: list[int], evals: Mapping[int, Evals], which: str, pruned: Sequence[int] = ()
 ) -> Choice:
     """``latest``, ``best`` or a version number. ``best`` is the lowest token-weighted eval loss
-    among the versions evaluated by the most agents, so that a version only the agents with the
-    easiest text evaluated cannot win."""
+    among the versions ``comparable`` over the same agents, so that a version only the agents
+    with the easiest text evaluated cannot win."""
     if not committed:
         raise ExportError("no global version is committed yet")
     if which == "latest":
         return Choice(committed[-1], "the latest committed version")
     if which == "best":
-        best = ranked(committed, evals)
-        if not best:
+        compared = comparable(evals, set(committed))
+        if not compared:
             raise ExportError("no committed version has evaluations yet; pass --version latest or a number")
-        scored = evals[best[0]]
+        best = ranked(committed, evals)[0]
+        agents = len(compared[best])
         return Choice(
-            best[0],
-            f"the lowest token-weighted eval loss ({weighted_loss(scored):.4f}) of the "
-            f"versions evaluated by {len(scored)} agent(s)",
+            best,
+            f"the lowest token-weighted eval loss ({describe(compared[best])}) of the {len(compared)}"
+            f" version(s) compared over the {agents} agent(s) that evaluated them all",
         )
     try:
         version = int(which)
@@ -71,7 +72,7 @@ def export(
     """Export a committed version of this aggregator's state to ``out``; return what was chosen."""
     store = CheckpointStore(config.state_dir / "checkpoints")
     db_path = config.state_dir / "cloudfed.db"
-    evals: dict[int, dict[str, tuple[float, int]]] = {}
+    evals: dict[int, dict[str, AgentEval]] = {}
     if db_path.exists():
         db = StateDB(db_path)
         try:
@@ -103,8 +104,12 @@ def export(
         "checkpoint_sha256": manifest.sha256,
         "layout_digest": manifest.layout_digest,
         "participants": manifest.participants,
-        "evals": {agent: {"eval_loss": loss, "tokens": tokens} for agent, (loss, tokens) in mine.items()},
+        "evals": {
+            agent: {"eval_loss": e.loss, "tokens": e.tokens, "eval_loss_stddev": e.stddev}
+            for agent, e in mine.items()
+        },
         "eval_loss": weighted_loss(mine) if mine else None,
+        "eval_loss_stddev": loss_stddev(mine) if mine else None,
     }
     lora = LoraSpec(f.lora_rank, f.lora_alpha, tuple(f.target_modules), f.lora_dropout)
     write_export(out, load_file(path), lora, base_model, provenance, merge=merge, force=force)

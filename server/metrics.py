@@ -33,6 +33,11 @@ PHASE_SECONDS = Histogram(
 EVAL_LOSS = Gauge(
     "cloudfed_eval_loss", "Last eval loss of the global model an agent reported.", ["cloud", "agent"]
 )
+EVAL_LOSS_STDDEV = Gauge(
+    "cloudfed_eval_loss_stddev",
+    "Standard deviation of the differential-privacy noise in that last eval loss (0: exact).",
+    ["cloud", "agent"],
+)
 EVAL_VERSION = Gauge(
     "cloudfed_eval_version", "Global version of that last reported eval loss.", ["cloud", "agent"]
 )

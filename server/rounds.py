@@ -61,6 +61,7 @@ from server.invitations import AgentInfo, invite
 from server.optimizer import FedAvg, ServerOptimizer
 from server.spool import UploadMeta, UploadSpool
 from server.state import AgentCertificate, StateDB
+from server.version_ranking import AgentEval
 
 log = logging.getLogger(__name__)
 WATCH_QUEUE = 64
@@ -276,18 +277,23 @@ class RoundCoordinator:
             metrics.AGENT_CERT_EXPIRY.labels(**peer_labels(peer)).set(certificate.not_after)
         await self._membership_changed()
 
-    def record_eval(self, peer: SpiffeId, version: int, loss: float, tokens: int) -> None:
+    def record_eval(self, peer: SpiffeId, version: int, report: AgentEval) -> None:
         """Record an agent's evaluation of a committed global version: INVALID_ARGUMENT for a loss
-        that is not a finite number >= 0 or no tokens, NOT_FOUND for a version not committed."""
+        or noise deviation that is not a finite number >= 0 or no tokens, NOT_FOUND for a version
+        not committed."""
+        loss, tokens, stddev = report
         if not (math.isfinite(loss) and loss >= 0):
             raise InvalidArgument(f"eval_loss must be a finite number >= 0, not {loss}")
         if not 1 <= tokens <= MAX_SQLITE_INT:
             raise InvalidArgument(f"eval_tokens must be between 1 and {MAX_SQLITE_INT}, not {tokens}")
+        if not (math.isfinite(stddev) and stddev >= 0):
+            raise InvalidArgument(f"eval_loss_stddev must be a finite number >= 0, not {stddev}")
         if version > self._state.global_version:
             raise NotFound(f"no global version {version} (the latest is {self._state.global_version})")
         metrics.EVAL_LOSS.labels(**peer_labels(peer)).set(loss)
+        metrics.EVAL_LOSS_STDDEV.labels(**peer_labels(peer)).set(stddev)
         metrics.EVAL_VERSION.labels(**peer_labels(peer)).set(version)
-        self.db.eval_reported(peer.uri, version, loss, tokens)
+        self.db.eval_reported(peer.uri, version, report)
 
     async def watch(self, peer: SpiffeId) -> AsyncIterator[RoundState]:
         """The current state, then every change, while the caller listens."""

@@ -34,6 +34,7 @@ from server.rounds import Phase, RoundCoordinator, RoundState
 from server.spool import UploadSpool
 from server.state import AgentCertificate
 from server.uploads import receive_upload
+from server.version_ranking import AgentEval, describe
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +214,9 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
 
     async def ReportEval(self, request: pb.ReportEvalRequest, context: Context) -> pb.ReportEvalResponse:
         peer = require_peer()
-        self._rounds.record_eval(peer, request.global_version, request.eval_loss, request.eval_tokens)
-        log.info("%s: eval loss %.4f at version %d", peer, request.eval_loss, request.global_version)
+        report = AgentEval(request.eval_loss, request.eval_tokens, request.eval_loss_stddev)
+        self._rounds.record_eval(peer, request.global_version, report)
+        log.info("%s: eval loss %s at version %d", peer, describe({peer.uri: report}), request.global_version)
         return pb.ReportEvalResponse()
 
     async def AdvertiseKeys(

@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography import x509
 
 from common.revocation import RevocationList, Revoked
+from server.version_ranking import AgentEval
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -43,14 +44,18 @@ CREATE TABLE IF NOT EXISTS evals (
     reported_at REAL NOT NULL, PRIMARY KEY (agent, version)
 );
 """
-AGENT_ADDED_COLUMNS = {
-    "cert_serial": "TEXT",
-    "cert_issuer": "BLOB",
-    "cert_not_after": "REAL",
-    "differential_privacy": "TEXT",
+ADDED_COLUMNS = {
+    "agents": {
+        "cert_serial": "TEXT",
+        "cert_issuer": "BLOB",
+        "cert_not_after": "REAL",
+        "differential_privacy": "TEXT",
+    },
+    "evals": {"loss_stddev": "REAL NOT NULL DEFAULT 0"},
 }
-"""The certificate an agent last joined with and the DP guarantee it announced (added to databases
-made before they existed)."""
+"""Columns added since the first release (to databases made before they existed): the certificate
+an agent last joined with and the DP guarantee it announced; the deviation of an eval loss's DP
+noise."""
 OPEN_PHASES = ("ADVERTISE_KEYS", "SHARE_KEYS", "UPLOAD", "UNMASK", "AGGREGATE")
 _SELECT_OPEN = "SELECT round_id FROM rounds WHERE phase IN (?, ?, ?, ?, ?)"
 
@@ -121,11 +126,12 @@ class StateDB:
 
     def _add_missing_columns(self) -> None:
         """Bring a database of an older release up to this schema (columns are only ever added)."""
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(agents)")}
         with self._transaction():
-            for name, kind in AGENT_ADDED_COLUMNS.items():
-                if name not in have:
-                    self._db.execute(f"ALTER TABLE agents ADD COLUMN {name} {kind}")
+            for table, columns in ADDED_COLUMNS.items():
+                have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns.items():
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         """Close the connection."""
@@ -276,10 +282,17 @@ class StateDB:
             participants,
         )
 
-    def eval_reported(self, agent: str, version: int, loss: float, tokens: int) -> None:
+    def eval_reported(self, agent: str, version: int, report: AgentEval) -> None:
         """Record an agent's evaluation of a version."""
         self._tx(
-            "INSERT OR REPLACE INTO evals VALUES (?, ?, ?, ?, ?)", agent, version, loss, tokens, time.time()
+            "INSERT OR REPLACE INTO evals (agent, version, eval_loss, tokens, reported_at, loss_stddev)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            agent,
+            version,
+            report.loss,
+            report.tokens,
+            time.time(),
+            report.stddev,
         )
 
     def rounds(self, limit: int = 20) -> list[RoundRow]:
@@ -313,20 +326,26 @@ class StateDB:
             for a, seen, n, serial, issuer, until, dp in rows
         ]
 
-    def latest_evals(self) -> dict[str, tuple[int, float]]:
-        """{agent: (version, loss)} of each agent's newest evaluation."""
+    def latest_evals(self) -> dict[str, tuple[int, AgentEval]]:
+        """{agent: (version, evaluation)} of each agent's newest evaluation."""
         rows = self._db.execute(
-            "SELECT agent, version, eval_loss FROM evals e WHERE version = "
+            "SELECT agent, version, eval_loss, tokens, loss_stddev FROM evals e WHERE version = "
             "(SELECT MAX(version) FROM evals WHERE agent = e.agent) ORDER BY agent"
         )
-        return {agent: (version, loss) for agent, version, loss in rows}
+        return {
+            agent: (int(version), AgentEval(float(loss), int(tokens or 0), float(stddev)))
+            for agent, version, loss, tokens, stddev in rows
+        }
 
-    def version_evals(self) -> dict[int, dict[str, tuple[float, int]]]:
-        """{version: {agent: (eval loss, tokens)}} of every evaluation reported."""
-        rows = self._db.execute("SELECT version, agent, eval_loss, tokens FROM evals ORDER BY version, agent")
-        table: dict[int, dict[str, tuple[float, int]]] = {}
-        for version, agent, loss, tokens in rows:
-            table.setdefault(int(version), {})[agent] = (float(loss), int(tokens or 0))
+    def version_evals(self) -> dict[int, dict[str, AgentEval]]:
+        """{version: {agent: evaluation}} of every evaluation reported."""
+        rows = self._db.execute(
+            "SELECT version, agent, eval_loss, tokens, loss_stddev FROM evals ORDER BY version, agent"
+        )
+        table: dict[int, dict[str, AgentEval]] = {}
+        for version, agent, loss, tokens, stddev in rows:
+            report = AgentEval(float(loss), int(tokens or 0), float(stddev))
+            table.setdefault(int(version), {})[agent] = report
         return table
 
     def versions(self) -> list[tuple[int, int | None, int | None, int]]:

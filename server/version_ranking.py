@@ -2,16 +2,43 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Container, Mapping, Sequence
+from typing import NamedTuple
 
-Evals = Mapping[str, tuple[float, int]]
-"""{agent: (eval loss, tokens)} of one version."""
+
+class AgentEval(NamedTuple):
+    """One agent's evaluation of one version, as it reported it."""
+
+    loss: float
+    """Mean token loss on its held-out text."""
+    tokens: int
+    """What the loss is weighed by."""
+    stddev: float = 0.0
+    """Standard deviation of the noise its differential privacy added to ``loss`` (0: exact)."""
+
+
+Evals = Mapping[str, AgentEval]
+"""{agent: evaluation} of one version."""
 
 
 def weighted_loss(evals: Evals) -> float:
     """The federation's held-out loss of a version: the agents' losses weighted by their tokens."""
-    weights = {agent: max(tokens, 1) for agent, (_, tokens) in evals.items()}
-    return sum(loss * weights[a] for a, (loss, _) in evals.items()) / sum(weights.values())
+    weights = {agent: max(e.tokens, 1) for agent, e in evals.items()}
+    return sum(e.loss * weights[a] for a, e in evals.items()) / sum(weights.values())
+
+
+def loss_stddev(evals: Evals) -> float:
+    """Standard deviation of the noise in ``weighted_loss``: the agents' noise deviations, each
+    weighted as its loss is, added in quadrature (0 when every loss is exact)."""
+    weights = {agent: max(e.tokens, 1) for agent, e in evals.items()}
+    return math.hypot(*(e.stddev * weights[a] for a, e in evals.items())) / sum(weights.values())
+
+
+def describe(evals: Evals) -> str:
+    """``weighted_loss``, with its noise deviation when any loss is noised (``5.1234 ± 0.021``)."""
+    noise = loss_stddev(evals)
+    return f"{weighted_loss(evals):.4f}" + (f" ± {noise:.2g}" if noise else "")
 
 
 def evaluated(evals: Mapping[int, Evals], versions: Container[int]) -> dict[int, Evals]:
@@ -19,9 +46,47 @@ def evaluated(evals: Mapping[int, Evals], versions: Container[int]) -> dict[int,
     return {v: e for v, e in evals.items() if e and v in versions}
 
 
+MAX_CANDIDATES = 256
+"""The most sets of agents ``reference_agents`` weighs (intersections stop being added past it)."""
+
+
+def reference_agents(evals: Mapping[int, Evals]) -> frozenset[str]:
+    """The agents versions are compared over. Of the sets of agents that evaluated a version,
+    and their intersections, the one that compares the most evaluations: its size times the
+    versions all of it evaluated; a tie goes to more agents, then to the newer versions. A cloud
+    that stops reporting (it left, or its DP budget for eval losses is spent) thus stops holding
+    back the newer versions once they outnumber the older ones it evaluated, and one that joins
+    late counts once it has evaluated enough versions; versions are never compared over
+    different clouds' text (empty for no evaluations)."""
+    seen = {frozenset(e) for e in evals.values() if e}
+    candidates = set(seen)
+    for a in sorted(seen, key=sorted):
+        if len(candidates) >= MAX_CANDIDATES:
+            break
+        candidates.update(a & b for b in list(candidates) if a & b)
+
+    def score(agents: frozenset[str]) -> tuple[int, int, int, tuple[str, ...]]:
+        covered = [v for v, e in evals.items() if agents <= e.keys()]
+        return (len(agents) * len(covered), len(agents), max(covered), tuple(sorted(agents)))
+
+    return max(candidates, key=score, default=frozenset())
+
+
+def comparable(evals: Mapping[int, Evals], versions: Container[int]) -> dict[int, Evals]:
+    """Those of ``versions`` that every reference agent evaluated, each with those agents'
+    evaluations only, so that their losses compare."""
+    scored = evaluated(evals, versions)
+    agents = reference_agents(scored)
+    return {v: {a: e[a] for a in sorted(agents)} for v, e in scored.items() if agents <= e.keys()}
+
+
 def ranked(committed: Sequence[int], evals: Mapping[int, Evals]) -> list[int]:
-    """The committed versions that have evaluations, best first: those evaluated by more agents
-    first (a version only the agents with the easiest text evaluated cannot win), then by the
-    lowest token-weighted eval loss, then the older."""
+    """The committed versions that have evaluations, best first: those ``comparable`` by the
+    lowest token-weighted eval loss over the reference agents, then the older; then the others
+    (a version only the agents with the easiest text evaluated cannot win), by the agents that
+    evaluated them, most first, then by their loss."""
     scored = evaluated(evals, set(committed))
-    return sorted(scored, key=lambda v: (-len(scored[v]), weighted_loss(scored[v]), v))
+    compared = comparable(scored, set(committed))
+    best = sorted(compared, key=lambda v: (weighted_loss(compared[v]), v))
+    rest = sorted(set(scored) - set(compared), key=lambda v: (-len(scored[v]), weighted_loss(scored[v]), v))
+    return best + rest

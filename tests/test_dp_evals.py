@@ -48,8 +48,9 @@ def test_a_release_is_the_clipped_sum_noised_over_the_noisy_count(tmp_path: Path
     held-out data's epsilon composes exactly these three Gaussian releases, and none of it is the
     training data's."""
     ledger = PrivacyLedger(tmp_path, DP)
-    loss, weight = ledger.release_eval("model-a:data", 3, 2100.0, 500, 31_000, 64)
+    loss, weight, stddev = ledger.release_eval("model-a:data", 3, 2100.0, 500, 31_000, 64)
     (units, tokens), (release,) = ledger.counts, ledger.evals
+    assert stddev == pytest.approx(20.0 * 10.0 / units.released)  # the sum's noise over the released count
     assert (units.units, units.kind, units.sensitivity, units.noise) == (500, EVAL_UNITS, 1, 20.0)
     assert (tokens.units, tokens.kind, tokens.sensitivity) == (31_000, EVAL_TOKENS, 64)
     assert (release.version, release.clipped_sum, release.noise, release.clip) == (3, 2100.0, 20.0, 10.0)
@@ -62,7 +63,7 @@ def test_a_release_is_the_clipped_sum_noised_over_the_noisy_count(tmp_path: Path
     assert ledger.guarantee == ledger.eval_epsilon
 
     restarted = PrivacyLedger(tmp_path, DP)  # durable; the same subject gets the same release back
-    assert restarted.release_eval("model-a:data", 3, 2100.0, 500, 31_000, 64) == (loss, weight)
+    assert restarted.release_eval("model-a:data", 3, 2100.0, 500, 31_000, 64) == (loss, weight, stddev)
     assert restarted.evals == [release] and restarted.eval_epsilon == ledger.eval_epsilon
     restarted.release_eval("model-b:data", 4, 2000.0, 500, 31_000, 64)  # a new version: a new release
     assert len(restarted.evals) == 2 and len(restarted.counts) == 2  # the same counts, not again

@@ -396,11 +396,13 @@ async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
     assert (tokens_count.kind, tokens_count.sensitivity) == (EVAL_TOKENS, 3 * 64)  # 3 records a user
     assert [r.version for r in ledger.evals] == [0, 1]
     assert all(0 < r.clipped_sum <= 10 * held and r.unit == "user" for r in ledger.evals)
-    assert query(agg.state_dir / "cloudfed.db", "SELECT version, eval_loss, tokens FROM evals") == [
+    received = "SELECT version, eval_loss, tokens, loss_stddev FROM evals"
+    assert query(agg.state_dir / "cloudfed.db", received) == [
         (
             r.version,
             pytest.approx(min(max(r.released_sum / users_count.released, 0.0), 10.0)),
             tokens_count.released,
+            pytest.approx(20.0 * 10.0 / users_count.released),  # with the deviation of its noise
         )
         for r in ledger.evals
     ]

@@ -35,24 +35,30 @@ async def test_reports_are_kept_and_bad_ones_refused_with_their_status(start_agg
     run = await start_aggregator(min_agents=3)
     async with run.client("evaluator") as client:
         join = await client.join(num_examples=10)
-        await client.report_eval(0, 5.25, 1000)
+        await client.report_eval(0, 5.25, 1000, 0.03)
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
         cases = {
-            "nan": (0, math.nan, 10, grpc.StatusCode.INVALID_ARGUMENT, "finite"),
-            "inf": (0, math.inf, 10, grpc.StatusCode.INVALID_ARGUMENT, "finite"),
-            "negative": (0, -0.5, 10, grpc.StatusCode.INVALID_ARGUMENT, "finite"),
-            "no tokens": (0, 4.0, 0, grpc.StatusCode.INVALID_ARGUMENT, "tokens"),
-            "future version": (7, 4.0, 10, grpc.StatusCode.NOT_FOUND, "no global version 7"),
+            "nan": (0, math.nan, 10, 0.0, invalid, "eval_loss must be a finite"),
+            "inf": (0, math.inf, 10, 0.0, invalid, "eval_loss must be a finite"),
+            "negative": (0, -0.5, 10, 0.0, invalid, "eval_loss must be a finite"),
+            "no tokens": (0, 4.0, 0, 0.0, invalid, "tokens"),
+            "nan noise": (0, 4.0, 10, math.nan, invalid, "eval_loss_stddev must be a finite"),
+            "infinite noise": (0, 4.0, 10, math.inf, invalid, "eval_loss_stddev must be a finite"),
+            "negative noise": (0, 4.0, 10, -0.1, invalid, "eval_loss_stddev must be a finite"),
+            "future version": (7, 4.0, 10, 0.0, grpc.StatusCode.NOT_FOUND, "no global version 7"),
         }
-        for name, (version, loss, tokens, code, words) in cases.items():
+        for name, (version, loss, tokens, stddev, code, words) in cases.items():
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await client.report_eval(version, loss, tokens)
+                await client.report_eval(version, loss, tokens, stddev)
             assert refused.value.code() == code, name
             assert words in (refused.value.details() or ""), name
     db = run.agg.config.state_dir / "cloudfed.db"
-    assert query(db, "SELECT agent, version, eval_loss, tokens FROM evals") == [
-        (join.agent_id, 0, 5.25, 1000)
+    assert query(db, "SELECT agent, version, eval_loss, tokens, loss_stddev FROM evals") == [
+        (join.agent_id, 0, 5.25, 1000, 0.03)
     ]
     assert gauge("evaluator") == 5.25
+    labels = {"cloud": "aws", "agent": "evaluator"}
+    assert REGISTRY.get_sample_value("cloudfed_eval_loss_stddev", labels) == 0.03
 
 
 async def _evaluate_version_0(

@@ -24,15 +24,15 @@ from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 from server.checkpoints import CheckpointStore
 from server.export import choose_version, export
 from server.state import StateDB
-from server.version_ranking import weighted_loss
+from server.version_ranking import AgentEval, weighted_loss
 from tests.conftest import Pki, aggregator_config
 from tests.daemons import run_cli
 
 LORA = LoraSpec(4, 8.0, ("q_proj", "v_proj"))
-EVALS = {  # version: {agent: (loss, tokens)}; v2 has the lowest loss but only one agent evaluated it
-    0: {"a": (6.0, 100), "b": (6.2, 100), "c": (6.1, 100)},
-    1: {"a": (5.0, 300), "b": (5.6, 100), "c": (5.1, 100)},
-    2: {"a": (4.0, 100)},
+EVALS = {  # version: {agent: evaluation}; v2 has the lowest loss but only one agent evaluated it
+    0: {"a": AgentEval(6.0, 100), "b": AgentEval(6.2, 100), "c": AgentEval(6.1, 100, 0.2)},
+    1: {"a": AgentEval(5.0, 300), "b": AgentEval(5.6, 100), "c": AgentEval(5.1, 100, 0.2)},  # c: DP noise
+    2: {"a": AgentEval(4.0, 100)},
 }
 
 
@@ -65,8 +65,8 @@ def make_state(world: World, state: Path) -> None:
         store.save(v, tensors, parent=v - 1 if v else None, participants=sorted(EVALS[v]))
     db = StateDB(state / "cloudfed.db")
     for v, evals in EVALS.items():
-        for agent, (loss, tokens) in evals.items():
-            db.eval_reported(agent, v, loss, tokens)
+        for agent, report in evals.items():
+            db.eval_reported(agent, v, report)
     db.close()
 
 
@@ -93,12 +93,16 @@ def sample_ids(world: World) -> torch.Tensor:
     return pack(AutoTokenizer.from_pretrained(world.model), world.texts[:6], 24)[:3]
 
 
-def test_best_is_the_lowest_weighted_loss_of_the_versions_the_most_agents_evaluated() -> None:
+def test_best_is_the_lowest_weighted_loss_of_the_versions_compared_over_the_same_agents() -> None:
     best = choose_version([0, 1, 2], EVALS, "best")
-    assert best.version == 1 and "3 agent(s)" in best.reason
+    assert best.version == 1  # c's noise: 0.2 x 100 / 500 tokens
+    assert best.reason == (
+        "the lowest token-weighted eval loss (5.1400 ± 0.04) of the 2 version(s) compared over the"
+        " 3 agent(s) that evaluated them all"
+    )
     assert weighted_loss(EVALS[1]) == pytest.approx((5.0 * 300 + 5.6 * 100 + 5.1 * 100) / 500)
     # weighted, not a plain mean: b's high loss on few tokens must not outweigh a's many tokens
-    rival = {**EVALS, 3: {"a": (5.35, 300), "b": (4.9, 100), "c": (4.9, 100)}}
+    rival = {**EVALS, 3: {"a": AgentEval(5.35, 300), "b": AgentEval(4.9, 100), "c": AgentEval(4.9, 100)}}
     assert sum(v[0] for v in rival[3].values()) < sum(v[0] for v in EVALS[1].values())
     assert choose_version([0, 1, 2, 3], rival, "best").version == 1
     assert choose_version([0, 1, 2], EVALS, "latest").version == 2
@@ -146,8 +150,10 @@ def test_the_export_loads_in_peft_as_the_model_the_agents_evaluated(
     record = json.loads((out / PROVENANCE).read_text())
     manifest = CheckpointStore(tmp_path / "state" / "checkpoints").manifest(1)
     assert record["version"] == 1 and record["parent"] == 0 and record["checkpoint_sha256"] == manifest.sha256
-    assert record["evals"]["a"] == {"eval_loss": 5.0, "tokens": 300}
+    assert record["evals"]["a"] == {"eval_loss": 5.0, "tokens": 300, "eval_loss_stddev": 0.0}
+    assert record["evals"]["c"] == {"eval_loss": 5.1, "tokens": 100, "eval_loss_stddev": 0.2}
     assert record["eval_loss"] == pytest.approx(weighted_loss(EVALS[1]))
+    assert record["eval_loss_stddev"] == pytest.approx(0.2 * 100 / 500)
     assert record["chosen"] == choice.reason and record["merged"] is False
     from common.chunks import sha256_file
 
@@ -270,7 +276,7 @@ def test_the_aggregator_command_exports_and_exits_2_on_a_refusal(
     toml = write_aggregator_toml(tmp_path / "aggregator.toml", pki, world, tmp_path / "state")
     done = run_cli("server.cli", "--config", str(toml), "export", "--out", str(tmp_path / "out"), timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "exported global version 1 (the lowest token-weighted eval loss (5.1400)" in done.stdout
+    assert "exported global version 1 (the lowest token-weighted eval loss (5.1400 ± 0.04)" in done.stdout
     refused = run_cli(
         "server.cli", "--config", str(toml), "export", "--out", str(tmp_path / "o2"), "--version", "9"
     )

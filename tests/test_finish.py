@@ -7,25 +7,29 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 from pathlib import Path
 
+import pytest
 from prometheus_client import REGISTRY
 
 from agent.daemon import Agent
 from agent.demo import prepare
 from common.config import AgentConfig, AggregatorConfig, RoundsConfig, load
+from common.errors import ConfigError
 from protos.cloudfed.v1 import federation_pb2 as pb
 from server.app import build_aggregator
 from server.rounds import Phase
 from server.stopping import finish_reason
+from server.version_ranking import AgentEval
 from tests.agentsim import Watcher, in_process, upload_next_round
 from tests.conftest import Pki, aggregator_config
 
 PATIENT = RoundsConfig(early_stop_patience=2)
 
 
-def evals_of(losses: dict[int, float], agents: str = "a") -> dict[int, dict[str, tuple[float, int]]]:
-    return {v: {a: (loss, 100) for a in agents} for v, loss in losses.items()}
+def evals_of(losses: dict[int, float], agents: str = "a") -> dict[int, dict[str, AgentEval]]:
+    return {v: {a: AgentEval(loss, 100) for a in agents} for v, loss in losses.items()}
 
 
 def test_the_version_budget_ends_the_federation() -> None:
@@ -44,11 +48,47 @@ def test_early_stopping_counts_the_versions_evaluated_since_the_best() -> None:
     careful = dataclasses.replace(PATIENT, early_stop_min_delta=0.2)
     assert finish_reason(3, evals_of({**losses, 3: 4.9}), careful) is not None
     # versions evaluated by fewer agents than the most are not compared (a partial view)
-    partial = {**evals_of(losses, "ab"), 3: {"a": (5.2, 100)}}
+    partial = {**evals_of(losses, "ab"), 3: {"a": AgentEval(5.2, 100)}}
     assert finish_reason(3, partial, PATIENT) is None
     # evaluations of versions past the one given are ignored; none at all decides nothing
     assert finish_reason(2, evals_of({**losses, 3: 5.2}), PATIENT) is None
     assert finish_reason(5, {}, PATIENT) is None
+
+
+def test_with_noise_sigmas_only_an_improvement_beyond_the_dp_noise_counts() -> None:
+    """Two clouds, one exact and one whose losses carry DP noise of deviation 0.1 nats; both
+    weigh alike, so the federation's loss carries 0.05 and the difference of two versions'
+    0.05 x sqrt(2) = 0.0707. With noise_sigmas 2, version 3's drop of 0.1 from version 1 is within
+    the noise (0.1414 needed, plus min_delta), so version 1 stays the best; a drop of 0.15 counts.
+    Noise_sigmas 0 (the default) counts any drop, and exact losses need no margin."""
+
+    def noisy(losses: dict[int, float]) -> dict[int, dict[str, AgentEval]]:
+        return {
+            v: {"exact": AgentEval(loss, 100), "dp": AgentEval(loss, 100, 0.1)} for v, loss in losses.items()
+        }
+
+    sigmas = dataclasses.replace(PATIENT, early_stop_noise_sigmas=2.0)
+    losses = {0: 6.0, 1: 5.0, 2: 5.1, 3: 4.9}
+    reason = finish_reason(3, noisy(losses), sigmas)
+    assert reason is not None and "no eval loss below 5.0000 ± 0.05 (version 1)" in reason
+    assert "noise_sigmas 2, eval losses noised by differential privacy (deviation up to 0.05)" in reason
+    assert finish_reason(3, noisy({**losses, 3: 4.85}), sigmas) is None  # 0.15 > 0.1414: the new best
+    assert finish_reason(3, noisy(losses), PATIENT) is None  # no margin: version 3 is the best
+    with_delta = dataclasses.replace(sigmas, early_stop_min_delta=0.01)  # 0.1514 needed
+    assert finish_reason(3, noisy({**losses, 3: 4.85}), with_delta) is not None
+    assert finish_reason(3, evals_of(losses), sigmas) is None  # exact losses: any drop counts
+    assert "noised" not in (finish_reason(3, evals_of({**losses, 3: 5.2}), sigmas) or "noised")
+
+
+def test_noise_sigmas_must_be_finite_and_not_negative(pki: Pki, tmp_path: Path) -> None:
+    config = aggregator_config(pki, tmp_path)
+    config.validate()
+    for bad in (-1.0, math.inf, math.nan):
+        rounds = dataclasses.replace(config.rounds, early_stop_noise_sigmas=bad)
+        with pytest.raises(
+            ConfigError, match=r"rounds\.early_stop_noise_sigmas must be a finite number >= 0"
+        ):
+            dataclasses.replace(config, rounds=rounds).validate()
 
 
 async def test_early_stopping_finishes_the_federation_and_it_stays_finished(

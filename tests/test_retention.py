@@ -20,7 +20,7 @@ from common.errors import ConfigError, NotFound
 from server import retention
 from server.checkpoints import CheckpointStore
 from server.export import choose_version
-from server.version_ranking import ranked
+from server.version_ranking import AgentEval, ranked
 from tests.agentsim import Watcher, upload_next_round
 from tests.conftest import Pki, aggregator_config
 from tests.daemons import run_cli
@@ -28,8 +28,8 @@ from tests.daemons import run_cli
 LOSSES = {0: 6.0, 1: 5.0, 2: 5.5, 3: 5.4, 4: 5.3}  # version 1 is the best evaluated
 
 
-def evals_of(losses: dict[int, float]) -> dict[int, dict[str, tuple[float, int]]]:
-    return {v: {"a": (loss, 100)} for v, loss in losses.items()}
+def evals_of(losses: dict[int, float]) -> dict[int, dict[str, AgentEval]]:
+    return {v: {"a": AgentEval(loss, 100)} for v, loss in losses.items()}
 
 
 def test_the_rules_keep_version_0_the_newest_the_milestones_and_the_best() -> None:

@@ -92,14 +92,16 @@ def test_a_round_outcome_and_its_dropped_participants_commit_together(tmp_path: 
     assert db.participant_status(1) == {"a": "selected", "b": "dropped"}
 
 
-def test_a_database_of_an_older_release_gains_the_new_agent_columns_and_keeps_its_rows(
+def test_a_database_of_an_older_release_gains_the_new_columns_and_keeps_its_rows(
     tmp_path: Path,
 ) -> None:
-    """The agents table before certificates and DP guarantees were kept: opening it adds the
-    columns (nothing else changes), old rows read as 'not recorded', and a new Join fills them in."""
+    """The agents table before certificates and DP guarantees were kept, the evals table before
+    DP noise deviations were: opening it adds the columns (nothing else changes), old rows read as
+    'not recorded' (an old eval as exact), and a new Join or evaluation fills them in."""
     from common.identity import SpiffeId
     from common.pki import create_ca, issue_agent
     from server.state import AgentCertificate
+    from server.version_ranking import AgentEval
 
     path = tmp_path / "cloudfed.db"
     old = sqlite3.connect(path)
@@ -108,6 +110,11 @@ def test_a_database_of_an_older_release_gains_the_new_agent_columns_and_keeps_it
         " num_examples INTEGER, joined_at REAL NOT NULL, last_seen REAL NOT NULL)"
     )
     old.execute("INSERT INTO agents VALUES ('spiffe://t/cloud/aws/agent/a1', 'aws', '0.1', 7, 1.0, 2.0)")
+    old.execute(
+        "CREATE TABLE evals (agent TEXT NOT NULL, version INTEGER NOT NULL, eval_loss REAL NOT NULL,"
+        " tokens INTEGER, reported_at REAL NOT NULL, PRIMARY KEY (agent, version))"
+    )
+    old.execute("INSERT INTO evals VALUES ('spiffe://t/cloud/aws/agent/a1', 0, 5.5, 900, 3.0)")
     old.commit()
     old.close()
 
@@ -123,5 +130,10 @@ def test_a_database_of_an_older_release_gains_the_new_agent_columns_and_keeps_it
     assert row.certificate.serial_hex == f"{cert.serial_number:x}"
     assert row.certificate.issuer_der == cert.issuer.public_bytes()
     assert row.certificate.not_after == cert.not_valid_after_utc.timestamp()
+    a1 = "spiffe://t/cloud/aws/agent/a1"
+    assert db.version_evals() == {0: {a1: AgentEval(5.5, 900, 0.0)}}
+    db.eval_reported(a1, 1, AgentEval(5.25, 800, 0.07))
+    assert db.version_evals()[1] == {a1: AgentEval(5.25, 800, 0.07)}
+    assert db.latest_evals() == {a1: (1, AgentEval(5.25, 800, 0.07))}
     db.close()
     StateDB(path).close()  # opening it again adds nothing twice

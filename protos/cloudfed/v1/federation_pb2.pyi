@@ -1191,22 +1191,29 @@ class ReportEvalRequest(_message.Message):
     GLOBAL_VERSION_FIELD_NUMBER: _builtins.int
     EVAL_LOSS_FIELD_NUMBER: _builtins.int
     EVAL_TOKENS_FIELD_NUMBER: _builtins.int
+    EVAL_LOSS_STDDEV_FIELD_NUMBER: _builtins.int
     global_version: _builtins.int
     """Global version evaluated."""
     eval_loss: _builtins.float
     """Mean token cross-entropy on the agent's held-out split."""
     eval_tokens: _builtins.int
     """Tokens evaluated."""
+    eval_loss_stddev: _builtins.float
+    """Standard deviation, in nats, of the noise differential privacy added to eval_loss (0: the
+    loss is exact). The aggregator shows it beside the federation's loss and may require an
+    improvement to exceed it (rounds.early_stop_noise_sigmas).
+    """
     def __init__(
         self,
         *,
         global_version: _builtins.int = ...,
         eval_loss: _builtins.float = ...,
         eval_tokens: _builtins.int = ...,
+        eval_loss_stddev: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_loss", b"eval_loss", "eval_tokens", b"eval_tokens", "global_version", b"global_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_loss", b"eval_loss", "eval_loss_stddev", b"eval_loss_stddev", "eval_tokens", b"eval_tokens", "global_version", b"global_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
