@@ -102,6 +102,7 @@ class Worker:
                 dtype = pick_dtype(self.config.precision, device)
                 checkpointing = self.config.activation_checkpointing
                 private = self.config.privacy.dp.enabled
+                nf4 = self.config.precision == "nf4"
                 self.trainer = LoraTrainer(
                     command["model"],
                     command["lora"],
@@ -111,12 +112,13 @@ class Worker:
                     checkpointing,
                     private,
                     self.config.loss_chunk_logits,
+                    nf4,
                 )
                 log.info(
                     "rank %d: training on %s, base weights %s%s, %s",
                     self.ctx.rank,
                     device,
-                    dtype,
+                    f"4-bit NF4 computed in {dtype}" if nf4 else dtype,
                     ", activation checkpointing" if checkpointing else "",
                     self.trainer.losses.describe(),
                 )

@@ -6,6 +6,7 @@ sides build the adapter the same way and agree on its parameter layout.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import sys
@@ -25,6 +26,12 @@ from agent.dp_units import PrivacyUnits
 from common.errors import ConfigError, InvalidArgument, TrainingFailed
 
 log = logging.getLogger(__name__)
+# bitsandbytes' CPU backend, which peft imports whenever it is installed, looks for an optional
+# kernel on the Hugging Face hub and warns at import when the package that fetches it is missing:
+# an agent downloads nothing at run time, and bitsandbytes' own CPU path computes the same.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage()
+)
 
 
 @dataclass(frozen=True)
@@ -69,14 +76,22 @@ def build_adapter_model(
     dtype: torch.dtype | str = torch.float32,
     checkpointing: bool = False,
     per_record: bool = False,
+    nf4: bool = False,
 ) -> Any:
     """The base model in ``dtype`` (frozen; "auto": the dtype it was saved in) with the LoRA adapter;
     peft keeps the adapter in float32. ``per_record``: the model will be wrapped for per-record
-    gradients (DP-SGD), which changes how activations are checkpointed."""
+    gradients (DP-SGD), which changes how activations are checkpointed. ``nf4``: QLoRA, the
+    base's linear layers quantized to 4-bit NormalFloat as they load (``nf4_config``) and
+    computed in ``dtype``; the embeddings and the LM head stay in ``dtype``."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    quantized: dict[str, Any] = {}
+    if nf4:  # quantized on the device it loads to (bitsandbytes' models are not moved after)
+        quantized = {"quantization_config": nf4_config(dtype), "device_map": {"": device}}
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **quantized)
+    if nf4:
+        _keep_4bit_layers_differentiable(base)
     if checkpointing:
         _enable_checkpointing(base, reentrant=per_record)
     # autocast_adapter_dtype: a bf16 base gets float32 LoRA weights (what the optimizer steps).
@@ -85,7 +100,40 @@ def build_adapter_model(
         model = get_peft_model(base, lora_config(lora), autocast_adapter_dtype=True)
     if checkpointing and per_record:  # a reentrant segment passes gradients only to inputs needing them
         model.enable_input_require_grads()  # (transformers 5 does it too; 4.x only for its own peft)
-    return model.to(device)
+    return model if nf4 else model.to(device)
+
+
+def nf4_config(compute_dtype: torch.dtype | str) -> Any:
+    """transformers' bitsandbytes settings for QLoRA (Dettmers et al. 2023): 4-bit NormalFloat
+    weights in blocks of 64 with double quantization (their scales quantized too: about 4.1 bits
+    a weight in all), dequantized to ``compute_dtype`` for each matmul. ConfigError if
+    bitsandbytes is not installed."""
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(NF4_NEEDS)
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype if isinstance(compute_dtype, torch.dtype) else torch.float32,
+    )
+
+
+NF4_NEEDS = "precision 'nf4' needs bitsandbytes: pip install 'cloudfed[qlora]'"
+
+
+def _keep_4bit_layers_differentiable(model: Any) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights for a faster CPU kernel at the layer's
+    first forward in eval mode, and from then on multiplies through that kernel, which has no
+    backward: training after an evaluation would take no gradient through the base's layers
+    (autograd only warns). Keep every layer on the path that has one (a CPU's; GPUs never
+    repack)."""
+    from bitsandbytes.nn.modules import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(lora: LoraSpec, base_model: str | None = None) -> Any:
@@ -150,11 +198,12 @@ def pick_device(requested: str = "auto") -> str:
 
 
 def pick_dtype(precision: str, device: str) -> torch.dtype:
-    """The base model's dtype: 'auto' is bfloat16 on a GPU that supports it, else float32."""
+    """The base model's dtype (with 'nf4', the dtype its 4-bit weights are computed in): 'auto'
+    and 'nf4' are bfloat16 on a GPU that supports it, else float32."""
     if precision == "bf16":
         return torch.bfloat16
     if (
-        precision == "auto"
+        precision in ("auto", "nf4")
         and device.startswith("cuda")
         and torch.cuda.is_bf16_supported(including_emulation=False)
     ):
@@ -175,17 +224,21 @@ class LoraTrainer:
         checkpointing: bool = False,
         private: bool = False,
         chunk_logits: int = CHUNK_LOGITS,
+        nf4: bool = False,
     ) -> None:
         """``private``: train with DP-SGD (``agent.dp_sgd``); the ranks then sum the clipped,
         noised gradients themselves instead of through DDP. ``chunk_logits``: the most logits
-        the loss holds at once (``agent.causal_loss``; 0: the model's own forward)."""
+        the loss holds at once (``agent.causal_loss``; 0: the model's own forward). ``nf4``:
+        QLoRA, the base's linear layers in 4 bits, computed in ``dtype``."""
         from transformers import AutoTokenizer
 
         self.device = device
         self.dtype = dtype
         self.ctx = ctx or DistContext()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = build_adapter_model(model_path, lora, device, dtype, checkpointing, per_record=private)
+        self.model = build_adapter_model(
+            model_path, lora, device, dtype, checkpointing, per_record=private, nf4=nf4
+        )
         self.losses = CausalLoss(self.model, chunk_logits)
         """The model's losses (in chunks of positions where it allows: ``agent.causal_loss``)."""
         self.ddp: Any = None

@@ -1,16 +1,18 @@
-"""Local training throughput and memory: fp32 and bf16 base weights, with and without activation
-checkpointing, same model, same run.
+"""Local training throughput and memory: fp32, bf16 and 4-bit NF4 (QLoRA) base weights, with and
+without activation checkpointing, same model, same run.
 
     python -m bench.trainer [--device auto] [--hidden 256] [--layers 4] [--steps 10] [--variants ...]
 
 Builds a Llama of the given size from a config (nothing downloaded), adds the
 federation's kind of LoRA adapter (rank 16 on every attention and MLP
 projection) and times ``LoraTrainer.train`` on random token blocks, once per
-variant (fp32 base, bf16 base, bf16 with activation checkpointing), interleaved
-over ``--repeats``: tokens per second (medians), peak accelerator memory (the
-variant's own weights plus what its training adds), and the cosine of each
-variant's update to the fp32 one from the same start (how much it changes what
-an agent sends). Results go to bench/results/trainer-<device>-h<hidden>-l<layers>.json.
+variant (fp32 base, bf16 base, NF4 base computed in bf16 on a GPU and fp32 on a
+CPU, each of the last two also with activation checkpointing), interleaved over
+``--repeats``: tokens per second (medians), the bytes of the variant's weights
+(its state dict: 4-bit codes and their scales for NF4), peak accelerator memory
+(those weights plus what its training adds), and the cosine of each variant's
+update to the fp32 one from the same start (how much it changes what an agent
+sends). Results go to bench/results/trainer-<device>-h<hidden>-l<layers>.json.
 """
 
 from __future__ import annotations
@@ -25,16 +27,23 @@ from pathlib import Path
 
 import torch
 
-from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, initial_adapter, pick_device
+from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, initial_adapter, pick_device, pick_dtype
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LORA = LoraSpec(16, 32.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-VARIANTS = {  # name: (base dtype, activation checkpointing)
-    "fp32": (torch.float32, False),
-    "bf16": (torch.bfloat16, False),
-    "bf16+ckpt": (torch.bfloat16, True),
+VARIANTS = {  # name: (base weights, activation checkpointing)
+    "fp32": ("fp32", False),
+    "bf16": ("bf16", False),
+    "bf16+ckpt": ("bf16", True),
+    "nf4": ("nf4", False),
+    "nf4+ckpt": ("nf4", True),
 }
+
+
+def state_bytes(trainer: LoraTrainer) -> int:
+    """Bytes of the model's weights as held (its state dict: base, adapter, quantization scales)."""
+    return sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values())
 
 
 def flat_delta(delta: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -76,21 +85,29 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--variants",
-        help=f"comma-separated of {', '.join(VARIANTS)} (default: all on a GPU, fp32,bf16 on a CPU)",
+        help=f"comma-separated of {', '.join(VARIANTS)} (default: all on a GPU, fp32,bf16,nf4 on a CPU)",
     )
     args = p.parse_args()
     device = pick_device(args.device)
     cuda = device.startswith("cuda")
-    names = (args.variants or ("fp32,bf16,bf16+ckpt" if cuda else "fp32,bf16")).split(",")
+    names = (args.variants or (",".join(VARIANTS) if cuda else "fp32,bf16,nf4")).split(",")
     if names[0] != "fp32" or not set(names) <= set(VARIANTS):
         raise SystemExit(f"--variants: fp32 first, then any of {list(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(Path(tmp) / "model", args)
         start = initial_adapter(path, LORA, seed=0)
         trainers = {
-            name: LoraTrainer(path, LORA, device, dtype=VARIANTS[name][0], checkpointing=VARIANTS[name][1])
+            name: LoraTrainer(
+                path,
+                LORA,
+                device,
+                dtype=pick_dtype(VARIANTS[name][0], device),
+                checkpointing=VARIANTS[name][1],
+                nf4=VARIANTS[name][0] == "nf4",
+            )
             for name in names
         }
+        weights = {name: state_bytes(trainer) for name, trainer in trainers.items()}
         vocab = trainers["fp32"].model.config.vocab_size
         # Token 0 is the builder's pad/EOS, whose embedding row is zero (padding_idx): a block that
         # starts with it keeps an exactly zero hidden state, and at 16 layers the RMSNorm gradients
@@ -119,8 +136,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                 rates[name].append(tokens / (time.perf_counter() - began))
                 if cuda:  # this variant's weights + what its training added on top
-                    own = sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values())
-                    peak = own + torch.cuda.max_memory_allocated() - resident
+                    peak = weights[name] + torch.cuda.max_memory_allocated() - resident
                     peaks[name] = max(peaks.get(name, 0), peak)
                 if repeat == 0:
                     deltas[name] = flat_delta(delta)
@@ -136,6 +152,8 @@ def main() -> None:
         "adapter_parameters": adapter,
         "tokens_per_s": {name: statistics.median(r) for name, r in rates.items()},
         "runs_tokens_per_s": rates,
+        "weights_bytes": weights,
+        "weights_ratio_vs_fp32": {n: weights[n] / weights["fp32"] for n in names},
         "peak_memory_bytes": peaks,
         "speedup_vs_fp32": {n: statistics.median(rates[n]) / statistics.median(rates["fp32"]) for n in names},
         "update_cosine_vs_fp32": {
@@ -145,10 +163,11 @@ def main() -> None:
     }
     print(f"{report['device']}: {params / 1e6:.1f}M base parameters, {adapter / 1e6:.2f}M LoRA")
     for name in names:
-        peak = f", peak {peaks[name] / 2**30:.2f} GiB" if peaks else ""
+        at_peak = f", peak {peaks[name] / 2**30:.2f} GiB" if peaks else ""
         print(
             f"  {name:10s} {report['tokens_per_s'][name]:>9,.0f} tokens/s "
-            f"({report['speedup_vs_fp32'][name]:.2f}x fp32){peak}; update cosine to fp32 "
+            f"({report['speedup_vs_fp32'][name]:.2f}x fp32), weights {weights[name] / 2**20:,.1f} MiB"
+            f" ({weights[name] / weights['fp32']:.2f}x){at_peak}; update cosine to fp32 "
             f"{report['update_cosine_vs_fp32'][name]:.4f}, "
             f"norm ratio {report['update_norm_ratio_vs_fp32'][name]:.3f}"
         )

@@ -8,6 +8,7 @@ name the field: ``tls.cert: file not found: /x.pem``.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -732,8 +733,11 @@ class AgentConfig(MetricsTlsFields):
     device: str = "auto"
     """Training device: 'auto', 'cpu', 'cuda' or 'cuda:N'."""
     precision: str = "auto"
-    """Base model weights: 'fp32', 'bf16', or 'auto' (bf16 on a GPU that supports it, else fp32).
-    The LoRA adapter, its optimizer and every update stay float32."""
+    """Base model weights: 'fp32', 'bf16', 'auto' (bf16 on a GPU that supports it, else fp32),
+    or 'nf4' (QLoRA: the base's linear layers quantized to 4-bit NormalFloat as they load, with
+    double quantization, and computed in bf16 on a GPU that supports it, else fp32; about 4.1
+    bits a weight against bf16's 16; needs bitsandbytes, ``cloudfed[qlora]``). The LoRA
+    adapter, its optimizer and every update stay float32."""
     cpu_threads: int = 0
     """torch CPU threads per rank; 0: $OMP_NUM_THREADS if set (torchrun sets 1 for several ranks),
     else the CPUs this process may use (its affinity and the cgroup CPU quota of a container or
@@ -796,8 +800,10 @@ class AgentConfig(MetricsTlsFields):
             raise ConfigError("egress_price_per_gb must be >= 0")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision: expected 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "nf4"):
+            raise ConfigError(f"precision: expected 'auto', 'fp32', 'bf16' or 'nf4', got {self.precision!r}")
+        if self.precision == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("precision 'nf4' needs bitsandbytes: pip install 'cloudfed[qlora]'")
         self.privacy.validate()
         _check_tls(self.tls)
         self.tls.check_crl()

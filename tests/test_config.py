@@ -76,7 +76,10 @@ def test_shipped_agent_example_loads() -> None:
     [
         ({"CLOUDFED_AGENT_DEVICE": "gpu"}, r"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
         ({"CLOUDFED_AGENT_DEVICE": "cuda:x"}, r"device: expected .* got 'cuda:x'"),
-        ({"CLOUDFED_AGENT_PRECISION": "fp16"}, r"precision: expected 'auto', 'fp32' or 'bf16', got 'fp16'"),
+        (
+            {"CLOUDFED_AGENT_PRECISION": "fp16"},
+            r"precision: expected 'auto', 'fp32', 'bf16' or 'nf4', got 'fp16'",
+        ),
     ],
 )
 def test_agent_device_and_precision_are_checked_before_the_tls_files(
