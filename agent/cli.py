@@ -73,6 +73,7 @@ async def check(config: AgentConfig, tokenize: bool = False, ranks: int = 1) -> 
         numel = sum(math.prod(p.shape) for p in s.layout.params)
         tensors, digest = len(s.layout.params), s.layout.digest[:16]
         print(f"layout          {tensors} tensors, {numel} parameters, digest {digest}")
+        print(f"model           {await asyncio.to_thread(_model_line, config, s.model_id, numel)}")
         print(f"chunk limit     {s.chunk_limits.max_chunk_bytes} bytes")
         models = config.state_dir / "models"
         models.mkdir(parents=True, exist_ok=True)
@@ -97,6 +98,23 @@ async def check(config: AgentConfig, tokenize: bool = False, ranks: int = 1) -> 
             print(f"dp eval plan    {eval_preview(dp, config.state_dir, corpus.eval_units)}")
     check_federation(config.privacy, s)  # a refusal fails the preflight (exit 2), as `run` would
     return 0
+
+
+def _model_line(config: AgentConfig, model_id: str, adapter: int) -> str:
+    """``check``'s model line: the base's weights on this agent's device at its precision
+    (``agent.model_plan``), or why its config cannot be read."""
+    from agent.model_plan import describe as describe_model
+    from agent.trainer import pick_device, pick_dtype
+
+    model = config.model or model_id
+    if not model:
+        return "none named: set `model`, or the federation's model_id"
+    device = pick_device(config.device)
+    try:
+        return describe_model(model, config.precision, pick_dtype(config.precision, device), device, adapter)
+    except (OSError, ValueError) as exc:  # check downloads nothing; `run` may fetch a hub id
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"{model!r}: its config is not on this machine ({first})"
 
 
 def _positive(text: str) -> int:

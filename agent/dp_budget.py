@@ -377,8 +377,9 @@ class PrivacyLedger:
         count = self.released_count(units, EVAL_UNITS)
         deviation = c.eval_noise * c.eval_loss_clip / count
         if deviation > c.eval_max_deviation:
+            held = f"{count} held-out {c.unit}{'' if count == 1 else 's'}"
             raise EvalTooNoisy(
-                f"with {count} held-out {c.unit}s (as released), a released eval loss would carry noise of"
+                f"with {held} (as released), a released eval loss would carry noise of"
                 f" deviation {deviation:.3g} nats, over privacy.dp.eval_max_deviation"
                 f" ({c.eval_max_deviation:g}); it stays in this cloud (hold out more {c.unit}s, or lower"
                 " eval_noise at a higher epsilon)"

@@ -252,6 +252,7 @@ def test_agent_check_joins_and_verifies_the_latest_version(tmp_path: Path, pki_d
     assert re.search(r"certificate     valid until \d{4}-\d\d-\d\d \d\d:\d\d UTC \((89|90) days\)", ok.stdout)
     assert "allowed by this agent's policy" in ok.stdout
     assert "dp              off: updates are not differentially private" in ok.stdout
+    assert "model           none named: set `model`, or the federation's model_id" in ok.stdout
     assert "revocations     none: rosters are not checked against a CRL" in ok.stdout  # no tls.crl here
     counted = re.search(
         r"data            (\d+) training and (\d+) evaluation records from \S*/data.txt; not tok", ok.stdout

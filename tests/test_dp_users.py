@@ -354,6 +354,10 @@ async def test_the_agent_daemon_trains_a_round_with_user_level_dp(
         await server.stop(0)
     out = capsys.readouterr().out
     assert f"a record a row (DP), {30 - held} training users from 'user')" in out, out
+    model_line = (
+        r"model           model: [\d.]+M parameters; base weights [\d.]+ MB in fp32 on cpu \(bf16: .* free"
+    )
+    assert re.search(model_line, out), out
     assert "dp              user-level DP-SGD: epsilon 0.000 of 50 for each user (field 'user')" in out
     plan = re.search(
         r"dp plan         (\d+) training users, a step samples 8 \(rate \S+\) on 1 rank\(s\):"

@@ -20,6 +20,8 @@ from agent.daemon import Agent
 from agent.data import Example, TokenBlocks, record_blocks
 from agent.demo import prepare
 from agent.dp_sgd import DpStep
+from agent.model_plan import describe as describe_model
+from agent.model_plan import weight_plan
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, initial_adapter, pick_dtype
 from common.config import AgentConfig, AggregatorConfig, load
 from common.errors import ConfigError
@@ -201,6 +203,34 @@ def test_ddp_on_two_ranks_all_reduces_the_gradient_over_the_4_bit_base(tiny, tmp
         got = load_file(str(tmp_path / f"g-{rank}.safetensors"))
         flat = torch.cat([got[str(i)].flatten() for i in range(len(got))])
         torch.testing.assert_close(flat, want, rtol=1e-4, atol=1e-8)
+
+
+def test_the_weight_plan_counts_what_loading_holds(tiny) -> None:  # type: ignore[no-untyped-def]
+    """``check``'s model line, from the config on the meta device: the parameters and the fp32
+    bytes are exactly what the loaded model holds; the NF4 bytes are within 2% of the 4-bit
+    model's state dict (each layer's quantization state, in words, is left out); the line says what the
+    other precisions would take, and warns when the weights do not fit in the memory free."""
+    from bitsandbytes.nn.modules import Linear4bit
+
+    path, _, _ = tiny
+    plan = weight_plan(path)
+    full, nf4 = LoraTrainer(path, LORA), LoraTrainer(path, LORA, nf4=True)
+    base = [p for p in full.model.parameters() if not p.requires_grad]
+    assert plan.parameters == sum(p.numel() for p in base)
+    assert plan.weight_bytes("fp32", torch.float32) == sum(p.numel() * 4 for p in base)
+    assert plan.quantizable == sum(
+        math.prod(m.weight.quant_state.shape) for m in nf4.model.modules() if isinstance(m, Linear4bit)
+    )
+    tensors = {t.data_ptr(): t for k, t in nf4.model.state_dict().items() if "lora_" not in k}  # tied: once
+    held = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert abs(plan.weight_bytes("nf4", torch.float32) / held - 1) < 0.02
+    line = describe_model(path, "nf4", torch.float32, "cpu", 1000)
+    mine = plan.weight_bytes("nf4", torch.float32) / 1e6
+    assert f"base weights {mine:.3g} MB in nf4 on cpu (fp32: " in line and "bf16: " in line
+    assert "the adapter trains with 0.016 MB" in line and " free" in line and "WARNING" not in line
+    assert "WARNING: the weights alone do not fit" in describe_model(
+        path, "fp32", torch.float32, "cpu", 10**12
+    )
 
 
 def test_the_config_takes_nf4_and_says_what_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
