@@ -139,6 +139,12 @@ class AggregatorClient:
             timeout=UNARY_DEADLINE_S,
         )
 
+    async def report_withheld(self, version: int, reason: str) -> None:
+        """Tell the aggregator this agent withholds its eval loss of a global version, and why."""
+        await self.stub.ReportEval(
+            pb.ReportEvalRequest(global_version=version, withheld=reason), timeout=UNARY_DEADLINE_S
+        )
+
     async def advertise_keys(self, request: pb.AdvertiseKeysRequest) -> None:
         """Post this agent's signed round keys (``secagg_pb.advertise_request``)."""
         await self.stub.AdvertiseKeys(request, timeout=UNARY_DEADLINE_S)

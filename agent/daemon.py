@@ -48,6 +48,7 @@ from common.metrics import publish_validity
 from common.revocation import RevocationList
 from common.secagg.keys import RosterError
 from common.secagg_pb import DECLINE_REASONS
+from common.wire import MAX_DECLINE_DETAIL
 from protos.cloudfed.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -737,6 +738,7 @@ class Agent:
             log.error(
                 "global version %d: eval loss %s on this cloud's held-out text; not reported", version, loss
             )
+            await self._withhold(client, version, f"the eval loss is {loss} on this cloud's held-out text")
             return
         metrics.EVAL_LOSS.labels(**client.labels).set(loss)
         if not self.config.privacy.share_eval_losses:
@@ -748,6 +750,7 @@ class Agent:
                 loss,
                 tokens,
             )
+            await self._withhold(client, version, "kept in its cloud: privacy.share_eval_losses is false")
             return
         shared = SharedEval(loss, tokens, 0.0)
         if held_out is not None:
@@ -758,6 +761,7 @@ class Agent:
             except (PrivacyBudgetSpent, EvalTooNoisy) as exc:
                 self._log_eval(record | {"kept": str(exc)})
                 log.warning("global version %d: eval loss %.4f kept in this cloud: %s", version, loss, exc)
+                await self._withhold(client, version, f"kept in its cloud: {exc}")
                 return
             finally:
                 metrics.DP_EVAL_EPSILON.labels(**client.labels, unit=unit).set(self.ledger.eval_epsilon)
@@ -780,6 +784,20 @@ class Agent:
                 shared.loss,
                 shared.stddev,
                 shared.tokens,
+            )
+
+    async def _withhold(self, client: AggregatorClient, version: int, reason: str) -> None:
+        """Tell the aggregator why a version's eval loss is not reported (an aggregator of an
+        earlier release refuses such a report: then it is only logged here)."""
+        try:
+            await client.report_withheld(
+                version, reason.encode()[:MAX_DECLINE_DETAIL].decode(errors="ignore")
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            log.info(
+                "global version %d: the aggregator takes no withheld eval report (%s)", version, exc.details()
             )
 
     def _log_eval(self, record: dict[str, Any]) -> None:

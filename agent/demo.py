@@ -1,6 +1,6 @@
 """A local federation on loopback: the main job, end to end, in about a minute on 2 CPU cores.
 
-    python -m agent.demo [--rounds 5] [--dir demo-run] [--no-secagg] [--dp aws]
+    python -m agent.demo [--rounds 5] [--dir demo-run] [--no-secagg] [--dp aws] [--nf4 gcp]
 
 Generates a dev CA and certificates, builds a tiny causal LM and tokenizer
 locally (nothing is downloaded), gives three agents (aws, gcp, azure) different
@@ -85,11 +85,13 @@ def prepare(
     adaptive_clip: float = 0.0,
     device: str = "cpu",
     dp_clouds: tuple[str, ...] = (),
+    nf4_clouds: tuple[str, ...] = (),
 ) -> tuple[Path, list[Path], int]:
     """Write certificates, model, data and configs; return (aggregator config, agent configs, health port).
     With ``secagg`` the aggregator only ever sees the masked sum (``secagg_bits``-bit fixed point,
     clip 0.5, or bounds from the last aggregate with ``adaptive_clip``). The agents of
-    ``dp_clouds`` train with record-level DP-SGD, a budget of epsilon 8 planned for ``rounds``."""
+    ``dp_clouds`` train with record-level DP-SGD, a budget of epsilon 8 planned for ``rounds``;
+    those of ``nf4_clouds`` over a 4-bit base (QLoRA)."""
     pki = PkiDir(root / "pki")
     ca = pki.init("cloudfed demo CA", force=True)
     pki.save("aggregator", issue_server(ca, ["localhost"], ["127.0.0.1"]))
@@ -162,6 +164,7 @@ server_name = "localhost"
 state_dir = "state"
 data = "data.jsonl"
 device = "{device}"
+precision = "{"nf4" if cloud in nf4_clouds else "auto"}"
 max_rounds = {rounds}
 audit_dir = "audit"
 metrics_listen = "127.0.0.1:{free_port()}"
@@ -220,10 +223,11 @@ def run_federation(
     adaptive_clip: float = 0.0,
     device: str = "cpu",
     dp_clouds: tuple[str, ...] = (),
+    nf4_clouds: tuple[str, ...] = (),
 ) -> dict[int, dict[str, float]]:
     """Start the aggregator and agents, wait for ``rounds`` new versions, stop them; return the eval table."""
     agg_config, agent_configs, health = prepare(
-        root, rounds, secagg, codec, codec_ratio, secagg_bits, adaptive_clip, device, dp_clouds
+        root, rounds, secagg, codec, codec_ratio, secagg_bits, adaptive_clip, device, dp_clouds, nf4_clouds
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # The agents share this machine's cores: each gets its share of torch's threads (unless the
@@ -298,6 +302,13 @@ def main() -> int:
         choices=CLOUDS,
         help="this cloud trains with DP-SGD (epsilon 8 over the rounds); repeat for more",
     )
+    p.add_argument(
+        "--nf4",
+        action="append",
+        default=[],
+        choices=CLOUDS,
+        help="this cloud trains over a 4-bit base (QLoRA, needs bitsandbytes); repeat for more",
+    )
     args = p.parse_args()
     root = args.dir.resolve()
     shutil.rmtree(root, ignore_errors=True)
@@ -305,11 +316,14 @@ def main() -> int:
     began = time.monotonic()
     masking = "plain updates" if args.no_secagg else "secure aggregation on"
     private = f", DP-SGD in {', '.join(args.dp)}" if args.dp else ""
+    quantized = f", QLoRA (a 4-bit base) in {', '.join(args.nf4)}" if args.nf4 else ""
     print(
         f"cloudfed demo in {root}: dev CA, tiny LM, {len(CLOUDS)} clouds with their own text,"
-        f" {masking}{private}"
+        f" {masking}{private}{quantized}"
     )
-    table = run_federation(root, args.rounds, secagg=not args.no_secagg, dp_clouds=tuple(args.dp))
+    table = run_federation(
+        root, args.rounds, secagg=not args.no_secagg, dp_clouds=tuple(args.dp), nf4_clouds=tuple(args.nf4)
+    )
     complete = sorted(v for v, losses in table.items() if len(losses) == len(CLOUDS))
     if len(complete) < 2:
         print(f"FAILED: only {len(complete)} versions evaluated; see the logs in {root}")

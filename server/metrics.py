@@ -38,6 +38,11 @@ EVAL_LOSS_STDDEV = Gauge(
     "Standard deviation of the differential-privacy noise in that last eval loss (0: exact).",
     ["cloud", "agent"],
 )
+EVALS_WITHHELD = Counter(
+    "cloudfed_evals_withheld",
+    "Versions whose eval loss an agent evaluated but withheld, saying why (privacy, noise, not finite).",
+    ["cloud", "agent"],
+)
 EVAL_VERSION = Gauge(
     "cloudfed_eval_version", "Global version of that last reported eval loss.", ["cloud", "agent"]
 )

@@ -295,6 +295,23 @@ class RoundCoordinator:
         metrics.EVAL_VERSION.labels(**peer_labels(peer)).set(version)
         self.db.eval_reported(peer.uri, version, report)
 
+    def record_withheld(self, peer: SpiffeId, version: int, reason: str, report: AgentEval) -> None:
+        """Record that an agent withheld its eval loss of a committed version, and why:
+        INVALID_ARGUMENT for a reason over MAX_DECLINE_DETAIL bytes or a report that also carries
+        a loss, NOT_FOUND for a version not committed, FAILED_PRECONDITION before a Join."""
+        if any(report):
+            raise InvalidArgument(
+                "a withheld eval report carries no eval_loss, eval_tokens or eval_loss_stddev"
+            )
+        if len(reason.encode()) > MAX_DECLINE_DETAIL:
+            raise InvalidArgument(f"withheld reason of over {MAX_DECLINE_DETAIL} bytes")
+        if version > self._state.global_version:
+            raise NotFound(f"no global version {version} (the latest is {self._state.global_version})")
+        if peer.uri not in self.agents:
+            raise FailedPrecondition("join before reporting an evaluation")
+        metrics.EVALS_WITHHELD.labels(**peer_labels(peer)).inc()
+        self.db.eval_withheld(peer.uri, version, reason)
+
     async def watch(self, peer: SpiffeId) -> AsyncIterator[RoundState]:
         """The current state, then every change, while the caller listens."""
         queue: asyncio.Queue[RoundState] = asyncio.Queue(maxsize=WATCH_QUEUE)

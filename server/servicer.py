@@ -215,6 +215,12 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
     async def ReportEval(self, request: pb.ReportEvalRequest, context: Context) -> pb.ReportEvalResponse:
         peer = require_peer()
         report = AgentEval(request.eval_loss, request.eval_tokens, request.eval_loss_stddev)
+        if request.withheld:
+            self._rounds.record_withheld(peer, request.global_version, request.withheld, report)
+            log.info(
+                "%s: eval loss of version %d withheld: %s", peer, request.global_version, request.withheld
+            )
+            return pb.ReportEvalResponse()
         self._rounds.record_eval(peer, request.global_version, report)
         log.info("%s: eval loss %s at version %d", peer, describe({peer.uri: report}), request.global_version)
         return pb.ReportEvalResponse()

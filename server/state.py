@@ -50,12 +50,14 @@ ADDED_COLUMNS = {
         "cert_issuer": "BLOB",
         "cert_not_after": "REAL",
         "differential_privacy": "TEXT",
+        "eval_withheld_version": "INTEGER",
+        "eval_withheld_reason": "TEXT",
     },
     "evals": {"loss_stddev": "REAL NOT NULL DEFAULT 0"},
 }
 """Columns added since the first release (to databases made before they existed): the certificate
-an agent last joined with and the DP guarantee it announced; the deviation of an eval loss's DP
-noise."""
+an agent last joined with, the DP guarantee it announced and the last eval loss it withheld, with
+why; the deviation of an eval loss's DP noise."""
 OPEN_PHASES = ("ADVERTISE_KEYS", "SHARE_KEYS", "UPLOAD", "UNMASK", "AGGREGATE")
 _SELECT_OPEN = "SELECT round_id FROM rounds WHERE phase IN (?, ?, ?, ?, ?)"
 
@@ -108,6 +110,8 @@ class AgentRow:
     certificate: AgentCertificate
     differential_privacy: str = ""
     """The DP guarantee it announced at its last Join, in words ('' if it announced no policy)."""
+    withheld: tuple[int, str] | None = None
+    """The last version whose eval loss it withheld, and why (None: none withheld)."""
 
 
 class StateDB:
@@ -201,6 +205,15 @@ class StateDB:
             cert.issuer_der,
             cert.not_after,
             differential_privacy,
+        )
+
+    def eval_withheld(self, agent: str, version: int, reason: str) -> None:
+        """Record that ``agent`` withheld its eval loss of ``version``, and why."""
+        self._tx(
+            "UPDATE agents SET eval_withheld_version = ?, eval_withheld_reason = ? WHERE agent = ?",
+            version,
+            reason,
+            agent,
         )
 
     def agent_privacy(self, agent: str, differential_privacy: str) -> None:
@@ -313,7 +326,7 @@ class StateDB:
         """Every agent that ever joined, by name."""
         rows = self._db.execute(
             "SELECT agent, last_seen, num_examples, cert_serial, cert_issuer, cert_not_after,"
-            " differential_privacy FROM agents ORDER BY agent"
+            " differential_privacy, eval_withheld_version, eval_withheld_reason FROM agents ORDER BY agent"
         )
         return [
             AgentRow(
@@ -322,8 +335,9 @@ class StateDB:
                 int(n or 0),
                 AgentCertificate(serial or "", bytes(issuer or b""), until),
                 dp or "",
+                None if withheld is None else (int(withheld), str(why or "")),
             )
-            for a, seen, n, serial, issuer, until, dp in rows
+            for a, seen, n, serial, issuer, until, dp, withheld, why in rows
         ]
 
     def latest_evals(self) -> dict[str, tuple[int, AgentEval]]:

@@ -61,6 +61,45 @@ async def test_reports_are_kept_and_bad_ones_refused_with_their_status(start_agg
     assert REGISTRY.get_sample_value("cloudfed_eval_loss_stddev", labels) == 0.03
 
 
+async def test_a_withheld_report_is_kept_with_its_reason_and_ranks_nothing(
+    start_aggregator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An agent that does not report a version's eval loss says why: the aggregator keeps the
+    reason beside the agent (its status prints it), counts it, and stores no evaluation; a withheld
+    report that also carries a loss, a reason over 1024 bytes or a version not committed is
+    refused with its status."""
+    from server.cli import status
+
+    run = await start_aggregator(min_agents=3)
+    async with run.client("evaluator") as client:
+        join = await client.join(num_examples=10)
+        await client.report_withheld(0, "kept in its cloud: privacy.share_eval_losses is false")
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        cases = {
+            "with a loss": (pb.ReportEvalRequest(eval_loss=5.0, eval_tokens=9, withheld="x"), invalid),
+            "with noise": (pb.ReportEvalRequest(eval_loss_stddev=0.1, withheld="x"), invalid),
+            "too long": (pb.ReportEvalRequest(withheld="é" * 513), invalid),
+            "future version": (
+                pb.ReportEvalRequest(global_version=7, withheld="x"),
+                grpc.StatusCode.NOT_FOUND,
+            ),
+        }
+        for name, (request, code) in cases.items():
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.stub.ReportEval(request)
+            assert refused.value.code() == code, name
+    db = run.agg.config.state_dir / "cloudfed.db"
+    assert query(db, "SELECT * FROM evals") == []
+    assert query(db, "SELECT eval_withheld_version, eval_withheld_reason FROM agents") == [
+        (0, "kept in its cloud: privacy.share_eval_losses is false")
+    ]
+    labels = {"cloud": "aws", "agent": "evaluator"}
+    assert REGISTRY.get_sample_value("cloudfed_evals_withheld_total", labels) == 1
+    assert status(run.agg.config) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if join.agent_id in line)
+    assert "no eval yet; withheld its eval loss of v0: kept in its cloud: privacy.share_eval_losses" in line
+
+
 async def _evaluate_version_0(
     agg_config: AggregatorConfig, agent_config: AgentConfig, linger_s: float = 0.0
 ) -> None:
@@ -104,6 +143,10 @@ async def test_agent_keeps_a_loss_that_is_not_finite_to_itself(
     assert "global version 0: eval loss nan on this cloud's held-out text; not reported" in caplog.text
     assert "aggregator unavailable" not in caplog.text
     assert query(agg_config.state_dir / "cloudfed.db", "SELECT * FROM evals") == []
+    said = query(
+        agg_config.state_dir / "cloudfed.db", "SELECT eval_withheld_version, eval_withheld_reason FROM agents"
+    )
+    assert said == [(0, "the eval loss is nan on this cloud's held-out text")]
     kept = json.loads((agent_config.state_dir / "evals.jsonl").read_text().splitlines()[0])
     assert kept["version"] == 0 and math.isnan(kept["eval_loss"])
 
@@ -129,6 +172,10 @@ async def test_an_agent_that_shares_no_eval_loss_keeps_them_in_its_cloud(
     )
     assert "aggregator learns each agent's update (no secure aggregation), and no eval loss;" in caplog.text
     assert query(agg_config.state_dir / "cloudfed.db", "SELECT * FROM evals") == []
+    said = query(
+        agg_config.state_dir / "cloudfed.db", "SELECT eval_withheld_version, eval_withheld_reason FROM agents"
+    )
+    assert said == [(0, "kept in its cloud: privacy.share_eval_losses is false")]
     exported = [
         sample.value
         for family in REGISTRY.collect()

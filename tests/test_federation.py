@@ -22,6 +22,7 @@ from common.layout import ParamLayout
 from server.checkpoints import CheckpointStore
 from server.fetchsgd import FetchSGD
 from tests.daemons import run_cli
+from tests.test_faults import query
 
 pytestmark = pytest.mark.slow
 ROUNDS = 3
@@ -337,14 +338,30 @@ def test_autoencoder_with_the_mlp_decoder_in_plain_rounds(tmp_path: Path) -> Non
     np.testing.assert_allclose(staged, audited, rtol=1e-5)
 
 
-def test_the_demo_runs_with_a_dp_cloud_and_says_what_it_spent(tmp_path: Path) -> None:
-    """`python -m agent.demo --dp aws`, as a user runs it: masked rounds in which aws trains with
-    DP-SGD (budget planned for the demo's rounds); the loss still goes down, the export works, and
-    the demo ends with aws' spend, which its ledger holds (both rounds, and its count release), and
-    why its eval losses stayed in its cloud."""
-    done = run_cli("agent.demo", "--rounds", "2", "--dir", str(tmp_path / "run"), "--dp", "aws", timeout=400)
+def test_the_demo_runs_with_a_dp_cloud_and_a_qlora_cloud_and_says_what_dp_spent(tmp_path: Path) -> None:
+    """`python -m agent.demo --dp aws --nf4 gcp`, as a user runs it: masked rounds in which aws
+    trains with DP-SGD (budget planned for the demo's rounds) and gcp over a 4-bit base; the loss
+    still goes down (gcp's own too), the export works, and the demo ends with aws' spend, which
+    its ledger holds (both rounds, and its count release), and why its eval losses stayed in its
+    cloud."""
+    done = run_cli(
+        "agent.demo",
+        "--rounds",
+        "2",
+        "--dir",
+        str(tmp_path / "run"),
+        "--dp",
+        "aws",
+        "--nf4",
+        "gcp",
+        timeout=400,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "secure aggregation on, DP-SGD in aws" in done.stdout
+    assert "secure aggregation on, DP-SGD in aws, QLoRA (a 4-bit base) in gcp" in done.stdout
+    gcp = load(AgentConfig, tmp_path / "run" / "gcp-agent-1" / "agent.toml")
+    assert gcp.precision == "nf4"
+    table = evals(sorted((tmp_path / "run").glob("*-agent-1/agent.toml")))
+    assert table[2]["gcp"] < table[0]["gcp"] - 0.05, table
     ledger = json.loads(
         (tmp_path / "run" / "aws-agent-1" / "state" / "privacy" / "dp-ledger.json").read_text()
     )
@@ -358,4 +375,9 @@ def test_the_demo_runs_with_a_dp_cloud_and_says_what_it_spent(tmp_path: Path) ->
         line for line in done.stdout.splitlines() if line.startswith("aws: eval losses kept in the cloud: ")
     ]
     assert len(kept) == 1 and "over privacy.dp.eval_max_deviation (0.1)" in kept[0], done.stdout
+    db = tmp_path / "run" / "aggregator-state" / "cloudfed.db"  # and told the aggregator why
+    [(version, why)] = query(
+        db, "SELECT eval_withheld_version, eval_withheld_reason FROM agents WHERE agent LIKE '%/aws/%'"
+    )
+    assert version == 2 and why.startswith("kept in its cloud: with ") and "eval_max_deviation" in why
     assert not (tmp_path / "run" / "gcp-agent-1" / "state" / "privacy").exists()  # the others train plainly

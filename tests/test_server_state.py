@@ -122,7 +122,7 @@ def test_a_database_of_an_older_release_gains_the_new_columns_and_keeps_its_rows
     [row] = db.agents()
     assert (row.agent, row.num_examples, row.last_seen) == ("spiffe://t/cloud/aws/agent/a1", 7, 2.0)
     assert row.certificate.not_after is None and row.certificate.serial_hex == ""
-    assert row.differential_privacy == ""
+    assert row.differential_privacy == "" and row.withheld is None
     cert = issue_agent(create_ca("ca"), SpiffeId.parse("spiffe://t/cloud/aws/agent/a1")).cert
     db.agent_joined("spiffe://t/cloud/aws/agent/a1", "aws", "0.2", 9, AgentCertificate.of(cert), "user-level")
     [row] = db.agents()
@@ -135,5 +135,7 @@ def test_a_database_of_an_older_release_gains_the_new_columns_and_keeps_its_rows
     db.eval_reported(a1, 1, AgentEval(5.25, 800, 0.07))
     assert db.version_evals()[1] == {a1: AgentEval(5.25, 800, 0.07)}
     assert db.latest_evals() == {a1: (1, AgentEval(5.25, 800, 0.07))}
+    db.eval_withheld(a1, 2, "kept in its cloud")
+    assert db.agents()[0].withheld == (2, "kept in its cloud")
     db.close()
     StateDB(path).close()  # opening it again adds nothing twice

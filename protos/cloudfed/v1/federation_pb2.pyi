@@ -1192,6 +1192,7 @@ class ReportEvalRequest(_message.Message):
     EVAL_LOSS_FIELD_NUMBER: _builtins.int
     EVAL_TOKENS_FIELD_NUMBER: _builtins.int
     EVAL_LOSS_STDDEV_FIELD_NUMBER: _builtins.int
+    WITHHELD_FIELD_NUMBER: _builtins.int
     global_version: _builtins.int
     """Global version evaluated."""
     eval_loss: _builtins.float
@@ -1203,6 +1204,12 @@ class ReportEvalRequest(_message.Message):
     loss is exact). The aggregator shows it beside the federation's loss and may require an
     improvement to exceed it (rounds.early_stop_noise_sigmas).
     """
+    withheld: _builtins.str
+    """Set instead of a loss when the agent does not report this version's eval loss: why (its
+    privacy.share_eval_losses is false, the loss would be too noisy or over its privacy budget,
+    or it is not a finite number). At most 1024 bytes; eval_loss, eval_tokens and
+    eval_loss_stddev are then 0. The aggregator shows it in its status and ranks nothing on it.
+    """
     def __init__(
         self,
         *,
@@ -1210,10 +1217,11 @@ class ReportEvalRequest(_message.Message):
         eval_loss: _builtins.float = ...,
         eval_tokens: _builtins.int = ...,
         eval_loss_stddev: _builtins.float = ...,
+        withheld: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_loss", b"eval_loss", "eval_loss_stddev", b"eval_loss_stddev", "eval_tokens", b"eval_tokens", "global_version", b"global_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_loss", b"eval_loss", "eval_loss_stddev", b"eval_loss_stddev", "eval_tokens", b"eval_tokens", "global_version", b"global_version", "withheld", b"withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
