@@ -23,6 +23,7 @@ from agent.data import TokenBlocks
 from agent.distributed import DistContext
 from agent.dp_sgd import DpStep, PrivateGradients
 from agent.dp_units import PrivacyUnits
+from common.config import NF4_NEEDS
 from common.errors import ConfigError, InvalidArgument, TrainingFailed
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,6 @@ def nf4_config(compute_dtype: torch.dtype | str) -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype if isinstance(compute_dtype, torch.dtype) else torch.float32,
     )
-
-
-NF4_NEEDS = "precision 'nf4' needs bitsandbytes: pip install 'cloudfed[qlora]'"
 
 
 def _keep_4bit_layers_differentiable(model: Any) -> None:

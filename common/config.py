@@ -710,6 +710,10 @@ class PrivacyConfig:
         return self
 
 
+NF4_NEEDS = "precision 'nf4' needs bitsandbytes: pip install 'cloudfed[qlora]'"
+"""Why an agent cannot load a 4-bit base here."""
+
+
 @dataclass(frozen=True)
 class AgentConfig(MetricsTlsFields):
     """The agent daemon."""
@@ -803,7 +807,7 @@ class AgentConfig(MetricsTlsFields):
         if self.precision not in ("auto", "fp32", "bf16", "nf4"):
             raise ConfigError(f"precision: expected 'auto', 'fp32', 'bf16' or 'nf4', got {self.precision!r}")
         if self.precision == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("precision 'nf4' needs bitsandbytes: pip install 'cloudfed[qlora]'")
+            raise ConfigError(NF4_NEEDS)
         self.privacy.validate()
         _check_tls(self.tls)
         self.tls.check_crl()
