@@ -57,6 +57,9 @@ weighed by (each unit's up to a cap)."""
 TRAINING_KINDS = (UNITS, RECORDS)
 LARGEST_ALPHA = "Optimal order is the largest alpha"
 """opacus' warning when a small epsilon's best Renyi order is its largest: still a valid bound."""
+SMALLEST_ALPHA = "Optimal order is the smallest alpha"
+"""Its warning when a very large epsilon's (a spent budget's) best order is its smallest: a valid,
+looser bound, so the ledger over-counts and never under-counts."""
 
 
 class PrivacyBudgetSpent(PolicyRefused):
@@ -162,6 +165,7 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
     acc.history = list(history)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=LARGEST_ALPHA)
+        warnings.filterwarnings("ignore", message=SMALLEST_ALPHA)
         return float(acc.get_epsilon(delta))
 
 
