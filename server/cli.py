@@ -93,7 +93,7 @@ def status(config: AggregatorConfig) -> int:
     from server.checkpoints import CheckpointStore
     from server.state import StateDB
     from server.stopping import finish_reason
-    from server.version_ranking import describe
+    from server.version_ranking import best, describe
 
     path = config.state_dir / "cloudfed.db"
     if not path.exists():
@@ -117,6 +117,11 @@ def status(config: AggregatorConfig) -> int:
         f"checkpoints     {len(store.versions())} on disk ({store.disk_bytes() / 1e6:.1f} MB), "
         f"{len(store.pruned())} pruned ({policy})"
     )
+    chosen = best(store.versions(), db.version_evals())
+    if chosen is None:
+        print("best            none: no version on disk has evaluations yet")
+    else:
+        print(f"best            version {chosen[0]}: {chosen[1]} (what export --version best takes)")
     print("\nrounds (newest first)")
     print(f"  {'round':>5}  {'phase':<10} {'base':>4} {'new':>4}  {'uploads':>7}  {'seconds':>7}  reason")
     for r in db.rounds(limit=10):

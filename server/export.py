@@ -20,7 +20,7 @@ from common.config import AggregatorConfig
 from common.errors import NotFound
 from server.checkpoints import CheckpointStore
 from server.state import StateDB
-from server.version_ranking import AgentEval, Evals, comparable, describe, loss_stddev, ranked, weighted_loss
+from server.version_ranking import AgentEval, Evals, best, loss_stddev, weighted_loss
 
 
 @dataclass(frozen=True)
@@ -42,16 +42,10 @@ def choose_version(
     if which == "latest":
         return Choice(committed[-1], "the latest committed version")
     if which == "best":
-        compared = comparable(evals, set(committed))
-        if not compared:
+        chosen = best(committed, evals)
+        if chosen is None:
             raise ExportError("no committed version has evaluations yet; pass --version latest or a number")
-        best = ranked(committed, evals)[0]
-        agents = len(compared[best])
-        return Choice(
-            best,
-            f"the lowest token-weighted eval loss ({describe(compared[best])}) of the {len(compared)}"
-            f" version(s) compared over the {agents} agent(s) that evaluated them all",
-        )
+        return Choice(*chosen)
     try:
         version = int(which)
     except ValueError:

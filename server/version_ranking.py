@@ -80,6 +80,19 @@ def comparable(evals: Mapping[int, Evals], versions: Container[int]) -> dict[int
     return {v: {a: e[a] for a in sorted(agents)} for v, e in scored.items() if agents <= e.keys()}
 
 
+def best(committed: Sequence[int], evals: Mapping[int, Evals]) -> tuple[int, str] | None:
+    """The best of the ``committed`` versions (``ranked`` first) and why, or None when none of
+    them has evaluations."""
+    compared = comparable(evals, set(committed))
+    if not compared:
+        return None
+    version = ranked(committed, evals)[0]
+    return version, (
+        f"the lowest token-weighted eval loss ({describe(compared[version])}) of the {len(compared)}"
+        f" version(s) compared over the {len(compared[version])} agent(s) that evaluated them all"
+    )
+
+
 def ranked(committed: Sequence[int], evals: Mapping[int, Evals]) -> list[int]:
     """The committed versions that have evaluations, best first: those ``comparable`` by the
     lowest token-weighted eval loss over the reference agents, then the older; then the others

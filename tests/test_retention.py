@@ -155,3 +155,7 @@ async def test_the_aggregator_prunes_as_versions_commit(start_aggregator, pki: P
     assert f"checkpoints     4 on disk ({mb:.1f} MB), 1 pruned (keep_last 2, keep_every 0, keep_best 1)" in (
         status.stdout
     )
+    assert (
+        f"best            version 1: the lowest token-weighted eval loss ({LOSSES[1]:.4f}) of the 4"
+        " version(s) compared over the 1 agent(s) that evaluated them all (what export --version best takes)"
+    ) in status.stdout  # version 2 was pruned: not a candidate
