@@ -25,7 +25,7 @@ from common.metrics import TRANSFER_BYTES, peer_labels, rpc_types_of
 from common.pki import spiffe_ids_of
 from common.secagg_pb import state_request
 from common.tls import TlsFiles, channel_credentials
-from common.wire import MAX_DECLINE_DETAIL, WIRE_REVISION, check_aggregator
+from common.wire import WIRE_REVISION, check_aggregator, clipped_detail
 from protos.cloudfed.v1 import federation_pb2 as pb
 from protos.cloudfed.v1 import federation_pb2_grpc as pb_grpc
 
@@ -141,9 +141,8 @@ class AggregatorClient:
 
     async def report_withheld(self, version: int, reason: str) -> None:
         """Tell the aggregator this agent withholds its eval loss of a global version, and why."""
-        await self.stub.ReportEval(
-            pb.ReportEvalRequest(global_version=version, withheld=reason), timeout=UNARY_DEADLINE_S
-        )
+        request = pb.ReportEvalRequest(global_version=version, withheld=clipped_detail(reason))
+        await self.stub.ReportEval(request, timeout=UNARY_DEADLINE_S)
 
     async def advertise_keys(self, request: pb.AdvertiseKeysRequest) -> None:
         """Post this agent's signed round keys (``secagg_pb.advertise_request``)."""
@@ -167,9 +166,8 @@ class AggregatorClient:
     async def decline_round(self, round_id: int, reason: int, detail: str) -> None:
         """Tell the aggregator this agent sits round ``round_id`` out (``reason``: a
         ``DeclineReason``), so that it stops waiting for us."""
-        said = detail.encode()[:MAX_DECLINE_DETAIL].decode(errors="ignore")  # no split character
         request = pb.DeclineRoundRequest(
-            round_id=round_id, reason=pb.DeclineReason.ValueType(reason), detail=said
+            round_id=round_id, reason=pb.DeclineReason.ValueType(reason), detail=clipped_detail(detail)
         )
         await self.stub.DeclineRound(request, timeout=UNARY_DEADLINE_S)
 

@@ -48,7 +48,6 @@ from common.metrics import publish_validity
 from common.revocation import RevocationList
 from common.secagg.keys import RosterError
 from common.secagg_pb import DECLINE_REASONS
-from common.wire import MAX_DECLINE_DETAIL
 from protos.cloudfed.v1 import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -790,9 +789,7 @@ class Agent:
         """Tell the aggregator why a version's eval loss is not reported (an aggregator of an
         earlier release refuses such a report: then it is only logged here)."""
         try:
-            await client.report_withheld(
-                version, reason.encode()[:MAX_DECLINE_DETAIL].decode(errors="ignore")
-            )
+            await client.report_withheld(version, reason)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise

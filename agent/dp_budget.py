@@ -120,6 +120,12 @@ class SharedEval(NamedTuple):
     unit count (a function of released numbers, so free to share); 0 for an exact loss."""
 
 
+def loss_deviation(noise: float, clip: float, units: int) -> float:
+    """Standard deviation of a released eval loss's noise: the sum's (``noise x clip``) over
+    ``units`` held-out units."""
+    return noise * clip / units
+
+
 @dataclass(frozen=True)
 class EvalRelease:
     """One global version's eval loss as it left the cloud: ``clipped_sum`` (the sum over
@@ -379,7 +385,7 @@ class PrivacyLedger:
         count makes the loss noisier than ``eval_max_deviation`` (nothing more is released)."""
         c = self.config
         count = self.released_count(units, EVAL_UNITS)
-        deviation = c.eval_noise * c.eval_loss_clip / count
+        deviation = loss_deviation(c.eval_noise, c.eval_loss_clip, count)
         if deviation > c.eval_max_deviation:
             held = f"{count} held-out {c.unit}{'' if count == 1 else 's'}"
             raise EvalTooNoisy(
@@ -412,7 +418,7 @@ class PrivacyLedger:
                 )
             self._save(self.spends, self.exhausted, self.counts, [*self.evals, kept])
         loss = min(max(kept.released_sum / count, 0.0), kept.clip)
-        return SharedEval(loss, weight, kept.noise * kept.clip / count)
+        return SharedEval(loss, weight, loss_deviation(kept.noise, kept.clip, count))
 
     def check_delta(self, units: int) -> None:
         """ConfigError unless delta < 1 / ``units`` (a larger one allows releasing a record, or
@@ -616,7 +622,7 @@ def eval_preview(config: DpConfig, state_dir: Path, units: int) -> str:
     versions = (
         f"{lasts} more versions" if lasts < MAX_PREVIEW_ROUNDS else f"over {MAX_PREVIEW_ROUNDS} versions"
     )
-    deviation = config.eval_noise * config.eval_loss_clip / units
+    deviation = loss_deviation(config.eval_noise, config.eval_loss_clip, units)
     line = (
         f"{units} held-out {config.unit}s: each version's eval loss released with noise of deviation"
         f" {deviation:.3g} nats (mean token losses clipped to {config.eval_loss_clip:g}); the budget"

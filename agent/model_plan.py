@@ -18,6 +18,8 @@ NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 """Bits a quantized weight takes with its share of the scales."""
 CODE_BOOK_BYTES = (16 + 256) * 4
 """A quantized layer's NF4 code book and its absmax code book, float32."""
+DENSE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""The unquantized precisions by name."""
 ADAPTER_BYTES_A_PARAMETER = 16
 """A float32 LoRA weight, its gradient and AdamW's two moments."""
 
@@ -78,9 +80,9 @@ def describe(model: str, precision: str, compute_dtype: torch.dtype, device: str
     fit in it."""
     plan = weight_plan(model)
     mine = plan.weight_bytes(precision, compute_dtype)
-    named = "nf4" if precision == "nf4" else {torch.float32: "fp32", torch.bfloat16: "bf16"}[compute_dtype]
+    named = "nf4" if precision == "nf4" else next(p for p, t in DENSE.items() if t == compute_dtype)
     others = ", ".join(
-        f"{p}: {_gb(plan.weight_bytes(p, torch.float32 if p == 'fp32' else torch.bfloat16))}"
+        f"{p}: {_gb(plan.weight_bytes(p, DENSE.get(p, torch.bfloat16)))}"  # nf4 computed in bf16 on a GPU
         for p in ("fp32", "bf16", "nf4")
         if p != named
     )

@@ -6,7 +6,6 @@ sides build the adapter the same way and agree on its parameter layout.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import sys
@@ -23,7 +22,7 @@ from agent.data import TokenBlocks
 from agent.distributed import DistContext
 from agent.dp_sgd import DpStep, PrivateGradients
 from agent.dp_units import PrivacyUnits
-from common.config import NF4_NEEDS
+from common.config import check_nf4_available
 from common.errors import ConfigError, InvalidArgument, TrainingFailed
 
 log = logging.getLogger(__name__)
@@ -111,8 +110,7 @@ def nf4_config(compute_dtype: torch.dtype | str) -> Any:
     bitsandbytes is not installed."""
     from transformers import BitsAndBytesConfig
 
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(NF4_NEEDS)
+    check_nf4_available()
     return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

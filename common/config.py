@@ -710,8 +710,11 @@ class PrivacyConfig:
         return self
 
 
-NF4_NEEDS = "precision 'nf4' needs bitsandbytes: pip install 'cloudfed[qlora]'"
-"""Why an agent cannot load a 4-bit base here."""
+def check_nf4_available() -> None:
+    """ConfigError unless bitsandbytes, which loads a 4-bit base (``precision = "nf4"``), is
+    installed."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("precision 'nf4' needs bitsandbytes: pip install 'cloudfed[qlora]'")
 
 
 @dataclass(frozen=True)
@@ -806,8 +809,8 @@ class AgentConfig(MetricsTlsFields):
             raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.precision not in ("auto", "fp32", "bf16", "nf4"):
             raise ConfigError(f"precision: expected 'auto', 'fp32', 'bf16' or 'nf4', got {self.precision!r}")
-        if self.precision == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError(NF4_NEEDS)
+        if self.precision == "nf4":
+            check_nf4_available()
         self.privacy.validate()
         _check_tls(self.tls)
         self.tls.check_crl()

@@ -31,12 +31,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from common.errors import FailedPrecondition
+from common.errors import FailedPrecondition, InvalidArgument
 
 WIRE_REVISION = 9
 
 MAX_DECLINE_DETAIL = 1024
-"""The longest ``DeclineRoundRequest.detail`` the aggregator takes, in UTF-8 bytes."""
+"""The longest free text the aggregator takes from an agent (a decline's detail, a spent
+budget's reason, a withheld eval's reason), in UTF-8 bytes."""
+
+
+def clipped_detail(text: str) -> str:
+    """``text`` cut to ``MAX_DECLINE_DETAIL`` UTF-8 bytes, never inside a character."""
+    return text.encode()[:MAX_DECLINE_DETAIL].decode(errors="ignore")
+
+
+def check_detail(text: str, what: str) -> None:
+    """InvalidArgument naming ``what`` if ``text`` is over ``MAX_DECLINE_DETAIL`` UTF-8 bytes."""
+    if len(text.encode()) > MAX_DECLINE_DETAIL:
+        raise InvalidArgument(f"{what} of over {MAX_DECLINE_DETAIL} bytes")
 
 
 def codecs_needed(codec: str) -> tuple[str, ...]:

@@ -49,7 +49,7 @@ from common.secagg.keys import Advertisement, check_posted_advertisement
 from common.secagg.params import SecAggParams
 from common.secagg.ring import update_weight
 from common.secagg.server import ServerRound
-from common.wire import MAX_DECLINE_DETAIL
+from common.wire import check_detail, clipped_detail
 from server import metrics, retention, stopping
 from server.accumulator import BLOCK_ELEMS, SumAccumulator
 from server.admission import describe_dp
@@ -260,8 +260,7 @@ class RoundCoordinator:
     ) -> None:
         """Record an agent's announcement (and the certificate it joined with): INVALID_ARGUMENT
         for a spent-budget reason of over MAX_DECLINE_DETAIL bytes."""
-        if len(info.budget_spent.encode()) > MAX_DECLINE_DETAIL:
-            raise InvalidArgument(f"privacy.budget_spent of over {MAX_DECLINE_DETAIL} bytes")
+        check_detail(info.budget_spent, "privacy.budget_spent")
         if info.budget_spent:
             log.info("%s joined with its differential-privacy budget spent: %s", peer, info.budget_spent)
         self.agents[peer.uri] = info
@@ -288,12 +287,16 @@ class RoundCoordinator:
             raise InvalidArgument(f"eval_tokens must be between 1 and {MAX_SQLITE_INT}, not {tokens}")
         if not (math.isfinite(stddev) and stddev >= 0):
             raise InvalidArgument(f"eval_loss_stddev must be a finite number >= 0, not {stddev}")
-        if version > self._state.global_version:
-            raise NotFound(f"no global version {version} (the latest is {self._state.global_version})")
+        self._check_committed(version)
         metrics.EVAL_LOSS.labels(**peer_labels(peer)).set(loss)
         metrics.EVAL_LOSS_STDDEV.labels(**peer_labels(peer)).set(stddev)
         metrics.EVAL_VERSION.labels(**peer_labels(peer)).set(version)
         self.db.eval_reported(peer.uri, version, report)
+
+    def _check_committed(self, version: int) -> None:
+        """NOT_FOUND unless global ``version`` is committed (an evaluation must be of one)."""
+        if version > self._state.global_version:
+            raise NotFound(f"no global version {version} (the latest is {self._state.global_version})")
 
     def record_withheld(self, peer: SpiffeId, version: int, reason: str, report: AgentEval) -> None:
         """Record that an agent withheld its eval loss of a committed version, and why:
@@ -303,10 +306,8 @@ class RoundCoordinator:
             raise InvalidArgument(
                 "a withheld eval report carries no eval_loss, eval_tokens or eval_loss_stddev"
             )
-        if len(reason.encode()) > MAX_DECLINE_DETAIL:
-            raise InvalidArgument(f"withheld reason of over {MAX_DECLINE_DETAIL} bytes")
-        if version > self._state.global_version:
-            raise NotFound(f"no global version {version} (the latest is {self._state.global_version})")
+        check_detail(reason, "withheld reason")
+        self._check_committed(version)
         if peer.uri not in self.agents:
             raise FailedPrecondition("join before reporting an evaluation")
         metrics.EVALS_WITHHELD.labels(**peer_labels(peer)).inc()
@@ -491,8 +492,7 @@ class RoundCoordinator:
         """``peer`` sits round ``round_id`` out (``reason``: a metric label): the phase in progress,
         and the rest of the round, no longer wait for it. Only a participant of the current phase
         that has not uploaded may decline; an upload already taken stays in the sum."""
-        if len(detail.encode()) > MAX_DECLINE_DETAIL:
-            raise InvalidArgument(f"decline detail of over {MAX_DECLINE_DETAIL} bytes")
+        check_detail(detail, "decline detail")
         s = self._state
         if s.round_id != round_id or s.phase not in DECLINABLE:
             raise FailedPrecondition(
@@ -528,9 +528,7 @@ class RoundCoordinator:
         if peer.uri in self._claimed and s.phase is Phase.UPLOAD:
             log.warning("round %d: %s was revoked after its upload, which stays in the sum", s.round_id, peer)
             return
-        await self.decline(
-            peer, s.round_id, "revoked", detail.encode()[:MAX_DECLINE_DETAIL].decode(errors="ignore")
-        )
+        await self.decline(peer, s.round_id, "revoked", clipped_detail(detail))
 
     async def advertise_keys(self, peer: SpiffeId, adv: Advertisement, ca_pem: bytes | None = None) -> None:
         """Phase 1: keep ``peer``'s signed keys (the identity inside must be the caller's own; agents

@@ -22,17 +22,22 @@ Evals = Mapping[str, AgentEval]
 """{agent: evaluation} of one version."""
 
 
+def _weights(evals: Evals) -> list[tuple[AgentEval, int]]:
+    """Each evaluation with its weight: its tokens (at least 1)."""
+    return [(e, max(e.tokens, 1)) for e in evals.values()]
+
+
 def weighted_loss(evals: Evals) -> float:
     """The federation's held-out loss of a version: the agents' losses weighted by their tokens."""
-    weights = {agent: max(e.tokens, 1) for agent, e in evals.items()}
-    return sum(e.loss * weights[a] for a, e in evals.items()) / sum(weights.values())
+    weighted = _weights(evals)
+    return sum(e.loss * w for e, w in weighted) / sum(w for _, w in weighted)
 
 
 def loss_stddev(evals: Evals) -> float:
     """Standard deviation of the noise in ``weighted_loss``: the agents' noise deviations, each
     weighted as its loss is, added in quadrature (0 when every loss is exact)."""
-    weights = {agent: max(e.tokens, 1) for agent, e in evals.items()}
-    return math.hypot(*(e.stddev * weights[a] for a, e in evals.items())) / sum(weights.values())
+    weighted = _weights(evals)
+    return math.hypot(*(e.stddev * w for e, w in weighted)) / sum(w for _, w in weighted)
 
 
 def describe(evals: Evals) -> str:
@@ -86,7 +91,7 @@ def best(committed: Sequence[int], evals: Mapping[int, Evals]) -> tuple[int, str
     compared = comparable(evals, set(committed))
     if not compared:
         return None
-    version = ranked(committed, evals)[0]
+    version = min(compared, key=lambda v: (weighted_loss(compared[v]), v))  # what ranked puts first
     return version, (
         f"the lowest token-weighted eval loss ({describe(compared[version])}) of the {len(compared)}"
         f" version(s) compared over the {len(compared[version])} agent(s) that evaluated them all"
@@ -100,6 +105,6 @@ def ranked(committed: Sequence[int], evals: Mapping[int, Evals]) -> list[int]:
     evaluated them, most first, then by their loss."""
     scored = evaluated(evals, set(committed))
     compared = comparable(scored, set(committed))
-    best = sorted(compared, key=lambda v: (weighted_loss(compared[v]), v))
+    leading = sorted(compared, key=lambda v: (weighted_loss(compared[v]), v))
     rest = sorted(set(scored) - set(compared), key=lambda v: (-len(scored[v]), weighted_loss(scored[v]), v))
-    return best + rest
+    return leading + rest
