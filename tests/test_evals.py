@@ -104,7 +104,8 @@ async def _evaluate_version_0(
     agg_config: AggregatorConfig, agent_config: AgentConfig, linger_s: float = 0.0
 ) -> None:
     """The real aggregator (seeded) and agent daemon in this process, until the agent has
-    evaluated version 0 and ``linger_s`` more."""
+    evaluated version 0 and the aggregator holds what it said of it (a loss, or why it withheld
+    one), and ``linger_s`` more."""
     seed(agg_config, None)
     agg = build_aggregator(agg_config)
     await agg.start()
@@ -113,13 +114,24 @@ async def _evaluate_version_0(
     task = asyncio.create_task(agent.run(stop))
     try:
         async with asyncio.timeout(120):
-            while 0 not in agent.progress.versions_evaluated:  # noqa: ASYNC110 (a watch would count)
+            while not _heard_of_version_0(agg_config):  # noqa: ASYNC110 (a watch would count)
                 await asyncio.sleep(0.1)
+            assert 0 in agent.progress.versions_evaluated
             await asyncio.sleep(linger_s)
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
         await agg.stop(0)
+
+
+def _heard_of_version_0(agg_config: AggregatorConfig) -> bool:
+    """Whether the aggregator's database holds an agent's loss of version 0, or its reason for
+    withholding it."""
+    db = agg_config.state_dir / "cloudfed.db"
+    told = (
+        "SELECT (SELECT COUNT(*) FROM evals) + (SELECT COUNT(*) FROM agents WHERE eval_withheld_version = 0)"
+    )
+    return query(db, told)[0][0] > 0
 
 
 async def test_agent_keeps_a_loss_that_is_not_finite_to_itself(
