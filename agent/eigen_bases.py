@@ -10,26 +10,67 @@ the agents by digest. Nothing private goes in: only text every party may see.
 from __future__ import annotations
 
 import argparse
+import logging
+import time
 from pathlib import Path
 
 from safetensors.numpy import save_file
 
 from agent.data import load_texts, pack
-from agent.trainer import LoraSpec, LoraTrainer
-from common.codecs.eigen import Eigen, activation_covariances, eigen_bases
-from common.config import AggregatorConfig, load
+from agent.trainer import LoraSpec, LoraTrainer, pick_device, pick_dtype
+from common.codecs.eigen import Eigen, calibrated_bases
+from common.config import PRECISIONS, AggregatorConfig, check_nf4_available, load
+from common.errors import ConfigError
 from common.layout import ParamLayout
+
+log = logging.getLogger("cloudfed.eigen_bases")
+GIB = 1 << 30
 
 
 def make_bases(
-    config: AggregatorConfig, model: str, calibration: Path, ratio: float, sequence_length: int, out: Path
+    config: AggregatorConfig,
+    model: str,
+    calibration: Path,
+    ratio: float,
+    sequence_length: int,
+    out: Path,
+    device: str = "cpu",
+    precision: str = "fp32",
+    memory_bytes: int = 8 * GIB,
+    batch_size: int = 8,
 ) -> Eigen:
-    """Compute and save the bases; return the codec they make (checked against the layout)."""
+    """Compute and save the bases; return the codec they make (checked against the layout). The
+    base model loads on ``device`` at ``precision`` (as an agent's does: 'auto', 'fp32', 'bf16' or
+    'nf4'); the layers' covariances are taken in passes that each hold at most about
+    ``memory_bytes`` of them, ``batch_size`` blocks at a time."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "nf4":
+        check_nf4_available()
+    device = pick_device(device)
     f = config.federation
-    trainer = LoraTrainer(model, LoraSpec(f.lora_rank, f.lora_alpha, f.target_modules, f.lora_dropout))
+    trainer = LoraTrainer(
+        model,
+        LoraSpec(f.lora_rank, f.lora_alpha, f.target_modules, f.lora_dropout),
+        device,
+        dtype=pick_dtype(precision, device),
+        nf4=precision == "nf4",
+    )
     blocks = pack(trainer.tokenizer, load_texts(calibration), sequence_length)
     layout = ParamLayout.from_tensors(trainer.adapter())
-    bases = eigen_bases(layout, activation_covariances(trainer.model, blocks), ratio)
+    started = time.monotonic()
+
+    def progress(done: int, passes: int, layers: list[str]) -> None:
+        log.info(
+            "pass %d/%d: %s up to %s (%.0f s)",
+            done,
+            passes,
+            "1 layer" if len(layers) == 1 else f"{len(layers)} layers",
+            layers[-1].removeprefix("base_model.model."),
+            time.monotonic() - started,
+        )
+
+    bases = calibrated_bases(trainer.model, layout, blocks, ratio, memory_bytes, batch_size, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(bases, str(out), metadata={"ratio": str(ratio), "model": model, "blocks": str(len(blocks))})
     return Eigen(layout, bases)
@@ -42,17 +83,41 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ratio", type=float, default=8.0, help="directions kept: dim / ratio per factor")
     p.add_argument("--model", help="base model path (default: federation.model_id)")
     p.add_argument("--sequence-length", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto' (default: cpu)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="the base's, as an agent's (default: fp32)",
+    )
+    p.add_argument(
+        "--memory-gb",
+        type=float,
+        default=8.0,
+        help="covariances held at once; more takes fewer passes over the text (default: 8)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="calibration blocks a forward (default: 8)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    config = load(AggregatorConfig, args.config)
-    codec = make_bases(
-        config,
-        args.model or config.federation.model_id,
-        args.calibration,
-        args.ratio,
-        args.sequence_length,
-        args.out,
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if not args.memory_gb > 0 or args.batch_size < 1:
+            raise ConfigError("--memory-gb must be > 0 and --batch-size >= 1")
+        config = load(AggregatorConfig, args.config)
+        codec = make_bases(
+            config,
+            args.model or config.federation.model_id,
+            args.calibration,
+            args.ratio,
+            args.sequence_length,
+            args.out,
+            args.device,
+            args.precision,
+            int(args.memory_gb * GIB),
+            args.batch_size,
+        )
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     numel = codec.layout.numel
     print(
         f"wrote {args.out}: {len(codec.bases)} bases; updates {codec.ratio(numel):.1f}x smaller than float32"

@@ -710,6 +710,10 @@ class PrivacyConfig:
         return self
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "nf4")
+"""An agent's base-model precisions (``AgentConfig.precision``)."""
+
+
 def check_nf4_available() -> None:
     """ConfigError unless bitsandbytes, which loads a 4-bit base (``precision = "nf4"``), is
     installed."""
@@ -807,7 +811,7 @@ class AgentConfig(MetricsTlsFields):
             raise ConfigError("egress_price_per_gb must be >= 0")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.precision not in ("auto", "fp32", "bf16", "nf4"):
+        if self.precision not in PRECISIONS:
             raise ConfigError(f"precision: expected 'auto', 'fp32', 'bf16' or 'nf4', got {self.precision!r}")
         if self.precision == "nf4":
             check_nf4_available()

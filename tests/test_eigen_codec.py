@@ -2,30 +2,45 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.numpy import load_file as load_numpy
 
 from agent.data import pack
+from agent.demo import prepare
+from agent.eigen_bases import main as make_bases_main
 from agent.trainer import LoraSpec, LoraTrainer
-from common.codecs.eigen import A_SUFFIX, Eigen, activation_covariances, eigen_bases
+from common.codecs.eigen import (
+    A_SUFFIX,
+    Eigen,
+    activation_covariances,
+    adapted_layers,
+    calibrated_bases,
+    covariance_bytes,
+    covariance_tensors,
+    eigen_bases,
+    plan_passes,
+)
 from common.codecs.projection import random_basis
 from common.errors import ConfigError, InvalidArgument
 from common.layout import ParamLayout
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
 
 LORA = LoraSpec(4, 8.0, ("q_proj", "v_proj", "down_proj"))
+PUBLIC = [doc for domain in DOMAINS for doc in domain_corpus(domain, 15, seed=3)]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoraTrainer, ParamLayout, dict]:  # type: ignore[type-arg]
     root: Path = tmp_path_factory.mktemp("eigen")
-    public = [doc for domain in DOMAINS for doc in domain_corpus(domain, 15, seed=3)]
-    trainer = LoraTrainer(str(build_tiny_lm(root / "model", public)), LORA)
-    covariances = activation_covariances(trainer.model, pack(trainer.tokenizer, public, 32))
+    trainer = LoraTrainer(str(build_tiny_lm(root / "model", PUBLIC)), LORA)
+    covariances = activation_covariances(trainer.model, pack(trainer.tokenizer, PUBLIC, 32))
     return trainer, ParamLayout.from_tensors(trainer.adapter()), covariances
 
 
@@ -94,3 +109,78 @@ def test_bad_bases_and_payloads_are_refused(world) -> None:  # type: ignore[no-u
     with pytest.raises(ConfigError, match="does not fit"):
         Eigen(layout, {first: np.zeros((3, 2), np.float32)})
     assert codec.digest() != Eigen(layout, eigen_bases(layout, covariances, ratio=8)).digest()
+
+
+def test_passes_within_a_memory_budget_give_the_bases_of_one_pass(world) -> None:  # type: ignore[no-untyped-def]
+    """The operator's tool takes the covariances in passes that each hold what the budget allows
+    (a real model's would not fit at once): passes in forward order, every layer once, each
+    forward stopped after the pass's last layer, and the same bases as a single pass."""
+    trainer, layout, covariances = world
+    model = trainer.model
+    layers = adapted_layers(model)
+    names = list(layers)
+    assert names == sorted(names, key=lambda n: (int(n.split(".layers.")[1].split(".")[0]), 0)), names
+    budget = 2 * max(covariance_bytes(layer) for layer in layers.values())
+    passes = plan_passes(model, budget)
+    assert [n for p in passes for n in p] == names and 1 < len(passes) < len(names)
+    assert all(sum(covariance_bytes(layers[n]) for n in p) <= budget for p in passes)
+    assert plan_passes(model, 1) == [[n] for n in names]  # a layer over the budget: a pass of its own
+    assert plan_passes(model, 1 << 40) == [names]
+
+    blocks = pack(trainer.tokenizer, PUBLIC, 32)
+    reached = []
+    hook = model.base_model.model.model.layers[1].register_forward_hook(lambda *_: reached.append(1))
+    model.train()
+    try:
+        first = covariance_tensors(model, blocks, [n for n in names if ".layers.0." in n], batch_size=4)
+        assert not reached and model.training  # stopped inside layer 0; the mode is restored
+        assert set(first) == {n for n in names if ".layers.0." in n}
+    finally:
+        hook.remove()
+    batched = covariance_tensors(model, blocks, batch_size=5)
+    for name, (cov_in, cov_out) in covariances.items():  # the fixture's: one block a forward
+        np.testing.assert_allclose(batched[name][0].numpy(), cov_in, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(batched[name][1].numpy(), cov_out, rtol=1e-5, atol=1e-7)
+
+    seen: list[tuple[int, int]] = []
+    bases = calibrated_bases(
+        model, layout, blocks, 4, budget, 5, lambda done, total, _: seen.append((done, total))
+    )
+    assert seen == [(i + 1, len(passes)) for i in range(len(passes))]
+    single = eigen_bases(layout, batched, 4)
+    assert bases.keys() == single.keys() == {e.name for e in layout.entries}
+    for name, basis in bases.items():
+        np.testing.assert_array_equal(basis, single[name])
+    with pytest.raises(ConfigError, match="no adapted layer"):
+        covariance_tensors(model, blocks, ["base_model.model.lm_head"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_the_operator_tool_makes_bases_from_a_4_bit_base_in_passes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``python -m agent.eigen_bases --precision nf4 --memory-gb ...``: the demo's aggregator config
+    and calibration text; the bases fit the federation's layout and span nearly the subspaces of
+    the float32 base's (which the demo made); text too short for one block is a clear error."""
+    config, _, _ = prepare(tmp_path, 1, codec="eigen", codec_ratio=4)
+    reference = load_numpy(str(tmp_path / "eigen-bases.safetensors"))
+    out = tmp_path / "nf4-bases.safetensors"
+    argv = ["--config", str(config), "--calibration", str(tmp_path / "calibration.txt"), "--ratio", "4"]
+    argv += ["--sequence-length", "64", "--precision", "nf4", "--memory-gb", "0.000001", "--batch-size", "3"]
+    with caplog.at_level(logging.INFO, logger="cloudfed.eigen_bases"):
+        make_bases_main([*argv, "--out", str(out)])
+    passes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pass ")]
+    assert len(passes) == 14 and passes[-1].startswith(
+        "pass 14/14: 1 layer up to model.layers.1.mlp.down_proj"
+    )
+    bases = load_numpy(str(out))
+    assert bases.keys() == reference.keys()
+    for name, basis in bases.items():
+        assert basis.shape == reference[name].shape, name
+        k = basis.shape[1]
+        overlap = np.linalg.norm(basis.T @ reference[name]) ** 2 / k  # 1: the same subspace
+        assert overlap > 0.8, (name, overlap)
+
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(SystemExit, match="fewer than one block of 64"):
+        make_bases_main([*argv[:3], str(tmp_path / "short.txt"), *argv[4:], "--out", str(tmp_path / "x")])

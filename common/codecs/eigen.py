@@ -12,8 +12,9 @@ residual grow without bound). Other tensors pass through unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -34,70 +35,157 @@ def _module_of(tensor_name: str) -> str | None:
     return None
 
 
-@torch.no_grad()
-def activation_covariances(
-    model: Any, blocks: Iterable[torch.Tensor]
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """E[x x^T] and E[y y^T] (float64) of every LoRA-adapted layer's base linear map, keyed by the
-    adapter's module name, over calibration token blocks run with the adapters disabled."""
-    sums: dict[str, list[Any]] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        base = getattr(module, "base_layer", None)
-        if base is None or not hasattr(module, "lora_A"):
-            continue
+class _PassDone(Exception):
+    """Raised by the hook of the last layer a pass needs: the rest of the forward is skipped."""
 
-        def hook(_mod: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, key: str = name) -> None:
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-            y = output.reshape(-1, output.shape[-1]).double()
-            acc = sums.setdefault(key, [0.0, 0.0, 0])
-            acc[0] = acc[0] + x.T @ x
-            acc[1] = acc[1] + y.T @ y
-            acc[2] += x.shape[0]
 
-        hooks.append(base.register_forward_hook(hook))
-    try:
-        with model.disable_adapter():
-            model.eval()
-            for block in blocks:
-                model(input_ids=block.unsqueeze(0) if block.dim() == 1 else block)
-    finally:
-        for h in hooks:
-            h.remove()
+def adapted_layers(model: Any) -> dict[str, Any]:
+    """The LoRA-adapted layers of a peft model, in forward order, by the module name the
+    adapter's tensors carry (``base_model.model. ...``)."""
     return {
-        f"base_model.model.{name}" if not name.startswith("base_model.") else name: (
-            (xx / n).cpu().numpy(),
-            (yy / n).cpu().numpy(),
-        )
-        for name, (xx, yy, n) in sums.items()
+        name if name.startswith("base_model.") else f"base_model.model.{name}": module
+        for name, module in model.named_modules()
+        if getattr(module, "base_layer", None) is not None and hasattr(module, "lora_A")
     }
 
 
-def top_eigenvectors(covariance: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` leading eigenvectors (columns, float32), signs fixed so every party agrees."""
-    values, vectors = np.linalg.eigh(covariance)
-    top = vectors[:, np.argsort(values)[::-1][:k]]
-    pivots = top[np.argmax(np.abs(top), axis=0), np.arange(k)]
-    basis: np.ndarray = (top * np.sign(pivots)).astype(np.float32)
+def covariance_bytes(layer: Any) -> int:
+    """Bytes of one layer's two float64 covariances (input and output)."""
+    return 8 * (int(layer.in_features) ** 2 + int(layer.out_features) ** 2)
+
+
+def plan_passes(model: Any, memory_bytes: int) -> list[list[str]]:
+    """The adapted layers in groups, in forward order, whose covariances each fit in
+    ``memory_bytes`` (a layer larger than that gets a pass of its own): one pass over the
+    calibration text per group, so the whole model's covariances are never held at once."""
+    passes: list[list[str]] = []
+    held = 0
+    for name, layer in adapted_layers(model).items():
+        size = covariance_bytes(layer)
+        if not passes or held + size > memory_bytes:
+            passes.append([])
+            held = 0
+        passes[-1].append(name)
+        held += size
+    return passes
+
+
+def covariance_tensors(
+    model: Any, blocks: torch.Tensor, layers: Collection[str] | None = None, batch_size: int = 1
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """E[x x^T] and E[y y^T] (float64, on the model's device) of the base linear map of each
+    adapted layer in ``layers`` (default: all), over ``blocks`` ([n, length] token ids) run
+    ``batch_size`` at a time with the adapters disabled. Each batch's products are taken in
+    float32 and summed in float64 (an input several layers read, once); the forward stops after
+    the last layer wanted."""
+    found = adapted_layers(model)
+    wanted = list(found) if layers is None else [name for name in found if name in set(layers)]
+    if missing := set(layers or ()) - set(found):
+        raise ConfigError(f"no adapted layer {sorted(missing)[0]} in the model")
+    if not len(blocks) or not wanted:
+        return {}
+    device = next(model.parameters()).device
+    sums: dict[str, list[Any]] = {}
+    last_input: list[Any] = [None, None]  # q, k and v (gate and up) read one input: its product once
+
+    def hook(key: str, last: bool, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if last_input[0] is not inputs[0]:
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            last_input[:] = inputs[0], (x.T @ x).double()
+        y = output.reshape(-1, output.shape[-1]).float()
+        yy = (y.T @ y).double()
+        if key not in sums:
+            sums[key] = [torch.zeros_like(last_input[1]), torch.zeros_like(yy), 0]
+        sums[key][0] += last_input[1]
+        sums[key][1] += yy
+        sums[key][2] += y.shape[0]
+        if last:
+            raise _PassDone
+
+    hooks = [
+        found[name].base_layer.register_forward_hook(
+            lambda _m, i, o, key=name, last=name == wanted[-1]: hook(key, last, i, o)
+        )
+        for name in wanted
+    ]
+    training = model.training
+    try:
+        with torch.inference_mode(), model.disable_adapter():
+            model.eval()
+            for start in range(0, len(blocks), batch_size):
+                with contextlib.suppress(_PassDone):
+                    model(input_ids=blocks[start : start + batch_size].to(device))
+                last_input[:] = None, None
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(training)
+    return {name: (xx / n, yy / n) for name, (xx, yy, n) in sums.items()}
+
+
+def activation_covariances(
+    model: Any, blocks: torch.Tensor, layers: Collection[str] | None = None, batch_size: int = 1
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``covariance_tensors`` as numpy arrays, keyed by the adapter's module name."""
+    return {
+        name: (xx.cpu().numpy(), yy.cpu().numpy())
+        for name, (xx, yy) in covariance_tensors(model, blocks, layers, batch_size).items()
+    }
+
+
+def top_eigenvectors(covariance: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
+    """The ``k`` leading eigenvectors (columns, float32), signs fixed so every party agrees;
+    computed on the device the covariance is on."""
+    values, vectors = torch.linalg.eigh(torch.as_tensor(covariance, dtype=torch.float64))
+    top = vectors[:, torch.argsort(values, descending=True)[:k]]
+    pivots = top[top.abs().argmax(dim=0), torch.arange(k, device=top.device)]
+    basis: np.ndarray = (top * torch.sign(pivots)).float().cpu().numpy()
     return basis
 
 
 def eigen_bases(
-    layout: ParamLayout, covariances: Mapping[str, tuple[np.ndarray, np.ndarray]], ratio: float
+    layout: ParamLayout,
+    covariances: Mapping[str, tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
+    ratio: float,
+    layers: Collection[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per LoRA tensor of ``layout``: its basis (in x k for lora_A, out x k for lora_B)."""
+    """Per LoRA tensor of ``layout`` (of the adapted ``layers`` only, if given): its basis (in x k
+    for lora_A, out x k for lora_B)."""
     if not ratio >= 1:
         raise ConfigError(f"eigen ratio must be >= 1, got {ratio}")
     bases = {}
     for entry in layout.entries:
         module = _module_of(entry.name)
-        if module is None:
+        if module is None or (layers is not None and module not in layers):
             continue
         if module not in covariances:
             raise ConfigError(f"no calibration activations for {module}")
         cov_in, cov_out = covariances[module]
         cov = cov_in if entry.name.endswith(A_SUFFIX) else cov_out
         bases[entry.name] = top_eigenvectors(cov, max(1, round(cov.shape[0] / ratio)))
+    return bases
+
+
+def calibrated_bases(
+    model: Any,
+    layout: ParamLayout,
+    blocks: torch.Tensor,
+    ratio: float,
+    memory_bytes: int,
+    batch_size: int = 1,
+    progress: Callable[[int, int, list[str]], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Every LoRA tensor's basis from calibration ``blocks``, holding at most about
+    ``memory_bytes`` of covariances at once (``plan_passes``); ``progress(done, passes, layers)``
+    after each pass."""
+    passes = plan_passes(model, memory_bytes)
+    bases: dict[str, np.ndarray] = {}
+    for done, layers in enumerate(passes, 1):
+        covariances = covariance_tensors(model, blocks, layers, batch_size)
+        bases.update(eigen_bases(layout, covariances, ratio, layers))
+        del covariances
+        if progress is not None:
+            progress(done, len(passes), layers)
     return bases
 
 
