@@ -23,7 +23,7 @@ from common.grpc_options import DOWNLOAD_DEADLINE_S, UNARY_DEADLINE_S, channel_o
 from common.identity import IdentityError, SpiffeId
 from common.metrics import TRANSFER_BYTES, peer_labels, rpc_types_of
 from common.pki import spiffe_ids_of
-from common.secagg_pb import state_request
+from common.secagg_pb import EVAL_WITHHELD_REASONS, state_request
 from common.tls import TlsFiles, channel_credentials
 from common.wire import WIRE_REVISION, check_aggregator, clipped_detail
 from protos.cloudfed.v1 import federation_pb2 as pb
@@ -139,9 +139,14 @@ class AggregatorClient:
             timeout=UNARY_DEADLINE_S,
         )
 
-    async def report_withheld(self, version: int, reason: str) -> None:
-        """Tell the aggregator this agent withholds its eval loss of a global version, and why."""
-        request = pb.ReportEvalRequest(global_version=version, withheld=clipped_detail(reason))
+    async def report_withheld(self, version: int, reason: str, words: str) -> None:
+        """Tell the aggregator this agent withholds its eval loss of a global version, and why: a
+        ``reason`` of ``EVAL_WITHHELD_REASONS``, in ``words``."""
+        request = pb.ReportEvalRequest(
+            global_version=version,
+            withheld=clipped_detail(words),
+            withheld_reason=EVAL_WITHHELD_REASONS[reason],
+        )
         await self.stub.ReportEval(request, timeout=UNARY_DEADLINE_S)
 
     async def advertise_keys(self, request: pb.AdvertiseKeysRequest) -> None:

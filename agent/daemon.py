@@ -737,7 +737,9 @@ class Agent:
             log.error(
                 "global version %d: eval loss %s on this cloud's held-out text; not reported", version, loss
             )
-            await self._withhold(client, version, f"the eval loss is {loss} on this cloud's held-out text")
+            await self._withhold(
+                client, version, "not_finite", f"the eval loss is {loss} on this cloud's held-out text"
+            )
             return
         metrics.EVAL_LOSS.labels(**client.labels).set(loss)
         if not self.config.privacy.share_eval_losses:
@@ -749,7 +751,9 @@ class Agent:
                 loss,
                 tokens,
             )
-            await self._withhold(client, version, "kept in its cloud: privacy.share_eval_losses is false")
+            await self._withhold(
+                client, version, "not_shared", "kept in its cloud: privacy.share_eval_losses is false"
+            )
             return
         shared = SharedEval(loss, tokens, 0.0)
         if held_out is not None:
@@ -760,7 +764,8 @@ class Agent:
             except (PrivacyBudgetSpent, EvalTooNoisy) as exc:
                 self._log_eval(record | {"kept": str(exc)})
                 log.warning("global version %d: eval loss %.4f kept in this cloud: %s", version, loss, exc)
-                await self._withhold(client, version, f"kept in its cloud: {exc}")
+                why = "privacy_budget" if isinstance(exc, PrivacyBudgetSpent) else "too_noisy"
+                await self._withhold(client, version, why, f"kept in its cloud: {exc}")
                 return
             finally:
                 metrics.DP_EVAL_EPSILON.labels(**client.labels, unit=unit).set(self.ledger.eval_epsilon)
@@ -785,11 +790,13 @@ class Agent:
                 shared.tokens,
             )
 
-    async def _withhold(self, client: AggregatorClient, version: int, reason: str) -> None:
-        """Tell the aggregator why a version's eval loss is not reported (an aggregator of an
-        earlier release refuses such a report: then it is only logged here)."""
+    async def _withhold(self, client: AggregatorClient, version: int, reason: str, words: str) -> None:
+        """Tell the aggregator why a version's eval loss is not reported (a ``reason`` of
+        ``EVAL_WITHHELD_REASONS``, in ``words``; an aggregator of an earlier release refuses such
+        a report: then it is only logged here)."""
+        metrics.EVALS_WITHHELD.labels(**client.labels, reason=reason).inc()
         try:
-            await client.report_withheld(version, reason)
+            await client.report_withheld(version, reason, words)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise

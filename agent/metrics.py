@@ -62,6 +62,12 @@ EVAL_LOSS = Gauge(
     " records; exported whether or not privacy.share_eval_losses sends it to the aggregator.",
     ["cloud", "agent"],
 )
+EVALS_WITHHELD = Counter(
+    "cloudfed_agent_evals_withheld",
+    "Global versions whose eval loss this agent kept from the aggregator, by reason (not_shared,"
+    " too_noisy, privacy_budget, not_finite).",
+    ["cloud", "agent", "reason"],
+)
 STEP = Gauge("cloudfed_agent_step", "1 while the agent is in this step of a round, else 0.", ["phase"])
 
 

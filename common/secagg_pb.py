@@ -1,5 +1,5 @@
 """Conversions between the secure-aggregation core's values and their wire messages (and the
-reasons an agent declines a round).
+reasons an agent declines a round or withholds an eval loss).
 
 Shares name their peer by its position in the round's roster (the advertisements sorted by agent
 id, as ``GetSecAggStateResponse.roster`` lists them), not by its SPIFFE id: a few bytes instead of
@@ -26,6 +26,14 @@ DECLINE_REASONS = {
     "privacy_budget": pb.DECLINE_REASON_PRIVACY_BUDGET,
 }
 """Why an agent sits a round out, on the wire, by the ``reason`` label both sides' metrics use."""
+EVAL_WITHHELD_REASONS = {
+    "not_shared": pb.EVAL_WITHHELD_REASON_NOT_SHARED,
+    "too_noisy": pb.EVAL_WITHHELD_REASON_TOO_NOISY,
+    "privacy_budget": pb.EVAL_WITHHELD_REASON_PRIVACY_BUDGET,
+    "not_finite": pb.EVAL_WITHHELD_REASON_NOT_FINITE,
+}
+"""Why an agent withholds a version's eval loss, on the wire, by the ``reason`` label of
+cloudfed_evals_withheld_total."""
 
 STATE_WAITS = (pb.ROUND_PHASE_SHARE_KEYS, pb.ROUND_PHASE_UPLOAD, pb.ROUND_PHASE_UNMASK)
 """The phases an agent waits for (``GetSecAggState``) in each masked round."""

@@ -137,8 +137,9 @@ def status(config: AggregatorConfig) -> int:
     for row in db.agents():
         ev = evals.get(row.agent)
         last = f"eval loss {describe({row.agent: ev[1]})} at v{ev[0]}" if ev else "no eval yet"
-        if row.withheld is not None and (ev is None or row.withheld[0] > ev[0]):
-            last += f"; withheld its eval loss of v{row.withheld[0]}: {row.withheld[1]}"
+        withheld = row.withheld
+        if withheld is not None and (ev is None or withheld.version > ev[0]):
+            last += f"; withheld its eval loss of v{withheld.version} ({withheld.reason}): {withheld.words}"
         ago = time.time() - row.last_seen
         noised = " (noised: its DP covers it)" if row.differential_privacy not in ("", NO_DP) else ""
         print(f"  {row.agent}  examples {row.num_examples}{noised}, joined {ago:.0f}s ago, {last}")

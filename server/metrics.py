@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 from common.metrics import LATENCY_BUCKETS
+from common.secagg_pb import EVAL_WITHHELD_REASONS
 
 ROUND = Gauge("cloudfed_round", "Id of the current (or last) round.")
 GLOBAL_VERSION = Gauge("cloudfed_global_version", "Latest committed global model version.")
@@ -40,8 +41,17 @@ EVAL_LOSS_STDDEV = Gauge(
 )
 EVALS_WITHHELD = Counter(
     "cloudfed_evals_withheld",
-    "Versions whose eval loss an agent evaluated but withheld, saying why (privacy, noise, not finite).",
-    ["cloud", "agent"],
+    "Versions whose eval loss an agent evaluated but withheld, by why: not_shared (its policy),"
+    " too_noisy or privacy_budget (its differential privacy), not_finite, unspecified (older agents).",
+    ["cloud", "agent", "reason"],
+)
+WITHHELD_REASONS = (*EVAL_WITHHELD_REASONS, "unspecified")
+"""The ``reason`` labels of withheld evals."""
+EVAL_WITHHELD = Gauge(
+    "cloudfed_eval_withheld",
+    "1 for the reason an agent withheld its eval loss of the latest version it evaluated, 0 for the"
+    " other reasons and once it reports a loss again.",
+    ["cloud", "agent", "reason"],
 )
 EVAL_VERSION = Gauge(
     "cloudfed_eval_version", "Global version of that last reported eval loss.", ["cloud", "agent"]
@@ -90,3 +100,9 @@ FINISHED = Gauge(
     "cloudfed_federation_finished",
     "1 once the federation is finished (rounds.max_versions or early stopping): no round starts again.",
 )
+
+
+def eval_withheld(labels: dict[str, str], reason: str | None) -> None:
+    """An agent's latest word on an evaluation: withheld for ``reason``, or a loss (None)."""
+    for known in WITHHELD_REASONS:
+        EVAL_WITHHELD.labels(**labels, reason=known).set(1 if known == reason else 0)

@@ -60,7 +60,7 @@ from server.fetchsgd import FetchSGD, FetchSGDPlan
 from server.invitations import AgentInfo, invite
 from server.optimizer import FedAvg, ServerOptimizer
 from server.spool import UploadMeta, UploadSpool
-from server.state import AgentCertificate, StateDB
+from server.state import AgentCertificate, StateDB, WithheldEval
 from server.version_ranking import AgentEval
 
 log = logging.getLogger(__name__)
@@ -291,6 +291,7 @@ class RoundCoordinator:
         metrics.EVAL_LOSS.labels(**peer_labels(peer)).set(loss)
         metrics.EVAL_LOSS_STDDEV.labels(**peer_labels(peer)).set(stddev)
         metrics.EVAL_VERSION.labels(**peer_labels(peer)).set(version)
+        metrics.eval_withheld(peer_labels(peer), None)
         self.db.eval_reported(peer.uri, version, report)
 
     def _check_committed(self, version: int) -> None:
@@ -298,20 +299,21 @@ class RoundCoordinator:
         if version > self._state.global_version:
             raise NotFound(f"no global version {version} (the latest is {self._state.global_version})")
 
-    def record_withheld(self, peer: SpiffeId, version: int, reason: str, report: AgentEval) -> None:
+    def record_withheld(self, peer: SpiffeId, withheld: WithheldEval, report: AgentEval) -> None:
         """Record that an agent withheld its eval loss of a committed version, and why:
-        INVALID_ARGUMENT for a reason over MAX_DECLINE_DETAIL bytes or a report that also carries
-        a loss, NOT_FOUND for a version not committed, FAILED_PRECONDITION before a Join."""
+        INVALID_ARGUMENT for words over MAX_DECLINE_DETAIL bytes or a report that also carries a
+        loss, NOT_FOUND for a version not committed, FAILED_PRECONDITION before a Join."""
         if any(report):
             raise InvalidArgument(
                 "a withheld eval report carries no eval_loss, eval_tokens or eval_loss_stddev"
             )
-        check_detail(reason, "withheld reason")
-        self._check_committed(version)
+        check_detail(withheld.words, "withheld reason")
+        self._check_committed(withheld.version)
         if peer.uri not in self.agents:
             raise FailedPrecondition("join before reporting an evaluation")
-        metrics.EVALS_WITHHELD.labels(**peer_labels(peer)).inc()
-        self.db.eval_withheld(peer.uri, version, reason)
+        metrics.EVALS_WITHHELD.labels(**peer_labels(peer), reason=withheld.reason).inc()
+        metrics.eval_withheld(peer_labels(peer), withheld.reason)
+        self.db.eval_withheld(peer.uri, withheld)
 
     async def watch(self, peer: SpiffeId) -> AsyncIterator[RoundState]:
         """The current state, then every change, while the caller listens."""

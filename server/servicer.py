@@ -11,11 +11,12 @@ from google.protobuf import timestamp_pb2
 
 from common.codecs.registry import CodecSettings
 from common.config import AggregatorConfig
-from common.errors import NotFound
+from common.errors import InvalidArgument, NotFound
 from common.grpc_wrap import Context
 from common.identity import require_peer
 from common.secagg_pb import (
     DECLINE_REASONS,
+    EVAL_WITHHELD_REASONS,
     advertisement_from_pb,
     advertisement_to_pb,
     reveals_from_pb,
@@ -32,7 +33,7 @@ from server.invitations import AgentInfo
 from server.revocations import RevocationWatch
 from server.rounds import Phase, RoundCoordinator, RoundState
 from server.spool import UploadSpool
-from server.state import AgentCertificate
+from server.state import AgentCertificate, WithheldEval
 from server.uploads import receive_upload
 from server.version_ranking import AgentEval, describe
 
@@ -113,6 +114,8 @@ def event_of(state: RoundState, agent_uri: str) -> pb.RoundEvent:
 
 DECLINE_LABELS = {wire: label for label, wire in DECLINE_REASONS.items()}
 """The ``reason`` label of cloudfed_rounds_declined_total, by wire reason."""
+WITHHELD_LABELS = {wire: label for label, wire in EVAL_WITHHELD_REASONS.items()}
+"""The ``reason`` label of cloudfed_evals_withheld_total, by wire reason."""
 
 
 class FederationServicer(pb_grpc.FederationServiceServicer):
@@ -216,11 +219,13 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         peer = require_peer()
         report = AgentEval(request.eval_loss, request.eval_tokens, request.eval_loss_stddev)
         if request.withheld:
-            self._rounds.record_withheld(peer, request.global_version, request.withheld, report)
-            log.info(
-                "%s: eval loss of version %d withheld: %s", peer, request.global_version, request.withheld
-            )
+            why = WITHHELD_LABELS.get(request.withheld_reason, "unspecified")
+            withheld = WithheldEval(request.global_version, why, request.withheld)
+            self._rounds.record_withheld(peer, withheld, report)
+            log.info("%s: eval loss of version %d withheld (%s): %s", peer, *withheld)
             return pb.ReportEvalResponse()
+        if request.withheld_reason:
+            raise InvalidArgument("withheld_reason is set but withheld is empty: say why in withheld")
         self._rounds.record_eval(peer, request.global_version, report)
         log.info("%s: eval loss %s at version %d", peer, describe({peer.uri: report}), request.global_version)
         return pb.ReportEvalResponse()

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 
@@ -52,12 +53,13 @@ ADDED_COLUMNS = {
         "differential_privacy": "TEXT",
         "eval_withheld_version": "INTEGER",
         "eval_withheld_reason": "TEXT",
+        "eval_withheld_why": "TEXT",
     },
     "evals": {"loss_stddev": "REAL NOT NULL DEFAULT 0"},
 }
 """Columns added since the first release (to databases made before they existed): the certificate
 an agent last joined with, the DP guarantee it announced and the last eval loss it withheld, with
-why; the deviation of an eval loss's DP noise."""
+why (in its words, and the metrics' reason label); the deviation of an eval loss's DP noise."""
 OPEN_PHASES = ("ADVERTISE_KEYS", "SHARE_KEYS", "UPLOAD", "UNMASK", "AGGREGATE")
 _SELECT_OPEN = "SELECT round_id FROM rounds WHERE phase IN (?, ?, ?, ?, ?)"
 
@@ -100,6 +102,15 @@ class AgentCertificate:
         return revocations.lookup_serial(self.issuer_der, int(self.serial_hex, 16))
 
 
+class WithheldEval(NamedTuple):
+    """An eval loss an agent withheld: of which version, why (the metrics' reason label) and in
+    its words."""
+
+    version: int
+    reason: str
+    words: str
+
+
 @dataclass(frozen=True)
 class AgentRow:
     """One row of the agents table."""
@@ -110,7 +121,7 @@ class AgentRow:
     certificate: AgentCertificate
     differential_privacy: str = ""
     """The DP guarantee it announced at its last Join, in words ('' if it announced no policy)."""
-    withheld: tuple[int, str] | None = None
+    withheld: WithheldEval | None = None
     """The last version whose eval loss it withheld, and why (None: none withheld)."""
 
 
@@ -207,12 +218,12 @@ class StateDB:
             differential_privacy,
         )
 
-    def eval_withheld(self, agent: str, version: int, reason: str) -> None:
-        """Record that ``agent`` withheld its eval loss of ``version``, and why."""
+    def eval_withheld(self, agent: str, withheld: WithheldEval) -> None:
+        """Record that ``agent`` withheld its eval loss of a version, and why."""
         self._tx(
-            "UPDATE agents SET eval_withheld_version = ?, eval_withheld_reason = ? WHERE agent = ?",
-            version,
-            reason,
+            "UPDATE agents SET eval_withheld_version = ?, eval_withheld_why = ?, eval_withheld_reason = ?"
+            " WHERE agent = ?",
+            *withheld,
             agent,
         )
 
@@ -326,7 +337,8 @@ class StateDB:
         """Every agent that ever joined, by name."""
         rows = self._db.execute(
             "SELECT agent, last_seen, num_examples, cert_serial, cert_issuer, cert_not_after,"
-            " differential_privacy, eval_withheld_version, eval_withheld_reason FROM agents ORDER BY agent"
+            " differential_privacy, eval_withheld_version, eval_withheld_why, eval_withheld_reason"
+            " FROM agents ORDER BY agent"
         )
         return [
             AgentRow(
@@ -335,9 +347,11 @@ class StateDB:
                 int(n or 0),
                 AgentCertificate(serial or "", bytes(issuer or b""), until),
                 dp or "",
-                None if withheld is None else (int(withheld), str(why or "")),
+                None
+                if withheld is None
+                else WithheldEval(int(withheld), label or "unspecified", words or ""),
             )
-            for a, seen, n, serial, issuer, until, dp, withheld, why in rows
+            for a, seen, n, serial, issuer, until, dp, withheld, label, words in rows
         ]
 
     def latest_evals(self) -> dict[str, tuple[int, AgentEval]]:

@@ -23,6 +23,7 @@ from common.config import AgentConfig, AggregatorConfig, load
 from protos.cloudfed.v1 import federation_pb2 as pb
 from server.app import build_aggregator
 from server.cli import seed
+from server.metrics import WITHHELD_REASONS
 from tests.agentsim import Watcher, in_process, upload_header, write_payload
 from tests.test_faults import query
 
@@ -67,15 +68,21 @@ async def test_a_withheld_report_is_kept_with_its_reason_and_ranks_nothing(
     """An agent that does not report a version's eval loss says why: the aggregator keeps the
     reason beside the agent (its status prints it), counts it, and stores no evaluation; a withheld
     report that also carries a loss, a reason over 1024 bytes or a version not committed is
-    refused with its status."""
+    refused with its status. The reason's word labels the count; an agent of an earlier release
+    sends none ("unspecified"), and a word without words is refused."""
     from server.cli import status
 
     run = await start_aggregator(min_agents=3)
     async with run.client("evaluator") as client:
         join = await client.join(num_examples=10)
-        await client.report_withheld(0, "kept in its cloud: privacy.share_eval_losses is false")
+        await client.report_withheld(0, "not_shared", "kept in its cloud: privacy.share_eval_losses is false")
+        await client.stub.ReportEval(pb.ReportEvalRequest(withheld="an earlier release's report"))
         invalid = grpc.StatusCode.INVALID_ARGUMENT
         cases = {
+            "a word without words": (
+                pb.ReportEvalRequest(withheld_reason=pb.EVAL_WITHHELD_REASON_TOO_NOISY),
+                invalid,
+            ),
             "with a loss": (pb.ReportEvalRequest(eval_loss=5.0, eval_tokens=9, withheld="x"), invalid),
             "with noise": (pb.ReportEvalRequest(eval_loss_stddev=0.1, withheld="x"), invalid),
             "too long": (pb.ReportEvalRequest(withheld="é" * 513), invalid),
@@ -90,14 +97,22 @@ async def test_a_withheld_report_is_kept_with_its_reason_and_ranks_nothing(
             assert refused.value.code() == code, name
     db = run.agg.config.state_dir / "cloudfed.db"
     assert query(db, "SELECT * FROM evals") == []
-    assert query(db, "SELECT eval_withheld_version, eval_withheld_reason FROM agents") == [
-        (0, "kept in its cloud: privacy.share_eval_losses is false")
+    assert query(db, "SELECT eval_withheld_version, eval_withheld_why, eval_withheld_reason FROM agents") == [
+        (0, "unspecified", "an earlier release's report")
     ]
-    labels = {"cloud": "aws", "agent": "evaluator"}
-    assert REGISTRY.get_sample_value("cloudfed_evals_withheld_total", labels) == 1
+    for reason, count in {"not_shared": 1, "unspecified": 1, "too_noisy": None}.items():
+        labels = {"cloud": "aws", "agent": "evaluator", "reason": reason}
+        assert REGISTRY.get_sample_value("cloudfed_evals_withheld_total", labels) == count
+        assert REGISTRY.get_sample_value("cloudfed_eval_withheld", labels) == int(reason == "unspecified")
     assert status(run.agg.config) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if join.agent_id in line)
-    assert "no eval yet; withheld its eval loss of v0: kept in its cloud: privacy.share_eval_losses" in line
+    assert "no eval yet; withheld its eval loss of v0 (unspecified): an earlier release's report" in line
+    async with run.client("evaluator") as client:  # a loss again: it withholds nothing now
+        await client.join(num_examples=10)
+        await client.report_eval(0, 5.25, 1000, 0.0)
+    for reason in WITHHELD_REASONS:
+        labels = {"cloud": "aws", "agent": "evaluator", "reason": reason}
+        assert REGISTRY.get_sample_value("cloudfed_eval_withheld", labels) == 0
 
 
 async def _evaluate_version_0(
@@ -122,6 +137,17 @@ async def _evaluate_version_0(
         stop.set()
         await asyncio.wait_for(task, 60)
         await agg.stop(0)
+
+
+def _withheld_counts(reason: str) -> tuple[float, float]:
+    """Eval losses withheld for ``reason``, all agents: as the agents count them, and as the
+    aggregator does."""
+    counts = {"cloudfed_agent_evals_withheld_total": 0.0, "cloudfed_evals_withheld_total": 0.0}
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name in counts and sample.labels["reason"] == reason:
+                counts[sample.name] += sample.value
+    return counts["cloudfed_agent_evals_withheld_total"], counts["cloudfed_evals_withheld_total"]
 
 
 def _heard_of_version_0(agg_config: AggregatorConfig) -> bool:
@@ -151,14 +177,17 @@ async def test_agent_keeps_a_loss_that_is_not_finite_to_itself(
         return (math.nan, result[1]) if command["op"] == "eval" else result
 
     monkeypatch.setattr(Worker, "execute", broken_eval)
+    before = _withheld_counts("not_finite")
     await _evaluate_version_0(agg_config, agent_config, linger_s=1.0)  # a refused report would drop it
+    assert _withheld_counts("not_finite") == (before[0] + 1, before[1] + 1)  # the agent's, the aggregator's
     assert "global version 0: eval loss nan on this cloud's held-out text; not reported" in caplog.text
     assert "aggregator unavailable" not in caplog.text
     assert query(agg_config.state_dir / "cloudfed.db", "SELECT * FROM evals") == []
     said = query(
-        agg_config.state_dir / "cloudfed.db", "SELECT eval_withheld_version, eval_withheld_reason FROM agents"
+        agg_config.state_dir / "cloudfed.db",
+        "SELECT eval_withheld_version, eval_withheld_why, eval_withheld_reason FROM agents",
     )
-    assert said == [(0, "the eval loss is nan on this cloud's held-out text")]
+    assert said == [(0, "not_finite", "the eval loss is nan on this cloud's held-out text")]
     kept = json.loads((agent_config.state_dir / "evals.jsonl").read_text().splitlines()[0])
     assert kept["version"] == 0 and math.isnan(kept["eval_loss"])
 
@@ -175,7 +204,9 @@ async def test_an_agent_that_shares_no_eval_loss_keeps_them_in_its_cloud(
     env = {"CLOUDFED_AGENT_PRIVACY_SHARE_EVAL_LOSSES": "false"}
     agent_config = dataclasses.replace(load(AgentConfig, agent_paths[0], env=env), metrics_listen="")
     caplog.set_level(logging.INFO)
+    before = _withheld_counts("not_shared")
     await _evaluate_version_0(agg_config, agent_config)
+    assert _withheld_counts("not_shared") == (before[0] + 1, before[1] + 1)
     kept = json.loads((agent_config.state_dir / "evals.jsonl").read_text().splitlines()[0])
     assert kept["version"] == 0 and math.isfinite(kept["eval_loss"]) and kept["tokens"] > 0
     assert (
@@ -185,9 +216,10 @@ async def test_an_agent_that_shares_no_eval_loss_keeps_them_in_its_cloud(
     assert "aggregator learns each agent's update (no secure aggregation), and no eval loss;" in caplog.text
     assert query(agg_config.state_dir / "cloudfed.db", "SELECT * FROM evals") == []
     said = query(
-        agg_config.state_dir / "cloudfed.db", "SELECT eval_withheld_version, eval_withheld_reason FROM agents"
+        agg_config.state_dir / "cloudfed.db",
+        "SELECT eval_withheld_version, eval_withheld_why, eval_withheld_reason FROM agents",
     )
-    assert said == [(0, "kept in its cloud: privacy.share_eval_losses is false")]
+    assert said == [(0, "not_shared", "kept in its cloud: privacy.share_eval_losses is false")]
     exported = [
         sample.value
         for family in REGISTRY.collect()

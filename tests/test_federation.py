@@ -376,8 +376,11 @@ def test_the_demo_runs_with_a_dp_cloud_and_a_qlora_cloud_and_says_what_dp_spent(
     ]
     assert len(kept) == 1 and "over privacy.dp.eval_max_deviation (0.1)" in kept[0], done.stdout
     db = tmp_path / "run" / "aggregator-state" / "cloudfed.db"  # and told the aggregator why
-    [(version, why)] = query(
-        db, "SELECT eval_withheld_version, eval_withheld_reason FROM agents WHERE agent LIKE '%/aws/%'"
+    [(version, label, why)] = query(
+        db,
+        "SELECT eval_withheld_version, eval_withheld_why, eval_withheld_reason FROM agents"
+        " WHERE agent LIKE '%/aws/%'",
     )
-    assert version == 2 and why.startswith("kept in its cloud: with ") and "eval_max_deviation" in why
+    assert version == 2 and label == "too_noisy"
+    assert why.startswith("kept in its cloud: with ") and "eval_max_deviation" in why
     assert not (tmp_path / "run" / "gcp-agent-1" / "state" / "privacy").exists()  # the others train plainly

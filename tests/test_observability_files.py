@@ -86,7 +86,7 @@ def test_prometheus_config_and_alert_rules_pass_promtool() -> None:
     assert config.returncode == 0, config.stdout + config.stderr
     rules = promtool("check", "rules", str(DEPLOY / "prometheus" / "alerts.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 15 rules found" in rules.stdout
+    assert "SUCCESS: 17 rules found" in rules.stdout
 
 
 def test_alert_rules_only_use_exported_metrics() -> None:
@@ -99,6 +99,7 @@ def test_alert_rules_only_use_exported_metrics() -> None:
 TLS_EXPIRY = "cloudfed_tls_certificate_expiry_timestamp_seconds"
 AGENT_EXPIRY = "cloudfed_agent_certificate_expiry_timestamp_seconds"
 RECEIVED = "cloudfed_transfer_bytes_total"
+WITHHELD = "cloudfed_eval_withheld"
 AWS_USERS = {"cloud": "aws", "agent": "a1", "unit": "user"}
 GCP_RECORDS = {"cloud": "gcp", "agent": "a2", "unit": "record"}
 
@@ -106,9 +107,11 @@ GCP_RECORDS = {"cloud": "gcp", "agent": "a2", "unit": "record"}
 def test_the_alerts_fire_on_their_series(tmp_path: Path) -> None:
     """promtool's rule unit tests: a CRL 2 days from its next update, a refused CRL file, a revoked
     certificate still calling, a daemon's certificate 5 days from its end and an active agent's
-    likewise, and an agent past 90% of its privacy budget (training, or its held-out data's) each
-    fire their alert; a CRL or certificate 20 days out, an agent with nothing received in a day,
-    or one at 7 of 8 epsilon (or 2 of 8 on its held-out data), does not. The annotations are
+    likewise, an agent past 90% of its privacy budget (training, or its held-out data's), one whose
+    latest eval loss is not finite and one whose DP has kept its eval losses in its cloud for an
+    hour each fire their alert; a CRL or certificate 20 days out, an agent with nothing received
+    in a day, one at 7 of 8 epsilon (or 2 of 8 on its held-out data), one that shares no eval
+    loss by policy, or one whose eval losses are back, does not. The annotations are
     left out of the copy: promtool would compare them word for word."""
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
     for rule in rules["groups"][0]["rules"]:
@@ -159,6 +162,11 @@ def test_the_alerts_fire_on_their_series(tmp_path: Path) -> None:
                         ("cloudfed_agent_dp_epsilon_budget", GCP_RECORDS, "8x12"),
                         ("cloudfed_agent_dp_eval_epsilon", AWS_USERS, "0.5 7.5x10"),
                         ("cloudfed_agent_dp_eval_epsilon", GCP_RECORDS, "0.5 2x10"),
+                        (WITHHELD, {"cloud": "aws", "agent": "a1", "reason": "not_finite"}, "0 1 1 0"),
+                        (WITHHELD, {"cloud": "aws", "agent": "a1", "reason": "too_noisy"}, "0x120"),
+                        (WITHHELD, {"cloud": "gcp", "agent": "a2", "reason": "privacy_budget"}, "1x120"),
+                        (WITHHELD, {"cloud": "azure", "agent": "a3", "reason": "not_shared"}, "1x120"),
+                        (WITHHELD, {"cloud": "azure", "agent": "a4", "reason": "too_noisy"}, "1x30 0x90"),
                     )
                 ],
                 "alert_rule_test": [
@@ -209,6 +217,29 @@ def test_the_alerts_fire_on_their_series(tmp_path: Path) -> None:
                         "alertname": "CloudfedAgentEvalPrivacyBudgetNearlySpent",
                         "exp_alerts": [],
                     },
+                    {
+                        "eval_time": "2m",
+                        "alertname": "CloudfedAgentEvalNotFinite",
+                        "exp_alerts": [
+                            {"exp_labels": {"severity": "warning", "cloud": "aws", "agent": "a1"}}
+                        ],
+                    },
+                    {"eval_time": "3m", "alertname": "CloudfedAgentEvalNotFinite", "exp_alerts": []},
+                    {
+                        "eval_time": "90m",
+                        "alertname": "CloudfedAgentEvalLossesWithheld",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "info",
+                                    "cloud": "gcp",
+                                    "agent": "a2",
+                                    "reason": "privacy_budget",
+                                }
+                            }
+                        ],
+                    },
+                    {"eval_time": "50m", "alertname": "CloudfedAgentEvalLossesWithheld", "exp_alerts": []},
                     {
                         "eval_time": "4m",
                         "alertname": "CloudfedCrlRefused",

@@ -10,7 +10,7 @@ import pytest
 
 from common.errors import ConfigError
 from server.optimizer import FedAdam, FedAvg, make_optimizer
-from server.state import StateDB
+from server.state import StateDB, WithheldEval
 
 
 def test_fedavg_applies_the_server_learning_rate() -> None:
@@ -135,7 +135,7 @@ def test_a_database_of_an_older_release_gains_the_new_columns_and_keeps_its_rows
     db.eval_reported(a1, 1, AgentEval(5.25, 800, 0.07))
     assert db.version_evals()[1] == {a1: AgentEval(5.25, 800, 0.07)}
     assert db.latest_evals() == {a1: (1, AgentEval(5.25, 800, 0.07))}
-    db.eval_withheld(a1, 2, "kept in its cloud")
-    assert db.agents()[0].withheld == (2, "kept in its cloud")
+    db.eval_withheld(a1, WithheldEval(2, "not_shared", "kept in its cloud"))
+    assert db.agents()[0].withheld == (2, "not_shared", "kept in its cloud")
     db.close()
     StateDB(path).close()  # opening it again adds nothing twice

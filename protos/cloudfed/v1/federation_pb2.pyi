@@ -102,6 +102,36 @@ rounds.early_stop_patience versions): no round starts again; the reason says whi
 """
 Global___RoundPhase: _TypeAlias = RoundPhase  # noqa: Y015
 
+class _EvalWithheldReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EvalWithheldReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EvalWithheldReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVAL_WITHHELD_REASON_UNSPECIFIED: _EvalWithheldReason.ValueType  # 0
+    EVAL_WITHHELD_REASON_NOT_SHARED: _EvalWithheldReason.ValueType  # 1
+    """Its privacy.share_eval_losses is false: it keeps every eval loss in its cloud, by policy."""
+    EVAL_WITHHELD_REASON_TOO_NOISY: _EvalWithheldReason.ValueType  # 2
+    """Differential privacy would need noise over the agent's privacy.dp.eval_max_deviation."""
+    EVAL_WITHHELD_REASON_PRIVACY_BUDGET: _EvalWithheldReason.ValueType  # 3
+    """The release would exceed its held-out data's differential-privacy budget."""
+    EVAL_WITHHELD_REASON_NOT_FINITE: _EvalWithheldReason.ValueType  # 4
+    """The loss is not a finite number: the version diverges on the agent's held-out text."""
+
+class EvalWithheldReason(_EvalWithheldReason, metaclass=_EvalWithheldReasonEnumTypeWrapper):
+    """EvalWithheldReason says why an agent withholds a version's eval loss."""
+
+EVAL_WITHHELD_REASON_UNSPECIFIED: EvalWithheldReason.ValueType  # 0
+EVAL_WITHHELD_REASON_NOT_SHARED: EvalWithheldReason.ValueType  # 1
+"""Its privacy.share_eval_losses is false: it keeps every eval loss in its cloud, by policy."""
+EVAL_WITHHELD_REASON_TOO_NOISY: EvalWithheldReason.ValueType  # 2
+"""Differential privacy would need noise over the agent's privacy.dp.eval_max_deviation."""
+EVAL_WITHHELD_REASON_PRIVACY_BUDGET: EvalWithheldReason.ValueType  # 3
+"""The release would exceed its held-out data's differential-privacy budget."""
+EVAL_WITHHELD_REASON_NOT_FINITE: EvalWithheldReason.ValueType  # 4
+"""The loss is not a finite number: the version diverges on the agent's held-out text."""
+Global___EvalWithheldReason: _TypeAlias = EvalWithheldReason  # noqa: Y015
+
 class _ShareKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1193,6 +1223,7 @@ class ReportEvalRequest(_message.Message):
     EVAL_TOKENS_FIELD_NUMBER: _builtins.int
     EVAL_LOSS_STDDEV_FIELD_NUMBER: _builtins.int
     WITHHELD_FIELD_NUMBER: _builtins.int
+    WITHHELD_REASON_FIELD_NUMBER: _builtins.int
     global_version: _builtins.int
     """Global version evaluated."""
     eval_loss: _builtins.float
@@ -1210,6 +1241,10 @@ class ReportEvalRequest(_message.Message):
     or it is not a finite number). At most 1024 bytes; eval_loss, eval_tokens and
     eval_loss_stddev are then 0. The aggregator shows it in its status and ranks nothing on it.
     """
+    withheld_reason: Global___EvalWithheldReason.ValueType
+    """With withheld: the reason in one word, the aggregator's metrics label (agents of earlier
+    releases leave it UNSPECIFIED).
+    """
     def __init__(
         self,
         *,
@@ -1218,10 +1253,11 @@ class ReportEvalRequest(_message.Message):
         eval_tokens: _builtins.int = ...,
         eval_loss_stddev: _builtins.float = ...,
         withheld: _builtins.str = ...,
+        withheld_reason: Global___EvalWithheldReason.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_loss", b"eval_loss", "eval_loss_stddev", b"eval_loss_stddev", "eval_tokens", b"eval_tokens", "global_version", b"global_version", "withheld", b"withheld"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_loss", b"eval_loss", "eval_loss_stddev", b"eval_loss_stddev", "eval_tokens", b"eval_tokens", "global_version", b"global_version", "withheld", b"withheld", "withheld_reason", b"withheld_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
