@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "--version",
         default="best",
         help="a version number, latest, or best (default: the lowest token-weighted eval loss of the "
-        "versions compared over the same agents)",
+        "versions compared over the same agents; averaged over neighbouring versions when noised)",
     )
     out.add_argument(
         "--merge", action="store_true", help="also write merged/: the base model with the adapter folded in"

@@ -34,9 +34,10 @@ class Choice:
 def choose_version(
     committed: list[int], evals: Mapping[int, Evals], which: str, pruned: Sequence[int] = ()
 ) -> Choice:
-    """``latest``, ``best`` or a version number. ``best`` is the lowest token-weighted eval loss
-    among the versions ``comparable`` over the same agents, so that a version only the agents
-    with the easiest text evaluated cannot win."""
+    """``latest``, ``best`` or a version number. ``best`` is ``version_ranking.best``: the lowest
+    token-weighted eval loss among the versions ``comparable`` over the same agents (so that a
+    version only the agents with the easiest text evaluated cannot win), averaged over
+    neighbouring versions when the losses are noised."""
     if not committed:
         raise ExportError("no global version is committed yet")
     if which == "latest":

@@ -85,26 +85,85 @@ def comparable(evals: Mapping[int, Evals], versions: Container[int]) -> dict[int
     return {v: {a: e[a] for a in sorted(agents)} for v, e in scored.items() if agents <= e.keys()}
 
 
+NEIGHBOURS = 2
+"""When the compared losses carry DP noise, each version's loss is averaged with those of up to
+this many comparable versions on each side (in version order, pruned ones included) before the
+versions are ranked: the lowest of many noisy losses is mostly the luckiest draw, and the loss
+moves little from one version to the next."""
+CONTENDER_SIGMAS = 2.0
+"""...and only versions whose own loss is within this many deviations of the noise in its
+difference from the lowest can come first, so averaging never overrules a clear lowest loss."""
+
+
+class Standing(NamedTuple):
+    """A comparable version's place in the ranking."""
+
+    evals: Evals
+    """The reference agents' evaluations of it."""
+    score: float
+    """Its loss averaged with its neighbours' (``NEIGHBOURS``; its own loss when no loss is noised)."""
+    neighbours: int
+    """How many other versions' losses ``score`` averages in."""
+    contender: bool
+    """Whether its loss is within ``CONTENDER_SIGMAS`` noise deviations of the lowest."""
+
+
+def standings(committed: Sequence[int], evals: Mapping[int, Evals]) -> dict[int, Standing]:
+    """The ``comparable`` ones of the ``committed`` versions, each with its score."""
+    compared = comparable(evals, set(committed))
+    if not compared:
+        return {}
+    agents = next(iter(compared.values())).keys()
+    trajectory = sorted(v for v, e in evals.items() if agents <= e.keys())
+    loss = {v: weighted_loss({a: evals[v][a] for a in agents}) for v in trajectory}
+    noised = any(loss_stddev(e) for e in compared.values())
+    lowest = min(compared, key=lambda v: (loss[v], v))
+    result = {}
+    for v, e in compared.items():
+        at = trajectory.index(v)
+        window = trajectory[max(0, at - NEIGHBOURS) : at + NEIGHBOURS + 1] if noised else [v]
+        margin = CONTENDER_SIGMAS * math.hypot(loss_stddev(e), loss_stddev(compared[lowest]))
+        score = sum(loss[w] for w in window) / len(window)
+        result[v] = Standing(e, score, len(window) - 1, loss[v] <= loss[lowest] + margin)
+    return result
+
+
+def _order(standing: Standing, version: int) -> tuple[bool, float, int]:
+    """Contenders first, then by score, then the older."""
+    return (not standing.contender, standing.score, version)
+
+
 def best(committed: Sequence[int], evals: Mapping[int, Evals]) -> tuple[int, str] | None:
     """The best of the ``committed`` versions (``ranked`` first) and why, or None when none of
     them has evaluations."""
-    compared = comparable(evals, set(committed))
-    if not compared:
+    ranking = standings(committed, evals)
+    if not ranking:
         return None
-    version = min(compared, key=lambda v: (weighted_loss(compared[v]), v))  # what ranked puts first
+    version = min(ranking, key=lambda v: _order(ranking[v], v))
+    chosen = ranking[version]
+    over = f"compared over the {len(chosen.evals)} agent(s) that evaluated them all"
+    lowest = min(ranking, key=lambda v: (weighted_loss(ranking[v].evals), v))
+    if version == lowest:  # averaging changed nothing
+        return version, (
+            f"the lowest token-weighted eval loss ({describe(chosen.evals)}) of the {len(ranking)}"
+            f" version(s) {over}"
+        )
+    contenders = sum(s.contender for s in ranking.values())
     return version, (
-        f"the lowest token-weighted eval loss ({describe(compared[version])}) of the {len(compared)}"
-        f" version(s) compared over the {len(compared[version])} agent(s) that evaluated them all"
+        f"the mean of its eval loss ({describe(chosen.evals)}) and those of {chosen.neighbours}"
+        f" neighbouring version(s), {chosen.score:.4f}, is the lowest of the {contenders} version(s)"
+        f" within {CONTENDER_SIGMAS:g} noise deviations of the lowest loss, of {len(ranking)} {over}"
     )
 
 
 def ranked(committed: Sequence[int], evals: Mapping[int, Evals]) -> list[int]:
     """The committed versions that have evaluations, best first: those ``comparable`` by the
-    lowest token-weighted eval loss over the reference agents, then the older; then the others
+    reference agents in ``standings`` order (by the lowest token-weighted eval loss, averaged
+    over neighbouring versions when noised, contenders first), then the older; then the others
     (a version only the agents with the easiest text evaluated cannot win), by the agents that
     evaluated them, most first, then by their loss."""
     scored = evaluated(evals, set(committed))
-    compared = comparable(scored, set(committed))
-    leading = sorted(compared, key=lambda v: (weighted_loss(compared[v]), v))
-    rest = sorted(set(scored) - set(compared), key=lambda v: (-len(scored[v]), weighted_loss(scored[v]), v))
+    ranking = standings(committed, evals)
+    leading = sorted(ranking, key=lambda v: _order(ranking[v], v))
+    rest = sorted(set(scored) - set(ranking), key=lambda v: (-len(scored[v]), weighted_loss(scored[v]), v))
     return leading + rest

@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 from common.config import RoundsConfig
 from server.export import choose_version
 from server.stopping import finish_reason
-from server.version_ranking import AgentEval, Evals, comparable, ranked, reference_agents, weighted_loss
+from server.version_ranking import (
+    AgentEval,
+    Evals,
+    best,
+    comparable,
+    ranked,
+    reference_agents,
+    weighted_loss,
+)
 
 PATIENT = RoundsConfig(early_stop_patience=3)
 
@@ -123,3 +131,44 @@ def test_the_reference_agents_compare_the_most_evaluations_of_any_set_of_agents(
     assert sorted(order) == sorted(evals)
     assert set(order[: len(compared)]) == set(compared)
     assert all(e.keys() == chosen for e in compared.values())
+    chosen_version = best(sorted(evals), evals)  # exact losses: plainly the lowest, the older on ties
+    lowest = min(compared, key=lambda v: (weighted_loss(compared[v]), v)) if compared else None
+    assert (chosen_version and chosen_version[0]) == lowest and order[:1] == ([lowest] if compared else [])
+
+
+PLATEAU = [5.0, 4.95, 4.9, 4.85, 4.8, 4.75, 4.7, 4.64, 4.62, 4.61, 4.63, 4.62]
+"""A federation's loss by version: down, then flat from version 7 (within a DP noise's reach)."""
+
+
+def noised(losses: list[float], stddev: float) -> dict[int, dict[str, AgentEval]]:
+    """Two agents reporting ``losses`` with DP noise of ``stddev`` each (the federation's loss
+    then has 0.035 at 0.05: two lowest-draw contenders are 0.1 apart at 2 deviations)."""
+    return {v: {a: AgentEval(x, 100, stddev) for a in "ab"} for v, x in enumerate(losses)}
+
+
+def test_with_noised_losses_a_lucky_draw_does_not_win_against_a_low_plateau() -> None:
+    """Version 3's noised loss (4.58) is the lowest, but its neighbours' are 0.2-0.3 higher: it
+    was the luckiest draw. Within 2 noise deviations of it the plateau's versions contend, and
+    one with a low loss averaged over its neighbours wins. With exact losses, or when version 3
+    is lower than the noise can explain, version 3 wins as before."""
+    lucky = [*PLATEAU[:3], 4.58, *PLATEAU[4:]]
+    chosen = best(list(range(12)), noised(lucky, 0.05))
+    assert chosen is not None and chosen[0] in range(7, 12), chosen
+    assert "and those of 3 neighbouring version(s), 4.6200, is the lowest" in chosen[1]
+    assert "lowest of the 6 version(s) within 2 noise deviations of the lowest loss, of 12" in chosen[1]
+    assert ranked(list(range(12)), noised(lucky, 0.05))[0] == chosen[0]  # retention keeps it first
+    assert best(list(range(12)), noised(lucky, 0.0)) == (
+        3,
+        "the lowest token-weighted eval loss (4.5800) of the 12 version(s) compared over the 2 agent(s)"
+        " that evaluated them all",
+    )
+    clear = [*PLATEAU[:3], 4.45, *PLATEAU[4:]]  # 0.16 under the plateau: over 4 deviations
+    assert best(list(range(12)), noised(clear, 0.05))[0] == 3  # type: ignore[index]
+
+
+def test_pruned_versions_still_inform_their_neighbours_scores() -> None:
+    """Only versions 3 and 9 are kept; the evaluations of the pruned ones around them still tell
+    a lucky draw (3) from a low plateau (9)."""
+    lucky = [*PLATEAU[:3], 4.58, *PLATEAU[4:]]
+    chosen = best([3, 9], noised(lucky, 0.05))
+    assert chosen is not None and chosen[0] == 9 and "of 2 compared over the 2 agent(s)" in chosen[1]
