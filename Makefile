@@ -61,7 +61,7 @@ bench: venv
 	$(PY) -m bench.data --kind completion
 	$(PY) -m bench.token_store
 	$(PY) -m bench.dp
-	$(PY) -m bench.best_version
+	$(PY) -m bench.noisy_evals
 	$(PY) -m bench.memory
 	$(PY) -m bench.memory --dp
 	-$(PY) -m bench.cpu_threads  # needs root (it makes a cgroup)

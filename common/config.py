@@ -128,10 +128,10 @@ class RoundsConfig:
     """How much lower an eval loss must be to count as an improvement."""
     early_stop_noise_sigmas: float = 0.0
     """How many standard deviations of the noise that differential privacy adds to agents' eval
-    losses an improvement must exceed too (beyond ``early_stop_min_delta``). 0 counts any lower
-    loss, noise included, as an improvement: stopping comes later, never early. 2 counts only an
-    improvement the noise is unlikely to explain, so a real one smaller than that needs more
-    patience to show."""
+    losses an improvement must exceed too (beyond ``early_stop_min_delta``). Noise already makes
+    early stopping stop sooner (a lucky low draw becomes the loss later versions must beat); a
+    positive value makes it stop sooner still, saving rounds at a cost in loss. With noised
+    losses, raise ``early_stop_patience`` instead (``python -m bench.noisy_evals``)."""
 
 
 @dataclass(frozen=True)
