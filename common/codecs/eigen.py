@@ -57,7 +57,8 @@ def covariance_bytes(layer: Any) -> int:
 def plan_passes(model: Any, memory_bytes: int) -> list[list[str]]:
     """The adapted layers in groups, in forward order, whose covariances each fit in
     ``memory_bytes`` (a layer larger than that gets a pass of its own): one pass over the
-    calibration text per group, so the whole model's covariances are never held at once."""
+    calibration text per group, so the whole model's covariances are never held at once. One
+    layer's products are in flight besides (float32, then float64: 12 max(in, out)^2 bytes)."""
     passes: list[list[str]] = []
     held = 0
     for name, layer in adapted_layers(model).items():
