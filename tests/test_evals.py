@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 from agent.client import AggregatorClient
 from agent.daemon import Agent, Worker
 from agent.demo import prepare
+from agent.dp_budget import PrivacyBudgetSpent
 from common.config import AgentConfig, AggregatorConfig, load
 from protos.cloudfed.v1 import federation_pb2 as pb
 from server.app import build_aggregator
@@ -190,6 +191,34 @@ async def test_agent_keeps_a_loss_that_is_not_finite_to_itself(
     assert said == [(0, "not_finite", "the eval loss is nan on this cloud's held-out text")]
     kept = json.loads((agent_config.state_dir / "evals.jsonl").read_text().splitlines()[0])
     assert kept["version"] == 0 and math.isnan(kept["eval_loss"])
+
+
+async def test_a_dp_agent_whose_eval_budget_is_spent_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DP cloud (the demo's aws) whose held-out data's budget refuses the release: the real agent
+    daemon tells the real aggregator ``privacy_budget``, in its words."""
+    agg_path, agent_paths, _ = prepare(tmp_path, rounds=1, secagg=False, dp_clouds=("aws",))
+    quiet = {"CLOUDFED_ROUNDS_MIN_AGENTS": "2"}  # no round starts: only the evaluation of version 0
+    agg_config = dataclasses.replace(load(AggregatorConfig, agg_path, env=quiet), metrics_listen="")
+    aws = next(p for p in agent_paths if "aws" in str(p))
+    agent_config = dataclasses.replace(load(AgentConfig, aws, env={}), metrics_listen="")
+    assert agent_config.privacy.dp.enabled
+
+    def spent(self: Agent, version: int, held_out: object) -> object:
+        raise PrivacyBudgetSpent(f"releasing version {version}'s eval loss would exceed the budget")
+
+    monkeypatch.setattr(Agent, "_release_eval", spent)
+    before = _withheld_counts("privacy_budget")
+    await _evaluate_version_0(agg_config, agent_config)
+    assert _withheld_counts("privacy_budget") == (before[0] + 1, before[1] + 1)
+    said = query(
+        agg_config.state_dir / "cloudfed.db",
+        "SELECT eval_withheld_version, eval_withheld_why, eval_withheld_reason FROM agents",
+    )
+    assert said == [
+        (0, "privacy_budget", "kept in its cloud: releasing version 0's eval loss would exceed the budget")
+    ]
 
 
 async def test_an_agent_that_shares_no_eval_loss_keeps_them_in_its_cloud(

@@ -385,14 +385,16 @@ def test_revoking_an_agent_mid_round_takes_it_out_and_the_federation_goes_on(tmp
         fed.start_agents()
         wait_until("version 1", lambda: 1 in fed.versions(), timeout=240)
         gcp_uri = f"spiffe://{DEMO_DOMAIN}/cloud/gcp/agent/agent-1"
-        opened = wait_until(
-            "a round with gcp in it after version 1",
+        opened = wait_until(  # all three in it: with two agents enough to start, a late one may miss it
+            "a round of all three agents with gcp yet to upload, after version 1",
             lambda: query(
                 fed.db,
                 "SELECT r.round_id FROM rounds r JOIN participants p USING (round_id)"
-                " WHERE r.ended_at IS NULL AND r.round_id >= 2 AND p.agent = ? AND p.status != 'uploaded'",
+                " WHERE r.ended_at IS NULL AND r.round_id >= 2 AND p.agent = ? AND p.status != 'uploaded'"
+                " AND (SELECT COUNT(*) FROM participants q WHERE q.round_id = r.round_id) = 3",
                 gcp_uri,
             ),
+            timeout=240,
             every=0.01,
         )
         round_id = opened[0][0]  # type: ignore[index]
