@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from agent.data import load_texts, pack
 from agent.trainer import LoraSpec, LoraTrainer, pick_device, pick_dtype
 from common.codecs.eigen import Eigen, calibrated_bases
-from common.config import PRECISIONS, AggregatorConfig, check_nf4_available, load
+from common.config import PRECISIONS, AggregatorConfig, load
 from common.errors import ConfigError
 from common.layout import ParamLayout
 
@@ -43,10 +43,8 @@ def make_bases(
     base model loads on ``device`` at ``precision`` (as an agent's does: 'auto', 'fp32', 'bf16' or
     'nf4'); the layers' covariances are taken in passes that each hold at most about
     ``memory_bytes`` of them, ``batch_size`` blocks at a time."""
-    if precision not in PRECISIONS:
+    if precision not in PRECISIONS:  # (without bitsandbytes, 'nf4' is refused as the model loads)
         raise ConfigError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "nf4":
-        check_nf4_available()
     device = pick_device(device)
     f = config.federation
     trainer = LoraTrainer(

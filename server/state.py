@@ -223,7 +223,9 @@ class StateDB:
         self._tx(
             "UPDATE agents SET eval_withheld_version = ?, eval_withheld_why = ?, eval_withheld_reason = ?"
             " WHERE agent = ?",
-            *withheld,
+            withheld.version,
+            withheld.reason,
+            withheld.words,
             agent,
         )
 

@@ -100,6 +100,8 @@ class Standing(NamedTuple):
 
     evals: Evals
     """The reference agents' evaluations of it."""
+    loss: float
+    """Their token-weighted loss (``weighted_loss``)."""
     score: float
     """Its loss averaged with its neighbours' (``NEIGHBOURS``; its own loss when no loss is noised)."""
     neighbours: int
@@ -115,16 +117,17 @@ def standings(committed: Sequence[int], evals: Mapping[int, Evals]) -> dict[int,
         return {}
     agents = next(iter(compared.values())).keys()
     trajectory = sorted(v for v, e in evals.items() if agents <= e.keys())
+    position = {v: at for at, v in enumerate(trajectory)}
     loss = {v: weighted_loss({a: evals[v][a] for a in agents}) for v in trajectory}
     noised = any(loss_stddev(e) for e in compared.values())
     lowest = min(compared, key=lambda v: (loss[v], v))
     result = {}
     for v, e in compared.items():
-        at = trajectory.index(v)
+        at = position[v]
         window = trajectory[max(0, at - NEIGHBOURS) : at + NEIGHBOURS + 1] if noised else [v]
         margin = CONTENDER_SIGMAS * math.hypot(loss_stddev(e), loss_stddev(compared[lowest]))
         score = sum(loss[w] for w in window) / len(window)
-        result[v] = Standing(e, score, len(window) - 1, loss[v] <= loss[lowest] + margin)
+        result[v] = Standing(e, loss[v], score, len(window) - 1, loss[v] <= loss[lowest] + margin)
     return result
 
 
@@ -142,7 +145,7 @@ def best(committed: Sequence[int], evals: Mapping[int, Evals]) -> tuple[int, str
     version = min(ranking, key=lambda v: _order(ranking[v], v))
     chosen = ranking[version]
     over = f"compared over the {len(chosen.evals)} agent(s) that evaluated them all"
-    lowest = min(ranking, key=lambda v: (weighted_loss(ranking[v].evals), v))
+    lowest = min(ranking, key=lambda v: (ranking[v].loss, v))
     if version == lowest:  # averaging changed nothing
         return version, (
             f"the lowest token-weighted eval loss ({describe(chosen.evals)}) of the {len(ranking)}"

@@ -80,9 +80,10 @@ def covariance_tensors(
     float32 and summed in float64 (an input several layers read, once); the forward stops after
     the last layer wanted."""
     found = adapted_layers(model)
-    wanted = list(found) if layers is None else [name for name in found if name in set(layers)]
-    if missing := set(layers or ()) - set(found):
+    asked = set(found if layers is None else layers)
+    if missing := asked - found.keys():
         raise ConfigError(f"no adapted layer {sorted(missing)[0]} in the model")
+    wanted = [name for name in found if name in asked]
     if not len(blocks) or not wanted:
         return {}
     device = next(model.parameters()).device
