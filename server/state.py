@@ -52,14 +52,21 @@ ADDED_COLUMNS = {
         "cert_not_after": "REAL",
         "differential_privacy": "TEXT",
         "eval_withheld_version": "INTEGER",
+        "eval_withheld_words": "TEXT",
         "eval_withheld_reason": "TEXT",
-        "eval_withheld_why": "TEXT",
     },
     "evals": {"loss_stddev": "REAL NOT NULL DEFAULT 0"},
 }
 """Columns added since the first release (to databases made before they existed): the certificate
 an agent last joined with, the DP guarantee it announced and the last eval loss it withheld, with
 why (in its words, and the metrics' reason label); the deviation of an eval loss's DP noise."""
+RENAMED_COLUMNS = (
+    ("agents", "eval_withheld_reason", "eval_withheld_words"),
+    ("agents", "eval_withheld_why", "eval_withheld_reason"),
+)
+"""Columns renamed since they were added, in order (old, new): a withheld eval's words were kept
+as ``eval_withheld_reason`` and its reason label as ``eval_withheld_why``. Each rename applies
+where the old column exists and the new one does not yet."""
 OPEN_PHASES = ("ADVERTISE_KEYS", "SHARE_KEYS", "UPLOAD", "UNMASK", "AGGREGATE")
 _SELECT_OPEN = "SELECT round_id FROM rounds WHERE phase IN (?, ?, ?, ?, ?)"
 
@@ -137,13 +144,21 @@ class StateDB:
         self._db.execute("PRAGMA synchronous=FULL")  # a recorded version or outcome survives power loss
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
-        self._add_missing_columns()
+        self._migrate()
 
-    def _add_missing_columns(self) -> None:
-        """Bring a database of an older release up to this schema (columns are only ever added)."""
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+
+    def _migrate(self) -> None:
+        """Bring a database of an older release up to this schema, in one transaction: columns
+        renamed (``RENAMED_COLUMNS``), then the missing ones added; nothing is dropped."""
         with self._transaction():
+            for table, old, new in RENAMED_COLUMNS:
+                have = self._columns(table)
+                if old in have and new not in have:
+                    self._db.execute(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}")
             for table, columns in ADDED_COLUMNS.items():
-                have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                have = self._columns(table)
                 for name, kind in columns.items():
                     if name not in have:
                         self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
@@ -221,7 +236,7 @@ class StateDB:
     def eval_withheld(self, agent: str, withheld: WithheldEval) -> None:
         """Record that ``agent`` withheld its eval loss of a version, and why."""
         self._tx(
-            "UPDATE agents SET eval_withheld_version = ?, eval_withheld_why = ?, eval_withheld_reason = ?"
+            "UPDATE agents SET eval_withheld_version = ?, eval_withheld_reason = ?, eval_withheld_words = ?"
             " WHERE agent = ?",
             withheld.version,
             withheld.reason,
@@ -339,7 +354,7 @@ class StateDB:
         """Every agent that ever joined, by name."""
         rows = self._db.execute(
             "SELECT agent, last_seen, num_examples, cert_serial, cert_issuer, cert_not_after,"
-            " differential_privacy, eval_withheld_version, eval_withheld_why, eval_withheld_reason"
+            " differential_privacy, eval_withheld_version, eval_withheld_reason, eval_withheld_words"
             " FROM agents ORDER BY agent"
         )
         return [

@@ -98,9 +98,8 @@ async def test_a_withheld_report_is_kept_with_its_reason_and_ranks_nothing(
             assert refused.value.code() == code, name
     db = run.agg.config.state_dir / "cloudfed.db"
     assert query(db, "SELECT * FROM evals") == []
-    assert query(db, "SELECT eval_withheld_version, eval_withheld_why, eval_withheld_reason FROM agents") == [
-        (0, "unspecified", "an earlier release's report")
-    ]
+    withheld = "SELECT eval_withheld_version, eval_withheld_reason, eval_withheld_words FROM agents"
+    assert query(db, withheld) == [(0, "unspecified", "an earlier release's report")]
     for reason, count in {"not_shared": 1, "unspecified": 1, "too_noisy": None}.items():
         labels = {"cloud": "aws", "agent": "evaluator", "reason": reason}
         assert REGISTRY.get_sample_value("cloudfed_evals_withheld_total", labels) == count
@@ -186,7 +185,7 @@ async def test_agent_keeps_a_loss_that_is_not_finite_to_itself(
     assert query(agg_config.state_dir / "cloudfed.db", "SELECT * FROM evals") == []
     said = query(
         agg_config.state_dir / "cloudfed.db",
-        "SELECT eval_withheld_version, eval_withheld_why, eval_withheld_reason FROM agents",
+        "SELECT eval_withheld_version, eval_withheld_reason, eval_withheld_words FROM agents",
     )
     assert said == [(0, "not_finite", "the eval loss is nan on this cloud's held-out text")]
     kept = json.loads((agent_config.state_dir / "evals.jsonl").read_text().splitlines()[0])
@@ -214,7 +213,7 @@ async def test_a_dp_agent_whose_eval_budget_is_spent_says_so(
     assert _withheld_counts("privacy_budget") == (before[0] + 1, before[1] + 1)
     said = query(
         agg_config.state_dir / "cloudfed.db",
-        "SELECT eval_withheld_version, eval_withheld_why, eval_withheld_reason FROM agents",
+        "SELECT eval_withheld_version, eval_withheld_reason, eval_withheld_words FROM agents",
     )
     assert said == [
         (0, "privacy_budget", "kept in its cloud: releasing version 0's eval loss would exceed the budget")
@@ -246,7 +245,7 @@ async def test_an_agent_that_shares_no_eval_loss_keeps_them_in_its_cloud(
     assert query(agg_config.state_dir / "cloudfed.db", "SELECT * FROM evals") == []
     said = query(
         agg_config.state_dir / "cloudfed.db",
-        "SELECT eval_withheld_version, eval_withheld_why, eval_withheld_reason FROM agents",
+        "SELECT eval_withheld_version, eval_withheld_reason, eval_withheld_words FROM agents",
     )
     assert said == [(0, "not_shared", "kept in its cloud: privacy.share_eval_losses is false")]
     exported = [

@@ -378,7 +378,7 @@ def test_the_demo_runs_with_a_dp_cloud_and_a_qlora_cloud_and_says_what_dp_spent(
     db = tmp_path / "run" / "aggregator-state" / "cloudfed.db"  # and told the aggregator why
     [(version, label, why)] = query(
         db,
-        "SELECT eval_withheld_version, eval_withheld_why, eval_withheld_reason FROM agents"
+        "SELECT eval_withheld_version, eval_withheld_reason, eval_withheld_words FROM agents"
         " WHERE agent LIKE '%/aws/%'",
     )
     assert version == 2 and label == "too_noisy"

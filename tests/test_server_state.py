@@ -139,3 +139,40 @@ def test_a_database_of_an_older_release_gains_the_new_columns_and_keeps_its_rows
     assert db.agents()[0].withheld == (2, "not_shared", "kept in its cloud")
     db.close()
     StateDB(path).close()  # opening it again adds nothing twice
+
+
+@pytest.mark.parametrize("release", ["words only", "words and reason"])
+def test_the_withheld_columns_of_an_older_release_are_renamed_and_keep_their_values(
+    tmp_path: Path, release: str
+) -> None:
+    """Older releases kept a withheld eval's words as ``eval_withheld_reason`` and (the last one)
+    its reason label as ``eval_withheld_why``: opening such a database renames them to
+    ``eval_withheld_words`` and ``eval_withheld_reason`` with their values, once."""
+    path = tmp_path / "cloudfed.db"
+    StateDB(path).close()  # today's schema, then taken back to the older release's
+    old = sqlite3.connect(path)
+    old.execute("ALTER TABLE agents RENAME COLUMN eval_withheld_reason TO eval_withheld_why")
+    old.execute("ALTER TABLE agents RENAME COLUMN eval_withheld_words TO eval_withheld_reason")
+    if release == "words only":
+        old.execute("ALTER TABLE agents DROP COLUMN eval_withheld_why")
+    old.execute(
+        "INSERT INTO agents (agent, cloud, joined_at, last_seen, eval_withheld_version, eval_withheld_reason)"
+        " VALUES ('a1', 'aws', 1.0, 2.0, 3, 'kept in its cloud')"
+    )
+    if release == "words and reason":
+        old.execute("UPDATE agents SET eval_withheld_why = 'not_shared'")
+    old.commit()
+    old.close()
+
+    for _ in range(2):  # a second opening renames nothing again
+        db = StateDB(path)
+        label = "not_shared" if release == "words and reason" else "unspecified"
+        assert db.agents()[0].withheld == (3, label, "kept in its cloud")
+        db.close()
+    columns = [row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(agents)")]
+    assert "eval_withheld_why" not in columns
+    assert columns.count("eval_withheld_reason") == columns.count("eval_withheld_words") == 1
+    db = StateDB(path)
+    db.eval_withheld("a1", WithheldEval(4, "too_noisy", "noise 0.3 nats"))
+    assert db.agents()[0].withheld == (4, "too_noisy", "noise 0.3 nats")
+    db.close()
