@@ -3,7 +3,8 @@
 
 Runs public calibration text through the frozen base model with the federation's LoRA layout,
 collects each adapted layer's activation covariances and writes the top eigenvectors per LoRA
-tensor. The operator points ``federation.codec_state`` at the file; the aggregator serves it to
+tensor (float16 unless ``--dtype float32``; the bases of layers that read one input, e.g. q, k
+and v's lora_A, once). The operator points ``federation.codec_state`` at the file; the aggregator serves it to
 the agents by digest. Nothing private goes in: only text every party may see.
 """
 
@@ -14,11 +15,10 @@ import logging
 import time
 from pathlib import Path
 
-from safetensors.numpy import save_file
-
 from agent.data import load_texts, pack
 from agent.trainer import LoraSpec, LoraTrainer, pick_device, pick_dtype
-from common.codecs.eigen import Eigen, calibrated_bases
+from common.codecs.eigen import BASES_DTYPES, DEFAULT_BASES_DTYPE, Eigen, calibrated_bases, stored_bases
+from common.codecs.state import save_state
 from common.config import PRECISIONS, AggregatorConfig, load
 from common.errors import ConfigError
 from common.layout import ParamLayout
@@ -38,11 +38,14 @@ def make_bases(
     precision: str = "fp32",
     memory_bytes: int = 8 * GIB,
     batch_size: int = 8,
+    dtype: str = DEFAULT_BASES_DTYPE,
 ) -> Eigen:
-    """Compute and save the bases; return the codec they make (checked against the layout). The
-    base model loads on ``device`` at ``precision`` (as an agent's does: 'auto', 'fp32', 'bf16' or
-    'nf4'); the layers' covariances are taken in passes that each hold at most about
-    ``memory_bytes`` of them, ``batch_size`` blocks at a time."""
+    """Compute and save the bases (as ``dtype``); return the codec they make (checked against the
+    layout). The base model loads on ``device`` at ``precision`` (as an agent's does: 'auto',
+    'fp32', 'bf16' or 'nf4'); the layers' covariances are taken in passes that each hold at most
+    about ``memory_bytes`` of them, ``batch_size`` blocks at a time."""
+    if dtype not in BASES_DTYPES:
+        raise ConfigError(f"--dtype: expected one of {', '.join(BASES_DTYPES)}, got {dtype!r}")
     if precision not in PRECISIONS:  # (without bitsandbytes, 'nf4' is refused as the model loads)
         raise ConfigError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = pick_device(device)
@@ -68,9 +71,13 @@ def make_bases(
             time.monotonic() - started,
         )
 
-    bases = calibrated_bases(trainer.model, layout, blocks, ratio, memory_bytes, batch_size, progress)
+    bases = stored_bases(
+        calibrated_bases(trainer.model, layout, blocks, ratio, memory_bytes, batch_size, progress), dtype
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(bases, str(out), metadata={"ratio": str(ratio), "model": model, "blocks": str(len(blocks))})
+    metadata = {"ratio": str(ratio), "model": model, "blocks": str(len(blocks)), "dtype": dtype}
+    repeats = save_state(out, bases, metadata)
+    log.info("%d of %d bases stored once for layers that read the same input", repeats, len(bases))
     return Eigen(layout, bases)
 
 
@@ -95,6 +102,12 @@ def main(argv: list[str] | None = None) -> None:
         help="covariances held at once; more takes fewer passes over the text (default: 8)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="calibration blocks a forward (default: 8)")
+    p.add_argument(
+        "--dtype",
+        default=DEFAULT_BASES_DTYPE,
+        choices=BASES_DTYPES,
+        help=f"how the bases are stored (default: {DEFAULT_BASES_DTYPE}, half float32's size)",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -113,12 +126,14 @@ def main(argv: list[str] | None = None) -> None:
             args.precision,
             int(args.memory_gb * GIB),
             args.batch_size,
+            args.dtype,
         )
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
     numel = codec.layout.numel
     print(
-        f"wrote {args.out}: {len(codec.bases)} bases; updates {codec.ratio(numel):.1f}x smaller than float32"
+        f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB): {len(codec.bases)} bases; "
+        f"updates {codec.ratio(numel):.1f}x smaller than float32"
     )
 
 

@@ -35,7 +35,7 @@ from agent.uplink import evaluation_bytes, secagg_key_bytes, upload_bytes, uploa
 from common.codecs import registry
 from common.codecs.base import Codec
 from common.codecs.countsketch import CountSketch
-from common.codecs.eigen import Eigen, activation_covariances, eigen_bases
+from common.codecs.eigen import Eigen, activation_covariances, eigen_bases, stored_bases
 from common.codecs.feedback import ErrorFeedback
 from common.codecs.quantize import Quantize
 from common.layout import ParamLayout
@@ -310,7 +310,7 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
         if learned is not None:
             codec = learned.codec(numel, round_id)
         elif scheme.codec == "eigen":
-            codec = Eigen(layout, eigen_bases(layout, world.covariances, scheme.ratio))
+            codec = Eigen(layout, stored_bases(eigen_bases(layout, world.covariances, scheme.ratio)))
         else:
             codec = registry.make(settings, numel, round_id)
         if isinstance(codec, Quantize):  # stochastic rounding repeats exactly from run to run

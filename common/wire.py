@@ -25,6 +25,8 @@ Revisions:
      (not sent).
   9. key advertisements carry ``self_seed_commitment`` (SHA-256 of the self-mask seed, round
      and identity), covered by their signature; agents refuse an advertisement without one.
+ 10. codec state files store a tensor equal to another once, naming the repeats in their
+     metadata (``aliases``); ``eigen`` bases may be float16.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from collections.abc import Iterable
 
 from common.errors import FailedPrecondition, InvalidArgument
 
-WIRE_REVISION = 9
+WIRE_REVISION = 10
 
 MAX_DECLINE_DETAIL = 1024
 """The longest free text the aggregator takes from an agent (a decline's detail, a spent

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from common.codecs.projection import random_basis
-from common.codecs.state import CodecState
+from common.codecs.state import CodecState, save_state
 from common.config import AggregatorConfig
 from common.errors import ConfigError
 from protos.cloudfed.v1 import federation_pb2 as pb
@@ -76,3 +79,40 @@ def test_missing_or_mismatched_bases_are_refused_at_start(pki: Pki, tmp_path: Pa
     garbage.write_bytes(b"not safetensors")
     with pytest.raises(ConfigError, match="not a safetensors"):
         build_aggregator(eigen_config(pki, tmp_path / "agg1", garbage).validate())
+
+
+def test_equal_tensors_are_stored_once_and_bad_aliases_are_refused(pki: Pki, tmp_path: Path) -> None:
+    """``save_state`` stores a tensor equal to another (dtype, shape, values) once and names the
+    repeat in the metadata; reading gives every name back, the repeats as one array. A file whose
+    aliases name no stored tensor is refused, by the aggregator at start too."""
+    basis = random_basis(64, 16, 1)
+    tensors = {
+        "m.lora_B.weight": random_basis(32, 8, 2),
+        "m.lora_A.weight": basis,
+        "n.lora_A.weight": basis.copy(),  # equal: stored once
+        "o.lora_A.weight": basis.astype(np.float16),  # another dtype: stored
+        "p.lora_A.weight": basis[:, ::-1].copy(),  # another order: stored
+    }
+    path = tmp_path / "state.safetensors"
+    assert save_state(path, tensors, {"ratio": "4"}) == 1
+    with safe_open(str(path), framework="np") as f:
+        assert sorted(f.keys()) == [f"{m}.lora_{ab}.weight" for m, ab in ("mA", "mB", "oA", "pA")]
+        assert json.loads(f.metadata()["aliases"]) == {"n.lora_A.weight": "m.lora_A.weight"}
+        assert f.metadata()["ratio"] == "4"
+    loaded = CodecState.of(path).tensors()
+    assert loaded.keys() == tensors.keys() and loaded["n.lora_A.weight"] is loaded["m.lora_A.weight"]
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype
+        np.testing.assert_array_equal(loaded[name], tensor)
+    assert not path.with_name(path.name + ".part").exists()
+
+    stored = {"m.lora_A.weight": basis, "m.lora_B.weight": random_basis(32, 8, 2)}
+    shadowing = '{"m.lora_B.weight": "m.lora_A.weight"}'  # a stored name
+    for aliases in ('{"x.lora_A.weight": "absent"}', shadowing, "[1]", '{"x": [1]}', "{"):
+        bad = tmp_path / "bad.safetensors"
+        save_file(stored, str(bad), metadata={"aliases": aliases})
+        with pytest.raises(ConfigError, match="bad aliases"):
+            CodecState.of(bad).tensors()
+    seed_store(tmp_path / "agg", ADAPTER)
+    with pytest.raises(ConfigError, match="bad aliases"):
+        build_aggregator(eigen_config(pki, tmp_path / "agg", bad).validate())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
@@ -10,11 +11,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.numpy import load_file as load_numpy
+from safetensors import safe_open
 
 from agent.data import pack
 from agent.demo import prepare
 from agent.eigen_bases import main as make_bases_main
+from agent.eigen_bases import make_bases
 from agent.trainer import LoraSpec, LoraTrainer
 from common.codecs.eigen import (
     A_SUFFIX,
@@ -28,6 +30,8 @@ from common.codecs.eigen import (
     plan_passes,
 )
 from common.codecs.projection import random_basis
+from common.codecs.state import CodecState
+from common.config import AggregatorConfig, load
 from common.errors import ConfigError, InvalidArgument
 from common.layout import ParamLayout
 from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
@@ -163,7 +167,7 @@ def test_the_operator_tool_makes_bases_from_a_4_bit_base_in_passes(
     and calibration text; the bases fit the federation's layout and span nearly the subspaces of
     the float32 base's (which the demo made); text too short for one block is a clear error."""
     config, _, _ = prepare(tmp_path, 1, codec="eigen", codec_ratio=4)
-    reference = load_numpy(str(tmp_path / "eigen-bases.safetensors"))
+    reference = CodecState.of(tmp_path / "eigen-bases.safetensors").tensors()
     out = tmp_path / "nf4-bases.safetensors"
     argv = ["--config", str(config), "--calibration", str(tmp_path / "calibration.txt"), "--ratio", "4"]
     argv += ["--sequence-length", "64", "--precision", "nf4", "--memory-gb", "0.000001", "--batch-size", "3"]
@@ -173,14 +177,62 @@ def test_the_operator_tool_makes_bases_from_a_4_bit_base_in_passes(
     assert len(passes) == 14 and passes[-1].startswith(
         "pass 14/14: 1 layer up to model.layers.1.mlp.down_proj"
     )
-    bases = load_numpy(str(out))
+    bases = CodecState.of(out).tensors()
     assert bases.keys() == reference.keys()
     for name, basis in bases.items():
         assert basis.shape == reference[name].shape, name
         k = basis.shape[1]
-        overlap = np.linalg.norm(basis.T @ reference[name]) ** 2 / k  # 1: the same subspace
+        overlap = np.linalg.norm(basis.T.astype(np.float32) @ reference[name]) ** 2 / k  # 1: one subspace
         assert overlap > 0.8, (name, overlap)
 
     (tmp_path / "short.txt").write_text("too short")
     with pytest.raises(SystemExit, match="fewer than one block of 64"):
         make_bases_main([*argv[:3], str(tmp_path / "short.txt"), *argv[4:], "--out", str(tmp_path / "x")])
+
+
+def test_the_operator_tool_stores_float16_bases_once_per_input(tmp_path: Path) -> None:
+    """By default the tool writes float16 bases and stores the bases of layers that read one input
+    (q, k and v's lora_A; gate and up's) once, whatever its passes: the file is under half the
+    float32 one's, and the codec it makes decodes within 1e-3 of the float32 bases' codec."""
+    config, _, _ = prepare(tmp_path, 1, codec="eigen", codec_ratio=4)  # the tool's defaults, one pass
+    half = tmp_path / "eigen-bases.safetensors"
+    full = tmp_path / "float32.safetensors"
+    exact = make_bases(
+        load(AggregatorConfig, config),
+        str(tmp_path / "model"),
+        tmp_path / "calibration.txt",
+        4,
+        64,
+        full,
+        memory_bytes=1,  # a pass a layer
+        dtype="float32",
+    )
+
+    layers = [f"base_model.model.model.layers.{i}" for i in range(2)]
+    repeats = {  # stored once under k_proj's and gate_proj's names (the first in sorted order)
+        f"{layer}.{module}.lora_A.weight"
+        for layer in layers
+        for module in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")
+    }
+    for path in (half, full):
+        with safe_open(str(path), framework="np") as f:
+            aliases = json.loads(f.metadata()["aliases"])
+            assert set(aliases) == repeats and not repeats & set(f.keys()), path
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    f16, f32 = CodecState.of(half).tensors(), CodecState.of(full).tensors()
+    assert f16.keys() == f32.keys() and len(f16) == 28
+    for name, basis in f32.items():
+        assert basis.dtype == np.float32 and f16[name].dtype == np.float16
+        np.testing.assert_array_equal(f16[name], basis.astype(np.float16))
+    q, k = (f"{layers[0]}.self_attn.{m}_proj.lora_A.weight" for m in "qk")
+    assert f16[q] is f16[k]  # one array in memory too
+
+    small = Eigen(exact.layout, f16)
+    assert small.bases[q] is small.bases[k] and small.length == exact.length
+    assert small.digest() != exact.digest() == Eigen(exact.layout, f32).digest()
+    updates = np.random.default_rng(0).standard_normal((4, exact.layout.numel)).astype(np.float32)
+    decoded = small.decode(np.sum([small.encode(u) for u in updates], axis=0))
+    reference = exact.decode(np.sum([exact.encode(u) for u in updates], axis=0))
+    error = np.linalg.norm(decoded - reference) / np.linalg.norm(reference)
+    print(f"float16 bases: decoded sum within {error:.1e} of float32's")
+    assert 0 < error < 1e-3
