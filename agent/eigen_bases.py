@@ -2,10 +2,11 @@
 --calibration public.txt --ratio 8 --out bases.safetensors``.
 
 Runs public calibration text through the frozen base model with the federation's LoRA layout,
-collects each adapted layer's activation covariances and writes the top eigenvectors per LoRA
-tensor (float16 unless ``--dtype float32``; the bases of layers that read one input, e.g. q, k
-and v's lora_A, once). The operator points ``federation.codec_state`` at the file; the aggregator serves it to
-the agents by digest. Nothing private goes in: only text every party may see.
+collects each adapted layer's covariances (of its input, and of the loss gradient at its
+output) and writes the top eigenvectors per LoRA tensor (float16 unless ``--dtype float32``;
+the bases of layers that read one input, e.g. q, k and v's lora_A, once). The operator points
+``federation.codec_state`` at the file; the aggregator serves it to the agents by digest.
+Nothing private goes in: only text every party may see.
 """
 
 from __future__ import annotations

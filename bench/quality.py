@@ -35,7 +35,7 @@ from agent.uplink import evaluation_bytes, secagg_key_bytes, upload_bytes, uploa
 from common.codecs import registry
 from common.codecs.base import Codec
 from common.codecs.countsketch import CountSketch
-from common.codecs.eigen import Eigen, activation_covariances, eigen_bases, stored_bases
+from common.codecs.eigen import Eigen, calibration_covariances, eigen_bases, stored_bases
 from common.codecs.feedback import ErrorFeedback
 from common.codecs.quantize import Quantize
 from common.layout import ParamLayout
@@ -265,7 +265,7 @@ class World:
             self.eval[name] = pack(self.trainer.tokenizer, eval_docs, sequence_length)
         self.federation = Federation.create(len(self.agents), trust_domain="bench.cloudfed")
         calibration = pack(self.trainer.tokenizer, public, sequence_length)  # public text, known to all
-        self.covariances = activation_covariances(self.trainer.model, calibration)
+        self.covariances = calibration_covariances(self.trainer.model, calibration)
         self.ids = dict(zip(self.agents, sorted(self.federation.agents), strict=True))
 
     def eval_loss(self, adapter: dict[str, torch.Tensor]) -> float:

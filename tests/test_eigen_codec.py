@@ -1,4 +1,4 @@
-"""The ``eigen`` codec (EoRA-style activation eigenspaces) on a real tiny Llama with peft LoRA."""
+"""The ``eigen`` codec (EoRA-style calibration eigenspaces) on a real tiny Llama with peft LoRA."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -21,9 +22,9 @@ from agent.trainer import LoraSpec, LoraTrainer
 from common.codecs.eigen import (
     A_SUFFIX,
     Eigen,
-    activation_covariances,
     adapted_layers,
     calibrated_bases,
+    calibration_covariances,
     covariance_bytes,
     covariance_tensors,
     eigen_bases,
@@ -44,7 +45,7 @@ PUBLIC = [doc for domain in DOMAINS for doc in domain_corpus(domain, 15, seed=3)
 def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoraTrainer, ParamLayout, dict]:  # type: ignore[type-arg]
     root: Path = tmp_path_factory.mktemp("eigen")
     trainer = LoraTrainer(str(build_tiny_lm(root / "model", PUBLIC)), LORA)
-    covariances = activation_covariances(trainer.model, pack(trainer.tokenizer, PUBLIC, 32))
+    covariances = calibration_covariances(trainer.model, pack(trainer.tokenizer, PUBLIC, 32))
     return trainer, ParamLayout.from_tensors(trainer.adapter()), covariances
 
 
@@ -52,11 +53,49 @@ def test_covariances_cover_every_adapted_layer(world) -> None:  # type: ignore[n
     _, layout, covariances = world
     modules = {e.name.rsplit(".lora_", 1)[0] for e in layout.entries}
     assert set(covariances) == modules and len(modules) == 6  # 3 targets x 2 layers
-    for module, (cov_in, cov_out) in covariances.items():
+    for module, (cov_in, cov_grad) in covariances.items():
         a = next(e for e in layout.entries if e.name == module + A_SUFFIX)
-        assert cov_in.shape == (a.shape[1],) * 2
+        b = next(e for e in layout.entries if e.name == module + ".lora_B.weight")
+        assert cov_in.shape == (a.shape[1],) * 2 and cov_grad.shape == (b.shape[0],) * 2
         np.testing.assert_allclose(cov_in, cov_in.T, atol=1e-9)
-        assert np.linalg.eigvalsh(cov_in).min() > -1e-9 and np.linalg.eigvalsh(cov_out).min() > -1e-9
+        np.testing.assert_allclose(cov_grad, cov_grad.T, atol=1e-9 * np.abs(cov_grad).max())
+        assert np.linalg.eigvalsh(cov_in).min() > -1e-9 and np.linalg.eigvalsh(cov_grad).min() > -1e-9
+        assert np.trace(cov_grad) > 0
+
+
+def test_the_output_side_is_the_loss_gradient_covariance(world) -> None:  # type: ignore[no-untyped-def]
+    """E[g g^T] with g = d(summed next-token loss)/d(layer output), checked against a plain
+    autograd run over the whole graph (outputs retained, ``backward`` from the embeddings)."""
+    trainer, _, covariances = world
+    model = trainer.model
+    blocks = pack(trainer.tokenizer, PUBLIC, 32)
+    layers = adapted_layers(model)
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+
+    def keep(name: str, output: torch.Tensor) -> None:
+        output.retain_grad()
+        outputs[name].append(output)
+
+    hooks = [
+        layer.base_layer.register_forward_hook(lambda _m, _i, o, name=name: keep(name, o))
+        for name, layer in layers.items()
+    ]
+    try:
+        with model.disable_adapter():
+            model.eval()
+            for ids in blocks:
+                ids = ids[None]
+                embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                out = model(inputs_embeds=embeds, labels=ids)
+                (out.loss * (ids.shape[1] - 1)).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train()
+    for name, kept in outputs.items():
+        g = torch.cat([o.grad.reshape(-1, o.shape[-1]) for o in kept]).double()
+        reference = (g.T @ g / len(g)).numpy()
+        np.testing.assert_allclose(covariances[name][1], reference, rtol=1e-4, atol=1e-6 * reference.max())
 
 
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 5))
@@ -73,7 +112,7 @@ def test_decode_of_summed_payloads_is_the_sum_of_decodes(world, seed: int, n: in
     assert 3.5 < codec.ratio(layout.numel) <= 4.5
 
 
-def test_keeps_more_of_the_layer_output_change_than_a_random_basis_of_the_same_size(world) -> None:  # type: ignore[no-untyped-def]
+def test_keeps_more_of_what_the_output_and_loss_use_than_a_random_basis_of_the_same_size(world) -> None:  # type: ignore[no-untyped-def]
     _, layout, covariances = world
     bases = eigen_bases(layout, covariances, ratio=8)
     rng = np.random.default_rng(0)
@@ -89,6 +128,18 @@ def test_keeps_more_of_the_layer_output_change_than_a_random_basis_of_the_same_s
 
         random_q = random_basis(cov_in.shape[0], basis.shape[1], seed=1)
         assert lost(basis) < 0.8 * lost(random_q), name
+    for name, basis in bases.items():  # lora_B: what the loss loses, E ||err^T g||^2 = tr(err^T G err)
+        if name.endswith(A_SUFFIX):
+            continue
+        cov_grad = covariances[name.removesuffix(".lora_B.weight")][1]
+        delta = rng.standard_normal((cov_grad.shape[0], LORA.rank))
+
+        def lost_b(q: np.ndarray, delta: np.ndarray = delta, cov: np.ndarray = cov_grad) -> float:
+            err = delta - q @ q.T @ delta
+            return float(np.trace(err.T @ cov @ err))
+
+        random_q = random_basis(cov_grad.shape[0], basis.shape[1], seed=1)
+        assert lost_b(basis) < 0.8 * lost_b(random_q), name
     within = np.zeros(layout.numel, np.float32)  # an update inside the kept subspaces comes back exactly
     codec = Eigen(layout, bases)
     for entry in layout.entries:
@@ -118,7 +169,7 @@ def test_bad_bases_and_payloads_are_refused(world) -> None:  # type: ignore[no-u
 def test_passes_within_a_memory_budget_give_the_bases_of_one_pass(world) -> None:  # type: ignore[no-untyped-def]
     """The operator's tool takes the covariances in passes that each hold what the budget allows
     (a real model's would not fit at once): passes in forward order, every layer once, each
-    forward stopped after the pass's last layer, and the same bases as a single pass."""
+    backward going no further than the pass's first layer, and the same bases as a single pass."""
     trainer, layout, covariances = world
     model = trainer.model
     layers = adapted_layers(model)
@@ -132,19 +183,23 @@ def test_passes_within_a_memory_budget_give_the_bases_of_one_pass(world) -> None
     assert plan_passes(model, 1 << 40) == [names]
 
     blocks = pack(trainer.tokenizer, PUBLIC, 32)
-    reached = []
-    hook = model.base_model.model.model.layers[1].register_forward_hook(lambda *_: reached.append(1))
+    traced = []  # whether layer 0's output is in the backward's graph
+    decoder = model.base_model.model.model.layers
+    hook = decoder[0].register_forward_hook(lambda _m, _i, o: traced.append(o[0].requires_grad))
     model.train()
     try:
-        first = covariance_tensors(model, blocks, [n for n in names if ".layers.0." in n], batch_size=4)
-        assert not reached and model.training  # stopped inside layer 0; the mode is restored
-        assert set(first) == {n for n in names if ".layers.0." in n}
+        second = covariance_tensors(model, blocks, [n for n in names if ".layers.1." in n], batch_size=4)
+        assert traced and not any(traced) and model.training  # the mode is restored
+        assert set(second) == {n for n in names if ".layers.1." in n}
+        traced.clear()
+        covariance_tensors(model, blocks[:1], [names[0]])
+        assert traced == [True]
     finally:
         hook.remove()
     batched = covariance_tensors(model, blocks, batch_size=5)
-    for name, (cov_in, cov_out) in covariances.items():  # the fixture's: one block a forward
+    for name, (cov_in, cov_grad) in covariances.items():  # the fixture's: one block a forward
         np.testing.assert_allclose(batched[name][0].numpy(), cov_in, rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(batched[name][1].numpy(), cov_out, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(batched[name][1].numpy(), cov_grad, rtol=1e-4, atol=1e-6 * cov_grad.max())
 
     seen: list[tuple[int, int]] = []
     bases = calibrated_bases(

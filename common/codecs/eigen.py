@@ -1,13 +1,17 @@
-"""``eigen``: each LoRA factor's update projected onto its layer's activation eigenspace. Linear.
+"""``eigen``: each LoRA factor's update projected onto its layer's calibration eigenspaces. Linear.
 
-In the spirit of EoRA: the directions worth keeping are the ones the layer's activations actually
-use. For an adapted linear layer y = W x, ``lora_A`` (r x in) acts on x, so its rows are projected
-onto the top eigenvectors of E[x x^T]; ``lora_B`` (out x r) writes into y, so its columns are
-projected onto the top eigenvectors of E[y y^T]. Both covariances come from public calibration
-text run through the frozen base model (adapters off), so every party can compute, or be sent,
-the same bases. Keeping k = dim / ratio directions per factor compresses by ``ratio``; the basis is
-fixed, so what it drops is dropped on purpose (no error feedback: a fixed subspace would let the
-residual grow without bound). Other tensors pass through unchanged.
+In the spirit of EoRA: the directions worth keeping are the ones the layer actually uses. For an
+adapted linear layer y = W x, ``lora_A`` (r x in) acts on x, so its rows are projected onto the
+top eigenvectors of E[x x^T]; ``lora_B`` (out x r) writes into y, so its columns are projected
+onto the top eigenvectors of E[g g^T], g = dL/dy the gradient of the next-token loss at the
+layer's output: the directions of y the loss responds to (K-FAC's two Kronecker factors of the
+layer's Fisher). The output's own covariance E[y y^T] was measured worse for ``lora_B`` (0.14
+nats at 4x in ``bench.quality``): what a layer outputs most is not what the loss needs changed.
+Both covariances come from public calibration text through the frozen base model (adapters off),
+so every party can compute, or be sent, the same bases. Keeping k = dim / ratio directions per
+factor compresses by ``ratio``; the basis is fixed, so what it drops is dropped on purpose (no
+error feedback: a fixed subspace would let the residual grow without bound). Other tensors pass
+through unchanged.
 
 Bases are stored in float16 by default (``stored_bases``): half the file every agent downloads
 and half the memory, the arithmetic still float32; the rounding moves a decoded sum by about 3e-4
@@ -16,7 +20,6 @@ of its size on the demo's model, well below what fixed-point masking rounds off.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -42,10 +45,6 @@ def _module_of(tensor_name: str) -> str | None:
     return None
 
 
-class _PassDone(Exception):
-    """Raised by the hook of the last layer a pass needs: the rest of the forward is skipped."""
-
-
 def adapted_layers(model: Any) -> dict[str, Any]:
     """The LoRA-adapted layers of a peft model, in forward order, by the module name the
     adapter's tensors carry (``base_model.model. ...``)."""
@@ -57,7 +56,7 @@ def adapted_layers(model: Any) -> dict[str, Any]:
 
 
 def covariance_bytes(layer: Any) -> int:
-    """Bytes of one layer's two float64 covariances (input and output)."""
+    """Bytes of one layer's two float64 covariances (input, and loss gradient at the output)."""
     return 8 * (int(layer.in_features) ** 2 + int(layer.out_features) ** 2)
 
 
@@ -65,7 +64,8 @@ def plan_passes(model: Any, memory_bytes: int) -> list[list[str]]:
     """The adapted layers in groups, in forward order, whose covariances each fit in
     ``memory_bytes`` (a layer larger than that gets a pass of its own): one pass over the
     calibration text per group, so the whole model's covariances are never held at once. One
-    layer's products are in flight besides (float32, then float64: 12 max(in, out)^2 bytes)."""
+    layer's products are in flight besides (float32, then float64: 12 max(in, out)^2 bytes), and
+    the activations a batch's backward needs from the pass's first layer on."""
     passes: list[list[str]] = []
     held = 0
     for name, layer in adapted_layers(model).items():
@@ -81,11 +81,12 @@ def plan_passes(model: Any, memory_bytes: int) -> list[list[str]]:
 def covariance_tensors(
     model: Any, blocks: torch.Tensor, layers: Collection[str] | None = None, batch_size: int = 1
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """E[x x^T] and E[y y^T] (float64, on the model's device) of the base linear map of each
-    adapted layer in ``layers`` (default: all), over ``blocks`` ([n, length] token ids) run
-    ``batch_size`` at a time with the adapters disabled. Each batch's products are taken in
-    float32 and summed in float64 (an input several layers read, once); the forward stops after
-    the last layer wanted."""
+    """E[x x^T] of the input and E[g g^T] of the loss gradient at the output (float64, on the
+    model's device) of the base linear map of each adapted layer in ``layers`` (default: all),
+    over ``blocks`` ([n, length] token ids, also the labels) run ``batch_size`` at a time with the
+    adapters disabled; g is per token (the gradient of the summed loss). Each batch's products are
+    taken in float32 and summed in float64 (an input several layers read, once). The backward
+    reaches no further than the first layer wanted: the graph starts at its output."""
     found = adapted_layers(model)
     asked = set(found if layers is None else layers)
     if missing := asked - found.keys():
@@ -96,49 +97,59 @@ def covariance_tensors(
     device = next(model.parameters()).device
     sums: dict[str, list[Any]] = {}
     last_input: list[Any] = [None, None]  # q, k and v (gate and up) read one input: its product once
+    start: list[torch.Tensor] = []  # this batch's zero leaf: the graph's only input
 
-    def hook(key: str, last: bool, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        if last_input[0] is not inputs[0]:
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            last_input[:] = inputs[0], (x.T @ x).double()
-        y = output.reshape(-1, output.shape[-1]).float()
-        yy = (y.T @ y).double()
+    def accumulate(key: str, at: int, product: torch.Tensor, rows: int) -> None:
         if key not in sums:
-            sums[key] = [torch.zeros_like(last_input[1]), torch.zeros_like(yy), 0]
-        sums[key][0] += last_input[1]
-        sums[key][1] += yy
-        sums[key][2] += y.shape[0]
-        if last:
-            raise _PassDone
+            sums[key] = [None, None, 0]
+        sums[key][at] = product.clone() if sums[key][at] is None else sums[key][at].add_(product)
+        if at == 0:
+            sums[key][2] += rows
+
+    def hook(key: str, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        if last_input[0] is not inputs[0]:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            last_input[:] = inputs[0], (x.T @ x).double()
+        accumulate(key, 0, last_input[1], output.numel() // output.shape[-1])
+        if not start:
+            start.append(torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True))
+        traced = output + start[0]  # equal values; the backward flows to here and no further
+
+        def gradient(g: torch.Tensor) -> None:
+            flat = g.reshape(-1, g.shape[-1]).float()
+            accumulate(key, 1, (flat.T @ flat).double(), 0)
+
+        traced.register_hook(gradient)  # type: ignore[no-untyped-call]
+        return traced
 
     hooks = [
-        found[name].base_layer.register_forward_hook(
-            lambda _m, i, o, key=name, last=name == wanted[-1]: hook(key, last, i, o)
-        )
+        found[name].base_layer.register_forward_hook(lambda _m, i, o, key=name: hook(key, i, o))
         for name in wanted
     ]
     training = model.training
     try:
-        with torch.inference_mode(), model.disable_adapter():
+        with torch.enable_grad(), model.disable_adapter():
             model.eval()
-            for start in range(0, len(blocks), batch_size):
-                with contextlib.suppress(_PassDone):
-                    model(input_ids=blocks[start : start + batch_size].to(device))
+            for at in range(0, len(blocks), batch_size):
+                ids = blocks[at : at + batch_size].to(device)
+                loss = model(input_ids=ids, labels=ids).loss * (ids.shape[0] * (ids.shape[1] - 1))
+                torch.autograd.grad(loss, start)
                 last_input[:] = None, None
+                start.clear()
     finally:
         for h in hooks:
             h.remove()
         model.train(training)
-    return {name: (xx / n, yy / n) for name, (xx, yy, n) in sums.items()}
+    return {name: (xx / n, gg / n) for name, (xx, gg, n) in sums.items()}
 
 
-def activation_covariances(
+def calibration_covariances(
     model: Any, blocks: torch.Tensor, layers: Collection[str] | None = None, batch_size: int = 1
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``covariance_tensors`` as numpy arrays, keyed by the adapter's module name."""
     return {
-        name: (xx.cpu().numpy(), yy.cpu().numpy())
-        for name, (xx, yy) in covariance_tensors(model, blocks, layers, batch_size).items()
+        name: (xx.cpu().numpy(), gg.cpu().numpy())
+        for name, (xx, gg) in covariance_tensors(model, blocks, layers, batch_size).items()
     }
 
 
@@ -169,8 +180,8 @@ def eigen_bases(
             continue
         if module not in covariances:
             raise ConfigError(f"no calibration activations for {module}")
-        cov_in, cov_out = covariances[module]
-        cov = cov_in if entry.name.endswith(A_SUFFIX) else cov_out
+        cov_in, cov_grad = covariances[module]
+        cov = cov_in if entry.name.endswith(A_SUFFIX) else cov_grad
         bases[entry.name] = top_eigenvectors(cov, max(1, round(cov.shape[0] / ratio)))
     return bases
 
