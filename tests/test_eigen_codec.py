@@ -163,6 +163,15 @@ def test_bad_bases_and_payloads_are_refused(world) -> None:  # type: ignore[no-u
     first = layout.entries[0].name
     with pytest.raises(ConfigError, match="does not fit"):
         Eigen(layout, {first: np.zeros((3, 2), np.float32)})
+    nan = eigen_bases(layout, covariances, ratio=4)
+    nan[first][0, 0] = np.nan
+    with pytest.raises(ConfigError, match="not finite"):
+        Eigen(layout, nan)
+    overflowed = dict(covariances)
+    module = first.rsplit(".lora_", 1)[0]
+    overflowed[module] = (covariances[module][0] * np.inf, covariances[module][1])
+    with pytest.raises(ConfigError, match="covariance is not finite"):
+        eigen_bases(layout, overflowed, ratio=4)
     assert codec.digest() != Eigen(layout, eigen_bases(layout, covariances, ratio=8)).digest()
 
 

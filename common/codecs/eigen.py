@@ -182,6 +182,11 @@ def eigen_bases(
             raise ConfigError(f"no calibration activations for {module}")
         cov_in, cov_grad = covariances[module]
         cov = cov_in if entry.name.endswith(A_SUFFIX) else cov_grad
+        if not bool(torch.isfinite(torch.as_tensor(cov)).all()):
+            raise ConfigError(
+                f"{entry.name}: its calibration covariance is not finite (the base model's activations"
+                " or loss overflowed; try --precision fp32)"
+            )
         bases[entry.name] = top_eigenvectors(cov, max(1, round(cov.shape[0] / ratio)))
     return bases
 
@@ -243,6 +248,8 @@ class Eigen(Codec):
             acts_on = cols if entry.name.endswith(A_SUFFIX) else rows
             if basis.ndim != 2 or basis.shape[0] != acts_on:
                 raise ConfigError(f"{entry.name}: basis {basis.shape} does not fit shape {entry.shape}")
+            if not np.isfinite(basis).all():
+                raise ConfigError(f"{entry.name}: its basis holds values that are not finite")
             self.sizes.append(entry.numel // acts_on * basis.shape[1])
         self.length = int(sum(self.sizes))
 
