@@ -179,7 +179,7 @@ def eigen_bases(
         if module is None or (layers is not None and module not in layers):
             continue
         if module not in covariances:
-            raise ConfigError(f"no calibration activations for {module}")
+            raise ConfigError(f"no calibration covariances for {module}")
         cov_in, cov_grad = covariances[module]
         cov = cov_in if entry.name.endswith(A_SUFFIX) else cov_grad
         if not bool(torch.isfinite(torch.as_tensor(cov)).all()):
