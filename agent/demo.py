@@ -1,12 +1,13 @@
 """A local federation on loopback: the main job, end to end, in about a minute on 2 CPU cores.
 
     python -m agent.demo [--rounds 5] [--dir demo-run] [--no-secagg] [--dp aws] [--nf4 gcp]
+                         [--codec eigen --codec-ratio 4] [--secagg-bits 8 --adaptive-clip 3]
 
 Generates a dev CA and certificates, builds a tiny causal LM and tokenizer
 locally (nothing is downloaded), gives three agents (aws, gcp, azure) different
 local text (weather, cooking, football: non-IID), starts the real aggregator and
 agent daemons, and prints each global version's evaluation loss on every
-agent's held-out text as the rounds complete.
+agent's held-out text as the rounds complete, then what each upload cost.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import AgentConfig, AggregatorConfig, load
+import numpy as np
+
+from common.config import KNOWN_CODECS, AgentConfig, AggregatorConfig, load
+from common.errors import ConfigError
 from common.health import wait_serving
 from common.identity import SpiffeId
 from common.pki import PkiDir, issue_agent, issue_server
@@ -211,6 +215,31 @@ def released_evals(config: AgentConfig) -> str:
     return f"eval losses released with differential privacy (its own as the aggregator got them): {pairs}"
 
 
+def uplink(root: Path) -> str:
+    """What each agent uploaded a completed round on average, against the float32 update."""
+    from safetensors import safe_open
+
+    from common.config import AggregatorConfig as Config
+    from server.state import StateDB
+
+    config = load(Config, root / "aggregator.toml")
+    db = StateDB(config.state_dir / "cloudfed.db")
+    try:
+        done = [r for r in db.rounds(limit=1000) if r.phase == "COMPLETED" and r.uploaded]
+    finally:
+        db.close()
+    if not done:
+        return "no completed round"
+    each = sum(r.uploaded_bytes for r in done) / sum(r.uploaded for r in done)
+    with safe_open(str(config.state_dir / "checkpoints" / "v00000000.safetensors"), framework="np") as f:
+        numel = sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())  # noqa: SIM118
+    return (
+        f"each agent uploaded {each / 1e3:.1f} kB a round ({config.federation.codec},"
+        f" {'masked' if config.secagg.enabled else 'in the clear'}); the float32 update is"
+        f" {4 * numel / 1e3:.1f} kB: {4 * numel / each:.1f}x fewer bytes"
+    )
+
+
 def run_federation(
     root: Path,
     rounds: int,
@@ -229,6 +258,9 @@ def run_federation(
     agg_config, agent_configs, health = prepare(
         root, rounds, secagg, codec, codec_ratio, secagg_bits, adaptive_clip, device, dp_clouds, nf4_clouds
     )
+    load(
+        AggregatorConfig, agg_config
+    ).validate()  # what the aggregator would refuse: said here, not in its log
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # The agents share this machine's cores: each gets its share of torch's threads (unless the
     # caller says otherwise). Left at torch's default of every core each, OpenMP's busy-waiting
@@ -309,21 +341,46 @@ def main() -> int:
         choices=CLOUDS,
         help="this cloud trains over a 4-bit base (QLoRA, needs bitsandbytes); repeat for more",
     )
+    p.add_argument("--codec", default="identity", choices=KNOWN_CODECS, help="how agents encode updates")
+    p.add_argument("--codec-ratio", type=float, default=16.0, help="the codec's compression (default: 16)")
+    p.add_argument(
+        "--secagg-bits", type=int, default=24, help="fixed-point bits of masked values (default: 24)"
+    )
+    p.add_argument(
+        "--adaptive-clip",
+        type=float,
+        default=0.0,
+        help="clip masked values at this multiple of their RMS in the last aggregate (default: off)",
+    )
     args = p.parse_args()
     root = args.dir.resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     began = time.monotonic()
-    masking = "plain updates" if args.no_secagg else "secure aggregation on"
+    masking = "plain updates" if args.no_secagg else f"secure aggregation on ({args.secagg_bits}-bit values)"
+    if args.codec != "identity":
+        masking += f", codec {args.codec} (ratio {args.codec_ratio:g})"
     private = f", DP-SGD in {', '.join(args.dp)}" if args.dp else ""
     quantized = f", QLoRA (a 4-bit base) in {', '.join(args.nf4)}" if args.nf4 else ""
     print(
         f"cloudfed demo in {root}: dev CA, tiny LM, {len(CLOUDS)} clouds with their own text,"
         f" {masking}{private}{quantized}"
     )
-    table = run_federation(
-        root, args.rounds, secagg=not args.no_secagg, dp_clouds=tuple(args.dp), nf4_clouds=tuple(args.nf4)
-    )
+    try:
+        table = run_federation(
+            root,
+            args.rounds,
+            secagg=not args.no_secagg,
+            codec=args.codec,
+            codec_ratio=args.codec_ratio,
+            secagg_bits=args.secagg_bits,
+            adaptive_clip=args.adaptive_clip,
+            dp_clouds=tuple(args.dp),
+            nf4_clouds=tuple(args.nf4),
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}")
+        return 2
     complete = sorted(v for v, losses in table.items() if len(losses) == len(CLOUDS))
     if len(complete) < 2:
         print(f"FAILED: only {len(complete)} versions evaluated; see the logs in {root}")
@@ -335,6 +392,7 @@ def main() -> int:
         f"{len(complete) - 1} rounds in {seconds:.0f}s: mean eval loss {first:.4f} -> {last:.4f} "
         f"({'down' if ok else 'NOT down'}). What each agent sent is in {root}/*/audit."
     )
+    print(uplink(root))
     from agent.dp_budget import describe as describe_dp
 
     for cloud in args.dp:

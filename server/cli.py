@@ -123,13 +123,17 @@ def status(config: AggregatorConfig) -> int:
     else:
         print(f"best            version {chosen[0]}: {chosen[1]} (what export --version best takes)")
     print("\nrounds (newest first)")
-    print(f"  {'round':>5}  {'phase':<10} {'base':>4} {'new':>4}  {'uploads':>7}  {'seconds':>7}  reason")
+    print(
+        f"  {'round':>5}  {'phase':<14} {'base':>4} {'new':>4}  {'uploads':>7}  {'each sent':>9}"
+        f"  {'seconds':>7}  reason"
+    )
     for r in db.rounds(limit=10):
         took = f"{(r.ended_at or time.time()) - r.started_at:7.1f}"
         new = "-" if r.new_version is None else str(r.new_version)
+        each = _size(r.uploaded_bytes / r.uploaded) if r.uploaded else "-"
         print(
-            f"  {r.round_id:>5}  {r.phase:<10} {r.base_version:>4} {new:>4}  "
-            f"{r.uploaded:>3}/{r.participants:<3}  {took}  {r.reason or ''}"
+            f"  {r.round_id:>5}  {r.phase:<14} {r.base_version:>4} {new:>4}  "
+            f"{r.uploaded:>3}/{r.participants:<3}  {each:>9}  {took}  {r.reason or ''}".rstrip()
         )
     evals = db.latest_evals()
     revocations = _revocations(config)
@@ -180,6 +184,14 @@ def backup(config: AggregatorConfig, args: argparse.Namespace) -> int:
     for old in removed:
         print(f"removed the older backup {old} (--keep {args.keep})")
     return 0
+
+
+def _size(nbytes: float) -> str:
+    """``nbytes`` in B, kB, MB or GB (powers of 1000), three significant figures or so."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes:.0f} B"
 
 
 def _revocations(config: AggregatorConfig) -> RevocationList | None:

@@ -84,6 +84,8 @@ class RoundRow:
     reason: str | None
     participants: int
     uploaded: int
+    uploaded_bytes: int = 0
+    """Payload bytes of the uploads received (masked or encoded, as sent)."""
 
 
 @dataclass(frozen=True)
@@ -340,11 +342,15 @@ class StateDB:
         """The latest rounds, newest first."""
         rows = self._db.execute(
             "SELECT r.round_id, r.base_version, r.phase, r.started_at, r.ended_at, r.new_version, r.reason, "
-            "COUNT(p.agent), SUM(p.status = 'uploaded') FROM rounds r LEFT JOIN participants p "
+            "COUNT(p.agent), SUM(p.status = 'uploaded'), "
+            "SUM(CASE WHEN p.status = 'uploaded' THEN p.bytes END) FROM rounds r LEFT JOIN participants p "
             "ON p.round_id = r.round_id GROUP BY r.round_id ORDER BY r.round_id DESC LIMIT ?",
             (limit,),
         )
-        return [RoundRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], int(r[7]), int(r[8] or 0)) for r in rows]
+        return [
+            RoundRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], int(r[7]), int(r[8] or 0), int(r[9] or 0))
+            for r in rows
+        ]
 
     def participant_status(self, round_id: int) -> dict[str, str]:
         """{agent: status} for a round."""

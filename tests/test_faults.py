@@ -136,6 +136,8 @@ def test_aggregator_killed_mid_round_restarts_and_agents_carry_on(federation) ->
     assert any(f"({n} committed)" in status.stdout for n in range(before - 1, after + 1)), status.stdout
     lines = status.stdout.splitlines()
     assert any(f"{in_flight:>5}  ABANDONED" in line and "interrupted" in line for line in lines)
+    completed = [line.split() for line in lines if "  COMPLETED  " in line]
+    assert completed and all(float(row[5]) > 0 and row[6] == "kB" for row in completed), lines  # each sent
 
 
 def test_agent_dying_mid_round_is_dropped_at_the_deadline(federation) -> None:

@@ -173,18 +173,49 @@ def test_projection_under_masking_cuts_uplink_bytes_and_the_loss_goes_down(tmp_p
 
 
 def test_eigen_bases_are_served_by_digest_and_masked_rounds_train(tmp_path: Path) -> None:
-    """eigen (EoRA bases from public text, ratio 4) -> fixed point -> masking, with the real daemons:
-    every agent fetches the aggregator's bases file by digest, and the loss goes down."""
-    table = run_federation(tmp_path, 2, show=False, timeout_s=300, codec="eigen", codec_ratio=4)
-    assert {0, 1, 2} <= set(table), (tmp_path / "aggregator.log").read_text()[-2000:]
+    """`python -m agent.demo --codec eigen --codec-ratio 4`: EoRA-style bases from public text ->
+    fixed point -> masking, with the real daemons. Every agent fetches the aggregator's bases file
+    by digest, the loss goes down, and the demo says what an upload cost against float32."""
+    root = tmp_path / "run"
+    done = run_cli(
+        "agent.demo",
+        "--rounds",
+        "2",
+        "--dir",
+        str(root),
+        "--codec",
+        "eigen",
+        "--codec-ratio",
+        "4",
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "secure aggregation on (24-bit values), codec eigen (ratio 4)" in done.stdout
+    table = evals(sorted(root.glob("*-agent-1/agent.toml")))
+    assert {0, 1, 2} <= set(table), (root / "aggregator.log").read_text()[-2000:]
     before, after = np.mean(list(table[0].values())), np.mean(list(table[2].values()))
     assert after < before - 0.05, (before, after)
-    digest = CodecState.of(tmp_path / "eigen-bases.safetensors").sha256
-    for agent_dir in tmp_path.glob("*-agent-1"):
+    digest = CodecState.of(root / "eigen-bases.safetensors").sha256
+    for agent_dir in root.glob("*-agent-1"):
         fetched = agent_dir / "state" / "codec" / f"state-{digest}.safetensors"
         assert CodecState.of(fetched).sha256 == digest, agent_dir.name
-    masked, numel = _upload_size(tmp_path)
+    masked, numel = _upload_size(root)
     assert masked < 4 * numel / 3.5  # about a quarter of the float32 update, weight included
+    said = (
+        f"each agent uploaded {masked / 1e3:.1f} kB a round (eigen, masked); the float32 update is"
+        f" {4 * numel / 1e3:.1f} kB: {4 * numel / masked:.1f}x fewer bytes"
+    )
+    assert said in done.stdout, done.stdout
+
+
+def test_the_demo_refuses_a_codec_masking_cannot_sum(tmp_path: Path) -> None:
+    """`--codec topk` with masking on: the aggregator's own check, said at once (exit 2)."""
+    done = run_cli(
+        "agent.demo", "--rounds", "1", "--dir", str(tmp_path / "run"), "--codec", "topk", timeout=120
+    )
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "error: secagg: codec 'topk' has a nonlinear decoder" in done.stdout
+    assert not (tmp_path / "run" / "aggregator.log").exists()  # no daemon was started
 
 
 def test_adaptive_clip_bounds_from_the_last_aggregate_make_4_bit_masked_rounds_accurate(
@@ -357,7 +388,7 @@ def test_the_demo_runs_with_a_dp_cloud_and_a_qlora_cloud_and_says_what_dp_spent(
         timeout=400,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "secure aggregation on, DP-SGD in aws, QLoRA (a 4-bit base) in gcp" in done.stdout
+    assert "secure aggregation on (24-bit values), DP-SGD in aws, QLoRA (a 4-bit base) in gcp" in done.stdout
     gcp = load(AgentConfig, tmp_path / "run" / "gcp-agent-1" / "agent.toml")
     assert gcp.precision == "nf4"
     table = evals(sorted((tmp_path / "run").glob("*-agent-1/agent.toml")))

@@ -60,7 +60,7 @@ def test_rounds_in_flight_at_a_crash_are_marked_interrupted(tmp_path: Path) -> N
     assert reopened.recover() == [2]
     rounds = {r.round_id: r for r in reopened.rounds()}
     assert rounds[1].phase == "COMPLETED"
-    assert rounds[1].uploaded == 1
+    assert rounds[1].uploaded == 1 and rounds[1].uploaded_bytes == 10
     assert rounds[1].participants == 2
     assert rounds[2].phase == "ABANDONED"
     assert "restarted" in (rounds[2].reason or "")
