@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,13 @@ def test_masked_rounds_match_the_same_rounds_unmasked(federation, tmp_path: Path
     assert plain[1] == pytest.approx(_table_at(root, 1), abs=1e-3)
 
 
+def run_demo(root: Path, rounds: int, *options: str) -> subprocess.CompletedProcess[str]:
+    """``python -m agent.demo --rounds N --dir root ...``, which must succeed."""
+    done = run_cli("agent.demo", "--rounds", str(rounds), "--dir", str(root), *options, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 def _table_at(root: Path, version: int) -> dict[str, float]:
     return evals(sorted(root.glob("*-agent-1/agent.toml")))[version]
 
@@ -177,19 +185,7 @@ def test_eigen_bases_are_served_by_digest_and_masked_rounds_train(tmp_path: Path
     fixed point -> masking, with the real daemons. Every agent fetches the aggregator's bases file
     by digest, the loss goes down, and the demo says what an upload cost against float32."""
     root = tmp_path / "run"
-    done = run_cli(
-        "agent.demo",
-        "--rounds",
-        "2",
-        "--dir",
-        str(root),
-        "--codec",
-        "eigen",
-        "--codec-ratio",
-        "4",
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_demo(root, 2, "--codec", "eigen", "--codec-ratio", "4")
     assert "secure aggregation on (24-bit values), codec eigen (ratio 4)" in done.stdout
     table = evals(sorted(root.glob("*-agent-1/agent.toml")))
     assert {0, 1, 2} <= set(table), (root / "aggregator.log").read_text()[-2000:]
@@ -375,19 +371,7 @@ def test_the_demo_runs_with_a_dp_cloud_and_a_qlora_cloud_and_says_what_dp_spent(
     still goes down (gcp's own too), the export works, and the demo ends with aws' spend, which
     its ledger holds (both rounds, and its count release), and why its eval losses stayed in its
     cloud."""
-    done = run_cli(
-        "agent.demo",
-        "--rounds",
-        "2",
-        "--dir",
-        str(tmp_path / "run"),
-        "--dp",
-        "aws",
-        "--nf4",
-        "gcp",
-        timeout=400,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_demo(tmp_path / "run", 2, "--dp", "aws", "--nf4", "gcp")
     assert "secure aggregation on (24-bit values), DP-SGD in aws, QLoRA (a 4-bit base) in gcp" in done.stdout
     gcp = load(AgentConfig, tmp_path / "run" / "gcp-agent-1" / "agent.toml")
     assert gcp.precision == "nf4"
