@@ -14,7 +14,6 @@ import dataclasses
 import enum
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -37,7 +36,6 @@ from common.errors import (
     ConfigError,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     PermissionDenied,
 )
 from common.identity import SpiffeId
@@ -56,12 +54,12 @@ from server.admission import describe_dp
 from server.aggregates import AggregateStore
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
 from server.checkpoints import CheckpointStore, Manifest
+from server.eval_reports import EvalReports
 from server.fetchsgd import FetchSGD, FetchSGDPlan
 from server.invitations import AgentInfo, invite
 from server.optimizer import FedAvg, ServerOptimizer
 from server.spool import UploadMeta, UploadSpool
-from server.state import AgentCertificate, StateDB, WithheldEval
-from server.version_ranking import AgentEval
+from server.state import AgentCertificate, StateDB
 
 log = logging.getLogger(__name__)
 WATCH_QUEUE = 64
@@ -84,8 +82,6 @@ class Phase(enum.IntEnum):
 
 SECAGG_VIEWS = frozenset({Phase.SHARE_KEYS, Phase.UPLOAD, Phase.UNMASK})
 """Phases whose secure-aggregation state an agent may ask for (GetSecAggState)."""
-
-MAX_SQLITE_INT = 2**63 - 1
 
 DECLINABLE = frozenset({Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.UPLOAD, Phase.UNMASK})
 """Phases in which a participant may decline the round."""
@@ -194,6 +190,7 @@ class RoundCoordinator:
         )
         self._clips: SegmentClips | None = None
         self.agents: dict[str, AgentInfo] = {}
+        self.evals = EvalReports(db, lambda: self._state.global_version, lambda uri: uri in self.agents)
         self._watchers: dict[str, int] = {}
         self._state = RoundState(round_id=0, phase=Phase.WAITING, global_version=latest)
         self._subscribers: set[asyncio.Queue[RoundState]] = set()
@@ -275,45 +272,6 @@ class RoundCoordinator:
         if certificate is not None and certificate.not_after is not None:
             metrics.AGENT_CERT_EXPIRY.labels(**peer_labels(peer)).set(certificate.not_after)
         await self._membership_changed()
-
-    def record_eval(self, peer: SpiffeId, version: int, report: AgentEval) -> None:
-        """Record an agent's evaluation of a committed global version: INVALID_ARGUMENT for a loss
-        or noise deviation that is not a finite number >= 0 or no tokens, NOT_FOUND for a version
-        not committed."""
-        loss, tokens, stddev = report
-        if not (math.isfinite(loss) and loss >= 0):
-            raise InvalidArgument(f"eval_loss must be a finite number >= 0, not {loss}")
-        if not 1 <= tokens <= MAX_SQLITE_INT:
-            raise InvalidArgument(f"eval_tokens must be between 1 and {MAX_SQLITE_INT}, not {tokens}")
-        if not (math.isfinite(stddev) and stddev >= 0):
-            raise InvalidArgument(f"eval_loss_stddev must be a finite number >= 0, not {stddev}")
-        self._check_committed(version)
-        metrics.EVAL_LOSS.labels(**peer_labels(peer)).set(loss)
-        metrics.EVAL_LOSS_STDDEV.labels(**peer_labels(peer)).set(stddev)
-        metrics.EVAL_VERSION.labels(**peer_labels(peer)).set(version)
-        metrics.eval_withheld(peer_labels(peer), None)
-        self.db.eval_reported(peer.uri, version, report)
-
-    def _check_committed(self, version: int) -> None:
-        """NOT_FOUND unless global ``version`` is committed (an evaluation must be of one)."""
-        if version > self._state.global_version:
-            raise NotFound(f"no global version {version} (the latest is {self._state.global_version})")
-
-    def record_withheld(self, peer: SpiffeId, withheld: WithheldEval, report: AgentEval) -> None:
-        """Record that an agent withheld its eval loss of a committed version, and why:
-        INVALID_ARGUMENT for words over MAX_DECLINE_DETAIL bytes or a report that also carries a
-        loss, NOT_FOUND for a version not committed, FAILED_PRECONDITION before a Join."""
-        if any(report):
-            raise InvalidArgument(
-                "a withheld eval report carries no eval_loss, eval_tokens or eval_loss_stddev"
-            )
-        check_detail(withheld.words, "withheld reason")
-        self._check_committed(withheld.version)
-        if peer.uri not in self.agents:
-            raise FailedPrecondition("join before reporting an evaluation")
-        metrics.EVALS_WITHHELD.labels(**peer_labels(peer), reason=withheld.reason).inc()
-        metrics.eval_withheld(peer_labels(peer), withheld.reason)
-        self.db.eval_withheld(peer.uri, withheld)
 
     async def watch(self, peer: SpiffeId) -> AsyncIterator[RoundState]:
         """The current state, then every change, while the caller listens."""

@@ -221,12 +221,12 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         if request.withheld:
             why = WITHHELD_LABELS.get(request.withheld_reason, "unspecified")
             withheld = WithheldEval(request.global_version, why, request.withheld)
-            self._rounds.record_withheld(peer, withheld, report)
+            self._rounds.evals.withheld(peer, withheld, report)
             log.info("%s: eval loss of version %d withheld (%s): %s", peer, *withheld)
             return pb.ReportEvalResponse()
         if request.withheld_reason:
             raise InvalidArgument("withheld_reason is set but withheld is empty: say why in withheld")
-        self._rounds.record_eval(peer, request.global_version, report)
+        self._rounds.evals.record(peer, request.global_version, report)
         log.info("%s: eval loss %s at version %d", peer, describe({peer.uri: report}), request.global_version)
         return pb.ReportEvalResponse()
 
