@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import time
 from pathlib import Path
 
 from agent.data import load_texts, pack
 from agent.trainer import LoraSpec, LoraTrainer, pick_device, pick_dtype
-from common.codecs.eigen import BASES_DTYPES, DEFAULT_BASES_DTYPE, Eigen, calibrated_bases, stored_bases
+from common.codecs.eigen import (
+    A_SUFFIX,
+    B_SUFFIX,
+    BASES_DTYPES,
+    DEFAULT_BASES_DTYPE,
+    Eigen,
+    calibrated_bases,
+    stored_bases,
+)
 from common.codecs.state import save_state
 from common.config import PRECISIONS, AggregatorConfig, load
 from common.errors import ConfigError
@@ -72,14 +81,33 @@ def make_bases(
             time.monotonic() - started,
         )
 
+    kept: dict[str, float] = {}
     bases = stored_bases(
-        calibrated_bases(trainer.model, layout, blocks, ratio, memory_bytes, batch_size, progress), dtype
+        calibrated_bases(trainer.model, layout, blocks, ratio, memory_bytes, batch_size, progress, kept),
+        dtype,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"ratio": str(ratio), "model": model, "blocks": str(len(blocks)), "dtype": dtype}
+    metadata["kept"] = kept_summary(kept)
     repeats = save_state(out, bases, metadata)
     log.info("%d of %d bases stored once for layers that read the same input", repeats, len(bases))
+    log.info("the bases keep %s", metadata["kept"])
     return Eigen(layout, bases)
+
+
+def kept_summary(kept: dict[str, float]) -> str:
+    """What the bases keep of their covariances' variance, per factor: the median and the least."""
+    parts = []
+    for suffix, of in ((A_SUFFIX, "the input's"), (B_SUFFIX, "the loss gradient's")):
+        shares = {name: share for name, share in kept.items() if name.endswith(suffix)}
+        if shares:
+            least = min(shares, key=shares.__getitem__)
+            where = least.removeprefix("base_model.model.").removesuffix(".weight")
+            parts.append(
+                f"{statistics.median(shares.values()):.0%} of {of} variance in {suffix.split('.')[1]}"
+                f" (median; least {shares[least]:.0%}, {where})"
+            )
+    return "; ".join(parts) or "nothing (no LoRA tensor)"
 
 
 def main(argv: list[str] | None = None) -> None:

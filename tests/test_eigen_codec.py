@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from common.codecs.eigen import (
     covariance_tensors,
     eigen_bases,
     plan_passes,
+    top_eigen,
 )
 from common.codecs.projection import random_basis
 from common.codecs.state import CodecState
@@ -149,6 +151,15 @@ def test_keeps_more_of_what_the_output_and_loss_use_than_a_random_basis_of_the_s
             block = basis @ rng.standard_normal((basis.shape[1], entry.shape[1]))
         within[entry.offset : entry.offset + entry.numel] = block.reshape(-1)
     np.testing.assert_allclose(codec.decode(codec.encode(within)), within, atol=1e-4)
+
+
+def test_top_eigen_says_what_share_of_the_variance_the_kept_directions_hold() -> None:
+    rotation = random_basis(4, 4, seed=3)
+    covariance = rotation @ np.diag([4.0, 3.0, 2.0, 1.0]) @ rotation.T
+    basis, share = top_eigen(covariance, 2)
+    assert share == pytest.approx(0.7)
+    np.testing.assert_allclose(np.abs(basis.T @ rotation[:, :2]), np.eye(2), atol=1e-5)
+    assert top_eigen(np.zeros((3, 3)), 1)[1] == 1.0  # nothing to lose
 
 
 def test_bad_bases_and_payloads_are_refused(world) -> None:  # type: ignore[no-untyped-def]
@@ -282,6 +293,12 @@ def test_the_operator_tool_stores_float16_bases_once_per_input(tmp_path: Path) -
         with safe_open(str(path), framework="np") as f:
             aliases = json.loads(f.metadata()["aliases"])
             assert set(aliases) == repeats and not repeats & set(f.keys()), path
+            kept = f.metadata()["kept"]  # what the operator is told the bases keep
+            assert re.fullmatch(
+                r"\d+% of the input's variance in lora_A \(median; least \d+%, [a-z_.\d]+\.lora_A\); "
+                r"\d+% of the loss gradient's variance in lora_B \(median; least \d+%, [a-z_.\d]+\.lora_B\)",
+                kept,
+            ), kept
     assert half.stat().st_size < 0.55 * full.stat().st_size
     f16, f32 = CodecState.of(half).tensors(), CodecState.of(full).tensors()
     assert f16.keys() == f32.keys() and len(f16) == 28

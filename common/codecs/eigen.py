@@ -156,11 +156,19 @@ def calibration_covariances(
 def top_eigenvectors(covariance: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
     """The ``k`` leading eigenvectors (columns, float32), signs fixed so every party agrees;
     computed on the device the covariance is on."""
+    return top_eigen(covariance, k)[0]
+
+
+def top_eigen(covariance: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, float]:
+    """``top_eigenvectors``, and the share of the covariance's trace their eigenvalues hold: what
+    a projection onto them keeps of the variance (of the input, or of the loss gradient)."""
     values, vectors = torch.linalg.eigh(torch.as_tensor(covariance, dtype=torch.float64))
-    top = vectors[:, torch.argsort(values, descending=True)[:k]]
+    order = torch.argsort(values, descending=True)[:k]
+    top = vectors[:, order]
     pivots = top[top.abs().argmax(dim=0), torch.arange(k, device=top.device)]
     basis: np.ndarray = (top * torch.sign(pivots)).float().cpu().numpy()
-    return basis
+    total = float(values.clamp(min=0).sum())
+    return basis, float(values[order].clamp(min=0).sum()) / total if total > 0 else 1.0
 
 
 def eigen_bases(
@@ -168,9 +176,10 @@ def eigen_bases(
     covariances: Mapping[str, tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
     ratio: float,
     layers: Collection[str] | None = None,
+    kept: dict[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per LoRA tensor of ``layout`` (of the adapted ``layers`` only, if given): its basis (in x k
-    for lora_A, out x k for lora_B)."""
+    for lora_A, out x k for lora_B); into ``kept``, if given, the share of variance each keeps."""
     if not ratio >= 1:
         raise ConfigError(f"eigen ratio must be >= 1, got {ratio}")
     bases = {}
@@ -187,7 +196,9 @@ def eigen_bases(
                 f"{entry.name}: its calibration covariance is not finite (the base model's activations"
                 " or loss overflowed; try --precision fp32)"
             )
-        bases[entry.name] = top_eigenvectors(cov, max(1, round(cov.shape[0] / ratio)))
+        bases[entry.name], share = top_eigen(cov, max(1, round(cov.shape[0] / ratio)))
+        if kept is not None:
+            kept[entry.name] = share
     return bases
 
 
@@ -199,15 +210,16 @@ def calibrated_bases(
     memory_bytes: int,
     batch_size: int = 1,
     progress: Callable[[int, int, list[str]], None] | None = None,
+    kept: dict[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Every LoRA tensor's basis from calibration ``blocks``, holding at most about
     ``memory_bytes`` of covariances at once (``plan_passes``); ``progress(done, passes, layers)``
-    after each pass."""
+    after each pass, ``kept`` as ``eigen_bases``'."""
     passes = plan_passes(model, memory_bytes)
     bases: dict[str, np.ndarray] = {}
     for done, layers in enumerate(passes, 1):
         covariances = covariance_tensors(model, blocks, layers, batch_size)
-        bases.update(eigen_bases(layout, covariances, ratio, layers))
+        bases.update(eigen_bases(layout, covariances, ratio, layers, kept))
         del covariances
         if progress is not None:
             progress(done, len(passes), layers)
