@@ -219,10 +219,9 @@ def uplink(root: Path) -> str:
     """What each agent uploaded a completed round on average, against the float32 update."""
     from safetensors import safe_open
 
-    from common.config import AggregatorConfig as Config
     from server.state import StateDB
 
-    config = load(Config, root / "aggregator.toml")
+    config = load(AggregatorConfig, root / "aggregator.toml")
     db = StateDB(config.state_dir / "cloudfed.db")
     try:
         done = [r for r in db.rounds(limit=1000) if r.phase == "COMPLETED" and r.uploaded]
@@ -258,9 +257,8 @@ def run_federation(
     agg_config, agent_configs, health = prepare(
         root, rounds, secagg, codec, codec_ratio, secagg_bits, adaptive_clip, device, dp_clouds, nf4_clouds
     )
-    load(
-        AggregatorConfig, agg_config
-    ).validate()  # what the aggregator would refuse: said here, not in its log
+    # what the aggregator would refuse at start is said here (ConfigError), not only in its log
+    load(AggregatorConfig, agg_config).validate()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # The agents share this machine's cores: each gets its share of torch's threads (unless the
     # caller says otherwise). Left at torch's default of every core each, OpenMP's busy-waiting
