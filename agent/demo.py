@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from common.config import KNOWN_CODECS, AgentConfig, AggregatorConfig, load
 from common.errors import ConfigError
 from common.health import wait_serving
@@ -217,8 +215,8 @@ def released_evals(config: AgentConfig) -> str:
 
 def uplink(root: Path) -> str:
     """What each agent uploaded a completed round on average, against the float32 update."""
-    from safetensors import safe_open
-
+    from common.layout import ParamLayout
+    from server.checkpoints import CheckpointStore
     from server.state import StateDB
 
     config = load(AggregatorConfig, root / "aggregator.toml")
@@ -230,8 +228,7 @@ def uplink(root: Path) -> str:
     if not done:
         return "no completed round"
     each = sum(r.uploaded_bytes for r in done) / sum(r.uploaded for r in done)
-    with safe_open(str(config.state_dir / "checkpoints" / "v00000000.safetensors"), framework="np") as f:
-        numel = sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())  # noqa: SIM118
+    numel = ParamLayout.from_tensors(CheckpointStore(config.state_dir / "checkpoints").load(0)).numel
     return (
         f"each agent uploaded {each / 1e3:.1f} kB a round ({config.federation.codec},"
         f" {'masked' if config.secagg.enabled else 'in the clear'}); the float32 update is"

@@ -25,6 +25,7 @@ from common.codecs.eigen import (
     BASES_DTYPES,
     DEFAULT_BASES_DTYPE,
     Eigen,
+    bases_dtype,
     calibrated_bases,
     stored_bases,
 )
@@ -54,8 +55,7 @@ def make_bases(
     layout). The base model loads on ``device`` at ``precision`` (as an agent's does: 'auto',
     'fp32', 'bf16' or 'nf4'); the layers' covariances are taken in passes that each hold at most
     about ``memory_bytes`` of them, ``batch_size`` blocks at a time."""
-    if dtype not in BASES_DTYPES:
-        raise ConfigError(f"--dtype: expected one of {', '.join(BASES_DTYPES)}, got {dtype!r}")
+    bases_dtype(dtype)  # refused before the model loads
     if precision not in PRECISIONS:  # (without bitsandbytes, 'nf4' is refused as the model loads)
         raise ConfigError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = pick_device(device)

@@ -298,6 +298,11 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
             FetchSGDPlan().momentum,
             world.root / f"fetchsgd-{scheme.label}-{seed}",
         )
+    eigen = (  # fixed bases: made once, not every round
+        Eigen(layout, stored_bases(eigen_bases(layout, world.covariances, scheme.ratio)))
+        if scheme.codec == "eigen"
+        else None
+    )
     losses, sent, cosines = [world.eval_loss(adapter)], [0.0], []
     previous: np.ndarray | None = None  # the last round's aggregate (adaptive clip bounds)
     examples = {name: float(len(blocks)) for name, blocks in world.train.items()}
@@ -309,8 +314,8 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
             deltas[name] = layout.flatten(delta)
         if learned is not None:
             codec = learned.codec(numel, round_id)
-        elif scheme.codec == "eigen":
-            codec = Eigen(layout, stored_bases(eigen_bases(layout, world.covariances, scheme.ratio)))
+        elif eigen is not None:
+            codec = eigen
         else:
             codec = registry.make(settings, numel, round_id)
         if isinstance(codec, Quantize):  # stochastic rounding repeats exactly from run to run

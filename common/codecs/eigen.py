@@ -33,7 +33,7 @@ from common.layout import ParamLayout
 
 NAME = "eigen"
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
-BASES_DTYPES = {"float16": np.float16, "float32": np.float32}
+BASES_DTYPES: dict[str, type[np.floating[Any]]] = {"float16": np.float16, "float32": np.float32}
 """How bases may be stored (computed in float32 either way)."""
 DEFAULT_BASES_DTYPE = "float16"
 
@@ -153,15 +153,11 @@ def calibration_covariances(
     }
 
 
-def top_eigenvectors(covariance: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
-    """The ``k`` leading eigenvectors (columns, float32), signs fixed so every party agrees;
-    computed on the device the covariance is on."""
-    return top_eigen(covariance, k)[0]
-
-
 def top_eigen(covariance: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, float]:
-    """``top_eigenvectors``, and the share of the covariance's trace their eigenvalues hold: what
-    a projection onto them keeps of the variance (of the input, or of the loss gradient)."""
+    """The ``k`` leading eigenvectors (columns, float32, signs fixed so every party agrees;
+    computed on the device the covariance is on), and the share of the covariance's trace their
+    eigenvalues hold: what a projection onto them keeps of the variance (of the input, or of the
+    loss gradient)."""
     values, vectors = torch.linalg.eigh(torch.as_tensor(covariance, dtype=torch.float64))
     order = torch.argsort(values, descending=True)[:k]
     top = vectors[:, order]
@@ -226,11 +222,18 @@ def calibrated_bases(
     return bases
 
 
+def bases_dtype(name: str) -> type[np.floating[Any]]:
+    """The numpy type bases are stored as under ``name`` (a key of ``BASES_DTYPES``); ConfigError
+    for any other."""
+    if name not in BASES_DTYPES:
+        raise ConfigError(f"bases dtype: expected one of {', '.join(BASES_DTYPES)}, got {name!r}")
+    return BASES_DTYPES[name]
+
+
 def stored_bases(bases: Mapping[str, np.ndarray], dtype: str = DEFAULT_BASES_DTYPE) -> dict[str, np.ndarray]:
-    """``bases`` rounded to ``dtype`` (a key of ``BASES_DTYPES``), as the operator's tool stores them."""
-    if dtype not in BASES_DTYPES:
-        raise ConfigError(f"bases dtype: expected one of {', '.join(BASES_DTYPES)}, got {dtype!r}")
-    return {name: np.ascontiguousarray(basis, dtype=BASES_DTYPES[dtype]) for name, basis in bases.items()}
+    """``bases`` rounded to ``dtype`` (``bases_dtype``), as the operator's tool stores them."""
+    kind = bases_dtype(dtype)
+    return {name: np.ascontiguousarray(basis, dtype=kind) for name, basis in bases.items()}
 
 
 def _float32(basis: np.ndarray) -> np.ndarray:
