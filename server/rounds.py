@@ -3,14 +3,14 @@
 Plain asyncio, no gRPC: the servicer translates its states into RoundEvents.
 Without secure aggregation a round is UPLOAD -> AGGREGATE; with it, ADVERTISE_KEYS ->
 SHARE_KEYS -> UPLOAD (masked) -> UNMASK -> AGGREGATE, each key phase bounded by
-``secagg.key_deadline_s`` and aborted cleanly when fewer than t agents remain.
+``secagg.key_deadline_s`` and aborted cleanly when fewer than t agents remain. What a round's
+sum becomes (codecs, decoding, the server optimizer, the commit) is ``server.aggregation``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import enum
 import json
 import logging
@@ -24,10 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.codecs import identity, registry
-from common.codecs.base import Codec
-from common.codecs.countsketch import CountSketch
-from common.codecs.eigen import Eigen
+from common.codecs import identity
 from common.codecs.registry import CodecSettings
 from common.codecs.state import CodecState
 from common.config import CheckpointsConfig, RoundsConfig, SecAggConfig
@@ -51,11 +48,11 @@ from common.wire import check_detail, clipped_detail
 from server import metrics, retention, stopping
 from server.accumulator import BLOCK_ELEMS, SumAccumulator
 from server.admission import describe_dp
-from server.aggregates import AggregateStore
-from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
+from server.aggregation import Aggregation
+from server.autoencoder import AutoencoderPlan
 from server.checkpoints import CheckpointStore, Manifest
 from server.eval_reports import EvalReports
-from server.fetchsgd import FetchSGD, FetchSGDPlan
+from server.fetchsgd import FetchSGDPlan
 from server.invitations import AgentInfo, invite
 from server.optimizer import FedAvg, ServerOptimizer
 from server.spool import UploadMeta, UploadSpool
@@ -149,13 +146,7 @@ class RoundCoordinator:
         self.store = store
         self.spool = spool
         self.db = db
-        self.optimizer = optimizer or FedAvg()
-        self.codec = codec or CodecSettings()
-        self.codec_state_file = codec_state
         self.keep = keep or CheckpointsConfig()
-        if codec_state is not None:
-            self.codec = dataclasses.replace(self.codec, state_sha256=codec_state.sha256)
-        self._round_settings = self.codec
         self.secagg = secagg if secagg is not None and secagg.enabled else None
         for round_id in db.recover():
             log.warning("round %d was in flight when the aggregator stopped; it is abandoned", round_id)
@@ -167,26 +158,15 @@ class RoundCoordinator:
                 m = store.manifest(version)
                 db.version_committed(version, m.parent, None, m.sha256, len(m.participants))
         self.layout = ParamLayout.from_tensors(store.load(latest))
-        self._shared_codec: Codec | None = None
-        if codec_state is not None:  # bases checked against the layout now: a bad file fails at start
-            self._shared_codec = Eigen(self.layout, codec_state.tensors())
-        self._autoencoder = (
-            AutoencoderSchedule(autoencoder, self.layout.numel, store.root.parent / "codec")
-            if autoencoder is not None
-            else None
-        )
-        self._fetchsgd = None
-        if self.codec.name == "countsketch":
-            plan, sketch = (
-                fetchsgd or FetchSGDPlan(),
-                CountSketch(self.layout.numel, self.codec.ratio, self.codec.seed),
-            )
-            k = max(1, round(plan.topk * sketch.cols))
-            self._fetchsgd = FetchSGD(sketch, k, plan.momentum, store.root.parent / "fetchsgd")
-        self._aggregates = (
-            AggregateStore(store.root.parent / "aggregates")
-            if self.secagg is not None and self.secagg.adaptive_clip > 0
-            else None
+        self.aggregation = Aggregation(
+            store,
+            self.layout,
+            optimizer or FedAvg(),
+            codec or CodecSettings(),
+            codec_state,
+            autoencoder,
+            fetchsgd,
+            keep_aggregates=self.secagg is not None and self.secagg.adaptive_clip > 0,
         )
         self._clips: SegmentClips | None = None
         self.agents: dict[str, AgentInfo] = {}
@@ -202,7 +182,6 @@ class RoundCoordinator:
         self._pending: set[asyncio.Task[None]] = set()
         self._acc: SumAccumulator | None = None
         self._all_in = asyncio.Event()
-        self._round_codec: Codec | None = None
         self._decoded: dict[str, tuple[np.ndarray, float]] = {}
         self._secure: ServerRound | None = None
         self._secure_lock = threading.Lock()  # the masked sum is added to from worker threads
@@ -214,6 +193,15 @@ class RoundCoordinator:
         """The current round."""
         return self._state
 
+    @property
+    def codec(self) -> CodecSettings:
+        """The federation's codec settings (what Join announces)."""
+        return self.aggregation.settings
+
+    def codec_state(self, sha256: str) -> CodecState | None:
+        """A codec state file agents may download, by digest (eigen bases, autoencoder networks)."""
+        return self.aggregation.codec_state(sha256)
+
     def expected_payload_bytes(self, sender: str) -> int:
         """Size of ``sender``'s encoded update (a masked one: the round's ``ring_bits`` an element,
         with coverage only the elements it sends)."""
@@ -222,10 +210,8 @@ class RoundCoordinator:
             if secure is not None:
                 return secure.params.fixed_point.wire_bytes(secure.upload_length(sender))
             fp = self._secagg_params(self.secagg, 2, self.config.max_agents).fixed_point
-            return fp.wire_bytes(
-                fp.masked_length(registry.secure_coordinates(self._round_codec, self.layout.numel))
-            )
-        return registry.payload_bytes(self._round_codec, self.layout.numel)
+            return fp.wire_bytes(fp.masked_length(self.aggregation.secure_coordinates))
+        return self.aggregation.payload_bytes
 
     async def _publish(self, state: RoundState) -> None:
         self._state = state
@@ -330,7 +316,7 @@ class RoundCoordinator:
             raise FailedPrecondition(f"{peer} already uploaded for round {s.round_id}")
         if peer.uri in self._declined:
             raise FailedPrecondition(f"{peer} declined round {s.round_id}")
-        expected = self._round_settings
+        expected = self.aggregation.round_settings
         if meta.codec != expected.name:
             raise InvalidArgument(f"codec {meta.codec!r} does not match the round's codec {expected.name!r}")
         if meta.codec_params != json.dumps(expected.params(), sort_keys=True):
@@ -350,7 +336,7 @@ class RoundCoordinator:
     def payload_validator(self) -> Callable[[bytes], None]:
         """A per-upload check run on every streamed byte (finite float32 values; masked uint32 codes are
         uniform, so anything goes there)."""
-        if self.secagg is not None or self._round_codec is not None:
+        if self.secagg is not None or self.aggregation.round_codec is not None:
             return lambda _data: None  # masked codes are uniform; other codecs are checked once decoded
         return identity.FiniteChecker()
 
@@ -360,12 +346,11 @@ class RoundCoordinator:
         acc = self._acc
         if acc is None and self._secure is None:
             raise FailedPrecondition(f"round {meta.round_id} is not collecting updates")
-        if self._secure is None and self._round_codec is not None:  # refused now, with a status, if bad
+        if self._secure is None and self.aggregation.round_codec is not None:  # refused now if bad
             data = await asyncio.to_thread(path.read_bytes)
-            decode = registry.weighted_payload if self._fetchsgd is not None else registry.decode_plain
-            self._decoded[peer.uri] = await asyncio.to_thread(
-                decode, self._round_codec, data, self.layout.numel
-            )
+            decoded = await asyncio.to_thread(self.aggregation.decode_upload, data)
+            if decoded is not None:
+                self._decoded[peer.uri] = decoded
         self._claimed.add(peer.uri)
         task = asyncio.create_task(self._accumulate(acc, peer, meta, path))
         self._pending.add(task)
@@ -382,8 +367,7 @@ class RoundCoordinator:
                 await asyncio.to_thread(acc.add_vector, weighted, weight)
             elif acc is not None:
                 await asyncio.to_thread(acc.add_file, path)
-                if self._autoencoder is not None and self._round_codec is None:  # a full round
-                    await asyncio.to_thread(self._stage_for_autoencoder, peer, path)
+                await asyncio.to_thread(self.aggregation.keep_full_update, peer.uri, path)
         except Exception:
             log.exception("round %d: could not add the update from %s; dropping it", meta.round_id, peer)
             self._claimed.discard(peer.uri)
@@ -423,16 +407,6 @@ class RoundCoordinator:
                 secure.add_masked(sender, fp.from_wire(np.asarray(block), count), start)
             secure.finish_upload(sender)
         del data
-
-    def _stage_for_autoencoder(self, peer: SpiffeId, path: Path) -> None:
-        """A trusted full round: the autoencoder's schedule keeps this agent's own update (best
-        effort: the round does not depend on it)."""
-        assert self._autoencoder is not None
-        try:
-            payload = np.memmap(path, dtype=identity.WIRE_DTYPE, mode="r")
-            self._autoencoder.stage(payload[:-1], scale=1.0 / float(payload[-1]))
-        except Exception:
-            log.exception("could not keep %s's update for the autoencoder; it learns without it", peer)
 
     # Secure aggregation: the phases agents drive through the servicer.
 
@@ -624,14 +598,9 @@ class RoundCoordinator:
         participants = frozenset(self.trainable[: self.config.max_agents])
         self._claimed, self._added, self._declined, self._left_out = set(), set(), {}, self._spent()
         self._all_in = asyncio.Event()
-        self._start_codec(round_id)
-        if self._autoencoder is not None:
-            self._autoencoder.discard_staged()
+        self.aggregation.start_round(round_id)
         self._decoded = {}
-        summed = self.layout.numel  # FetchSGD: sketches are summed and the sum decoded once
-        if self._fetchsgd is not None and self._round_codec is not None:
-            summed = self._round_codec.coordinates(self.layout.numel)
-        self._acc = SumAccumulator(summed + 1)
+        self._acc = SumAccumulator(self.aggregation.plain_sum_length)
         self.spool.purge()
         deadline = time.time() + self.config.upload_deadline_s
         self.db.round_started(round_id, base, deadline, sorted(participants))
@@ -642,7 +611,7 @@ class RoundCoordinator:
                 base,
                 participants,
                 deadline,
-                codec=self._round_settings,
+                codec=self.aggregation.round_settings,
                 left_out=self._left_out,
             )
         )
@@ -663,7 +632,11 @@ class RoundCoordinator:
         acc, self._acc = self._acc, None
         assert acc is not None
         return await self._finish(
-            round_id, base, lambda: self._aggregate_plain(acc, base, uploaded), uploaded, dropped
+            round_id,
+            base,
+            lambda: self.aggregation.commit_plain(acc.total, base, uploaded),
+            uploaded,
+            dropped,
         )
 
     def _secagg_params(self, sa: SecAggConfig, auto: int, invited: int) -> SecAggParams:
@@ -699,25 +672,6 @@ class RoundCoordinator:
         colluders = max([sa.colluders, *(self.agents[a].colluders for a in invitation.invited)])
         return invitation.invited, colluders, {**self._spent(), **invitation.left_out}
 
-    def _round_clips(self, sa: SecAggConfig, base: int, count: int) -> SegmentClips | None:
-        """Adaptive clipping: bounds from the aggregate that produced ``base``, encoded with this
-        round's codec (the fixed clip in the first round, or when that aggregate is gone); for
-        FetchSGD from the last mean sketch (its applied step is sparse, unlike the agents' sketches)."""
-        if self._aggregates is None:
-            return None
-        if self._fetchsgd is not None:  # the same sketch every round: its mean sketch is kept
-            previous = self._aggregates.load(base, count)
-            coords = previous
-        else:
-            previous = self._aggregates.load(base, self.layout.numel)
-            if previous is not None and self._round_codec is not None:
-                coords = self._round_codec.encode(previous)
-            else:
-                coords = previous
-        if coords is not None and np.any(coords):
-            return SegmentClips.from_aggregate(coords, sa.clip_segment, sa.adaptive_clip)
-        return SegmentClips.uniform(count, sa.clip_segment, sa.clip)
-
     async def _run_secure_round(self, round_id: int, sa: SecAggConfig) -> bool:
         """advertise -> share -> masked upload -> unmask -> aggregate; abandoned below t at any phase."""
         base = self._state.global_version
@@ -733,9 +687,9 @@ class RoundCoordinator:
             return False
         k = sa.neighbours
         params = self._secagg_params(sa, auto_threshold(len(invited), k, colluders), len(invited))
-        self._start_codec(round_id)
-        coordinates = registry.secure_coordinates(self._round_codec, self.layout.numel)
-        clips = self._clips = await asyncio.to_thread(self._round_clips, sa, base, coordinates)
+        self.aggregation.start_round(round_id)
+        coordinates = self.aggregation.secure_coordinates
+        clips = self._clips = await asyncio.to_thread(self.aggregation.round_clips, sa, base, coordinates)
         length = params.fixed_point.masked_length(coordinates)
         secure = ServerRound(round_id, params, length, os.urandom(16))
         self._secure, self._acc = secure, None
@@ -844,7 +798,7 @@ class RoundCoordinator:
                 base,
                 members,
                 time.time() + seconds,
-                codec=self._round_settings,
+                codec=self.aggregation.round_settings,
                 left_out=self._left_out,
             )
             await self._publish(state)
@@ -914,70 +868,19 @@ class RoundCoordinator:
         participants: list[str],
         clips: SegmentClips | None,
     ) -> Manifest:
-        """Decode the unmasked ring sum (scaled back by the round's clip bounds); an encoded sum is
-        decoded once (the codec is linear)."""
-        fp = secure.params.fixed_point
-        coordinates = registry.secure_coordinates(self._round_codec, self.layout.numel)
+        """The unmasked ring sum as a weighted mean (each element over its senders' weights with
+        coverage), decoded and committed."""
+        coordinates = self.aggregation.secure_coordinates
         if secure.coverage is not None:  # each element over its senders' weights (as the agents' own)
             weights = {
                 a: update_weight(self.agents[a].num_examples, self._weight_scale) for a in participants
             }
             mean, weight = secure.covered_mean(total, weights, coordinates), sum(weights.values())
         else:
-            mean, weight = fp.decode_weighted_mean(total, len(participants), coordinates)
-        if clips is not None:
-            mean = clips.scale_up(mean)
-        kept = mean  # for the next round's clip bounds: FetchSGD's mean sketch, else the mean update
-        if self._fetchsgd is not None:
-            mean = self._fetchsgd.step(mean, base + 1)
-        elif self._round_codec is not None:
-            mean = kept = self._round_codec.decode(mean)
-        if self._aggregates is not None:  # before the commit: the next round's clips need it
-            self._aggregates.save(base + 1, kept)
-        return self._aggregate(mean, weight, base, participants)
-
-    def _aggregate_plain(self, acc: SumAccumulator, base: int, participants: list[str]) -> Manifest:
-        mean, weight = identity.decode_sum(acc.total)
-        if self._fetchsgd is not None:  # the mean sketch; per-agent payloads were not decoded
-            mean = self._fetchsgd.step(mean, base + 1)
-        return self._aggregate(mean, weight, base, participants)
-
-    def _start_codec(self, round_id: int) -> None:
-        """Fix this round's codec settings (the autoencoder's schedule may pick a full round) and codec."""
-        settings = self.codec if self._autoencoder is None else self._autoencoder.settings(self.codec)
-        shared = self._autoencoder.codec if self._autoencoder is not None else self._shared_codec
-        self._round_settings = settings
-        self._round_codec = registry.make(settings, self.layout.numel, round_id, shared)
-
-    def codec_state(self, sha256: str) -> CodecState | None:
-        """A codec state file agents may download, by digest (eigen bases, autoencoder networks)."""
-        if self._autoencoder is not None:
-            return self._autoencoder.state(sha256)
-        if self.codec_state_file is not None and self.codec_state_file.sha256 == sha256:
-            return self.codec_state_file
-        return None
-
-    def _aggregate(self, mean: np.ndarray, weight: float, base: int, participants: list[str]) -> Manifest:
-        """Step the server optimizer with the mean update and commit the next version; then the
-        autoencoder's schedule learns from it (TGAP, FAF), before the round is announced complete."""
-        if not np.all(np.isfinite(mean)):
-            raise InvalidArgument("aggregate is not finite")
-        current = self.layout.flatten(self.store.load(base))
-        version = base + 1
-        new = self.layout.unflatten(self.optimizer.step(current, mean, version))
-        manifest = self.store.save(
-            version,
-            new,
-            parent=base,
-            participants=participants,
-            metrics={"total_weight": weight, "update_norm": float(np.linalg.norm(mean))},
-        )
-        if self._autoencoder is not None:  # learning is best effort: the committed round stands
-            try:
-                self._autoencoder.observe(self._round_settings, [mean])
-            except Exception:
-                log.exception("autoencoder schedule could not learn from this round; it goes on as before")
-        return manifest
+            mean, weight = secure.params.fixed_point.decode_weighted_mean(
+                total, len(participants), coordinates
+            )
+        return self.aggregation.commit_masked(mean, weight, base, participants, clips)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
