@@ -1,10 +1,12 @@
 """Quality per uplink byte: every codec against the uncompressed baseline, same rounds and seeds.
 
-    python -m bench.quality [--rounds 8] [--seeds 3] [--steps 10] [--agents 4]
+    python -m bench.quality [--rounds 8] [--seeds 3] [--steps 10] [--agents 4] [--pretrain-steps 0]
 
 A tiny Llama and its tokenizer are built locally (nothing downloaded); four agents hold
 non-IID text (weather, cooking, football, and a weather+football mix, of different sizes);
 ``--agents 3`` leaves the mix out, 5 and 6 add cooking+football and weather+cooking mixes.
+The base is random unless ``--pretrain-steps`` first trains it on the public text (other
+documents of the same domains, also the eigen bases' calibration text).
 Each scheme runs the same FedAvg rounds from the same seeds with the real trainer (LoRA via
 peft) and the real codecs; schemes marked ``secagg`` go through the real secure-aggregation
 protocol (keys, shares, masks, unmasking) in process. Per scheme and seed: mean held-out eval
@@ -22,14 +24,16 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
 from agent.data import pack, split
+from agent.eigen_bases import kept_summary
 from agent.trainer import LocalTraining, LoraSpec, LoraTrainer, initial_adapter
 from agent.uplink import evaluation_bytes, secagg_key_bytes, upload_bytes, upload_header
 from common.codecs import registry
@@ -45,7 +49,7 @@ from common.secagg.local import Codes, Federation, run_round
 from common.secagg.params import SecAggParams
 from common.secagg.ring import FixedPoint
 from common.secagg.strata import StratifiedUniforms, stratifies
-from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus
+from common.tinylm import DOMAINS, build_tiny_lm, domain_corpus, pretrain_tiny_lm
 from server.autoencoder import AutoencoderPlan, AutoencoderSchedule
 from server.fetchsgd import FetchSGD, FetchSGDPlan
 from server.servicer import codec_spec
@@ -242,12 +246,30 @@ class World:
     """Model, tokenizer and each agent's train/eval blocks, built once."""
 
     def __init__(
-        self, root: Path, sequence_length: int = 64, agents: int = len(AGENTS), lora: LoraSpec = LORA
+        self,
+        root: Path,
+        sequence_length: int = 64,
+        agents: int = len(AGENTS),
+        lora: LoraSpec = LORA,
+        pretrain_steps: int = 0,
+        pretrain_domains: Sequence[str] = DOMAINS,
     ) -> None:
+        """``pretrain_steps``: train the base model's every parameter on the public text of
+        ``pretrain_domains`` first (the agents' text is other documents), instead of fine-tuning a
+        random base; with fewer than all domains the federation adapts it to new ones."""
         self.root, self.lora = root, lora
         self.agents = dict(list({**AGENTS, **MORE_AGENTS}.items())[:agents])
-        public = [doc for domain in DOMAINS for doc in domain_corpus(domain, 100, seed=99)]
-        self.model = str(build_tiny_lm(root / "model", public))
+        public_of = {domain: domain_corpus(domain, 100, seed=99) for domain in DOMAINS}
+        public = [doc for docs in public_of.values() for doc in docs]
+        model = build_tiny_lm(root / "model", public)
+        calibration = pack(AutoTokenizer.from_pretrained(model), public, sequence_length)  # known to all
+        self.pretrained: tuple[float, float] | None = None
+        if pretrain_steps:
+            seen_docs = [doc for domain in pretrain_domains for doc in public_of[domain]]
+            seen = pack(AutoTokenizer.from_pretrained(model), seen_docs, sequence_length)
+            model, *losses = pretrain_tiny_lm(model, seen, pretrain_steps, root / "pretrained")
+            self.pretrained = (losses[0], losses[1])
+        self.model = str(model)
         self.trainer = LoraTrainer(self.model, lora)
         self.train: dict[str, torch.Tensor] = {}
         self.eval: dict[str, torch.Tensor] = {}
@@ -264,7 +286,6 @@ class World:
             self.train[name] = pack(self.trainer.tokenizer, train_docs, sequence_length)
             self.eval[name] = pack(self.trainer.tokenizer, eval_docs, sequence_length)
         self.federation = Federation.create(len(self.agents), trust_domain="bench.cloudfed")
-        calibration = pack(self.trainer.tokenizer, public, sequence_length)  # public text, known to all
         self.covariances = calibration_covariances(self.trainer.model, calibration)
         self.ids = dict(zip(self.agents, sorted(self.federation.agents), strict=True))
 
@@ -370,6 +391,14 @@ class Learned:
     def learn(self, updates: list[np.ndarray]) -> None:
         """After the round: count it, or learn from its updates (TGAP, then FAF)."""
         self.schedule.observe(self.settings, updates)
+
+
+def eigen_kept(world: World, ratio: float) -> dict[str, float]:
+    """The share of its covariance's variance each eigen basis keeps at ``ratio``."""
+    kept: dict[str, float] = {}
+    layout = ParamLayout.from_tensors(initial_adapter(world.model, world.lora, 0))
+    eigen_bases(layout, world.covariances, ratio, kept=kept)
+    return kept
 
 
 def _coords(
@@ -505,8 +534,9 @@ def summarise(results: dict[str, list[dict[str, list[float]]]]) -> dict[str, dic
             "uplink_bytes": total,
             "compression": base_bytes / total,
             "bytes_to_target": statistics.median(reached) if len(reached) == len(reach) else None,
+            # None where the target is not reached, or needs no training (a base already that good)
             "bytes_saving_to_target": base_reach / statistics.median(reached)
-            if len(reached) == len(reach)
+            if len(reached) == len(reach) and base_reach > 0
             else None,
             "cosine": statistics.median(float(np.mean(r["cosine"])) for r in runs),
         }
@@ -519,25 +549,28 @@ def markdown(
     seeds: int,
     agents: int = 4,
     rank: int = LORA.rank,
+    base: str = "",
 ) -> str:
-    """The README table."""
+    """The README table (``base``: how the base model was pretrained, if it was)."""
     lines = [
         f"| scheme | compression | final eval loss ({rounds} rounds) | gap (nats) "
         "| uplink bytes to baseline + 0.1 | cosine to true mean |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for label, s in summary.items():
-        reach = (
-            "not reached"
-            if s["bytes_to_target"] is None
-            else f"{s['bytes_to_target'] / 1e6:.2f} MB ({s['bytes_saving_to_target']:.1f}x fewer)"
-        )
+        if s["bytes_to_target"] is None:
+            reach = "not reached"
+        elif s["bytes_saving_to_target"] is None:
+            reach = f"{s['bytes_to_target'] / 1e6:.2f} MB (the base is within 0.1 already)"
+        else:
+            reach = f"{s['bytes_to_target'] / 1e6:.2f} MB ({s['bytes_saving_to_target']:.1f}x fewer)"
         lines.append(
             f"| {label} | {s['compression']:.1f}x | {s['final_eval_loss']:.3f} | {s['loss_gap_nats']:+.3f} "
             f"| {reach} | {s['cosine']:.3f} |"
         )
     lines.append(
-        f"\nMedians over {seeds} seeds; {agents} agents with non-IID text; LoRA rank {rank}; "
+        f"\nMedians over {seeds} seeds; {agents} agents with non-IID text; LoRA rank {rank}"
+        f"{'; ' + base if base else ''}; "
         "`python -m bench.quality`."
     )
     return "\n".join(lines) + "\n"
@@ -577,20 +610,52 @@ def main() -> None:
     p.add_argument("--name", default="quality", help="results file stem (quality: the README table)")
     p.add_argument("--agents", type=int, default=len(AGENTS), choices=range(3, 7), help="fleet size")
     p.add_argument("--rank", type=int, default=LORA.rank, help="LoRA rank (8: 16,384 adapter parameters)")
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=0,
+        help="first train the base model on the public text for this many steps (0: a random base)",
+    )
+    p.add_argument(
+        "--pretrain-domains",
+        default=",".join(DOMAINS),
+        help="comma-separated domains of the public text the base is pretrained on (the others are new)",
+    )
     args = p.parse_args()
     if args.replot:
         plot(json.loads((RESULTS / f"{args.name}.json").read_text())["runs"], RESULTS / f"{args.name}.png")
         return
+    pretrain_domains = [d for d in args.pretrain_domains.split(",") if d]
+    if unknown := set(pretrain_domains) - set(DOMAINS):
+        p.error(f"unknown --pretrain-domains {sorted(unknown)}: choose from {', '.join(DOMAINS)}")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     began = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        world = World(Path(tmp), agents=args.agents, lora=replace(LORA, rank=args.rank))
+        world = World(
+            Path(tmp),
+            agents=args.agents,
+            lora=replace(LORA, rank=args.rank),
+            pretrain_steps=args.pretrain_steps,
+            pretrain_domains=pretrain_domains,
+        )
+        base = ""
+        if world.pretrained is not None:
+            before, after = world.pretrained
+            base = (
+                f"the base pretrained {args.pretrain_steps} steps on the {', '.join(pretrain_domains)}"
+                f" public text (its loss {before:.2f} -> {after:.2f})"
+            )
+            print(base, flush=True)
         results: dict[str, list[dict[str, list[float]]]] = {}
+        kept: dict[str, dict[str, float]] = {}  # eigen schemes: the share of variance each basis keeps
         for scheme in SCHEMES:
             wanted = scheme is SCHEMES[0] and args.name != "quality"
             named = bool(args.only) and any(part in scheme.label for part in args.only.split(","))
             if (args.only and not wanted and not named) or (scheme.extra and not named):
                 continue
+            if scheme.codec == "eigen":
+                kept[scheme.label] = eigen_kept(world, scheme.ratio)
+                print(f"{scheme.label}: the bases keep {kept_summary(kept[scheme.label])}", flush=True)
             results[scheme.label] = [
                 run(world, scheme, seed, args.rounds, args.steps) for seed in range(args.seeds)
             ]
@@ -611,14 +676,18 @@ def main() -> None:
                 "steps": args.steps,
                 "agents": args.agents,
                 "rank": args.rank,
+                "pretrain_steps": args.pretrain_steps,
+                "pretrain_domains": pretrain_domains if args.pretrain_steps else [],
+                "pretrained_loss": world.pretrained,
                 "summary": summary,
+                "eigen_kept": kept,
                 "runs": results,
             },
             indent=1,
         )
         + "\n"
     )
-    table = markdown(summary, args.rounds, args.seeds, args.agents, args.rank)
+    table = markdown(summary, args.rounds, args.seeds, args.agents, args.rank, base)
     (RESULTS / f"{args.name}.md").write_text(table)
     plot(results, RESULTS / f"{args.name}.png")
     print(table)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 EOS = "<|endoftext|>"
 
@@ -62,6 +63,48 @@ def build_tiny_lm(
     fast.save_pretrained(out_dir)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def pretrain_tiny_lm(
+    model_dir: Path,
+    blocks: Any,
+    steps: int,
+    out_dir: Path,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> tuple[Path, float, float]:
+    """Train every parameter of the model in ``model_dir`` for ``steps`` AdamW steps on token
+    ``blocks`` (``[n, block]`` ids, every token learned), so that a benchmark can fine-tune a
+    base that has learned something; save it with its tokenizer into ``out_dir``. Returns the
+    directory and the mean loss over ``blocks`` before and after."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if steps < 1:
+        raise ValueError(f"pretraining needs at least one step, got {steps}")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(seed)
+
+    def mean_loss() -> float:
+        model.eval()  # type: ignore[no-untyped-call]
+        with torch.no_grad():
+            losses = [float(model(input_ids=chunk, labels=chunk).loss) for chunk in blocks.split(batch_size)]
+        return sum(losses) / len(losses)
+
+    before = mean_loss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = mean_loss()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
+    return out_dir, before, after
 
 
 _DOMAINS: dict[str, tuple[str, list[list[str]]]] = {
