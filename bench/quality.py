@@ -508,36 +508,42 @@ def _covered_encoder(
     return encode
 
 
+def bytes_to_reach(runs: list[dict[str, list[float]]], target: float) -> float | None:
+    """The median over seeds of the uplink bytes at the first eval loss within ``target``; None
+    unless every seed gets there."""
+    reach = [
+        next((b for loss, b in zip(r["eval_loss"], r["uplink_bytes"], strict=True) if loss <= target), None)
+        for r in runs
+    ]
+    reached = [b for b in reach if b is not None]
+    return statistics.median(reached) if len(reached) == len(reach) else None
+
+
 def summarise(results: dict[str, list[dict[str, list[float]]]]) -> dict[str, dict[str, float | None]]:
-    """Medians over seeds, and the bytes to reach the baseline's final loss + 0.1."""
+    """Medians over seeds, each seed's gap to the baseline's run from the same seed (median and
+    range), and the bytes to reach the baseline's final loss + 0.1."""
     baseline = results[SCHEMES[0].label]
-    target = statistics.median(r["eval_loss"][-1] for r in baseline) + 0.1
+    base_final = statistics.median(r["eval_loss"][-1] for r in baseline)
+    target = base_final + 0.1
     base_bytes = statistics.median(r["uplink_bytes"][-1] for r in baseline)
+    base_reach = bytes_to_reach(baseline, target)
     out: dict[str, dict[str, float | None]] = {}
     for label, runs in results.items():
-        reach = []
-        for r in runs:
-            hit = next(
-                (b for loss, b in zip(r["eval_loss"], r["uplink_bytes"], strict=True) if loss <= target), None
-            )
-            reach.append(hit)
-        reached = [b for b in reach if b is not None]
         final = statistics.median(r["eval_loss"][-1] for r in runs)
         total = statistics.median(r["uplink_bytes"][-1] for r in runs)
-        base_reach = statistics.median(
-            next(b for loss, b in zip(r["eval_loss"], r["uplink_bytes"], strict=True) if loss <= target)
-            for r in baseline
-        )
+        reach = bytes_to_reach(runs, target)
+        paired = [r["eval_loss"][-1] - b["eval_loss"][-1] for r, b in zip(runs, baseline, strict=True)]
         out[label] = {
             "final_eval_loss": final,
-            "loss_gap_nats": final - statistics.median(r["eval_loss"][-1] for r in baseline),
+            "loss_gap_nats": final - base_final,
+            "seed_gap_median": statistics.median(paired),
+            "seed_gap_min": min(paired),
+            "seed_gap_max": max(paired),
             "uplink_bytes": total,
             "compression": base_bytes / total,
-            "bytes_to_target": statistics.median(reached) if len(reached) == len(reach) else None,
-            # None where the target is not reached, or needs no training (a base already that good)
-            "bytes_saving_to_target": base_reach / statistics.median(reached)
-            if len(reached) == len(reach) and base_reach > 0
-            else None,
+            "bytes_to_target": reach,
+            # None where either misses the target, or where it needs no training (a base that good)
+            "bytes_saving_to_target": base_reach / reach if reach is not None and base_reach else None,
             "cosine": statistics.median(float(np.mean(r["cosine"])) for r in runs),
         }
     return out
@@ -553,20 +559,27 @@ def markdown(
 ) -> str:
     """The README table (``base``: how the base model was pretrained, if it was)."""
     lines = [
-        f"| scheme | compression | final eval loss ({rounds} rounds) | gap (nats) "
-        "| uplink bytes to baseline + 0.1 | cosine to true mean |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"| scheme | compression | final eval loss ({rounds} rounds) | gap (nats) | gap seed by seed "
+        "(median; range) | uplink bytes to baseline + 0.1 | cosine to true mean |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, s in summary.items():
         if s["bytes_to_target"] is None:
             reach = "not reached"
+        elif s["bytes_to_target"] == 0:
+            reach = "0 MB (the base is within 0.1 already)"
         elif s["bytes_saving_to_target"] is None:
-            reach = f"{s['bytes_to_target'] / 1e6:.2f} MB (the base is within 0.1 already)"
+            reach = f"{s['bytes_to_target'] / 1e6:.2f} MB (not every baseline seed reaches it)"
         else:
             reach = f"{s['bytes_to_target'] / 1e6:.2f} MB ({s['bytes_saving_to_target']:.1f}x fewer)"
+        seeds_gap = (
+            f"{s['seed_gap_median']:+.3f} ({s['seed_gap_min']:+.3f} to {s['seed_gap_max']:+.3f})"
+            if s.get("seed_gap_median") is not None
+            else "-"
+        )
         lines.append(
             f"| {label} | {s['compression']:.1f}x | {s['final_eval_loss']:.3f} | {s['loss_gap_nats']:+.3f} "
-            f"| {reach} | {s['cosine']:.3f} |"
+            f"| {seeds_gap} | {reach} | {s['cosine']:.3f} |"
         )
     lines.append(
         f"\nMedians over {seeds} seeds; {agents} agents with non-IID text; LoRA rank {rank}"
@@ -597,12 +610,47 @@ def plot(results: dict[str, list[dict[str, list[float]]]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def describe_base(steps: int, domains: Sequence[str], losses: Sequence[float] | None) -> str:
+    """How the base was pretrained, for the table's caption ('' for a random base)."""
+    if not steps or losses is None:
+        return ""
+    return (
+        f"the base pretrained {steps} steps on the {', '.join(domains)} public text"
+        f" (its loss {losses[0]:.2f} -> {losses[1]:.2f})"
+    )
+
+
+def resummarise(path: Path) -> None:
+    """Summary, Markdown table and plot again from the runs a results file holds."""
+    saved = json.loads(path.read_text())
+    saved["summary"] = summary = summarise(saved["runs"])
+    path.write_text(json.dumps(saved, indent=1) + "\n")
+    base = describe_base(
+        saved.get("pretrain_steps", 0), saved.get("pretrain_domains", []), saved.get("pretrained_loss")
+    )
+    table = markdown(
+        summary,
+        saved["rounds"],
+        saved["seeds"],
+        saved.get("agents", len(AGENTS)),
+        saved.get("rank", LORA.rank),
+        base,
+    )
+    path.with_suffix(".md").write_text(table)
+    plot(saved["runs"], path.with_suffix(".png"))
+    print(table)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--replot", action="store_true", help="redraw quality.png from quality.json")
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="redo the summary, table and plot from the runs saved in <name>.json (runs nothing)",
+    )
     p.add_argument(
         "--only",
         help="comma-separated label parts: run only matching schemes (and the baseline when saving)",
@@ -623,7 +671,7 @@ def main() -> None:
     )
     args = p.parse_args()
     if args.replot:
-        plot(json.loads((RESULTS / f"{args.name}.json").read_text())["runs"], RESULTS / f"{args.name}.png")
+        resummarise(RESULTS / f"{args.name}.json")
         return
     pretrain_domains = [d for d in args.pretrain_domains.split(",") if d]
     if unknown := set(pretrain_domains) - set(DOMAINS):
@@ -638,13 +686,8 @@ def main() -> None:
             pretrain_steps=args.pretrain_steps,
             pretrain_domains=pretrain_domains,
         )
-        base = ""
-        if world.pretrained is not None:
-            before, after = world.pretrained
-            base = (
-                f"the base pretrained {args.pretrain_steps} steps on the {', '.join(pretrain_domains)}"
-                f" public text (its loss {before:.2f} -> {after:.2f})"
-            )
+        base = describe_base(args.pretrain_steps, pretrain_domains, world.pretrained)
+        if base:
             print(base, flush=True)
         results: dict[str, list[dict[str, list[float]]]] = {}
         kept: dict[str, dict[str, float]] = {}  # eigen schemes: the share of variance each basis keeps

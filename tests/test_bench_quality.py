@@ -27,8 +27,25 @@ def test_bytes_to_the_target_against_the_baseline() -> None:
     assert summary["short"]["bytes_to_target"] is None
     assert summary["short"]["bytes_saving_to_target"] is None
     table = markdown(summary, rounds=2, seeds=1)
-    assert "| cheap | 10.0x | 5.040 | +0.040 | 0.00 MB (20.0x fewer) | 1.000 |" in table
-    assert "| short | 20.0x | 5.200 | +0.200 | not reached | 1.000 |" in table
+    cheap = "| cheap | 10.0x | 5.040 | +0.040 | +0.040 (+0.040 to +0.040) | 0.00 MB (20.0x fewer) | 1.000 |"
+    assert cheap in table
+    assert "| short | 20.0x | 5.200 | +0.200 | +0.200 (+0.200 to +0.200) | not reached | 1.000 |" in table
+
+
+def test_each_seed_is_compared_with_the_baseline_run_of_the_same_seed() -> None:
+    results = {
+        BASELINE: [_run([6.0, 5.0], [0, 9]), _run([6.0, 5.4], [0, 9]), _run([6.0, 5.2], [0, 9])],
+        "coded": [_run([6.0, 5.1], [0, 3]), _run([6.0, 5.3], [0, 3]), _run([6.0, 5.25], [0, 3])],
+    }
+    summary = summarise(results)["coded"]
+    assert summary["loss_gap_nats"] == pytest.approx(0.05)  # median 5.25 against median 5.2
+    assert summary["seed_gap_median"] == pytest.approx(0.05)  # +0.1, -0.1, +0.05
+    assert summary["seed_gap_min"] == pytest.approx(-0.1)
+    assert summary["seed_gap_max"] == pytest.approx(0.1)
+    assert summary["bytes_to_target"] == 3  # every seed within 5.3, but one baseline seed is not
+    assert summary["bytes_saving_to_target"] is None
+    table = markdown(summarise(results), rounds=1, seeds=3)
+    assert "| +0.050 (-0.100 to +0.100) | 0.00 MB (not every baseline seed reaches it) |" in table
 
 
 def test_a_base_already_within_the_target_has_no_saving_to_divide() -> None:
@@ -40,5 +57,5 @@ def test_a_base_already_within_the_target_has_no_saving_to_divide() -> None:
     assert summary["coded"]["bytes_to_target"] == 0
     assert summary["coded"]["bytes_saving_to_target"] is None
     table = markdown(summary, rounds=2, seeds=1, base="the base pretrained 100 steps")
-    assert "(the base is within 0.1 already)" in table
+    assert "| 0 MB (the base is within 0.1 already) |" in table
     assert "LoRA rank 8; the base pretrained 100 steps; `python -m bench.quality`." in table
