@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -262,11 +263,12 @@ class World:
         public_of = {domain: domain_corpus(domain, 100, seed=99) for domain in DOMAINS}
         public = [doc for docs in public_of.values() for doc in docs]
         model = build_tiny_lm(root / "model", public)
-        calibration = pack(AutoTokenizer.from_pretrained(model), public, sequence_length)  # known to all
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        calibration = pack(tokenizer, public, sequence_length)  # public text, known to all
         self.pretrained: tuple[float, float] | None = None
         if pretrain_steps:
             seen_docs = [doc for domain in pretrain_domains for doc in public_of[domain]]
-            seen = pack(AutoTokenizer.from_pretrained(model), seen_docs, sequence_length)
+            seen = pack(tokenizer, seen_docs, sequence_length)
             model, *losses = pretrain_tiny_lm(model, seen, pretrain_steps, root / "pretrained")
             self.pretrained = (losses[0], losses[1])
         self.model = str(model)
@@ -288,6 +290,17 @@ class World:
         self.federation = Federation.create(len(self.agents), trust_domain="bench.cloudfed")
         self.covariances = calibration_covariances(self.trainer.model, calibration)
         self.ids = dict(zip(self.agents, sorted(self.federation.agents), strict=True))
+        self._eigen: dict[float, tuple[dict[str, np.ndarray], dict[str, float]]] = {}
+
+    def eigen(self, ratio: float) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """The eigen bases at ``ratio`` as the operator's tool stores them, and the share of its
+        covariance's variance each keeps; made once per ratio."""
+        if ratio not in self._eigen:
+            kept: dict[str, float] = {}
+            layout = ParamLayout.from_tensors(initial_adapter(self.model, self.lora, 0))
+            bases = stored_bases(eigen_bases(layout, self.covariances, ratio, kept=kept))
+            self._eigen[ratio] = (bases, kept)
+        return self._eigen[ratio]
 
     def eval_loss(self, adapter: dict[str, torch.Tensor]) -> float:
         """Mean over agents of the held-out loss."""
@@ -320,9 +333,7 @@ def run(world: World, scheme: Scheme, seed: int, rounds: int, steps: int) -> dic
             world.root / f"fetchsgd-{scheme.label}-{seed}",
         )
     eigen = (  # fixed bases: made once, not every round
-        Eigen(layout, stored_bases(eigen_bases(layout, world.covariances, scheme.ratio)))
-        if scheme.codec == "eigen"
-        else None
+        Eigen(layout, world.eigen(scheme.ratio)[0]) if scheme.codec == "eigen" else None
     )
     losses, sent, cosines = [world.eval_loss(adapter)], [0.0], []
     previous: np.ndarray | None = None  # the last round's aggregate (adaptive clip bounds)
@@ -391,14 +402,6 @@ class Learned:
     def learn(self, updates: list[np.ndarray]) -> None:
         """After the round: count it, or learn from its updates (TGAP, then FAF)."""
         self.schedule.observe(self.settings, updates)
-
-
-def eigen_kept(world: World, ratio: float) -> dict[str, float]:
-    """The share of its covariance's variance each eigen basis keeps at ``ratio``."""
-    kept: dict[str, float] = {}
-    layout = ParamLayout.from_tensors(initial_adapter(world.model, world.lora, 0))
-    eigen_bases(layout, world.covariances, ratio, kept=kept)
-    return kept
 
 
 def _coords(
@@ -620,10 +623,11 @@ def describe_base(steps: int, domains: Sequence[str], losses: Sequence[float] | 
     )
 
 
-def resummarise(path: Path) -> None:
-    """Summary, Markdown table and plot again from the runs a results file holds."""
-    saved = json.loads(path.read_text())
+def save_results(path: Path, saved: dict[str, Any]) -> None:
+    """Summarise the runs ``saved`` holds (with the run's settings) into it and write it to
+    ``path`` (.json), with its Markdown table (.md) and plot (.png)."""
     saved["summary"] = summary = summarise(saved["runs"])
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(saved, indent=1) + "\n")
     base = describe_base(
         saved.get("pretrain_steps", 0), saved.get("pretrain_domains", []), saved.get("pretrained_loss")
@@ -670,8 +674,8 @@ def main() -> None:
         help="comma-separated domains of the public text the base is pretrained on (the others are new)",
     )
     args = p.parse_args()
-    if args.replot:
-        resummarise(RESULTS / f"{args.name}.json")
+    if args.replot:  # the settings and runs as saved, summarised again
+        save_results(RESULTS / f"{args.name}.json", json.loads((RESULTS / f"{args.name}.json").read_text()))
         return
     pretrain_domains = [d for d in args.pretrain_domains.split(",") if d]
     if unknown := set(pretrain_domains) - set(DOMAINS):
@@ -686,9 +690,8 @@ def main() -> None:
             pretrain_steps=args.pretrain_steps,
             pretrain_domains=pretrain_domains,
         )
-        base = describe_base(args.pretrain_steps, pretrain_domains, world.pretrained)
-        if base:
-            print(base, flush=True)
+        if world.pretrained is not None:
+            print(describe_base(args.pretrain_steps, pretrain_domains, world.pretrained), flush=True)
         results: dict[str, list[dict[str, list[float]]]] = {}
         kept: dict[str, dict[str, float]] = {}  # eigen schemes: the share of variance each basis keeps
         for scheme in SCHEMES:
@@ -697,7 +700,7 @@ def main() -> None:
             if (args.only and not wanted and not named) or (scheme.extra and not named):
                 continue
             if scheme.codec == "eigen":
-                kept[scheme.label] = eigen_kept(world, scheme.ratio)
+                kept[scheme.label] = world.eigen(scheme.ratio)[1]
                 print(f"{scheme.label}: the bases keep {kept_summary(kept[scheme.label])}", flush=True)
             results[scheme.label] = [
                 run(world, scheme, seed, args.rounds, args.steps) for seed in range(args.seeds)
@@ -709,31 +712,22 @@ def main() -> None:
             )
     if args.only and args.name == "quality":
         return  # a partial run does not replace the README's table
-    summary = summarise(results)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(
-        json.dumps(
-            {
-                "rounds": args.rounds,
-                "seeds": args.seeds,
-                "steps": args.steps,
-                "agents": args.agents,
-                "rank": args.rank,
-                "pretrain_steps": args.pretrain_steps,
-                "pretrain_domains": pretrain_domains if args.pretrain_steps else [],
-                "pretrained_loss": world.pretrained,
-                "summary": summary,
-                "eigen_kept": kept,
-                "runs": results,
-            },
-            indent=1,
-        )
-        + "\n"
+    save_results(
+        RESULTS / f"{args.name}.json",
+        {
+            "rounds": args.rounds,
+            "seeds": args.seeds,
+            "steps": args.steps,
+            "agents": args.agents,
+            "rank": args.rank,
+            "pretrain_steps": args.pretrain_steps,
+            "pretrain_domains": pretrain_domains if args.pretrain_steps else [],
+            "pretrained_loss": world.pretrained,
+            "summary": {},  # filled in by save_results, kept ahead of the runs
+            "eigen_kept": kept,
+            "runs": results,
+        },
     )
-    table = markdown(summary, args.rounds, args.seeds, args.agents, args.rank, base)
-    (RESULTS / f"{args.name}.md").write_text(table)
-    plot(results, RESULTS / f"{args.name}.png")
-    print(table)
     print(f"saved {RESULTS}/{args.name}.{{json,md,png}} in {time.monotonic() - began:.0f}s")
 
 
