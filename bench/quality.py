@@ -269,8 +269,8 @@ class World:
         if pretrain_steps:
             seen_docs = [doc for domain in pretrain_domains for doc in public_of[domain]]
             seen = pack(tokenizer, seen_docs, sequence_length)
-            model, *losses = pretrain_tiny_lm(model, seen, pretrain_steps, root / "pretrained")
-            self.pretrained = (losses[0], losses[1])
+            model, before, after = pretrain_tiny_lm(model, seen, pretrain_steps, root / "pretrained")
+            self.pretrained = (before, after)
         self.model = str(model)
         self.trainer = LoraTrainer(self.model, lora)
         self.train: dict[str, torch.Tensor] = {}
